@@ -1,0 +1,3 @@
+"""jaxtrain: a pure-JAX training stack for MPT language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,227 @@
+"""The typed configuration schema, in LLM Foundry's vocabulary.
+
+Every field is a dataclass field with a default and a one-line doc (the ``doc`` metadata).
+Time-valued fields (``max_duration``, ``eval_interval``, ``save_interval``, ``t_warmup``, ...)
+hold Composer-style strings ("100ba", "2ep", "50000tok", "0.1dur"); they are parsed by
+``jaxtrain.config.timestr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def field(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field carrying a one-line doc string."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class AttnConfig:
+    """MPT's ``attn_config``."""
+
+    attn_type: str = field("multihead_attention", "multihead_attention | multiquery_attention | grouped_query_attention")
+    attn_impl: str = field("xla", "attention kernel: xla (default), or Foundry's torch/flash/triton, mapped to xla")
+    attn_pdrop: float = field(0.0, "dropout on attention probabilities")
+    clip_qkv: float | None = field(None, "clamp the fused QKV projection output to [-c, c]")
+    qk_ln: bool = field(False, "LayerNorm on Q (over n_heads*head_dim) and K (over kv_n_heads*head_dim)")
+    softmax_scale: float | None = field(None, "attention scale; default 1/sqrt(d_model/n_heads)")
+    alibi: bool = field(True, "ALiBi position bias (no positional embedding when on)")
+    alibi_bias_max: int = field(8, "ALiBi slopes are 2^(-i*alibi_bias_max/N)")
+    kv_n_heads: int | None = field(None, "key/value heads for grouped_query_attention (1 for multiquery)")
+    prefix_lm: bool = field(False, "Foundry key; only False is supported")
+    attn_uses_sequence_id: bool = field(False, "mask attention across packed documents")
+    sliding_window_size: int = field(-1, "Foundry key; only -1 (off) is supported")
+    rope: bool = field(False, "Foundry key; only False is supported (MPT uses ALiBi)")
+
+
+@dataclasses.dataclass
+class FFNConfig:
+    """MPT's ``ffn_config``."""
+
+    ffn_type: str = field("mptmlp", "mptmlp (up, GELU, down) or mptglu (gated)")
+    ffn_act_fn: dict | None = field(None, "activation for mptglu, e.g. {name: silu}; default exact GELU")
+
+
+@dataclasses.dataclass
+class InitConfig:
+    """MPT's ``init_config`` (kaiming-normal fan-in with relu gain by default)."""
+
+    name: str = field("kaiming_normal_", "initializer name; kaiming_normal_ is MPT's")
+    fan_mode: str = field("fan_in", "fan mode for kaiming init")
+    init_nonlinearity: str = field("relu", "gain nonlinearity for kaiming init")
+    init_div_is_residual: bool = field(True, "divide residual output projections by sqrt(2*n_layers)")
+    emb_init_std: float | None = field(None, "if set, the embedding is N(0, emb_init_std)")
+    init_std: float | None = field(None, "std for name: normal_")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """An MPT causal language model (LLM Foundry's ``model`` section)."""
+
+    name: str = field("mpt_causal_lm", "model family in the registry")
+    d_model: int = field(768, "hidden width")
+    n_heads: int = field(12, "attention heads")
+    n_layers: int = field(12, "transformer blocks")
+    expansion_ratio: float = field(4, "MLP hidden = d_model * expansion_ratio")
+    max_seq_len: int = field(2048, "longest sequence the model accepts")
+    vocab_size: int = field(50432, "embedding rows (pad to a multiple of 128 for speed)")
+    no_bias: bool = field(True, "no biases in any Linear or LayerNorm")
+    norm_type: str = field("low_precision_layernorm", "low_precision_layernorm or layernorm")
+    norm_eps: float = field(1e-5, "LayerNorm epsilon")
+    learned_pos_emb: bool = field(True, "learned positional embedding (only used when ALiBi is off)")
+    emb_pdrop: float = field(0.0, "dropout after the embedding")
+    resid_pdrop: float = field(0.0, "dropout on each residual branch")
+    logit_scale: float | str | None = field(None, "multiply logits by a float or 'inv_sqrt_d_model'")
+    tie_word_embeddings: bool = field(True, "output projection is the transposed input embedding")
+    attn_config: AttnConfig = field(factory=AttnConfig, doc="attention options")
+    ffn_config: FFNConfig = field(factory=FFNConfig, doc="feed-forward options")
+    init_config: InitConfig = field(factory=InitConfig, doc="initialisation options")
+    init_device: str = field("cpu", "Foundry key (cpu/meta/mixed); jaxtrain always initialises sharded")
+    loss_fn: str = field("fused_crossentropy", "Foundry key; cross-entropy either way")
+    use_cache: bool = field(False, "Foundry key; KV cache is used by generation only")
+    scan_layers: bool = field(True, "stack blocks and run them with a scan (flat compile time)")
+    remat: str = field("none", "activation recompute per block: none | full | dots_saveable")
+    z_loss: float = field(0.0, "coefficient of the z-loss (log Z)^2 added to the loss")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    """Which tokenizer to use."""
+
+    name: str = field("bpe:default", "bpe:default (trained on the train split), a tokenizer.json path, or a Hub name")
+    kwargs: dict = field(factory=dict, doc="options, e.g. {model_max_length: 2048, vocab_size: 8192}")
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    """A dataset inside a loader section."""
+
+    source: str = field("python_stdlib", "python_stdlib (embedded default), text, jsonl, mds")
+    local: str | None = field(None, "local path (or cache folder for a remote)")
+    remote: str | None = field(None, "remote URL (s3://, gs://, ...) to stream from")
+    split: str = field("train", "train or eval (held-out) split")
+    shuffle: bool = field(True, "shuffle samples each epoch (deterministic in seed)")
+    shuffle_seed: int | None = field(None, "seed for the shuffle; default the run seed")
+    max_seq_len: int | None = field(None, "sequence length; default the run's max_seq_len")
+    eos_token_id: int | None = field(None, "EOS appended between documents; default the tokenizer's")
+    holdout_fraction: float = field(0.05, "python_stdlib: fraction of files held out, by path hash")
+    max_files: int | None = field(None, "python_stdlib/text: cap on files read (quick runs)")
+    text_field: str = field("text", "jsonl: the field holding the document")
+
+
+@dataclasses.dataclass
+class LoaderConfig:
+    """LLM Foundry's ``train_loader`` / ``eval_loader``."""
+
+    name: str = field("text", "loader kind; 'text' is Foundry's causal-LM loader")
+    dataset: DatasetConfig = field(factory=DatasetConfig, doc="what to read")
+    drop_last: bool = field(True, "drop the last incomplete batch")
+    num_workers: int = field(0, "Foundry key; host-side prefetch threads")
+    prefetch_factor: int | None = field(None, "Foundry key; batches prefetched")
+    pin_memory: bool = field(False, "Foundry key; no meaning in JAX")
+    persistent_workers: bool = field(False, "Foundry key; no meaning in JAX")
+    timeout: float = field(0, "Foundry key; no meaning in JAX")
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """LLM Foundry's ``optimizer`` section."""
+
+    name: str = field("decoupled_adamw", "decoupled_adamw | decoupled_lionw | adamw")
+    lr: float = field(6.0e-4, "peak learning rate")
+    betas: list = field(factory=lambda: [0.9, 0.95], doc="(beta1, beta2)")
+    eps: float = field(1.0e-8, "Adam epsilon")
+    weight_decay: float = field(0.0, "decoupled: scaled by lr_t/lr_0, not multiplied by lr")
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    """LLM Foundry's ``scheduler`` section."""
+
+    name: str = field("cosine_with_warmup", "cosine_with_warmup | linear_decay_with_warmup | constant_with_warmup")
+    t_warmup: str = field("100ba", "warmup length (time string)")
+    alpha_f: float = field(0.1, "final lr multiplier")
+    alpha_i: float = field(1.0, "linear_decay_with_warmup: initial multiplier after warmup")
+    t_max: str = field("1dur", "schedule length (time string); default the whole run")
+    scale_warmup: bool = field(False, "Composer key; warmup is not stretched by scale_schedule_ratio")
+
+
+@dataclasses.dataclass
+class GradientClippingConfig:
+    """Composer's ``algorithms.gradient_clipping``."""
+
+    clipping_type: str = field("norm", "norm (global L2 norm); 'value' clips elementwise")
+    clipping_threshold: float = field(1.0, "threshold")
+
+
+@dataclasses.dataclass
+class AlgorithmsConfig:
+    """Composer's ``algorithms`` section."""
+
+    gradient_clipping: GradientClippingConfig | None = field(None, "clip gradients")
+
+
+@dataclasses.dataclass
+class ParallelismConfig:
+    """The device mesh: sizes of the ``data``, ``fsdp`` and ``tensor`` axes (-1: the rest)."""
+
+    data: int = field(-1, "data-parallel axis size (-1: all remaining devices)")
+    fsdp: int = field(1, "fully-sharded data-parallel axis size")
+    tensor: int = field(1, "tensor-parallel axis size")
+    logical_axis_rules: list | None = field(None, "[[logical_name, mesh_axis or null], ...]; default table if null")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole training run."""
+
+    run_name: str | None = field(None, "run name; default derived from the config file name")
+    seed: int = field(17, "global seed (init, dropout, data order)")
+    max_seq_len: int = field(2048, "training sequence length")
+    global_train_batch_size: int = field(256, "sequences per optimizer step across all devices")
+    device_train_microbatch_size: int | str | None = field(None, "per-device microbatch; default the whole per-device batch")
+    device_eval_batch_size: int = field(8, "per-device eval batch")
+    max_duration: str = field("100ba", "run length (time string: ba, ep, tok, sp)")
+    eval_interval: str = field("500ba", "held-out eval period (time string); 0 disables")
+    eval_first: bool = field(False, "evaluate before the first step")
+    eval_subset_num_batches: int = field(-1, "eval batches per evaluation (-1: the whole held-out split)")
+    precision: str = field("amp_bf16", "amp_bf16 (bf16 compute, fp32 params) or fp32")
+    save_folder: str | None = field(None, "checkpoint folder; {run_name} is substituted")
+    save_interval: str = field("1000ba", "checkpoint period (time string)")
+    save_num_checkpoints_to_keep: int = field(-1, "keep the newest N checkpoints (-1: all)")
+    save_overwrite: bool = field(False, "allow a fresh run to replace checkpoints in save_folder")
+    autoresume: bool = field(False, "continue from the newest checkpoint in save_folder")
+    load_path: str | None = field(None, "start from these weights (fresh optimizer)")
+    run_folder: str = field("runs/{run_name}", "folder for logs, the resolved config and the data cache")
+    console_log_interval: str = field("1ba", "console/metrics logging period")
+    progress_bar: bool = field(True, "live progress bar on the console")
+    log_to_console: bool = field(True, "print log lines")
+    python_log_level: str = field("info", "log level")
+    peak_flops_per_device: float | None = field(None, "peak FLOP/s for MFU; default from the device table")
+    model: ModelConfig = field(factory=ModelConfig, doc="the model")
+    tokenizer: TokenizerConfig = field(factory=TokenizerConfig, doc="the tokenizer")
+    train_loader: LoaderConfig = field(factory=LoaderConfig, doc="training data")
+    eval_loader: LoaderConfig | None = field(None, "held-out data; none disables eval")
+    optimizer: OptimizerConfig = field(factory=OptimizerConfig, doc="the optimizer")
+    scheduler: SchedulerConfig = field(factory=SchedulerConfig, doc="the learning-rate schedule")
+    algorithms: AlgorithmsConfig = field(factory=AlgorithmsConfig, doc="training algorithms")
+    parallelism: ParallelismConfig = field(factory=ParallelismConfig, doc="the device mesh")
+    loggers: dict = field(factory=dict, doc="{tensorboard: {}, jsonl: {}} (console is always on)")
+    callbacks: dict = field(factory=dict, doc="{speed_monitor: {window_size: N}, lr_monitor: {}, ...}")
+    variables: dict = field(factory=dict, doc="Foundry variables for ${variables.name} interpolation")
