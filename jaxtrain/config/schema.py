@@ -9,7 +9,13 @@ hold Composer-style strings ("100ba", "2ep", "50000tok", "0.1dur"); they are par
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """A mistake in a config file or an override: one line saying where, what, and what to do."""
 
 
 def field(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
@@ -117,6 +123,8 @@ class DatasetConfig:
     holdout_fraction: float = field(0.05, "python_stdlib: fraction of files held out, by path hash")
     max_files: int | None = field(None, "python_stdlib/text: cap on files read (quick runs)")
     text_field: str = field("text", "jsonl: the field holding the document")
+    streams: dict | None = field(None, "Streaming's named streams: {name: {local, remote, split, proportion, repeat, choose}}")
+    extra: dict = field(factory=dict, doc="Streaming tuning options kept for the MDS reader (shuffle_algo, num_canonical_nodes, ...)")
 
 
 @dataclasses.dataclass
@@ -224,4 +232,64 @@ class Config:
     parallelism: ParallelismConfig = field(factory=ParallelismConfig, doc="the device mesh")
     loggers: dict = field(factory=dict, doc="{tensorboard: {}, jsonl: {}} (console is always on)")
     callbacks: dict = field(factory=dict, doc="{speed_monitor: {window_size: N}, lr_monitor: {}, ...}")
+    icl_tasks: list | str | None = field(None, "in-context-learning tasks: a list of task dicts or a YAML path")
+    icl_subset_num_batches: int | None = field(None, "ICL batches per task per evaluation (null: all)")
+    icl_seq_len: int | None = field(None, "ICL sequence length; default max_seq_len")
+    eval_gauntlet: dict | str | None = field(None, "Foundry eval gauntlet: categories of ICL tasks, or a YAML path")
+    metadata: dict = field(factory=dict, doc="free-form run metadata, stored with the resolved config")
     variables: dict = field(factory=dict, doc="Foundry variables for ${variables.name} interpolation")
+
+
+# Fields holding Composer-style time strings (see ``jaxtrain.config.timestr``), as dotted keys.
+TIME_FIELDS = (
+    "max_duration",
+    "eval_interval",
+    "save_interval",
+    "console_log_interval",
+    "scheduler.t_warmup",
+    "scheduler.t_max",
+)
+
+
+# ----------------------------------------------------------------------------- help text
+
+
+def type_name(tp: Any) -> str:
+    """A short human name for a field type: ``int``, ``int | str | None``, ``ModelConfig``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " | ".join(type_name(arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe(cls: type = None, prefix: str = "") -> str:
+    """Help text: every field of ``cls`` (default ``Config``), nested sections expanded, with
+    its dotted key, type, default and one-line doc."""
+    cls = Config if cls is None else cls
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        doc = f.metadata.get("doc", "")
+        section = _section_class(tp)
+        if section is not None:
+            lines.append(f"{key}: {type_name(tp)}  -- {doc}")
+            lines.append(describe(section, key + "."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()
+        lines.append(f"{key}: {type_name(tp)} = {default!r}  -- {doc}")
+    return "\n".join(lines)
+
+
+def _section_class(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X`` or ``X | None``), or None."""
+    candidates = typing.get_args(tp) or (tp,)
+    for arg in candidates:
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None

@@ -1,0 +1,34 @@
+"""The ``jaxtrain`` console script: ``jaxtrain <command> [options]``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: jaxtrain <command> [options]
+
+commands:
+  train     train a model: jaxtrain train --config configs/quickstart.yaml [--set key=value ...]
+  plan      scaling-law and cost planner: jaxtrain plan --budget-usd 50000 --hardware h100
+"""
+
+
+def run(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from absl import app
+
+        from jaxtrain import main
+
+        sys.argv = ["jaxtrain train", *rest]
+        app.run(main.main)
+    elif command == "plan":
+        from jaxtrain.plan.cli import main as plan_main
+
+        sys.exit(plan_main(rest))
+    else:
+        print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)

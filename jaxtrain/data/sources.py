@@ -1,0 +1,117 @@
+"""Document sources: plain text files (paths, folders, globs) and JSONL files.
+
+A source is read into a ``Documents``: a fingerprint that changes whenever the inputs change
+(used to key the tokenizer and packed-data caches) and a function that yields the documents'
+texts in a fixed order. Nothing is read until ``texts()`` is called, so a run whose caches are
+warm only stats the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+
+from jaxtrain.config import ConfigError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+@dataclasses.dataclass(frozen=True)
+class Documents:
+    """A named, fingerprinted, re-iterable sequence of documents."""
+
+    name: str
+    fingerprint: str
+    texts: Callable[[], Iterator[str]]
+    num_files: int
+
+
+def fingerprint_files(paths: list[str], *extra: object) -> str:
+    """A hex digest of the paths, sizes and modification times (plus ``extra``), in order."""
+    digest = hashlib.sha1()
+    for item in extra:
+        digest.update(repr(item).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def resolve_files(local: str | None, split: str, suffixes: tuple[str, ...], key: str) -> list[str]:
+    """The sorted files named by ``local``: a file, a glob, or a folder (read recursively).
+
+    A folder that holds a sub-folder named ``split`` is read from that sub-folder, as in LLM
+    Foundry's ``local``/``split`` layout; otherwise the folder is read as given.
+    """
+    if not local:
+        raise ConfigError(f"{key}.local is not set: give a file, folder or glob of input files")
+    local = os.path.expanduser(local)
+    if os.path.isdir(local):
+        root = os.path.join(local, split) if os.path.isdir(os.path.join(local, split)) else local
+        found = [
+            os.path.join(folder, name)
+            for folder, _, names in os.walk(root)
+            for name in names
+            if name.endswith(suffixes)
+        ]
+    elif os.path.isfile(local):
+        found = [local]
+    else:
+        found = [path for path in glob.glob(local, recursive=True) if os.path.isfile(path)]
+    if not found:
+        raise ConfigError(
+            f"{key}.local={local!r} matches no input files (looked for {', '.join(suffixes)} in folders)"
+        )
+    return sorted(found)
+
+
+def text_documents(local: str | None, split: str, *, max_files: int | None = None,
+                   key: str = "train_loader.dataset") -> Documents:
+    """Each text file is one document. Files that are not valid UTF-8 are an error."""
+    paths = resolve_files(local, split, TEXT_SUFFIXES, key)[:max_files]
+
+    def texts() -> Iterator[str]:
+        for path in paths:
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    yield handle.read()
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"{path} is not UTF-8 text ({error.reason}): convert it or remove it from {key}.local") from None
+
+    return Documents(f"text:{local}", fingerprint_files(paths, "text"), texts, len(paths))
+
+
+def jsonl_documents(local: str | None, split: str, *, text_field: str = "text", max_files: int | None = None,
+                    key: str = "train_loader.dataset") -> Documents:
+    """Each line of each JSONL file is one JSON object; its ``text_field`` is one document."""
+    paths = resolve_files(local, split, JSONL_SUFFIXES, key)[:max_files]
+
+    def texts() -> Iterator[str]:
+        for path in paths:
+            with open(path, encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    yield _jsonl_text(path, line_number, line, text_field, key)
+
+    return Documents(f"jsonl:{local}", fingerprint_files(paths, "jsonl", text_field), texts, len(paths))
+
+
+def _jsonl_text(path: str, line_number: int, line: str, text_field: str, key: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{line_number} is not valid JSON ({error.msg}): fix or remove that line") from None
+    if not isinstance(record, dict) or text_field not in record:
+        raise ConfigError(
+            f"{path}:{line_number} has no field {text_field!r}: set {key}.text_field to the field holding the text"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise ConfigError(f"{path}:{line_number} field {text_field!r} is {type(text).__name__}, not a string")
+    return text

@@ -1,0 +1,170 @@
+"""Tokenizers: a byte-level BPE trained on the train split, a ``tokenizer.json`` file, or a Hub name.
+
+``bpe:default`` trains a byte-level BPE (GPT-2 style pre-tokenisation, all 256 bytes in the base
+alphabet, so any text round-trips exactly) with one special token, ``<|endoftext|>``, used as
+both EOS and padding. The default vocabulary is 8192: on the ~8 MB stdlib corpus it gives about
+3.9 bytes per token, while keeping the embedding small for the small models the corpus can
+train (8192 x 512 is 4M parameters) and every token seen often enough to learn. It is a
+multiple of 128, so ``model.vocab_size: 8192`` needs no padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from jaxtrain.config import ConfigError
+
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_VOCAB_SIZE = 8192
+_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "[SEP]")
+_PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+_HUB_HOST = ("huggingface.co", 443)
+_HUB_TIMEOUT_S = 3.0
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with the ids a language-model loader needs."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, eos_token: str | None = None, pad_token: str | None = None):
+        self.backend = backend
+        self.eos_token_id = self._token_id(eos_token, _EOS_CANDIDATES, "eos_token")
+        pad_token_id = self._token_id(pad_token, _PAD_CANDIDATES, "pad_token")
+        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
+
+    def _token_id(self, token: str | None, candidates: tuple[str, ...], kwarg: str) -> int | None:
+        if token is not None:
+            token_id = self.backend.token_to_id(token)
+            if token_id is None:
+                raise ConfigError(f"tokenizer.kwargs.{kwarg}={token!r} is not in the tokenizer's vocabulary")
+            return token_id
+        for candidate in candidates:
+            token_id = self.backend.token_to_id(candidate)
+            if token_id is not None:
+                return token_id
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (the model's embedding needs at least this many rows)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hex digest of the whole tokenizer definition (keys caches of its output)."""
+        return hashlib.sha1(self.backend.to_str().encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, encoded in parallel by the Rust library; no special tokens added."""
+        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str) -> None:
+        """Write ``tokenizer.json`` (loadable again by passing its path as ``tokenizer.name``)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        _atomic_write(path, self.backend.to_str())
+
+
+def load_tokenizer(cfg, *, cache_dir: str, train_texts: Callable[[], Iterable[str]] | None = None,
+                   train_fingerprint: str | None = None) -> Tokenizer:
+    """The tokenizer named by ``cfg`` (a ``TokenizerConfig``).
+
+    ``bpe:default`` needs ``train_texts`` and caches its result under ``cache_dir``, keyed by
+    ``train_fingerprint`` (or, when that is not given, a hash of the training texts) and the
+    vocabulary size. Recognised ``cfg.kwargs``: ``vocab_size`` (bpe:default), ``eos_token`` and
+    ``pad_token``; other keys (e.g. Foundry's ``model_max_length``) are accepted and unused.
+    """
+    kwargs = dict(cfg.kwargs or {})
+    special = {"eos_token": kwargs.get("eos_token"), "pad_token": kwargs.get("pad_token")}
+    name = cfg.name
+    if name == "bpe:default" or name.startswith("bpe:"):
+        if name != "bpe:default":
+            raise ConfigError(f"tokenizer.name={name!r} is unknown: use bpe:default, a tokenizer.json path, or a Hub name")
+        vocab_size = int(kwargs.get("vocab_size", DEFAULT_VOCAB_SIZE))
+        return Tokenizer(_trained_bpe(vocab_size, cache_dir, train_texts, train_fingerprint), eos_token=EOS_TOKEN)
+    if _looks_like_path(name):
+        path = os.path.expanduser(name)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"tokenizer.name={name!r}: no tokenizer file at {path}; give the path of a tokenizer.json")
+        try:
+            return Tokenizer(tokenizers.Tokenizer.from_file(path), **special)
+        except Exception as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"tokenizer.name={name!r}: {path} is not a valid tokenizer.json ({error})") from None
+    return Tokenizer(_hub_tokenizer(name), **special)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".json") or name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def _hub_tokenizer(name: str) -> tokenizers.Tokenizer:
+    advice = f"download {name}'s tokenizer.json on a machine with network access and set tokenizer.name to its local path"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"tokenizer.name={name!r} is a Hub name but HF_HUB_OFFLINE is set: {advice}")
+    try:
+        socket.create_connection(_HUB_HOST, timeout=_HUB_TIMEOUT_S).close()
+    except OSError:
+        raise ConfigError(f"tokenizer.name={name!r} is a Hub name but huggingface.co is unreachable: {advice}") from None
+    try:
+        return tokenizers.Tokenizer.from_pretrained(name)
+    except Exception as error:
+        raise ConfigError(f"tokenizer.name={name!r}: could not fetch it from the Hub ({error}); {advice}") from None
+
+
+def _trained_bpe(vocab_size: int, cache_dir: str, train_texts: Callable[[], Iterable[str]] | None,
+                 train_fingerprint: str | None) -> tokenizers.Tokenizer:
+    if vocab_size < 300:
+        raise ConfigError(f"tokenizer.kwargs.vocab_size={vocab_size} is too small: byte-level BPE needs at least 300")
+    if train_texts is None:
+        raise ConfigError("tokenizer.name=bpe:default is trained on the train split, but no training texts were given")
+    if train_fingerprint is None:
+        digest = hashlib.sha1()
+        for text in train_texts():
+            digest.update(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest())
+        train_fingerprint = digest.hexdigest()
+    key = hashlib.sha1(f"bpe-bytelevel-v1\0{vocab_size}\0{train_fingerprint}".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{key}", "tokenizer.json")
+    if os.path.isfile(path):
+        return tokenizers.Tokenizer.from_file(path)
+    backend = _train_bpe(train_texts(), vocab_size)
+    _atomic_write(path, backend.to_str())
+    return backend
+
+
+def _train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return backend
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Write via a temporary file and a rename, so concurrent processes never see half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""The Linear layer and MPT's weight initialisers.
+
+Kernels are stored ``[in, out]`` (JAX convention; Hugging Face's PyTorch weights are the
+transpose). Matmuls run in the compute dtype and accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.config.schema import InitConfig
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+# torch.nn.init.calculate_gain for the nonlinearities Foundry configs name
+_KAIMING_GAINS = {
+    "relu": math.sqrt(2.0),
+    "leaky_relu": math.sqrt(2.0),  # negative slope 0, torch's default for kaiming_*
+    "linear": 1.0,
+    "sigmoid": 1.0,
+    "tanh": 5.0 / 3.0,
+    "selu": 0.75,
+}
+SUPPORTED_INITS = ("kaiming_normal_", "normal_")
+
+
+def annotated(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
+    """Attach logical axis names to an initializer's Variable.
+
+    Sharding is applied by whoever places the state on a mesh (``nnx.get_partition_spec`` plus
+    the logical rules), so construction also works outside any mesh.
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def normal_init(std: float) -> Initializer:
+    def init(key, shape, dtype=jnp.float32):
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return init
+
+
+def weight_std(init_config: InitConfig, *, fan_in: int, fan_out: int, divisor: float = 1.0) -> float:
+    """Standard deviation Foundry's param init gives a Linear-like weight.
+
+    ``fan_in``/``fan_out`` follow torch's convention for the PyTorch-layout weight (for an
+    embedding ``[vocab, d_model]`` that is fan_in = d_model). ``divisor`` is the residual
+    scaling sqrt(2*n_layers) for ``out_proj``/``down_proj`` when ``init_div_is_residual``.
+    """
+    if init_config.name == "kaiming_normal_":
+        try:
+            gain = _KAIMING_GAINS[init_config.init_nonlinearity]
+        except KeyError:
+            raise ValueError(
+                f"init_config.init_nonlinearity={init_config.init_nonlinearity!r} is not supported; "
+                f"use one of {sorted(_KAIMING_GAINS)}"
+            ) from None
+        if init_config.fan_mode not in ("fan_in", "fan_out"):
+            raise ValueError(f"init_config.fan_mode={init_config.fan_mode!r}; use fan_in or fan_out")
+        fan = fan_in if init_config.fan_mode == "fan_in" else fan_out
+        std = gain / math.sqrt(fan)
+    elif init_config.name == "normal_":
+        if init_config.init_std is None:
+            raise ValueError("init_config.name=normal_ needs init_config.init_std")
+        std = float(init_config.init_std)
+    else:
+        raise ValueError(f"init_config.name={init_config.name!r} is not supported; use one of {SUPPORTED_INITS}")
+    return std / divisor
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel (+ bias)``; kernel ``[in, out]``, output in the compute dtype."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        kernel_std: float,
+        axes: tuple[str | None, str | None],
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
+        kernel_init = annotated(normal_init(kernel_std), axes)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        if use_bias:
+            bias_init = annotated(jax.nn.initializers.zeros, (axes[1],))
+            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
+        y = jnp.einsum(
+            "...i,io->...o",
+            x.astype(compute_dtype),
+            self.kernel[...].astype(compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(compute_dtype)

@@ -1,0 +1,110 @@
+"""Model FLOPs per batch, MFU, and a sliding-window throughput meter.
+
+FLOPs follow LLM Foundry's ``ComposerMPTCausalLM.flops_per_batch`` so MFU figures compare with
+its published tables; the meter follows Composer's ``SpeedMonitor`` windowing.
+"""
+
+from __future__ import annotations
+
+import collections
+
+
+def mpt_flops_per_batch(n_params: int, n_layers: int, d_model: int, seq_len: int, batch_size: int) -> float:
+    """Model FLOPs of one training batch (forward + backward): ``3*B*(2*N*L + n_layers*4*d_model*L^2)``.
+
+    ``n_params`` is LLM Foundry's "active" count: every parameter once (a tied embedding counted
+    once), minus the input embedding ``wte`` when ``tie_word_embeddings`` is false (a lookup table
+    does no matmul; the separate ``lm_head`` stays counted). Padding is not discounted, and the
+    backward pass is taken as twice the forward.
+    """
+    params_flops_per_seq = 2 * n_params * seq_len
+    attn_flops_per_seq = n_layers * 2 * 2 * d_model * seq_len**2
+    return float(3 * batch_size * (params_flops_per_seq + attn_flops_per_seq))
+
+
+def mfu(flops_per_second_per_device: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s per device over the device's dense peak."""
+    if peak <= 0:
+        raise ValueError(f"peak FLOP/s must be positive, got {peak}")
+    return flops_per_second_per_device / peak
+
+
+class ThroughputMeter:
+    """Rates over the last ``window_size`` steps, as Composer's SpeedMonitor computes them.
+
+    Call ``update`` at the end of every step with the wall-clock time of that moment (any
+    monotonic clock, in seconds) and the step's global samples, tokens and model FLOPs. Rates
+    compare the newest entry with the one ``window_size`` steps older, so the first steps (and
+    the compile time they carry) fall out of the window. Like SpeedMonitor, ``metrics()`` is
+    empty until ``window_size + 1`` steps have been seen, unless ``report_partial_window`` is set,
+    in which case any two or more steps give rates.
+    """
+
+    def __init__(
+        self,
+        window_size: int = 100,
+        *,
+        num_devices: int = 1,
+        peak_flops_per_device: float | None = None,
+        report_partial_window: bool = False,
+    ):
+        if window_size < 1:
+            raise ValueError(f"window_size must be at least 1, got {window_size}")
+        if num_devices < 1:
+            raise ValueError(f"num_devices must be at least 1, got {num_devices}")
+        self.window_size = window_size
+        self.num_devices = num_devices
+        self.peak_flops_per_device = peak_flops_per_device
+        self.report_partial_window = report_partial_window
+        maxlen = window_size + 1
+        self._wall_time: collections.deque[float] = collections.deque(maxlen=maxlen)
+        self._samples: collections.deque[int] = collections.deque(maxlen=maxlen)  # cumulative
+        self._tokens: collections.deque[int] = collections.deque(maxlen=maxlen)  # cumulative
+        self._flops: collections.deque[float] = collections.deque(maxlen=maxlen)  # per step
+        self._total_samples = 0
+        self._total_tokens = 0
+
+    def update(self, wall_time: float, *, samples: int, tokens: int, flops: float = 0.0) -> None:
+        """Record the end of one step: its time stamp and the step's global samples, tokens, FLOPs."""
+        self._total_samples += int(samples)
+        self._total_tokens += int(tokens)
+        self._wall_time.append(float(wall_time))
+        self._samples.append(self._total_samples)
+        self._tokens.append(self._total_tokens)
+        self._flops.append(float(flops))
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``metrics()`` has rates to report."""
+        needed = 2 if self.report_partial_window else self.window_size + 1
+        return len(self._wall_time) >= needed
+
+    def metrics(self) -> dict[str, float]:
+        """Composer-named rates over the window; empty when not ``ready`` or no time has passed."""
+        if not self.ready:
+            return {}
+        elapsed = self._wall_time[-1] - self._wall_time[0]
+        if elapsed <= 0:
+            return {}
+        n = self.num_devices
+        batches_per_sec = (len(self._wall_time) - 1) / elapsed
+        samples_per_sec = (self._samples[-1] - self._samples[0]) / elapsed
+        out = {
+            "throughput/batches_per_sec": batches_per_sec,
+            "throughput/samples_per_sec": samples_per_sec,
+            "throughput/device/batches_per_sec": batches_per_sec / n,
+            "throughput/device/samples_per_sec": samples_per_sec / n,
+        }
+        elapsed_tokens = self._tokens[-1] - self._tokens[0]
+        if elapsed_tokens > 0:
+            out["throughput/tokens_per_sec"] = elapsed_tokens / elapsed
+            out["throughput/device/tokens_per_sec"] = elapsed_tokens / elapsed / n
+        # The oldest entry only marks the window's start time; its own FLOPs happened before it.
+        elapsed_flops = sum(self._flops) - self._flops[0]
+        if elapsed_flops > 0:
+            flops_per_sec = elapsed_flops / elapsed
+            out["throughput/flops_per_sec"] = flops_per_sec
+            out["throughput/device/flops_per_sec"] = flops_per_sec / n
+            if self.peak_flops_per_device:
+                out["throughput/device/mfu"] = mfu(flops_per_sec / n, self.peak_flops_per_device)
+        return out

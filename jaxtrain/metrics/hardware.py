@@ -1,0 +1,136 @@
+"""A table of accelerators: dense peak FLOP/s, memory and an hourly price per device.
+
+Peaks are the vendors' dense (no structured sparsity) figures per device, the denominators of
+MFU. Prices are assumptions for cost planning, not quotes: see ``PRICE_NOTE`` and override them
+with ``load_price_overrides``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+PRICE_NOTE = (
+    "price_per_hour_usd values are editable assumptions: approximate on-demand cloud list prices "
+    "per device (one GPU, or one TPU chip) in USD, as published around 2024-2025 (AWS/GCP on-demand, "
+    "GCP Cloud TPU per chip-hour). Reserved, spot and neocloud prices are often 2-4x lower. "
+    "Put your own in a YAML file ({name: usd_per_hour}) and load it with load_price_overrides()."
+)
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One accelerator type; every figure is per device (one GPU or one TPU chip)."""
+
+    name: str
+    peak_bf16_flops: float  # dense bf16 FLOP/s
+    peak_fp32_flops: float  # FLOP/s of a float32 matmul at JAX's default precision
+    memory_bytes: int  # device (HBM) memory
+    price_per_hour_usd: float  # an assumption; see PRICE_NOTE
+    notes: str = ""
+
+    def peak_flops(self, precision: str) -> float:
+        """The peak that MFU divides by for a ``precision`` setting (amp_bf16 / fp32)."""
+        return self.peak_fp32_flops if precision == "fp32" else self.peak_bf16_flops
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+_TPU_FP32 = "float32 matmuls at JAX's default precision run as one bf16 pass on the MXU, so fp32 peak = bf16 peak"
+
+HARDWARE: dict[str, Hardware] = {
+    h.name: h
+    for h in (
+        Hardware("a100-40gb", 312e12, 19.5e12, 40 * GIB, 3.67,
+                 "NVIDIA A100 SXM4 40GB; fp32 is the non-tensor-core figure (TF32: 156 TFLOP/s)"),
+        Hardware("a100-80gb", 312e12, 19.5e12, 80 * GIB, 5.07,
+                 "NVIDIA A100 SXM4 80GB; fp32 is the non-tensor-core figure (TF32: 156 TFLOP/s)"),
+        Hardware("h100", 989e12, 67e12, 80 * GIB, 11.06,
+                 "NVIDIA H100 SXM5 80GB HBM3; dense bf16 (1979 is with sparsity)"),
+        Hardware("h200", 989e12, 67e12, 141 * 10**9, 10.60,
+                 "NVIDIA H200 SXM 141GB HBM3e; same compute as H100 SXM (about 790 TFLOP/s measured on matmuls)"),
+        Hardware("b200", 2250e12, 80e12, 192 * 10**9, 14.24,
+                 "NVIDIA B200 192GB HBM3e; dense bf16 (4.5 PFLOP/s is with sparsity)"),
+        Hardware("tpu-v4", 275e12, 275e12, 32 * GIB, 3.22, "Google TPU v4 chip; " + _TPU_FP32),
+        Hardware("tpu-v5e", 197e12, 197e12, 16 * GIB, 1.20, "Google TPU v5e (v5 lite) chip; " + _TPU_FP32),
+        Hardware("tpu-v5p", 459e12, 459e12, 95 * GIB, 4.20, "Google TPU v5p chip; " + _TPU_FP32),
+        Hardware("tpu-v6e", 918e12, 918e12, 32 * GIB, 2.70, "Google TPU v6e (Trillium) chip; " + _TPU_FP32),
+        Hardware("cpu", 330e9, 330e9, _host_memory_bytes(), 0.10,
+                 "host CPU: no vendor peak; 330 GFLOP/s is the measured float32 matmul peak of one process "
+                 "on the 2-core development machines, used for both precisions (bf16 is not faster on CPU); "
+                 "memory is this host's RAM"),
+    )
+}
+
+
+def get_hardware(name: str) -> Hardware:
+    """The table entry called ``name`` (e.g. ``"h100"``)."""
+    try:
+        return HARDWARE[name]
+    except KeyError:
+        raise ValueError(f"unknown hardware {name!r}; valid names: {', '.join(sorted(HARDWARE))}") from None
+
+
+def hardware_for_device_kind(device_kind: str, platform: str) -> Hardware | None:
+    """Map a JAX ``device_kind`` / ``platform`` pair to a table entry; None when not in the table."""
+    kind = device_kind.lower()
+    if platform == "cpu":
+        return HARDWARE["cpu"]
+    if platform in ("gpu", "cuda", "rocm") or "nvidia" in kind:
+        if "a100" in kind:
+            return HARDWARE["a100-80gb" if "80gb" in kind else "a100-40gb"]
+        if "h100" in kind and "pcie" not in kind:  # the PCIe card has a lower peak (756 TFLOP/s)
+            return HARDWARE["h100"]
+        if "h200" in kind:
+            return HARDWARE["h200"]
+        if "b200" in kind:
+            return HARDWARE["b200"]
+        return None
+    if platform == "tpu" or kind.startswith("tpu"):
+        lite = "lite" in kind or kind.endswith("e")
+        if "v4" in kind:
+            return HARDWARE["tpu-v4"]
+        if "v5" in kind:
+            return HARDWARE["tpu-v5e" if lite else "tpu-v5p"]
+        if "v6" in kind:
+            return HARDWARE["tpu-v6e"]
+    return None
+
+
+def detect_hardware(device: Any = None) -> Hardware | None:
+    """The table entry for ``device`` (default ``jax.devices()[0]``); None for an unknown accelerator.
+
+    When this returns None, MFU needs ``peak_flops_per_device`` from the config.
+    """
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    return hardware_for_device_kind(str(getattr(device, "device_kind", "")), str(getattr(device, "platform", "")))
+
+
+def load_price_overrides(path: str | os.PathLike, table: dict[str, Hardware] | None = None) -> dict[str, Hardware]:
+    """A copy of ``table`` (default ``HARDWARE``) with prices from a YAML file ``{name: usd_per_hour}``."""
+    import yaml
+
+    base = HARDWARE if table is None else table
+    with open(path, encoding="utf-8") as f:
+        prices = yaml.safe_load(f) or {}
+    if not isinstance(prices, dict):
+        raise ValueError(f"{path}: expected a mapping of hardware name to USD per hour, got {type(prices).__name__}")
+    result = dict(base)
+    for name, price in prices.items():
+        if name not in base:
+            raise ValueError(f"{path}: unknown hardware {name!r}; valid names: {', '.join(sorted(base))}")
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or price < 0:
+            raise ValueError(f"{path}: price for {name!r} must be a non-negative number of USD per hour, got {price!r}")
+        result[name] = dataclasses.replace(base[name], price_per_hour_usd=float(price))
+    return result

@@ -1,0 +1,84 @@
+"""Build the device mesh from the ``parallelism`` section and shard state and batches over it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtrain.parallel.logical import DEFAULT_RULES
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class MeshError(ValueError):
+    """A mesh that cannot be built on the devices at hand."""
+
+
+def mesh_shape(parallelism: Any, num_devices: int) -> tuple[int, int, int]:
+    """Resolve the (data, fsdp, tensor) sizes; one of them may be -1 for "the rest"."""
+    sizes = [int(getattr(parallelism, axis)) for axis in MESH_AXES]
+    unknown = [i for i, size in enumerate(sizes) if size == -1]
+    if len(unknown) > 1:
+        raise MeshError("parallelism: at most one of data/fsdp/tensor may be -1")
+    for axis, size in zip(MESH_AXES, sizes):
+        if size == 0 or size < -1:
+            raise MeshError(f"parallelism.{axis}: must be a positive size or -1, got {size}")
+    known = math.prod(size for size in sizes if size != -1)
+    if unknown:
+        if num_devices % known:
+            raise MeshError(
+                f"parallelism: the fixed axes ({known} devices) do not divide the {num_devices} devices available"
+            )
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        shape = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+        raise MeshError(f"parallelism: mesh {shape} needs {math.prod(sizes)} devices but {num_devices} are available")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def build_mesh(parallelism: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``data x fsdp x tensor`` mesh over ``devices`` (default: all devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(parallelism, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def axis_rules(parallelism: Any) -> tuple[tuple[str, Any], ...]:
+    """The logical-to-mesh rules table: the config's if given, else the default."""
+    rules = getattr(parallelism, "logical_axis_rules", None)
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((str(name), tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
+
+
+def logical_shardings(spec_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+    """Map a tree of logical PartitionSpecs to NamedShardings on ``mesh``."""
+    return nn.logical_to_mesh_sharding(spec_tree, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split along their leading axis over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble a global batch from this process's rows (its share of the global batch)."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return {key: jax.device_put(value, sharding) for key, value in local_batch.items()}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()
+    }

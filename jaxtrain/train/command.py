@@ -1,0 +1,78 @@
+"""`jaxtrain train`: load the config, build the run, fit, and print a summary."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Sequence
+
+from jaxtrain.config import ConfigError, dump_yaml, load_config
+from jaxtrain.parallel.mesh import MeshError, build_mesh, data_parallel_size
+
+EXIT_USAGE = 2
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int:
+    """Run training from a config file and overrides; returns the process exit code."""
+    started = time.perf_counter()
+    notices: list[str] = []
+    try:
+        cfg = load_config(config_path, overrides, notices=notices)
+    except ConfigError as err:
+        return _error(str(err))
+
+    import jax  # after the config is read, so a config error is reported without JAX start-up
+
+    from jaxtrain.config import validate_for_devices
+    from jaxtrain.train.loop import EXIT_INTERRUPTED, Trainer, write_summary
+    from jaxtrain.train.setup import build_run, expand_run_paths, resolve_run_name
+
+    cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))
+    try:
+        validate_for_devices(cfg, data_parallel_size(build_mesh(cfg.parallelism)))
+    except (ConfigError, MeshError) as err:
+        return _error(str(err))
+
+    for notice in notices:
+        print(f"notice: {notice}", flush=True)
+    resolved = dump_yaml(cfg)
+    print("resolved config:\n" + resolved, flush=True)
+    os.makedirs(cfg.run_folder, exist_ok=True)
+    with open(os.path.join(cfg.run_folder, "config.yaml"), "w") as f:
+        f.write(resolved)
+
+    try:
+        parts = build_run(cfg)
+        print(
+            f"model: {parts.num_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
+            f"({jax.devices()[0].platform}); mesh {dict(parts.mesh.shape)}; {parts.total_batches} steps of "
+            f"{cfg.global_train_batch_size} x {cfg.max_seq_len} tokens; MFU peak: {parts.peak_source}",
+            flush=True,
+        )
+        result = Trainer(parts).fit()
+    except ConfigError as err:
+        return _error(str(err))
+    write_summary(os.path.join(cfg.run_folder, "summary.json"), result)
+    print(format_summary(result, time.perf_counter() - started), flush=True)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def format_summary(result, total_seconds: float) -> str:
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        "interrupted: checkpoint saved; run the same command to continue" if result.interrupted else "done",
+        f"  steps: {result.step}",
+        f"  wall time: {total_seconds:.1f}s (first step after {fmt(result.seconds_to_first_step, '.1f')}s)",
+        f"  final train loss: {fmt(result.train_loss, '.4f')}",
+        f"  held-out loss: {fmt(result.first_eval_loss, '.4f')} (first) -> {fmt(result.eval_loss, '.4f')} (final)",
+        f"  throughput: {fmt(result.tokens_per_second, ',.0f')} tokens/s, MFU {fmt(None if result.mfu is None else 100 * result.mfu, '.2f')}%",
+    ]
+    return "\n".join(lines)

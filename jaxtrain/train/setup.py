@@ -1,0 +1,185 @@
+"""Turn a resolved Config into the pieces of a run: mesh, data, model, optimizer, compiled steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import jax
+from absl import logging
+
+from jaxtrain.config import Config, ConfigError, validate_for_devices
+from jaxtrain.config.timestr import parse_time, to_batches
+from jaxtrain.data import build_loaders
+from jaxtrain.metrics.hardware import detect_hardware
+from jaxtrain.models.mpt import mpt_param_count
+from jaxtrain.parallel.mesh import MeshError, axis_rules, batch_sharding, build_mesh, data_parallel_size
+from jaxtrain.train.optim import build_optimizer
+from jaxtrain.train.schedules import build_schedule
+from jaxtrain.train.state import create_train_state
+from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_eval_step, make_train_step
+
+
+def resolve_run_name(cfg: Config, config_path: str | None) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    if config_path:
+        return os.path.splitext(os.path.basename(config_path))[0]
+    return "run"
+
+
+def expand_run_paths(cfg: Config, run_name: str) -> Config:
+    """Substitute ``{run_name}`` in the run and save folders."""
+    run_folder = cfg.run_folder.replace("{run_name}", run_name)
+    save_folder = cfg.save_folder.replace("{run_name}", run_name) if cfg.save_folder else None
+    return dataclasses.replace(cfg, run_name=run_name, run_folder=run_folder, save_folder=save_folder)
+
+
+@dataclasses.dataclass
+class RunParts:
+    """Everything a Trainer needs, built from a Config."""
+
+    cfg: Config
+    mesh: Any
+    train_loader: Any
+    eval_loader: Any
+    tokenizer: Any
+    state: Any
+    state_shardings: Any
+    model_def: Any
+    train_step: Any
+    eval_step: Any
+    schedule: Any
+    total_batches: int
+    num_params: int
+    flops_per_batch: float
+    peak_flops_per_device: float
+    peak_source: str
+    batch_sharding: Any
+
+
+def time_to_batches(cfg: Config, value: str, key: str, *, batches_per_epoch: int, total_batches: int | None) -> int:
+    tokens_per_batch = cfg.global_train_batch_size * cfg.max_seq_len
+    return to_batches(
+        parse_time(value, key=key),
+        batches_per_epoch=batches_per_epoch,
+        tokens_per_batch=tokens_per_batch,
+        samples_per_batch=cfg.global_train_batch_size,
+        total_batches=total_batches,
+    )
+
+
+def microbatch_count(cfg: Config, data_parallel: int) -> int:
+    per_device = cfg.global_train_batch_size // data_parallel
+    micro = cfg.device_train_microbatch_size
+    if micro in (None, "auto"):
+        return 1
+    return max(1, per_device // int(micro))
+
+
+def peak_flops(cfg: Config) -> tuple[float, str]:
+    """Per-device dense peak FLOP/s for MFU, and where the figure came from."""
+    if cfg.peak_flops_per_device:
+        return float(cfg.peak_flops_per_device), "peak_flops_per_device from the config"
+    hardware = detect_hardware()
+    if hardware is None:
+        device = jax.devices()[0]
+        return 330e9, f"unknown device {device.device_kind!r}: assumed 330 GFLOP/s; set peak_flops_per_device"
+    peak = hardware.peak_bf16_flops if cfg.precision == "amp_bf16" else hardware.peak_fp32_flops
+    return float(peak), f"{hardware.name} {'bf16' if cfg.precision == 'amp_bf16' else 'fp32'} peak ({hardware.notes})"
+
+
+def build_run(cfg: Config) -> RunParts:
+    """Build mesh, loaders, model state and the compiled step from ``cfg``."""
+    devices = jax.devices()
+    try:
+        mesh = build_mesh(cfg.parallelism, devices)
+    except MeshError as err:
+        raise ConfigError(str(err)) from None
+    validate_for_devices(cfg, data_parallel_size(mesh))
+    rules = axis_rules(cfg.parallelism)
+
+    cache_dir = os.path.join(cfg.run_folder, "cache")
+    train_loader, eval_loader, tokenizer = build_loaders(
+        cfg, cache_dir=cache_dir, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size}); set model.vocab_size to at least {tokenizer.vocab_size}"
+        )
+
+    total_batches = time_to_batches(
+        cfg, cfg.max_duration, "max_duration", batches_per_epoch=train_loader.batches_per_epoch, total_batches=None
+    )
+    if total_batches <= 0:
+        raise ConfigError(f"max_duration: {cfg.max_duration!r} is shorter than one batch")
+
+    def to_batches_fn(value: str) -> int:
+        return time_to_batches(
+            cfg, value, "scheduler", batches_per_epoch=train_loader.batches_per_epoch, total_batches=total_batches
+        )
+
+    schedule = build_schedule(cfg.scheduler, base_lr=cfg.optimizer.lr, total_batches=total_batches, to_batches=to_batches_fn)
+    tx = build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
+    state, model_def, state_shardings = create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules)
+
+    compute_dtype = COMPUTE_DTYPES[cfg.precision]
+    model = cfg.model
+    use_dropout = max(model.emb_pdrop, model.resid_pdrop, model.attn_config.attn_pdrop) > 0
+    train_step = make_train_step(
+        model_def,
+        tx,
+        schedule,
+        compute_dtype=compute_dtype,
+        num_microbatches=microbatch_count(cfg, data_parallel_size(mesh)),
+        z_loss=model.z_loss,
+        use_dropout=use_dropout,
+    )
+    shard_batch = batch_sharding(mesh)
+    compiled = compile_train_step(train_step, state_shardings, shard_batch)
+    eval_step = jax.jit(
+        make_eval_step(model_def, compute_dtype=compute_dtype),
+        in_shardings=(state_shardings.params, shard_batch),
+    )
+    from jaxtrain.metrics.flops import mpt_flops_per_batch
+
+    num_params = mpt_param_count(model)
+    flops = mpt_flops_per_batch(num_params, model.n_layers, model.d_model, cfg.max_seq_len, cfg.global_train_batch_size)
+    peak, peak_source = peak_flops(cfg)
+    logging.info("peak for MFU: %.3g FLOP/s per device (%s)", peak, peak_source)
+    return RunParts(
+        cfg=cfg,
+        mesh=mesh,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        tokenizer=tokenizer,
+        state=state,
+        state_shardings=state_shardings,
+        model_def=model_def,
+        train_step=compiled,
+        eval_step=eval_step,
+        schedule=schedule,
+        total_batches=total_batches,
+        num_params=num_params,
+        flops_per_batch=flops,
+        peak_flops_per_device=peak,
+        peak_source=peak_source,
+        batch_sharding=shard_batch,
+    )
+
+
+def interval_batches(cfg: Config, value: str | int | None, key: str, parts: RunParts) -> int:
+    """An interval time string in batches (0 disables)."""
+    if value in (None, 0, "0", "0ba", ""):
+        return 0
+    if isinstance(value, str) and re.fullmatch(r"\s*0+(\.0+)?[a-z]*\s*", value):
+        return 0
+    return max(
+        1,
+        time_to_batches(
+            cfg, value, key, batches_per_epoch=parts.train_loader.batches_per_epoch, total_batches=parts.total_batches
+        ),
+    )
