@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 
-from jaxtrain.config import ConfigError
+from jaxtrain.config.schema import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -28,7 +28,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
-from jaxtrain.config import ConfigError
+from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.sources import Documents, fingerprint_files
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jaxtrain.config import ConfigError
+from jaxtrain.config.schema import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192

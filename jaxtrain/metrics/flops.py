@@ -64,6 +64,20 @@ class ThroughputMeter:
         self._total_samples = 0
         self._total_tokens = 0
 
+    def start(self, wall_time: float) -> None:
+        """Begin a fresh window at ``wall_time`` (after compilation or an evaluation, say).
+
+        Earlier steps are dropped, so time spent outside training steps never enters a rate.
+        """
+        self._wall_time.clear()
+        self._samples.clear()
+        self._tokens.clear()
+        self._flops.clear()
+        self._wall_time.append(float(wall_time))
+        self._samples.append(self._total_samples)
+        self._tokens.append(self._total_tokens)
+        self._flops.append(0.0)
+
     def update(self, wall_time: float, *, samples: int, tokens: int, flops: float = 0.0) -> None:
         """Record the end of one step: its time stamp and the step's global samples, tokens, FLOPs."""
         self._total_samples += int(samples)
@@ -107,4 +121,31 @@ class ThroughputMeter:
             out["throughput/device/flops_per_sec"] = flops_per_sec / n
             if self.peak_flops_per_device:
                 out["throughput/device/mfu"] = mfu(flops_per_sec / n, self.peak_flops_per_device)
+        return out
+
+    def summary(self, peak_flops_per_device: float | None = None) -> dict[str, float]:
+        """Short-named rates over whatever the window holds (at least one step after its start).
+
+        Keys: ``batches_per_second``, ``samples_per_second``, ``tokens_per_second``,
+        ``tokens_per_second_per_device``, ``flops_per_second_per_device`` and ``mfu`` (when a peak
+        is known: ``peak_flops_per_device`` or the meter's own). Empty before any step.
+        """
+        if len(self._wall_time) < 2:
+            return {}
+        elapsed = self._wall_time[-1] - self._wall_time[0]
+        if elapsed <= 0:
+            return {}
+        n = self.num_devices
+        tokens_per_second = (self._tokens[-1] - self._tokens[0]) / elapsed
+        flops_per_second_per_device = (sum(self._flops) - self._flops[0]) / elapsed / n
+        out = {
+            "batches_per_second": (len(self._wall_time) - 1) / elapsed,
+            "samples_per_second": (self._samples[-1] - self._samples[0]) / elapsed,
+            "tokens_per_second": tokens_per_second,
+            "tokens_per_second_per_device": tokens_per_second / n,
+            "flops_per_second_per_device": flops_per_second_per_device,
+        }
+        peak = peak_flops_per_device or self.peak_flops_per_device
+        if peak and flops_per_second_per_device > 0:
+            out["mfu"] = mfu(flops_per_second_per_device, peak)
         return out

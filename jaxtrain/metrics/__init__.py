@@ -1,0 +1,1 @@
+"""FLOPs and MFU accounting, the hardware table, and metric loggers."""

@@ -1,0 +1,1 @@
+"""Train state, loss, train step, optimizers, schedules, and the training loop."""

@@ -1,0 +1,293 @@
+"""jaxtrain.data: the stdlib corpus, tokenizers, packing and the resumable loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from jaxtrain.config.schema import ConfigError
+from jaxtrain.config.schema import Config, DatasetConfig, LoaderConfig, TokenizerConfig
+from jaxtrain.data import (
+    BatchLoader,
+    Documents,
+    build_loaders,
+    list_stdlib_files,
+    load_or_pack,
+    load_tokenizer,
+    pack_documents,
+    pack_token_lists,
+    split_files,
+    stdlib_documents,
+)
+from jaxtrain.data.loader import IGNORE_INDEX
+from jaxtrain.data.stdlib_corpus import is_held_out
+
+SMALL_VOCAB = 512
+SNIPPETS = [
+    "def f(x):\n    return x ** 2  # square\n",
+    "\tclass Ünïcode:\n\t\tπ = 3.14159\n\n\n   trailing   \n",
+    "s = '日本語テキスト 🚀 emoji'\r\nprint(s)\n",
+    "",
+    "    ",
+]
+
+
+@pytest.fixture(scope="module")
+def small_corpus() -> Documents:
+    return stdlib_documents("train", max_files=24)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory, small_corpus):
+    cfg = TokenizerConfig(name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB})
+    return load_tokenizer(cfg, cache_dir=str(tmp_path_factory.mktemp("tok")), train_texts=small_corpus.texts)
+
+
+# ----------------------------------------------------------------------------- stdlib corpus
+
+
+def test_stdlib_split_is_stable_disjoint_and_about_the_fraction():
+    files = list_stdlib_files()
+    assert len(files) > 200
+    assert all(not f.startswith("/") and "\\" not in f and f.endswith(".py") for f in files)
+    assert not any(part in ("site-packages", "test", "idlelib", "encodings") for f in files for part in f.split("/"))
+    assert files == list_stdlib_files()
+    train, held_out = split_files(files, 0.05)
+    assert set(train).isdisjoint(held_out) and set(train) | set(held_out) == set(files)
+    assert 0.02 < len(held_out) / len(files) < 0.10
+    # A cap changes which files are read, never which split a file belongs to.
+    capped_train, capped_held_out = split_files(files[:100], 0.05)
+    assert set(capped_held_out) == set(held_out) & set(files[:100])
+    assert set(capped_train) == set(train) & set(files[:100])
+    assert is_held_out(held_out[0], 0.05) and not is_held_out(train[0], 0.05)
+
+
+def test_stdlib_caps_and_empty_split_error():
+    assert len(list_stdlib_files(max_files=7)) == 7
+    capped = list_stdlib_files(max_bytes=200_000)
+    assert 0 < len(capped) < len(list_stdlib_files())
+    with pytest.raises(ConfigError, match="raise max_files or holdout_fraction"):
+        stdlib_documents("eval", holdout_fraction=0.0, max_files=5)
+    with pytest.raises(ConfigError, match="split='bogus'"):
+        stdlib_documents("bogus")
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_bpe_trains_caches_and_retrains_on_changed_vocab(tmp_path, small_corpus):
+    calls = []
+
+    def texts():
+        calls.append(1)
+        return small_corpus.texts()
+
+    cfg = TokenizerConfig(name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB})
+    first = load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=texts, train_fingerprint="corpus-a")
+    assert calls == [1] and first.vocab_size == SMALL_VOCAB
+    (cached,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert cached.endswith("tokenizer.json")
+    mtime = os.stat(cached).st_mtime_ns
+    second = load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=texts, train_fingerprint="corpus-a")
+    assert calls == [1] and os.stat(cached).st_mtime_ns == mtime
+    assert second.encode_batch(SNIPPETS) == first.encode_batch(SNIPPETS)
+    bigger = TokenizerConfig(name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB + 64})
+    assert load_tokenizer(bigger, cache_dir=str(tmp_path), train_texts=texts, train_fingerprint="corpus-a").vocab_size == SMALL_VOCAB + 64
+    load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=texts, train_fingerprint="corpus-b")
+    assert len(calls) == 3
+
+
+def test_tokenizer_round_trips_code_and_unicode(small_tokenizer):
+    assert small_tokenizer.decode(small_tokenizer.encode_batch(["<|endoftext|>"])[0]) == "<|endoftext|>"
+    for text, ids in zip(SNIPPETS, small_tokenizer.encode_batch(SNIPPETS)):
+        assert small_tokenizer.decode(ids) == text
+        assert small_tokenizer.eos_token_id not in ids
+    assert small_tokenizer.decode([small_tokenizer.eos_token_id]) == "<|endoftext|>"
+    assert small_tokenizer.pad_token_id == small_tokenizer.eos_token_id
+
+
+def test_tokenizer_json_path_loads_and_missing_path_is_clear(tmp_path, small_tokenizer):
+    small_tokenizer.save(str(tmp_path))
+    loaded = load_tokenizer(TokenizerConfig(name=str(tmp_path / "tokenizer.json")), cache_dir=str(tmp_path), train_texts=None)
+    assert loaded.encode_batch(SNIPPETS) == small_tokenizer.encode_batch(SNIPPETS)
+    assert loaded.eos_token_id == small_tokenizer.eos_token_id
+    missing = str(tmp_path / "nope" / "tokenizer.json")
+    with pytest.raises(ConfigError, match="no tokenizer file at .*nope"):
+        load_tokenizer(TokenizerConfig(name=missing), cache_dir=str(tmp_path), train_texts=None)
+
+
+@pytest.mark.parametrize("offline_env", [None, "1"])
+def test_hub_name_fails_fast_and_clearly_offline(tmp_path, monkeypatch, offline_env):
+    if offline_env is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        # Stand in for a machine without network, whatever this one has.
+        monkeypatch.setattr("jaxtrain.data.tokenizer._HUB_HOST", ("unreachable.invalid", 443))
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline_env)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="tokenizer.json .*local path") as error:
+        load_tokenizer(TokenizerConfig(name="EleutherAI/gpt-neox-20b"), cache_dir=str(tmp_path), train_texts=None)
+    assert time.monotonic() - start < 10
+    assert "EleutherAI/gpt-neox-20b" in str(error.value)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_pack_token_lists_appends_eos_and_drops_remainder():
+    rows = pack_token_lists([[1, 2, 3], [4, 5], [6]], max_seq_len=3, eos_token_id=0)
+    assert rows.dtype == np.int32
+    np.testing.assert_array_equal(rows, [[1, 2, 3], [0, 4, 5], [0, 6, 0]])
+    assert pack_token_lists([[1, 2, 3], [4]], max_seq_len=4, eos_token_id=9).tolist() == [[1, 2, 3, 9]]
+    assert pack_token_lists([[1]], max_seq_len=8, eos_token_id=0).shape == (0, 8)
+
+
+def test_pack_documents_separates_documents_with_eos(small_tokenizer):
+    documents = ["alpha = 1\n", "beta = 2\n", "gamma = 3\n"]
+    rows = pack_documents(small_tokenizer, documents, max_seq_len=4, eos_token_id=small_tokenizer.eos_token_id)
+    assert rows.ndim == 2 and rows.shape[1] == 4
+    flat = rows.reshape(-1).tolist()
+    assert small_tokenizer.decode(flat).startswith("alpha = 1\n<|endoftext|>beta = 2\n<|endoftext|>gamma")
+    assert sum(len(ids) + 1 for ids in small_tokenizer.encode_batch(documents)) // 4 == rows.shape[0]
+
+
+def test_load_or_pack_caches_so_second_run_skips_tokenising(tmp_path, small_tokenizer):
+    calls = []
+
+    def texts():
+        calls.append(1)
+        yield from ["x = 1\n" * 50, "y = 2\n" * 50]
+
+    documents = Documents("unit", "fingerprint-1", texts, 2)
+    first = load_or_pack(documents, small_tokenizer, cache_dir=str(tmp_path), max_seq_len=16, eos_token_id=0)
+    second = load_or_pack(documents, small_tokenizer, cache_dir=str(tmp_path), max_seq_len=16, eos_token_id=0)
+    assert calls == [1] and first.shape == second.shape and first.shape[1] == 16
+    np.testing.assert_array_equal(first, second)
+    load_or_pack(documents, small_tokenizer, cache_dir=str(tmp_path), max_seq_len=8, eos_token_id=0)
+    assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def _rows(num_rows: int = 23, length: int = 4) -> np.ndarray:
+    return np.arange(num_rows * length, dtype=np.int32).reshape(num_rows, length)
+
+
+def _take(loader: BatchLoader, count: int) -> list[np.ndarray]:
+    return [next(loader)["input_ids"] for _ in range(count)]
+
+
+def test_loader_is_deterministic_in_seed_and_covers_each_epoch():
+    loader = BatchLoader(_rows(), global_batch_size=5, seed=3)
+    assert loader.batches_per_epoch == 4 and loader.num_tokens_per_batch == 20
+    batches = _take(loader, 8)
+    assert all(b.shape == (5, 4) and b.dtype == np.int32 for b in batches)
+    again = _take(BatchLoader(_rows(), global_batch_size=5, seed=3), 8)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    other = _take(BatchLoader(_rows(), global_batch_size=5, seed=4), 8)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+    epoch0 = np.concatenate(batches[:4])[:, 0] // 4
+    epoch1 = np.concatenate(batches[4:])[:, 0] // 4
+    assert len(set(epoch0)) == 20 and len(set(epoch1)) == 20
+    assert not np.array_equal(epoch0, epoch1)
+    assert loader.state_dict() == {"epoch": 2, "sample_in_epoch": 0}
+    ordered = BatchLoader(_rows(), global_batch_size=5, shuffle=False)
+    assert next(ordered)["input_ids"][:, 0].tolist() == [0, 4, 8, 12, 16]
+
+
+@pytest.mark.parametrize("stop_after", [2, 4, 6])
+def test_loader_resumes_exactly_mid_epoch_and_across_epochs(stop_after):
+    uninterrupted = _take(BatchLoader(_rows(), global_batch_size=5, seed=11), 10)
+    first = BatchLoader(_rows(), global_batch_size=5, seed=11)
+    _take(first, stop_after)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = BatchLoader(_rows(), global_batch_size=5, seed=11)
+    resumed.load_state_dict(state)
+    for expected, got in zip(uninterrupted[stop_after:], _take(resumed, 10 - stop_after)):
+        np.testing.assert_array_equal(expected, got)
+
+
+def test_process_slices_concatenate_to_the_global_batch():
+    whole = BatchLoader(_rows(), global_batch_size=6, seed=5)
+    halves = [BatchLoader(_rows(), global_batch_size=6, seed=5, process_index=p, process_count=2) for p in range(2)]
+    assert halves[0].local_batch_size == 3
+    for _ in range(7):
+        expected = next(whole)["input_ids"]
+        np.testing.assert_array_equal(np.concatenate([next(h)["input_ids"] for h in halves]), expected)
+    with pytest.raises(ConfigError, match="multiple of the process count"):
+        BatchLoader(_rows(), global_batch_size=5, process_count=2)
+
+
+def test_loader_with_too_few_sequences_says_how_many():
+    with pytest.raises(ConfigError, match="has 23 sequences .* one global batch of 32"):
+        BatchLoader(_rows(), global_batch_size=32)
+
+
+def test_eval_batches_cover_the_split_in_order_with_padding_ignored():
+    loaders = [BatchLoader(_rows(), global_batch_size=None, shuffle=False, pad_token_id=7, process_index=p,
+                           process_count=2) for p in range(2)]
+    assert loaders[0].num_batches(8) == 3
+    per_process = [list(loader.batches(8)) for loader in loaders]
+    inputs = np.concatenate([np.concatenate([a["input_ids"], b["input_ids"]]) for a, b in zip(*per_process)])
+    labels = np.concatenate([np.concatenate([a["labels"], b["labels"]]) for a, b in zip(*per_process)])
+    assert inputs.shape == labels.shape == (24, 4) and per_process[0][0]["input_ids"].shape == (4, 4)
+    real = labels[:, 0] != IGNORE_INDEX
+    assert real.sum() == 23
+    np.testing.assert_array_equal(inputs[real], _rows())
+    np.testing.assert_array_equal(labels[real], _rows())
+    assert (inputs[~real] == 7).all() and (labels[~real] == IGNORE_INDEX).all()
+
+
+def _config(train: DatasetConfig, eval_dataset: DatasetConfig | None = None, **kwargs) -> Config:
+    return Config(
+        max_seq_len=32,
+        global_train_batch_size=4,
+        tokenizer=TokenizerConfig(name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB}),
+        train_loader=LoaderConfig(dataset=train),
+        eval_loader=None if eval_dataset is None else LoaderConfig(dataset=eval_dataset),
+        **kwargs,
+    )
+
+
+def test_build_loaders_on_the_stdlib_corpus_caches_everything(tmp_path):
+    cfg = _config(DatasetConfig(max_files=20, holdout_fraction=0.3),
+                  DatasetConfig(split="eval", max_files=20, holdout_fraction=0.3))
+    train, evaluation, tokenizer = build_loaders(cfg, cache_dir=str(tmp_path))
+    assert tokenizer.vocab_size == SMALL_VOCAB
+    batch = next(train)["input_ids"]
+    assert batch.shape == (4, 32) and batch.max() < SMALL_VOCAB
+    assert evaluation is not None and evaluation.num_sequences > 0
+    assert next(evaluation.batches(4))["input_ids"].shape == (4, 32)
+    cached = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(tmp_path) for f in fs}
+    assert len(cached) == 3
+    train_again, _, _ = build_loaders(cfg, cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(next(train_again)["input_ids"], batch)
+    assert cached == {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(tmp_path) for f in fs}
+    with pytest.raises(ConfigError, match="evaluate on training data"):
+        build_loaders(_config(DatasetConfig(max_files=20), DatasetConfig(max_files=20)), cache_dir=str(tmp_path))
+
+
+def test_text_and_jsonl_sources_share_the_packing_path(tmp_path):
+    (tmp_path / "docs" / "train").mkdir(parents=True)
+    for index in range(6):
+        (tmp_path / "docs" / "train" / f"doc{index}.txt").write_text(f"def function_{index}(a, b):\n    return a + b\n" * 20)
+    with open(tmp_path / "data.jsonl", "w") as handle:
+        for index in range(6):
+            handle.write(json.dumps({"content": f"value_{index} = [{index}] * 10\n" * 30}) + "\n")
+    cache = str(tmp_path / "cache")
+    train, _, _ = build_loaders(_config(DatasetConfig(source="text", local=str(tmp_path / "docs"))), cache_dir=cache)
+    assert next(train)["input_ids"].shape == (4, 32)
+    jsonl = DatasetConfig(source="jsonl", local=str(tmp_path / "*.jsonl"), text_field="content")
+    train, _, tokenizer = build_loaders(_config(jsonl), cache_dir=cache)
+    assert "value_" in tokenizer.decode(next(train)["input_ids"][0])
+    with pytest.raises(ConfigError, match="no field 'text'"):
+        build_loaders(_config(DatasetConfig(source="jsonl", local=str(tmp_path / "data.jsonl"))), cache_dir=cache)
+    with pytest.raises(ConfigError, match="MDS datasets are not supported yet"):
+        build_loaders(_config(DatasetConfig(source="mds", local=str(tmp_path))), cache_dir=cache)
+    with pytest.raises(ConfigError, match="matches no input files"):
+        build_loaders(_config(DatasetConfig(source="text", local=str(tmp_path / "missing*.txt"))), cache_dir=cache)

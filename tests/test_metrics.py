@@ -1,0 +1,117 @@
+"""Hardware table, LLM Foundry's FLOP count and MFU, and the sliding-window throughput meter."""
+
+import types
+
+import pytest
+
+from jaxtrain.metrics.flops import ThroughputMeter, mfu, mpt_flops_per_batch
+from jaxtrain.metrics.hardware import (
+    HARDWARE,
+    PRICE_NOTE,
+    detect_hardware,
+    get_hardware,
+    load_price_overrides,
+)
+
+
+def test_peaks_from_vendor_datasheets():
+    tera = 1e12
+    assert HARDWARE["a100-40gb"].peak_bf16_flops == 312 * tera
+    assert HARDWARE["a100-80gb"].peak_bf16_flops == 312 * tera
+    assert HARDWARE["h100"].peak_bf16_flops == 989 * tera
+    assert HARDWARE["h200"].peak_bf16_flops == 989 * tera
+    assert HARDWARE["b200"].peak_bf16_flops == 2250 * tera
+    assert [HARDWARE[f"tpu-{v}"].peak_bf16_flops / tera for v in ("v4", "v5e", "v5p", "v6e")] == [275, 197, 459, 918]
+    assert HARDWARE["cpu"].peak_bf16_flops == HARDWARE["cpu"].peak_fp32_flops == 330e9
+    assert "assumption" in PRICE_NOTE
+
+
+def test_get_hardware_unknown_lists_names():
+    assert get_hardware("h100").name == "h100"
+    with pytest.raises(ValueError, match="a100-40gb.*tpu-v6e"):
+        get_hardware("h1000")
+
+
+@pytest.mark.parametrize(
+    "kind, platform, name",
+    [
+        ("NVIDIA H100 80GB HBM3", "gpu", "h100"),
+        ("NVIDIA H200", "gpu", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "gpu", "a100-80gb"),
+        ("NVIDIA A100-SXM4-40GB", "gpu", "a100-40gb"),
+        ("NVIDIA B200", "gpu", "b200"),
+        ("TPU v4", "tpu", "tpu-v4"),
+        ("TPU v5 lite", "tpu", "tpu-v5e"),
+        ("TPU v5p", "tpu", "tpu-v5p"),
+        ("TPU v6 lite", "tpu", "tpu-v6e"),
+        ("cpu", "cpu", "cpu"),
+        ("NVIDIA H100 PCIe", "gpu", None),  # a lower peak than the SXM part: not guessed
+        ("NVIDIA GeForce RTX 4090", "gpu", None),
+    ],
+)
+def test_detect_hardware(kind, platform, name):
+    found = detect_hardware(types.SimpleNamespace(device_kind=kind, platform=platform))
+    assert (found.name if found else None) == name
+
+
+def test_detect_hardware_on_this_machine():
+    assert detect_hardware() is not None  # tests run on CPU, or on an accelerator in the table
+
+
+def test_price_overrides(tmp_path):
+    path = tmp_path / "prices.yaml"
+    path.write_text("h100: 2.5\ntpu-v5e: 1\n")
+    table = load_price_overrides(path)
+    assert table["h100"].price_per_hour_usd == 2.5 and table["tpu-v5e"].price_per_hour_usd == 1.0
+    assert table["h100"].peak_bf16_flops == HARDWARE["h100"].peak_bf16_flops
+    assert HARDWARE["h100"].price_per_hour_usd != 2.5  # the built-in table is untouched
+    path.write_text("h999: 2.5\n")
+    with pytest.raises(ValueError, match="h999"):
+        load_price_overrides(path)
+
+
+def test_flops_per_batch_by_hand():
+    # 3 * B * (2 * N * seq + n_layers * 4 * d_model * seq^2) = 3 * 3 * (8000 + 1024)
+    assert mpt_flops_per_batch(n_params=1000, n_layers=2, d_model=8, seq_len=4, batch_size=3) == 81216.0
+
+
+def test_mpt_7b_published_mfu():
+    # MPT-7B, no biases, tied embedding: 32 blocks of 12*d^2 matmul weights + 2 norms, wte, norm_f.
+    d, layers, vocab, seq = 4096, 32, 50432, 2048
+    n_params = layers * (12 * d * d + 2 * d) + vocab * d + d
+    assert n_params == 6_649_286_656
+    flops_per_token = mpt_flops_per_batch(n_params, layers, d, seq, batch_size=1) / seq
+    # LLM Foundry's benchmark table: 8xH100, seq 2048, 10,643 tokens/s per GPU, 46.4 % MFU.
+    assert mfu(10_643 * flops_per_token, 989e12) == pytest.approx(0.464, abs=5e-4)
+
+
+def test_meter_follows_speed_monitor_window():
+    meter = ThroughputMeter(window_size=2, num_devices=2, peak_flops_per_device=50.0)
+    for t in (0.0, 1.0):
+        meter.update(t, samples=4, tokens=40, flops=100.0)
+        assert meter.metrics() == {}  # fewer than window_size + 1 entries
+    meter.update(3.0, samples=4, tokens=40, flops=100.0)
+    # Window [0, 1, 3]: 2 batches, 8 samples, 80 tokens, 200 FLOPs (the oldest entry's excluded) in 3 s.
+    got = meter.metrics()
+    assert got["throughput/batches_per_sec"] == pytest.approx(2 / 3)
+    assert got["throughput/samples_per_sec"] == pytest.approx(8 / 3)
+    assert got["throughput/tokens_per_sec"] == pytest.approx(80 / 3)
+    assert got["throughput/device/tokens_per_sec"] == pytest.approx(40 / 3)
+    assert got["throughput/flops_per_sec"] == pytest.approx(200 / 3)
+    assert got["throughput/device/mfu"] == pytest.approx(100 / 3 / 50)
+    meter.update(6.0, samples=4, tokens=40, flops=100.0)
+    assert meter.metrics()["throughput/batches_per_sec"] == pytest.approx(2 / 5)  # window [1, 3, 6]
+
+
+def test_meter_summary_after_start():
+    meter = ThroughputMeter(window_size=10)
+    meter.update(0.0, samples=2, tokens=20, flops=1e3)  # e.g. the compiling step, dropped by start()
+    meter.start(10.0)
+    assert meter.summary() == {}
+    meter.update(12.0, samples=2, tokens=20, flops=1e3)
+    meter.update(14.0, samples=2, tokens=20, flops=1e3)
+    got = meter.summary(peak_flops_per_device=1e3)
+    assert got["tokens_per_second"] == pytest.approx(40 / 4)
+    assert got["samples_per_second"] == pytest.approx(4 / 4)
+    assert got["flops_per_second_per_device"] == pytest.approx(2e3 / 4)
+    assert got["mfu"] == pytest.approx(0.5)

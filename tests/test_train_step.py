@@ -1,0 +1,92 @@
+"""The train step: loss on shifted labels, accumulation equals the full batch, no recompiles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtrain.config.schema import AttnConfig, ModelConfig, ParallelismConfig
+from jaxtrain.parallel.logical import DEFAULT_RULES
+from jaxtrain.parallel.mesh import batch_sharding, build_mesh
+from jaxtrain.train.loss import IGNORE_INDEX, shift_labels
+from jaxtrain.train.state import create_train_state
+from jaxtrain.train.step import compile_train_step, make_train_step
+
+VOCAB = 97
+
+
+def tiny_model(**overrides) -> ModelConfig:
+    base = dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=VOCAB, attn_config=AttnConfig())
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def build(model_cfg, tx, num_microbatches, *, compute_dtype=jnp.float32):
+    mesh = build_mesh(ParallelismConfig())
+    state, model_def, shardings = create_train_state(model_cfg, tx, seed=0, mesh=mesh, rules=DEFAULT_RULES)
+    step = make_train_step(
+        model_def, tx, lambda count: jnp.asarray(0.1), num_microbatches=num_microbatches, compute_dtype=compute_dtype
+    )
+    return state, model_def, compile_train_step(step, shardings, batch_sharding(mesh), donate=False)
+
+
+def random_batch(batch=8, length=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, size=(batch, length), dtype=np.int32)
+    labels = ids.copy()
+    # Ignore a different number of tokens per row, so per-microbatch means differ from the batch mean.
+    for row in range(batch):
+        labels[row, : row * 2] = IGNORE_INDEX
+    return {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels)}
+
+
+def test_shift_labels_moves_left_and_ignores_last():
+    labels = jnp.array([[5, 6, 7, 8]])
+    np.testing.assert_array_equal(shift_labels(labels), [[6, 7, 8, IGNORE_INDEX]])
+
+
+def test_loss_is_token_mean_cross_entropy_of_shifted_labels():
+    tx = optax.sgd(0.1)
+    state, model_def, step = build(tiny_model(), tx, 1)
+    batch = random_batch()
+    logits = np.asarray(model_def.merge(state.params)(batch["input_ids"]), dtype=np.float64)
+    targets = np.asarray(shift_labels(batch["labels"]))
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    valid = targets != IGNORE_INDEX
+    picked = np.take_along_axis(log_probs, np.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    expected = -(picked * valid).sum() / valid.sum()
+    _, metrics = step(state, batch)
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["tokens"]) == valid.sum()
+
+
+@pytest.mark.parametrize("num_microbatches", [2, 4])
+def test_accumulation_equals_full_batch(num_microbatches):
+    tx = optax.adam(1e-2)
+    batch = random_batch()
+    state_full, _, step_full = build(tiny_model(), tx, 1)
+    state_acc, _, step_acc = build(tiny_model(), tx, num_microbatches)
+    for _ in range(2):
+        state_full, metrics_full = step_full(state_full, batch)
+        state_acc, metrics_acc = step_acc(state_acc, batch)
+        assert float(metrics_acc["loss"]) == pytest.approx(float(metrics_full["loss"]), rel=1e-5)
+        assert float(metrics_acc["grad_norm"]) == pytest.approx(float(metrics_full["grad_norm"]), rel=1e-4)
+    for full, acc in zip(jax.tree.leaves(state_full.params), jax.tree.leaves(state_acc.params)):
+        np.testing.assert_allclose(np.asarray(acc), np.asarray(full), atol=2e-6, rtol=1e-5)
+
+
+def test_step_compiles_once_and_bf16_tracks_fp32():
+    tx = optax.adam(1e-3)
+    batch = random_batch()
+    state32, _, step32 = build(tiny_model(), tx, 1)
+    state16, _, step16 = build(tiny_model(), tx, 1, compute_dtype=jnp.bfloat16)
+    for index in range(3):
+        state32, m32 = step32(state32, random_batch(seed=index))
+        state16, m16 = step16(state16, random_batch(seed=index))
+        assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
+    assert step32._cache_size() == 1
+    assert state16.params is not None and jax.tree.leaves(state16.params)[0].dtype == jnp.float32
+    assert int(state32.step) == 3
