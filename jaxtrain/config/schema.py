@@ -263,7 +263,7 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def describe(cls: type = None, prefix: str = "") -> str:
+def describe(cls: type | None = None, prefix: str = "") -> str:
     """Help text: every field of ``cls`` (default ``Config``), nested sections expanded, with
     its dotted key, type, default and one-line doc."""
     cls = Config if cls is None else cls

@@ -8,7 +8,7 @@ import time
 from typing import Sequence
 
 from jaxtrain.config import ConfigError, dump_yaml, load_config
-from jaxtrain.parallel.mesh import MeshError, build_mesh, data_parallel_size
+from jaxtrain.parallel.mesh import MeshError, build_mesh
 
 EXIT_USAGE = 2
 
@@ -35,7 +35,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
 
     cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))
     try:
-        validate_for_devices(cfg, data_parallel_size(build_mesh(cfg.parallelism)))
+        validate_for_devices(cfg, build_mesh(cfg.parallelism).size)
     except (ConfigError, MeshError) as err:
         return _error(str(err))
 

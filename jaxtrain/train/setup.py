@@ -98,7 +98,7 @@ def build_run(cfg: Config) -> RunParts:
         mesh = build_mesh(cfg.parallelism, devices)
     except MeshError as err:
         raise ConfigError(str(err)) from None
-    validate_for_devices(cfg, data_parallel_size(mesh))
+    validate_for_devices(cfg, mesh.size)
     rules = axis_rules(cfg.parallelism)
 
     cache_dir = os.path.join(cfg.run_folder, "cache")

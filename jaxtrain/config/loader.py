@@ -1,0 +1,269 @@
+"""Load a Config: YAML file -> ``--set`` overrides -> ``${...}`` interpolation -> Foundry
+mapping -> typed dataclasses -> validation.
+
+Overrides are merged into the document before interpolation, as LLM Foundry does (OmegaConf
+merge, then resolve): ``--set variables.max_seq_len=512`` reaches every ``${variables.max_seq_len}``,
+and an override value may itself be a reference (``--set optimizer.lr=${variables.peak_lr}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from absl import logging
+
+from jaxtrain.config import foundry, interpolate, validate
+from jaxtrain.config.schema import TIME_FIELDS, Config, ConfigError, type_name
+
+# Names from other stacks that mean one of ours (checked before the fuzzy match).
+_ALIASES = {
+    "learning_rate": "lr", "lr_scheduler": "scheduler", "hidden_size": "d_model", "n_embd": "d_model",
+    "num_heads": "n_heads", "num_attention_heads": "n_heads", "n_head": "n_heads",
+    "num_layers": "n_layers", "num_hidden_layers": "n_layers", "n_layer": "n_layers",
+    "seq_len": "max_seq_len", "max_length": "max_seq_len", "batch_size": "global_train_batch_size",
+    "microbatch_size": "device_train_microbatch_size", "wd": "weight_decay", "epsilon": "eps",
+    "warmup": "t_warmup", "warmup_steps": "t_warmup", "max_steps": "max_duration",
+    "train_steps": "max_duration", "steps": "max_duration", "vocab": "vocab_size", "dropout": "resid_pdrop",
+}
+
+
+class _Origin:
+    """Names where a key came from: the ``--set`` flags or the config file."""
+
+    def __init__(self, path: str | None, overridden: set[str]):
+        self.path = path
+        self.overridden = overridden
+
+    def __call__(self, key: str) -> str:
+        for set_key in self.overridden:
+            if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+                return "--set"
+        return self.path or ("--set" if self.overridden else "config")
+
+
+def load_config(path: str | None, overrides: Sequence[str] = (), *, notices: list[str] | None = None) -> Config:
+    """Read, override, interpolate, map, type and validate a config. ``path`` None: defaults.
+    Notices (accepted Foundry keys with no meaning here) go to ``notices`` if given, else to the
+    log at WARNING."""
+    doc = _read(path)
+    overridden = apply_overrides(doc, overrides)
+    where = _Origin(path, overridden)
+    config_keys = {f.name for f in dataclasses.fields(Config)}
+    foundry.hoist_legacy_variables(doc, config_keys, interpolate.references(doc), overridden)
+    doc = interpolate.interpolate(doc, where)
+    note = notices.append if notices is not None else logging.warning
+    foundry.map_foundry(doc, note, where)
+    cfg = _build(Config, doc, "", where)
+    validate.validate(cfg, where)
+    return cfg
+
+
+def _read(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; check the path passed to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.__class__.__name__}: {e}); "
+                          "pass a readable UTF-8 YAML file") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            problem += f", {context} at line {context_mark.line + 1}"
+        raise ConfigError(f"{path}{line}: malformed YAML ({problem}); fix the file at that line") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, "
+                          f"got a {type(doc).__name__}; start the file with 'key: value' lines")
+    return doc
+
+
+def apply_overrides(doc: dict, overrides: Sequence[str]) -> set[str]:
+    """Apply ``dotted.key=value`` strings to ``doc`` in place (values parsed as YAML); returns
+    the keys set."""
+    keys = set()
+    for text in overrides:
+        key, eq, raw = text.partition("=")
+        key = key.strip()
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set optimizer.lr=1e-3")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem}); quote it") from None
+        *parents, leaf = key.split(".")
+        node: Any = doc
+        for i, part in enumerate(parents):
+            child = _child(node, part)
+            following = (parents + [leaf])[i + 1]
+            if child is None and following.isdigit():
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(f"--set {text!r}: '{section}' is not a list in the config file; "
+                                  f"set the whole list instead, e.g. --set {section}=[a, b]")
+            if child is None:
+                child = {}
+                _assign(node, part, child, text)
+            elif not isinstance(child, (dict, list)):
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(f"--set {text!r}: '{section}' holds {child!r}, not a section; "
+                                  f"set '{section}' itself instead")
+            node = child
+        _assign(node, leaf, value, text)
+        keys.add(key)
+    return keys
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, list):
+        return node[int(part)] if part.isdigit() and int(part) < len(node) else None
+    return node.get(part)
+
+
+def _assign(node: Any, part: str, value: Any, text: str) -> None:
+    if isinstance(node, list):
+        if not (part.isdigit() and int(part) < len(node)):
+            raise ConfigError(f"--set {text!r}: {part!r} is not an index of a {len(node)}-item list; "
+                              "set the whole list instead, e.g. key=[a, b]")
+        node[int(part)] = value
+    else:
+        node[part] = value
+
+
+# ----------------------------------------------------------------------------- typing
+
+
+def _build(cls: type, data: Any, prefix: str, where: _Origin) -> Any:
+    """Build dataclass ``cls`` from mapping ``data``, checking every key and type."""
+    section = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where(section)}: {section}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise ConfigError(_unknown_key(key, str(name), names, prefix, where))
+        kwargs[name] = _convert(hints[name], value, key, where)
+    return cls(**kwargs)
+
+
+def _unknown_key(key: str, name: str, names: list[str], prefix: str, where: _Origin) -> str:
+    guess = _ALIASES.get(name) if _ALIASES.get(name) in names else None
+    if guess is None:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        guess = close[0] if close else None
+    if guess is not None:
+        hint = f"did you mean '{prefix}{guess}'?"
+    else:
+        elsewhere = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] in (name, _ALIASES.get(name))]
+        if elsewhere:
+            hint = f"did you mean '{elsewhere[0]}'?"
+        elif not prefix:
+            hint = "put your own variables under 'variables:'; see 'jaxtrain train --help-config'"
+        else:
+            hint = f"valid keys here: {', '.join(names)}"
+    return f"unknown key '{key}' in {where(key)}; {hint}"
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        inner = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        if inner:
+            keys += _all_keys(inner[0], f"{prefix}{name}.")
+    return keys
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+         list: "a list", dict: "a mapping", type(None): "null"}
+
+
+def _convert(tp: Any, value: Any, key: str, where: _Origin) -> Any:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        # Prefer the member the value already is (16 -> int, 'auto' -> str), then conversions.
+        ordered = sorted((a for a in args if a is not type(None)), key=lambda a: not _is_exactly(a, value))
+        for arg in ordered:
+            try:
+                return _convert(arg, value, key, where)
+            except ConfigError:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise
+        kinds = " or ".join(_KIND.get(a, getattr(a, "__name__", str(a))) for a in args)
+        raise ConfigError(f"{where(key)}: {key}: expected {kinds}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return tp() if value is None else _build(tp, value, key + ".", where)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.replace("_", ""))  # YAML reads 1e-3 (no dot) as text
+            except ValueError:
+                pass
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if key in TIME_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+            return f"{value}ba"
+    if tp is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if tp is dict and (value is None or isinstance(value, dict)):
+        return dict(value or {})
+    if tp is Any:
+        return value
+    hint = "; quote it to make it text" if tp is str else ""
+    raise ConfigError(f"{where(key)}: {key}: expected {_KIND.get(tp, type_name(tp))}, got {value!r}{hint}")
+
+
+def _is_exactly(tp: Any, value: Any) -> bool:
+    if tp is float:
+        return isinstance(value, float)
+    if tp in (int, str, list, dict):
+        return type(value) is tp
+    return dataclasses.is_dataclass(tp) and isinstance(value, dict)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The fully resolved config as plain dicts, lists and scalars."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The fully resolved config as YAML; ``load_config`` of it gives an equal Config."""
+    return yaml.safe_dump(_escape(config_to_dict(cfg)), sort_keys=False, default_flow_style=False)
+
+
+def _escape(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _escape(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escape(v) for v in node]
+    return interpolate.escape(node) if isinstance(node, str) else node

@@ -1,0 +1,176 @@
+"""Checks on a built Config that need no devices, and the batch-size check that does."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from jaxtrain.config import schema
+from jaxtrain.config.schema import Config, ConfigError
+from jaxtrain.config.timestr import parse_time
+
+Where = Callable[[str], str]
+
+OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
+SCHEDULERS = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup")
+PRECISIONS = ("amp_bf16", "fp32")
+ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
+ATTN_IMPLS = ("xla",)
+FFN_TYPES = ("mptmlp", "mptglu")
+NORM_TYPES = ("low_precision_layernorm", "layernorm")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+CLIPPING_TYPES = ("norm", "value")
+
+
+def validate(cfg: Config, where: Where) -> None:
+    """Raise ConfigError for the first value that cannot be right on any machine."""
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(f"{where(key)}: {key}: {problem}")
+
+    def one_of(key: str, value: str, valid: tuple[str, ...]) -> None:
+        if value not in valid:
+            close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(valid)}"
+            fail(key, f"unknown name {value!r}; {hint}")
+
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            fail(key, f"must be positive, got {value}")
+
+    def probability(key: str, value: float) -> None:
+        if not 0 <= value < 1:
+            fail(key, f"must be in [0, 1), got {value}")
+
+    for key in schema.TIME_FIELDS:
+        value = _get(cfg, key)
+        try:
+            time = parse_time(value, key=key)
+        except ConfigError as e:
+            raise ConfigError(f"{where(key)}: {e}") from None
+        if key == "max_duration" and time.unit == "dur":
+            fail(key, f"{value!r} is a fraction of the run itself; give it in ba, ep, tok or sp")
+
+    model, attn = cfg.model, cfg.model.attn_config
+    for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "expansion_ratio"):
+        positive(f"model.{key}", getattr(model, key))
+    if model.d_model % model.n_heads:
+        fail("model.d_model", f"{model.d_model} is not divisible by model.n_heads {model.n_heads}; "
+             "change one so that d_model / n_heads is a whole head size")
+    one_of("model.attn_config.attn_type", attn.attn_type, ATTN_TYPES)
+    one_of("model.attn_config.attn_impl", attn.attn_impl, ATTN_IMPLS)
+    if attn.kv_n_heads is not None:
+        positive("model.attn_config.kv_n_heads", attn.kv_n_heads)
+        if model.n_heads % attn.kv_n_heads:
+            fail("model.attn_config.kv_n_heads", f"{attn.kv_n_heads} does not divide model.n_heads "
+                 f"{model.n_heads}; use a divisor of n_heads")
+        if attn.attn_type == "multiquery_attention" and attn.kv_n_heads != 1:
+            fail("model.attn_config.kv_n_heads", f"multiquery_attention has 1 key/value head, got "
+                 f"{attn.kv_n_heads}; remove kv_n_heads or use grouped_query_attention")
+        if attn.attn_type == "multihead_attention" and attn.kv_n_heads != model.n_heads:
+            fail("model.attn_config.kv_n_heads", f"multihead_attention has n_heads ({model.n_heads}) "
+                 f"key/value heads, got {attn.kv_n_heads}; use grouped_query_attention")
+    elif attn.attn_type == "grouped_query_attention":
+        fail("model.attn_config.kv_n_heads", "grouped_query_attention needs kv_n_heads; set it to a divisor of n_heads")
+    for key in ("prefix_lm", "rope"):
+        if getattr(attn, key):
+            fail(f"model.attn_config.{key}", "only false is supported by jaxtrain; remove the key")
+    if attn.sliding_window_size != -1:
+        fail("model.attn_config.sliding_window_size", "only -1 (off) is supported by jaxtrain; remove the key")
+    if attn.clip_qkv is not None:
+        positive("model.attn_config.clip_qkv", attn.clip_qkv)
+    probability("model.attn_config.attn_pdrop", attn.attn_pdrop)
+    probability("model.emb_pdrop", model.emb_pdrop)
+    probability("model.resid_pdrop", model.resid_pdrop)
+    one_of("model.ffn_config.ffn_type", model.ffn_config.ffn_type, FFN_TYPES)
+    one_of("model.norm_type", model.norm_type, NORM_TYPES)
+    one_of("model.remat", model.remat, REMAT_POLICIES)
+    if isinstance(model.logit_scale, str) and model.logit_scale != "inv_sqrt_d_model":
+        fail("model.logit_scale", f"expected a number or 'inv_sqrt_d_model', got {model.logit_scale!r}")
+
+    if cfg.max_seq_len > model.max_seq_len:
+        fail("max_seq_len", f"{cfg.max_seq_len} is longer than model.max_seq_len {model.max_seq_len}; "
+             "lower max_seq_len or raise model.max_seq_len")
+    for name in ("train_loader", "eval_loader"):
+        loader = getattr(cfg, name)
+        if loader is not None and loader.dataset.max_seq_len is not None:
+            if loader.dataset.max_seq_len > model.max_seq_len:
+                fail(f"{name}.dataset.max_seq_len", f"{loader.dataset.max_seq_len} is longer than "
+                     f"model.max_seq_len {model.max_seq_len}; lower it or raise model.max_seq_len")
+        if loader is not None:
+            probability(f"{name}.dataset.holdout_fraction", loader.dataset.holdout_fraction)
+
+    positive("global_train_batch_size", cfg.global_train_batch_size)
+    positive("device_eval_batch_size", cfg.device_eval_batch_size)
+    micro = cfg.device_train_microbatch_size
+    if not (micro is None or micro == "auto" or (isinstance(micro, int) and micro > 0)):
+        fail("device_train_microbatch_size", f"expected a positive integer, 'auto' or null, got {micro!r}")
+    one_of("precision", cfg.precision, PRECISIONS)
+
+    opt = cfg.optimizer
+    one_of("optimizer.name", opt.name, OPTIMIZERS)
+    positive("optimizer.lr", opt.lr)
+    if opt.weight_decay < 0:
+        fail("optimizer.weight_decay", f"must be >= 0, got {opt.weight_decay}")
+    if opt.eps < 0:
+        fail("optimizer.eps", f"must be >= 0, got {opt.eps}")
+    if len(opt.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in opt.betas):
+        fail("optimizer.betas", f"expected two numbers [beta1, beta2], got {opt.betas!r}")
+    for i, beta in enumerate(opt.betas):
+        if not 0 <= beta < 1:
+            fail("optimizer.betas", f"beta{i + 1} must be in [0, 1), got {beta}")
+    one_of("scheduler.name", cfg.scheduler.name, SCHEDULERS)
+    if cfg.scheduler.alpha_f < 0:
+        fail("scheduler.alpha_f", f"must be >= 0, got {cfg.scheduler.alpha_f}")
+    clip = cfg.algorithms.gradient_clipping
+    if clip is not None:
+        one_of("algorithms.gradient_clipping.clipping_type", clip.clipping_type, CLIPPING_TYPES)
+        positive("algorithms.gradient_clipping.clipping_threshold", clip.clipping_threshold)
+
+    par = cfg.parallelism
+    if par.data != -1:
+        positive("parallelism.data", par.data)
+    positive("parallelism.fsdp", par.fsdp)
+    positive("parallelism.tensor", par.tensor)
+
+
+def data_parallel_size(cfg: Config, num_devices: int) -> int:
+    """How many ways the global batch is split: the ``data`` axis times the ``fsdp`` axis."""
+    par = cfg.parallelism
+    model_ways = par.fsdp * par.tensor
+    if num_devices % model_ways:
+        raise ConfigError(f"parallelism: fsdp {par.fsdp} x tensor {par.tensor} = {model_ways} does not divide "
+                          f"the {num_devices} devices; choose axis sizes whose product divides {num_devices}")
+    data = num_devices // model_ways if par.data == -1 else par.data
+    if data * model_ways != num_devices:
+        raise ConfigError(f"parallelism: data {data} x fsdp {par.fsdp} x tensor {par.tensor} = "
+                          f"{data * model_ways} devices, but there are {num_devices}; set parallelism.data: -1")
+    return data * par.fsdp
+
+
+def validate_for_devices(cfg: Config, num_devices: int) -> None:
+    """Raise ConfigError when the global batch cannot be split evenly over ``num_devices``."""
+    if num_devices <= 0:
+        raise ConfigError(f"num_devices must be positive, got {num_devices}")
+    dp = data_parallel_size(cfg, num_devices)
+    batch = cfg.global_train_batch_size
+    micro = cfg.device_train_microbatch_size
+    step = dp * micro if isinstance(micro, int) else dp
+    if batch % step == 0:
+        return
+    lower, upper = batch // step * step, (batch // step + 1) * step
+    suggestion = f"use {lower} or {upper}" if lower else f"use {upper}"
+    if cfg.parallelism.tensor > 1:
+        ways = f"{dp} data-parallel replicas ({num_devices} devices / tensor {cfg.parallelism.tensor})"
+    else:
+        ways = f"{num_devices} devices"
+    if isinstance(micro, int):
+        raise ConfigError(f"global_train_batch_size {batch} is not divisible by {ways} x "
+                          f"device_train_microbatch_size {micro} = {step}; {suggestion}")
+    raise ConfigError(f"global_train_batch_size {batch} is not divisible by {ways}; {suggestion}")
+
+
+def _get(cfg: Config, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
