@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Path to a YAML config file.")
@@ -13,6 +13,8 @@ flags.DEFINE_bool("help_config", False, "List every config key with its type, de
 
 
 def main(argv: list[str]) -> None:
+    # JAX and Orbax log set-up details at INFO; the run reports its own progress.
+    logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; use --config PATH and --set key=value", file=sys.stderr)
         sys.exit(2)

@@ -238,15 +238,14 @@ class Trainer:
         self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        speed = self.meter.summary(parts.peak_flops_per_device)
         return FitResult(
             step=self.step,
             interrupted=interrupted,
             train_loss=self.last_metrics.get("loss"),
             eval_loss=eval_loss,
             first_eval_loss=first_eval,
-            tokens_per_second=speed.get("tokens_per_second"),
-            mfu=speed.get("mfu"),
+            tokens_per_second=self.last_metrics.get("tokens_per_second"),
+            mfu=self.last_metrics.get("mfu"),
             wall_seconds=time.perf_counter() - start_wall,
             seconds_to_first_step=seconds_to_first_step,
         )

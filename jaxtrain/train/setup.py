@@ -8,7 +8,6 @@ import re
 from typing import Any
 
 import jax
-from absl import logging
 
 from jaxtrain.config import Config, ConfigError, validate_for_devices
 from jaxtrain.config.timestr import parse_time, to_batches
@@ -149,7 +148,6 @@ def build_run(cfg: Config) -> RunParts:
     num_params = mpt_param_count(model)
     flops = mpt_flops_per_batch(num_params, model.n_layers, model.d_model, cfg.max_seq_len, cfg.global_train_batch_size)
     peak, peak_source = peak_flops(cfg)
-    logging.info("peak for MFU: %.3g FLOP/s per device (%s)", peak, peak_source)
     return RunParts(
         cfg=cfg,
         mesh=mesh,

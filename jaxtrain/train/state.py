@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -36,9 +37,20 @@ class ModelDef:
     graphdef: Any
     param_shardings: Any
     param_logical_specs: Any
+    mesh: Mesh | None = None
+    rules: Any = None
 
     def merge(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
+
+    def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call the model with ``params`` inside the mesh and logical-axis rules, so activation
+        sharding constraints take effect when traced."""
+        model = self.merge(params)
+        if self.mesh is None:
+            return model(*args, **kwargs)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nn.logical_axis_rules(self.rules):
+            return model(*args, **kwargs)
 
 
 def abstract_model(model_cfg: Any) -> tuple[Any, Any]:
@@ -63,9 +75,8 @@ def create_train_state(
     def init_params(key: jax.Array) -> Any:
         return nnx.split(build_model(model_cfg, rngs=nnx.Rngs(params=key)), nnx.Param)[1]
 
-    with jax.sharding.use_mesh(mesh):
-        params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
-        opt_state = jax.jit(tx.init)(params)
+    params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
+    opt_state = jax.jit(tx.init)(params)
     replicated = NamedSharding(mesh, PartitionSpec())
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
@@ -74,7 +85,7 @@ def create_train_state(
         rng=jax.device_put(jax.random.key_data(dropout_key), replicated),
     )
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    return state, ModelDef(graphdef, param_shardings, logical_specs), shardings
+    return state, ModelDef(graphdef, param_shardings, logical_specs, mesh, tuple(rules)), shardings
 
 
 def count_params(params: Any) -> int:

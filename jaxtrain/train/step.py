@@ -43,8 +43,8 @@ def make_train_step(
     """
 
     def microbatch_loss(params, inputs, targets, sequence_id, dropout_rng, total_tokens):
-        model = model_def.merge(params)
-        logits = model(
+        logits = model_def.apply(
+            params,
             inputs,
             compute_dtype=compute_dtype,
             sequence_id=sequence_id,
@@ -106,8 +106,8 @@ def make_eval_step(model_def: ModelDef, *, compute_dtype: Any = jnp.float32):
     """Build ``eval_step(params, batch) -> {loss_sum, tokens}`` (sums, so batches can be added)."""
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        model = model_def.merge(params)
-        logits = model(batch["input_ids"], compute_dtype=compute_dtype, sequence_id=batch.get("sequence_id"))
+        logits = model_def.apply(
+            params, batch["input_ids"], compute_dtype=compute_dtype, sequence_id=batch.get("sequence_id"))
         loss_sum, _, count = cross_entropy_sum(logits, batch_targets(batch))
         return {"loss_sum": loss_sum, "tokens": count}
 
