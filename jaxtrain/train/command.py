@@ -58,6 +58,9 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
         result = Trainer(parts).fit()
     except ConfigError as err:
         return _error(str(err))
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped without a new checkpoint; earlier checkpoints are intact", file=sys.stderr)
+        return EXIT_INTERRUPTED
     write_summary(os.path.join(cfg.run_folder, "summary.json"), result)
     print(format_summary(result, time.perf_counter() - started), flush=True)
     return EXIT_INTERRUPTED if result.interrupted else 0

@@ -178,6 +178,16 @@ class Trainer:
     # ------------------------------------------------------------------ fit
 
     def fit(self) -> FitResult:
+        """Train to ``max_duration``. SIGINT/SIGTERM end the run after the current step with a
+        checkpoint (a second signal stops at once); the handlers stay until the final save is done."""
+        previous_handlers = self._install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            for sig, old in previous_handlers.items():
+                signal.signal(sig, old)
+
+    def _fit(self) -> FitResult:
         start_wall = time.perf_counter()
         cfg, parts = self.cfg, self.parts
         self.progress = None
@@ -185,7 +195,6 @@ class Trainer:
         self.progress = ConsoleProgress(
             parts.total_batches, self.step, enabled=cfg.progress_bar, log_every=self.log_every
         )
-        previous_handlers = self._install_signal_handlers()
         self.events.fire(Event.FIT_START, self)
         first_eval = self.eval_history[0][1] if self.eval_history else None
         if cfg.eval_first and self.step == 0 and not self.eval_history:
@@ -195,34 +204,30 @@ class Trainer:
         pending: tuple[int, Any] | None = None
         seconds_to_first_step = None
         loader_iter = iter(parts.train_loader)
-        try:
-            while self.step < parts.total_batches and self._stop_signal is None:
-                self.events.fire(Event.BATCH_START, self)
-                batch = global_batch_from_local(next(loader_iter), parts.mesh)
-                self.state, metrics = parts.train_step(self.state, batch)
-                self.step += 1
-                if pending is not None:
-                    self._on_step_done(*pending, tokens_per_batch)
-                pending = (self.step, metrics)
-                if seconds_to_first_step is None:
-                    jax.block_until_ready(metrics)
-                    seconds_to_first_step = time.perf_counter() - start_wall
-                    self.meter.start(time.perf_counter())
-                if self.eval_every and self.step % self.eval_every == 0:
-                    self._on_step_done(*pending, tokens_per_batch)
-                    pending = None
-                    loss = self.evaluate()
-                    first_eval = loss if first_eval is None else first_eval
-                    self.meter.start(time.perf_counter())
-                if self.save_every and self.step % self.save_every == 0:
-                    self.save()
+        while self.step < parts.total_batches and self._stop_signal is None:
+            self.events.fire(Event.BATCH_START, self)
+            batch = global_batch_from_local(next(loader_iter), parts.mesh)
+            self.state, metrics = parts.train_step(self.state, batch)
+            self.step += 1
             if pending is not None:
                 self._on_step_done(*pending, tokens_per_batch)
+            pending = (self.step, metrics)
+            if seconds_to_first_step is None:
+                jax.block_until_ready(metrics)
+                seconds_to_first_step = time.perf_counter() - start_wall
+                self.meter.start(time.perf_counter())
+            if self.eval_every and self.step % self.eval_every == 0:
+                self._on_step_done(*pending, tokens_per_batch)
                 pending = None
-        finally:
-            for sig, old in previous_handlers.items():
-                signal.signal(sig, old)
-        interrupted = self._stop_signal is not None
+                loss = self.evaluate()
+                first_eval = loss if first_eval is None else first_eval
+                self.meter.start(time.perf_counter())
+            if self.save_every and self.step % self.save_every == 0:
+                self.save()
+        if pending is not None:
+            self._on_step_done(*pending, tokens_per_batch)
+            pending = None
+        interrupted = self._stop_signal is not None and self.step < parts.total_batches
         eval_loss = None
         if interrupted:
             self.print(f"stopping at step {self.step} ({signal.Signals(self._stop_signal).name}); saving a checkpoint")

@@ -1,0 +1,1 @@
+"""Building blocks: attention (ALiBi, masks), LayerNorm, feed-forward, Linear, embeddings, dropout."""

@@ -1,0 +1,169 @@
+"""MPT attention: ALiBi, causal and packed-document masks, the attention op, and the fused-QKV layer."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtrain.layers.dropout import dropout
+from jaxtrain.layers.linear import Dense
+from jaxtrain.layers.norms import LayerNorm
+from jaxtrain.parallel.logical import constrain
+
+ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
+
+
+def alibi_slopes(n_heads: int, alibi_bias_max: float = 8) -> np.ndarray:
+    """ALiBi slopes ``[n_heads]`` as MosaicML's ``gen_slopes`` computes them.
+
+    N is the next power of two >= n_heads; slopes are 2^(-i*alibi_bias_max/N) for i = 1..N, and
+    when N != n_heads the heads take ``concat(slopes[1::2], slopes[::2])[:n_heads]``.
+    """
+    n = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 2.0 ** (-np.arange(1, n + 1, dtype=np.float64) * (alibi_bias_max / n))
+    if n != n_heads:
+        slopes = np.concatenate([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes.astype(np.float32)
+
+
+def alibi_bias(n_heads: int, length: int, alibi_bias_max: float = 8, *, full: bool = False) -> np.ndarray:
+    """MosaicML's ``build_alibi_bias``: ``[n_heads, 1, length]`` (causal) or ``[n_heads, length, length]``.
+
+    The causal form is ``slope*(j-(length-1))`` for key position j; the full form ``-slope*|i-j|``.
+    Under a causal mask both give the same softmax (they differ by a constant per query row).
+    """
+    key_pos = np.arange(1 - length, 1, dtype=np.float32)[None, :]
+    if full:
+        bias = -np.abs(key_pos - key_pos.T)
+    else:
+        bias = key_pos
+    return alibi_slopes(n_heads, alibi_bias_max)[:, None, None] * bias[None]
+
+
+def attention_mask(length: int, sequence_id: jax.Array | None = None) -> jax.Array:
+    """Boolean ``[batch or 1, length, length]``: query i may attend key j (j <= i, same document)."""
+    pos = jnp.arange(length)
+    mask = (pos[None, :] <= pos[:, None])[None]
+    if sequence_id is not None:
+        mask = mask & (sequence_id[:, :, None] == sequence_id[:, None, :])
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    slopes: jax.Array | None = None,
+    sequence_id: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    compute_dtype=jnp.float32,
+) -> jax.Array:
+    """Causal attention with optional ALiBi and packed-document masking.
+
+    q ``[batch, length, heads, head_dim]``; k, v ``[batch, length, kv_heads, head_dim]`` with
+    kv_heads dividing heads (query head h reads kv head h // (heads // kv_heads)). Scores and
+    softmax are float32; the ALiBi bias is added after scaling and before masking. Returns
+    ``[batch, length, heads, head_dim]`` in the compute dtype.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, group, head_dim)
+    scores = jnp.einsum(
+        "bqhgd,bkhd->bhgqk", q.astype(compute_dtype), k.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+    scores = scores * jnp.float32(scale)
+    if slopes is not None:
+        # relative form -slope*(i-j), built from iotas so XLA fuses it rather than storing [heads, L, L]
+        pos = jnp.arange(length, dtype=jnp.float32)
+        distance = pos[None, :] - pos[:, None]
+        bias = slopes.astype(jnp.float32).reshape(kv_heads, group, 1, 1) * distance
+        scores = scores + bias[None]
+    mask = attention_mask(length, sequence_id)[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(probs, dropout_rate, dropout_rng)
+    out = jnp.einsum(
+        "bhgqk,bkhd->bqhgd", probs.astype(compute_dtype), v.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+    return out.reshape(batch, length, heads, head_dim).astype(compute_dtype)
+
+
+class MPTAttention(nnx.Module):
+    """Fused ``Wqkv`` [Q | K | V], optional clip and QK LayerNorm, attention, ``out_proj``."""
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        kv_n_heads: int,
+        use_bias: bool,
+        clip_qkv: float | None,
+        qk_ln: bool,
+        norm_type: str,
+        norm_eps: float,
+        softmax_scale: float | None,
+        attn_pdrop: float,
+        in_std: float,
+        out_std: float,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
+        self.n_heads = n_heads
+        self.kv_n_heads = kv_n_heads
+        self.head_dim = d_model // n_heads
+        self.clip_qkv = clip_qkv
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.attn_pdrop = attn_pdrop
+        kv_width = kv_n_heads * self.head_dim
+        self.Wqkv = Dense(
+            d_model, d_model + 2 * kv_width, use_bias=use_bias, kernel_std=in_std,
+            axes=("embed", "heads"), rngs=rngs, param_dtype=param_dtype,
+        )  # fmt: skip
+        if qk_ln:
+            norm = dict(norm_type=norm_type, eps=norm_eps, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
+            self.q_ln = LayerNorm(d_model, **norm)
+            self.k_ln = LayerNorm(kv_width, **norm)
+        else:
+            self.q_ln = self.k_ln = None
+        self.out_proj = Dense(
+            d_model, d_model, use_bias=use_bias, kernel_std=out_std,
+            axes=("heads", "embed"), rngs=rngs, param_dtype=param_dtype,
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        slopes: jax.Array | None,
+        sequence_id: jax.Array | None = None,
+        compute_dtype=jnp.float32,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype."""
+        batch, length, d_model = x.shape
+        kv_width = self.kv_n_heads * self.head_dim
+        qkv = self.Wqkv(x, compute_dtype=compute_dtype)
+        if self.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
+        q, k, v = jnp.split(qkv, [d_model, d_model + kv_width], axis=-1)
+        if self.q_ln is not None:
+            q = self.q_ln(q, compute_dtype=compute_dtype)
+            k = self.k_ln(k, compute_dtype=compute_dtype)
+        q = constrain(q.reshape(batch, length, self.n_heads, self.head_dim), ("batch", "length", "act_heads", "kv"))
+        k = k.reshape(batch, length, self.kv_n_heads, self.head_dim)
+        v = v.reshape(batch, length, self.kv_n_heads, self.head_dim)
+        out = dot_product_attention(
+            q, k, v,
+            scale=self.softmax_scale, slopes=slopes, sequence_id=sequence_id,
+            dropout_rate=self.attn_pdrop, dropout_rng=dropout_rng, compute_dtype=compute_dtype,
+        )  # fmt: skip
+        return self.out_proj(out.reshape(batch, length, d_model), compute_dtype=compute_dtype)

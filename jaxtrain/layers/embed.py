@@ -1,0 +1,39 @@
+"""Token and position embeddings; the token table doubles as the tied output head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.layers.linear import annotated, normal_init
+
+
+class Embed(nnx.Module):
+    """An embedding table ``[num_embeddings, features]`` (Hugging Face's ``weight``)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        std: float,
+        axes: tuple[str | None, str | None],
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
+        init = annotated(normal_init(std), axes)
+        self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """``ids [...]`` -> ``[..., features]`` in float32 (the residual stream's dtype)."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(jnp.float32)
+
+    def attend(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
+        """Tied output projection ``x @ embedding.T``: ``[..., features]`` -> float32 ``[..., num_embeddings]``."""
+        return jnp.einsum(
+            "...d,vd->...v",
+            x.astype(compute_dtype),
+            self.embedding[...].astype(compute_dtype),
+            preferred_element_type=jnp.float32,
+        )

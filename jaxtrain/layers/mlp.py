@@ -1,0 +1,76 @@
+"""MPT's feed-forward blocks: ``mptmlp`` (up, act, down) and ``mptglu`` (gated)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.layers.linear import Dense
+from jaxtrain.parallel.logical import constrain
+
+FFN_TYPES = ("mptmlp", "mptglu")
+
+
+def resolve_activation(ffn_act_fn: dict | None) -> Callable[[jax.Array], jax.Array]:
+    """Foundry's ``ffn_act_fn`` ({name: gelu, approximate: none} by default) as a JAX function."""
+    spec = dict(ffn_act_fn or {"name": "gelu", "approximate": "none"})
+    name = spec.pop("name", None)
+    if name == "gelu":
+        approximate = spec.pop("approximate", "none")
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"ffn_act_fn gelu approximate={approximate!r}; use none or tanh")
+        fn = functools.partial(jax.nn.gelu, approximate=approximate == "tanh")
+    elif name == "silu":
+        fn = jax.nn.silu
+    elif name == "relu":
+        fn = jax.nn.relu
+    else:
+        raise ValueError(f"ffn_act_fn name={name!r} is not supported; use gelu, silu or relu")
+    if spec:
+        raise ValueError(f"ffn_act_fn {name}: unsupported options {sorted(spec)}")
+    return fn
+
+
+def ffn_hidden_size(d_model: int, expansion_ratio: float) -> int:
+    hidden = d_model * expansion_ratio
+    if hidden != int(hidden):
+        raise ValueError(f"d_model*expansion_ratio = {hidden} must be an integer")
+    return int(hidden)
+
+
+class MPTFFN(nnx.Module):
+    """``down(act(up(x)))``, or with ``glu`` ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        *,
+        glu: bool,
+        activation: Callable[[jax.Array], jax.Array],
+        use_bias: bool,
+        in_std: float,
+        down_std: float,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+    ):
+        self.activation = activation
+        dense = functools.partial(Dense, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
+        self.up_proj = dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp"))
+        self.gate_proj = dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp")) if glu else None
+        self.down_proj = dense(hidden, d_model, kernel_std=down_std, axes=("mlp", "embed"))
+
+    def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
+        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype."""
+        hidden = self.up_proj(x, compute_dtype=compute_dtype)
+        if self.gate_proj is not None:
+            gate = self.gate_proj(x, compute_dtype=compute_dtype)
+            hidden = self.activation(gate) * hidden
+        else:
+            hidden = self.activation(hidden)
+        hidden = constrain(hidden, ("batch", "length", "act_mlp"))
+        return self.down_proj(hidden, compute_dtype=compute_dtype)

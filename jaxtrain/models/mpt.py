@@ -1,0 +1,293 @@
+"""MosaicML's MPT decoder in Flax NNX, parameter names close to Hugging Face's ``MPTForCausalLM``.
+
+Parameter tree (kernels ``[in, out]``; with ``scan_layers`` every block leaf gains a leading
+``[n_layers]`` axis named ``layers``, otherwise blocks are ``blocks/0 ... blocks/{n-1}``)::
+
+    wte/embedding            [vocab, d_model]            (vocab, embed)
+    wpe/embedding            [max_seq_len, d_model]      (None, embed)   only when alibi is off
+    blocks/norm_1/{scale,bias}                [d_model]                  (norm,)
+    blocks/attn/Wqkv/{kernel,bias}            [d_model, d_model+2*kv*hd] (embed, heads)
+    blocks/attn/{q_ln,k_ln}/{scale,bias}      [d_model], [kv*hd]         (norm,)
+    blocks/attn/out_proj/{kernel,bias}        [d_model, d_model]         (heads, embed)
+    blocks/norm_2/{scale,bias}                [d_model]
+    blocks/ffn/{up_proj,gate_proj}/{kernel,bias}  [d_model, hidden]      (embed, mlp)
+    blocks/ffn/down_proj/{kernel,bias}        [hidden, d_model]          (mlp, embed)
+    norm_f/{scale,bias}                       [d_model]
+    lm_head/kernel                            [d_model, vocab]           (embed, vocab)  untied only
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.config.schema import ModelConfig
+from jaxtrain.layers.attention import ATTN_TYPES, MPTAttention, alibi_slopes
+from jaxtrain.layers.dropout import dropout
+from jaxtrain.layers.embed import Embed
+from jaxtrain.layers.linear import Dense, weight_std
+from jaxtrain.layers.mlp import FFN_TYPES, MPTFFN, ffn_hidden_size, resolve_activation
+from jaxtrain.layers.norms import NORM_TYPES, LayerNorm
+from jaxtrain.parallel.logical import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+_ATTN_IMPLS = ("xla", "torch", "flash", "triton")  # Foundry's kernels all map to the XLA op
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    """Key/value heads implied by ``attn_type`` (Foundry ignores kv_n_heads for the other types)."""
+    attn = cfg.attn_config
+    if attn.attn_type == "multihead_attention":
+        return cfg.n_heads
+    if attn.attn_type == "multiquery_attention":
+        return 1
+    return attn.kv_n_heads
+
+
+def validate_mpt_config(cfg: ModelConfig) -> None:
+    """Raise ``ValueError`` naming the key for options this MPT does not support."""
+    attn = cfg.attn_config
+    if attn.prefix_lm:
+        raise ValueError("model.attn_config.prefix_lm: true is not supported (MPT here is causal only)")
+    if attn.rope:
+        raise ValueError("model.attn_config.rope: true is not supported; MPT uses ALiBi (attn_config.alibi)")
+    if attn.sliding_window_size != -1:
+        raise ValueError("model.attn_config.sliding_window_size must be -1 (sliding windows are not supported)")
+    if attn.attn_type not in ATTN_TYPES:
+        raise ValueError(f"model.attn_config.attn_type={attn.attn_type!r}; use one of {ATTN_TYPES}")
+    if attn.attn_impl not in _ATTN_IMPLS:
+        raise ValueError(f"model.attn_config.attn_impl={attn.attn_impl!r}; use one of {_ATTN_IMPLS}")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+    if attn.attn_type == "grouped_query_attention":
+        kv = attn.kv_n_heads
+        if kv is None or kv < 1 or kv > cfg.n_heads or cfg.n_heads % kv:
+            raise ValueError(
+                f"model.attn_config.kv_n_heads={kv} must divide model.n_heads={cfg.n_heads} "
+                "for grouped_query_attention"
+            )
+    if cfg.ffn_config.ffn_type not in FFN_TYPES:
+        raise ValueError(f"model.ffn_config.ffn_type={cfg.ffn_config.ffn_type!r}; use one of {FFN_TYPES}")
+    resolve_activation(cfg.ffn_config.ffn_act_fn)
+    ffn_hidden_size(cfg.d_model, cfg.expansion_ratio)
+    if cfg.norm_type not in NORM_TYPES:
+        raise ValueError(f"model.norm_type={cfg.norm_type!r}; use one of {NORM_TYPES}")
+    if isinstance(cfg.logit_scale, str) and cfg.logit_scale != "inv_sqrt_d_model":
+        raise ValueError(f"model.logit_scale={cfg.logit_scale!r}; use a number or 'inv_sqrt_d_model'")
+    if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={cfg.remat!r}; use one of {tuple(REMAT_POLICIES)}")
+
+
+def _logit_scale(cfg: ModelConfig) -> float | None:
+    if cfg.logit_scale == "inv_sqrt_d_model":
+        return 1.0 / math.sqrt(cfg.d_model)
+    return None if cfg.logit_scale is None else float(cfg.logit_scale)
+
+
+class MPTBlock(nnx.Module):
+    """Pre-LN block: ``x += attn(norm_1(x))``; ``x += ffn(norm_2(x))`` (residual stream float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        init = cfg.init_config
+        d_model, use_bias = cfg.d_model, not cfg.no_bias
+        hidden = ffn_hidden_size(d_model, cfg.expansion_ratio)
+        divisor = math.sqrt(2 * cfg.n_layers) if init.init_div_is_residual else 1.0
+        std = functools.partial(weight_std, init)
+        norm = functools.partial(
+            LayerNorm, norm_type=cfg.norm_type, eps=cfg.norm_eps, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype
+        )
+        self.resid_pdrop = cfg.resid_pdrop
+        self.norm_1 = norm(d_model)
+        kv = kv_heads(cfg)
+        self.attn = MPTAttention(
+            d_model=d_model,
+            n_heads=cfg.n_heads,
+            kv_n_heads=kv,
+            use_bias=use_bias,
+            clip_qkv=cfg.attn_config.clip_qkv,
+            qk_ln=cfg.attn_config.qk_ln,
+            norm_type=cfg.norm_type,
+            norm_eps=cfg.norm_eps,
+            softmax_scale=cfg.attn_config.softmax_scale,
+            attn_pdrop=cfg.attn_config.attn_pdrop,
+            in_std=std(fan_in=d_model, fan_out=d_model + 2 * kv * (d_model // cfg.n_heads)),
+            out_std=std(fan_in=d_model, fan_out=d_model, divisor=divisor),
+            rngs=rngs,
+            param_dtype=param_dtype,
+        )
+        self.norm_2 = norm(d_model)
+        self.ffn = MPTFFN(
+            d_model,
+            hidden,
+            glu=cfg.ffn_config.ffn_type == "mptglu",
+            activation=resolve_activation(cfg.ffn_config.ffn_act_fn),
+            use_bias=use_bias,
+            in_std=std(fan_in=d_model, fan_out=hidden),
+            down_std=std(fan_in=hidden, fan_out=d_model, divisor=divisor),
+            rngs=rngs,
+            param_dtype=param_dtype,
+        )
+
+    def __call__(self, x, *, slopes, sequence_id=None, compute_dtype=jnp.float32, dropout_rng=None):
+        """``x [batch, length, d_model]`` float32 -> same."""
+        attn_rng = resid_attn_rng = resid_ffn_rng = None
+        if dropout_rng is not None:
+            attn_rng, resid_attn_rng, resid_ffn_rng = jax.random.split(dropout_rng, 3)
+        h = self.norm_1(x, compute_dtype=compute_dtype)
+        h = self.attn(h, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype, dropout_rng=attn_rng)
+        x = x + dropout(h, self.resid_pdrop, resid_attn_rng).astype(jnp.float32)
+        h = self.norm_2(x, compute_dtype=compute_dtype)
+        h = self.ffn(h, compute_dtype=compute_dtype)
+        x = x + dropout(h, self.resid_pdrop, resid_ffn_rng).astype(jnp.float32)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class MPTForCausalLM(nnx.Module):
+    """MPT causal language model: ``input_ids [batch, length]`` -> float32 logits ``[batch, length, vocab]``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        validate_mpt_config(cfg)
+        init = cfg.init_config
+        self.n_layers = cfg.n_layers
+        self.max_seq_len = cfg.max_seq_len
+        self.scan_layers = cfg.scan_layers
+        self.remat = cfg.remat
+        self.emb_pdrop = cfg.emb_pdrop
+        self.attn_uses_sequence_id = cfg.attn_config.attn_uses_sequence_id
+        self.logit_scale = _logit_scale(cfg)
+        self.slopes = (
+            tuple(float(s) for s in alibi_slopes(cfg.n_heads, cfg.attn_config.alibi_bias_max))
+            if cfg.attn_config.alibi
+            else None
+        )
+        if init.emb_init_std is not None:
+            emb_std = float(init.emb_init_std)
+        else:
+            emb_std = weight_std(init, fan_in=cfg.d_model, fan_out=cfg.vocab_size)
+        self.wte = Embed(
+            cfg.vocab_size, cfg.d_model, std=emb_std, axes=("vocab", "embed"), rngs=rngs, param_dtype=param_dtype
+        )
+        if not cfg.attn_config.alibi and cfg.learned_pos_emb:
+            pos_std = emb_std if init.emb_init_std is not None else weight_std(
+                init, fan_in=cfg.d_model, fan_out=cfg.max_seq_len
+            )
+            self.wpe = Embed(
+                cfg.max_seq_len, cfg.d_model, std=pos_std, axes=(None, "embed"), rngs=rngs, param_dtype=param_dtype
+            )
+        else:
+            self.wpe = None
+        # one key per layer, so stacked and unrolled models built from one seed hold the same weights
+        layer_keys = jax.random.split(rngs.params(), cfg.n_layers)
+
+        def make_block(key):
+            return MPTBlock(cfg, rngs=nnx.Rngs(params=key), param_dtype=param_dtype)
+
+        if cfg.scan_layers:
+            stacked = nnx.vmap(make_block, in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            self.blocks = stacked(layer_keys)
+        else:
+            self.blocks = nnx.List([make_block(layer_keys[i]) for i in range(cfg.n_layers)])
+        self.norm_f = LayerNorm(
+            cfg.d_model, norm_type=cfg.norm_type, eps=cfg.norm_eps, use_bias=not cfg.no_bias,
+            rngs=rngs, param_dtype=param_dtype,
+        )  # fmt: skip
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Dense(
+                cfg.d_model, cfg.vocab_size, use_bias=False,
+                kernel_std=weight_std(init, fan_in=cfg.d_model, fan_out=cfg.vocab_size),
+                axes=("embed", "vocab"), rngs=rngs, param_dtype=param_dtype,
+            )  # fmt: skip
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        compute_dtype=jnp.float32,
+        sequence_id: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        batch, length = input_ids.shape
+        if length > self.max_seq_len:
+            raise ValueError(f"input length {length} exceeds model.max_seq_len={self.max_seq_len}")
+        if not self.attn_uses_sequence_id:
+            sequence_id = None  # as in Foundry, packed-document masking is opt-in by config
+        slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
+
+        x = self.wte(input_ids)
+        if self.wpe is not None:
+            x = x + self.wpe.embedding[:length].astype(jnp.float32)[None]
+        emb_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, self.n_layers)
+        x = constrain(dropout(x, self.emb_pdrop, emb_rng), ("batch", "length", "act_embed"))
+
+        def layer_rng(index):
+            return None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+
+        def run_block(graphdef, state, x, rng):
+            block = nnx.merge(graphdef, state)
+            return block(x, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype, dropout_rng=rng)
+
+        if self.remat != "none":
+            run_block = jax.checkpoint(
+                run_block, policy=REMAT_POLICIES[self.remat], static_argnums=(0,), prevent_cse=not self.scan_layers
+            )
+
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(x, layer):
+                layer_state, index = layer
+                return run_block(graphdef, layer_state, x, layer_rng(index)), None
+
+            x, _ = jax.lax.scan(body, x, (state, jnp.arange(self.n_layers)))
+        else:
+            for index, block in enumerate(self.blocks):
+                graphdef, state = nnx.split(block)
+                x = run_block(graphdef, state, x, layer_rng(index))
+
+        x = self.norm_f(x, compute_dtype=compute_dtype)
+        if self.lm_head is None:
+            logits = self.wte.attend(x, compute_dtype=compute_dtype)
+        else:
+            logits = jnp.einsum(
+                "bld,dv->blv",
+                x.astype(compute_dtype),
+                self.lm_head.kernel[...].astype(compute_dtype),
+                preferred_element_type=jnp.float32,
+            )
+        if self.logit_scale is not None:
+            logits = logits * jnp.float32(self.logit_scale)
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def mpt_param_count(cfg: ModelConfig) -> int:
+    """Closed-form parameter count of ``MPTForCausalLM(cfg)``."""
+    validate_mpt_config(cfg)
+    d_model, bias = cfg.d_model, 0 if cfg.no_bias else 1
+    kv_width = kv_heads(cfg) * (d_model // cfg.n_heads)
+    hidden = ffn_hidden_size(d_model, cfg.expansion_ratio)
+    norm = d_model * (1 + bias)
+
+    qkv_out = d_model + 2 * kv_width
+    attn = d_model * qkv_out + bias * qkv_out + d_model * d_model + bias * d_model
+    if cfg.attn_config.qk_ln:
+        attn += (d_model + kv_width) * (1 + bias)
+    n_in_proj = 2 if cfg.ffn_config.ffn_type == "mptglu" else 1
+    ffn = n_in_proj * (d_model * hidden + bias * hidden) + hidden * d_model + bias * d_model
+    block = 2 * norm + attn + ffn
+
+    total = cfg.vocab_size * d_model + cfg.n_layers * block + norm
+    if not cfg.attn_config.alibi and cfg.learned_pos_emb:
+        total += cfg.max_seq_len * d_model
+    if not cfg.tie_word_embeddings:
+        total += d_model * cfg.vocab_size  # Foundry's lm_head has no bias
+    return total

@@ -1,0 +1,401 @@
+"""``jaxtrain plan``: what a budget buys, what a run costs, and whether it fits in memory.
+
+Three questions, one command::
+
+    jaxtrain plan --budget-usd 50000 --hardware h100            # budget -> model, tokens, loss, ladder
+    jaxtrain plan --budget-flops 1e21 | --hours 72 --devices 64 # the same from FLOPs or a deadline
+    jaxtrain plan --preset 7b --tokens 1T --devices 440 --hardware a100-40gb   # run -> FLOPs, time, cost
+    jaxtrain plan --config configs/mpt/7b.yaml --hardware h100 --devices 8 --memory
+
+``--budget-flops`` counts scaling-law FLOPs (``6*N*D``, as Chinchilla's tables do). Dollars and
+hours are turned into LLM Foundry model FLOPs (attention included) at the given MFU; see
+``plan.cost`` for which count is used where.
+
+``--mfu`` takes a fraction, or ``from:FILE`` with a JSON file written by ``jaxtrain bench``::
+
+    {
+      "mfu": 0.46,                          # required: model FLOPs utilisation, a fraction in (0, 1]
+      "hardware": "h100",                   # required: a name in jaxtrain.metrics.hardware.HARDWARE
+      "tokens_per_second_per_device": 10643.0,  # required: measured training throughput
+      "model": "7b", "seq_len": 2048, "devices": 8, "precision": "amp_bf16"   # optional context
+    }
+
+MFU there is LLM Foundry's (``jaxtrain.metrics.flops``), so it plugs straight into the time
+formula. Without ``--hardware`` the bench file's hardware is used; a different one is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import sys
+
+from jaxtrain.metrics.hardware import HARDWARE, PRICE_NOTE, Hardware, get_hardware, load_price_overrides
+from jaxtrain.plan import chinchilla
+from jaxtrain.plan.cost import (
+    RunCost, allocation_for_model_flops, check_mfu, device_hours_for_budget, model_flops_for_device_hours,
+    model_flops_per_token,
+)
+from jaxtrain.plan.ladder import (
+    Preset, build_ladder, format_count, format_duration, format_ladder, format_usd, load_presets, nearest_preset,
+    plot_ladder, preset_from_config, shape_lookup,
+)
+
+DEFAULT_MFU = 0.40
+DEFAULT_MFU_SOURCE = (
+    "default assumption; LLM Foundry's MPT tables: 36-64% on A100, 26-46% on H100; "
+    "measure with jaxtrain bench, then --mfu from:FILE"
+)
+PRICE_LINE = (
+    "prices: " + PRICE_NOTE.split(" Put your own")[0]
+    + " Override with --price-per-hour USD or --prices FILE (YAML {hardware_name: usd_per_hour})."
+)
+DEFAULT_DEVICES = 8
+BENCH_KEYS = {"mfu": (int, float), "hardware": (str,), "tokens_per_second_per_device": (int, float)}
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
+class PlanError(ValueError):
+    """A user error: printed as one line, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    """The figures ``--mfu from:FILE`` reads from a ``jaxtrain bench`` JSON file."""
+
+    mfu: float
+    hardware: str
+    tokens_per_second_per_device: float
+    path: str
+
+
+def parse_count(text: str, what: str = "count") -> float:
+    """'1T' -> 1e12, '20B' -> 2e10, '500M' -> 5e8, '6.7B', '1.5e12', '2k'; positive only."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtTpP]?)\s*", str(text))
+    if not match:
+        raise PlanError(f"{what} {text!r} is not a number; use e.g. 1T, 20B, 500M or 1.5e12")
+    value = float(match.group(1)) * _SUFFIXES.get(match.group(2).lower(), 1.0)
+    if value <= 0:
+        raise PlanError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+def load_bench(path: str) -> BenchResult:
+    """Read a ``jaxtrain bench`` result (schema in this module's docstring); one-line errors."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise PlanError(f"--mfu from:{path}: no such file; run jaxtrain bench to write one, or pass --mfu 0.4") \
+            from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PlanError(f"--mfu from:{path}: cannot read it ({err})") from None
+    except json.JSONDecodeError as err:
+        raise PlanError(f"--mfu from:{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(doc, dict):
+        raise PlanError(f"--mfu from:{path}: expected a JSON object with keys {', '.join(BENCH_KEYS)}")
+    for key, types in BENCH_KEYS.items():
+        if key not in doc:
+            raise PlanError(f"--mfu from:{path}: missing key {key!r} (needs {', '.join(BENCH_KEYS)})")
+        if isinstance(doc[key], bool) or not isinstance(doc[key], types):
+            raise PlanError(f"--mfu from:{path}: {key!r} has the wrong type ({doc[key]!r})")
+    if not 0 < doc["mfu"] <= 1:
+        raise PlanError(f"--mfu from:{path}: 'mfu' must be a fraction in (0, 1], got {doc['mfu']}")
+    if doc["hardware"] not in HARDWARE:
+        valid = ", ".join(sorted(HARDWARE))
+        raise PlanError(f"--mfu from:{path}: unknown hardware {doc['hardware']!r}; valid: {valid}")
+    return BenchResult(float(doc["mfu"]), doc["hardware"], float(doc["tokens_per_second_per_device"]), str(path))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise PlanError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jaxtrain plan", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget = p.add_argument_group("budget (choose one)")
+    budget.add_argument("--budget-usd", type=float, help="dollars to spend")
+    budget.add_argument("--budget-flops", help="scaling-law FLOPs 6*N*D, e.g. 1e21")
+    budget.add_argument("--hours", type=float, help="wall-clock deadline in hours (with --devices)")
+    run = p.add_argument_group("a given run (reverse question)")
+    run.add_argument("--preset", help="model preset name (configs/mpt/NAME.yaml), e.g. 7b")
+    run.add_argument("--config", help="a config file for the model (and, with --memory, batch and mesh)")
+    run.add_argument("--params", help="parameter count instead of a preset, e.g. 6.7B")
+    run.add_argument("--tokens", help="training tokens, e.g. 1T, 20B, 500M")
+    hw = p.add_argument_group("hardware and efficiency")
+    hw.add_argument("--hardware", help=f"one of {', '.join(HARDWARE)} (default h100, or the bench file's)")
+    hw.add_argument("--devices", type=int, help=f"number of devices (default {DEFAULT_DEVICES})")
+    hw.add_argument("--price-per-hour", type=float, help="USD per device-hour, replacing the table's assumption")
+    hw.add_argument("--prices", help="YAML file of price overrides {hardware_name: usd_per_hour}")
+    hw.add_argument("--mfu", help=f"model FLOPs utilisation, a fraction, or from:FILE (default {DEFAULT_MFU})")
+    hw.add_argument("--precision", default="amp_bf16", choices=("amp_bf16", "fp32"), help="selects the peak")
+    hw.add_argument("--seq-len", type=int, help="training sequence length for attention FLOPs (default 2048)")
+    out = p.add_argument_group("output")
+    out.add_argument("--allocation", default="approach1", choices=tuple(chinchilla.ALLOCATIONS),
+                     help="how a budget is split into params and tokens (default approach1)")
+    out.add_argument("--rungs", type=int, default=6, help="ladder rungs, each ~4x the compute of the last")
+    out.add_argument("--plot", help="PNG path for the ladder plot (default plan.png in --out or the cwd)")
+    out.add_argument("--out", help="folder for the plot")
+    out.add_argument("--no-plot", action="store_true", help="print only")
+    mem = p.add_argument_group("memory (--memory)")
+    mem.add_argument("--memory", action="store_true", help="estimate per-device memory of a training step")
+    mem.add_argument("--global-batch", type=int, help="sequences per step (default: the config's)")
+    mem.add_argument("--microbatch", type=int, help="sequences per device per pass (default: the config's)")
+    mem.add_argument("--mesh", help="data=D,fsdp=F,tensor=T (default: the config's parallelism)")
+    mem.add_argument("--remat", choices=("none", "full", "dots_saveable"), help="default: the config's")
+    mem.add_argument("--optimizer", choices=("adam", "lion", "sgd"), help="default: from the config")
+    return p
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _hardware(args, bench: BenchResult | None) -> tuple[Hardware, str]:
+    name = args.hardware or (bench.hardware if bench else "h100")
+    if bench and bench.hardware != name:
+        raise PlanError(f"--mfu from:{bench.path} was measured on {bench.hardware}, not {name}; "
+                        f"pass --hardware {bench.hardware} or a bench file from {name}")
+    table = HARDWARE
+    source = "table default, an editable assumption"
+    if args.prices:
+        try:
+            table = load_price_overrides(args.prices)
+        except FileNotFoundError:
+            raise PlanError(f"--prices {args.prices}: no such file") from None
+        source = f"from {args.prices}"
+    try:
+        hardware = get_hardware(name) if table is HARDWARE else table[name]
+    except (KeyError, ValueError):
+        raise PlanError(f"unknown hardware {name!r}; valid names: {', '.join(sorted(HARDWARE))}") from None
+    if args.price_per_hour is not None:
+        if args.price_per_hour < 0:
+            raise PlanError(f"--price-per-hour must not be negative, got {args.price_per_hour}")
+        hardware = dataclasses.replace(hardware, price_per_hour_usd=args.price_per_hour)
+        source = "from --price-per-hour"
+    return hardware, source
+
+
+def _mfu(args) -> tuple[float, str, BenchResult | None]:
+    if args.mfu is None:
+        return DEFAULT_MFU, DEFAULT_MFU_SOURCE, None
+    if args.mfu.startswith("from:"):
+        bench = load_bench(args.mfu[len("from:"):])
+        return bench.mfu, f"measured by jaxtrain bench ({bench.path})", bench
+    try:
+        return check_mfu(float(args.mfu)), "from --mfu", None
+    except ValueError:
+        raise PlanError(f"--mfu must be a fraction in (0, 1] or from:FILE, got {args.mfu!r}") from None
+
+
+def _devices(args) -> int:
+    devices = DEFAULT_DEVICES if args.devices is None else args.devices
+    if devices < 1:
+        raise PlanError(f"--devices must be at least 1, got {devices}")
+    return devices
+
+
+def _model_preset(args, presets: list[Preset]) -> Preset | None:
+    if args.config:
+        path = pathlib.Path(args.config)
+        if not path.exists():
+            raise PlanError(f"--config {args.config}: no such file")
+        return preset_from_config(path.stem, path)
+    if args.preset:
+        for preset in presets:
+            if preset.name == args.preset:
+                return preset
+        raise PlanError(f"unknown preset {args.preset!r}; valid: {', '.join(p.name for p in presets)}")
+    return None
+
+
+def _header(
+    hardware: Hardware, price_source: str, devices: int, mfu: float, mfu_source: str, precision: str
+) -> list[str]:
+    peak = hardware.peak_flops(precision)
+    peak_text = f"{peak / 1e12:,.0f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:,.0f} GFLOP/s"
+    dtype = "fp32" if precision == "fp32" else "bf16"
+    return [
+        f"  hardware      {devices} x {hardware.name}: {peak_text} dense {dtype} peak, "
+        f"{hardware.memory_bytes / 2**30:.0f} GiB each",
+        f"  price         ${hardware.price_per_hour_usd:.2f} per device-hour ({price_source})",
+        f"  MFU           {mfu:.1%} ({mfu_source})",
+    ]
+
+
+# ----------------------------------------------------------------------------- the three questions
+
+
+def _plan_budget(args, hardware, price_source, mfu, mfu_source, presets) -> str:
+    chosen = [x for x in ("budget_usd", "budget_flops", "hours") if getattr(args, x) is not None]
+    if len(chosen) != 1:
+        raise PlanError("give exactly one budget: --budget-usd, --budget-flops, or --hours with --devices")
+    devices = _devices(args)
+    seq_len = args.seq_len or 2048
+    shape_for_params = shape_lookup(presets, seq_len)
+    if args.budget_usd is not None:
+        if not args.budget_usd > 0:
+            raise PlanError(f"--budget-usd must be positive, got {args.budget_usd:g}")
+        device_hours = device_hours_for_budget(args.budget_usd, hardware)
+        budget_line = f"{format_usd(args.budget_usd)} = {device_hours:,.0f} device-hours"
+    elif args.hours is not None:
+        if not args.hours > 0:
+            raise PlanError(f"--hours must be positive, got {args.hours:g}")
+        device_hours = args.hours * devices
+        budget_line = f"{args.hours:g} h on {devices} devices = {device_hours:,.0f} device-hours"
+    else:
+        scaling = parse_count(args.budget_flops, "--budget-flops")
+        top = chinchilla.compute_optimal(scaling, args.allocation)
+        shape = shape_for_params(top.params)
+        device_hours = None
+        budget_line = f"{scaling:.3g} scaling-law FLOPs (6*N*D)"
+    if device_hours is not None:
+        budget_model_flops = model_flops_for_device_hours(device_hours, hardware, mfu, args.precision)
+        top, shape = allocation_for_model_flops(budget_model_flops, shape_for_params, args.allocation)
+    run = RunCost(top.params, top.tokens, shape, hardware, devices, mfu, args.precision)
+
+    preset = nearest_preset(top.params, presets)
+    preset_shape = dataclasses.replace(preset.shape, seq_len=seq_len)
+    preset_tokens = run.model_flops / model_flops_per_token(preset.params, preset_shape)
+    preset_optimal = chinchilla.compute_optimal_for_params(preset.params, args.allocation).tokens
+    lines = [
+        f"jaxtrain plan: {budget_line} on {hardware.name}",
+        *_header(hardware, price_source, devices, mfu, mfu_source, args.precision),
+        f"  allocation    {chinchilla.APPROACH_DESCRIPTIONS[args.allocation]}",
+        f"  compute-optimal model  {format_count(top.params)} parameters on {format_count(top.tokens)} tokens "
+        f"({top.tokens_per_param:.1f} tokens/parameter)",
+        f"  FLOPs         {run.scaling_flops:.3g} scaling-law (6*N*D); {run.model_flops:.3g} model FLOPs "
+        f"(LLM Foundry, attention at seq {seq_len}, shape {shape.name})",
+        f"  predicted loss  {run.loss:.3f} nats/token (Chinchilla Approach 3 fit: "
+        f"{chinchilla.E} + {chinchilla.A}/N^{chinchilla.ALPHA} + {chinchilla.B}/D^{chinchilla.BETA}; MassiveText)",
+        f"  wall time     {format_duration(run.hours)} on {devices} x {hardware.name}",
+        f"  cost          {format_usd(run.cost_usd)}",
+        f"  nearest preset  {preset.name} ({format_count(preset.params)} params, {preset.path.name}): "
+        f"the budget trains it on {format_count(preset_tokens)} tokens "
+        f"(compute-optimal for its size: {format_count(preset_optimal)})",
+        "",
+        f"ladder (up to {args.rungs} rungs, ~4x compute each: 2x params, 2x tokens; "
+        f"{devices} x {hardware.name}, MFU {mfu:.0%})",
+    ]
+    ladder = build_ladder(top, hardware=hardware, devices=devices, mfu=mfu, presets=presets, rungs=args.rungs,
+                          seq_len=seq_len, precision=args.precision)
+    lines.append(format_ladder(ladder))
+    lines.append(PRICE_LINE)
+    if not args.no_plot:
+        path = pathlib.Path(args.plot) if args.plot else pathlib.Path(args.out or ".") / "plan.png"
+        title = f"{budget_line} on {hardware.name}, MFU {mfu:.0%}"
+        lines.append(f"plot: {plot_ladder(ladder, path, title=title)}")
+    return "\n".join(lines)
+
+
+def _plan_run(args, hardware, price_source, mfu, mfu_source, presets) -> str:
+    tokens = parse_count(args.tokens, "--tokens")
+    preset = _model_preset(args, presets)
+    if args.params:
+        params = parse_count(args.params, "--params")
+        near = preset or nearest_preset(params, presets)
+        shape, label = near.shape, f"{format_count(params)} parameters (shape of {near.name})"
+    elif preset:
+        params, shape, label = preset.params, preset.shape, f"{preset.name} ({format_count(preset.params)} parameters)"
+    else:
+        raise PlanError("--tokens needs a model: --preset NAME, --config FILE or --params N")
+    if args.seq_len:
+        shape = dataclasses.replace(shape, seq_len=args.seq_len)
+    devices = _devices(args)
+    run = RunCost(params, tokens, shape, hardware, devices, mfu, args.precision)
+    optimal = chinchilla.compute_optimal_for_params(params, args.allocation)
+    return "\n".join([
+        f"jaxtrain plan: {label} on {format_count(tokens)} tokens",
+        *_header(hardware, price_source, devices, mfu, mfu_source, args.precision),
+        f"  FLOPs         {run.scaling_flops:.3g} scaling-law (6*N*D); {run.model_flops:.3g} model FLOPs "
+        f"(LLM Foundry, attention at seq {shape.seq_len}) used for time",
+        f"  throughput    {run.tokens_per_second_per_device:,.0f} tokens/s per device",
+        f"  wall time     {run.days:.2f} days ({run.hours:,.0f} h) on {devices} x {hardware.name}",
+        f"  cost          {format_usd(run.cost_usd)} ({run.device_hours:,.0f} device-hours)",
+        f"  predicted loss  {run.loss:.3f} nats/token (Chinchilla Approach 3 fit; MassiveText)",
+        f"  Chinchilla    {format_count(params)} parameters is compute-optimal at "
+        f"{format_count(optimal.tokens)} tokens "
+        f"by {args.allocation}; this run is {tokens / optimal.tokens:.1f}x that",
+        PRICE_LINE,
+    ])
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+    mesh = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not value.strip().isdigit():
+            raise PlanError(f"--mesh {text!r}: expected data=D,fsdp=F,tensor=T with positive integers")
+        mesh[name.strip()] = int(value)
+    return mesh
+
+
+def _plan_memory(args, hardware, presets) -> str:
+    from jaxtrain.config import load_config
+    from jaxtrain.plan.memory import estimate_memory, format_memory
+
+    if args.config:
+        if not pathlib.Path(args.config).exists():
+            raise PlanError(f"--config {args.config}: no such file")
+        path = args.config
+    elif args.preset:
+        path = str(_model_preset(args, presets).path)
+    else:
+        raise PlanError("--memory needs a model: --config FILE or --preset NAME")
+    cfg = load_config(path)
+    devices = _devices(args)
+    if args.mesh:
+        mesh = _parse_mesh(args.mesh)
+    else:
+        par = cfg.parallelism
+        fixed = max(par.fsdp, 1) * max(par.tensor, 1) * (par.data if par.data > 0 else 1)
+        mesh = {"data": par.data if par.data > 0 else max(devices // fixed, 1),
+                "fsdp": par.fsdp if par.fsdp > 0 else devices, "tensor": par.tensor}
+    if math.prod(mesh.values()) != devices:
+        raise PlanError(f"mesh {mesh} has {math.prod(mesh.values())} devices, not --devices {devices}")
+    global_batch = args.global_batch or cfg.global_train_batch_size
+    per_device = global_batch // max(mesh.get("data", 1) * mesh.get("fsdp", 1), 1)
+    microbatch = args.microbatch or (cfg.device_train_microbatch_size
+                                     if isinstance(cfg.device_train_microbatch_size, int) else per_device)
+    optimizer = args.optimizer or ("lion" if "lion" in cfg.optimizer.name else "adam")
+    common = dict(global_batch=global_batch, seq_len=args.seq_len or cfg.max_seq_len, precision=cfg.precision,
+                  remat=args.remat or cfg.model.remat, optimizer=optimizer, hardware=hardware)
+    estimate = estimate_memory(cfg.model, microbatch=min(microbatch, per_device), mesh_shape=mesh, **common)
+    lines = [
+        f"jaxtrain plan --memory: {path} on {devices} x {hardware.name}, mesh {mesh}, global batch {global_batch}, "
+        f"seq {common['seq_len']}, {common['precision']}, remat={common['remat']}, {optimizer}",
+        format_memory(estimate),
+    ]
+    if not estimate.fits and mesh.get("fsdp", 1) < devices:
+        sharded = {"data": 1, "fsdp": devices // mesh.get("tensor", 1), "tensor": mesh.get("tensor", 1)}
+        alt = estimate_memory(cfg.model, microbatch=min(microbatch, global_batch // sharded["fsdp"]),
+                              mesh_shape=sharded, **common)
+        lines += [f"with the state fully sharded (mesh {sharded}):", format_memory(alt)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Run ``jaxtrain plan``; prints the answer and returns 0, or one error line and returns 2."""
+    try:
+        args = build_parser().parse_args(argv)
+        mfu, mfu_source, bench = _mfu(args)
+        hardware, price_source = _hardware(args, bench)
+        if args.rungs < 1:
+            raise PlanError(f"--rungs must be at least 1, got {args.rungs}")
+        presets = load_presets()
+        if args.memory:
+            text = _plan_memory(args, hardware, presets)
+        elif args.tokens is not None:
+            text = _plan_run(args, hardware, price_source, mfu, mfu_source, presets)
+        else:
+            text = _plan_budget(args, hardware, price_source, mfu, mfu_source, presets)
+    except (PlanError, ValueError) as err:
+        print(f"jaxtrain plan: error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0

@@ -1,0 +1,163 @@
+"""End to end, as a user runs it: the README's quickstart command, Ctrl-C and kill -9 then resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ["python", "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+
+# Shrinks the quickstart to seconds: a 2-layer model on 60 standard-library files.
+TINY = [
+    "variables.max_seq_len=64",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.vocab_size=1024",
+    "tokenizer.kwargs.vocab_size=1024",
+    "train_loader.dataset.max_files=60",
+    "eval_loader.dataset.max_files=200",
+    "global_train_batch_size=8",
+    "device_train_microbatch_size=4",
+    "device_eval_batch_size=8",
+    "eval_subset_num_batches=4",
+    "progress_bar=false",
+]
+
+
+def command(tmp_path: Path, *overrides: str, entry: list[str] = QUICKSTART) -> list[str]:
+    args = [sys.executable if part == "python" else part for part in entry]
+    sets = [*TINY, f"run_folder={tmp_path}/run", f"save_folder={tmp_path}/checkpoints", *overrides]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def step_losses(run_folder: Path) -> dict[int, float]:
+    """Per-step training loss from metrics.jsonl; a step logged twice keeps its last value."""
+    losses = {}
+    for line in (run_folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            losses[record["step"]] = record["train/loss"]
+    return losses
+
+
+def test_readme_quickstart_command_trains_and_loss_falls(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m jaxtrain.main --config configs/quickstart.yaml" in readme
+    assert "python -m pytest" in readme
+    result = run(command(tmp_path, "max_duration=24ba", "eval_interval=12ba", "save_interval=12ba"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 24
+    assert summary["eval_loss"] < summary["first_eval_loss"] - 1.0
+    assert summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
+    assert "held-out loss" in result.stdout and "MFU" in result.stdout
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "24"]
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_ctrl_c_saves_and_the_same_command_continues(tmp_path):
+    """SIGINT stops after the current step with a checkpoint (exit 130); rerunning resumes and
+    reproduces an uninterrupted run's per-step losses exactly, via the console script."""
+    reference_dir = tmp_path / "reference"
+    overrides = ("max_duration=40ba", "eval_interval=0", "save_interval=100ba")
+    reference = run(command(reference_dir, *overrides))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = step_losses(reference_dir / "run")
+
+    console = [str(Path(sys.executable).with_name("jaxtrain")), "train", "--config", "configs/quickstart.yaml"]
+    args = command(tmp_path, *overrides, entry=console)
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-3000:]
+    assert "run the same command to continue" in out
+    saved = [int(name) for name in os.listdir(tmp_path / "checkpoints")]
+    assert saved and max(saved) < 40
+
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert step_losses(tmp_path / "run") == expected
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+    reference_dir = tmp_path / "reference"
+    overrides = ("max_duration=12ba", "eval_interval=0", "save_interval=3ba")
+    reference = run(command(reference_dir, *overrides))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = step_losses(reference_dir / "run")
+    assert len(expected) == 12
+
+    args = command(tmp_path, *overrides)
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = [n for n in os.listdir(checkpoints) if n.isdigit()] if checkpoints.exists() else []
+        if any(int(n) >= 6 for n in done):
+            break
+        time.sleep(0.1)
+    process.kill()
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert step_losses(tmp_path / "run") == expected
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())
+    reference_final = json.loads((reference_dir / "run" / "summary.json").read_text())
+    assert final["eval_loss"] == reference_final["eval_loss"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.learning_rate=1e-3"], "optimizer.lr"),
+        (["model.d_model=abc"], "model.d_model"),
+        (["optimizer.lr=-0.1"], "optimizer.lr"),
+        (["global_train_batch_size=12", "device_train_microbatch_size=8"], "global_train_batch_size"),
+        (["max_seq_len=4096"], "max_seq_len"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):
+    args = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for item in [f"run_folder={tmp_path}/run", f"save_folder={tmp_path}/ckpt", *overrides]:
+        args += ["--set", item]
+    result = run(args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("content", [None, "model: [unclosed\n"])
+def test_missing_or_malformed_config_file(tmp_path, content):
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    result = run([sys.executable, "-m", "jaxtrain.main", "--config", str(path)])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and str(path) in result.stderr
+    assert "Traceback" not in result.stderr
