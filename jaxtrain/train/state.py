@@ -75,9 +75,17 @@ def create_train_state(
     def init_params(key: jax.Array) -> Any:
         return nnx.split(build_model(model_cfg, rngs=nnx.Rngs(params=key)), nnx.Param)[1]
 
-    params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
-    opt_state = jax.jit(tx.init)(params)
     replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
+    # Optimizer moments live beside their parameters; counters and scalars are replicated.
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
         params=params,
