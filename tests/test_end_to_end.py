@@ -67,8 +67,18 @@ def test_readme_quickstart_command_trains_and_loss_falls(tmp_path):
     assert summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
     assert "held-out loss" in result.stdout and "MFU" in result.stdout
     assert (tmp_path / "run" / "config.yaml").exists()
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "24"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "24", "tokenizer.json"]
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+    # load_path: a new run starts from these weights with a fresh optimizer.
+    finetune = tmp_path / "finetune"
+    result = run(
+        command(finetune, "max_duration=2ba", "eval_interval=0", f"load_path={tmp_path}/checkpoints", "eval_first=false")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded weights from" in result.stdout
+    fresh_first, loaded_first = step_losses(tmp_path / "run")[1], step_losses(finetune / "run")[1]
+    assert loaded_first < fresh_first - 1.0
 
 
 def test_ctrl_c_saves_and_the_same_command_continues(tmp_path):
@@ -91,7 +101,7 @@ def test_ctrl_c_saves_and_the_same_command_continues(tmp_path):
     out, err = process.communicate(timeout=300)
     assert process.returncode == 130, err[-3000:]
     assert "run the same command to continue" in out
-    saved = [int(name) for name in os.listdir(tmp_path / "checkpoints")]
+    saved = [int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()]
     assert saved and max(saved) < 40
 
     resumed = run(args)

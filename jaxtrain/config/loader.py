@@ -8,6 +8,7 @@ and an override value may itself be a reference (``--set optimizer.lr=${variable
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -60,6 +61,14 @@ def load_config(path: str | None, overrides: Sequence[str] = (), *, notices: lis
     note = notices.append if notices is not None else logging.warning
     foundry.map_foundry(doc, note, where)
     cfg = _build(Config, doc, "", where)
+    validate.validate(cfg, where)
+    return cfg
+
+
+def load_config_dict(doc: dict, *, source: str = "checkpoint") -> Config:
+    """Type and validate an already-resolved config mapping (e.g. one saved in a checkpoint)."""
+    where = _Origin(source, set())
+    cfg = _build(Config, copy.deepcopy(doc), "", where)
     validate.validate(cfg, where)
     return cfg
 

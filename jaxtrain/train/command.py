@@ -55,7 +55,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
             f"{cfg.global_train_batch_size} x {cfg.max_seq_len} tokens; MFU peak: {parts.peak_source}",
             flush=True,
         )
-        result = Trainer(parts).fit()
+        result = Trainer(parts, started=started).fit()
     except ConfigError as err:
         return _error(str(err))
     except KeyboardInterrupt:
@@ -73,7 +73,7 @@ def format_summary(result, total_seconds: float) -> str:
     lines = [
         "interrupted: checkpoint saved; run the same command to continue" if result.interrupted else "done",
         f"  steps: {result.step}",
-        f"  wall time: {total_seconds:.1f}s (first step after {fmt(result.seconds_to_first_step, '.1f')}s)",
+        f"  wall time: {total_seconds:.1f}s (first step done {fmt(result.seconds_to_first_step, '.1f')}s after start)",
         f"  final train loss: {fmt(result.train_loss, '.4f')}",
         f"  held-out loss: {fmt(result.first_eval_loss, '.4f')} (first) -> {fmt(result.eval_loss, '.4f')} (final)",
         f"  throughput: {fmt(result.tokens_per_second, ',.0f')} tokens/s, MFU {fmt(None if result.mfu is None else 100 * result.mfu, '.2f')}%",

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from absl import logging
 
+from jaxtrain.checkpoint.load import TOKENIZER_FILE, load_checkpoint
 from jaxtrain.checkpoint.manager import Checkpointer, abstract_like
 from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.metrics.flops import ThroughputMeter
@@ -45,7 +46,9 @@ class FitResult:
 class Trainer:
     """Runs a built ``RunParts`` to ``max_duration``, resuming from ``save_folder`` if asked."""
 
-    def __init__(self, parts: RunParts, *, callbacks: list | None = None):
+    def __init__(self, parts: RunParts, *, callbacks: list | None = None, started: float | None = None):
+        """``started``: a ``time.perf_counter()`` reading from process start, for time to first step."""
+        self.started = started
         self.parts = parts
         self.cfg = parts.cfg
         self.state = parts.state
@@ -79,11 +82,27 @@ class Trainer:
             "eval_history": self.eval_history,
         }
 
+    def load_weights(self, path: str) -> None:
+        """Start from the parameters of another run's checkpoint (the optimizer starts fresh)."""
+        loaded = load_checkpoint(path, shardings=self.parts.state_shardings.params)
+        ours = jax.tree_util.tree_flatten_with_path(self.state.params)[0]
+        theirs = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0])
+        for key, value in ours:
+            other = theirs.get(jax.tree_util.keystr(key))
+            if other is None or other.shape != value.shape:
+                found = "missing" if other is None else f"shape {other.shape}"
+                raise ConfigError(
+                    f"load_path: {path}: parameter {jax.tree_util.keystr(key)} is {found}, the model needs "
+                    f"shape {value.shape}; make the model section match the checkpoint's"
+                )
+        self.state = self.state.replace(params=loaded.params)
+        self.print(f"loaded weights from {path} (step {loaded.step}); optimizer state is fresh")
+
     def maybe_resume(self) -> None:
-        if self.checkpointer is None:
-            return
-        latest = self.checkpointer.latest_step()
+        latest = self.checkpointer.latest_step() if self.checkpointer is not None else None
         if latest is None:
+            if self.cfg.load_path:
+                self.load_weights(self.cfg.load_path)
             return
         if not self.cfg.autoresume:
             if self.cfg.save_overwrite:
@@ -97,6 +116,13 @@ class Trainer:
         self.eval_history = [tuple(item) for item in meta.get("eval_history", [])]
         self.step = int(jax.device_get(self.state.step))
         self.print(f"resumed from {self.checkpointer.folder} at step {self.step}")
+
+    def _save_tokenizer(self) -> None:
+        """Keep the tokenizer beside the checkpoints, so generation and export need nothing else."""
+        if self.checkpointer is None or jax.process_index() != 0 or "://" in self.checkpointer.folder:
+            return
+        os.makedirs(self.checkpointer.folder, exist_ok=True)
+        self.parts.tokenizer.save(os.path.join(self.checkpointer.folder, TOKENIZER_FILE))
 
     def save(self, *, force: bool = False) -> None:
         if self.checkpointer is None:
@@ -145,12 +171,12 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.log_metrics(step, record)
 
-    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], tokens: int) -> None:
+    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], tokens: int, *, timed: bool = True) -> None:
         metrics = {key: float(value) for key, value in jax.device_get(device_metrics).items()}
-        now = time.perf_counter()
-        self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
-        speed = self.meter.summary(self.parts.peak_flops_per_device)
-        metrics.update(speed)
+        if timed:  # the first step includes compilation, so it gets no throughput figure
+            now = time.perf_counter()
+            self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
+            metrics.update(self.meter.summary(self.parts.peak_flops_per_device))
         self.last_metrics = metrics
         self.events.fire(Event.BATCH_END, self)
         if step % self.log_every == 0 or step == self.parts.total_batches:
@@ -195,6 +221,7 @@ class Trainer:
         self.progress = ConsoleProgress(
             parts.total_batches, self.step, enabled=cfg.progress_bar, log_every=self.log_every
         )
+        self._save_tokenizer()
         self.events.fire(Event.FIT_START, self)
         first_eval = self.eval_history[0][1] if self.eval_history else None
         if cfg.eval_first and self.step == 0 and not self.eval_history:
@@ -214,7 +241,9 @@ class Trainer:
             pending = (self.step, metrics)
             if seconds_to_first_step is None:
                 jax.block_until_ready(metrics)
-                seconds_to_first_step = time.perf_counter() - start_wall
+                seconds_to_first_step = time.perf_counter() - (self.started or start_wall)
+                self._on_step_done(*pending, tokens_per_batch, timed=False)
+                pending = None
                 self.meter.start(time.perf_counter())
             if self.eval_every and self.step % self.eval_every == 0:
                 self._on_step_done(*pending, tokens_per_batch)

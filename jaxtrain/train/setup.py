@@ -14,6 +14,7 @@ from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
+from jaxtrain.parallel.layout import check_model_for_mesh
 from jaxtrain.parallel.mesh import MeshError, axis_rules, batch_sharding, build_mesh, data_parallel_size
 from jaxtrain.train.optim import build_optimizer
 from jaxtrain.train.schedules import build_schedule
@@ -95,6 +96,7 @@ def build_run(cfg: Config) -> RunParts:
     devices = jax.devices()
     try:
         mesh = build_mesh(cfg.parallelism, devices)
+        check_model_for_mesh(cfg.model, mesh)
     except MeshError as err:
         raise ConfigError(str(err)) from None
     validate_for_devices(cfg, mesh.size)
@@ -123,7 +125,10 @@ def build_run(cfg: Config) -> RunParts:
 
     schedule = build_schedule(cfg.scheduler, base_lr=cfg.optimizer.lr, total_batches=total_batches, to_batches=to_batches_fn)
     tx = build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
-    state, model_def, state_shardings = create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules)
+    try:
+        state, model_def, state_shardings = create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules)
+    except MeshError as err:
+        raise ConfigError(str(err)) from None
 
     compute_dtype = COMPUTE_DTYPES[cfg.precision]
     model = cfg.model

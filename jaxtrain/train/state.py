@@ -13,6 +13,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.models import build_model
+from jaxtrain.parallel.layout import check_param_shardings
 from jaxtrain.parallel.mesh import logical_shardings
 
 
@@ -70,6 +71,7 @@ def create_train_state(
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
     param_shardings = logical_shardings(logical_specs, mesh, rules)
+    check_param_shardings(abstract_params, param_shardings, mesh)
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
 
     def init_params(key: jax.Array) -> Any:
