@@ -192,6 +192,38 @@ class ParallelismConfig:
     logical_axis_rules: list | None = field(None, "[[logical_name, mesh_axis or null], ...]; default table if null")
 
 
+# ----------------------------------------------------------------------------- unattended runs
+
+
+@dataclasses.dataclass
+class HealthConfig:
+    """What to do about non-finite losses, loss spikes and hangs, without a person watching."""
+
+    nan_policy: str = field("skip", "non-finite loss or gradient norm: skip (no update) | rollback | stop")
+    spike_policy: str = field("skip", "loss spike: none | skip (no update) | rollback | stop")
+    spike_window: int = field(100, "moving window of recent losses the spike rule compares against")
+    spike_ratio: float = field(2.0, "a loss >= spike_ratio x the window mean is a spike")
+    spike_patience: int = field(3, "consecutive spikes that trigger rollback or stop")
+    spike_min_steps: int = field(20, "no spike detection before the window holds this many losses")
+    rollback_lr_scale: float = field(1.0, "multiply the learning rate by this after each rollback")
+    max_rollbacks: int = field(5, "give up (exit 3) after this many rollbacks")
+    watchdog_timeout: float | None = field(None, "seconds without progress before a hang exit; default auto")
+    watchdog_factor: float = field(20.0, "auto timeout: this x the median step time, at least watchdog_min")
+    watchdog_min: float = field(300.0, "auto timeout floor in seconds")
+    skip_steps: list = field(factory=list, doc="steps whose update is not applied (to reproduce a run's skips)")
+
+
+@dataclasses.dataclass
+class FaultsConfig:
+    """Deliberate failures, to rehearse recovery (all off by default)."""
+
+    nan_at_steps: list = field(factory=list, doc="the loss becomes NaN at these steps")
+    spike_at_steps: list = field(factory=list, doc="the loss is multiplied by spike_factor at these steps")
+    spike_factor: float = field(10.0, "loss multiplier for injected spikes")
+    crash_at_step: int | None = field(None, "the process dies abruptly after this step (once per run folder)")
+    hang_at_step: int | None = field(None, "the loop stops making progress after this step (once per run folder)")
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -230,6 +262,8 @@ class Config:
     scheduler: SchedulerConfig = field(factory=SchedulerConfig, doc="the learning-rate schedule")
     algorithms: AlgorithmsConfig = field(factory=AlgorithmsConfig, doc="training algorithms")
     parallelism: ParallelismConfig = field(factory=ParallelismConfig, doc="the device mesh")
+    health: HealthConfig = field(factory=HealthConfig, doc="NaN, spike and hang handling")
+    faults: FaultsConfig = field(factory=FaultsConfig, doc="deliberate failures for rehearsing recovery")
     loggers: dict = field(factory=dict, doc="{tensorboard: {}, jsonl: {}} (console is always on)")
     callbacks: dict = field(factory=dict, doc="{speed_monitor: {window_size: N}, lr_monitor: {}, ...}")
     icl_tasks: list | str | None = field(None, "in-context-learning tasks: a list of task dicts or a YAML path")

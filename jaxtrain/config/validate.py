@@ -119,6 +119,15 @@ def validate(cfg: Config, where: Where) -> None:
         if not 0 <= beta < 1:
             fail("optimizer.betas", f"beta{i + 1} must be in [0, 1), got {beta}")
     one_of("scheduler.name", cfg.scheduler.name, SCHEDULERS)
+    health = cfg.health
+    one_of("health.nan_policy", health.nan_policy, ("skip", "rollback", "stop"))
+    one_of("health.spike_policy", health.spike_policy, ("none", "skip", "rollback", "stop"))
+    positive("health.spike_window", health.spike_window)
+    positive("health.spike_patience", health.spike_patience)
+    if health.spike_ratio <= 1:
+        fail("health.spike_ratio", f"must be > 1, got {health.spike_ratio}")
+    if not 0 < health.rollback_lr_scale <= 1:
+        fail("health.rollback_lr_scale", f"must be in (0, 1], got {health.rollback_lr_scale}")
     if cfg.scheduler.alpha_f < 0:
         fail("scheduler.alpha_f", f"must be >= 0, got {cfg.scheduler.alpha_f}")
     clip = cfg.algorithms.gradient_clipping
