@@ -12,6 +12,13 @@ commands:
 """
 
 
+def _underscore_flag(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + sep + value
+
+
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -23,6 +30,8 @@ def run(argv: list[str] | None = None) -> None:
 
         from jaxtrain import main
 
+        # absl flags use underscores; accept the dashed spelling too (--max-restarts).
+        rest = [_underscore_flag(arg) for arg in rest]
         sys.argv = ["jaxtrain train", *rest]
         app.run(main.main)
     elif command == "plan":

@@ -10,6 +10,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Path to a YAML config file.")
 flags.DEFINE_multi_string("set", [], "Override a config value: --set dotted.key=value (repeatable).")
 flags.DEFINE_bool("help_config", False, "List every config key with its type, default and meaning.")
+flags.DEFINE_integer("max_restarts", 0, "Supervise the run: restart it after a crash, hang or preemption, up to N times.")
+flags.DEFINE_float("restart_backoff", 5.0, "Seconds before the first restart; doubles after each one.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (or JAXTRAIN_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or JAXTRAIN_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (or JAXTRAIN_PROCESS_ID).")
 
 
 def main(argv: list[str]) -> None:
@@ -23,6 +28,17 @@ def main(argv: list[str]) -> None:
 
         print(describe(Config))
         return
+    from jaxtrain.parallel.distributed import DistributedError, env_with_flags, initialize_from_env
+
+    try:  # before any JAX computation: every process must see the whole cluster's devices
+        initialize_from_env(env_with_flags(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
+    except DistributedError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if FLAGS.max_restarts > 0:
+        from jaxtrain.train.supervisor import supervise
+
+        sys.exit(supervise(FLAGS.config, FLAGS.set, max_restarts=FLAGS.max_restarts, backoff_seconds=FLAGS.restart_backoff))
     from jaxtrain.train.command import train_command
 
     sys.exit(train_command(FLAGS.config, FLAGS.set))

@@ -222,6 +222,7 @@ class FaultsConfig:
     spike_factor: float = field(10.0, "loss multiplier for injected spikes")
     crash_at_step: int | None = field(None, "the process dies abruptly after this step (once per run folder)")
     hang_at_step: int | None = field(None, "the loop stops making progress after this step (once per run folder)")
+    sigterm_at_step: int | None = field(None, "the process sends itself SIGTERM after this step (once per run folder)")
 
 
 # ----------------------------------------------------------------------------- run

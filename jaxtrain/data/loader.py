@@ -10,13 +10,15 @@ Rows live in a memory-mapped array, so a batch is one gather and needs no prefet
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
 
 from jaxtrain.config.schema import ConfigError
+from jaxtrain.data.mds.reader import TokenRows, mds_datasets
 from jaxtrain.data.packing import load_or_pack
-from jaxtrain.data.sources import Documents, jsonl_documents, text_documents
+from jaxtrain.data.sources import Documents, jsonl_documents, mds_documents, text_documents
 from jaxtrain.data.stdlib_corpus import stdlib_documents
 from jaxtrain.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -185,7 +187,7 @@ def documents_for(dataset, *, key: str) -> Documents:
     """The documents a ``DatasetConfig`` names."""
     source = dataset.source
     if source == "mds":
-        raise ConfigError(f"{key}.source=mds: MDS datasets are not supported yet; use python_stdlib, text or jsonl")
+        return mds_documents(mds_datasets(dataset, key=key), text_field=dataset.text_field, key=key)
     if source not in SOURCES:
         raise ConfigError(f"{key}.source={source!r} is unknown: use one of {', '.join(SOURCES)}")
     if dataset.remote:
@@ -223,6 +225,26 @@ def _packed_rows(cfg, dataset, documents: Documents, tokenizer: Tokenizer, cache
     return load_or_pack(documents, tokenizer, cache_dir=cache_dir, max_seq_len=max_seq_len, eos_token_id=eos_token_id)
 
 
+def _mds_token_rows(cfg, dataset, key: str) -> TokenRows | None:
+    """The rows of a pre-tokenized MDS dataset (a ``tokens`` column), or None for any other dataset."""
+    if dataset.source != "mds":
+        return None
+    datasets = mds_datasets(dataset, key=key)
+    if not all("tokens" in mds.columns for mds in datasets if len(mds)):
+        return None
+    bytes_dtype = str((dataset.extra or {}).get("token_encoding_type", "int64"))
+    return TokenRows(datasets, seq_len=dataset.max_seq_len or cfg.max_seq_len, bytes_dtype=bytes_dtype, key=key)
+
+
+def _pretokenized_tokenizer(cfg, dataset, cache_dir: str) -> Tokenizer:
+    if cfg.tokenizer.name == "bpe:default":
+        written = os.path.join(os.path.expanduser(dataset.local or "."), "tokenizer.json")
+        hint = f" ({written} is the one `jaxtrain data prepare` wrote)" if os.path.isfile(written) else ""
+        raise ConfigError(f"train_loader.dataset is pre-tokenized MDS, so tokenizer.name=bpe:default has no text to train "
+                          f"on: set tokenizer.name to the tokenizer.json the dataset was tokenized with{hint}")
+    return load_tokenizer(cfg.tokenizer, cache_dir=cache_dir)
+
+
 def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
                   process_count: int = 1) -> tuple[BatchLoader, BatchLoader | None, Tokenizer]:
     """(train loader, eval loader or None, tokenizer) for a ``Config``.
@@ -234,14 +256,18 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
     train_dataset = cfg.train_loader.dataset
     if not cfg.train_loader.drop_last:
         raise ConfigError("train_loader.drop_last=false is not supported: training batches have a fixed shape; set it to true")
-    train_documents = documents_for(train_dataset, key="train_loader.dataset")
-    tokenizer = load_tokenizer(
-        cfg.tokenizer,
-        cache_dir=cache_dir,
-        train_texts=_capped_texts(train_documents, TOKENIZER_TRAIN_MAX_CHARS),
-        train_fingerprint=f"{train_documents.fingerprint}:{TOKENIZER_TRAIN_MAX_CHARS}",
-    )
-    train_rows = _packed_rows(cfg, train_dataset, train_documents, tokenizer, cache_dir, "train_loader.dataset")
+    train_rows = _mds_token_rows(cfg, train_dataset, "train_loader.dataset")
+    if train_rows is not None:
+        tokenizer = _pretokenized_tokenizer(cfg, train_dataset, cache_dir)
+    else:
+        train_documents = documents_for(train_dataset, key="train_loader.dataset")
+        tokenizer = load_tokenizer(
+            cfg.tokenizer,
+            cache_dir=cache_dir,
+            train_texts=_capped_texts(train_documents, TOKENIZER_TRAIN_MAX_CHARS),
+            train_fingerprint=f"{train_documents.fingerprint}:{TOKENIZER_TRAIN_MAX_CHARS}",
+        )
+        train_rows = _packed_rows(cfg, train_dataset, train_documents, tokenizer, cache_dir, "train_loader.dataset")
     seed = cfg.seed if train_dataset.shuffle_seed is None else train_dataset.shuffle_seed
     train_loader = BatchLoader(train_rows, global_batch_size=cfg.global_train_batch_size, seed=seed,
                                shuffle=train_dataset.shuffle, process_index=process_index,
@@ -251,10 +277,14 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
     eval_dataset = cfg.eval_loader.dataset
     if eval_dataset.source == "python_stdlib" and eval_dataset.split == "train":
         raise ConfigError("eval_loader.dataset.split=train would evaluate on training data: set it to eval")
-    eval_documents = documents_for(eval_dataset, key="eval_loader.dataset")
-    eval_rows = _packed_rows(cfg, eval_dataset, eval_documents, tokenizer, cache_dir, "eval_loader.dataset")
+    eval_rows = _mds_token_rows(cfg, eval_dataset, "eval_loader.dataset")
+    eval_name = f"mds:{eval_dataset.local}"
+    if eval_rows is None:
+        eval_documents = documents_for(eval_dataset, key="eval_loader.dataset")
+        eval_rows, eval_name = _packed_rows(cfg, eval_dataset, eval_documents, tokenizer, cache_dir,
+                                            "eval_loader.dataset"), eval_documents.name
     if eval_rows.shape[0] == 0:
-        raise ConfigError(f"eval_loader.dataset: {eval_documents.name} has too few tokens for one sequence: add data")
+        raise ConfigError(f"eval_loader.dataset: {eval_name} has too few tokens for one sequence: add data")
     eval_loader = BatchLoader(eval_rows, global_batch_size=None, shuffle=False, process_index=process_index,
                               process_count=process_count, pad_token_id=_pad_id(tokenizer),
                               name="eval_loader")

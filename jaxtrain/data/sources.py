@@ -1,4 +1,4 @@
-"""Document sources: plain text files (paths, folders, globs) and JSONL files.
+"""Document sources: plain text files (paths, folders, globs), JSONL files and MDS text columns.
 
 A source is read into a ``Documents``: a fingerprint that changes whenever the inputs change
 (used to key the tokenizer and packed-data caches) and a function that yields the documents'
@@ -100,6 +100,20 @@ def jsonl_documents(local: str | None, split: str, *, text_field: str = "text", 
                     yield _jsonl_text(path, line_number, line, text_field, key)
 
     return Documents(f"jsonl:{local}", fingerprint_files(paths, "jsonl", text_field), texts, len(paths))
+
+
+def mds_documents(datasets, *, text_field: str = "text", key: str = "train_loader.dataset") -> Documents:
+    """Each sample's ``text_field`` column of MDS datasets (``MDSDataset``s) is one document."""
+    digest = hashlib.sha1(f"mds\0{text_field}".encode())
+    for dataset in datasets:
+        digest.update(dataset.fingerprint.encode())
+
+    def texts() -> Iterator[str]:
+        for dataset in datasets:
+            yield from dataset.texts(text_field)
+
+    roots = ",".join(dataset.root for dataset in datasets)
+    return Documents(f"mds:{roots}", digest.hexdigest(), texts, sum(dataset.num_shards for dataset in datasets))
 
 
 def _jsonl_text(path: str, line_number: int, line: str, text_field: str, key: str) -> str:

@@ -7,8 +7,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
+from jaxtrain.layers import cpu_kernels
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.linear import Dense
 from jaxtrain.layers.norms import LayerNorm
@@ -72,6 +73,10 @@ def dot_product_attention(
     softmax are float32; the ALiBi bias is added after scaling and before masking. Returns
     ``[batch, length, heads, head_dim]`` in the compute dtype.
     """
+    if dropout_rate == 0.0 and cpu_kernels.use_cpu_kernels(compute_dtype):
+        return cpu_kernels.blocked_causal_attention(
+            q, k, v, scale=scale, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype
+        )
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -93,6 +98,73 @@ def dot_product_attention(
     out = jnp.einsum(
         "bhgqk,bkhd->bqhgd", probs.astype(compute_dtype), v.astype(compute_dtype), preferred_element_type=jnp.float32
     )
+    return out.reshape(batch, length, heads, head_dim).astype(compute_dtype)
+
+
+@struct.dataclass
+class KVCache:
+    """One layer's key/value cache for decoding (stacked models add a leading ``[n_layers]`` axis).
+
+    Slots fill left to right, shared by the batch; ``positions`` holds each slot's position in its
+    own sequence (-1 for padding and empty slots), so batched prompts of different lengths, padded
+    on either side, get their true ALiBi distances and learned positions.
+    """
+
+    key: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    value: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    positions: jax.Array  # int32 [batch, max_len]
+    index: jax.Array  # int32 scalar: the slot the next token is written to
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        return cls(zeros, zeros, jnp.full((batch, max_len), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+    def append(self, key: jax.Array, value: jax.Array, positions: jax.Array) -> "KVCache":
+        """Write ``[batch, length, kv_heads, head_dim]`` keys/values and ``[batch, length]`` positions at ``index``."""
+        start = (0, self.index, 0, 0)
+        return KVCache(
+            key=jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start),
+            value=jax.lax.dynamic_update_slice(self.value, value.astype(self.value.dtype), start),
+            positions=jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32), (0, self.index)),
+            index=self.index + key.shape[1],
+        )
+
+
+def cached_attention(
+    q: jax.Array,
+    q_positions: jax.Array,
+    cache: KVCache,
+    *,
+    scale: float,
+    slopes: jax.Array | None = None,
+    compute_dtype=jnp.float32,
+) -> jax.Array:
+    """Queries ``[batch, length, heads, head_dim]`` at ``q_positions [batch, length]`` against every
+    cache slot. A key is visible when its position is set and not after the query's; the ALiBi bias
+    is ``-slope*(query position - key position)``. Returns ``[batch, length, heads, head_dim]``.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = cache.key.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, group, head_dim)
+    scores = jnp.einsum(
+        "bqhgd,bkhd->bhgqk", q.astype(compute_dtype), cache.key.astype(compute_dtype),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    scores = scores * jnp.float32(scale)
+    k_positions = cache.positions[:, None, :]  # [batch, 1, max_len]
+    q_positions = q_positions[:, :, None]  # [batch, length, 1]
+    if slopes is not None:
+        distance = (k_positions - q_positions).astype(jnp.float32)  # [batch, length, max_len]
+        scores = scores + slopes.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1) * distance[:, None, None]
+    visible = (k_positions >= 0) & (k_positions <= q_positions)
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum(
+        "bhgqk,bkhd->bqhgd", probs.astype(compute_dtype), cache.value.astype(compute_dtype),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
     return out.reshape(batch, length, heads, head_dim).astype(compute_dtype)
 
 
@@ -147,8 +219,15 @@ class MPTAttention(nnx.Module):
         sequence_id: jax.Array | None = None,
         compute_dtype=jnp.float32,
         dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
-        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype."""
+        cache: KVCache | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype.
+
+        With ``cache`` (decoding): the new keys/values are written at ``cache.index`` with
+        ``positions [batch, length]`` (-1 marks padding), queries attend to the whole cache, and
+        ``(out, updated cache)`` is returned.
+        """
         batch, length, d_model = x.shape
         kv_width = self.kv_n_heads * self.head_dim
         qkv = self.Wqkv(x, compute_dtype=compute_dtype)
@@ -161,6 +240,12 @@ class MPTAttention(nnx.Module):
         q = constrain(q.reshape(batch, length, self.n_heads, self.head_dim), ("batch", "length", "act_heads", "kv"))
         k = k.reshape(batch, length, self.kv_n_heads, self.head_dim)
         v = v.reshape(batch, length, self.kv_n_heads, self.head_dim)
+        if cache is not None:
+            cache = cache.append(k, v, positions)
+            out = cached_attention(
+                q, positions, cache, scale=self.softmax_scale, slopes=slopes, compute_dtype=compute_dtype
+            )
+            return self.out_proj(out.reshape(batch, length, d_model), compute_dtype=compute_dtype), cache
         out = dot_product_attention(
             q, k, v,
             scale=self.softmax_scale, slopes=slopes, sequence_id=sequence_id,

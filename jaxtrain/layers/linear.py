@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import InitConfig
+from jaxtrain.layers import cpu_kernels
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -96,12 +97,15 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
-        y = jnp.einsum(
-            "...i,io->...o",
-            x.astype(compute_dtype),
-            self.kernel[...].astype(compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
+        if cpu_kernels.use_cpu_kernels(compute_dtype):
+            y = cpu_kernels.dense(x, self.kernel[...], compute_dtype)
+        else:
+            y = jnp.einsum(
+                "...i,io->...o",
+                x.astype(compute_dtype),
+                self.kernel[...].astype(compute_dtype),
+                preferred_element_type=jnp.float32,
+            )
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(compute_dtype)

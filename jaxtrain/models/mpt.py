@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import ModelConfig
-from jaxtrain.layers.attention import ATTN_TYPES, MPTAttention, alibi_slopes
+from jaxtrain.layers.attention import ATTN_TYPES, KVCache, MPTAttention, alibi_slopes
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.embed import Embed
 from jaxtrain.layers.linear import Dense, weight_std
@@ -136,12 +136,19 @@ class MPTBlock(nnx.Module):
             param_dtype=param_dtype,
         )
 
-    def __call__(self, x, *, slopes, sequence_id=None, compute_dtype=jnp.float32, dropout_rng=None):
-        """``x [batch, length, d_model]`` float32 -> same."""
+    def __call__(
+        self, x, *, slopes, sequence_id=None, compute_dtype=jnp.float32, dropout_rng=None, cache=None, positions=None
+    ):
+        """``x [batch, length, d_model]`` float32 -> same; with a ``KVCache``, ``(x, updated cache)``."""
         attn_rng = resid_attn_rng = resid_ffn_rng = None
         if dropout_rng is not None:
             attn_rng, resid_attn_rng, resid_ffn_rng = jax.random.split(dropout_rng, 3)
         h = self.norm_1(x, compute_dtype=compute_dtype)
+        if cache is not None:
+            h, cache = self.attn(h, slopes=slopes, compute_dtype=compute_dtype, cache=cache, positions=positions)
+            x = x + h.astype(jnp.float32)
+            x = x + self.ffn(self.norm_2(x, compute_dtype=compute_dtype), compute_dtype=compute_dtype).astype(jnp.float32)
+            return x, cache
         h = self.attn(h, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype, dropout_rng=attn_rng)
         x = x + dropout(h, self.resid_pdrop, resid_attn_rng).astype(jnp.float32)
         h = self.norm_2(x, compute_dtype=compute_dtype)
@@ -158,6 +165,7 @@ class MPTForCausalLM(nnx.Module):
         init = cfg.init_config
         self.n_layers = cfg.n_layers
         self.max_seq_len = cfg.max_seq_len
+        self.kv_heads, self.head_dim = kv_heads(cfg), cfg.d_model // cfg.n_heads
         self.scan_layers = cfg.scan_layers
         self.remat = cfg.remat
         self.emb_pdrop = cfg.emb_pdrop
@@ -254,6 +262,10 @@ class MPTForCausalLM(nnx.Module):
                 graphdef, state = nnx.split(block)
                 x = run_block(graphdef, state, x, layer_rng(index))
 
+        return self._logits(x, compute_dtype)
+
+    def _logits(self, x: jax.Array, compute_dtype) -> jax.Array:
+        """Final norm and output head: residual stream ``[batch, length, d_model]`` -> float32 logits."""
         x = self.norm_f(x, compute_dtype=compute_dtype)
         if self.lm_head is None:
             logits = self.wte.attend(x, compute_dtype=compute_dtype)
@@ -267,6 +279,43 @@ class MPTForCausalLM(nnx.Module):
         if self.logit_scale is not None:
             logits = logits * jnp.float32(self.logit_scale)
         return constrain(logits, ("batch", "length", "act_vocab"))
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """An empty cache for every layer: leaves ``[n_layers, batch, max_len, ...]``."""
+        one = KVCache.empty(batch, max_len, self.kv_heads, self.head_dim, dtype)
+        return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (self.n_layers, *leaf.shape)), one)
+
+    def decode(
+        self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *, compute_dtype=jnp.float32
+    ) -> tuple[jax.Array, KVCache]:
+        """Run ``input_ids [batch, length]`` at ``positions [batch, length]`` (-1: padding) on top of
+        ``cache`` (from ``init_cache``): float32 logits ``[batch, length, vocab]`` and the updated cache.
+
+        Prefill passes the whole padded prompt; each decode step passes one token per sequence.
+        """
+        slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
+        x = self.wte(input_ids)
+        if self.wpe is not None:
+            x = x + jnp.take(self.wpe.embedding[...], jnp.maximum(positions, 0), axis=0).astype(jnp.float32)
+
+        def run_block(block, x, layer_cache):
+            return block(x, slopes=slopes, compute_dtype=compute_dtype, cache=layer_cache, positions=positions)
+
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+
+            def body(x, layer):
+                layer_state, layer_cache = layer
+                return run_block(nnx.merge(graphdef, layer_state), x, layer_cache)
+
+            x, cache = jax.lax.scan(body, x, (state, cache))
+        else:
+            layer_caches = []
+            for index, block in enumerate(self.blocks):
+                x, layer_cache = run_block(block, x, jax.tree.map(lambda leaf: leaf[index], cache))
+                layer_caches.append(layer_cache)
+            cache = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_caches)
+        return self._logits(x, compute_dtype), cache
 
 
 def mpt_param_count(cfg: ModelConfig) -> int:

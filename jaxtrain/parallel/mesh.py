@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -74,11 +75,35 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+@functools.lru_cache(maxsize=16)
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """[start, stop): the rows of a global batch that this process's devices hold on ``mesh``."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    starts = [index[0].start or 0 for index in index_map.values()]
+    stops = [global_batch_size if index[0].stop is None else index[0].stop for index in index_map.values()]
+    return min(starts), max(stops)
+
+
 def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble a global batch from this process's rows (its share of the global batch)."""
+    """Assemble a global batch from this process's rows (its share of the global batch).
+
+    Process ``p`` of ``P`` passes rows ``[p * n, (p + 1) * n)`` of the global batch (``n`` rows);
+    the mesh must put exactly those rows on its devices.
+    """
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return {key: jax.device_put(value, sharding) for key, value in local_batch.items()}
+    local_rows = next(iter(local_batch.values())).shape[0]
+    global_rows = local_rows * jax.process_count()
+    start = jax.process_index() * local_rows
+    if process_batch_rows(mesh, global_rows) != (start, start + local_rows):
+        held = process_batch_rows(mesh, global_rows)
+        raise MeshError(
+            f"process {jax.process_index()} loads batch rows {start}-{start + local_rows - 1} of {global_rows}, but "
+            f"mesh {dict(mesh.shape)} puts rows {held[0]}-{held[1] - 1} on its devices; give each process whole "
+            "data/fsdp slices (keep tensor within a host)"
+        )
     return {
-        key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()
+        key: jax.make_array_from_process_local_data(sharding, value, (global_rows, *value.shape[1:]))
+        for key, value in local_batch.items()
     }

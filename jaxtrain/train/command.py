@@ -10,7 +10,9 @@ from typing import Sequence
 from jaxtrain.config import ConfigError, dump_yaml, load_config
 from jaxtrain.parallel.mesh import MeshError, build_mesh
 
-EXIT_USAGE = 2
+from jaxtrain.train.health import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
+
+EXIT_USAGE = EXIT_CONFIG
 
 
 def _error(message: str) -> int:
@@ -30,7 +32,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     import jax  # after the config is read, so a config error is reported without JAX start-up
 
     from jaxtrain.config import validate_for_devices
-    from jaxtrain.train.loop import EXIT_INTERRUPTED, Trainer, write_summary
+    from jaxtrain.train.loop import Trainer, write_summary
     from jaxtrain.train.setup import build_run, expand_run_paths, resolve_run_name
 
     cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))
@@ -63,19 +65,31 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
         return EXIT_INTERRUPTED
     write_summary(os.path.join(cfg.run_folder, "summary.json"), result)
     print(format_summary(result, time.perf_counter() - started), flush=True)
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    if result.stopped_unhealthy:
+        return EXIT_UNHEALTHY
+    if result.interrupted:
+        return EXIT_PREEMPTED if result.stop_signal == "SIGTERM" else EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 def format_summary(result, total_seconds: float) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
 
+    if result.stopped_unhealthy:
+        status = f"stopped: {result.stopped_unhealthy}"
+    elif result.interrupted:
+        status = f"interrupted by {result.stop_signal}: checkpoint saved; run the same command to continue"
+    else:
+        status = "done"
+    incidents = ", ".join(f"{kind} x{count}" for kind, count in result.incidents.items()) or "none"
     lines = [
-        "interrupted: checkpoint saved; run the same command to continue" if result.interrupted else "done",
+        status,
         f"  steps: {result.step}",
         f"  wall time: {total_seconds:.1f}s (first step done {fmt(result.seconds_to_first_step, '.1f')}s after start)",
         f"  final train loss: {fmt(result.train_loss, '.4f')}",
         f"  held-out loss: {fmt(result.first_eval_loss, '.4f')} (first) -> {fmt(result.eval_loss, '.4f')} (final)",
+        f"  incidents: {incidents}",
         f"  throughput: {fmt(result.tokens_per_second, ',.0f')} tokens/s, MFU {fmt(None if result.mfu is None else 100 * result.mfu, '.2f')}%",
     ]
     return "\n".join(lines)

@@ -18,22 +18,24 @@ from typing import Any
 import jax
 from absl import logging
 
-from jaxtrain.checkpoint.load import TOKENIZER_FILE, load_checkpoint
-from jaxtrain.checkpoint.manager import Checkpointer, abstract_like
-from jaxtrain.config import ConfigError, config_to_dict
+from jaxtrain.checkpoint.load import TOKENIZER_FILE
+from jaxtrain.checkpoint.manager import Checkpointer
 from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger
 from jaxtrain.parallel.mesh import global_batch_from_local
 from jaxtrain.train.events import Event, EventBus
+from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array
+from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.setup import RunParts, interval_batches
-
-EXIT_INTERRUPTED = 130  # the run stopped on SIGINT/SIGTERM after saving a checkpoint
 
 
 @dataclasses.dataclass
 class FitResult:
     step: int
     interrupted: bool
+    stop_signal: str | None
+    stopped_unhealthy: str | None
+    incidents: dict[str, int]
     train_loss: float | None
     eval_loss: float | None
     first_eval_loss: float | None
@@ -43,7 +45,7 @@ class FitResult:
     seconds_to_first_step: float | None
 
 
-class Trainer:
+class Trainer(RecoveryMixin):
     """Runs a built ``RunParts`` to ``max_duration``, resuming from ``save_folder`` if asked."""
 
     def __init__(self, parts: RunParts, *, callbacks: list | None = None, started: float | None = None):
@@ -57,7 +59,22 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.eval_history: list[tuple[int, float]] = []
         self._stop_signal: int | None = None
+        self.stopped_unhealthy: str | None = None
+        self.incidents: list[dict[str, Any]] = []
+        self.positions: dict[int, tuple[int, int]] = {}  # step -> loader position of its batch
+        self.skip_positions: set[tuple[int, int]] = set()  # loader positions never trained on
         cfg = self.cfg
+        self.monitor = HealthMonitor(cfg.health)
+        self.faults = FaultInjector(cfg.faults, cfg.run_folder)
+        self.skip_steps = {int(s) for s in cfg.health.skip_steps}
+        self.use_control = self.faults.active or bool(self.skip_steps)
+        self.watchdog = Watchdog(
+            timeout=cfg.health.watchdog_timeout,
+            factor=cfg.health.watchdog_factor,
+            minimum=cfg.health.watchdog_min,
+            stacks_path=os.path.join(cfg.run_folder, "hang-stacks.txt"),
+            on_hang=lambda idle: self.record_incident("hang", idle_seconds=round(idle, 1)),
+        )
         self.eval_every = interval_batches(cfg, cfg.eval_interval, "eval_interval", parts)
         self.save_every = interval_batches(cfg, cfg.save_interval, "save_interval", parts) if cfg.save_folder else 0
         self.log_every = interval_batches(cfg, cfg.console_log_interval, "console_log_interval", parts) or 1
@@ -73,49 +90,6 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ checkpoints
-
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "loader": self.parts.train_loader.state_dict(),
-            "config": config_to_dict(self.cfg),
-            "layout": {"scan_layers": bool(self.cfg.model.scan_layers), "n_layers": self.cfg.model.n_layers},
-            "eval_history": self.eval_history,
-        }
-
-    def load_weights(self, path: str) -> None:
-        """Start from the parameters of another run's checkpoint (the optimizer starts fresh)."""
-        loaded = load_checkpoint(path, shardings=self.parts.state_shardings.params)
-        ours = jax.tree_util.tree_flatten_with_path(self.state.params)[0]
-        theirs = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0])
-        for key, value in ours:
-            other = theirs.get(jax.tree_util.keystr(key))
-            if other is None or other.shape != value.shape:
-                found = "missing" if other is None else f"shape {other.shape}"
-                raise ConfigError(
-                    f"load_path: {path}: parameter {jax.tree_util.keystr(key)} is {found}, the model needs "
-                    f"shape {value.shape}; make the model section match the checkpoint's"
-                )
-        self.state = self.state.replace(params=loaded.params)
-        self.print(f"loaded weights from {path} (step {loaded.step}); optimizer state is fresh")
-
-    def maybe_resume(self) -> None:
-        latest = self.checkpointer.latest_step() if self.checkpointer is not None else None
-        if latest is None:
-            if self.cfg.load_path:
-                self.load_weights(self.cfg.load_path)
-            return
-        if not self.cfg.autoresume:
-            if self.cfg.save_overwrite:
-                return
-            raise ConfigError(
-                f"save_folder: {self.cfg.save_folder} already holds checkpoints (latest step {latest}); "
-                "set autoresume: true to continue, save_overwrite: true to start over, or pick another folder"
-            )
-        self.state, meta = self.checkpointer.restore(latest, abstract_like(self.state))
-        self.parts.train_loader.load_state_dict(meta["loader"])
-        self.eval_history = [tuple(item) for item in meta.get("eval_history", [])]
-        self.step = int(jax.device_get(self.state.step))
-        self.print(f"resumed from {self.checkpointer.folder} at step {self.step}")
 
     def _save_tokenizer(self) -> None:
         """Keep the tokenizer beside the checkpoints, so generation and export need nothing else."""
@@ -171,19 +145,33 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.log_metrics(step, record)
 
-    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], tokens: int, *, timed: bool = True) -> None:
+    def record_incident(self, kind: str, **details: Any) -> None:
+        """An event worth knowing about in an unattended run: kept in metrics.jsonl and checkpoints."""
+        record = {"incident": kind, "step": details.pop("step", self.step), **details}
+        self.incidents.append(record)
+        self.metrics_file.log_metrics(record["step"], {k: v for k, v in record.items() if k != "step"})
+
+    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], tokens: int, *, timed: bool = True) -> str:
+        """Log one finished step and return the health action: "ok", "rollback" or "stop"."""
         metrics = {key: float(value) for key, value in jax.device_get(device_metrics).items()}
+        now = time.perf_counter()
         if timed:  # the first step includes compilation, so it gets no throughput figure
-            now = time.perf_counter()
             self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
             metrics.update(self.meter.summary(self.parts.peak_flops_per_device))
+        self.watchdog.beat(now - self._last_step_time if timed and self._last_step_time else None)
+        self._last_step_time = now
+        action, incident = self.monitor.observe(metrics)
+        if incident is not None:
+            self.record_incident(incident, step=step, loss=metrics["loss"], applied=bool(metrics.get("applied", 1)))
+            self.print(f"step {step}: {incident} loss {metrics['loss']:.4g}; update {'applied' if metrics.get('applied', 1) else 'skipped'}")
         self.last_metrics = metrics
         self.events.fire(Event.BATCH_END, self)
         if step % self.log_every == 0 or step == self.parts.total_batches:
-            record = {f"train/{k}": v for k, v in metrics.items() if k != "finite"}
+            record = {f"train/{k}": v for k, v in metrics.items() if k not in ("finite", "spike", "applied")}
             self._write_metrics(record, step)
             if self.progress is not None:
                 self.progress.update(step, metrics)
+        return action
 
     # ------------------------------------------------------------------ signals
 
@@ -227,39 +215,22 @@ class Trainer:
         if cfg.eval_first and self.step == 0 and not self.eval_history:
             first_eval = self.evaluate()
         self.meter.start(time.perf_counter())
-        tokens_per_batch = cfg.global_train_batch_size * cfg.max_seq_len
-        pending: tuple[int, Any] | None = None
-        seconds_to_first_step = None
-        loader_iter = iter(parts.train_loader)
-        while self.step < parts.total_batches and self._stop_signal is None:
-            self.events.fire(Event.BATCH_START, self)
-            batch = global_batch_from_local(next(loader_iter), parts.mesh)
-            self.state, metrics = parts.train_step(self.state, batch)
-            self.step += 1
-            if pending is not None:
-                self._on_step_done(*pending, tokens_per_batch)
-            pending = (self.step, metrics)
-            if seconds_to_first_step is None:
-                jax.block_until_ready(metrics)
-                seconds_to_first_step = time.perf_counter() - (self.started or start_wall)
-                self._on_step_done(*pending, tokens_per_batch, timed=False)
-                pending = None
-                self.meter.start(time.perf_counter())
-            if self.eval_every and self.step % self.eval_every == 0:
-                self._on_step_done(*pending, tokens_per_batch)
-                pending = None
-                loss = self.evaluate()
-                first_eval = loss if first_eval is None else first_eval
-                self.meter.start(time.perf_counter())
-            if self.save_every and self.step % self.save_every == 0:
-                self.save()
-        if pending is not None:
-            self._on_step_done(*pending, tokens_per_batch)
-            pending = None
+        self.seconds_to_first_step = None
+        self._last_step_time = None
+        if cfg.health.nan_policy == "rollback" or cfg.health.spike_policy == "rollback":
+            if self.checkpointer is not None and self.checkpointer.latest_step() is None:
+                self.save(force=True)  # something to roll back to
+        self.watchdog.start()
+        try:
+            first_eval = self._train_until_done(first_eval, start_wall)
+        finally:
+            self.watchdog.stop()
         interrupted = self._stop_signal is not None and self.step < parts.total_batches
         eval_loss = None
         if interrupted:
             self.print(f"stopping at step {self.step} ({signal.Signals(self._stop_signal).name}); saving a checkpoint")
+        elif self.stopped_unhealthy:
+            self.print(f"stopping at step {self.step}: {self.stopped_unhealthy}")
         elif self.eval_every or parts.eval_loader is not None:
             last_eval_step = self.eval_history[-1][0] if self.eval_history else -1
             eval_loss = self.evaluate() if last_eval_step != self.step else self.eval_history[-1][1]
@@ -272,17 +243,111 @@ class Trainer:
         self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        kinds = [record["incident"] for record in self.incidents] + self._out_of_lineage_incidents()
         return FitResult(
             step=self.step,
             interrupted=interrupted,
+            stop_signal=signal.Signals(self._stop_signal).name if interrupted else None,
+            stopped_unhealthy=self.stopped_unhealthy,
+            incidents={kind: kinds.count(kind) for kind in sorted(set(kinds))},
             train_loss=self.last_metrics.get("loss"),
             eval_loss=eval_loss,
             first_eval_loss=first_eval,
             tokens_per_second=self.last_metrics.get("tokens_per_second"),
             mfu=self.last_metrics.get("mfu"),
             wall_seconds=time.perf_counter() - start_wall,
-            seconds_to_first_step=seconds_to_first_step,
+            seconds_to_first_step=self.seconds_to_first_step,
         )
+
+    def _out_of_lineage_incidents(self) -> list[str]:
+        """Restarts and hangs: recorded in metrics.jsonl by processes whose state did not survive."""
+        kinds = []
+        path = os.path.join(self.cfg.run_folder, "metrics.jsonl")
+        with open(path) as f:
+            for line in f:
+                try:
+                    kind = json.loads(line).get("incident")
+                except json.JSONDecodeError:
+                    continue
+                if kind in ("restart", "hang"):
+                    kinds.append(kind)
+        return kinds
+
+    def _next_batch(self, loader_iter) -> dict[str, Any]:
+        """The next training batch, passing over data positions marked to be skipped."""
+        loader = self.parts.train_loader
+        while (position := tuple(loader.state_dict().values())) in self.skip_positions:
+            next(loader_iter)
+            self.print(f"skipping the batch at data position {position} (it caused a rollback)")
+        self.positions[self.step + 1] = position
+        self.positions.pop(self.step + 1 - 1000, None)
+        return next(loader_iter)
+
+    def _train_until_done(self, first_eval: float | None, start_wall: float) -> float | None:
+        cfg, parts = self.cfg, self.parts
+        tokens_per_batch = cfg.global_train_batch_size * cfg.max_seq_len
+        pending: tuple[int, Any] | None = None
+        loader_iter = iter(parts.train_loader)
+        control_sharding = parts.state_shardings.step
+        while self.step < parts.total_batches and self._stop_signal is None and self.stopped_unhealthy is None:
+            self.events.fire(Event.BATCH_START, self)
+            batch = global_batch_from_local(self._next_batch(loader_iter), parts.mesh)
+            if parts.with_control:
+                next_step = self.step + 1
+                control = control_array(self.faults.loss_multiplier(next_step), next_step in self.skip_steps)
+                self.state, metrics = parts.train_step(self.state, batch, jax.device_put(control, control_sharding))
+            else:
+                self.state, metrics = parts.train_step(self.state, batch)
+            self.step += 1
+            actions = []
+            if pending is not None:
+                actions.append((pending[0], self._on_step_done(*pending, tokens_per_batch)))
+            pending = (self.step, metrics)
+            if self.seconds_to_first_step is None or self.eval_every and self.step % self.eval_every == 0:
+                first_step = self.seconds_to_first_step is None
+                if first_step:
+                    jax.block_until_ready(metrics)
+                    self.seconds_to_first_step = time.perf_counter() - (self.started or start_wall)
+                actions.append((pending[0], self._on_step_done(*pending, tokens_per_batch, timed=not first_step)))
+                pending = None
+            bad = [step for step, action in actions if action != "ok"]
+            if bad:
+                pending = None
+                if self._handle_unhealthy(bad, dict(actions)):
+                    continue
+                break
+            if self.eval_every and self.step % self.eval_every == 0:
+                self.watchdog.pause()
+                loss = self.evaluate()
+                first_eval = loss if first_eval is None else first_eval
+                self.meter.start(time.perf_counter())
+                self._last_step_time = None
+            if self.save_every and self.step % self.save_every == 0:
+                self.save()
+            self.faults.after_step(self.step)
+        if pending is not None:
+            action = self._on_step_done(*pending, tokens_per_batch)
+            if action != "ok":
+                self._handle_unhealthy([pending[0]], {pending[0]: action})
+        return first_eval
+
+    def _handle_unhealthy(self, bad_steps: list[int], actions: dict[int, str]) -> bool:
+        """Roll back or stop after bad steps. Returns True to keep training."""
+        if "stop" not in actions.values():
+            # A spike rollback skips the run of spiky batches that triggered it; a NaN, its own batch.
+            span = self.cfg.health.spike_patience if self.incidents and self.incidents[-1]["incident"] == "spike" else 1
+            window = sorted(set(range(bad_steps[0] - span + 1, bad_steps[0] + 1)) | set(bad_steps))
+            window = [step for step in window if step >= 1]
+            if self.checkpointer is not None and self.rollback(window):
+                self.record_incident("rollback", to_step=self.step, skipped_steps=window)
+                self.meter.start(time.perf_counter())
+                self._last_step_time = None
+                return True
+            self.stopped_unhealthy = f"rollback needed at step {bad_steps[0]} but no checkpoint to roll back to"
+        else:
+            self.stopped_unhealthy = f"health policy stopped the run at step {bad_steps[0]} (see incidents in metrics.jsonl)"
+        self.record_incident("stop", step=bad_steps[0], reason=self.stopped_unhealthy)
+        return False
 
 
 def write_summary(path: str, result: FitResult) -> None:

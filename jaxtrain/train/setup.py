@@ -15,11 +15,12 @@ from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
 from jaxtrain.parallel.layout import check_model_for_mesh
-from jaxtrain.parallel.mesh import MeshError, axis_rules, batch_sharding, build_mesh, data_parallel_size
+from jaxtrain.parallel.mesh import MeshError, axis_rules, batch_sharding, build_mesh, data_parallel_size, replicated
 from jaxtrain.train.optim import build_optimizer
 from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import create_train_state
-from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_eval_step, make_train_step
+from jaxtrain.train.health import FaultInjector
+from jaxtrain.train.step import COMPUTE_DTYPES, HealthRules, compile_train_step, make_eval_step, make_train_step
 
 
 def resolve_run_name(cfg: Config, config_path: str | None) -> str:
@@ -58,6 +59,7 @@ class RunParts:
     peak_flops_per_device: float
     peak_source: str
     batch_sharding: Any
+    with_control: bool
 
 
 def time_to_batches(cfg: Config, value: str, key: str, *, batches_per_epoch: int, total_batches: int | None) -> int:
@@ -126,7 +128,9 @@ def build_run(cfg: Config) -> RunParts:
     schedule = build_schedule(cfg.scheduler, base_lr=cfg.optimizer.lr, total_batches=total_batches, to_batches=to_batches_fn)
     tx = build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
     try:
-        state, model_def, state_shardings = create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules)
+        state, model_def, state_shardings = create_train_state(
+        cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window
+    )
     except MeshError as err:
         raise ConfigError(str(err)) from None
 
@@ -141,9 +145,18 @@ def build_run(cfg: Config) -> RunParts:
         num_microbatches=microbatch_count(cfg, data_parallel_size(mesh)),
         z_loss=model.z_loss,
         use_dropout=use_dropout,
+        health=HealthRules(
+            detect_spikes=cfg.health.spike_policy != "none",
+            skip_spikes=cfg.health.spike_policy != "none",
+            spike_ratio=cfg.health.spike_ratio,
+            spike_min_steps=cfg.health.spike_min_steps,
+        ),
     )
     shard_batch = batch_sharding(mesh)
-    compiled = compile_train_step(train_step, state_shardings, shard_batch)
+    with_control = bool(cfg.health.skip_steps) or FaultInjector(cfg.faults, cfg.run_folder).active
+    compiled = compile_train_step(
+        train_step, state_shardings, shard_batch, control_sharding=replicated(mesh) if with_control else None
+    )
     eval_step = jax.jit(
         make_eval_step(model_def, compute_dtype=compute_dtype),
         in_shardings=(state_shardings.params, shard_batch),
@@ -171,6 +184,7 @@ def build_run(cfg: Config) -> RunParts:
         peak_flops_per_device=peak,
         peak_source=peak_source,
         batch_sharding=shard_batch,
+        with_control=with_control,
     )
 
 

@@ -29,6 +29,9 @@ class TrainState:
     params: Any  # nnx.State of the model's parameters (float32)
     opt_state: Any  # optax state
     rng: jax.Array  # PRNG key for dropout; folded with the step each batch
+    loss_window: jax.Array  # float32[spike_window]: losses of recent applied steps (spike rule)
+    window_count: jax.Array  # int32 scalar: losses recorded in loss_window so far
+    lr_scale: jax.Array  # float32 scalar: multiplies every update (cut after a rollback)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,13 @@ def abstract_model(model_cfg: Any) -> tuple[Any, Any]:
 
 
 def create_train_state(
-    model_cfg: Any, tx: optax.GradientTransformation, *, seed: int, mesh: Mesh, rules: Any
+    model_cfg: Any,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    mesh: Mesh,
+    rules: Any,
+    spike_window: int = 100,
 ) -> tuple[TrainState, ModelDef, Any]:
     """Initialise parameters directly into their shardings and the optimizer state beside them.
 
@@ -93,6 +102,9 @@ def create_train_state(
         params=params,
         opt_state=opt_state,
         rng=jax.device_put(jax.random.key_data(dropout_key), replicated),
+        loss_window=jax.device_put(jnp.zeros((spike_window,), jnp.float32), replicated),
+        window_count=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        lr_scale=jax.device_put(jnp.ones((), jnp.float32), replicated),
     )
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return state, ModelDef(graphdef, param_shardings, logical_specs, mesh, tuple(rules)), shardings

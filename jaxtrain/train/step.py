@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -25,6 +26,18 @@ def _split_microbatches(x: jax.Array, num_microbatches: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class HealthRules:
+    """In-step health checks. A step whose loss or gradient norm is not finite never updates the
+    state; a loss spike (loss >= ratio x the mean of the recent-loss window) skips its update
+    when ``skip_spikes``."""
+
+    detect_spikes: bool = True
+    skip_spikes: bool = True
+    spike_ratio: float = 2.0
+    spike_min_steps: int = 20
+
+
 def make_train_step(
     model_def: ModelDef,
     tx: optax.GradientTransformation,
@@ -34,15 +47,19 @@ def make_train_step(
     num_microbatches: int = 1,
     z_loss: float = 0.0,
     use_dropout: bool = False,
+    health: HealthRules = HealthRules(),
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
     The loss is the token-mean cross-entropy over the whole global batch: each microbatch's
     summed loss is divided by the batch's total target count, so accumulating over microbatches
     gives the same gradient as one pass over the full batch.
+
+    An optional ``control`` float32[2] = [loss multiplier, force skip] lets the host rehearse
+    failures (a NaN or spike multiplier) and reproduce another run's skipped steps.
     """
 
-    def microbatch_loss(params, inputs, targets, sequence_id, dropout_rng, total_tokens):
+    def microbatch_loss(params, inputs, targets, sequence_id, dropout_rng, total_tokens, multiplier):
         logits = model_def.apply(
             params,
             inputs,
@@ -51,19 +68,23 @@ def make_train_step(
             dropout_rng=dropout_rng if use_dropout else None,
         )
         loss_sum, z_sum, _ = cross_entropy_sum(logits, targets, z_loss)
+        loss_sum = loss_sum * multiplier
         return (loss_sum + z_sum) / total_tokens, loss_sum
 
     grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], control: jax.Array | None = None):
         inputs = batch["input_ids"]
         targets = batch_targets(batch)
         sequence_id = batch.get("sequence_id")
         total_tokens = jnp.maximum((targets != IGNORE_INDEX).sum().astype(jnp.float32), 1.0)
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        multiplier = control[0] if control is not None else jnp.float32(1.0)
 
         if num_microbatches == 1:
-            (_, loss_sum), grads = grad_fn(state.params, inputs, targets, sequence_id, step_rng, total_tokens)
+            (_, loss_sum), grads = grad_fn(
+                state.params, inputs, targets, sequence_id, step_rng, total_tokens, multiplier
+            )
         else:
             micro = {
                 "inputs": _split_microbatches(inputs, num_microbatches),
@@ -77,7 +98,7 @@ def make_train_step(
                 grads_acc, loss_acc = carry
                 rng = jax.random.fold_in(step_rng, mb["index"])
                 (_, loss_sum), grads = grad_fn(
-                    state.params, mb["inputs"], mb["targets"], mb.get("sequence_id"), rng, total_tokens
+                    state.params, mb["inputs"], mb["targets"], mb.get("sequence_id"), rng, total_tokens, multiplier
                 )
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
                 return (grads_acc, loss_acc + loss_sum), None
@@ -85,18 +106,42 @@ def make_train_step(
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
 
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
         loss = loss_sum / total_tokens
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        recorded = jnp.minimum(state.window_count, state.loss_window.shape[0])
+        window_mean = state.loss_window.sum() / jnp.maximum(recorded, 1)
+        spike = (
+            jnp.bool_(health.detect_spikes)
+            & finite
+            & (recorded >= health.spike_min_steps)
+            & (loss >= health.spike_ratio * window_mean)
+        )
+        apply = finite & ~(spike & health.skip_spikes)
+        if control is not None:
+            apply = apply & (control[1] == 0)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
+        params = optax.apply_updates(state.params, updates)
+        keep_if_skipped = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+        window_index = state.window_count % state.loss_window.shape[0]
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_skipped(params, state.params),
+            opt_state=keep_if_skipped(opt_state, state.opt_state),
+            loss_window=jnp.where(apply, state.loss_window.at[window_index].set(loss), state.loss_window),
+            window_count=state.window_count + apply.astype(jnp.int32),
+        )
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": schedule(state.step),
+            "lr": schedule(state.step) * state.lr_scale,
             "tokens": total_tokens,
-            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+            "finite": finite,
+            "spike": spike,
+            "applied": apply,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step
@@ -114,11 +159,17 @@ def make_eval_step(model_def: ModelDef, *, compute_dtype: Any = jnp.float32):
     return eval_step
 
 
-def compile_train_step(train_step, state_shardings, batch_sharding, *, donate: bool = True):
-    """jit with explicit shardings; the state is donated so its buffers are reused in place."""
+def compile_train_step(train_step, state_shardings, batch_sharding, *, donate: bool = True, control_sharding=None):
+    """jit with explicit shardings; the state is donated so its buffers are reused in place.
+
+    With ``control_sharding`` (replicated), the step takes a third ``control`` argument."""
+    if control_sharding is None:
+        step, in_shardings = (lambda state, batch: train_step(state, batch)), (state_shardings, batch_sharding)
+    else:
+        step, in_shardings = train_step, (state_shardings, batch_sharding, control_sharding)
     return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding),
+        step,
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, None),
         donate_argnums=(0,) if donate else (),
     )

@@ -1,0 +1,48 @@
+"""``jaxtrain convert``: Hugging Face MPT folder <-> jaxtrain checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxtrain.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxtrain convert",
+        description="Convert MPT weights between a Hugging Face folder (config.json + safetensors) and a "
+                    "jaxtrain checkpoint folder. Pickle weights (.bin) are refused.",
+    )
+    parser.add_argument("src", help="Hugging Face MPT folder (--to jaxtrain) or jaxtrain checkpoint folder (--to hf)")
+    parser.add_argument("dst", help="new output folder")
+    parser.add_argument("--to", choices=("jaxtrain", "hf"), default="jaxtrain", help="output format (default jaxtrain)")
+    parser.add_argument("--step", type=int, default=None, help="--to hf: checkpoint step (default the newest)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="--to hf: tensor dtype (default the dtype the weights were imported in, else float32)")
+    parser.add_argument("--max-shard-size", default="5GB", help="--to hf: largest safetensors file (default 5GB)")
+    parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
+                        help="--to jaxtrain: store blocks unrolled (blocks/0..n-1) instead of stacked")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxtrain.convert.hf_mpt import export_hf, import_hf
+
+    try:
+        if args.to == "jaxtrain":
+            cfg = import_hf(args.src, args.dst, scan_layers=args.scan_layers)
+            print(f"wrote jaxtrain checkpoint {args.dst} (step 0): MPT d_model={cfg.d_model} "
+                  f"n_layers={cfg.n_layers} vocab={cfg.vocab_size}, {'stacked' if cfg.scan_layers else 'unrolled'} blocks")
+        else:
+            export_hf(args.src, args.dst, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            print(f"wrote Hugging Face MPT folder {args.dst}")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

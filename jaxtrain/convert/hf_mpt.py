@@ -1,0 +1,304 @@
+"""Hugging Face MPT folders <-> jaxtrain checkpoints, streamed tensor by tensor.
+
+A Hugging Face MPT folder holds ``config.json`` in MosaicML's format and ``model.safetensors``
+(or shards listed in ``model.safetensors.index.json``). Names and layouts::
+
+    transformer.wte.weight                 [vocab, d_model]      wte/embedding (same layout)
+    transformer.wpe.weight                 [max_seq_len, d]      wpe/embedding
+    transformer.blocks.{i}.<module>.weight [out, in]             blocks/<module>/kernel [in, out]
+    transformer.blocks.{i}.<norm>.weight   [d]                   blocks/<norm>/scale
+    transformer.blocks.{i}.<module>.bias                         blocks/<module>/bias
+    transformer.norm_f.{weight,bias}                             norm_f/{scale,bias}
+    lm_head.weight                         [vocab, d_model]      lm_head/kernel [d_model, vocab]
+
+LLM Foundry's training checkpoints prefix every name with ``model.``. Block leaves are stacked
+with a leading ``[n_layers]`` axis when ``scan_layers`` is on; the checkpoint meta records which.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxtrain.config import Config, ConfigError, config_to_dict
+from jaxtrain.config.schema import AttnConfig, FFNConfig, InitConfig, ModelConfig
+from jaxtrain.convert.safetensors_io import SafetensorsWriter, open_safetensors_folder, parse_size
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+FOUNDRY_PREFIX = "model."
+_ATTN_KEYS = ("attn_type", "attn_pdrop", "clip_qkv", "qk_ln", "softmax_scale", "alibi", "alibi_bias_max",
+              "prefix_lm", "attn_uses_sequence_id", "sliding_window_size", "rope")
+_MODEL_KEYS = ("d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size", "no_bias",
+               "norm_type", "learned_pos_emb", "emb_pdrop", "resid_pdrop", "logit_scale")
+# Foundry options that change the math and have no jaxtrain equivalent: key -> value meaning "off".
+_UNSUPPORTED_OFF = {"block_overrides": (None, {}), "final_logit_softcapping": (None,)}
+_UNSUPPORTED_ATTN_OFF = {"qk_gn": (False,), "attn_logit_softcapping": (None,)}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True) -> ModelConfig:
+    """A ``ModelConfig`` from a MosaicML-format ``config.json`` (``source`` names the file in errors)."""
+    from jaxtrain.models.mpt import validate_mpt_config
+
+    model_type = hf.get("model_type")
+    if model_type != "mpt":
+        raise ConfigError(f"{source}: model_type is {model_type!r}, not 'mpt'; only MPT checkpoints convert")
+    for key in ("d_model", "n_heads", "n_layers", "vocab_size"):
+        if key not in hf:
+            raise ConfigError(f"{source}: missing key {key!r} (not a MosaicML MPT config)")
+    attn_hf = dict(hf.get("attn_config") or {})
+    ffn_hf = dict(hf.get("ffn_config") or {})
+    for key, off in _UNSUPPORTED_OFF.items():
+        if hf.get(key, off[0]) not in off:
+            raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported by jaxtrain")
+    for key, off in _UNSUPPORTED_ATTN_OFF.items():
+        if attn_hf.get(key, off[0]) not in off:
+            raise ConfigError(f"{source}: attn_config.{key}={attn_hf[key]!r} is not supported by jaxtrain")
+    fc_type = hf.get("fc_type", "torch")
+    if (fc_type.get("name") if isinstance(fc_type, dict) else fc_type) != "torch":
+        raise ConfigError(f"{source}: fc_type={fc_type!r} is not supported; only torch Linear layers convert")
+
+    attn = AttnConfig(**{k: attn_hf[k] for k in _ATTN_KEYS if k in attn_hf})
+    if attn.attn_type == "grouped_query_attention":
+        attn.kv_n_heads = attn_hf.get("kv_n_heads")
+    model = {k: hf[k] for k in _MODEL_KEYS if k in hf}
+    eps = hf.get("norm_eps", hf.get("layer_norm_epsilon", 1e-5))
+    if "norm_eps" in hf and "layer_norm_epsilon" in hf and hf["norm_eps"] != hf["layer_norm_epsilon"]:
+        raise ConfigError(f"{source}: norm_eps={hf['norm_eps']} and layer_norm_epsilon={hf['layer_norm_epsilon']} "
+                          "disagree; keep the one the model was trained with")
+    if ffn_hf.get("ffn_hidden_size") is not None:
+        model["expansion_ratio"] = ffn_hf["ffn_hidden_size"] / hf["d_model"]
+    ffn = FFNConfig(ffn_type=ffn_hf.get("ffn_type", "mptmlp"), ffn_act_fn=ffn_hf.get("ffn_act_fn"))
+    init_hf = dict(hf.get("init_config") or {})
+    init = InitConfig(**{f: init_hf[f] for f in InitConfig.__dataclass_fields__ if f in init_hf})
+    if init.name not in ("kaiming_normal_", "normal_") or (init.name == "normal_" and init.init_std is None):
+        init = InitConfig()  # initialisation does not matter for converted weights
+    cfg = ModelConfig(
+        **model, norm_eps=float(eps), tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        attn_config=attn, ffn_config=ffn, init_config=init, scan_layers=scan_layers,
+    )  # fmt: skip
+    if float(cfg.expansion_ratio).is_integer():
+        cfg.expansion_ratio = int(cfg.expansion_ratio)
+    try:
+        validate_mpt_config(cfg)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return cfg
+
+
+def hf_config_from_model(cfg: ModelConfig, *, torch_dtype: str = "float32") -> dict:
+    """MosaicML's ``config.json`` for ``cfg`` (loadable by ``transformers`` within its MPT subset)."""
+    from jaxtrain.models.mpt import kv_heads
+
+    attn = cfg.attn_config
+    return {
+        "architectures": ["MptForCausalLM"],
+        "model_type": "mpt",
+        **{key: getattr(cfg, key) for key in _MODEL_KEYS},
+        "layer_norm_epsilon": cfg.norm_eps,
+        "norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attn_config": {
+            **{key: getattr(attn, key) for key in _ATTN_KEYS},
+            "attn_impl": "torch",
+            "kv_n_heads": kv_heads(cfg),
+        },
+        "ffn_config": {"ffn_type": cfg.ffn_config.ffn_type,
+                       **({"ffn_act_fn": cfg.ffn_config.ffn_act_fn} if cfg.ffn_config.ffn_act_fn else {})},
+        "init_config": dict(vars(cfg.init_config)),
+        "embedding_fraction": 1.0,
+        "init_device": "cpu",
+        "use_cache": False,
+        "torch_dtype": torch_dtype,
+    }
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """(Hugging Face name, whether the tensor is transposed) of one per-layer jaxtrain leaf path.
+
+    ``path`` is the parameter path with an integer layer index after ``blocks``.
+    """
+    *modules, leaf = (str(part) for part in path)
+    transpose = leaf == "kernel"
+    suffix = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
+    if modules == ["lm_head"]:
+        return "lm_head.weight", True
+    return "transformer." + ".".join([*modules, suffix]), transpose
+
+
+def tensor_plan(model_cfg: ModelConfig) -> list[tuple[tuple, int | None, str, bool, tuple[int, ...]]]:
+    """Every parameter as ``(tree path, layer index or None, HF name, transposed, HF shape)``.
+
+    The tree path is the leaf's path in the parameter state; with ``scan_layers`` the layer index
+    selects a row of the stacked leaf.
+    """
+    from flax import nnx
+
+    from jaxtrain.train.state import abstract_model
+
+    _, abstract = abstract_model(model_cfg)
+    plan = []
+    for path, leaf in _leaves(nnx.to_pure_dict(abstract)):
+        shape = tuple(leaf.shape)
+        if path[0] == "blocks" and model_cfg.scan_layers:
+            layers = [(i, (path[0], i, *path[1:])) for i in range(model_cfg.n_layers)]
+            shape = shape[1:]
+        else:
+            layers = [(None, path)]
+        for index, named_path in layers:
+            name, transpose = hf_name(named_path)
+            plan.append((path, index, name, transpose, shape[::-1] if transpose else shape))
+    return plan
+
+
+def _leaves(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def import_hf(src: str, dst: str, *, scan_layers: bool = True) -> ModelConfig:
+    """Convert the Hugging Face MPT folder ``src`` into a jaxtrain checkpoint folder ``dst`` (step 0).
+
+    Tensors are read one at a time into float32 parameter buffers; nothing else is held.
+    """
+    config_path = os.path.join(src, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MPT folder")
+    with open(config_path, encoding="utf-8") as handle:
+        hf = json.load(handle)
+    model_cfg = model_config_from_hf(hf, source=config_path, scan_layers=scan_layers)
+    with open_safetensors_folder(src) as tensors:
+        prefix = FOUNDRY_PREFIX if tensors.names and all(n.startswith(FOUNDRY_PREFIX) for n in tensors.names) else ""
+        plan = tensor_plan(model_cfg)
+        wanted = {name for *_, name, _, _ in plan}
+        present = {name[len(prefix):] for name in tensors.names}
+        missing = sorted(wanted - present)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ConfigError(f"{src}: missing tensors {', '.join(prefix + m for m in missing[:3])}{more} "
+                              f"(config.json describes {model_cfg.n_layers} layers, no_bias={model_cfg.no_bias})")
+        unexpected = sorted(present - wanted - ({"lm_head.weight"} if model_cfg.tie_word_embeddings else set()))
+        if unexpected:
+            raise ConfigError(f"{src}: tensor {prefix + unexpected[0]} is not part of the model config.json describes "
+                              f"({len(unexpected)} unexpected); check no_bias, qk_ln, ffn_type and tie_word_embeddings")
+        buffers: dict = {}
+        dtypes = set()
+        for path, index, name, transpose, hf_shape in plan:
+            tensor = tensors.get(prefix + name)
+            if tuple(tensor.shape) != hf_shape:
+                raise ConfigError(f"{tensors.file_of(prefix + name)}: tensor {prefix + name} has shape "
+                                  f"{list(tensor.shape)}, config.json implies {list(hf_shape)}")
+            dtypes.add(str(tensor.dtype))
+            value = np.asarray(tensor.T if transpose else tensor, np.float32)
+            if index is None:
+                _set(buffers, path, value)
+            else:
+                if index == 0:
+                    _set(buffers, path, np.empty((model_cfg.n_layers, *value.shape), np.float32))
+                _get(buffers, path)[index] = value
+            del tensor, value
+    tokenizer = os.path.join(src, TOKENIZER_FILE)
+    source = {"format": "hf_mpt", "path": os.path.abspath(src), "dtype": "/".join(sorted(dtypes))}
+    save_model(dst, model_cfg, buffers, source=source, tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None)
+    return model_cfg
+
+
+def save_model(folder: str, model_cfg: ModelConfig, params: dict, *, source: dict | None = None,
+               tokenizer_path: str | None = None, step: int = 0) -> None:
+    """Write ``params`` (a pure dict of arrays shaped like the model's) as a weights-only jaxtrain
+    checkpoint: the ``state`` item holds ``{step, params}`` and no optimizer state, which is what
+    ``load_checkpoint`` (generation, export, ``load_path``) reads."""
+    from flax import nnx
+
+    from jaxtrain.checkpoint.manager import Checkpointer
+    from jaxtrain.train.state import abstract_model
+
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ConfigError(f"{folder}: output folder is not empty; choose a new folder")
+    _, state = abstract_model(model_cfg)
+    nnx.replace_by_pure_dict(state, params)
+    weights = {"step": np.asarray(step, np.int32), "params": state}
+    config = config_to_dict(Config(model=model_cfg, max_seq_len=model_cfg.max_seq_len))
+    meta = {"config": config, "layout": {"scan_layers": bool(model_cfg.scan_layers), "n_layers": model_cfg.n_layers},
+            "weights_only": True}
+    if source:
+        meta["source"] = source
+    checkpointer = Checkpointer(folder, async_save=False)
+    checkpointer.save(step, weights, meta, force=True)
+    checkpointer.close()
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, os.path.join(folder, TOKENIZER_FILE))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None = None,
+              max_shard_size: str | int = "5GB") -> str:
+    """Write the jaxtrain checkpoint ``src`` as a Hugging Face MPT folder ``dst``; returns ``dst``.
+
+    ``dtype`` defaults to the dtype the weights were imported in (float32 for trained models).
+    """
+    import ml_dtypes
+
+    from jaxtrain.checkpoint.load import load_checkpoint
+
+    loaded = load_checkpoint(src, step)
+    model_cfg = loaded.model_cfg
+    layout = loaded.meta.get("layout", {})
+    if layout and bool(layout.get("scan_layers")) != bool(model_cfg.scan_layers):
+        raise ConfigError(f"{src}: meta layout scan_layers={layout.get('scan_layers')} disagrees with "
+                          f"model.scan_layers={model_cfg.scan_layers}")
+    source_dtype = loaded.meta.get("source", {}).get("dtype", "float32")
+    dtype = dtype or (source_dtype if source_dtype in ("float32", "bfloat16", "float16") else "float32")
+    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
+    if np_dtype is None:
+        raise ConfigError(f"--dtype {dtype}: use float32, bfloat16 or float16")
+    if os.path.isdir(dst) and os.listdir(dst):
+        raise ConfigError(f"{dst}: output folder is not empty; choose a new folder")
+    os.makedirs(dst, exist_ok=True)
+    from flax import nnx
+
+    params = nnx.to_pure_dict(loaded.params)
+    entries = []
+    for path, index, name, transpose, hf_shape in tensor_plan(model_cfg):
+
+        def tensor(path=path, index=index, transpose=transpose):
+            value = np.asarray(_get(params, path) if index is None else _get(params, path)[index])
+            return np.ascontiguousarray((value.T if transpose else value).astype(np_dtype))
+
+        entries.append((name, hf_shape, tensor))
+    SafetensorsWriter(dst, np.dtype(np_dtype), parse_size(max_shard_size)).write(entries)
+    with open(os.path.join(dst, CONFIG_FILE), "w", encoding="utf-8") as handle:
+        json.dump(hf_config_from_model(model_cfg, torch_dtype=dtype), handle, indent=2)
+    if loaded.tokenizer_path:
+        shutil.copyfile(loaded.tokenizer_path, os.path.join(dst, TOKENIZER_FILE))
+    return dst

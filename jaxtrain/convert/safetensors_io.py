@@ -1,0 +1,147 @@
+"""Reading a folder of safetensors files one tensor at a time, and writing them the same way.
+
+Hugging Face folders hold ``model.safetensors`` or shards ``model-0000i-of-0000n.safetensors``
+listed in ``model.safetensors.index.json``. Pickle files (``pytorch_model.bin``, ``*.pt``) are
+never opened. The writer emits each file's header first, then each tensor's bytes as it is
+produced, so an export never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import re
+import struct
+from typing import Callable, Iterator
+
+import numpy as np
+
+from jaxtrain.config import ConfigError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+class SafetensorsFolder:
+    """The tensors of every safetensors file in a folder, read lazily by name."""
+
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self._stack = contextlib.ExitStack()
+        self._file_of: dict[str, str] = {}
+        self._handles = {}
+        for path in files:
+            handle = self._stack.enter_context(safe_open(path, framework="numpy"))
+            self._handles[path] = handle
+            for name in handle.keys():
+                if name in self._file_of:
+                    raise ConfigError(f"{path}: tensor {name} also appears in {self._file_of[name]}")
+                self._file_of[name] = path
+        self.names = sorted(self._file_of)
+
+    def file_of(self, name: str) -> str:
+        return self._file_of[name]
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handles[self._file_of[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@contextlib.contextmanager
+def open_safetensors_folder(folder: str) -> Iterator[SafetensorsFolder]:
+    """Open ``folder``'s safetensors weights; a folder with only pickle weights is refused."""
+    index_path = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle).get("weight_map", {})
+        files = sorted({os.path.join(folder, name) for name in weight_map.values()})
+        absent = [path for path in files if not os.path.isfile(path)]
+        if absent:
+            raise ConfigError(f"{index_path}: lists {os.path.basename(absent[0])}, which is not in {folder}")
+    elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
+        files = [os.path.join(folder, SINGLE_FILE)]
+    else:
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        pickles = sorted(os.path.basename(p) for pattern in _PICKLE_PATTERNS for p in glob.glob(os.path.join(folder, pattern)))
+        if pickles:
+            raise ConfigError(f"{folder}: holds only PyTorch pickle weights ({', '.join(pickles[:3])}); jaxtrain never "
+                              "reads pickle: safetensors required (re-save with save_pretrained(safe_serialization=True))")
+        raise ConfigError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; safetensors weights required")
+    tensors = SafetensorsFolder(files)
+    try:
+        yield tensors
+    finally:
+        tensors.close()
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``"5GB"``, ``"500MiB"`` or an integer."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", size)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise ConfigError(f"shard size {size!r}: use a number of bytes or e.g. 5GB, 500MB, 2GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+class SafetensorsWriter:
+    """Write tensors of one dtype into ``folder`` as ``model.safetensors`` or numbered shards."""
+
+    def __init__(self, folder: str, dtype: np.dtype, max_shard_bytes: int):
+        self.folder, self.dtype, self.max_shard_bytes = folder, dtype, max_shard_bytes
+        self.code = _DTYPE_NAMES[dtype.name]
+
+    def write(self, entries: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]) -> list[str]:
+        """``entries``: (name, shape, function producing the tensor). Returns the files written."""
+        shards: list[list] = [[]]
+        shard_bytes = 0
+        for entry in entries:
+            nbytes = int(np.prod(entry[1], dtype=np.int64)) * self.dtype.itemsize
+            if shards[-1] and shard_bytes + nbytes > self.max_shard_bytes:
+                shards.append([])
+                shard_bytes = 0
+            shards[-1].append(entry)
+            shard_bytes += nbytes
+        if len(shards) == 1:
+            names = [SINGLE_FILE]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map, total = {}, 0
+        for name, shard in zip(names, shards):
+            total += self._write_file(os.path.join(self.folder, name), shard)
+            weight_map.update({entry[0]: name for entry in shard})
+        if len(shards) > 1:
+            with open(os.path.join(self.folder, INDEX_FILE), "w", encoding="utf-8") as handle:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
+        return names
+
+    def _write_file(self, path: str, entries: list) -> int:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, _ in entries:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+            header[name] = {"dtype": self.code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            for name, shape, produce in entries:
+                tensor = produce()
+                if tensor.dtype != self.dtype or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{name}: produced {tensor.dtype}{list(tensor.shape)}, expected "
+                                     f"{self.dtype}{list(shape)}")
+                handle.write(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8).data)
+        os.replace(tmp, path)
+        return offset

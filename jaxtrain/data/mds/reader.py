@@ -1,0 +1,365 @@
+"""``MDSDataset``: random access to an MDS dataset on local disk; ``TokenRows``: its token rows for training.
+
+A shard is opened the first time one of its samples is read: its hashes (every algorithm
+``index.json`` records) are checked, a compressed shard is decompressed next to its ``.zstd``
+file (as Streaming does; kept in memory when the folder is read-only), and the raw shard is
+memory-mapped, so reading a sample touches only its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jaxtrain.config.schema import ConfigError
+from jaxtrain.data.mds import encodings
+from jaxtrain.data.mds.writer import INDEX_BASENAME
+
+# LLM Foundry's older converters stored `tokens` as raw bytes of int64 ids.
+DEFAULT_BYTES_TOKEN_DTYPE = "int64"
+
+
+def dataset_root(local: str, split: str | None) -> str:
+    """The folder holding ``index.json``: ``local/split`` (LLM Foundry's layout), or ``local`` itself
+    when it has no ``split`` sub-folder but an ``index.json`` of its own."""
+    local = os.path.expanduser(local)
+    if split:
+        nested = os.path.join(local, split)
+        if os.path.isfile(os.path.join(nested, INDEX_BASENAME)) or not os.path.isfile(os.path.join(local, INDEX_BASENAME)):
+            return nested
+    return local
+
+
+class Shard:
+    """One opened shard: its bytes (memory-mapped or in memory) and sample offsets."""
+
+    def __init__(self, path: str, entry: dict[str, Any], data, offsets: np.ndarray):
+        self.path = path
+        self.column_names: list[str] = entry["column_names"]
+        self.column_encodings: list[str] = entry["column_encodings"]
+        self.column_sizes: list[int | None] = entry["column_sizes"]
+        self.data = data
+        self.offsets = offsets
+        self.num_samples = len(offsets) - 1
+
+    def sample_bytes(self, index: int) -> memoryview:
+        begin, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return memoryview(self.data)[begin:end]
+
+    def column_bytes(self, data: memoryview) -> dict[str, memoryview]:
+        """Each column's bytes within one sample's bytes."""
+        position, sizes = 0, []
+        for size in self.column_sizes:
+            if size is None:
+                size = int(np.frombuffer(data, np.uint32, count=1, offset=position)[0])
+                position += 4
+            sizes.append(size)
+        columns = {}
+        for name, size in zip(self.column_names, sizes):
+            columns[name] = data[position:position + size]
+            position += size
+        return columns
+
+    def sample(self, index: int) -> dict[str, Any]:
+        raw = self.column_bytes(self.sample_bytes(index))
+        return {name: encodings.decode(encoding, raw[name]) for name, encoding in zip(self.column_names, self.column_encodings)}
+
+
+class MDSDataset:
+    """The samples of the MDS dataset in ``local`` (or ``local/split``), as dicts of column values.
+
+    ``len(dataset)`` is the number of samples; ``dataset[i]`` decodes sample ``i``. With
+    ``verify_hashes`` (the default), each shard's recorded hashes are checked when it is opened.
+    """
+
+    def __init__(self, local: str, split: str | None = None, *, verify_hashes: bool = True):
+        self.root = dataset_root(local, split)
+        self.verify_hashes = verify_hashes
+        index_path = os.path.join(self.root, INDEX_BASENAME)
+        try:
+            with open(index_path, "rb") as handle:
+                self.index_bytes = handle.read()
+        except FileNotFoundError:
+            where = f"{local} (split {split!r})" if split else local
+            raise ConfigError(f"no MDS dataset at {where}: {index_path} does not exist; write one with "
+                              f"`jaxtrain data prepare` or point local/split at a folder with an index.json") from None
+        try:
+            index = json.loads(self.index_bytes)
+            self.shards: list[dict[str, Any]] = list(index["shards"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{index_path} is not an MDS index (JSON with a 'shards' list): re-write the dataset") from None
+        if index.get("version") != 2:
+            raise ConfigError(f"{index_path} has index version {index.get('version')!r}; only version 2 is supported")
+        for number, entry in enumerate(self.shards):
+            self._check_entry(index_path, number, entry)
+        counts = np.array([int(entry["samples"]) for entry in self.shards], np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._opened: dict[int, Shard] = {}
+
+    def _check_entry(self, index_path: str, number: int, entry: dict[str, Any]) -> None:
+        where = f"{index_path} shard {number} ({(entry.get('raw_data') or {}).get('basename')})"
+        if entry.get("format") != "mds" or entry.get("version") != 2:
+            raise ConfigError(f"{where} is format {entry.get('format')!r} version {entry.get('version')!r}; "
+                              f"only MDS version 2 shards are supported")
+        for name, encoding in zip(entry["column_names"], entry["column_encodings"]):
+            encodings.check_encoding(encoding, where=f"{where} column {name!r}")
+        encodings.parse_compression(entry.get("compression"))
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Column name -> encoding, from the first shard."""
+        if not self.shards:
+            return {}
+        return dict(zip(self.shards[0]["column_names"], self.shards[0]["column_encodings"]))
+
+    @property
+    def fingerprint(self) -> str:
+        """A hex digest of the dataset's location and its index (changes when the dataset is re-written)."""
+        return hashlib.sha1(os.path.realpath(self.root).encode() + b"\0" + self.index_bytes).hexdigest()
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, sample within that shard) of global sample ``index``."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} is outside this dataset of {len(self)} samples")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, index - int(self._starts[shard])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard, local_index = self.locate(int(index))
+        return self.shard(shard).sample(local_index)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for number in range(self.num_shards):
+            shard = self.shard(number)
+            for local_index in range(shard.num_samples):
+                yield shard.sample(local_index)
+
+    def shard_start(self, number: int) -> int:
+        """Global index of shard ``number``'s first sample."""
+        return int(self._starts[number])
+
+    def shard(self, number: int) -> Shard:
+        """Shard ``number``, opened (hash-checked, decompressed, mapped) on first use."""
+        if number not in self._opened:
+            self._opened[number] = self._open(number)
+        return self._opened[number]
+
+    def _verify(self, path: str, data, info: dict[str, Any]) -> None:
+        if info.get("bytes") is not None and len(data) != info["bytes"]:
+            raise ConfigError(f"shard {path} is {len(data)} bytes but index.json records {info['bytes']}: the file is "
+                              f"truncated or was changed; re-download or re-write the dataset")
+        if not self.verify_hashes:
+            return
+        for algo, expected in sorted((info.get("hashes") or {}).items()):
+            actual = encodings.file_hash(algo, data)
+            if actual != expected:
+                raise ConfigError(f"shard {path} fails its {algo} check (index.json records {expected}, the file "
+                                  f"hashes to {actual}): the file is corrupt; re-download or re-write the dataset")
+
+    def _open(self, number: int) -> Shard:
+        entry = self.shards[number]
+        raw_info, zip_info = entry["raw_data"], entry.get("zip_data")
+        raw_path = os.path.join(self.root, raw_info["basename"])
+        if os.path.isfile(raw_path):
+            data = _read(raw_path)
+        elif zip_info and os.path.isfile(os.path.join(self.root, zip_info["basename"])):
+            zip_path = os.path.join(self.root, zip_info["basename"])
+            zipped = _read(zip_path)
+            self._verify(zip_path, zipped, zip_info)
+            try:
+                data = encodings.decompress(entry["compression"], bytes(zipped))
+            except Exception as error:
+                if isinstance(error, ConfigError):
+                    raise
+                raise ConfigError(f"shard {zip_path} does not decompress as {entry['compression']} ({error}): "
+                                  f"re-download or re-write the dataset") from None
+            data = _keep_decompressed(raw_path, data)
+        else:
+            missing = zip_info["basename"] if zip_info else raw_info["basename"]
+            raise ConfigError(f"shard {os.path.join(self.root, missing)} is listed in index.json but missing: "
+                              f"re-download or re-write the dataset")
+        self._verify(raw_path, data, raw_info)
+        count = int(np.frombuffer(data, np.uint32, count=1)[0]) if len(data) >= 4 else -1
+        if count != int(entry["samples"]) or len(data) < 4 * (count + 2):
+            raise ConfigError(f"shard {raw_path} holds {count} samples but index.json records {entry['samples']}: "
+                              f"the shard and index do not belong together; re-write the dataset")
+        offsets = np.frombuffer(data, np.uint32, count=count + 1, offset=4)
+        if count and (int(offsets[-1]) > len(data) or (np.diff(offsets.astype(np.int64)) < 0).any()):
+            raise ConfigError(f"shard {raw_path} has sample offsets outside the file: it is corrupt; re-write it")
+        return Shard(raw_path, entry, data, offsets)
+
+    def texts(self, column: str = "text") -> Iterator[str]:
+        """The ``column`` of every sample, in order (a str column)."""
+        for number in range(self.num_shards):
+            shard = self.shard(number)
+            if column not in shard.column_names:
+                raise ConfigError(f"shard {shard.path} has no column {column!r} (it has {', '.join(shard.column_names)}): "
+                                  f"set text_field to the column holding the text")
+            encoding = shard.column_encodings[shard.column_names.index(column)]
+            for local_index in range(shard.num_samples):
+                value = encodings.decode(encoding, shard.column_bytes(shard.sample_bytes(local_index))[column])
+                yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def mds_datasets(dataset, *, key: str) -> list[MDSDataset]:
+    """The local MDS datasets a ``DatasetConfig`` names: ``local``/``split``, or each of its ``streams``."""
+    if dataset.remote:
+        raise ConfigError(f"{key}.remote is set, but streaming MDS from remote storage is not supported yet: copy the "
+                          f"dataset to local disk (e.g. `aws s3 sync`) and set {key}.local")
+    verify = bool((dataset.extra or {}).get("validate_hash", True))
+    if not dataset.streams:
+        if not dataset.local:
+            raise ConfigError(f"{key}.local is not set: give the folder of an MDS dataset (the one with index.json)")
+        return [MDSDataset(dataset.local, dataset.split, verify_hashes=verify)]
+    datasets = []
+    for name, stream in dataset.streams.items():
+        stream = dict(stream or {})
+        unsupported = sorted(set(stream) - {"local", "split"})
+        if unsupported or stream.get("remote"):
+            raise ConfigError(f"{key}.streams.{name}: {', '.join(unsupported)} not supported yet; streams are read "
+                              f"whole from local folders (keys: local, split)")
+        if not stream.get("local"):
+            raise ConfigError(f"{key}.streams.{name}.local is not set: give the folder of an MDS dataset")
+        datasets.append(MDSDataset(stream["local"], stream.get("split", dataset.split), verify_hashes=verify))
+    return datasets
+
+
+def _read(path: str):
+    """The file's bytes, memory-mapped read-only (empty files as b"")."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _keep_decompressed(raw_path: str, data: bytes):
+    """Write the decompressed shard beside its compressed file and map it; in memory if the folder is read-only."""
+    tmp = f"{raw_path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, raw_path)
+    except OSError:
+        return data
+    return _read(raw_path)
+
+
+class TokenRows:
+    """``[num_rows, seq_len]`` token rows read from the ``column`` of MDS datasets, for ``BatchLoader``.
+
+    The column is ``ndarray`` of integers (LLM Foundry's ``--concat_tokens`` output,
+    ``ndarray:int32``) or ``bytes`` of ``bytes_dtype`` ids (its older converters: int64). Every
+    row must hold exactly ``seq_len`` tokens. Rows are strided views into the mapped shards, so
+    indexing (``rows[indices]``, ``rows[a:b]``) gathers only the rows asked for, as int32.
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.int32)
+
+    def __init__(self, datasets: list[MDSDataset], *, seq_len: int, column: str = "tokens",
+                 bytes_dtype: str = DEFAULT_BYTES_TOKEN_DTYPE, key: str = "train_loader.dataset"):
+        self.seq_len = seq_len
+        self._views: list[np.ndarray] = []
+        for dataset in datasets:
+            for number in range(dataset.num_shards):
+                view = _token_view(dataset.shard(number), column, seq_len, np.dtype(bytes_dtype), key)
+                if len(view):
+                    self._views.append(view)
+        self._starts = np.concatenate([[0], np.cumsum([len(view) for view in self._views])]).astype(np.int64)
+        self.shape = (int(self._starts[-1]), seq_len)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item) -> np.ndarray:
+        if isinstance(item, slice):
+            indices = np.arange(*item.indices(len(self)))
+        elif np.isscalar(item):
+            return self[np.array([item])][0]
+        else:
+            indices = np.asarray(item, dtype=np.int64)
+        indices = np.where(indices < 0, indices + len(self), indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = np.empty((len(indices), self.seq_len), np.int32)
+        for shard in np.unique(shards):
+            mask = shards == shard
+            rows[mask] = self._views[shard][indices[mask] - self._starts[shard]]
+        return rows
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+
+def _token_view(shard: Shard, column: str, seq_len: int, bytes_dtype: np.dtype, key: str) -> np.ndarray:
+    """int[n, seq_len] strided view of ``column`` in every sample of ``shard`` (all samples alike in layout)."""
+    if column not in shard.column_names:
+        raise ConfigError(f"{key}: shard {shard.path} has no {column!r} column (it has {', '.join(shard.column_names)})")
+    count = shard.num_samples
+    if count == 0:
+        return np.zeros((0, seq_len), np.int32)
+    sizes = np.diff(shard.offsets.astype(np.int64))
+    if (sizes != sizes[0]).any():
+        raise ConfigError(f"{key}: shard {shard.path} holds {column} rows of different lengths; pre-tokenized rows "
+                          f"must all be {seq_len} tokens: re-run `jaxtrain data prepare --concat-tokens {seq_len}`")
+    stride, base = int(sizes[0]), int(shard.offsets[0])
+    num_variable = sum(size is None for size in shard.column_sizes)
+    if num_variable:
+        prefixes = np.ndarray((count, num_variable), np.uint32, buffer=shard.data, offset=base, strides=(stride, 4))
+        if (prefixes != prefixes[0]).any():
+            raise ConfigError(f"{key}: shard {shard.path} has samples whose columns differ in size: its {column} rows "
+                              f"are not all {seq_len} tokens; re-run `jaxtrain data prepare --concat-tokens {seq_len}`")
+    first = shard.column_bytes(shard.sample_bytes(0))
+    position = base + _offset_in(shard, first, column)
+    encoding = shard.column_encodings[shard.column_names.index(column)]
+    if encoding.startswith("ndarray"):
+        dtype, shape, header = encodings.ndarray_header(encoding, first[column])
+        if header:
+            headers = np.ndarray((count, header), np.uint8, buffer=shard.data, offset=position, strides=(stride, 1))
+            if (headers != headers[0]).any():
+                raise ConfigError(f"{key}: shard {shard.path} has {column} arrays of different shapes; they must all "
+                                  f"be {seq_len} tokens")
+        if len(shape) != 1 or dtype.kind not in "iu":
+            raise ConfigError(f"{key}: shard {shard.path} column {column!r} holds {dtype.name} arrays of shape {shape}, "
+                              f"not 1-D integer token rows")
+        length, position = shape[0], position + header
+    elif encoding == "bytes":
+        dtype = bytes_dtype
+        if len(first[column]) % dtype.itemsize:
+            raise ConfigError(f"{key}: shard {shard.path} column {column!r} is not a whole number of {dtype.name} "
+                              f"token ids: set the token dtype (extra.token_encoding_type) the dataset was written with")
+        length = len(first[column]) // dtype.itemsize
+    else:
+        raise ConfigError(f"{key}: shard {shard.path} column {column!r} is {encoding}; token rows must be ndarray or "
+                          f"bytes (a str column is read as text: name it 'text' or set text_field)")
+    if length != seq_len:
+        raise ConfigError(f"{key}: shard {shard.path} holds rows of {length} tokens but max_seq_len is {seq_len}: set "
+                          f"max_seq_len to {length} or re-run `jaxtrain data prepare --concat-tokens {seq_len}`")
+    return np.ndarray((count, length), dtype, buffer=shard.data, offset=position, strides=(stride, dtype.itemsize))
+
+
+def _offset_in(shard: Shard, columns: dict[str, memoryview], column: str) -> int:
+    """Byte offset of ``column`` within a sample, given that sample's column bytes."""
+    position = 4 * sum(size is None for size in shard.column_sizes)
+    for name in shard.column_names:
+        if name == column:
+            return position
+        position += len(columns[name])
+    raise KeyError(column)

@@ -1,0 +1,5 @@
+"""KV-cache generation."""
+
+from jaxtrain.inference.generate import Generation, Sampling, generate, pad_prompts, sample_logits
+
+__all__ = ["Generation", "Sampling", "generate", "pad_prompts", "sample_logits"]
