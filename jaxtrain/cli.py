@@ -8,6 +8,7 @@ USAGE = """usage: jaxtrain <command> [options]
 
 commands:
   train     train a model: jaxtrain train --config configs/quickstart.yaml [--set key=value ...]
+  data prepare  tokenize text/JSONL/TFDS/MDS into MDS shards: jaxtrain data prepare --help
   plan      scaling-law and cost planner: jaxtrain plan --budget-usd 50000 --hardware h100
 """
 
@@ -34,6 +35,10 @@ def run(argv: list[str] | None = None) -> None:
         rest = [_underscore_flag(arg) for arg in rest]
         sys.argv = ["jaxtrain train", *rest]
         app.run(main.main)
+    elif command == "data" and rest[:1] == ["prepare"]:
+        from jaxtrain.data.prepare_cli import main as prepare_main
+
+        sys.exit(prepare_main(rest[1:]))
     elif command == "plan":
         from jaxtrain.plan.cli import main as plan_main
 

@@ -287,7 +287,7 @@ def test_text_and_jsonl_sources_share_the_packing_path(tmp_path):
     assert "value_" in tokenizer.decode(next(train)["input_ids"][0])
     with pytest.raises(ConfigError, match="no field 'text'"):
         build_loaders(_config(DatasetConfig(source="jsonl", local=str(tmp_path / "data.jsonl"))), cache_dir=cache)
-    with pytest.raises(ConfigError, match="MDS datasets are not supported yet"):
+    with pytest.raises(ConfigError, match="no MDS dataset at"):
         build_loaders(_config(DatasetConfig(source="mds", local=str(tmp_path))), cache_dir=cache)
     with pytest.raises(ConfigError, match="matches no input files"):
         build_loaders(_config(DatasetConfig(source="text", local=str(tmp_path / "missing*.txt"))), cache_dir=cache)
