@@ -9,6 +9,8 @@ USAGE = """usage: jaxtrain <command> [options]
 commands:
   train     train a model: jaxtrain train --config configs/quickstart.yaml [--set key=value ...]
   data prepare  tokenize text/JSONL/TFDS/MDS into MDS shards: jaxtrain data prepare --help
+  convert   Hugging Face MPT <-> jaxtrain checkpoint: jaxtrain convert SRC DST [--to hf]
+  generate  sample from a checkpoint: jaxtrain generate --checkpoint DIR --prompt "def "
   plan      scaling-law and cost planner: jaxtrain plan --budget-usd 50000 --hardware h100
 """
 
@@ -39,6 +41,14 @@ def run(argv: list[str] | None = None) -> None:
         from jaxtrain.data.prepare_cli import main as prepare_main
 
         sys.exit(prepare_main(rest[1:]))
+    elif command == "convert":
+        from jaxtrain.convert.cli import main as convert_main
+
+        sys.exit(convert_main(rest))
+    elif command == "generate":
+        from jaxtrain.inference.cli import main as generate_main
+
+        sys.exit(generate_main(rest))
     elif command == "plan":
         from jaxtrain.plan.cli import main as plan_main
 

@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for text, new_tokens in zip(args.prompt, result.tokens):
         completion = tokenizer.decode(new_tokens, skip_special_tokens=True)
-        for stop in args.stop:
-            completion = completion.split(stop)[0] + (stop if stop in completion else "")
-        print(text + completion)
+        ends = [completion.index(stop) + len(stop) for stop in args.stop if stop in completion]
+        print(text + completion[: min(ends, default=len(completion))])
     total = sum(len(t) for t in result.tokens)
     print(f"{total} tokens in {result.seconds:.3f} s ({result.tokens_per_second:.1f} tokens/s; "
           f"compiled in {result.compile_seconds:.1f} s)", file=sys.stderr)

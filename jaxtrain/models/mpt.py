@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import ModelConfig
+from jaxtrain.layers import cpu_kernels
 from jaxtrain.layers.attention import ATTN_TYPES, KVCache, MPTAttention, alibi_slopes
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.embed import Embed
@@ -267,7 +268,12 @@ class MPTForCausalLM(nnx.Module):
     def _logits(self, x: jax.Array, compute_dtype) -> jax.Array:
         """Final norm and output head: residual stream ``[batch, length, d_model]`` -> float32 logits."""
         x = self.norm_f(x, compute_dtype=compute_dtype)
-        if self.lm_head is None:
+        if cpu_kernels.use_cpu_kernels(compute_dtype):
+            if self.lm_head is None:
+                logits = cpu_kernels.tied_logits(x, self.wte.embedding[...], compute_dtype)
+            else:
+                logits = cpu_kernels.dense(x, self.lm_head.kernel[...], compute_dtype)
+        elif self.lm_head is None:
             logits = self.wte.attend(x, compute_dtype=compute_dtype)
         else:
             logits = jnp.einsum(

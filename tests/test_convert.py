@@ -1,0 +1,260 @@
+"""Hugging Face MPT <-> jaxtrain conversion, checked against transformers' own numbers.
+
+Fixtures in tests/fixtures/hf_mpt come from ``transformers.MptForCausalLM`` (make_fixtures.py);
+options transformers lacks are checked against the float64 NumPy forward of test_mpt.py. Tests
+that run transformers live need the side environment /work/main/.venv-ref (CPU torch,
+transformers): they are skipped only when it is absent.
+"""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jaxtrain.checkpoint.load import load_checkpoint
+from jaxtrain.config import ConfigError
+from jaxtrain.convert import export_hf, import_hf, save_model
+from jaxtrain.convert.cli import main as convert_main
+from jaxtrain.convert.safetensors_io import SafetensorsWriter
+from jaxtrain.inference import generate
+from test_mpt import REFERENCE_CASES, build, numpy_params, ref_forward, token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "hf_mpt"
+HF_CASES = ["mha", "six_heads", "clip_qkv_softmax_scale", "untied"]
+REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
+needs_reference_env = pytest.mark.skipif(not REF_PYTHON.exists(), reason="needs .venv-ref (CPU torch + transformers)")
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
+def convert(folder, tmp_path, name="ckpt", **kwargs):
+    out = tmp_path / name
+    import_hf(str(folder), str(out), **kwargs)
+    return load_checkpoint(str(out))
+
+
+def check_against_transformers(folder, tmp_path, scan_layers=True):
+    loaded = convert(folder, tmp_path, scan_layers=scan_layers)
+    assert loaded.meta["layout"] == {"scan_layers": scan_layers, "n_layers": loaded.model_cfg.n_layers}
+    ref = load_file(str(Path(folder) / "reference.safetensors"))
+    model = loaded.module()
+    logits = nnx.jit(lambda m, ids: m(ids))(model, jnp.asarray(ref["input_ids"], jnp.int32))
+    assert np.abs(np.asarray(logits) - ref["logits"]).max() <= 1e-4
+    greedy = generate(model, ref["prompt"].tolist(), max_new_tokens=ref["generated"].shape[1])
+    assert greedy.tokens == ref["generated"].tolist()
+    return loaded
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_logits_and_greedy_tokens_match_transformers(case, tmp_path):
+    check_against_transformers(FIXTURES / case, tmp_path, scan_layers=case != "six_heads")
+
+
+def test_alibi_bias_max_follows_mosaicml_not_transformers(tmp_path):
+    """transformers builds ALiBi with bias max 8 whatever the config says; MosaicML's code and
+    jaxtrain honour ``alibi_bias_max``. Both facts are checked."""
+    loaded = convert(FIXTURES / "alibi_bias_max_4", tmp_path)
+    cfg = loaded.model_cfg
+    assert cfg.attn_config.alibi_bias_max == 4
+    ref = load_file(str(FIXTURES / "alibi_bias_max_4" / "reference.safetensors"))
+    ids = ref["input_ids"]
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(loaded.params))
+    np.testing.assert_allclose(loaded.module()(jnp.asarray(ids)), ref_forward(cfg, params, ids), atol=1e-4)
+    as_transformers = dataclasses.replace(cfg, attn_config=dataclasses.replace(cfg.attn_config, alibi_bias_max=8))
+    np.testing.assert_allclose(ref_forward(as_transformers, params, ids), ref["logits"], atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["mha", "untied"])
+def test_export_is_bitwise_identical(case, tmp_path):
+    convert(FIXTURES / case, tmp_path, scan_layers=case == "mha")
+    assert convert_main([str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    original = load_file(str(FIXTURES / case / "model.safetensors"))
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(exported) == set(original) - {"lm_head.weight"} | ({"lm_head.weight"} if case == "untied" else set())
+    for name, tensor in exported.items():
+        assert tensor.dtype == original[name].dtype and tensor.tobytes() == original[name].tobytes(), name
+    hf_config = json.loads((FIXTURES / case / "config.json").read_text())
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key in ("d_model", "n_heads", "n_layers", "vocab_size", "max_seq_len", "no_bias", "expansion_ratio"):
+        assert config[key] == hf_config[key], key
+    assert config["tie_word_embeddings"] == (case != "untied")
+
+
+def test_sharded_folder_with_foundry_prefix(tmp_path):
+    """LLM Foundry's ``model.`` prefix and a sharded index load the same parameters."""
+    original = load_file(str(FIXTURES / "mha" / "model.safetensors"))
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "mha" / "config.json", folder)
+    entries = [(f"model.{name}", t.shape, lambda t=t: t) for name, t in sorted(original.items())]
+    files = SafetensorsWriter(str(folder), np.dtype(np.float32), 40_000).write(entries)
+    assert len(files) > 1 and (folder / "model.safetensors.index.json").exists()
+    sharded = convert(folder, tmp_path, "a")
+    plain = convert(FIXTURES / "mha", tmp_path, "b")
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(sharded.params), nnx.to_pure_dict(plain.params))
+
+
+def test_bfloat16_round_trip_keeps_dtype(tmp_path):
+    convert(FIXTURES / "mha", tmp_path)
+    export_hf(str(tmp_path / "ckpt"), str(tmp_path / "bf16"), dtype="bfloat16")
+    shutil.copy(FIXTURES / "mha" / "config.json", tmp_path / "bf16")
+    loaded = convert(tmp_path / "bf16", tmp_path, "ckpt_bf16")
+    assert loaded.meta["source"]["dtype"] == "bfloat16"
+    export_hf(str(tmp_path / "ckpt_bf16"), str(tmp_path / "again"))  # the imported dtype by default
+    first = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(again[k].dtype == first[k].dtype and again[k].tobytes() == first[k].tobytes() for k in first)
+
+
+# ----------------------------------------------------------------------------- options transformers lacks
+
+BEYOND_TRANSFORMERS = ["gqa", "mqa", "qk_ln_clip_bias", "logit_scale_inv_sqrt", "glu_silu_ratio2",
+                       "learned_positions", "bias_fp32_layernorm", "softmax_scale"]
+
+
+@pytest.mark.parametrize("name", BEYOND_TRANSFORMERS)
+def test_round_trip_of_options_transformers_lacks(name, tmp_path):
+    """jaxtrain -> HF folder -> jaxtrain (other layout): identical parameters, logits equal to the
+    NumPy forward written from MosaicML's definition."""
+    cfg = REFERENCE_CASES[name]
+    model = build(cfg)
+    save_model(str(tmp_path / "orig"), cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    export_hf(str(tmp_path / "orig"), str(tmp_path / "hf"))
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["model_type"] == "mpt" and hf_config["attn_config"]["attn_type"] == cfg.attn_config.attn_type
+    back = convert(tmp_path / "hf", tmp_path, "back", scan_layers=not cfg.scan_layers)
+    expected = dataclasses.replace(cfg, scan_layers=not cfg.scan_layers)
+    assert back.model_cfg == dataclasses.replace(expected, init_config=back.model_cfg.init_config)
+    original = numpy_params(model)
+    restored = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(back.params))
+    for key in ("blocks",):  # compare layer by layer across the two layouts
+        for i in range(cfg.n_layers):
+            a = jax.tree.map(lambda x: x[i], original[key]) if cfg.scan_layers else original[key][i]
+            b = restored[key][i] if cfg.scan_layers else jax.tree.map(lambda x: x[i], restored[key])
+            jax.tree.map(np.testing.assert_array_equal, a, b)
+    rest = lambda tree: {k: v for k, v in tree.items() if k != "blocks"}  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, rest(original), rest(restored))
+    ids = token_ids()
+    np.testing.assert_allclose(back.module()(ids), ref_forward(cfg, original, ids), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def write_folder(tmp_path, tensors=None, config=None, name="bad"):
+    folder = tmp_path / name
+    folder.mkdir()
+    hf = json.loads((FIXTURES / "mha" / "config.json").read_text())
+    hf.update(config or {})
+    (folder / "config.json").write_text(json.dumps(hf))
+    if tensors is not None:
+        save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    folder = write_folder(tmp_path)
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ConfigError, match=r"pytorch_model\.bin.*never reads pickle.*safetensors required"):
+        import_hf(str(folder), str(tmp_path / "out"))
+    assert convert_main([str(folder), str(tmp_path / "out")]) == 2
+
+
+def test_other_model_family_is_refused(tmp_path):
+    folder = write_folder(tmp_path, {"x": np.zeros(1, np.float32)}, {"model_type": "llama"})
+    with pytest.raises(ConfigError, match=r"config\.json: model_type is 'llama', not 'mpt'"):
+        import_hf(str(folder), str(tmp_path / "out"))
+
+
+def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
+    tensors = load_file(str(FIXTURES / "mha" / "model.safetensors"))
+    tensors["transformer.blocks.1.attn.Wqkv.weight"] = np.zeros((96, 31), np.float32)
+    folder = write_folder(tmp_path, tensors)
+    with pytest.raises(ConfigError, match=r"tensor transformer\.blocks\.1\.attn\.Wqkv\.weight has shape \[96, 31\], "
+                                          r"config\.json implies \[96, 32\]"):
+        import_hf(str(folder), str(tmp_path / "out"))
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    tensors = load_file(str(FIXTURES / "mha" / "model.safetensors"))
+    del tensors["transformer.blocks.0.ffn.down_proj.weight"]
+    with pytest.raises(ConfigError, match=r"missing tensors transformer\.blocks\.0\.ffn\.down_proj\.weight"):
+        import_hf(str(write_folder(tmp_path, tensors)), str(tmp_path / "out"))
+    tensors = load_file(str(FIXTURES / "mha" / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"missing tensors transformer\.blocks\.0\.attn\.Wqkv\.bias"):
+        import_hf(str(write_folder(tmp_path, tensors, {"no_bias": False}, "b")), str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------- live transformers
+
+
+@needs_reference_env
+def test_fixture_script_live(tmp_path):
+    """Regenerate the fixtures with transformers now and check the conversion against them."""
+    script = FIXTURES / "make_fixtures.py"
+    subprocess.run([str(REF_PYTHON), str(script), str(tmp_path / "live")], check=True, capture_output=True, timeout=300)
+    for case in HF_CASES[:2]:
+        check_against_transformers(tmp_path / "live" / case, tmp_path / case)
+
+
+# ----------------------------------------------------------------------------- train -> export -> transformers
+
+TRANSFORMERS_GREEDY = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+prompt = torch.tensor([json.loads(sys.argv[2])])
+with torch.no_grad():
+    logits = model(prompt).logits[0].tolist()
+    out = model.generate(prompt, max_new_tokens=int(sys.argv[3]), do_sample=False, eos_token_id=None, pad_token_id=0)
+print(json.dumps({"tokens": out[0, prompt.shape[1]:].tolist(), "logits": logits}))
+"""
+
+
+@pytest.mark.slow
+def test_trained_model_exports_to_transformers(tmp_path):
+    """Train a tiny model, export it, and generate greedily with jaxtrain and with transformers."""
+    overrides = {
+        "variables.max_seq_len": 64, "model.d_model": 64, "model.n_layers": 2, "model.vocab_size": 1024,
+        "tokenizer.kwargs.vocab_size": 1024, "train_loader.dataset.max_files": 60,
+        "eval_loader.dataset.max_files": 200, "global_train_batch_size": 8, "device_train_microbatch_size": 4,
+        "max_duration": "20ba", "eval_interval": 0, "run_folder": tmp_path / "run",
+        "save_folder": tmp_path / "ckpt", "progress_bar": "false",
+    }
+    command = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert convert_main([str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+    loaded = load_checkpoint(str(tmp_path / "ckpt"))
+    back = convert(tmp_path / "hf", tmp_path, "back")
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(loaded.params), nnx.to_pure_dict(back.params))
+    from jaxtrain.data.tokenizer import Tokenizer
+    import tokenizers
+
+    prompt = Tokenizer(tokenizers.Tokenizer.from_file(loaded.tokenizer_path)).encode("def __init__(self")
+    model = loaded.module()
+    ours = generate(model, [prompt], max_new_tokens=12).tokens[0]
+    if not REF_PYTHON.exists():
+        pytest.skip("transformers half needs .venv-ref (CPU torch + transformers); jaxtrain half passed")
+    run = subprocess.run([str(REF_PYTHON), "-c", TRANSFORMERS_GREEDY, str(tmp_path / "hf"), json.dumps(prompt), "12"],
+                         check=True, capture_output=True, text=True, timeout=300)
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(model(jnp.asarray([prompt]))[0], theirs["logits"], atol=1e-4)
+    assert ours == theirs["tokens"]
