@@ -28,6 +28,13 @@ def main(argv: list[str]) -> None:
 
         print(describe(Config))
         return
+    if FLAGS.max_restarts > 0:  # the supervisor only watches; the child it starts joins the cluster
+        from jaxtrain.train.supervisor import supervise
+
+        passed = [f"--{name}={FLAGS[name].value}" for name in ("coordinator_address", "num_processes", "process_id")
+                  if FLAGS[name].present]
+        sys.exit(supervise(FLAGS.config, FLAGS.set, max_restarts=FLAGS.max_restarts,
+                           backoff_seconds=FLAGS.restart_backoff, extra_args=passed))
     from jaxtrain.parallel.distributed import DistributedError, env_with_flags, initialize_from_env
 
     try:  # before any JAX computation: every process must see the whole cluster's devices
@@ -35,10 +42,6 @@ def main(argv: list[str]) -> None:
     except DistributedError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if FLAGS.max_restarts > 0:
-        from jaxtrain.train.supervisor import supervise
-
-        sys.exit(supervise(FLAGS.config, FLAGS.set, max_restarts=FLAGS.max_restarts, backoff_seconds=FLAGS.restart_backoff))
     from jaxtrain.train.command import train_command
 
     sys.exit(train_command(FLAGS.config, FLAGS.set))

@@ -78,6 +78,32 @@ def _dense_bwd(compute_dtype, residuals, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tied_logits(x: jax.Array, embedding: jax.Array, compute_dtype) -> jax.Array:
+    """Output head tied to the input embedding: ``x [..., d] @ embedding [vocab, d]ᵀ`` -> float32."""
+    return jnp.einsum(
+        "...d,vd->...v", x.astype(compute_dtype), embedding.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+
+
+def _tied_logits_fwd(x, embedding, compute_dtype):
+    x_c, table_c = x.astype(compute_dtype), embedding.astype(compute_dtype)
+    logits = jnp.einsum("...d,vd->...v", x_c, table_c, preferred_element_type=jnp.float32)
+    return logits, (x_c, table_c, jnp.zeros((), x.dtype), jnp.zeros((), embedding.dtype))
+
+
+def _tied_logits_bwd(compute_dtype, residuals, d_logits):
+    x_c, table_c, x_like, table_like = residuals
+    d_logits = d_logits.astype(compute_dtype)
+    dx = jnp.einsum("...v,vd->...d", d_logits, table_c, preferred_element_type=jnp.float32)
+    # [d, vocab] in the fast form; the barrier keeps XLA from folding the final transpose into the dot
+    d_table_t = _barrier(_weight_grad(x_c.reshape(-1, x_c.shape[-1]), d_logits.reshape(-1, d_logits.shape[-1])))
+    return dx.astype(x_like.dtype), d_table_t.T.astype(table_like.dtype)
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
 def _transposed_copy(x: jax.Array) -> jax.Array:
     """``[batch, m, n] -> [batch, n, m]`` materialised: the reshape and barrier keep XLA from
     turning the transpose into a layout change that the next dot would fold away."""

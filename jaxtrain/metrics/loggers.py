@@ -69,6 +69,10 @@ class JSONLLogger:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._write({"step": int(step), "time": time.time(), **{k: _to_float(v) for k, v in metrics.items()}})
 
+    def log_record(self, step: int, record: dict[str, Any]) -> None:
+        """A structured record (strings, lists, numbers), e.g. an incident."""
+        self._write({"step": int(step), "time": time.time(), **record})
+
     def log_text(self, msg: str) -> None:
         self._write({"time": time.time(), "text": str(msg)})
 

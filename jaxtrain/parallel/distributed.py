@@ -137,8 +137,8 @@ def initialize_from_env(env: Mapping[str, str] | None = None, *, timeout_s: int 
     if spec is None or (spec.num_processes == 1 and spec.source != "tpu"):
         return spec
     if timeout_s is None:
-        timeout_s = _int_env(env, "JAXTRAIN_DISTRIBUTED_TIMEOUT") if env.get("JAXTRAIN_DISTRIBUTED_TIMEOUT") else (
-            DEFAULT_TIMEOUT_S)
+        has_timeout = bool(env.get("JAXTRAIN_DISTRIBUTED_TIMEOUT"))
+        timeout_s = _int_env(env, "JAXTRAIN_DISTRIBUTED_TIMEOUT") if has_timeout else DEFAULT_TIMEOUT_S
     import jax
 
     if spec.source == "tpu":

@@ -84,25 +84,32 @@ def process_batch_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
     return min(starts), max(stops)
 
 
-def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble a global batch from this process's rows (its share of the global batch).
+def check_process_rows(mesh: Mesh, global_batch_size: int) -> None:
+    """Raise MeshError unless process ``p`` of ``P`` holds exactly rows ``[p * n, (p + 1) * n)``, ``n = G / P``.
 
-    Process ``p`` of ``P`` passes rows ``[p * n, (p + 1) * n)`` of the global batch (``n`` rows);
-    the mesh must put exactly those rows on its devices.
+    The loaders give each process that contiguous block, so the mesh must put it on its devices.
     """
+    processes, index = jax.process_count(), jax.process_index()
+    if processes == 1:
+        return
+    local_rows = global_batch_size // processes
+    start = index * local_rows
+    held = process_batch_rows(mesh, global_batch_size)
+    if global_batch_size % processes or held != (start, start + local_rows):
+        raise MeshError(
+            f"process {index} of {processes} loads batch rows {start}-{start + local_rows - 1} of {global_batch_size}, "
+            f"but mesh {dict(mesh.shape)} puts rows {held[0]}-{held[1] - 1} on its devices; give each process "
+            "whole data/fsdp slices (keep tensor within a host)"
+        )
+
+
+def global_batch_from_local(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble a global batch from this process's rows (its share of the global batch)."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return {key: jax.device_put(value, sharding) for key, value in local_batch.items()}
-    local_rows = next(iter(local_batch.values())).shape[0]
-    global_rows = local_rows * jax.process_count()
-    start = jax.process_index() * local_rows
-    if process_batch_rows(mesh, global_rows) != (start, start + local_rows):
-        held = process_batch_rows(mesh, global_rows)
-        raise MeshError(
-            f"process {jax.process_index()} loads batch rows {start}-{start + local_rows - 1} of {global_rows}, but "
-            f"mesh {dict(mesh.shape)} puts rows {held[0]}-{held[1] - 1} on its devices; give each process whole "
-            "data/fsdp slices (keep tensor within a host)"
-        )
+    global_rows = next(iter(local_batch.values())).shape[0] * jax.process_count()
+    check_process_rows(mesh, global_rows)
     return {
         key: jax.make_array_from_process_local_data(sharding, value, (global_rows, *value.shape[1:]))
         for key, value in local_batch.items()

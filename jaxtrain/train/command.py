@@ -46,8 +46,9 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     resolved = dump_yaml(cfg)
     print("resolved config:\n" + resolved, flush=True)
     os.makedirs(cfg.run_folder, exist_ok=True)
-    with open(os.path.join(cfg.run_folder, "config.yaml"), "w") as f:
-        f.write(resolved)
+    if jax.process_index() == 0:
+        with open(os.path.join(cfg.run_folder, "config.yaml"), "w") as f:
+            f.write(resolved)
 
     try:
         parts = build_run(cfg)
@@ -63,7 +64,8 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     except KeyboardInterrupt:
         print("interrupted twice: stopped without a new checkpoint; earlier checkpoints are intact", file=sys.stderr)
         return EXIT_INTERRUPTED
-    write_summary(os.path.join(cfg.run_folder, "summary.json"), result)
+    if jax.process_index() == 0:
+        write_summary(os.path.join(cfg.run_folder, "summary.json"), result)
     print(format_summary(result, time.perf_counter() - started), flush=True)
     if result.stopped_unhealthy:
         return EXIT_UNHEALTHY

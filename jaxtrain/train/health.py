@@ -140,6 +140,8 @@ class FaultInjector:
         self.run_folder = run_folder
         self.nan_steps = {int(s) for s in cfg.nan_at_steps}
         self.spike_steps = {int(s) for s in cfg.spike_at_steps}
+        self.poisoned: dict[tuple, float] = {}  # data position -> loss multiplier
+        self.bound_steps: set[int] = set()
 
     @property
     def active(self) -> bool:
@@ -147,13 +149,17 @@ class FaultInjector:
         events = (cfg.crash_at_step, cfg.hang_at_step, cfg.sigterm_at_step)
         return bool(self.nan_steps or self.spike_steps or any(step is not None for step in events))
 
-    def loss_multiplier(self, step: int) -> float:
-        """Multiplier for the loss of the step that will become ``step`` (1-based)."""
-        if step in self.nan_steps:
-            return float("nan")
-        if step in self.spike_steps:
-            return float(self.cfg.spike_factor)
-        return 1.0
+    def loss_multiplier(self, step: int, position: tuple) -> float:
+        """Multiplier for the loss of the step that will become ``step`` (1-based), whose batch
+        comes from data ``position``. A fault sticks to the batch it first hit, like bad data:
+        replaying that batch fails again, and skipping it avoids the fault."""
+        if step not in self.bound_steps:
+            if step in self.nan_steps:
+                self.poisoned[position] = float("nan")
+            elif step in self.spike_steps:
+                self.poisoned[position] = float(self.cfg.spike_factor)
+            self.bound_steps.add(step)
+        return self.poisoned.get(position, 1.0)
 
     def _once(self, kind: str, step: int) -> bool:
         marker = os.path.join(self.run_folder, f".fault-{kind}-{step}")

@@ -79,9 +79,13 @@ class Trainer(RecoveryMixin):
         self.save_every = interval_batches(cfg, cfg.save_interval, "save_interval", parts) if cfg.save_folder else 0
         self.log_every = interval_batches(cfg, cfg.console_log_interval, "console_log_interval", parts) or 1
         os.makedirs(cfg.run_folder, exist_ok=True)
-        self.metrics_file = JSONLLogger(os.path.join(cfg.run_folder, "metrics.jsonl"))
+        # One process writes the run's logs; the others would only duplicate them.
+        self.is_primary = jax.process_index() == 0
+        self.metrics_file = JSONLLogger(os.path.join(cfg.run_folder, "metrics.jsonl")) if self.is_primary else None
         self.tensorboard = (
-            TensorBoardLogger(os.path.join(cfg.run_folder, "tensorboard")) if "tensorboard" in cfg.loggers else None
+            TensorBoardLogger(os.path.join(cfg.run_folder, "tensorboard"))
+            if "tensorboard" in cfg.loggers and self.is_primary
+            else None
         )
         window = int((cfg.callbacks.get("speed_monitor") or {}).get("window_size", 10))
         self.meter = ThroughputMeter(window_size=window, num_devices=jax.device_count())
@@ -141,7 +145,8 @@ class Trainer(RecoveryMixin):
 
     def _write_metrics(self, record: dict[str, float], step: int | None = None) -> None:
         step = self.step if step is None else step
-        self.metrics_file.log_metrics(step, record)
+        if self.metrics_file is not None:
+            self.metrics_file.log_metrics(step, record)
         if self.tensorboard is not None:
             self.tensorboard.log_metrics(step, record)
 
@@ -149,7 +154,8 @@ class Trainer(RecoveryMixin):
         """An event worth knowing about in an unattended run: kept in metrics.jsonl and checkpoints."""
         record = {"incident": kind, "step": details.pop("step", self.step), **details}
         self.incidents.append(record)
-        self.metrics_file.log_metrics(record["step"], {k: v for k, v in record.items() if k != "step"})
+        if self.metrics_file is not None:
+            self.metrics_file.log_record(record["step"], {k: v for k, v in record.items() if k != "step"})
 
     def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], tokens: int, *, timed: bool = True) -> str:
         """Log one finished step and return the health action: "ok", "rollback" or "stop"."""
@@ -197,6 +203,14 @@ class Trainer(RecoveryMixin):
         previous_handlers = self._install_signal_handlers()
         try:
             return self._fit()
+        except BaseException:
+            # Let a checkpoint that is being written finish, so the failure does not cost it.
+            if self.checkpointer is not None:
+                try:
+                    self.checkpointer.close()
+                except Exception:
+                    pass
+            raise
         finally:
             for sig, old in previous_handlers.items():
                 signal.signal(sig, old)
@@ -207,7 +221,7 @@ class Trainer(RecoveryMixin):
         self.progress = None
         self.maybe_resume()
         self.progress = ConsoleProgress(
-            parts.total_batches, self.step, enabled=cfg.progress_bar, log_every=self.log_every
+            parts.total_batches, self.step, enabled=cfg.progress_bar and self.is_primary, log_every=self.log_every
         )
         self._save_tokenizer()
         self.events.fire(Event.FIT_START, self)
@@ -240,7 +254,8 @@ class Trainer(RecoveryMixin):
             self.checkpointer.close()
         self.events.fire(Event.FIT_END, self)
         self.progress.close()
-        self.metrics_file.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         kinds = [record["incident"] for record in self.incidents] + self._out_of_lineage_incidents()
@@ -263,6 +278,8 @@ class Trainer(RecoveryMixin):
         """Restarts and hangs: recorded in metrics.jsonl by processes whose state did not survive."""
         kinds = []
         path = os.path.join(self.cfg.run_folder, "metrics.jsonl")
+        if not os.path.exists(path):
+            return kinds
         with open(path) as f:
             for line in f:
                 try:
@@ -294,7 +311,8 @@ class Trainer(RecoveryMixin):
             batch = global_batch_from_local(self._next_batch(loader_iter), parts.mesh)
             if parts.with_control:
                 next_step = self.step + 1
-                control = control_array(self.faults.loss_multiplier(next_step), next_step in self.skip_steps)
+                position = self.positions[next_step]
+                control = control_array(self.faults.loss_multiplier(next_step, position), next_step in self.skip_steps)
                 self.state, metrics = parts.train_step(self.state, batch, jax.device_put(control, control_sharding))
             else:
                 self.state, metrics = parts.train_step(self.state, batch)

@@ -15,7 +15,8 @@ from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
 from jaxtrain.parallel.layout import check_model_for_mesh
-from jaxtrain.parallel.mesh import MeshError, axis_rules, batch_sharding, build_mesh, data_parallel_size, replicated
+from jaxtrain.parallel.mesh import (
+    MeshError, axis_rules, batch_sharding, build_mesh, check_process_rows, data_parallel_size, replicated)
 from jaxtrain.train.optim import build_optimizer
 from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import create_train_state
@@ -99,6 +100,7 @@ def build_run(cfg: Config) -> RunParts:
     try:
         mesh = build_mesh(cfg.parallelism, devices)
         check_model_for_mesh(cfg.model, mesh)
+        check_process_rows(mesh, cfg.global_train_batch_size)
     except MeshError as err:
         raise ConfigError(str(err)) from None
     validate_for_devices(cfg, mesh.size)

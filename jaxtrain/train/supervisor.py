@@ -49,6 +49,7 @@ def supervise(
     max_restarts: int,
     backoff_seconds: float = 5.0,
     max_backoff_seconds: float = 300.0,
+    extra_args: Sequence[str] = (),
 ) -> int:
     """Run training in a child process, restarting it up to ``max_restarts`` times."""
     from jaxtrain.config import ConfigError, load_config
@@ -65,7 +66,7 @@ def supervise(
               file=sys.stderr)
         return EXIT_CONFIG
 
-    command = [sys.executable, "-m", "jaxtrain.main"]
+    command = [sys.executable, "-m", "jaxtrain.main", *extra_args]
     if config_path:
         command += ["--config", config_path]
     for item in overrides:

@@ -1,0 +1,195 @@
+"""Multi-host runs: cluster detection from the environment, and a real two-process run on this machine.
+
+Two processes of 4 CPU devices each join over 127.0.0.1 (launch/local.py), train the tiny
+quickstart through the CLI and checkpoint; the step-4 checkpoint then resumes on 1 process x 8
+devices, 1 process x 4 devices and again on 2 processes, each giving the losses of the
+uninterrupted two-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from jaxtrain.parallel.distributed import ClusterSpec, DistributedError, detect_cluster, first_slurm_host
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "variables.max_seq_len=64", "model.d_model=64", "model.n_layers=2", "model.vocab_size=1024",
+    "tokenizer.kwargs.vocab_size=1024", "train_loader.dataset.max_files=60", "eval_loader.dataset.max_files=200",
+    "global_train_batch_size=8", "device_train_microbatch_size=1", "eval_interval=0", "progress_bar=false",
+    "max_duration=8ba", "save_interval=4ba", "save_num_checkpoints_to_keep=-1", "eval_first=false",
+    "eval_subset_num_batches=1",
+]
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def test_explicit_env_names_the_cluster():
+    env = {"JAXTRAIN_COORDINATOR_ADDRESS": "10.0.0.2:9999", "JAXTRAIN_NUM_PROCESSES": "4", "JAXTRAIN_PROCESS_ID": "3"}
+    assert detect_cluster(env) == ClusterSpec("env", "10.0.0.2:9999", 4, 3)
+    env["JAXTRAIN_COORDINATOR_ADDRESS"] = "head-node"  # the default port is added
+    assert detect_cluster(env).coordinator_address == "head-node:8476"
+
+
+def test_kubernetes_indexed_job_takes_the_completion_index():
+    env = {"JOB_COMPLETION_INDEX": "2", "JAXTRAIN_COORDINATOR_ADDRESS": "run-workers-0-0.run:8476",
+           "JAXTRAIN_NUM_PROCESSES": "4"}
+    assert detect_cluster(env) == ClusterSpec("kubernetes", "run-workers-0-0.run:8476", 4, 2)
+
+
+def test_slurm_uses_the_first_node_and_a_port_from_the_job_id():
+    env = {"SLURM_NTASKS": "3", "SLURM_PROCID": "1", "SLURM_JOB_NODELIST": "gpu[007-009]", "SLURM_JOB_ID": "123456"}
+    assert detect_cluster(env) == ClusterSpec("slurm", "gpu007:8932", 3, 1)
+    assert detect_cluster({**env, "JAXTRAIN_COORDINATOR_PORT": "7000"}).coordinator_address == "gpu007:7000"
+    assert detect_cluster({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "a1"}) is None
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node1", "node1"), ("gpu[003-006,9],cpu1", "gpu003"), ("a-b-[10,12]", "a-b-10"), ("x1,x2", "x1"),
+])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_nothing_set_or_off_is_a_single_process():
+    assert detect_cluster({}) is None
+    assert detect_cluster({"JAXTRAIN_DISTRIBUTED": "off", "SLURM_NTASKS": "8"}) is None
+    assert detect_cluster({"JAXTRAIN_DISTRIBUTED": "tpu"}) == ClusterSpec("tpu")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAXTRAIN_COORDINATOR_ADDRESS": "h:1"}, "JAXTRAIN_COORDINATOR_ADDRESS is set but JAXTRAIN_NUM_PROCESSES is not"),
+    ({"JAXTRAIN_COORDINATOR_ADDRESS": "h:1", "JAXTRAIN_NUM_PROCESSES": "2"}, "neither JAXTRAIN_PROCESS_ID nor"),
+    ({"JAXTRAIN_COORDINATOR_ADDRESS": "h:1", "JAXTRAIN_NUM_PROCESSES": "2", "JAXTRAIN_PROCESS_ID": "2"},
+     "process id 2 is outside [0, 2) processes"),
+    ({"JAXTRAIN_COORDINATOR_ADDRESS": "h:1", "JAXTRAIN_NUM_PROCESSES": "two", "JAXTRAIN_PROCESS_ID": "0"},
+     "JAXTRAIN_NUM_PROCESSES='two' is not an integer"),
+    ({"JAXTRAIN_DISTRIBUTED": "maybe"}, "JAXTRAIN_DISTRIBUTED='maybe': use auto, off or tpu"),
+])
+def test_incomplete_environments_say_what_is_missing(env, message):
+    with pytest.raises(DistributedError, match=None) as info:
+        detect_cluster(env)
+    assert message in str(info.value)
+
+
+def test_unreachable_coordinator_is_one_line_naming_address_and_timeout(tmp_path):
+    env = dict(os.environ, JAXTRAIN_COORDINATOR_ADDRESS="127.0.0.1:1", JAXTRAIN_NUM_PROCESSES="2",
+               JAXTRAIN_PROCESS_ID="1", JAXTRAIN_DISTRIBUTED_TIMEOUT="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: process 1 of 2 (env): the coordinator at 127.0.0.1:1 did not answer within 2s")
+
+
+# ----------------------------------------------------------------------------- two processes on this machine
+
+
+def _cli(run_folder, *, processes: int, devices_per_process: int, extra=()) -> subprocess.CompletedProcess:
+    """Run the tiny quickstart via the CLI on ``processes`` x ``devices_per_process`` CPU devices."""
+    args = ["--config", "configs/quickstart.yaml"]
+    for override in TINY + [f"run_folder={run_folder}", f"save_folder={run_folder}/ckpt", *extra]:
+        args += ["--set", override]
+    if processes > 1:
+        command = [sys.executable, "launch/local.py", "--num_processes", str(processes),
+                   "--cpu_devices_per_process", str(devices_per_process), "--", *args]
+        env = dict(os.environ)
+    else:
+        command = [sys.executable, "-m", "jaxtrain.main", *args]
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _train(run_folder, *, processes: int, devices_per_process: int, extra=()) -> dict[int, float]:
+    """Train via the CLI; returns {step: train/loss} from metrics.jsonl (one value per step)."""
+    proc = _cli(run_folder, processes=processes, devices_per_process=devices_per_process, extra=extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{processes * devices_per_process} device(s)" in proc.stdout
+    losses: dict[int, float] = {}
+    with open(os.path.join(run_folder, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "train/loss" in record:
+                assert losses.setdefault(record["step"], record["train/loss"]) == record["train/loss"]
+    return losses
+
+
+def _resume_copy(source, target) -> str:
+    """A copy of ``source`` as it was after step 4: the step-8 checkpoint and the metrics removed."""
+    shutil.copytree(source, target)
+    shutil.rmtree(os.path.join(target, "ckpt", "8"))
+    os.remove(os.path.join(target, "metrics.jsonl"))
+    return str(target)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multihost") / "two"
+    losses = _train(str(folder), processes=2, devices_per_process=4)
+    return folder, losses
+
+
+def test_two_processes_train_and_checkpoint(two_process_run):
+    folder, losses = two_process_run
+    assert sorted(losses) == list(range(1, 9))
+    assert losses[8] < losses[1]
+    state = folder / "ckpt" / "4" / "state"
+    assert (state / "commit_success.txt").exists()
+    # each process wrote its own shards of the one checkpoint
+    assert (state / "ocdbt.process_0").exists() and (state / "ocdbt.process_1").exists()
+
+
+@pytest.mark.parametrize("processes, devices_per_process", [(1, 8), (1, 4), (2, 4)])
+def test_checkpoint_resumes_on_other_layouts_with_the_same_losses(two_process_run, tmp_path, processes,
+                                                                  devices_per_process):
+    folder, reference = two_process_run
+    resumed = _train(_resume_copy(folder, tmp_path / "resumed"), processes=processes,
+                     devices_per_process=devices_per_process)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5)
+
+
+def test_mixed_mesh_across_processes_gives_the_same_losses(two_process_run, tmp_path):
+    folder, reference = two_process_run
+    run = tmp_path / "mixed"
+    shutil.copytree(folder / "cache", run / "cache")  # the same tokenizer and rows, without training them again
+    losses = _train(str(run), processes=2, devices_per_process=4,
+                    extra=["parallelism.fsdp=2", "parallelism.tensor=2", "save_folder=null"])
+    assert sorted(losses) == sorted(reference)
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=1e-5)
+
+
+def test_tensor_axis_spanning_processes_is_refused_with_the_rows(tmp_path):
+    proc = _cli(str(tmp_path), processes=2, devices_per_process=4,
+                extra=["parallelism.tensor=8", "model.n_heads=8", "save_folder=null"])
+    assert proc.returncode == 2
+    assert ("[0] error: process 0 of 2 loads batch rows 0-3 of 8, but mesh {'data': 1, 'fsdp': 1, 'tensor': 8} "
+            "puts rows 0-7 on its devices") in proc.stdout
+
+
+def test_cluster_launchers_parse_and_agree_on_the_process_count():
+    import yaml
+
+    for script in ("launch/tpu_pod.sh", "launch/slurm.sbatch"):
+        subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True)
+    with open(os.path.join(ROOT, "launch/k8s-jobset.yaml")) as f:
+        jobset = yaml.safe_load(f)
+    job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+    container = job["template"]["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert job["completionMode"] == "Indexed"
+    assert job["parallelism"] == job["completions"] == int(env["JAXTRAIN_NUM_PROCESSES"])
+    spec = detect_cluster({**env, "JOB_COMPLETION_INDEX": "1"})
+    assert spec == ClusterSpec("kubernetes", "jaxtrain-workers-0-0.jaxtrain:8476", 2, 1)
+    assert container["command"] == ["python", "-m", "jaxtrain.main"]
