@@ -38,7 +38,7 @@ def readme_commands() -> list[str]:
     commands = []
     for block in re.findall(r"```\n(.*?)```", README, flags=re.S):
         commands += [line.strip() for line in block.splitlines() if re.match(r"\s*(python|jaxtrain)\b", line)]
-    commands += re.findall(r"`((?:python|jaxtrain|launch/|sbatch|kubectl)[^`]*)`", README)
+    commands += re.findall(r"`((?:python |jaxtrain |launch/\S+\.sh |sbatch |kubectl )[^`]*)`", README)
     return commands
 
 
