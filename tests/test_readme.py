@@ -35,9 +35,12 @@ COVERED = {
 
 
 def readme_commands() -> list[str]:
-    commands = []
-    for block in re.findall(r"```\n(.*?)```", README, flags=re.S):
-        commands += [line.strip() for line in block.splitlines() if re.match(r"\s*(python|jaxtrain)\b", line)]
+    commands, in_block = [], False
+    for line in README.splitlines():
+        if line.strip().startswith("```"):
+            in_block = not in_block
+        elif in_block and re.match(r"\s*(python\S* |jaxtrain )", line):
+            commands.append(line.strip())
     commands += re.findall(r"`((?:python |jaxtrain |launch/\S+\.sh |sbatch |kubectl )[^`]*)`", README)
     return commands
 
