@@ -169,7 +169,7 @@ def test_logits_match_numpy_reference(name):
 
 
 def test_packed_document_sees_only_itself():
-    cfg = make_cfg(attn=dict(attn_uses_sequence_id=True))
+    cfg = make_cfg(attn=dict(attn_uses_sequence_id=True, alibi=True))
     model = build(cfg)
     ids = token_ids(length=8)
     packed = model(ids, sequence_id=jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]] * BATCH, jnp.int32))

@@ -116,21 +116,8 @@ def hoist_legacy_variables(doc: dict, config_keys: set[str], references: set[str
         doc["seed"] = "${variables.global_seed}"
 
 
-# MPT defaults where LLM Foundry's MPTConfig and jaxtrain's schema differ: key -> (Foundry, jaxtrain).
-_DEFAULTS_THAT_DIFFER = {
-    "no_bias": (False, True),
-    "attn_config.alibi": (False, True),
-    "vocab_size": (50368, 50432),
-    "d_model": (2048, 768),
-    "n_heads": (16, 12),
-    "n_layers": (24, 12),
-}
-
-
 def map_foundry(doc: dict, note: Note, where: Where) -> dict:
     """Rewrite an interpolated document from Foundry's vocabulary to jaxtrain's, in place."""
-    if _looks_like_foundry(doc):
-        _note_differing_defaults(doc.get("model"), note)
     for name, why in _NO_MEANING.items():
         if name in doc:
             doc.pop(name)
@@ -154,30 +141,6 @@ def map_foundry(doc: dict, note: Note, where: Where) -> dict:
     return doc
 
 
-def _looks_like_foundry(doc: dict) -> bool:
-    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
-    attn = model.get("attn_config") if isinstance(model.get("attn_config"), dict) else {}
-    variables = doc.get("variables") if isinstance(doc.get("variables"), dict) else {}
-    return ("fsdp_config" in doc or attn.get("attn_impl") in FOUNDRY_ATTN_IMPLS
-            or any(name in variables for name in LEGACY_VARIABLES))
-
-
-def _note_differing_defaults(model: Any, note: Note) -> None:
-    """Foundry's MPT and jaxtrain's disagree on a few defaults; say so for the ones left unset."""
-    model = model if isinstance(model, dict) else {}
-    unset = []
-    for key, (theirs, ours) in _DEFAULTS_THAT_DIFFER.items():
-        node: Any = model
-        for part in key.split("."):
-            node = node.get(part, _UNSET) if isinstance(node, dict) else _UNSET
-        if node is _UNSET:
-            unset.append(f"model.{key} (Foundry {theirs}, jaxtrain {ours})")
-    if unset:
-        note("model: keys left unset whose defaults differ from LLM Foundry's MPT: " + ", ".join(unset)
-             + "; jaxtrain's defaults apply, so set them to train Foundry's exact model")
-
-
-_UNSET = object()
 
 
 def _map_model(model: dict, note: Note, where: Where) -> None:

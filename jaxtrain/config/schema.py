@@ -38,7 +38,7 @@ class AttnConfig:
     clip_qkv: float | None = field(None, "clamp the fused QKV projection output to [-c, c]")
     qk_ln: bool = field(False, "LayerNorm on Q (over n_heads*head_dim) and K (over kv_n_heads*head_dim)")
     softmax_scale: float | None = field(None, "attention scale; default 1/sqrt(d_model/n_heads)")
-    alibi: bool = field(True, "ALiBi position bias (no positional embedding when on)")
+    alibi: bool = field(False, "ALiBi position bias (no positional embedding when on); MPT's released models use it")
     alibi_bias_max: int = field(8, "ALiBi slopes are 2^(-i*alibi_bias_max/N)")
     kv_n_heads: int | None = field(None, "key/value heads for grouped_query_attention (1 for multiquery)")
     prefix_lm: bool = field(False, "Foundry key; only False is supported")
@@ -69,16 +69,17 @@ class InitConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """An MPT causal language model (LLM Foundry's ``model`` section)."""
+    """An MPT causal language model (LLM Foundry's ``model`` section). Defaults are LLM Foundry's
+    MPTConfig defaults, so a Foundry YAML builds the same model here."""
 
     name: str = field("mpt_causal_lm", "model family in the registry")
-    d_model: int = field(768, "hidden width")
-    n_heads: int = field(12, "attention heads")
-    n_layers: int = field(12, "transformer blocks")
+    d_model: int = field(2048, "hidden width")
+    n_heads: int = field(16, "attention heads")
+    n_layers: int = field(24, "transformer blocks")
     expansion_ratio: float = field(4, "MLP hidden = d_model * expansion_ratio")
     max_seq_len: int = field(2048, "longest sequence the model accepts")
-    vocab_size: int = field(50432, "embedding rows (pad to a multiple of 128 for speed)")
-    no_bias: bool = field(True, "no biases in any Linear or LayerNorm")
+    vocab_size: int = field(50368, "embedding rows (pad to a multiple of 128 for speed)")
+    no_bias: bool = field(False, "no biases in any Linear or LayerNorm (true in MPT's released models)")
     norm_type: str = field("low_precision_layernorm", "low_precision_layernorm or layernorm")
     norm_eps: float = field(1e-5, "LayerNorm epsilon")
     learned_pos_emb: bool = field(True, "learned positional embedding (only used when ALiBi is off)")
