@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxtrain.layers import cpu_kernels
+from jaxtrain.layers import cpu_kernels, gpu_kernels
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.linear import Dense
 from jaxtrain.layers.norms import LayerNorm
@@ -77,6 +77,12 @@ def dot_product_attention(
         return cpu_kernels.blocked_causal_attention(
             q, k, v, scale=scale, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype
         )
+    if gpu_kernels.use_cudnn_attention(q, compute_dtype, dropout_rate):
+        fused = gpu_kernels.cudnn_attention(
+            q, k, v, scale=scale, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype
+        )
+        if fused is not None:
+            return fused
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads

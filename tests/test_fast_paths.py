@@ -1,0 +1,182 @@
+"""The CPU kernels (custom-VJP dense, tied output head, query-blocked causal attention) compute
+the same values and gradients as the plain XLA formulation, and keep bf16 steps free of
+float32-converted dots on CPU."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain.config.schema import AttnConfig, ModelConfig
+from jaxtrain.layers import attention, cpu_kernels
+from jaxtrain.models import build_model
+
+# (rtol relative to the largest magnitude) per compute dtype
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def assert_close(actual, expected, dtype):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    assert float(np.abs(actual - expected).max()) / scale < TOLERANCE[dtype]
+
+
+def values_and_grads(fn, *args, seed=7):
+    """Output and the VJP of a fixed random cotangent, both as float32."""
+    out, vjp = jax.vjp(lambda *a: fn(*a).astype(jnp.float32), *args)
+    cotangent = jax.random.normal(jax.random.key(seed), out.shape, jnp.float32)
+    return out, vjp(cotangent)
+
+
+def randn(seed, shape):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_matches_einsum(dtype):
+    x, kernel = randn(0, (3, 10, 24)), randn(1, (24, 40))
+
+    def plain(x, kernel):
+        return jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+    fast_out, fast_grads = values_and_grads(jax.jit(lambda x, w: cpu_kernels.dense(x, w, dtype)), x, kernel)
+    ref_out, ref_grads = values_and_grads(plain, x, kernel)
+    assert_close(fast_out, ref_out, dtype)
+    for fast, ref in zip(fast_grads, ref_grads):
+        assert fast.dtype == jnp.float32
+        assert_close(fast, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_logits_match_einsum(dtype):
+    x, table = randn(2, (2, 12, 16)), randn(3, (50, 16))
+
+    def plain(x, table):
+        return jnp.einsum("...d,vd->...v", x.astype(dtype), table.astype(dtype), preferred_element_type=jnp.float32)
+
+    fast_out, fast_grads = values_and_grads(jax.jit(lambda x, t: cpu_kernels.tied_logits(x, t, dtype)), x, table)
+    ref_out, ref_grads = values_and_grads(plain, x, table)
+    assert_close(fast_out, ref_out, dtype)
+    for fast, ref in zip(fast_grads, ref_grads):
+        assert_close(fast, ref, dtype)
+
+
+def plain_attention(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "use_cpu_kernels", lambda compute_dtype: False)
+    return attention.dot_product_attention
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("alibi", [True, False], ids=["alibi", "no_alibi"])
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "sequence_id"])
+def test_blocked_attention_matches_plain(monkeypatch, dtype, kv_heads, alibi, packed):
+    batch, length, heads, head_dim = 2, 32, 4, 8
+    q, k, v = randn(4, (batch, length, heads, head_dim)), randn(5, (batch, length, kv_heads, head_dim)), randn(
+        6, (batch, length, kv_heads, head_dim)
+    )
+    slopes = jnp.asarray(attention.alibi_slopes(heads)) if alibi else None
+    sequence_id = None
+    if packed:  # documents of uneven lengths, one crossing a block boundary
+        sequence_id = jnp.asarray([[0] * 5 + [1] * 14 + [2] * 13, [0] * 20 + [1] * 12], jnp.int32)
+    options = dict(scale=head_dim**-0.5, slopes=slopes, sequence_id=sequence_id, compute_dtype=dtype)
+
+    def fast(q, k, v):
+        return cpu_kernels.blocked_causal_attention(q, k, v, block_size=8, **options)
+
+    fast_out, fast_grads = values_and_grads(jax.jit(fast), q, k, v)
+    reference = plain_attention(monkeypatch)
+    ref_out, ref_grads = values_and_grads(lambda q, k, v: reference(q, k, v, **options), q, k, v)
+    assert_close(fast_out, ref_out, dtype)
+    for fast_grad, ref_grad in zip(fast_grads, ref_grads):
+        assert_close(fast_grad, ref_grad, dtype)
+
+
+def test_block_size_defaults_divide_the_length():
+    assert cpu_kernels.default_block_size(512) == 128
+    assert cpu_kernels.default_block_size(96) == 96
+    assert 200 % cpu_kernels.default_block_size(200) == 0
+    with pytest.raises(ValueError, match="must divide"):
+        q = jnp.zeros((1, 12, 2, 4))
+        cpu_kernels.blocked_causal_attention(q, q, q, scale=1.0, block_size=5)
+
+
+def test_kernels_only_for_bf16_on_cpu():
+    assert not cpu_kernels.use_cpu_kernels(jnp.float32)
+    assert cpu_kernels.use_cpu_kernels(jnp.bfloat16) == (jax.default_backend() == "cpu")
+
+
+def tiny_model(kv_heads=2, tied=True):
+    cfg = ModelConfig(
+        d_model=32, n_heads=4, n_layers=2, vocab_size=96, max_seq_len=32, tie_word_embeddings=tied,
+        attn_config=AttnConfig(
+            alibi=True, attn_uses_sequence_id=True,
+            attn_type="grouped_query_attention" if kv_heads < 4 else "multihead_attention", kv_n_heads=kv_heads,
+        ),
+    )  # fmt: skip
+    return build_model(cfg, rngs=nnx.Rngs(3))
+
+
+def model_loss_and_grads(model, tokens, sequence_id, dtype):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens, compute_dtype=dtype, sequence_id=sequence_id)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, jax.tree.leaves(grads)
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    return float(np.abs(actual - expected).max()) / max(float(np.abs(expected).max()), 1e-6)
+
+
+@pytest.mark.parametrize("kv_heads,tied", [(4, True), (2, False)], ids=["mha_tied", "gqa_untied"])
+def test_model_logits_and_gradients_match_plain_path(monkeypatch, kv_heads, tied):
+    """bf16 with the kernels is as close to the float32 model as plain bf16 is (ALiBi, packed docs)."""
+    model = tiny_model(kv_heads, tied)
+    tokens = jax.random.randint(jax.random.key(9), (2, 32), 0, 96, dtype=jnp.int32)
+    sequence_id = jnp.asarray([[0] * 10 + [1] * 22, [0] * 32], jnp.int32)
+    monkeypatch.setattr(cpu_kernels, "use_cpu_kernels", lambda compute_dtype: True)
+    fast = model_loss_and_grads(model, tokens, sequence_id, jnp.bfloat16)
+    fast_fp32 = model_loss_and_grads(model, tokens, sequence_id, jnp.float32)  # kernels forced on in fp32 too
+    monkeypatch.setattr(cpu_kernels, "use_cpu_kernels", lambda compute_dtype: False)
+    plain = model_loss_and_grads(model, tokens, sequence_id, jnp.bfloat16)
+    exact = model_loss_and_grads(model, tokens, sequence_id, jnp.float32)
+    np.testing.assert_allclose(float(fast_fp32[0]), float(exact[0]), rtol=1e-6)
+    assert_close(fast_fp32[1], exact[1], jnp.float32)
+    for fast_grad, exact_grad in zip(fast_fp32[2], exact[2]):
+        assert_close(fast_grad, exact_grad, jnp.float32)
+    np.testing.assert_allclose(float(fast[0]), float(exact[0]), rtol=1e-2)
+    assert relative_error(fast[1], exact[1]) <= 2 * relative_error(plain[1], exact[1]) + 1e-3
+    for fast_grad, plain_grad, exact_grad in zip(fast[2], plain[2], exact[2]):
+        assert fast_grad.dtype == jnp.float32
+        assert relative_error(fast_grad, exact_grad) <= 2 * relative_error(plain_grad, exact_grad) + 5e-3
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU dot forms")
+def test_bf16_gradient_has_no_float32_dots():
+    model = tiny_model(kv_heads=2, tied=True)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jnp.zeros((2, 32), jnp.int32)
+
+    def loss(params):
+        return nnx.merge(graphdef, params)(tokens, compute_dtype=jnp.bfloat16).sum()
+
+    text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    dtypes = dict(re.findall(r"%(\S+) = (\w+)\[", text))
+    dots = re.findall(r"= \w+\[[\d,]*\]\S* dot\(%([^,\s]+), %([^)\s]+)\)", text)
+    assert dots
+    operand_dtypes = {(dtypes.get(lhs), dtypes.get(rhs)) for lhs, rhs in dots}
+    assert operand_dtypes == {("bf16", "bf16")}, operand_dtypes
