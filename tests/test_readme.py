@@ -31,6 +31,8 @@ COVERED = {
     "jaxtrain generate": "test_generate.py::test_generate_command",
     "jaxtrain plan --budget-usd 50000 --hardware h100": "test_readme.py::test_plan_budget_command",
     "jaxtrain plan --config configs/mpt/7b.yaml": "test_plan.py::test_memory_cli",
+    "jaxtrain bench --config": "test_bench_command.py::test_bench_writes_a_file_the_planner_reads",
+    "jaxtrain plan --budget-usd 50000 --hardware cpu --mfu from:": "test_bench_command.py::test_bench_writes_a_file_the_planner_reads",
 }
 
 

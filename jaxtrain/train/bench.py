@@ -1,0 +1,103 @@
+"""``jaxtrain bench --config ...``: a short timed training run on this hardware.
+
+Builds the run exactly as ``jaxtrain train`` does (same model, mesh, precision, microbatches),
+times the compiled train step on real batches after a warm-up, and writes tokens/s and MFU per
+device as JSON, the file ``jaxtrain plan --mfu from:FILE`` reads. Nothing is saved or evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+from jaxtrain.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxtrain bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the training config to measure")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (default 2)")
+    parser.add_argument("--hardware", help="hardware name for the result (default: detected)")
+    parser.add_argument("--out", default="bench.json", help="where to write the JSON result (default bench.json)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.set, notices=[])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import jax
+    import numpy as np
+
+    from jaxtrain.metrics.flops import mfu
+    from jaxtrain.metrics.hardware import detect_hardware, get_hardware
+    from jaxtrain.parallel.mesh import global_batch_from_local
+    from jaxtrain.train.setup import build_run, expand_run_paths, resolve_run_name
+
+    hardware = get_hardware(args.hardware) if args.hardware else detect_hardware()
+    total = 1 + args.warmup + args.steps
+    # The run folder only holds the data cache (tokenizer, packed rows), shared with training runs.
+    cfg = expand_run_paths(
+        dataclasses.replace(cfg, max_duration=f"{total}ba", save_folder=None, eval_loader=None),
+        resolve_run_name(cfg, args.config),
+    )
+    try:
+        parts = build_run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    loader = iter(parts.train_loader)
+    state = parts.state
+    compile_started = time.perf_counter()
+    times = []
+    for index in range(total):
+        batch = global_batch_from_local(next(loader), parts.mesh)
+        started = time.perf_counter()
+        state, metrics = parts.train_step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        if index == 0:
+            compile_seconds = time.perf_counter() - compile_started
+        elif index > args.warmup:
+            times.append(time.perf_counter() - started)
+    step_seconds = statistics.median(times)
+    devices = jax.device_count()
+    tokens_per_second = cfg.global_train_batch_size * cfg.max_seq_len / step_seconds
+    flops_per_second_per_device = parts.flops_per_batch / step_seconds / devices
+    result = {
+        "mfu": mfu(flops_per_second_per_device, parts.peak_flops_per_device),
+        "hardware": hardware.name if hardware else "unknown",
+        "tokens_per_second_per_device": tokens_per_second / devices,
+        "tokens_per_second": tokens_per_second,
+        "model_flops_per_second_per_device": flops_per_second_per_device,
+        "peak_flops_per_device": parts.peak_flops_per_device,
+        "peak_source": parts.peak_source,
+        "step_seconds_median": step_seconds,
+        "step_seconds_spread": [min(times), max(times)],
+        "compile_seconds": compile_seconds,
+        "model": cfg.run_name,
+        "params": parts.num_params,
+        "seq_len": cfg.max_seq_len,
+        "global_batch": cfg.global_train_batch_size,
+        "devices": devices,
+        "precision": cfg.precision,
+        "final_loss": float(np.asarray(metrics["loss"])),
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{tokens_per_second:,.0f} tokens/s ({result['tokens_per_second_per_device']:,.0f} per device), "
+          f"MFU {100 * result['mfu']:.2f}% of {parts.peak_flops_per_device:.3g} FLOP/s ({parts.peak_source}); "
+          f"median step {1000 * step_seconds:.1f} ms, compile {compile_seconds:.1f} s; wrote {args.out}")
+    return 0
