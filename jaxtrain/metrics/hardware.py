@@ -63,10 +63,10 @@ HARDWARE: dict[str, Hardware] = {
         Hardware("tpu-v5e", 197e12, 197e12, 16 * GIB, 1.20, "Google TPU v5e (v5 lite) chip; " + _TPU_FP32),
         Hardware("tpu-v5p", 459e12, 459e12, 95 * GIB, 4.20, "Google TPU v5p chip; " + _TPU_FP32),
         Hardware("tpu-v6e", 918e12, 918e12, 32 * GIB, 2.70, "Google TPU v6e (Trillium) chip; " + _TPU_FP32),
-        Hardware("cpu", 330e9, 330e9, _host_memory_bytes(), 0.10,
-                 "host CPU: no vendor peak; 330 GFLOP/s is the measured float32 matmul peak of one process "
-                 "on the 2-core development machines, used for both precisions (bf16 is not faster on CPU); "
-                 "memory is this host's RAM"),
+        Hardware("cpu", 1.58e12, 330e9, _host_memory_bytes(), 0.10,
+                 "host CPU: no vendor peak; measured matmul peaks of one process on the 2-core development "
+                 "machines: 330 GFLOP/s float32, 1.58 TFLOP/s bf16 (AMX via XLA's YNNPACK path); set "
+                 "peak_flops_per_device for other CPUs; memory is this host's RAM"),
     )
 }
 
