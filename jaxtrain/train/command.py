@@ -50,6 +50,9 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
         with open(os.path.join(cfg.run_folder, "config.yaml"), "w") as f:
             f.write(resolved)
 
+    # Compiled steps are cached with the run, so a resumed or repeated run starts faster.
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(cfg.run_folder, "cache", "xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     try:
         parts = build_run(cfg)
         print(
