@@ -73,6 +73,7 @@ def main(argv: list[str]) -> int:
         elif index > args.warmup:
             times.append(time.perf_counter() - started)
     step_seconds = statistics.median(times)
+    memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
     devices = jax.device_count()
     tokens_per_second = cfg.global_train_batch_size * cfg.max_seq_len / step_seconds
     flops_per_second_per_device = parts.flops_per_batch / step_seconds / devices
@@ -94,10 +95,15 @@ def main(argv: list[str]) -> int:
         "devices": devices,
         "precision": cfg.precision,
         "final_loss": float(np.asarray(metrics["loss"])),
+        "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
+        "device_bytes_limit": memory.get("bytes_limit"),
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"{tokens_per_second:,.0f} tokens/s ({result['tokens_per_second_per_device']:,.0f} per device), "
           f"MFU {100 * result['mfu']:.2f}% of {parts.peak_flops_per_device:.3g} FLOP/s ({parts.peak_source}); "
           f"median step {1000 * step_seconds:.1f} ms, compile {compile_seconds:.1f} s; wrote {args.out}")
+    if result["peak_bytes_in_use"] is not None:
+        print(f"peak device memory {result['peak_bytes_in_use'] / 2**30:.1f} GiB of "
+              f"{(result['device_bytes_limit'] or 0) / 2**30:.1f} GiB")
     return 0
