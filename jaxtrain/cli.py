@@ -11,6 +11,7 @@ commands:
   data prepare  tokenize text/JSONL/TFDS/MDS into MDS shards: jaxtrain data prepare --help
   convert   Hugging Face MPT <-> jaxtrain checkpoint: jaxtrain convert SRC DST [--to hf]
   generate  sample from a checkpoint: jaxtrain generate --checkpoint DIR --prompt "def "
+  eval      perplexity and in-context-learning tasks: jaxtrain eval --checkpoint DIR --tasks tasks.yaml
   bench     time training on this hardware: jaxtrain bench --config configs/quickstart.yaml --out bench.json
   plan      scaling-law and cost planner: jaxtrain plan --budget-usd 50000 --hardware h100
 """
@@ -50,6 +51,10 @@ def run(argv: list[str] | None = None) -> None:
         from jaxtrain.inference.cli import main as generate_main
 
         sys.exit(generate_main(rest))
+    elif command == "eval":
+        from jaxtrain.eval.cli import main as eval_main
+
+        sys.exit(eval_main(rest))
     elif command == "bench":
         from jaxtrain.train.bench import main as bench_main
 

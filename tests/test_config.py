@@ -178,7 +178,7 @@ def test_validate_for_devices_uses_the_data_parallel_size():
     cfg.global_train_batch_size = 10
     assert "4 data-parallel replicas (8 devices / tensor 2)" in error_of(validate_for_devices, cfg, 8)
     cfg.parallelism.tensor = 3
-    assert "does not divide the 8 devices" in error_of(validate_for_devices, cfg, 8)
+    assert "do not divide the 8 devices" in error_of(validate_for_devices, cfg, 8)
 
 
 # ----------------------------------------------------------------------------- variables

@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Callable
 
 from jaxtrain.config import schema
+from jaxtrain.parallel.shape import MeshError, mesh_shape
 from jaxtrain.config.schema import Config, ConfigError
 from jaxtrain.config.timestr import parse_time
 
@@ -136,24 +137,20 @@ def validate(cfg: Config, where: Where) -> None:
         positive("algorithms.gradient_clipping.clipping_threshold", clip.clipping_threshold)
 
     par = cfg.parallelism
-    if par.data != -1:
-        positive("parallelism.data", par.data)
-    positive("parallelism.fsdp", par.fsdp)
-    positive("parallelism.tensor", par.tensor)
+    for axis in ("data", "fsdp", "tensor"):
+        if getattr(par, axis) != -1:
+            positive(f"parallelism.{axis}", getattr(par, axis))
+    if [par.data, par.fsdp, par.tensor].count(-1) > 1:
+        fail("parallelism", "at most one of data/fsdp/tensor may be -1 (\"the rest of the devices\")")
 
 
 def data_parallel_size(cfg: Config, num_devices: int) -> int:
     """How many ways the global batch is split: the ``data`` axis times the ``fsdp`` axis."""
-    par = cfg.parallelism
-    model_ways = par.fsdp * par.tensor
-    if num_devices % model_ways:
-        raise ConfigError(f"parallelism: fsdp {par.fsdp} x tensor {par.tensor} = {model_ways} does not divide "
-                          f"the {num_devices} devices; choose axis sizes whose product divides {num_devices}")
-    data = num_devices // model_ways if par.data == -1 else par.data
-    if data * model_ways != num_devices:
-        raise ConfigError(f"parallelism: data {data} x fsdp {par.fsdp} x tensor {par.tensor} = "
-                          f"{data * model_ways} devices, but there are {num_devices}; set parallelism.data: -1")
-    return data * par.fsdp
+    try:
+        data, fsdp, _ = mesh_shape(cfg.parallelism, num_devices)
+    except MeshError as err:
+        raise ConfigError(str(err)) from None
+    return data * fsdp
 
 
 def validate_for_devices(cfg: Config, num_devices: int) -> None:

@@ -33,6 +33,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
 
     from jaxtrain.config import validate_for_devices
     from jaxtrain.train.loop import Trainer, write_summary
+    from jaxtrain.train.memory_report import start_report
     from jaxtrain.train.setup import build_run, expand_run_paths, resolve_run_name
 
     cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))
@@ -61,7 +62,8 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
             f"{cfg.global_train_batch_size} x {cfg.max_seq_len} tokens; MFU peak: {parts.peak_source}",
             flush=True,
         )
-        result = Trainer(parts, started=started).fit()
+        print(start_report(parts), flush=True)
+        result = Trainer(parts, callbacks=_callbacks(cfg), started=started).fit()
     except ConfigError as err:
         return _error(str(err))
     except KeyboardInterrupt:
@@ -75,6 +77,17 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     if result.interrupted:
         return EXIT_PREEMPTED if result.stop_signal == "SIGTERM" else EXIT_INTERRUPTED
     return EXIT_OK
+
+
+def _callbacks(cfg) -> list:
+    """Callbacks the config asks for: in-context-learning evaluation after each held-out eval."""
+    if not cfg.icl_tasks:
+        return []
+    if not isinstance(cfg.icl_tasks, str):
+        raise ConfigError("icl_tasks: give the path of a tasks YAML (LLM Foundry's icl_tasks file)")
+    from jaxtrain.eval.gauntlet import ICLEvalCallback
+
+    return [ICLEvalCallback(cfg.icl_tasks, gauntlet=cfg.eval_gauntlet, max_len=cfg.icl_seq_len)]
 
 
 def format_summary(result, total_seconds: float) -> str:

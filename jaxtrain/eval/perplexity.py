@@ -1,0 +1,139 @@
+"""Scoring text under a model: the perplexity of a dataset, and the loss of token spans.
+
+Both run one compiled forward per (batch, length) shape. Rows are right-padded to a length
+bucket (a power of two, at least 16, at most the model's ``max_seq_len``) and batches are
+filled up to a fixed size with fully ignored rows, so a whole evaluation compiles a handful of
+programs at most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtrain.train.loss import IGNORE_INDEX, cross_entropy_sum, shift_labels
+
+MIN_BUCKET = 16
+
+
+def length_bucket(length: int, limit: int) -> int:
+    """The padded length for a row of ``length`` tokens: the next power of two (>= 16), capped at ``limit``."""
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanScore:
+    """A continuation's summed cross-entropy (nats), its token count, and whether every token was the argmax."""
+
+    loss_sum: float
+    num_tokens: int
+    all_argmax: bool
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.num_tokens, 1)
+
+
+class SpanScorer:
+    """Scores the last tokens of token sequences: ``score([(tokens, span_start), ...])``.
+
+    ``tokens[span_start:]`` is the span (a continuation or a choice); every span token is predicted
+    from the tokens before it, exactly as in a plain forward pass over ``tokens``.
+    """
+
+    def __init__(self, model: nnx.Module, *, batch_size: int = 8, compute_dtype=jnp.float32,
+                 max_len: int | None = None, pad_token_id: int = 0):
+        self.batch_size = batch_size
+        self.max_len = min(max_len or model.max_seq_len, model.max_seq_len)
+        self.pad_token_id = pad_token_id
+        graphdef, self.params = nnx.split(model)
+
+        @jax.jit
+        def score(params, input_ids, targets):
+            logits = nnx.merge(graphdef, params)(input_ids, compute_dtype=compute_dtype)
+            valid = targets != IGNORE_INDEX
+            safe_targets = jnp.where(valid, targets, 0)
+            log_z = jax.nn.logsumexp(logits, axis=-1)
+            target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+            token_loss = jnp.where(valid, log_z - target_logit, 0.0)
+            hit = (jnp.argmax(logits, axis=-1) == safe_targets) | ~valid
+            return token_loss.sum(axis=1), valid.sum(axis=1), hit.all(axis=1)
+
+        self._score = score
+
+    def score(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[SpanScore]:
+        """One ``SpanScore`` per ``(tokens, span_start)``; ``0 < span_start < len(tokens) <= max_len``."""
+        results: list[SpanScore] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            length = length_bucket(max(len(tokens) for tokens, _ in chunk), self.max_len)
+            input_ids = np.full((self.batch_size, length), self.pad_token_id, np.int32)
+            targets = np.full((self.batch_size, length), IGNORE_INDEX, np.int32)
+            for row, (tokens, span_start) in enumerate(chunk):
+                if not 0 < span_start < len(tokens) <= length:
+                    raise ValueError(f"span [{span_start}, {len(tokens)}) does not fit a row of {length} tokens")
+                input_ids[row, : len(tokens)] = tokens
+                # position t predicts token t + 1: the span's tokens are targets at span_start-1 .. len-2
+                targets[row, span_start - 1 : len(tokens) - 1] = tokens[span_start:]
+            loss_sum, count, all_argmax = jax.device_get(self._score(self.params, input_ids, targets))
+            results.extend(SpanScore(float(loss_sum[row]), int(count[row]), bool(all_argmax[row]))
+                           for row in range(len(chunk)))
+        return results
+
+
+def text_batches(token_lists: Iterable[Sequence[int]], *, seq_len: int, batch_size: int, eos_token_id: int | None,
+                 pad_token_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Documents joined (each followed by ``eos_token_id``) and cut into rows of ``seq_len``.
+
+    Yields ``{"input_ids", "labels"}`` int32 ``[batch_size, seq_len]``; the last row and the last
+    batch are padded with labels ``IGNORE_INDEX``. Labels are unshifted (the loss shifts them).
+    """
+    stream: list[int] = []
+    for tokens in token_lists:
+        stream.extend(tokens)
+        if eos_token_id is not None:
+            stream.append(eos_token_id)
+    rows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
+    rows = [row for row in rows if len(row) > 1]  # a one-token row predicts nothing
+    for start in range(0, len(rows), batch_size):
+        input_ids = np.full((batch_size, seq_len), pad_token_id, np.int32)
+        labels = np.full((batch_size, seq_len), IGNORE_INDEX, np.int32)
+        for index, row in enumerate(rows[start : start + batch_size]):
+            input_ids[index, : len(row)] = row
+            labels[index, : len(row)] = row
+        yield {"input_ids": input_ids, "labels": labels}
+
+
+def perplexity(model: nnx.Module, batches: Iterable[dict[str, np.ndarray]], *, compute_dtype=jnp.float32) -> dict:
+    """Token-mean cross-entropy over ``batches`` (``input_ids`` and unshifted ``labels``, -100 ignored).
+
+    Returns ``{"cross_entropy": nats per token, "perplexity": exp of it, "tokens": count}``.
+    """
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def loss_sums(params, input_ids, labels, sequence_id):
+        logits = nnx.merge(graphdef, params)(input_ids, compute_dtype=compute_dtype, sequence_id=sequence_id)
+        loss_sum, _, count = cross_entropy_sum(logits, shift_labels(labels))
+        return loss_sum, count
+
+    total_loss, total_tokens = 0.0, 0.0
+    for batch in batches:
+        loss_sum, count = jax.device_get(
+            loss_sums(params, batch["input_ids"], batch["labels"], batch.get("sequence_id")))
+        total_loss += float(loss_sum)
+        total_tokens += float(count)
+    if total_tokens == 0:
+        raise ValueError("the perplexity data has no tokens to predict (each row needs at least two tokens)")
+    cross_entropy = total_loss / total_tokens
+    return {"cross_entropy": cross_entropy, "perplexity": math.exp(min(cross_entropy, 700.0)),
+            "tokens": int(total_tokens)}

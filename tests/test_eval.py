@@ -1,0 +1,226 @@
+"""Evaluation against a model whose answers are known by construction.
+
+The model's blocks are silenced (zero attention and MLP output projections), so its logits depend
+only on the current token; its embedding and output head are set so that token i always predicts
+token i + 1 (mod 16) by a wide margin. A character tokenizer maps "a".."m" to 0..12, " " to 13,
+"\\n" to 14 and EOS to 15, so "abc" predicts "d", "m" predicts " ", and " " predicts "\\n".
+"""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+from flax import nnx
+
+from jaxtrain.config import ConfigError
+from jaxtrain.config.schema import AttnConfig, ModelConfig
+from jaxtrain.data.tokenizer import Tokenizer
+from jaxtrain.eval import ICLTask, evaluate_task, gauntlet_scores, load_tasks, normalize_answer, perplexity
+from jaxtrain.eval.cli import main as eval_main
+from jaxtrain.eval.icl import TaskResult, fewshot_prefix, read_examples, split_span
+from jaxtrain.eval.perplexity import text_batches
+from jaxtrain.models import build_model
+
+VOCAB, D_MODEL = 16, 32
+CHARS = "abcdefghijklm \n"
+
+
+def char_tokenizer() -> Tokenizer:
+    vocab = {ch: i for i, ch in enumerate(CHARS)} | {"<|endoftext|>": 15}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    backend.add_special_tokens(["<|endoftext|>"])
+    backend.decoder = tokenizers.decoders.Fuse()
+    return Tokenizer(backend)
+
+
+def model_cfg(**model) -> ModelConfig:
+    base = dict(d_model=D_MODEL, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64, no_bias=True)
+    base.update(model)
+    return ModelConfig(attn_config=AttnConfig(alibi=True), **base)
+
+
+def _set_params(model, rule):
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+
+    def visit(tree, path):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                visit(value, path + (str(key),))
+            else:
+                tree[key] = rule(path + (str(key),), np.asarray(value))
+
+    visit(pure, ())
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def successor_model():
+    """Token i -> argmax i + 1 (mod VOCAB), margin ~50 nats."""
+    embedding = np.eye(VOCAB, D_MODEL, dtype=np.float32) - 1.0 / D_MODEL  # zero-mean rows: LayerNorm only scales them
+    head = 10.0 * np.roll(embedding, 1, axis=0).T  # column j is row j - 1
+
+    def rule(path, value):
+        if "out_proj" in path or "down_proj" in path:
+            return np.zeros_like(value)
+        if path[:1] == ("wte",):
+            return embedding
+        if path[:1] == ("lm_head",):
+            return head
+        return value
+
+    return _set_params(build_model(model_cfg(tie_word_embeddings=False), rngs=nnx.Rngs(0)), rule)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_tokenizer_and_model_follow_the_construction(successor_model, tokenizer):
+    assert tokenizer.encode("abc m\n") == [0, 1, 2, 13, 12, 14] and tokenizer.eos_token_id == 15
+    logits = np.asarray(successor_model(jnp.arange(VOCAB)[None]))
+    assert (logits[0].argmax(-1) == (np.arange(VOCAB) + 1) % VOCAB).all()
+
+
+def test_language_modeling_accuracy(tmp_path, successor_model, tokenizer):
+    rows = [{"context": "abc", "continuation": "def"}, {"context": "fg", "continuation": "hi"},
+            {"context": "ab", "continuation": "cc"}]  # the last breaks the chain at its second token
+    task = ICLTask("lm", write_jsonl(tmp_path / "lm.jsonl", rows), "language_modeling", continuation_delimiter="")
+    for shots in (0, 2):
+        result = evaluate_task(successor_model, tokenizer, task, shots, batch_size=2)
+        assert result.accuracy == pytest.approx(2 / 3) and result.num_examples == 3
+
+
+def test_trailing_delimiter_whitespace_belongs_to_the_continuation(tmp_path, successor_model, tokenizer):
+    # with the default " " delimiter the continuation is " \n" after "klm": m -> " " -> "\n" is right;
+    # "abc" + " d" is wrong because c predicts d, not " ".
+    rows = [{"context": "klm", "continuation": "\n"}, {"context": "abc", "continuation": "d"}]
+    task = ICLTask("lm", write_jsonl(tmp_path / "lm.jsonl", rows), "language_modeling")
+    assert evaluate_task(successor_model, tokenizer, task, 0).accuracy == 0.5
+
+
+def test_multiple_choice_accuracy(tmp_path, successor_model, tokenizer):
+    rows = [{"query": "ab", "choices": ["c", "d", "e"], "gold": 0},
+            {"query": "de", "choices": ["g", "fghij"], "gold": 1},
+            {"query": "hi", "choices": ["j", "k"], "gold": 1}]  # gold deliberately wrong
+    task = ICLTask("mc", write_jsonl(tmp_path / "mc.jsonl", rows), "multiple_choice", continuation_delimiter="")
+    result = evaluate_task(successor_model, tokenizer, task, 1, batch_size=4)
+    assert result.accuracy == pytest.approx(2 / 3)
+
+
+def test_schema_accuracy(tmp_path, successor_model, tokenizer):
+    rows = [{"context_options": ["al", "ab"], "continuation": "c", "gold": 1},
+            {"context_options": ["ef", "eg"], "continuation": "h", "gold": 0}]  # "eg" predicts h: gold is wrong
+    task = ICLTask("schema", write_jsonl(tmp_path / "s.jsonl", rows), "schema", continuation_delimiter="")
+    assert evaluate_task(successor_model, tokenizer, task, 0).accuracy == 0.5
+
+
+def test_generation_exact_match(tmp_path, successor_model, tokenizer):
+    rows = [{"context": "abc", "answer": "def", "aliases": []},
+            {"context": "ab", "answer": "kkk", "aliases": ["c d e"]},  # spaces are kept: "c d e" is not "cde"
+            {"context": "ab", "answer": "kkk", "aliases": ["cde"]},
+            {"context": "fg", "answer": "hj", "aliases": []}]
+    task = ICLTask("gen", write_jsonl(tmp_path / "g.jsonl", rows), "generation_task_with_answers",
+                   continuation_delimiter="")
+    # greedy output from "abc" is "defghijklm " then "\n" (the stop string) and EOS
+    assert evaluate_task(successor_model, tokenizer, task, 0, batch_size=4).accuracy == 0.5
+
+
+def test_normalize_answer_follows_foundry_rules():
+    assert normalize_answer("  The Cat's_hat!  ") == "cat s hat"
+    assert normalize_answer("An apple, a day") == "apple day"
+
+
+def test_fewshot_prompt_assembly(tmp_path):
+    rows = [{"context": "c0", "continuation": "a0"}, {"context": "c1", "continuation": "a1"}]
+    task = ICLTask("lm", "unused", "language_modeling", prompt_string="P", example_delimiter="\n",
+                   continuation_delimiter=": ")
+    import random
+
+    prefix = fewshot_prefix(task, rows, 0, 1, random.Random(1234))  # the only other example is 1
+    assert prefix == "P\nc1: a1"
+    assert split_span(prefix, "c0", task, "a0") == ("P\nc1: a1\nc0:", " a0")
+
+
+def test_uniform_model_perplexity_is_vocab_size():
+    model = build_model(model_cfg(), rngs=nnx.Rngs(0))
+    model = _set_params(model, lambda path, v: np.zeros_like(v) if path[:1] == ("wte",) else v)
+    batches = text_batches([[1, 2, 3], [4, 5]], seq_len=4, batch_size=2, eos_token_id=15)
+    result = perplexity(model, batches)
+    # rows [1 2 3 EOS] and [4 5 EOS]: 3 + 2 predicted tokens, each at probability 1/16
+    assert result["tokens"] == 5
+    assert result["cross_entropy"] == pytest.approx(math.log(VOCAB), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(VOCAB, rel=1e-5)
+
+
+def test_gauntlet_arithmetic(tmp_path):
+    spec = {"categories": [
+        {"name": "one", "benchmarks": [{"name": "a", "num_fewshot": 0, "random_baseline": 0.25},
+                                       {"name": "b", "num_fewshot": 5, "random_baseline": 0.0}]},
+        {"name": "two", "benchmarks": [{"name": "c", "num_fewshot": 0, "random_baseline": 0.5}]}]}
+    results = [TaskResult("a", "multiple_choice", 0, 0.5, 10), TaskResult("b", "language_modeling", 5, 0.8, 30),
+               TaskResult("c", "schema", 0, 0.1, 7), TaskResult("a", "multiple_choice", 5, 0.9, 10)]
+    scores = gauntlet_scores(spec, results)
+    assert scores["benchmarks"]["a/0-shot"] == pytest.approx(1 / 3)  # (0.5 - 0.25) / 0.75
+    assert scores["categories"]["one"] == pytest.approx(17 / 30)  # (1/3 + 0.8) / 2
+    assert scores["categories"]["two"] == pytest.approx(-0.8)  # (0.1 - 0.5) / 0.5
+    assert scores["average"] == pytest.approx(-7 / 60)
+    weighted = gauntlet_scores(dict(spec, weighting="SAMPLE_SZ"), results)
+    assert weighted["categories"]["one"] == pytest.approx((10 / 3 + 24) / 40)
+    with pytest.raises(ConfigError, match=r"c \(5-shot\) was not evaluated"):
+        gauntlet_scores({"categories": [{"name": "x", "benchmarks": [
+            {"name": "c", "num_fewshot": 5, "random_baseline": 0}]}]}, results)
+
+
+def test_missing_fields_name_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "mc.jsonl", [{"query": "a", "choices": ["b"], "gold": 0}, {"query": "a"}])
+    with pytest.raises(ConfigError, match=r"mc\.jsonl:2 has no field 'choices'"):
+        read_examples(path, "multiple_choice")
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("icl_tasks:\n- label: ok\n  dataset_uri: mc.jsonl\n  icl_task_type: schema\n"
+                     "- label: broken\n  icl_task_type: schema\n")
+    with pytest.raises(ConfigError, match=r"tasks\.yaml:5: icl_tasks entry is missing the field 'dataset_uri'"):
+        load_tasks(str(tasks))
+    gauntlet = tmp_path / "gauntlet.yaml"
+    gauntlet.write_text("eval_gauntlet:\n  categories:\n  - name: one\n    benchmarks:\n"
+                        "    - name: a\n      num_fewshot: 0\n")
+    with pytest.raises(ConfigError, match=r"gauntlet\.yaml:5: .*missing the field 'random_baseline'"):
+        gauntlet_scores(str(gauntlet), [TaskResult("a", "schema", 0, 1.0, 1)])
+
+
+def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
+    assert eval_main(["--checkpoint", str(tmp_path / "nope"), "--task", "x.jsonl"]) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_cli_end_to_end(tmp_path, successor_model, tokenizer, capsys):
+    from jaxtrain.convert import save_model
+
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    save_model(str(tmp_path / "ckpt"), model_cfg(tie_word_embeddings=False),
+               nnx.to_pure_dict(nnx.state(successor_model, nnx.Param)), tokenizer_path=str(tmp_path / "tokenizer.json"))
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "ab", "choices": ["c", "d"], "gold": 0},
+                                        {"query": "ab", "choices": ["c", "d"], "gold": 1}])
+    (tmp_path / "tasks.yaml").write_text(
+        "icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n"
+        "  num_fewshot: [0]\n  continuation_delimiter: ''\n"
+        "eval_gauntlet:\n  categories:\n  - name: reasoning\n    benchmarks:\n"
+        "    - {name: mc, num_fewshot: 0, random_baseline: 0.25}\n")
+    out = tmp_path / "results.json"
+    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", str(tmp_path / "tasks.yaml"),
+                      "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["tasks"][0]["accuracy"] == 0.5
+    assert results["gauntlet"]["average"] == pytest.approx((0.5 - 0.25) / 0.75)
+    assert "gauntlet/average" in capsys.readouterr().out
