@@ -29,6 +29,7 @@ COVERED = {
     "kubectl apply -f launch/k8s-jobset.yaml": "test_multihost.py::test_cluster_launchers_parse_and_agree_on_the_process_count",
     "jaxtrain convert": "test_convert.py::test_trained_model_exports_to_transformers",
     "jaxtrain generate": "test_generate.py::test_generate_command",
+    "jaxtrain eval --checkpoint": "test_eval.py::test_cli_end_to_end",
     "jaxtrain plan --budget-usd 50000 --hardware h100": "test_readme.py::test_plan_budget_command",
     "jaxtrain plan --config configs/mpt/7b.yaml": "test_plan.py::test_memory_cli",
     "jaxtrain bench --config": "test_bench_command.py::test_bench_writes_a_file_the_planner_reads",
