@@ -256,6 +256,7 @@ class Config:
     log_to_console: bool = field(True, "print log lines")
     python_log_level: str = field("info", "log level")
     peak_flops_per_device: float | None = field(None, "peak FLOP/s for MFU; default from the device table")
+    log_shardings: bool = field(False, "print each parameter's shape, mesh spec and bytes per device at start")
     model: ModelConfig = field(factory=ModelConfig, doc="the model")
     tokenizer: TokenizerConfig = field(factory=TokenizerConfig, doc="the tokenizer")
     train_loader: LoaderConfig = field(factory=LoaderConfig, doc="training data")

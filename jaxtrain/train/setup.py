@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxtrain.config import Config, ConfigError, validate_for_devices
 from jaxtrain.config.timestr import parse_time, to_batches
@@ -21,6 +22,8 @@ from jaxtrain.train.optim import build_optimizer
 from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import create_train_state
 from jaxtrain.train.health import FaultInjector
+from jaxtrain.train.microbatch import (
+    AutoMicrobatchStep, SettledStep, device_capacity, memory_analysis, settle_microbatch)
 from jaxtrain.train.step import COMPUTE_DTYPES, HealthRules, compile_train_step, make_eval_step, make_train_step
 
 
@@ -61,6 +64,8 @@ class RunParts:
     peak_source: str
     batch_sharding: Any
     with_control: bool
+    device_train_microbatch: int = 0  # sequences per device per forward/backward pass
+    train_step_memory: Any = None  # XLA's memory analysis of the compiled train step, where available
 
 
 def time_to_batches(cfg: Config, value: str, key: str, *, batches_per_epoch: int, total_batches: int | None) -> int:
@@ -139,26 +144,46 @@ def build_run(cfg: Config) -> RunParts:
     compute_dtype = COMPUTE_DTYPES[cfg.precision]
     model = cfg.model
     use_dropout = max(model.emb_pdrop, model.resid_pdrop, model.attn_config.attn_pdrop) > 0
-    train_step = make_train_step(
-        model_def,
-        tx,
-        schedule,
-        compute_dtype=compute_dtype,
-        num_microbatches=microbatch_count(cfg, data_parallel_size(mesh)),
-        z_loss=model.z_loss,
-        use_dropout=use_dropout,
-        health=HealthRules(
-            detect_spikes=cfg.health.spike_policy != "none",
-            skip_spikes=cfg.health.spike_policy != "none",
-            spike_ratio=cfg.health.spike_ratio,
-            spike_min_steps=cfg.health.spike_min_steps,
-        ),
+    health = HealthRules(
+        detect_spikes=cfg.health.spike_policy != "none",
+        skip_spikes=cfg.health.spike_policy != "none",
+        spike_ratio=cfg.health.spike_ratio,
+        spike_min_steps=cfg.health.spike_min_steps,
     )
     shard_batch = batch_sharding(mesh)
     with_control = bool(cfg.health.skip_steps) or FaultInjector(cfg.faults, cfg.run_folder).active
-    compiled = compile_train_step(
-        train_step, state_shardings, shard_batch, control_sharding=replicated(mesh) if with_control else None
-    )
+
+    def build_step(num_microbatches: int):
+        train_step = make_train_step(
+            model_def, tx, schedule, compute_dtype=compute_dtype, num_microbatches=num_microbatches,
+            z_loss=model.z_loss, use_dropout=use_dropout, health=health,
+        )
+        return compile_train_step(
+            train_step, state_shardings, shard_batch, control_sharding=replicated(mesh) if with_control else None
+        )
+
+    # Compiled ahead of time for its memory analysis; the first call reuses this executable.
+    example_args = (state, {"input_ids": jax.ShapeDtypeStruct(
+        (cfg.global_train_batch_size, cfg.max_seq_len), jnp.int32, sharding=shard_batch)})
+    if with_control:
+        example_args += (jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated(mesh)),)
+    per_device_batch = cfg.global_train_batch_size // data_parallel_size(mesh)
+    if cfg.device_train_microbatch_size == "auto":
+        capacity, _ = device_capacity()
+
+        def settle(start: int | None = None) -> SettledStep:
+            return settle_microbatch(
+                build_step, example_args, per_device_batch=per_device_batch, capacity=capacity, start=start)
+
+        settled = settle()
+        print(settled.describe(), flush=True)
+        compiled = AutoMicrobatchStep(settled, settle, per_device_batch=per_device_batch)
+        device_microbatch, step_memory = settled.microbatch, settled.memory
+    else:
+        num_microbatches = microbatch_count(cfg, data_parallel_size(mesh))
+        compiled = build_step(num_microbatches)
+        device_microbatch = per_device_batch // num_microbatches
+        step_memory = memory_analysis(compiled.lower(*example_args).compile())
     eval_step = jax.jit(
         make_eval_step(model_def, compute_dtype=compute_dtype),
         in_shardings=(state_shardings.params, shard_batch),
@@ -187,6 +212,8 @@ def build_run(cfg: Config) -> RunParts:
         peak_source=peak_source,
         batch_sharding=shard_batch,
         with_control=with_control,
+        device_train_microbatch=device_microbatch,
+        train_step_memory=step_memory,
     )
 
 
