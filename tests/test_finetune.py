@@ -97,3 +97,29 @@ def test_build_loaders_serves_labels_and_sequence_ids(tmp_path):
     np.testing.assert_array_equal(train.rows[2], [10, 11, 12, EOS, 8, 9, 10, EOS])
     np.testing.assert_array_equal(train.labels[2], [X, 11, 12, EOS, X, X, 10, EOS])
     np.testing.assert_array_equal(train.sequence_id[2], [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def test_prompt_response_pairs_train_end_to_end(tmp_path):
+    """A run on prompt/response JSONL through the real entry point: loss on responses falls."""
+    import json as _json
+    import subprocess
+    import sys
+
+    from test_end_to_end import ROOT, step_losses
+
+    rows = [{"prompt": f"What is {a} plus {b}?\n", "response": f"{a + b}"} for a in range(20) for b in range(10)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(_json.dumps(row) for row in rows) + "\n")
+    sets = [
+        "variables.max_seq_len=64", "model.d_model=64", "model.n_layers=2", "model.vocab_size=1024",
+        "tokenizer.kwargs.vocab_size=1024", "train_loader.dataset.source=finetune_jsonl",
+        f"train_loader.dataset.local={tmp_path / 'pairs.jsonl'}", "eval_loader=null", "global_train_batch_size=8",
+        "device_train_microbatch_size=4", "progress_bar=false", f"run_folder={tmp_path / 'run'}", "save_folder=null",
+        "max_duration=30ba", "eval_interval=0", "model.attn_config.attn_uses_sequence_id=true",
+    ]
+    args = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for item in sets:
+        args += ["--set", item]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = step_losses(tmp_path / "run")
+    assert len(losses) == 30 and sum(list(losses.values())[-5:]) / 5 < losses[1] - 2.0

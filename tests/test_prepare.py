@@ -123,8 +123,6 @@ def test_foundry_int64_bytes_rows_and_wrong_lengths(tmp_path):
         build_loaders(cfg, cache_dir=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match="pre-tokenized MDS.*tokenizer.json"):
         build_loaders(_config(local, "bpe:default"), cache_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match="remote.*not supported yet"):
-        build_loaders(_config(local, tokenizer_path, remote="s3://bucket/data"), cache_dir=str(tmp_path / "run"))
 
 
 def test_cli_writes_and_reports_errors_in_one_line(jsonl, tmp_path, capsys):

@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
 from jaxtrain.config import ConfigError, load_config_dict
 from jaxtrain.config.schema import ModelConfig
 
@@ -42,7 +43,10 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
 
     if "://" not in folder and not os.path.isdir(folder):
         raise ConfigError(f"{folder}: checkpoint folder not found")
-    root = os.path.abspath(folder) if "://" not in folder else folder
+    if is_remote(folder):  # staged locally: Orbax reads the downloaded step
+        root = fetch_checkpoint(folder, step)
+    else:
+        root = os.path.abspath(folder) if "://" not in folder else folder
     manager = ocp.CheckpointManager(
         root, options=ocp.CheckpointManagerOptions(read_only=True, create=False), item_names=("state", "meta")
     )

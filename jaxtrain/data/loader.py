@@ -16,13 +16,15 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxtrain.config.schema import ConfigError
-from jaxtrain.data.mds.reader import TokenRows, mds_datasets
+from jaxtrain.data.finetune import finetune_documents, finetune_rows
+from jaxtrain.data.mds.reader import TokenRows
+from jaxtrain.data.remote import open_mds_datasets, token_rows
 from jaxtrain.data.packing import load_or_pack
 from jaxtrain.data.sources import Documents, jsonl_documents, mds_documents, text_documents
 from jaxtrain.data.stdlib_corpus import stdlib_documents
 from jaxtrain.data.tokenizer import Tokenizer, load_tokenizer
 
-SOURCES = ("python_stdlib", "text", "jsonl", "mds")
+SOURCES = ("python_stdlib", "text", "jsonl", "mds", "finetune_jsonl")
 # bpe:default trains on at most this many characters of the train split (the stdlib corpus fits).
 TOKENIZER_TRAIN_MAX_CHARS = 64 * 1024 * 1024
 # Label of padding rows in eval batches: LLM Foundry's (and PyTorch's) ignored target.
@@ -51,13 +53,20 @@ class BatchLoader:
 
     Iterating (``next(loader)``) yields ``{"input_ids": int32[local_batch, max_seq_len]}`` forever,
     epoch after epoch, dropping each epoch's last incomplete global batch. ``batches(n)`` is one
-    in-order pass over every row for evaluation (see its doc).
+    in-order pass over every row for evaluation (see its doc). Given ``labels`` and
+    ``sequence_id`` (same shape as ``rows``), batches carry the matching rows of them too.
     """
 
     def __init__(self, rows: np.ndarray, *, global_batch_size: int | None, seed: int = 0, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1, pad_token_id: int = 0, name: str = "train_loader"):
+                 process_index: int = 0, process_count: int = 1, pad_token_id: int = 0, name: str = "train_loader",
+                 labels: np.ndarray | None = None, sequence_id: np.ndarray | None = None):
         if rows.ndim != 2:
             raise ValueError(f"{name}: rows must be [num_rows, max_seq_len], got shape {rows.shape}")
+        for extra, extra_name in ((labels, "labels"), (sequence_id, "sequence_id")):
+            if extra is not None and extra.shape != rows.shape:
+                raise ValueError(f"{name}: {extra_name} shape {extra.shape} differs from rows shape {rows.shape}")
+        self.labels = labels
+        self.sequence_id = sequence_id
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
         self.rows = rows
@@ -138,11 +147,26 @@ class BatchLoader:
         indices = self.order(self._epoch)[start : start + self.local_batch_size]
         self._sample_in_epoch += global_batch
         self._roll_over()
-        return {"input_ids": np.asarray(self.rows[indices], dtype=np.int32)}
+        prefetch = getattr(self.rows, "prefetch", None)
+        if prefetch is not None:  # streamed rows: fetch the next batches' shards while this one trains
+            ahead = self._sample_in_epoch + self.process_index * self.local_batch_size
+            prefetch(self.order(self._epoch)[ahead : ahead + self.rows.predownload])
+        batch = {"input_ids": np.asarray(self.rows[indices], dtype=np.int32)}
+        if self.labels is not None:
+            batch["labels"] = np.asarray(self.labels[indices], dtype=np.int32)
+        if self.sequence_id is not None:
+            batch["sequence_id"] = np.asarray(self.sequence_id[indices], dtype=np.int32)
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         """The position of the next batch: {"epoch", "sample_in_epoch"} (global samples)."""
         return {"epoch": self._epoch, "sample_in_epoch": self._sample_in_epoch}
+
+    def close(self) -> None:
+        """Release what the rows hold (a streamed dataset's local cache, unless kept)."""
+        close = getattr(self.rows, "close", None)
+        if close is not None:
+            close()
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from ``state_dict``): the next batch is the one that was next then."""
@@ -179,15 +203,19 @@ class BatchLoader:
             input_ids = np.full((local, self.max_seq_len), self.pad_token_id, dtype=np.int32)
             labels = np.full((local, self.max_seq_len), IGNORE_INDEX, dtype=np.int32)
             input_ids[: len(real)] = real
-            labels[: len(real)] = real
-            yield {"input_ids": input_ids, "labels": labels}
+            labels[: len(real)] = real if self.labels is None else self.labels[start : start + len(real)]
+            batch = {"input_ids": input_ids, "labels": labels}
+            if self.sequence_id is not None:
+                batch["sequence_id"] = np.zeros((local, self.max_seq_len), dtype=np.int32)
+                batch["sequence_id"][: len(real)] = self.sequence_id[start : start + len(real)]
+            yield batch
 
 
 def documents_for(dataset, *, key: str) -> Documents:
     """The documents a ``DatasetConfig`` names."""
     source = dataset.source
     if source == "mds":
-        return mds_documents(mds_datasets(dataset, key=key), text_field=dataset.text_field, key=key)
+        return mds_documents(open_mds_datasets(dataset, key=key), text_field=dataset.text_field, key=key)
     if source not in SOURCES:
         raise ConfigError(f"{key}.source={source!r} is unknown: use one of {', '.join(SOURCES)}")
     if dataset.remote:
@@ -197,6 +225,8 @@ def documents_for(dataset, *, key: str) -> Documents:
                                 max_files=dataset.max_files, key=key)
     if source == "text":
         return text_documents(dataset.local, dataset.split, max_files=dataset.max_files, key=key)
+    if source == "finetune_jsonl":
+        return finetune_documents(dataset.local, dataset.split, key=key)[0]
     return jsonl_documents(dataset.local, dataset.split, text_field=getattr(dataset, "text_field", "text"),
                            max_files=dataset.max_files, key=key)
 
@@ -225,14 +255,32 @@ def _packed_rows(cfg, dataset, documents: Documents, tokenizer: Tokenizer, cache
     return load_or_pack(documents, tokenizer, cache_dir=cache_dir, max_seq_len=max_seq_len, eos_token_id=eos_token_id)
 
 
+def _rows_for(cfg, dataset, documents: Documents, tokenizer: Tokenizer, cache_dir: str, key: str):
+    """Packed token rows, or ``FinetuneRows`` (inputs, labels, sequence ids) for ``finetune_jsonl``."""
+    if dataset.source == "finetune_jsonl":
+        return finetune_rows(cfg, dataset, tokenizer, key=key)
+    return _packed_rows(cfg, dataset, documents, tokenizer, cache_dir, key)
+
+
+def _split_rows(rows) -> tuple[np.ndarray, dict]:
+    """(input rows, BatchLoader keyword arguments for labels and sequence ids)."""
+    labels = getattr(rows, "labels", None)
+    if labels is None:
+        return rows, {}
+    return rows.input_ids, {"labels": labels, "sequence_id": rows.sequence_id}
+
+
 def _mds_token_rows(cfg, dataset, key: str) -> TokenRows | None:
     """The rows of a pre-tokenized MDS dataset (a ``tokens`` column), or None for any other dataset."""
     if dataset.source != "mds":
         return None
-    datasets = mds_datasets(dataset, key=key)
+    datasets = open_mds_datasets(dataset, key=key)
     if not all("tokens" in mds.columns for mds in datasets if len(mds)):
         return None
     bytes_dtype = str((dataset.extra or {}).get("token_encoding_type", "int64"))
+    if dataset.remote:
+        return token_rows(datasets, dataset, seq_len=dataset.max_seq_len or cfg.max_seq_len, bytes_dtype=bytes_dtype,
+                          key=key)
     return TokenRows(datasets, seq_len=dataset.max_seq_len or cfg.max_seq_len, bytes_dtype=bytes_dtype, key=key)
 
 
@@ -267,11 +315,12 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
             train_texts=_capped_texts(train_documents, TOKENIZER_TRAIN_MAX_CHARS),
             train_fingerprint=f"{train_documents.fingerprint}:{TOKENIZER_TRAIN_MAX_CHARS}",
         )
-        train_rows = _packed_rows(cfg, train_dataset, train_documents, tokenizer, cache_dir, "train_loader.dataset")
+        train_rows = _rows_for(cfg, train_dataset, train_documents, tokenizer, cache_dir, "train_loader.dataset")
     seed = cfg.seed if train_dataset.shuffle_seed is None else train_dataset.shuffle_seed
+    train_rows, train_extra = _split_rows(train_rows)
     train_loader = BatchLoader(train_rows, global_batch_size=cfg.global_train_batch_size, seed=seed,
                                shuffle=train_dataset.shuffle, process_index=process_index,
-                               process_count=process_count, pad_token_id=_pad_id(tokenizer))
+                               process_count=process_count, pad_token_id=_pad_id(tokenizer), **train_extra)
     if cfg.eval_loader is None:
         return train_loader, None, tokenizer
     eval_dataset = cfg.eval_loader.dataset
@@ -281,11 +330,12 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
     eval_name = f"mds:{eval_dataset.local}"
     if eval_rows is None:
         eval_documents = documents_for(eval_dataset, key="eval_loader.dataset")
-        eval_rows, eval_name = _packed_rows(cfg, eval_dataset, eval_documents, tokenizer, cache_dir,
-                                            "eval_loader.dataset"), eval_documents.name
+        eval_rows, eval_name = _rows_for(cfg, eval_dataset, eval_documents, tokenizer, cache_dir,
+                                         "eval_loader.dataset"), eval_documents.name
+    eval_rows, eval_extra = _split_rows(eval_rows)
     if eval_rows.shape[0] == 0:
         raise ConfigError(f"eval_loader.dataset: {eval_name} has too few tokens for one sequence: add data")
     eval_loader = BatchLoader(eval_rows, global_batch_size=None, shuffle=False, process_index=process_index,
                               process_count=process_count, pad_token_id=_pad_id(tokenizer),
-                              name="eval_loader")
+                              name="eval_loader", **eval_extra)
     return train_loader, eval_loader, tokenizer

@@ -97,7 +97,12 @@ class Trainer(RecoveryMixin):
 
     def _save_tokenizer(self) -> None:
         """Keep the tokenizer beside the checkpoints, so generation and export need nothing else."""
-        if self.checkpointer is None or jax.process_index() != 0 or "://" in self.checkpointer.folder:
+        if self.checkpointer is None or jax.process_index() != 0:
+            return
+        if self.checkpointer.remote is not None:  # written into the staging folder, then uploaded
+            path = os.path.join(self.checkpointer.remote.staging, TOKENIZER_FILE)
+            self.parts.tokenizer.save(path)
+            self.checkpointer.remote.upload_file(path, TOKENIZER_FILE)
             return
         os.makedirs(self.checkpointer.folder, exist_ok=True)
         self.parts.tokenizer.save(os.path.join(self.checkpointer.folder, TOKENIZER_FILE))

@@ -1,0 +1,346 @@
+"""MDS datasets streamed from object storage (``s3://``, ``gs://``, ...) through a bounded local cache.
+
+``remote`` names the dataset's folder (``remote/split`` in LLM Foundry's layout, or ``remote``
+itself when it holds the ``index.json``). Its ``index.json`` is downloaded first; a shard is
+downloaded into ``local`` the first time one of its samples is read, and the shards the next
+batches need are predownloaded by a background thread. ``extra`` carries Streaming's options:
+``download_retry`` (default 2, exponential backoff), ``cache_limit`` (e.g. ``"100mb"``: the least
+recently used shards are deleted to stay under it), ``keep_local`` (default false: the cache is
+deleted when the loader closes or the process exits; true keeps it for the next run),
+``predownload`` (rows of the upcoming batches whose shards are fetched ahead, default 256).
+
+Training shuffles rows across the whole dataset, so a shard evicted under ``cache_limit`` may be
+downloaded again later in the epoch; the limit bounds disk use, not traffic.
+
+``s3://`` goes through boto3, whose credentials and endpoint come from the standard AWS
+environment and config files (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``; ``S3_ENDPOINT_URL`` is
+honoured too); other schemes go through fsspec.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from jaxtrain.config.schema import ConfigError
+from jaxtrain.data.mds.reader import DEFAULT_BYTES_TOKEN_DTYPE, MDSDataset, _token_view, mds_datasets
+from jaxtrain.data.mds.writer import _SIZE_UNITS, INDEX_BASENAME, is_remote
+
+DEFAULT_DOWNLOAD_RETRY = 2
+DEFAULT_PREDOWNLOAD_ROWS = 256
+# First wait between download attempts; it doubles after each failure.
+RETRY_BASE_SECONDS = 0.5
+
+
+class ObjectStore:
+    """Files under one URL prefix: boto3 for ``s3://``, fsspec for any other scheme."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        scheme, _, rest = self.url.partition("://")
+        self.scheme = scheme
+        if scheme == "s3":
+            try:
+                import boto3
+            except ImportError:
+                raise ConfigError(f"reading {url} needs boto3: pip install boto3") from None
+            self.bucket, _, self.prefix = rest.partition("/")
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL") or None
+            self._s3 = boto3.session.Session().client("s3", endpoint_url=endpoint)
+        else:
+            try:
+                import fsspec
+            except ImportError:
+                raise ConfigError(f"reading {url} needs fsspec: pip install fsspec") from None
+            self._fs, self.prefix = fsspec.core.url_to_fs(self.url)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def where(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def get(self, name: str, path: str) -> None:
+        """Download ``name`` to the local ``path`` (written beside it, then renamed into place)."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        partial = f"{path}.part-{os.getpid()}-{threading.get_ident()}"
+        try:
+            if self.scheme == "s3":
+                self._s3.download_file(self.bucket, self._key(name), partial)
+            else:
+                self._fs.get_file(self._key(name), partial)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+    def put(self, path: str, name: str) -> None:
+        if self.scheme == "s3":
+            self._s3.upload_file(path, self.bucket, self._key(name))
+        else:
+            parent = self._key(name).rsplit("/", 1)[0]
+            self._fs.makedirs(parent, exist_ok=True)
+            self._fs.put_file(path, self._key(name))
+
+    def list(self, under: str = "") -> list[str]:
+        """Names (relative to the prefix) of every file under ``under``."""
+        base = self._key(under).rstrip("/")
+        if self.scheme == "s3":
+            names, pages = [], self._s3.get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=f"{base}/" if base else ""):
+                names += [item["Key"] for item in page.get("Contents", [])]
+        else:
+            self._fs.invalidate_cache()
+            names = self._fs.find(base) if self._fs.exists(base) else []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(name[strip:] for name in names)
+
+    def delete(self, names: list[str]) -> None:
+        if self.scheme == "s3":
+            for start in range(0, len(names), 1000):
+                chunk = [{"Key": self._key(name)} for name in names[start:start + 1000]]
+                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk})
+        else:
+            for name in names:
+                self._fs.rm_file(self._key(name))
+
+
+def download_with_retry(store: ObjectStore, name: str, path: str, *, retries: int, what: str) -> None:
+    """``store.get`` with up to ``retries`` further attempts after failures, waiting 0.5 s, 1 s, 2 s, ..."""
+    for attempt in range(retries + 1):
+        try:
+            store.get(name, path)
+            return
+        except Exception as error:  # network, throttling, a missing object: all worth another try
+            if attempt == retries:
+                raise ConfigError(f"{what}: could not download {store.where(name)} after {retries + 1} attempts "
+                                  f"({type(error).__name__}); check the URL and credentials, or raise "
+                                  f"extra.download_retry") from None
+            time.sleep(RETRY_BASE_SECONDS * 2 ** attempt)
+
+
+class RemoteMDSDataset(MDSDataset):
+    """An ``MDSDataset`` whose shards are downloaded from ``remote`` on first use into a bounded cache."""
+
+    def __init__(self, remote: str, local: str | None, split: str | None, *, verify_hashes: bool = True,
+                 retries: int = DEFAULT_DOWNLOAD_RETRY, cache_limit: int | None = None, keep_local: bool = False,
+                 key: str = "train_loader.dataset"):
+        self.remote_url, self.retries, self.cache_limit, self.key = remote.rstrip("/"), retries, cache_limit, key
+        created = local is None
+        local = tempfile.mkdtemp(prefix="jaxtrain-mds-") if created else os.path.expanduser(local)
+        self.store = ObjectStore(f"{self.remote_url}/{split}" if split else self.remote_url)
+        root = os.path.join(local, split) if split else local
+        try:
+            download_with_retry(self.store, INDEX_BASENAME, os.path.join(root, INDEX_BASENAME), retries=0, what=key)
+        except ConfigError:
+            if not split:
+                raise
+            self.store, root = ObjectStore(self.remote_url), local  # the dataset sits at remote itself
+            download_with_retry(self.store, INDEX_BASENAME, os.path.join(root, INDEX_BASENAME), retries=retries, what=key)
+        super().__init__(root, None, verify_hashes=verify_hashes)
+        self._lock = threading.Lock()
+        self._shard_locks = collections.defaultdict(threading.Lock)
+        self._cached: collections.OrderedDict[int, list[str]] = collections.OrderedDict()  # LRU: shard -> files
+        self._downloading: dict[int, int] = {}  # shard -> bytes
+        self._cleanup = None if keep_local else weakref.finalize(self, _remove_cache, root, local if created else None)
+
+    @property
+    def fingerprint(self) -> str:
+        """Keyed by the remote URL and its index, so packed-row caches outlive the shard cache."""
+        return hashlib.sha1(self.store.url.encode() + b"\0" + self.index_bytes).hexdigest()
+
+    def _files(self, number: int) -> list[dict]:
+        entry = self.shards[number]
+        return [info for info in (entry.get("zip_data") or entry["raw_data"], entry["raw_data"]) if info]
+
+    def cached_bytes(self) -> int:
+        total = 0
+        for name in os.listdir(self.root):
+            if name != INDEX_BASENAME:
+                total += os.path.getsize(os.path.join(self.root, name))
+        return total
+
+    def fetch(self, number: int, *, only_if_room: bool = False) -> bool:
+        """Download shard ``number`` unless cached; evicts older shards to fit ``cache_limit``."""
+        entry = self.shards[number]
+        info = entry.get("zip_data") or entry["raw_data"]
+        size = int(info.get("bytes") or 0) + (int(entry["raw_data"].get("bytes") or 0) if entry.get("zip_data") else 0)
+        if self.cache_limit is not None and size > self.cache_limit:
+            raise ConfigError(f"{self.key}: shard {self.store.where(info['basename'])} needs {size} bytes of cache but "
+                              f"extra.cache_limit is {self.cache_limit}: raise extra.cache_limit")
+        with self._shard_locks[number]:
+            with self._lock:
+                if number in self._cached:
+                    self._cached.move_to_end(number)
+                    return True
+                if only_if_room and self.cache_limit is not None and self._used() + size > self.cache_limit:
+                    return False
+                self._evict(size, keep=number)
+                self._downloading[number] = size  # counted against the limit while it downloads
+            try:
+                download_with_retry(self.store, info["basename"], os.path.join(self.root, info["basename"]),
+                                    retries=self.retries, what=f"{self.key} shard {number}")
+            finally:
+                with self._lock:
+                    del self._downloading[number]
+            with self._lock:
+                self._cached[number] = [file["basename"] for file in (info, entry["raw_data"])]
+        return True
+
+    def _used(self) -> int:
+        return sum(self._downloading.values()) + sum(int(self.shards[n]["raw_data"].get("bytes") or 0)
+                   + int((self.shards[n].get("zip_data") or {}).get("bytes") or 0) for n in self._cached)
+
+    def _evict(self, incoming: int, keep: int) -> None:
+        """Delete least recently used shards until ``incoming`` more bytes fit (lock held)."""
+        if self.cache_limit is None:
+            return
+        for number in list(self._cached):
+            if self._used() + incoming <= self.cache_limit:
+                return
+            if number == keep:
+                continue
+            self._opened.pop(number, None)  # mapped bytes stay valid until their last view goes
+            for name in set(self._cached.pop(number)):
+                try:
+                    os.remove(os.path.join(self.root, name))
+                except FileNotFoundError:
+                    pass
+
+    def shard(self, number: int):
+        if number not in self._opened:
+            self.fetch(number)
+        else:
+            with self._lock:
+                if number in self._cached:
+                    self._cached.move_to_end(number)
+        return super().shard(number)
+
+    def close(self) -> None:
+        """Delete the local cache now (unless ``keep_local``)."""
+        self._opened.clear()
+        if self._cleanup is not None:
+            self._cleanup()
+
+
+def _remove_cache(root: str, created: str | None) -> None:
+    shutil.rmtree(created or root, ignore_errors=True)
+
+
+class StreamingTokenRows:
+    """``TokenRows`` over ``RemoteMDSDataset``s: rows are gathered shard by shard, downloading on demand.
+
+    Row ``i`` is the same row ``TokenRows`` would give for a local copy, so batches match exactly.
+    ``prefetch(indices)`` downloads the shards those rows live in on a background thread.
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.int32)
+
+    def __init__(self, datasets: list[RemoteMDSDataset], *, seq_len: int, column: str = "tokens",
+                 bytes_dtype: str = DEFAULT_BYTES_TOKEN_DTYPE, predownload: int = DEFAULT_PREDOWNLOAD_ROWS,
+                 key: str = "train_loader.dataset"):
+        self.datasets, self.seq_len, self.column, self.key = datasets, seq_len, column, key
+        self.bytes_dtype, self.predownload = np.dtype(bytes_dtype), predownload
+        self._shards = [(dataset, number) for dataset in datasets for number in range(dataset.num_shards)
+                        if int(dataset.shards[number]["samples"])]
+        counts = [int(dataset.shards[number]["samples"]) for dataset, number in self._shards]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.shape = (int(self._starts[-1]), seq_len)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mds-predownload")
+        self._pending: set[int] = set()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item) -> np.ndarray:
+        if isinstance(item, slice):
+            indices = np.arange(*item.indices(len(self)))
+        elif np.isscalar(item):
+            return self[np.array([item])][0]
+        else:
+            indices = np.asarray(item, dtype=np.int64)
+        indices = np.where(indices < 0, indices + len(self), indices)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = np.empty((len(indices), self.seq_len), np.int32)
+        for shard in np.unique(shards):
+            dataset, number = self._shards[shard]
+            view = _token_view(dataset.shard(number), self.column, self.seq_len, self.bytes_dtype, self.key)
+            mask = shards == shard
+            rows[mask] = view[indices[mask] - self._starts[shard]]
+        return rows
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Start downloading the shards holding rows ``indices`` (as far as the cache has room)."""
+        shards = np.unique(np.searchsorted(self._starts, np.asarray(indices, np.int64), side="right") - 1)
+        for shard in shards.tolist():
+            if shard not in self._pending:
+                self._pending.add(shard)
+                self._pool.submit(self._fetch, shard)
+
+    def _fetch(self, shard: int) -> None:
+        dataset, number = self._shards[shard]
+        try:
+            dataset.fetch(number, only_if_room=True)
+        except Exception:
+            pass  # the read that needs this shard downloads it again and reports the failure
+        finally:
+            self._pending.discard(shard)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for dataset in self.datasets:
+            dataset.close()
+
+
+def open_mds_datasets(dataset, *, key: str) -> list[MDSDataset]:
+    """The MDS datasets a ``DatasetConfig`` names: streamed from ``remote`` when it is set, else local."""
+    if not dataset.remote:
+        return mds_datasets(dataset, key=key)
+    if dataset.streams:
+        raise ConfigError(f"{key}: remote and streams together are not supported: stream one remote dataset, or "
+                          f"copy the streams to local folders")
+    if not is_remote(dataset.remote):
+        raise ConfigError(f"{key}.remote={dataset.remote!r} is not a URL: give s3://bucket/path (or gs://...), or "
+                          f"set local instead")
+    extra = dataset.extra or {}
+    try:
+        retries = int(extra.get("download_retry", DEFAULT_DOWNLOAD_RETRY))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}.extra.download_retry={extra.get('download_retry')!r} must be an integer") from None
+    return [RemoteMDSDataset(dataset.remote, dataset.local, dataset.split,
+                             verify_hashes=bool(extra.get("validate_hash", True)), retries=max(retries, 0),
+                             cache_limit=parse_cache_limit(extra.get("cache_limit"), key),
+                             keep_local=bool(extra.get("keep_local", False)), key=key)]
+
+
+def parse_cache_limit(limit, key: str) -> int | None:
+    """Bytes in ``extra.cache_limit`` (an int, or e.g. ``"100mb"``, powers of 1024); None for no limit."""
+    if limit in (None, 0, ""):
+        return None
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?b)?\s*", str(limit).lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"{key}.extra.cache_limit={limit!r} is not a size: write bytes or e.g. 100mb, 2gb")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
+
+
+def token_rows(datasets: list[RemoteMDSDataset], dataset, *, seq_len: int, bytes_dtype: str,
+               key: str) -> StreamingTokenRows:
+    predownload = int((dataset.extra or {}).get("predownload") or DEFAULT_PREDOWNLOAD_ROWS)
+    return StreamingTokenRows(datasets, seq_len=seq_len, bytes_dtype=bytes_dtype, predownload=predownload, key=key)

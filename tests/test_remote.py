@@ -1,0 +1,175 @@
+"""Remote MDS streaming and remote checkpoints, against a real S3-compatible server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from jaxtrain.config.schema import Config, ConfigError, DatasetConfig, LoaderConfig, TokenizerConfig
+from jaxtrain.data import remote as data_remote
+from jaxtrain.data.loader import build_loaders
+from jaxtrain.data.mds import MDSWriter
+from jaxtrain.data.tokenizer import load_tokenizer
+
+moto_server = pytest.importorskip("moto.server")
+boto3 = pytest.importorskip("boto3")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN, NUM_ROWS, BUCKET = 32, 96, "jaxtrain-test"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    """A boto3 client on a fresh bucket; the AWS_* variables point every client at the local server."""
+    fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3_endpoint}
+    for name, value in fake.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    yield client
+    objects = client.list_objects_v2(Bucket=BUCKET).get("Contents", [])
+    if objects:
+        client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": item["Key"]} for item in objects]})
+    client.delete_bucket(Bucket=BUCKET)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A local pre-tokenized MDS dataset (several small shards) and a tokenizer for it."""
+    root = tmp_path_factory.mktemp("mds")
+    rows = np.random.default_rng(0).integers(0, 250, (NUM_ROWS, SEQ_LEN), dtype=np.int32)
+    with MDSWriter(str(root / "data" / "train"), {"tokens": "ndarray:int32"}, hashes=["sha1"], size_limit=1200) as writer:
+        for row in rows:
+            writer.write({"tokens": row})
+    tokenizer = load_tokenizer(TokenizerConfig(name="bpe:default", kwargs={"vocab_size": 300}),
+                               cache_dir=str(root / "tok"), train_texts=lambda: iter(["def f(x): return x"] * 20))
+    tokenizer.save(str(root / "tokenizer.json"))
+    return root
+
+
+def _upload(client, folder, prefix):
+    for name in sorted(os.listdir(folder)):
+        client.upload_file(os.path.join(folder, name), BUCKET, f"{prefix}/{name}")
+
+
+def _config(prepared, **dataset) -> Config:
+    return Config(max_seq_len=SEQ_LEN, global_train_batch_size=8,
+                  tokenizer=TokenizerConfig(name=str(prepared / "tokenizer.json")),
+                  train_loader=LoaderConfig(dataset=DatasetConfig(source="mds", **dataset)), eval_loader=None)
+
+
+def _shard_files(folder) -> list[str]:
+    return [name for name in os.listdir(folder) if name != "index.json"] if os.path.isdir(folder) else []
+
+
+def test_streams_the_same_batches_as_the_local_copy_within_the_cache_limit(s3, prepared, tmp_path):
+    _upload(s3, prepared / "data" / "train", "ds/train")
+    local_loader, _, _ = build_loaders(_config(prepared, local=str(prepared / "data")), cache_dir=str(tmp_path / "a"))
+    cache = tmp_path / "cache"
+    remote_cfg = _config(prepared, remote=f"s3://{BUCKET}/ds", local=str(cache),
+                         extra={"cache_limit": "3kb", "predownload": 16})
+    remote_loader, _, _ = build_loaders(remote_cfg, cache_dir=str(tmp_path / "b"))
+    num_shards = len(_shard_files(prepared / "data" / "train"))
+    assert num_shards >= 6 and remote_loader.num_sequences == local_loader.num_sequences
+    peak = 0
+    for _ in range(2 * local_loader.batches_per_epoch):  # two epochs, so evicted shards come back
+        np.testing.assert_array_equal(next(remote_loader)["input_ids"], next(local_loader)["input_ids"])
+        peak = max(peak, sum(os.path.getsize(cache / "train" / name) for name in _shard_files(cache / "train")))
+    assert 0 < peak <= 3 * 1024
+    remote_loader.close()
+    assert not (cache / "train").exists()  # keep_local defaults to false
+
+
+def test_keep_local_leaves_the_cache(s3, prepared, tmp_path):
+    _upload(s3, prepared / "data" / "train", "ds/train")
+    cfg = _config(prepared, remote=f"s3://{BUCKET}/ds", local=str(tmp_path / "cache"), extra={"keep_local": True})
+    loader, _, _ = build_loaders(cfg, cache_dir=str(tmp_path / "b"))
+    next(loader)
+    loader.close()
+    assert _shard_files(tmp_path / "cache" / "train")
+
+
+def test_a_shard_missing_for_a_moment_is_retried(s3, prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_remote, "RETRY_BASE_SECONDS", 0.2)
+    source = prepared / "data" / "train"
+    _upload(s3, source, "ds/train")
+    first = json.loads((source / "index.json").read_text())["shards"][0]["raw_data"]["basename"]
+    s3.delete_object(Bucket=BUCKET, Key=f"ds/train/{first}")
+    dataset = data_remote.RemoteMDSDataset(f"s3://{BUCKET}/ds", str(tmp_path / "c1"), "train", retries=0)
+    with pytest.raises(ConfigError, match=rf"s3://{BUCKET}/ds/train/{first}.*download_retry"):
+        dataset[0]
+    dataset.close()
+    threading.Timer(0.3, s3.upload_file, (str(source / first), BUCKET, f"ds/train/{first}")).start()
+    dataset = data_remote.RemoteMDSDataset(f"s3://{BUCKET}/ds", str(tmp_path / "c2"), "train", retries=3)
+    assert len(dataset[0]["tokens"]) == SEQ_LEN  # failed at 0 s and 0.2 s, found at 0.6 s
+    dataset.close()
+
+
+def test_missing_remote_dataset_is_one_clear_line(s3, prepared, tmp_path):
+    cfg = _config(prepared, remote=f"s3://{BUCKET}/nothing", local=str(tmp_path / "c"), extra={"download_retry": 0})
+    with pytest.raises(ConfigError, match=rf"s3://{BUCKET}/nothing/index.json") as error:
+        build_loaders(cfg, cache_dir=str(tmp_path / "b"))
+    assert "\n" not in str(error.value)
+
+
+CLI_OVERRIDES = ("variables.max_seq_len=64 model.d_model=64 model.n_layers=2 model.vocab_size=1024 "
+                 "tokenizer.kwargs.vocab_size=1024 train_loader.dataset.max_files=60 eval_loader.dataset.max_files=200 "
+                 "global_train_batch_size=8 device_train_microbatch_size=4 eval_interval=0 progress_bar=false "
+                 "max_duration=6ba save_interval=3ba").split()
+
+
+def _train(run_folder, *overrides, env):
+    command = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for override in (*CLI_OVERRIDES, f"run_folder={run_folder}", *overrides):
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses(run_folder) -> dict[int, float]:
+    losses = {}
+    with open(os.path.join(run_folder, "metrics.jsonl")) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "train/loss" in record:
+                losses[int(record["step"])] = record["train/loss"]
+    return losses
+
+
+def test_remote_save_folder_resumes_with_the_same_losses(s3, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    save_folder = f"s3://{BUCKET}/run/checkpoints"
+    _train(tmp_path / "whole", f"save_folder={save_folder}", env=env)  # saves steps 3 and 6
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
+    assert "run/checkpoints/tokenizer.json" in keys
+    assert {"run/checkpoints/3/_JAXTRAIN_UPLOADED", "run/checkpoints/6/_JAXTRAIN_UPLOADED"} <= set(keys)
+    # As if the upload of step 6 had been cut short: autoresume must take step 3.
+    s3.delete_object(Bucket=BUCKET, Key="run/checkpoints/6/_JAXTRAIN_UPLOADED")
+    _train(tmp_path / "resumed", f"save_folder={save_folder}", "autoresume=true", env=env)
+    whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "resumed")
+    assert set(whole) == {1, 2, 3, 4, 5, 6} and set(resumed) == {4, 5, 6}
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(whole[step], rel=1e-5)
+    from jaxtrain.checkpoint.load import load_checkpoint
+    loaded = load_checkpoint(save_folder)
+    assert loaded.step == 6 and loaded.tokenizer_path and os.path.isfile(loaded.tokenizer_path)
