@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from jaxtrain.config.schema import ConfigError
-from jaxtrain.data.mds.reader import DEFAULT_BYTES_TOKEN_DTYPE, MDSDataset, _token_view, mds_datasets
+from jaxtrain.data.mds.reader import DEFAULT_BYTES_TOKEN_DTYPE, MDSDataset, ShardedRows, _token_view, mds_datasets
 from jaxtrain.data.mds.writer import _SIZE_UNITS, INDEX_BASENAME, is_remote
 
 DEFAULT_DOWNLOAD_RETRY = 2
@@ -237,15 +237,12 @@ def _remove_cache(root: str, created: str | None) -> None:
     shutil.rmtree(created or root, ignore_errors=True)
 
 
-class StreamingTokenRows:
+class StreamingTokenRows(ShardedRows):
     """``TokenRows`` over ``RemoteMDSDataset``s: rows are gathered shard by shard, downloading on demand.
 
     Row ``i`` is the same row ``TokenRows`` would give for a local copy, so batches match exactly.
     ``prefetch(indices)`` downloads the shards those rows live in on a background thread.
     """
-
-    ndim = 2
-    dtype = np.dtype(np.int32)
 
     def __init__(self, datasets: list[RemoteMDSDataset], *, seq_len: int, column: str = "tokens",
                  bytes_dtype: str = DEFAULT_BYTES_TOKEN_DTYPE, predownload: int = DEFAULT_PREDOWNLOAD_ROWS,
@@ -260,31 +257,9 @@ class StreamingTokenRows:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mds-predownload")
         self._pending: set[int] = set()
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, item) -> np.ndarray:
-        if isinstance(item, slice):
-            indices = np.arange(*item.indices(len(self)))
-        elif np.isscalar(item):
-            return self[np.array([item])][0]
-        else:
-            indices = np.asarray(item, dtype=np.int64)
-        indices = np.where(indices < 0, indices + len(self), indices)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
-            raise IndexError(f"row index out of range for {len(self)} rows")
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        rows = np.empty((len(indices), self.seq_len), np.int32)
-        for shard in np.unique(shards):
-            dataset, number = self._shards[shard]
-            view = _token_view(dataset.shard(number), self.column, self.seq_len, self.bytes_dtype, self.key)
-            mask = shards == shard
-            rows[mask] = view[indices[mask] - self._starts[shard]]
-        return rows
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        rows = self[:]
-        return rows if dtype is None else rows.astype(dtype)
+    def _shard_view(self, shard: int) -> np.ndarray:
+        dataset, number = self._shards[shard]
+        return _token_view(dataset.shard(number), self.column, self.seq_len, self.bytes_dtype, self.key)
 
     def prefetch(self, indices: np.ndarray) -> None:
         """Start downloading the shards holding rows ``indices`` (as far as the cache has room)."""

@@ -259,29 +259,15 @@ def _keep_decompressed(raw_path: str, data: bytes):
     return _read(raw_path)
 
 
-class TokenRows:
-    """``[num_rows, seq_len]`` token rows read from the ``column`` of MDS datasets, for ``BatchLoader``.
+class ShardedRows:
+    """Row indexing over token rows split across shards: ``rows[indices]``, ``rows[a:b]``.
 
-    The column is ``ndarray`` of integers (LLM Foundry's ``--concat_tokens`` output,
-    ``ndarray:int32``) or ``bytes`` of ``bytes_dtype`` ids (its older converters: int64). Every
-    row must hold exactly ``seq_len`` tokens. Rows are strided views into the mapped shards, so
-    indexing (``rows[indices]``, ``rows[a:b]``) gathers only the rows asked for, as int32.
+    Subclasses set ``_starts`` (the first row of each shard, then the total), ``seq_len`` and
+    ``shape``, and give ``_shard_view(shard)``: that shard's rows as a ``[rows, seq_len]`` array.
     """
 
     ndim = 2
     dtype = np.dtype(np.int32)
-
-    def __init__(self, datasets: list[MDSDataset], *, seq_len: int, column: str = "tokens",
-                 bytes_dtype: str = DEFAULT_BYTES_TOKEN_DTYPE, key: str = "train_loader.dataset"):
-        self.seq_len = seq_len
-        self._views: list[np.ndarray] = []
-        for dataset in datasets:
-            for number in range(dataset.num_shards):
-                view = _token_view(dataset.shard(number), column, seq_len, np.dtype(bytes_dtype), key)
-                if len(view):
-                    self._views.append(view)
-        self._starts = np.concatenate([[0], np.cumsum([len(view) for view in self._views])]).astype(np.int64)
-        self.shape = (int(self._starts[-1]), seq_len)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -300,12 +286,37 @@ class TokenRows:
         rows = np.empty((len(indices), self.seq_len), np.int32)
         for shard in np.unique(shards):
             mask = shards == shard
-            rows[mask] = self._views[shard][indices[mask] - self._starts[shard]]
+            rows[mask] = self._shard_view(int(shard))[indices[mask] - self._starts[shard]]
         return rows
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         rows = self[:]
         return rows if dtype is None else rows.astype(dtype)
+
+
+class TokenRows(ShardedRows):
+    """``[num_rows, seq_len]`` token rows read from the ``column`` of MDS datasets, for ``BatchLoader``.
+
+    The column is ``ndarray`` of integers (LLM Foundry's ``--concat_tokens`` output,
+    ``ndarray:int32``) or ``bytes`` of ``bytes_dtype`` ids (its older converters: int64). Every
+    row must hold exactly ``seq_len`` tokens. Rows are strided views into the mapped shards, so
+    indexing (``rows[indices]``, ``rows[a:b]``) gathers only the rows asked for, as int32.
+    """
+
+    def __init__(self, datasets: list[MDSDataset], *, seq_len: int, column: str = "tokens",
+                 bytes_dtype: str = DEFAULT_BYTES_TOKEN_DTYPE, key: str = "train_loader.dataset"):
+        self.seq_len = seq_len
+        self._views: list[np.ndarray] = []
+        for dataset in datasets:
+            for number in range(dataset.num_shards):
+                view = _token_view(dataset.shard(number), column, seq_len, np.dtype(bytes_dtype), key)
+                if len(view):
+                    self._views.append(view)
+        self._starts = np.concatenate([[0], np.cumsum([len(view) for view in self._views])]).astype(np.int64)
+        self.shape = (int(self._starts[-1]), seq_len)
+
+    def _shard_view(self, shard: int) -> np.ndarray:
+        return self._views[shard]
 
 
 def _token_view(shard: Shard, column: str, seq_len: int, bytes_dtype: np.dtype, key: str) -> np.ndarray:
