@@ -98,7 +98,8 @@ def test_stop_sequences_and_eos_stop():
     assert result.stopped[0]
     eos = greedy[1][1]
     result = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
-    assert result.tokens[1] == greedy[1][:2] and result.stopped[1]
+    first_eos = greedy[1].index(eos)  # generation ends with the first EOS, included
+    assert result.tokens[1] == greedy[1][: first_eos + 1] and result.stopped[1]
 
 
 def test_too_long_request_is_refused():
