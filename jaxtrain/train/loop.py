@@ -59,6 +59,7 @@ class Trainer(RecoveryMixin):
         self.last_metrics: dict[str, float] = {}
         self.eval_history: list[tuple[int, float]] = []
         self._stop_signal: int | None = None
+        self._data_wait = 0.0
         self.stopped_unhealthy: str | None = None
         self.incidents: list[dict[str, Any]] = []
         self.positions: dict[int, tuple[int, int]] = {}  # step -> loader position of its batch
@@ -169,6 +170,8 @@ class Trainer(RecoveryMixin):
         if timed:  # the first step includes compilation, so it gets no throughput figure
             self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
             metrics.update(self.meter.summary(self.parts.peak_flops_per_device))
+        # Host time spent getting the batch (reading, packing, transfer) that the step then used.
+        metrics["data_wait_seconds"] = self._data_wait
         self.watchdog.beat(now - self._last_step_time if timed and self._last_step_time else None)
         self._last_step_time = now
         action, incident = self.monitor.observe(metrics)
@@ -313,7 +316,9 @@ class Trainer(RecoveryMixin):
         control_sharding = parts.state_shardings.step
         while self.step < parts.total_batches and self._stop_signal is None and self.stopped_unhealthy is None:
             self.events.fire(Event.BATCH_START, self)
+            waited = time.perf_counter()
             batch = global_batch_from_local(self._next_batch(loader_iter), parts.mesh)
+            self._data_wait = time.perf_counter() - waited
             if parts.with_control:
                 next_step = self.step + 1
                 position = self.positions[next_step]
