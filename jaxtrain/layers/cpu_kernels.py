@@ -56,9 +56,7 @@ def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense(x: jax.Array, kernel: jax.Array, compute_dtype) -> jax.Array:
     """``x [..., in] @ kernel [in, out]`` in ``compute_dtype`` with float32 accumulation and output."""
-    return jnp.einsum(
-        "...i,io->...o", x.astype(compute_dtype), kernel.astype(compute_dtype), preferred_element_type=jnp.float32
-    )
+    return _dense_fwd(x, kernel, compute_dtype)[0]
 
 
 def _dense_fwd(x, kernel, compute_dtype):
@@ -81,9 +79,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def tied_logits(x: jax.Array, embedding: jax.Array, compute_dtype) -> jax.Array:
     """Output head tied to the input embedding: ``x [..., d] @ embedding [vocab, d]ᵀ`` -> float32."""
-    return jnp.einsum(
-        "...d,vd->...v", x.astype(compute_dtype), embedding.astype(compute_dtype), preferred_element_type=jnp.float32
-    )
+    return _tied_logits_fwd(x, embedding, compute_dtype)[0]
 
 
 def _tied_logits_fwd(x, embedding, compute_dtype):
