@@ -195,7 +195,8 @@ def test_loader_is_deterministic_in_seed_and_covers_each_epoch():
     epoch1 = np.concatenate(batches[4:])[:, 0] // 4
     assert len(set(epoch0)) == 20 and len(set(epoch1)) == 20
     assert not np.array_equal(epoch0, epoch1)
-    assert loader.state_dict() == {"epoch": 2, "sample_in_epoch": 0}
+    assert loader.state_dict() == {"epoch": 2, "sample_in_epoch": 0, "shuffle_algo": "py1e", "num_canonical_nodes": 1,
+                                   "shuffle_block_size": 4_000_000, "shuffle_seed": 3}
     ordered = BatchLoader(_rows(), global_batch_size=5, shuffle=False)
     assert next(ordered)["input_ids"][:, 0].tolist() == [0, 4, 8, 12, 16]
 

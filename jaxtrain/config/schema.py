@@ -117,7 +117,7 @@ class DatasetConfig:
     local: str | None = field(None, "local path (or cache folder for a remote)")
     remote: str | None = field(None, "remote URL (s3://, gs://, ...) to stream from")
     split: str = field("train", "train or eval (held-out) split")
-    shuffle: bool = field(True, "shuffle samples each epoch (deterministic in seed)")
+    shuffle: bool = field(True, "shuffle samples each epoch (deterministic in seed; extra.shuffle_algo, default py1e)")
     shuffle_seed: int | None = field(None, "seed for the shuffle; default the run seed")
     max_seq_len: int | None = field(None, "sequence length; default the run's max_seq_len")
     eos_token_id: int | None = field(None, "EOS appended between documents; default the tokenizer's")
@@ -125,7 +125,7 @@ class DatasetConfig:
     max_files: int | None = field(None, "python_stdlib/text: cap on files read (quick runs)")
     text_field: str = field("text", "jsonl: the field holding the document")
     streams: dict | None = field(None, "Streaming's named streams: {name: {local, remote, split, proportion, repeat, choose}}")
-    extra: dict = field(factory=dict, doc="Streaming tuning options kept for the MDS reader (shuffle_algo, num_canonical_nodes, ...)")
+    extra: dict = field(factory=dict, doc="Streaming options: shuffle_algo, num_canonical_nodes, shuffle_block_size, epoch_size, sampling_method, ...")
 
 
 @dataclasses.dataclass
@@ -135,8 +135,9 @@ class LoaderConfig:
     name: str = field("text", "loader kind; 'text' is Foundry's causal-LM loader")
     dataset: DatasetConfig = field(factory=DatasetConfig, doc="what to read")
     drop_last: bool = field(True, "drop the last incomplete batch")
-    num_workers: int = field(0, "Foundry key; host-side prefetch threads")
-    prefetch_factor: int | None = field(None, "Foundry key; batches prefetched")
+    num_workers: int | None = field(None, "threads gathering the next training batches ahead; 0: none; default 1 "
+                                          "(0 for remote streams, which predownload shards on their own)")
+    prefetch_factor: int | None = field(None, "training batches each worker keeps ready; default 2")
     pin_memory: bool = field(False, "Foundry key; no meaning in JAX")
     persistent_workers: bool = field(False, "Foundry key; no meaning in JAX")
     timeout: float = field(0, "Foundry key; no meaning in JAX")

@@ -1,23 +1,35 @@
 """Deterministic, resumable batch loaders over packed token rows.
 
-A training epoch visits the rows in an order that is a pure function of (seed, epoch): a
-splitmix64 hash of each row index, argsorted, so it is the same on every machine and NumPy
-version. Each global batch is the next ``global_batch_size`` rows of that order; process ``p``
-of ``P`` takes rows ``[p * G/P, (p+1) * G/P)`` of it. The position is (epoch, sample_in_epoch),
-so resuming from a saved state yields exactly the batches an uninterrupted run would have.
-Rows live in a memory-mapped array, so a batch is one gather and needs no prefetch thread.
+A training epoch visits the rows in the order ``jaxtrain.data.order.SampleOrder`` gives: MosaicML
+Streaming's stream mixing (proportion / repeat / choose) and shard-local shuffle (``py1e`` by
+default), a pure function of (seed, epoch, shuffle algorithm, canonical nodes, block size,
+streams). MDS rows keep their shards; packed rows from other sources are cut into pseudo-shards
+of ``PSEUDO_SHARD_ROWS`` rows. Each global batch is the next ``global_batch_size`` rows of that
+order, and process ``p`` of ``P`` takes rows ``[p * G/P, (p+1) * G/P)`` of it, so the order does
+not depend on the process or device count. The position is (epoch, sample_in_epoch), stored with
+the order parameters, so resuming from a saved state yields exactly the batches an uninterrupted
+run would have, on any process count.
+
+With ``num_workers`` > 0, background threads gather the next ``num_workers * prefetch_factor``
+batches (from the memory-mapped or streamed shards) while the current one trains; the batches
+are the same as without them, and ``state_dict`` still describes the next batch ``next()``
+returns.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.finetune import finetune_documents, finetune_rows
 from jaxtrain.data.mds.reader import TokenRows
+from jaxtrain.data.order import OrderParams, SampleOrder, order_options, pseudo_shards, stream_weights
 from jaxtrain.data.remote import open_mds_datasets, token_rows
 from jaxtrain.data.packing import load_or_pack
 from jaxtrain.data.sources import Documents, jsonl_documents, mds_documents, text_documents
@@ -29,6 +41,11 @@ SOURCES = ("python_stdlib", "text", "jsonl", "mds", "finetune_jsonl")
 TOKENIZER_TRAIN_MAX_CHARS = 64 * 1024 * 1024
 # Label of padding rows in eval batches: LLM Foundry's (and PyTorch's) ignored target.
 IGNORE_INDEX = -100
+# Training batches are gathered by this many background threads when train_loader.num_workers is
+# unset (remote streams: none, they predownload shards on a thread of their own), each keeping
+# prefetch_factor batches ready (PyTorch's default, 2, when unset).
+DEFAULT_NUM_WORKERS = 1
+DEFAULT_PREFETCH_FACTOR = 2
 _MASK64 = (1 << 64) - 1
 
 
@@ -41,7 +58,10 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """int64[num_rows]: the permutation of row indices for ``epoch``, a pure function of its inputs."""
+    """int64[num_rows]: a splitmix64 permutation of row indices, a pure function of its inputs.
+
+    A shard-oblivious shuffle, independent of NumPy's generators; the loaders use ``SampleOrder``.
+    """
     key = _splitmix64(np.array([seed & _MASK64], dtype=np.uint64))
     key = _splitmix64(key ^ np.uint64(epoch & _MASK64))
     scores = _splitmix64(np.arange(num_rows, dtype=np.uint64) ^ key)
@@ -55,11 +75,17 @@ class BatchLoader:
     epoch after epoch, dropping each epoch's last incomplete global batch. ``batches(n)`` is one
     in-order pass over every row for evaluation (see its doc). Given ``labels`` and
     ``sequence_id`` (same shape as ``rows``), batches carry the matching rows of them too.
+
+    ``order`` is the epoch order (a ``SampleOrder`` over the rows' shards and streams); without
+    it the rows form one stream of pseudo-shards shuffled with ``py1e`` under ``seed`` (or kept in
+    order when ``shuffle`` is false). ``num_workers`` background threads prefetch
+    ``prefetch_factor`` batches each; 0 gathers each batch when it is asked for.
     """
 
     def __init__(self, rows: np.ndarray, *, global_batch_size: int | None, seed: int = 0, shuffle: bool = True,
                  process_index: int = 0, process_count: int = 1, pad_token_id: int = 0, name: str = "train_loader",
-                 labels: np.ndarray | None = None, sequence_id: np.ndarray | None = None):
+                 labels: np.ndarray | None = None, sequence_id: np.ndarray | None = None,
+                 order: SampleOrder | None = None, num_workers: int = 0, prefetch_factor: int | None = None):
         if rows.ndim != 2:
             raise ValueError(f"{name}: rows must be [num_rows, max_seq_len], got shape {rows.shape}")
         for extra, extra_name in ((labels, "labels"), (sequence_id, "sequence_id")):
@@ -71,30 +97,59 @@ class BatchLoader:
             raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
         self.rows = rows
         self.name = name
-        self.seed = seed
-        self.shuffle = shuffle
         self.process_index = process_index
         self.process_count = process_count
         self.pad_token_id = pad_token_id
         self.global_batch_size = global_batch_size
+        if order is None:
+            order = SampleOrder.over_rows(int(rows.shape[0]), seed=seed, shuffle_algo="py1e" if shuffle else "none")
+        if order.num_rows != int(rows.shape[0]):
+            raise ValueError(f"{name}: the sample order covers {order.num_rows} rows but there are {rows.shape[0]}")
+        self._order = order
+        if num_workers < 0 or (prefetch_factor is not None and prefetch_factor < 1):
+            raise ConfigError(f"{name}.num_workers={num_workers} / prefetch_factor={prefetch_factor}: num_workers must "
+                              f"be >= 0 and prefetch_factor >= 1 (or unset)")
+        self.num_workers = int(num_workers)
+        self.prefetch_factor = int(prefetch_factor or DEFAULT_PREFETCH_FACTOR)
         if global_batch_size is not None:
             self._check_batch_size(global_batch_size, "global_train_batch_size")
-            if global_batch_size > self.num_sequences:
+            if global_batch_size > self.epoch_size:
+                what = "the dataset has" if self.epoch_size == self.num_sequences else "an epoch of the stream mix has"
                 raise ConfigError(
-                    f"{name}: the dataset has {self.num_sequences} sequences of {self.max_seq_len} tokens, fewer than "
+                    f"{name}: {what} {self.epoch_size} sequences of {self.max_seq_len} tokens, fewer than "
                     f"one global batch of {global_batch_size}: lower global_train_batch_size or max_seq_len, or add data"
                 )
         self._epoch = 0
         self._sample_in_epoch = 0
-        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[tuple[tuple[int, int], Future]] = collections.deque()
+        self._produced: tuple[int, int] = (0, 0)
 
     def _check_batch_size(self, batch_size: int, key: str) -> None:
         if batch_size < 1 or batch_size % self.process_count:
             raise ConfigError(f"{key}={batch_size} must be a positive multiple of the process count ({self.process_count})")
 
     @property
+    def seed(self) -> int:
+        return self._order.params.shuffle_seed
+
+    @property
+    def shuffle(self) -> bool:
+        return self._order.params.shuffle_algo != "none"
+
+    @property
+    def order_params(self) -> OrderParams:
+        """The shuffle algorithm, canonical nodes, block size and seed in use."""
+        return self._order.params
+
+    @property
     def num_sequences(self) -> int:
         return int(self.rows.shape[0])
+
+    @property
+    def epoch_size(self) -> int:
+        """Rows per epoch: every row once, or what the streams' proportion/repeat/choose make of them."""
+        return self._order.epoch_size
 
     @property
     def max_seq_len(self) -> int:
@@ -112,7 +167,7 @@ class BatchLoader:
     @property
     def batches_per_epoch(self) -> int:
         """Full global batches per epoch (the last incomplete one is dropped)."""
-        return self.num_sequences // self._global()
+        return self.epoch_size // self._global()
 
     @property
     def num_tokens_per_batch(self) -> int:
@@ -125,32 +180,53 @@ class BatchLoader:
         return self.global_batch_size
 
     def order(self, epoch: int) -> np.ndarray:
-        """int64[num_sequences]: the row order of ``epoch`` (identity when shuffle is off)."""
-        if not self.shuffle:
-            return np.arange(self.num_sequences)
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_order(self.num_sequences, self.seed, epoch))
-        return self._order_cache[1]
+        """int64[epoch_size]: the rows of ``epoch`` in order (cached; all rows in order when shuffle is off)."""
+        return self._order(epoch)
 
-    def _roll_over(self) -> None:
-        if self._sample_in_epoch + self._global() > self.num_sequences:
-            self._epoch += 1
-            self._sample_in_epoch = 0
+    def _rolled(self, epoch: int, sample_in_epoch: int) -> tuple[int, int]:
+        if sample_in_epoch + self._global() > self.epoch_size:
+            return epoch + 1, 0
+        return epoch, sample_in_epoch
+
+    def _after(self, position: tuple[int, int]) -> tuple[int, int]:
+        """The position of the batch after the one at ``position``."""
+        return self._rolled(position[0], position[1] + self._global())
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        global_batch = self._global()
-        self._roll_over()
-        start = self._sample_in_epoch + self.process_index * self.local_batch_size
-        indices = self.order(self._epoch)[start : start + self.local_batch_size]
-        self._sample_in_epoch += global_batch
-        self._roll_over()
+        position = self._rolled(self._epoch, self._sample_in_epoch)
+        if self.num_workers == 0:
+            batch = self._batch_at(position)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix=f"{self.name}-prefetch")
+            if not self._pending:
+                self._produced = position
+            while len(self._pending) < self.num_workers * self.prefetch_factor:
+                self._pending.append((self._produced, self._pool.submit(self._batch_at, self._produced)))
+                self._produced = self._after(self._produced)
+            produced_at, future = self._pending.popleft()
+            try:
+                batch = future.result()
+            except BaseException:
+                self._drop_pending()  # the next call starts again from this same position
+                raise
+            assert produced_at == position, (produced_at, position)
+        self._epoch, self._sample_in_epoch = self._after(position)
+        return batch
+
+    def _batch_at(self, position: tuple[int, int]) -> dict[str, np.ndarray]:
+        """This process's slice of the global batch at ``position`` (runs on a worker when prefetching)."""
+        epoch, sample_in_epoch = position
+        start = sample_in_epoch + self.process_index * self.local_batch_size
+        indices = self.order(epoch)[start : start + self.local_batch_size]
         prefetch = getattr(self.rows, "prefetch", None)
         if prefetch is not None:  # streamed rows: fetch the next batches' shards while this one trains
-            ahead = self._sample_in_epoch + self.process_index * self.local_batch_size
-            prefetch(self.order(self._epoch)[ahead : ahead + self.rows.predownload])
+            ahead_epoch, ahead_sample = self._after(position)
+            ahead = ahead_sample + self.process_index * self.local_batch_size
+            prefetch(self.order(ahead_epoch)[ahead : ahead + self.rows.predownload])
         batch = {"input_ids": np.asarray(self.rows[indices], dtype=np.int32)}
         if self.labels is not None:
             batch["labels"] = np.asarray(self.labels[indices], dtype=np.int32)
@@ -158,29 +234,62 @@ class BatchLoader:
             batch["sequence_id"] = np.asarray(self.sequence_id[indices], dtype=np.int32)
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        """The position of the next batch: {"epoch", "sample_in_epoch"} (global samples)."""
-        return {"epoch": self._epoch, "sample_in_epoch": self._sample_in_epoch}
+    def _drop_pending(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        for _, future in self._pending:
+            if not future.cancelled():
+                try:
+                    future.result()
+                except BaseException:
+                    pass
+        self._pending.clear()
+
+    def state_dict(self) -> dict:
+        """The position of the next batch ``next()`` returns, and the order it is a position in.
+
+        ``{"epoch", "sample_in_epoch"}`` (global samples), then ``shuffle_algo``,
+        ``num_canonical_nodes``, ``shuffle_block_size`` and ``shuffle_seed``.
+        """
+        return {"epoch": self._epoch, "sample_in_epoch": self._sample_in_epoch, **self._order.params.as_dict()}
 
     def close(self) -> None:
-        """Release what the rows hold (a streamed dataset's local cache, unless kept)."""
+        """Stop the prefetch threads and release what the rows hold (a streamed dataset's local cache)."""
+        if self._pool is not None:
+            self._drop_pending()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         close = getattr(self.rows, "close", None)
         if close is not None:
             close()
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (from ``state_dict``): the next batch is the one that was next then."""
+        """Continue from ``state`` (from ``state_dict``): the next batch is the one that was next then.
+
+        The order parameters stored in ``state`` win over the configured ones (a resume keeps its
+        order, e.g. when the default or the config changed); a note says so when they differ.
+        States without them (written before they were stored) keep the configured order.
+        """
         try:
             epoch, sample_in_epoch = int(state["epoch"]), int(state["sample_in_epoch"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{self.name}: loader state {state!r} needs integer 'epoch' and 'sample_in_epoch'") from None
-        if epoch < 0 or not 0 <= sample_in_epoch <= self.num_sequences:
+        current = self._order.params.as_dict()
+        stored = {key: state[key] for key in current if key in state}
+        if stored and stored != {key: current[key] for key in stored}:
+            params = OrderParams(**{**current, **stored})
+            changed = ", ".join(f"{key}={stored[key]!r} (configured {current[key]!r})" for key in stored
+                                if stored[key] != current[key])
+            self._order = self._order.with_params(params)
+            if self.process_index == 0:
+                print(f"{self.name}: resuming in the checkpoint's data order: {changed}", file=sys.stderr, flush=True)
+        if epoch < 0 or not 0 <= sample_in_epoch <= self.epoch_size:
             raise ValueError(
-                f"{self.name}: loader state epoch={epoch}, sample_in_epoch={sample_in_epoch} does not fit a dataset of "
-                f"{self.num_sequences} sequences; the data changed since the checkpoint was written"
+                f"{self.name}: loader state epoch={epoch}, sample_in_epoch={sample_in_epoch} does not fit an epoch of "
+                f"{self.epoch_size} sequences; the data changed since the checkpoint was written"
             )
-        self._epoch, self._sample_in_epoch = epoch, sample_in_epoch
-        self._roll_over()
+        self._drop_pending()
+        self._epoch, self._sample_in_epoch = self._rolled(epoch, sample_in_epoch)
 
     def num_batches(self, batch_size: int) -> int:
         """How many batches ``batches(batch_size)`` yields (the last one may be padded)."""
@@ -270,8 +379,14 @@ def _split_rows(rows) -> tuple[np.ndarray, dict]:
     return rows.input_ids, {"labels": labels, "sequence_id": rows.sequence_id}
 
 
-def _mds_token_rows(cfg, dataset, key: str) -> TokenRows | None:
-    """The rows of a pre-tokenized MDS dataset (a ``tokens`` column), or None for any other dataset."""
+def _stream_shards(datasets) -> list[np.ndarray]:
+    """Each dataset's shard sizes (one stream per dataset), empty shards left out as the rows leave them."""
+    return [np.array([int(entry["samples"]) for entry in mds.shards if int(entry["samples"])], np.int64)
+            for mds in datasets]
+
+
+def _mds_token_rows(cfg, dataset, key: str) -> tuple[TokenRows, list[np.ndarray]] | None:
+    """(rows, shard sizes of each stream) of a pre-tokenized MDS dataset (a ``tokens`` column), or None."""
     if dataset.source != "mds":
         return None
     datasets = open_mds_datasets(dataset, key=key)
@@ -280,8 +395,38 @@ def _mds_token_rows(cfg, dataset, key: str) -> TokenRows | None:
     bytes_dtype = str((dataset.extra or {}).get("token_encoding_type", "int64"))
     if dataset.remote:
         return token_rows(datasets, dataset, seq_len=dataset.max_seq_len or cfg.max_seq_len, bytes_dtype=bytes_dtype,
-                          key=key)
-    return TokenRows(datasets, seq_len=dataset.max_seq_len or cfg.max_seq_len, bytes_dtype=bytes_dtype, key=key)
+                          key=key), _stream_shards(datasets)
+    rows = TokenRows(datasets, seq_len=dataset.max_seq_len or cfg.max_seq_len, bytes_dtype=bytes_dtype, key=key)
+    return rows, _stream_shards(datasets)
+
+
+def _weighted(weights) -> bool:
+    return any(getattr(weight, name) is not None for weight in weights for name in ("proportion", "repeat", "choose"))
+
+
+def _stream_packed_rows(cfg, dataset, tokenizer: Tokenizer, cache_dir: str, key: str):
+    """Text MDS streams with weights: each stream packed on its own, so rows never straddle streams.
+
+    Returns (rows, shard sizes of each stream) or None when the dataset is not such a mix.
+    """
+    if dataset.source != "mds" or not dataset.streams or not _weighted(stream_weights(dataset, key=key)):
+        return None
+    streams = []
+    for mds in open_mds_datasets(dataset, key=key):
+        documents = mds_documents([mds], text_field=dataset.text_field, key=key)
+        streams.append(_packed_rows(cfg, dataset, documents, tokenizer, cache_dir, key))
+    return np.concatenate(streams), [pseudo_shards(len(rows)) for rows in streams]
+
+
+def train_order(dataset, streams: list[np.ndarray], *, seed: int, key: str = "train_loader.dataset") -> SampleOrder:
+    """The ``SampleOrder`` a ``DatasetConfig`` asks for over streams of shards of the given sizes."""
+    weights = stream_weights(dataset, key=key)
+    if len(weights) != len(streams):  # rows packed together from several streams: one stream
+        if _weighted(weights):
+            raise ConfigError(f"{key}.streams: proportion/repeat/choose need the streams' rows kept apart; use MDS "
+                              f"streams (pre-tokenized or text) for a weighted mix")
+        weights = None
+    return SampleOrder(streams, weights, seed=seed, key=key, **order_options(dataset, key=key))
 
 
 def _pretokenized_tokenizer(cfg, dataset, cache_dir: str) -> Tokenizer:
@@ -304,8 +449,14 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
     train_dataset = cfg.train_loader.dataset
     if not cfg.train_loader.drop_last:
         raise ConfigError("train_loader.drop_last=false is not supported: training batches have a fixed shape; set it to true")
-    train_rows = _mds_token_rows(cfg, train_dataset, "train_loader.dataset")
-    if train_rows is not None:
+    key = "train_loader.dataset"
+    seed = cfg.seed if train_dataset.shuffle_seed is None else train_dataset.shuffle_seed
+    order_options(train_dataset, key=key)  # a mistake in the order options fails before any tokenizing
+    stream_weights(train_dataset, key=key)
+    pretokenized = _mds_token_rows(cfg, train_dataset, key)
+    streams = None
+    if pretokenized is not None:
+        train_rows, streams = pretokenized
         tokenizer = _pretokenized_tokenizer(cfg, train_dataset, cache_dir)
     else:
         train_documents = documents_for(train_dataset, key="train_loader.dataset")
@@ -315,12 +466,23 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
             train_texts=_capped_texts(train_documents, TOKENIZER_TRAIN_MAX_CHARS),
             train_fingerprint=f"{train_documents.fingerprint}:{TOKENIZER_TRAIN_MAX_CHARS}",
         )
-        train_rows = _rows_for(cfg, train_dataset, train_documents, tokenizer, cache_dir, "train_loader.dataset")
-    seed = cfg.seed if train_dataset.shuffle_seed is None else train_dataset.shuffle_seed
+        mixed = _stream_packed_rows(cfg, train_dataset, tokenizer, cache_dir, key)
+        if mixed is not None:
+            train_rows, streams = mixed
+        else:
+            train_rows = _rows_for(cfg, train_dataset, train_documents, tokenizer, cache_dir, key)
     train_rows, train_extra = _split_rows(train_rows)
-    train_loader = BatchLoader(train_rows, global_batch_size=cfg.global_train_batch_size, seed=seed,
-                               shuffle=train_dataset.shuffle, process_index=process_index,
-                               process_count=process_count, pad_token_id=_pad_id(tokenizer), **train_extra)
+    if streams is None:
+        streams = [pseudo_shards(int(train_rows.shape[0]))]
+    loader_cfg = cfg.train_loader
+    num_workers = loader_cfg.num_workers
+    if num_workers is None:  # streamed rows predownload their shards on a thread of their own
+        num_workers = 0 if getattr(train_rows, "prefetch", None) is not None else DEFAULT_NUM_WORKERS
+    train_loader = BatchLoader(train_rows, global_batch_size=cfg.global_train_batch_size,
+                               process_index=process_index, process_count=process_count,
+                               pad_token_id=_pad_id(tokenizer), order=train_order(train_dataset, streams, seed=seed),
+                               num_workers=num_workers, prefetch_factor=loader_cfg.prefetch_factor,
+                               **train_extra)
     if cfg.eval_loader is None:
         return train_loader, None, tokenizer
     eval_dataset = cfg.eval_loader.dataset
@@ -328,7 +490,9 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
         raise ConfigError("eval_loader.dataset.split=train would evaluate on training data: set it to eval")
     eval_rows = _mds_token_rows(cfg, eval_dataset, "eval_loader.dataset")
     eval_name = f"mds:{eval_dataset.local}"
-    if eval_rows is None:
+    if eval_rows is not None:
+        eval_rows = eval_rows[0]
+    else:
         eval_documents = documents_for(eval_dataset, key="eval_loader.dataset")
         eval_rows, eval_name = _rows_for(cfg, eval_dataset, eval_documents, tokenizer, cache_dir,
                                          "eval_loader.dataset"), eval_documents.name

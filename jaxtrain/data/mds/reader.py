@@ -20,6 +20,7 @@ import numpy as np
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.mds import encodings
 from jaxtrain.data.mds.writer import INDEX_BASENAME
+from jaxtrain.data.order import WEIGHT_KEYS, stream_weight
 
 # LLM Foundry's older converters stored `tokens` as raw bytes of int64 ids.
 DEFAULT_BYTES_TOKEN_DTYPE = "int64"
@@ -217,7 +218,11 @@ class MDSDataset:
 
 
 def mds_datasets(dataset, *, key: str) -> list[MDSDataset]:
-    """The local MDS datasets a ``DatasetConfig`` names: ``local``/``split``, or each of its ``streams``."""
+    """The local MDS datasets a ``DatasetConfig`` names: ``local``/``split``, or each of its ``streams``.
+
+    A stream may carry one of Streaming's weights (``proportion``, ``repeat``, ``choose``); they
+    are checked here and applied by the loader's sample order (``jaxtrain.data.order``).
+    """
     if dataset.remote:
         raise ConfigError(f"{key}.remote is set, but streaming MDS from remote storage is not supported yet: copy the "
                           f"dataset to local disk (e.g. `aws s3 sync`) and set {key}.local")
@@ -229,10 +234,12 @@ def mds_datasets(dataset, *, key: str) -> list[MDSDataset]:
     datasets = []
     for name, stream in dataset.streams.items():
         stream = dict(stream or {})
-        unsupported = sorted(set(stream) - {"local", "split"})
+        unsupported = sorted(set(stream) - {"local", "split", *WEIGHT_KEYS})
         if unsupported or stream.get("remote"):
+            unsupported = unsupported or ["remote"]
             raise ConfigError(f"{key}.streams.{name}: {', '.join(unsupported)} not supported yet; streams are read "
-                              f"whole from local folders (keys: local, split)")
+                              f"from local folders (keys: local, split, proportion, repeat, choose)")
+        stream_weight(str(name), stream, key)  # at most one weight, none negative
         if not stream.get("local"):
             raise ConfigError(f"{key}.streams.{name}.local is not set: give the folder of an MDS dataset")
         datasets.append(MDSDataset(stream["local"], stream.get("split", dataset.split), verify_hashes=verify))
@@ -322,7 +329,8 @@ class TokenRows(ShardedRows):
 def _token_view(shard: Shard, column: str, seq_len: int, bytes_dtype: np.dtype, key: str) -> np.ndarray:
     """int[n, seq_len] strided view of ``column`` in every sample of ``shard`` (all samples alike in layout)."""
     if column not in shard.column_names:
-        raise ConfigError(f"{key}: shard {shard.path} has no {column!r} column (it has {', '.join(shard.column_names)})")
+        raise ConfigError(f"{key}: shard {shard.path} has no {column!r} column (it has {', '.join(shard.column_names)}): "
+                          f"every shard of pre-tokenized rows needs one; re-write the dataset with `jaxtrain data prepare`")
     count = shard.num_samples
     if count == 0:
         return np.zeros((0, seq_len), np.int32)
