@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -146,6 +147,62 @@ def test_split_folder_convention_and_missing_dataset(tmp_path):
     assert len(MDSDataset(os.path.join(root, "train"), "train")) == 10  # a folder with its own index.json
     with pytest.raises(ConfigError, match=r"no MDS dataset at .*tokens \(split 'val'\).*val/index\.json"):
         MDSDataset(root, "val")
+
+
+def test_unknown_column_encoding_is_named_apart_from_pickle(tmp_path):
+    root = copy_fixture("scalars", tmp_path)
+    index_path = os.path.join(root, "index.json")
+    index = json.load(open(index_path))
+    column = index["shards"][1]["column_names"][0]
+    index["shards"][1]["column_encodings"][0] = "float128"
+    json.dump(index, open(index_path, "w"))
+    with pytest.raises(ConfigError, match=rf"shard 1 \(shard\.00001\.mds\) column '{column}' has the unknown MDS "
+                                          rf"encoding 'float128': use one of") as error:
+        MDSDataset(root)
+    assert "\n" not in str(error.value) and "pickle" not in str(error.value)
+
+
+def _text_dataset(folder, column: str = "body", hashes=("sha1",)) -> str:
+    with MDSWriter(str(folder), {column: "str"}, hashes=list(hashes), size_limit=200) as writer:
+        for index in range(12):
+            writer.write({column: f"document {index}: some words to read " * 3})
+    return str(folder)
+
+
+def test_a_column_the_config_names_but_the_data_lacks(tmp_path):
+    from jaxtrain.config.schema import Config, DatasetConfig, LoaderConfig
+    from jaxtrain.data.loader import build_loaders
+
+    text = _text_dataset(tmp_path / "text" / "train")
+    cfg = Config(max_seq_len=16, global_train_batch_size=2, eval_loader=None,
+                 train_loader=LoaderConfig(dataset=DatasetConfig(source="mds", local=str(tmp_path / "text"))))
+    with pytest.raises(ConfigError, match=r"shard .*shard\.00000\.mds has no column 'text' \(it has body\): set "
+                                          r"text_field") as error:
+        build_loaders(cfg, cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"shard .*shard\.00000\.mds has no 'tokens' column \(it has body\): .*"
+                                          r"re-write the dataset with `jaxtrain data prepare`"):
+        TokenRows([MDSDataset(text)], seq_len=16)
+
+
+def test_a_corrupt_shard_stops_training_with_one_line_and_no_traceback(tmp_path):
+    data = _text_dataset(tmp_path / "data" / "train", column="text")
+    shard = os.path.join(data, "shard.00000.mds")
+    raw = bytearray(open(shard, "rb").read())
+    raw[-2] ^= 0xFF
+    open(shard, "wb").write(bytes(raw))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for override in ("train_loader.dataset.source=mds", f"train_loader.dataset.local={tmp_path / 'data'}",
+                     f"run_folder={tmp_path / 'run'}", f"save_folder={tmp_path / 'run' / 'checkpoints'}",
+                     "progress_bar=false"):
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "shard.00000.mds fails its sha1 check" in errors[0] and "re-download or re-write the dataset" in errors[0]
 
 
 # ----------------------------------------------------------------------------- writing Streaming's files

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -81,6 +83,16 @@ def _shard_files(folder) -> list[str]:
     return [name for name in os.listdir(folder) if name != "index.json"] if os.path.isdir(folder) else []
 
 
+def _cache_bytes(folder) -> int:
+    total = 0
+    for name in _shard_files(folder):
+        try:
+            total += os.path.getsize(folder / name)
+        except FileNotFoundError:  # evicted by the predownload thread since the listing
+            pass
+    return total
+
+
 def test_streams_the_same_batches_as_the_local_copy_within_the_cache_limit(s3, prepared, tmp_path):
     _upload(s3, prepared / "data" / "train", "ds/train")
     local_loader, _, _ = build_loaders(_config(prepared, local=str(prepared / "data")), cache_dir=str(tmp_path / "a"))
@@ -93,7 +105,7 @@ def test_streams_the_same_batches_as_the_local_copy_within_the_cache_limit(s3, p
     peak = 0
     for _ in range(2 * local_loader.batches_per_epoch):  # two epochs, so evicted shards come back
         np.testing.assert_array_equal(next(remote_loader)["input_ids"], next(local_loader)["input_ids"])
-        peak = max(peak, sum(os.path.getsize(cache / "train" / name) for name in _shard_files(cache / "train")))
+        peak = max(peak, _cache_bytes(cache / "train"))
     assert 0 < peak <= 3 * 1024
     remote_loader.close()
     assert not (cache / "train").exists()  # keep_local defaults to false
@@ -129,6 +141,96 @@ def test_missing_remote_dataset_is_one_clear_line(s3, prepared, tmp_path):
     with pytest.raises(ConfigError, match=rf"s3://{BUCKET}/nothing/index.json") as error:
         build_loaders(cfg, cache_dir=str(tmp_path / "b"))
     assert "\n" not in str(error.value)
+
+
+def _count_downloads(monkeypatch, corrupt_first: str | None = None) -> collections.Counter:
+    """Count ``ObjectStore.get`` calls by object name; with ``corrupt_first``, damage that object's first local copy."""
+    counts, original = collections.Counter(), data_remote.ObjectStore.get
+
+    def get(store, name, path):
+        original(store, name, path)
+        counts[name] += 1
+        if name == corrupt_first and counts[name] == 1:
+            with open(path, "r+b") as handle:
+                handle.seek(40)
+                byte = handle.read(1)
+                handle.seek(40)
+                handle.write(bytes([byte[0] ^ 0xFF]))
+
+    monkeypatch.setattr(data_remote.ObjectStore, "get", get)
+    return counts
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(parent, name), folder): open(os.path.join(parent, name), "rb").read()
+            for parent, _, names in os.walk(folder) for name in names}
+
+
+def test_a_shard_corrupt_in_the_bucket_is_downloaded_twice_then_named(s3, prepared, tmp_path, monkeypatch):
+    source = prepared / "data" / "train"
+    _upload(s3, source, "ds/train")
+    first, second = (shard["raw_data"]["basename"] for shard in json.loads((source / "index.json").read_text())["shards"][:2])
+    data = bytearray((source / second).read_bytes())
+    data[-5] ^= 0xFF  # same size, wrong sha1
+    s3.put_object(Bucket=BUCKET, Key=f"ds/train/{second}", Body=bytes(data))
+    run = tmp_path / "run"
+    (run / "checkpoints" / "3").mkdir(parents=True)
+    (run / "checkpoints" / "3" / "state.bin").write_bytes(b"checkpoint bytes")
+    before = _tree(run / "checkpoints")
+    counts = _count_downloads(monkeypatch)
+    dataset = data_remote.RemoteMDSDataset(f"s3://{BUCKET}/ds", str(run / "mds_cache"), "train", retries=0)
+    assert len(dataset[0]["tokens"]) == SEQ_LEN  # the first shard is sound
+    with pytest.raises(ConfigError) as error:
+        dataset[dataset.shard_start(1)]
+    message = str(error.value)
+    assert "\n" not in message and f"s3://{BUCKET}/ds/train/{second}" in message
+    assert "fails its sha1 check" in message and "re-upload it or regenerate the dataset" in message
+    assert "validate_hash: false" in message
+    assert counts[second] == 2 and counts[first] == 1
+    assert _tree(run / "checkpoints") == before
+    assert second not in os.listdir(run / "mds_cache" / "train")  # the corrupt copy is not kept
+    dataset.close()
+    unchecked = data_remote.RemoteMDSDataset(f"s3://{BUCKET}/ds", str(tmp_path / "c2"), "train", verify_hashes=False)
+    assert len(unchecked[unchecked.shard_start(1)]["tokens"]) == SEQ_LEN  # validate_hash: false reads it as it is
+    unchecked.close()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_shard_corrupted_on_the_way_is_downloaded_again(s3, prepared, tmp_path, monkeypatch, compressed):
+    source = prepared / "data" / "train"
+    if compressed:
+        source = tmp_path / "zstd"
+        rows = np.random.default_rng(1).integers(0, 250, (24, SEQ_LEN), dtype=np.int32)
+        with MDSWriter(str(source), {"tokens": "ndarray:int32"}, compression="zstd", hashes=["xxh64"],
+                       size_limit=1200) as writer:
+            for row in rows:
+                writer.write({"tokens": row})
+    _upload(s3, source, "ds/train")
+    shards = json.loads((source / "index.json").read_text())["shards"]
+    second = (shards[1].get("zip_data") or shards[1]["raw_data"])["basename"]
+    counts = _count_downloads(monkeypatch, corrupt_first=second)
+    dataset = data_remote.RemoteMDSDataset(f"s3://{BUCKET}/ds", str(tmp_path / "cache"), "train", retries=0)
+    local = data_remote.MDSDataset(str(source))
+    start = dataset.shard_start(1)
+    np.testing.assert_array_equal(dataset[start]["tokens"], local[start]["tokens"])
+    assert counts[second] == 2
+    dataset.close()
+
+
+def test_an_unreachable_endpoint_is_one_line_naming_the_url_within_seconds(prepared, tmp_path, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the probe goes: nothing listens there
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(data_remote, "RETRY_BASE_SECONDS", 0.1)
+    cfg = _config(prepared, remote=f"s3://{BUCKET}/ds", local=str(tmp_path / "c"), extra={"download_retry": 1})
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"s3://{BUCKET}/ds/index\.json after 2 attempts") as error:
+        build_loaders(cfg, cache_dir=str(tmp_path / "b"))
+    assert time.perf_counter() - started < 30
+    assert "\n" not in str(error.value) and f"127.0.0.1:{port}" in str(error.value)
 
 
 CLI_OVERRIDES = ("variables.max_seq_len=64 model.d_model=64 model.n_layers=2 model.vocab_size=1024 "

@@ -113,7 +113,7 @@ class TokenizerConfig:
 class DatasetConfig:
     """A dataset inside a loader section."""
 
-    source: str = field("python_stdlib", "python_stdlib (embedded default), text, jsonl, mds")
+    source: str = field("python_stdlib", "python_stdlib (embedded default), text, jsonl, mds, tfds, finetune_jsonl")
     local: str | None = field(None, "local path (or cache folder for a remote)")
     remote: str | None = field(None, "remote URL (s3://, gs://, ...) to stream from")
     split: str = field("train", "train or eval (held-out) split")

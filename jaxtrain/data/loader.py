@@ -34,9 +34,10 @@ from jaxtrain.data.remote import open_mds_datasets, token_rows
 from jaxtrain.data.packing import load_or_pack
 from jaxtrain.data.sources import Documents, jsonl_documents, mds_documents, text_documents
 from jaxtrain.data.stdlib_corpus import stdlib_documents
+from jaxtrain.data.tfds_source import tfds_documents
 from jaxtrain.data.tokenizer import Tokenizer, load_tokenizer
 
-SOURCES = ("python_stdlib", "text", "jsonl", "mds", "finetune_jsonl")
+SOURCES = ("python_stdlib", "text", "jsonl", "mds", "tfds", "finetune_jsonl")
 # bpe:default trains on at most this many characters of the train split (the stdlib corpus fits).
 TOKENIZER_TRAIN_MAX_CHARS = 64 * 1024 * 1024
 # Label of padding rows in eval batches: LLM Foundry's (and PyTorch's) ignored target.
@@ -329,6 +330,8 @@ def documents_for(dataset, *, key: str) -> Documents:
         raise ConfigError(f"{key}.source={source!r} is unknown: use one of {', '.join(SOURCES)}")
     if dataset.remote:
         raise ConfigError(f"{key}.remote is set, but {source} sources read local files only: unset it or use mds")
+    if source == "tfds":
+        return tfds_documents(dataset, key=key)
     if source == "python_stdlib":
         return stdlib_documents(dataset.split, holdout_fraction=dataset.holdout_fraction,
                                 max_files=dataset.max_files, key=key)

@@ -26,6 +26,7 @@ from jaxtrain.config.schema import ConfigError, TokenizerConfig
 from jaxtrain.data.mds.reader import MDSDataset, dataset_root
 from jaxtrain.data.mds.writer import DEFAULT_SIZE_LIMIT, INDEX_BASENAME, MDSWriter, is_remote, upload_file
 from jaxtrain.data.sources import JSONL_SUFFIXES, TEXT_SUFFIXES
+from jaxtrain.data.tfds_source import tfds_input
 from jaxtrain.data.tokenizer import Tokenizer, load_tokenizer
 
 # bpe:default trains on at most this many characters of the inputs.
@@ -55,7 +56,8 @@ def input_texts(inputs: list[str], *, text_field: str = "text", input_split: str
                 tfds_data_dir: str | None = None) -> Callable[[], Iterator[str]]:
     """A re-iterable source of the documents ``inputs`` name, in order.
 
-    Each input is ``tfds:NAME`` (a prepared TFDS dataset), ``mds:PATH`` or a folder holding an
+    Each input is ``tfds:NAME[/CONFIG][:VERSION][:SPLIT]`` (a TFDS dataset prepared in
+    ``tfds_data_dir``, see ``jaxtrain.data.tfds_source``), ``mds:PATH`` or a folder holding an
     MDS ``index.json`` (its ``text_field`` column), or files: a path, folder or glob of text
     files (one document each) or JSONL files (``.jsonl``/``.json``/``.ndjson``, one document per
     line, its ``text_field``).
@@ -73,7 +75,7 @@ def input_texts(inputs: list[str], *, text_field: str = "text", input_split: str
 
 def _reader(spec: str, text_field: str, input_split: str, tfds_data_dir: str | None) -> Callable[[], Iterator[str]]:
     if spec.startswith("tfds:"):
-        return lambda: _tfds_texts(spec[5:], input_split, text_field, tfds_data_dir)
+        return tfds_input(spec[5:], data_dir=tfds_data_dir, split=input_split, text_field=text_field)
     path = spec[4:] if spec.startswith("mds:") else spec
     if spec.startswith("mds:") or os.path.isfile(os.path.join(dataset_root(path, input_split), INDEX_BASENAME)):
         dataset = MDSDataset(path, input_split)
@@ -119,26 +121,6 @@ def _jsonl_field(path: str, line_number: int, line: str, text_field: str) -> str
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise ConfigError(f"{path}:{line_number} has no string field {text_field!r}: choose the field with --text-field")
     return record[text_field]
-
-
-def _tfds_texts(name: str, split: str, text_field: str, data_dir: str | None) -> Iterator[str]:
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ConfigError(f"tfds:{name} needs tensorflow-datasets: pip install tensorflow-datasets") from None
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"tfds:{name} split {split!r} cannot be read from {data_dir or '~/tensorflow_datasets'} "
-                          f"({first_line}); prepare it first: tfds build {name} --file_format=array_record") from None
-    for index in range(len(source)):
-        record = source[index]
-        if text_field not in record:
-            raise ConfigError(f"tfds:{name} has no feature {text_field!r} (it has {', '.join(record)}): "
-                              f"choose one with --text-field")
-        value = record[text_field]
-        yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 # ----------------------------------------------------------------------------- tokenizing

@@ -22,12 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize and concatenate text into MDS shards (MosaicML Streaming's format), as LLM "
                     "Foundry's convert_dataset_hf --concat_tokens does.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="text/JSONL files, folders or globs; mds:PATH (an MDS text dataset); tfds:NAME")
+                        help="text/JSONL files, folders or globs; mds:PATH (an MDS text dataset); "
+                             "tfds:NAME[/CONFIG][:VERSION][:SPLIT] (a TFDS dataset prepared with "
+                             "`tfds build NAME --file_format=array_record`)")
     parser.add_argument("--out", "--out-root", required=True, help="output folder or fsspec URL (s3://...)")
     parser.add_argument("--split", default="train", help="output split: the dataset goes to OUT/SPLIT (default train)")
     parser.add_argument("--text-field", default="text", help="JSONL field, MDS column or TFDS feature holding the text")
     parser.add_argument("--input-split", default="train", help="split of an mds: or tfds: input (default train)")
-    parser.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
+    parser.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir holding prepared datasets (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     parser.add_argument("--tokenizer", default="bpe:default",
                         help="a tokenizer.json path, or bpe:default (a byte-level BPE trained on the inputs)")
     parser.add_argument("--vocab-size", type=int, default=None, help="bpe:default vocabulary size (default 8192)")

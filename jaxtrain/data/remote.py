@@ -9,6 +9,10 @@ recently used shards are deleted to stay under it), ``keep_local`` (default fals
 deleted when the loader closes or the process exits; true keeps it for the next run),
 ``predownload`` (rows of the upcoming batches whose shards are fetched ahead, default 256).
 
+A downloaded shard that fails its checks (size, or the hashes ``index.json`` records unless
+``validate_hash`` is false) is deleted and downloaded once more; failing again is a one-line
+``ConfigError`` naming the shard's URL.
+
 Training shuffles rows across the whole dataset, so a shard evicted under ``cache_limit`` may be
 downloaded again later in the epoch; the limit bounds disk use, not traffic.
 
@@ -123,9 +127,10 @@ def download_with_retry(store: ObjectStore, name: str, path: str, *, retries: in
             return
         except Exception as error:  # network, throttling, a missing object: all worth another try
             if attempt == retries:
+                detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
                 raise ConfigError(f"{what}: could not download {store.where(name)} after {retries + 1} attempts "
-                                  f"({type(error).__name__}); check the URL and credentials, or raise "
-                                  f"extra.download_retry") from None
+                                  f"({type(error).__name__}{': ' + detail if detail else ''}); check the URL, the "
+                                  f"endpoint and credentials, or raise extra.download_retry") from None
             time.sleep(RETRY_BASE_SECONDS * 2 ** attempt)
 
 
@@ -217,6 +222,42 @@ class RemoteMDSDataset(MDSDataset):
                 except FileNotFoundError:
                     pass
 
+    def _verify(self, path: str, data, info: dict) -> None:
+        super()._verify(path, data, {name: value for name, value in info.items() if name != "hashes"})  # the size
+        try:
+            super()._verify(path, data, {"hashes": info.get("hashes")})
+        except ConfigError as error:
+            raise HashMismatch(str(error)) from None
+
+    def _open(self, number: int):
+        """Open a downloaded shard; one that fails its checks is deleted and downloaded once more."""
+        try:
+            return super()._open(number)
+        except ConfigError:
+            self._discard(number)
+        self.fetch(number)
+        try:
+            return super()._open(number)
+        except ConfigError as error:
+            self._discard(number)
+            info = self.shards[number].get("zip_data") or self.shards[number]["raw_data"]
+            skip = (", or set extra.validate_hash: false to read it unchecked" if isinstance(error, HashMismatch)
+                    else "")
+            raise ConfigError(f"{self.key}: shard {self.store.where(info['basename'])} failed its checks again after a "
+                              f"fresh download ({_reason(error)}): the remote copy is corrupt; re-upload it or "
+                              f"regenerate the dataset{skip}") from None
+
+    def _discard(self, number: int) -> None:
+        """Forget shard ``number`` and delete its files from the local cache."""
+        with self._lock:
+            self._opened.pop(number, None)
+            self._cached.pop(number, None)
+        for info in self._files(number):
+            try:
+                os.remove(os.path.join(self.root, info["basename"]))
+            except FileNotFoundError:
+                pass
+
     def shard(self, number: int):
         if number not in self._opened:
             self.fetch(number)
@@ -231,6 +272,16 @@ class RemoteMDSDataset(MDSDataset):
         self._opened.clear()
         if self._cleanup is not None:
             self._cleanup()
+
+
+class HashMismatch(ConfigError):
+    """A shard whose bytes do not hash to what its index records."""
+
+
+def _reason(error: ConfigError) -> str:
+    """What went wrong, without the advice meant for a local dataset (which follows the colon)."""
+    text = str(error).strip().splitlines()[0]
+    return text.rsplit(": ", 1)[0] if ": " in text else text
 
 
 def _remove_cache(root: str, created: str | None) -> None:
