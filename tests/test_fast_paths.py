@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxtrain.config.schema import AttnConfig, ModelConfig
-from jaxtrain.layers import attention, cpu_kernels
+from jaxtrain.layers import attention, cpu_kernels, lm_loss
 from jaxtrain.models import build_model
 
 # (rtol relative to the largest magnitude) per compute dtype
@@ -165,6 +165,62 @@ def test_model_logits_and_gradients_match_plain_path(monkeypatch, kv_heads, tied
         assert relative_error(fast_grad, exact_grad) <= 2 * relative_error(plain_grad, exact_grad) + 5e-3
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_chunked_cross_entropy_matches_full_logits(dtype, tied):
+    """The fused head + loss equals logits -> cross_entropy_sum, with z-loss, a logit scale and ignored targets."""
+    batch, length, d_model, vocab = 2, 24, 32, 300
+    x = randn(0, (batch, length, d_model))
+    weight = randn(1, (vocab, d_model) if tied else (d_model, vocab)) * 0.2
+    targets = jax.random.randint(jax.random.key(2), (batch, length), 0, vocab).at[0, 3].set(-100).at[1, -1].set(-100)
+
+    def full(x, weight):
+        logits = jnp.einsum("bld,vd->blv" if tied else "bld,dv->blv", x.astype(dtype), weight.astype(dtype),
+                            preferred_element_type=jnp.float32) * 1.5
+        loss, z, count = lm_loss.cross_entropy_sum(logits, targets, 1e-3)
+        return 0.7 * loss + 2.0 * z, (loss, z, count)
+
+    def fused(x, weight):
+        loss, z, count = lm_loss.chunked_cross_entropy(x, weight, targets, tied=tied, compute_dtype=dtype, z_loss=1e-3,
+                                                       logit_scale=1.5, chunk=6)
+        return 0.7 * loss + 2.0 * z, (loss, z, count)
+
+    (_, expected), expected_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(x, weight)
+    (_, actual), actual_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(x, weight)
+    assert float(actual[2]) == float(expected[2]) == batch * length - 2
+    np.testing.assert_allclose(float(actual[0]), float(expected[0]), rtol=1e-5)
+    np.testing.assert_allclose(float(actual[1]), float(expected[1]), rtol=1e-5)
+    for actual_grad, expected_grad in zip(actual_grads, expected_grads):
+        assert actual_grad.shape == expected_grad.shape
+        assert_close(actual_grad, expected_grad, dtype)
+
+
+def test_chunk_length_fits_the_budget():
+    assert lm_loss.chunk_length(8, 512, 50432) == 16  # 8 x 16 x 50432 x 4 B = 26 MB; 32 would be 52 MB
+    assert lm_loss.chunk_length(1, 7, 10) == 7
+    assert lm_loss.chunk_length(64, 2048, 256000) == 1
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_model_fused_loss_matches_logits_path(tied):
+    """``lm_loss`` with the fused head gives the loss and gradients of the logits path (bf16)."""
+    model = tiny_model(kv_heads=2, tied=tied)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(9), (2, 32), 0, 96, dtype=jnp.int32)
+    targets = jnp.concatenate([tokens[:, 1:], jnp.full((2, 1), -100, jnp.int32)], axis=1)
+
+    def loss(params, fused):
+        loss_sum, _, count = nnx.merge(graphdef, params).lm_loss(tokens, targets, compute_dtype=jnp.bfloat16,
+                                                                 z_loss=1e-4, fused=fused)
+        return loss_sum / count
+
+    fused_value, fused_grads = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(params)
+    plain_value, plain_grads = jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(params)
+    np.testing.assert_allclose(float(fused_value), float(plain_value), rtol=1e-3)
+    for fused_grad, plain_grad in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(plain_grads)):
+        assert relative_error(fused_grad, plain_grad) < 2e-2
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU dot forms")
 def test_bf16_gradient_has_no_float32_dots():
     model = tiny_model(kv_heads=2, tied=True)
@@ -172,7 +228,9 @@ def test_bf16_gradient_has_no_float32_dots():
     tokens = jnp.zeros((2, 32), jnp.int32)
 
     def loss(params):
-        return nnx.merge(graphdef, params)(tokens, compute_dtype=jnp.bfloat16).sum()
+        logits_sum = nnx.merge(graphdef, params)(tokens, compute_dtype=jnp.bfloat16).sum()
+        loss_sum, _, _ = nnx.merge(graphdef, params).lm_loss(tokens, tokens, compute_dtype=jnp.bfloat16)
+        return logits_sum + loss_sum
 
     text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     dtypes = dict(re.findall(r"%(\S+) = (\w+)\[", text))

@@ -95,6 +95,8 @@ class ModelConfig:
     use_cache: bool = field(False, "Foundry key; KV cache is used by generation only")
     scan_layers: bool = field(True, "stack blocks and run them with a scan (flat compile time)")
     remat: str = field("none", "activation recompute per block: none | full | dots_saveable")
+    fused_loss: bool = field(False, "output head + cross-entropy in sequence chunks, never holding the float32 "
+                                    "logits (saves batch x seq x vocab x 4 bytes; recomputes the head once)")
     z_loss: float = field(0.0, "coefficient of the z-loss (log Z)^2 added to the loss")
 
 

@@ -42,7 +42,7 @@ def _row_split(rows: int) -> int | None:
     return None
 
 
-def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     """``xᵀ·dy`` for x ``[rows, in]``, dy ``[rows, out]`` -> float32 ``[in, out]`` in the fast form."""
     rows, features_in = x.shape
     split = _row_split(rows)
@@ -69,7 +69,7 @@ def _dense_bwd(compute_dtype, residuals, dy):
     x_c, kernel_c, x_like, kernel_like = residuals
     dy = dy.astype(compute_dtype)
     dx = jnp.einsum("...o,io->...i", dy, kernel_c, preferred_element_type=jnp.float32)
-    dkernel = _weight_grad(x_c.reshape(-1, x_c.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+    dkernel = weight_grad(x_c.reshape(-1, x_c.shape[-1]), dy.reshape(-1, dy.shape[-1]))
     return dx.astype(x_like.dtype), dkernel.astype(kernel_like.dtype)
 
 
@@ -93,7 +93,7 @@ def _tied_logits_bwd(compute_dtype, residuals, d_logits):
     d_logits = d_logits.astype(compute_dtype)
     dx = jnp.einsum("...v,vd->...d", d_logits, table_c, preferred_element_type=jnp.float32)
     # [d, vocab] in the fast form; the barrier keeps XLA from folding the final transpose into the dot
-    d_table_t = _barrier(_weight_grad(x_c.reshape(-1, x_c.shape[-1]), d_logits.reshape(-1, d_logits.shape[-1])))
+    d_table_t = _barrier(weight_grad(x_c.reshape(-1, x_c.shape[-1]), d_logits.reshape(-1, d_logits.shape[-1])))
     return dx.astype(x_like.dtype), d_table_t.T.astype(table_like.dtype)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import ModelConfig
-from jaxtrain.layers import cpu_kernels
+from jaxtrain.layers import cpu_kernels, lm_loss
 from jaxtrain.layers.attention import ATTN_TYPES, KVCache, MPTAttention, alibi_slopes
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.embed import Embed
@@ -169,6 +169,7 @@ class MPTForCausalLM(nnx.Module):
         self.kv_heads, self.head_dim = kv_heads(cfg), cfg.d_model // cfg.n_heads
         self.scan_layers = cfg.scan_layers
         self.remat = cfg.remat
+        self.fused_loss = cfg.fused_loss
         self.emb_pdrop = cfg.emb_pdrop
         self.attn_uses_sequence_id = cfg.attn_config.attn_uses_sequence_id
         self.logit_scale = _logit_scale(cfg)
@@ -225,6 +226,47 @@ class MPTForCausalLM(nnx.Module):
         sequence_id: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
+        """float32 logits ``[batch, length, vocab]``."""
+        x = self.features(input_ids, compute_dtype=compute_dtype, sequence_id=sequence_id, dropout_rng=dropout_rng)
+        return self._logits(x, compute_dtype)
+
+    def lm_loss(
+        self,
+        input_ids: jax.Array,
+        targets: jax.Array,
+        *,
+        compute_dtype=jnp.float32,
+        sequence_id: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+        z_loss: float = 0.0,
+        fused: bool | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(loss_sum, z_loss_sum, token_count) of the shifted ``targets`` (-100 ignored).
+
+        ``fused`` (default: ``model.fused_loss``) computes the head and the loss in sequence
+        chunks without materialising the full logits; the numbers equal the plain path within
+        bfloat16 rounding.
+        """
+        x = self.features(input_ids, compute_dtype=compute_dtype, sequence_id=sequence_id, dropout_rng=dropout_rng)
+        if fused is None:
+            fused = self.fused_loss
+        if not fused:
+            return lm_loss.cross_entropy_sum(self._logits(x, compute_dtype), targets, z_loss)
+        tied = self.lm_head is None
+        weight = self.wte.embedding[...] if tied else self.lm_head.kernel[...]
+        return lm_loss.chunked_cross_entropy(
+            x, weight, targets, tied=tied, compute_dtype=compute_dtype, z_loss=z_loss, logit_scale=self.logit_scale
+        )
+
+    def features(
+        self,
+        input_ids: jax.Array,
+        *,
+        compute_dtype=jnp.float32,
+        sequence_id: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final-normed hidden state ``[batch, length, d_model]`` that the output head reads."""
         batch, length = input_ids.shape
         if length > self.max_seq_len:
             raise ValueError(f"input length {length} exceeds model.max_seq_len={self.max_seq_len}")
@@ -263,11 +305,10 @@ class MPTForCausalLM(nnx.Module):
                 graphdef, state = nnx.split(block)
                 x = run_block(graphdef, state, x, layer_rng(index))
 
-        return self._logits(x, compute_dtype)
+        return self.norm_f(x, compute_dtype=compute_dtype)
 
     def _logits(self, x: jax.Array, compute_dtype) -> jax.Array:
-        """Final norm and output head: residual stream ``[batch, length, d_model]`` -> float32 logits."""
-        x = self.norm_f(x, compute_dtype=compute_dtype)
+        """Output head: final-normed hidden state ``[batch, length, d_model]`` -> float32 logits."""
         if cpu_kernels.use_cpu_kernels(compute_dtype):
             if self.lm_head is None:
                 logits = cpu_kernels.tied_logits(x, self.wte.embedding[...], compute_dtype)
@@ -321,7 +362,7 @@ class MPTForCausalLM(nnx.Module):
                 x, layer_cache = run_block(block, x, jax.tree.map(lambda leaf: leaf[index], cache))
                 layer_caches.append(layer_cache)
             cache = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layer_caches)
-        return self._logits(x, compute_dtype), cache
+        return self._logits(self.norm_f(x, compute_dtype=compute_dtype), compute_dtype), cache
 
 
 def mpt_param_count(cfg: ModelConfig) -> int:

@@ -47,14 +47,15 @@ class ModelDef:
     def merge(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
 
-    def apply(self, params: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call the model with ``params`` inside the mesh and logical-axis rules, so activation
-        sharding constraints take effect when traced."""
+    def apply(self, params: Any, *args: Any, method: str | None = None, **kwargs: Any) -> Any:
+        """Call the model (or its ``method``) with ``params`` inside the mesh and logical-axis
+        rules, so activation sharding constraints take effect when traced."""
         model = self.merge(params)
+        call = model if method is None else getattr(model, method)
         if self.mesh is None:
-            return model(*args, **kwargs)
+            return call(*args, **kwargs)
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nn.logical_axis_rules(self.rules):
-            return model(*args, **kwargs)
+            return call(*args, **kwargs)
 
 
 def abstract_model(model_cfg: Any) -> tuple[Any, Any]:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtrain.train.loss import IGNORE_INDEX, batch_targets, cross_entropy_sum
+from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
 from jaxtrain.train.state import ModelDef, TrainState
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "amp_bf16": jnp.bfloat16}
@@ -60,14 +60,16 @@ def make_train_step(
     """
 
     def microbatch_loss(params, inputs, targets, sequence_id, dropout_rng, total_tokens, multiplier):
-        logits = model_def.apply(
+        loss_sum, z_sum, _ = model_def.apply(
             params,
             inputs,
+            targets,
+            method="lm_loss",
             compute_dtype=compute_dtype,
             sequence_id=sequence_id,
             dropout_rng=dropout_rng if use_dropout else None,
+            z_loss=z_loss,
         )
-        loss_sum, z_sum, _ = cross_entropy_sum(logits, targets, z_loss)
         loss_sum = loss_sum * multiplier
         return (loss_sum + z_sum) / total_tokens, loss_sum
 
@@ -151,9 +153,9 @@ def make_eval_step(model_def: ModelDef, *, compute_dtype: Any = jnp.float32):
     """Build ``eval_step(params, batch) -> {loss_sum, tokens}`` (sums, so batches can be added)."""
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = model_def.apply(
-            params, batch["input_ids"], compute_dtype=compute_dtype, sequence_id=batch.get("sequence_id"))
-        loss_sum, _, count = cross_entropy_sum(logits, batch_targets(batch))
+        loss_sum, _, count = model_def.apply(
+            params, batch["input_ids"], batch_targets(batch), method="lm_loss", compute_dtype=compute_dtype,
+            sequence_id=batch.get("sequence_id"))
         return {"loss_sum": loss_sum, "tokens": count}
 
     return eval_step

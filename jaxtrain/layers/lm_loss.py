@@ -1,0 +1,170 @@
+"""Language-model head and cross-entropy, plain and fused.
+
+``cross_entropy_sum`` is the reference: float32 logits ``[batch, length, vocab]`` in, summed
+token loss out. ``chunked_cross_entropy`` computes the same sums from the final hidden state
+and the output weight without holding the float32 logits: it walks the sequence in chunks
+whose float32 logits fit in the last-level cache, keeps only each row's log-partition for the
+backward pass, and recomputes each chunk's logits there to form ``softmax - onehot`` (kept in
+the compute dtype for one weight-gradient dot over all rows).
+On a 50k vocabulary the full logits are the largest tensor of a small model's step (8 x 512
+rows: 826 MB in float32), so the fused form (``model.fused_loss``) is a memory saving; it pays
+one extra head matmul for the recompute and, on the 2-core CPU we measure on, is not faster
+(``bench/fused_loss_ab.py``), so it is off by default.
+
+Every dot keeps its left operand contracted on its last dimension and the weight gradient uses
+``cpu_kernels``' split-row form, so in bfloat16 all of them stay on XLA:CPU's fast path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtrain.layers import cpu_kernels
+
+IGNORE_INDEX = -100
+# Float32 logits per chunk: small enough to stay in a server CPU's last-level cache.
+CHUNK_LOGIT_BYTES = 48 * 1024 * 1024
+
+
+def cross_entropy_sum(
+    logits: jax.Array, targets: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed token cross-entropy (+ optional z-loss) over non-ignored targets.
+
+    logits: float32[batch, length, vocab]; targets: int32[batch, length] (already shifted).
+    Returns (loss_sum, z_loss_sum, token_count), all float32 scalars.
+    """
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE_INDEX
+    safe_targets = jnp.where(valid, targets, 0)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    token_loss = jnp.where(valid, log_z - target_logit, 0.0)
+    z_term = jnp.where(valid, z_loss * jnp.square(log_z), 0.0) if z_loss else jnp.zeros_like(token_loss)
+    return token_loss.sum(), z_term.sum(), valid.sum().astype(jnp.float32)
+
+
+def chunk_length(batch: int, length: int, vocab: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> int:
+    """The longest divisor of ``length`` whose ``batch x chunk x vocab`` float32 logits fit the budget."""
+    best = 1
+    for chunk in range(1, length + 1):
+        if length % chunk == 0 and batch * chunk * vocab * 4 <= budget_bytes:
+            best = chunk
+    return best
+
+
+def chunked_cross_entropy(
+    x: jax.Array,
+    weight: jax.Array,
+    targets: jax.Array,
+    *,
+    tied: bool,
+    compute_dtype=jnp.bfloat16,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``cross_entropy_sum(head(x), targets, z_loss)`` without materialising the logits.
+
+    x: float[batch, length, d] (the final-normed hidden state); weight: the output projection,
+    ``[vocab, d]`` when ``tied`` (the input embedding) else ``[d, vocab]``; targets:
+    int32[batch, length] (shifted, -100 ignored). Logits are ``x @ W`` in ``compute_dtype`` with
+    float32 accumulation, times ``logit_scale`` if given. ``chunk`` is the sequence positions
+    per chunk (default: ``chunk_length``). Returns (loss_sum, z_loss_sum, token_count).
+    """
+    batch, length, _ = x.shape
+    vocab = weight.shape[0] if tied else weight.shape[1]
+    chunk = chunk or chunk_length(batch, length, vocab)
+    if length % chunk:
+        raise ValueError(f"loss chunk {chunk} must divide the sequence length {length}")
+    static = (bool(tied), jnp.dtype(compute_dtype).name, float(z_loss),
+              None if logit_scale is None else float(logit_scale), int(chunk))
+    valid = targets != IGNORE_INDEX
+    loss_sum, z_sum = _fused_loss(x, weight, targets.astype(jnp.int32), static)
+    return loss_sum, z_sum, valid.sum().astype(jnp.float32)
+
+
+def _chunks(a: jax.Array, chunk: int) -> jax.Array:
+    """``[batch, length, ...] -> [length / chunk, batch, chunk, ...]`` (sequence chunks leading)."""
+    batch, length = a.shape[:2]
+    a = a.reshape(batch, length // chunk, chunk, *a.shape[2:])
+    return jnp.moveaxis(a, 1, 0)
+
+
+def _chunk_logits(x_c, w_c, tied, scale):
+    """float32 logits ``[batch, chunk, vocab]`` of one chunk (bf16 dots in the fast form)."""
+    equation = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
+    logits = jnp.einsum(equation, x_c, w_c, preferred_element_type=jnp.float32)
+    return logits if scale is None else logits * jnp.float32(scale)
+
+
+def _loss_forward(x, weight, targets, static):
+    tied, dtype, z_loss, scale, chunk = static
+    w_c = weight.astype(dtype)
+
+    def one_chunk(_, inputs):
+        x_chunk, t_chunk = inputs
+        logits = _chunk_logits(x_chunk.astype(dtype), w_c, tied, scale)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        valid = t_chunk != IGNORE_INDEX
+        target_logit = jnp.take_along_axis(logits, jnp.where(valid, t_chunk, 0)[..., None], axis=-1)[..., 0]
+        loss = jnp.where(valid, log_z - target_logit, 0.0).sum()
+        z_term = jnp.where(valid, jnp.square(log_z), 0.0).sum() * jnp.float32(z_loss)
+        return None, (loss, z_term, log_z)
+
+    _, (loss, z_term, log_z) = jax.lax.scan(one_chunk, None, (_chunks(x, chunk), _chunks(targets, chunk)))
+    return (loss.sum(), z_term.sum()), log_z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_loss(x, weight, targets, static):
+    return _loss_forward(x, weight, targets, static)[0]
+
+
+def _fused_loss_fwd(x, weight, targets, static):
+    sums, log_z = _loss_forward(x, weight, targets, static)
+    return sums, (x, weight, targets, log_z)
+
+
+def _fused_loss_bwd(static, residuals, cotangents):
+    tied, dtype, z_loss, scale, chunk = static
+    x, weight, targets, log_z = residuals
+    g_loss, g_z = cotangents
+    w_c = weight.astype(dtype)
+    d_model = x.shape[-1]
+    vocab = weight.shape[0] if tied else weight.shape[1]
+
+    def one_chunk(_, inputs):
+        x_chunk, t_chunk, lz_chunk = inputs
+        logits = _chunk_logits(x_chunk.astype(dtype), w_c, tied, scale)
+        probs = jnp.exp(logits - lz_chunk[..., None])
+        valid = t_chunk != IGNORE_INDEX
+        onehot = jax.nn.one_hot(jnp.where(valid, t_chunk, -1), vocab, dtype=jnp.float32)
+        d_logits = g_loss * (probs - onehot)
+        if z_loss:
+            d_logits = d_logits + (g_z * 2.0 * z_loss) * lz_chunk[..., None] * probs
+        d_logits = d_logits * jnp.where(valid, 1.0, 0.0)[..., None]
+        if scale is not None:
+            d_logits = d_logits * jnp.float32(scale)
+        d_logits = d_logits.astype(dtype)
+        equation = "bcv,vd->bcd" if tied else "bcv,dv->bcd"
+        d_x = jnp.einsum(equation, d_logits, w_c, preferred_element_type=jnp.float32)
+        return None, (d_x.astype(x.dtype), d_logits)
+
+    _, (d_x, d_logits) = jax.lax.scan(one_chunk, None, (_chunks(x, chunk), _chunks(targets, chunk), log_z))
+    # one weight-gradient dot over all rows (chunk-major order on both sides), in the fast form
+    rows = x.shape[0] * x.shape[1]
+    x_rows = _chunks(x, chunk).astype(dtype).reshape(rows, d_model)
+    d_weight = cpu_kernels.weight_grad(x_rows, d_logits.reshape(rows, vocab))
+    batch, length = x.shape[:2]
+    d_x = jnp.moveaxis(d_x, 0, 1).reshape(batch, length, d_model)
+    if tied:  # keep XLA from folding the transpose back into the dot
+        d_weight = jax.lax.optimization_barrier(d_weight).T
+    return d_x, d_weight.astype(weight.dtype), np.zeros(targets.shape, jax.dtypes.float0)
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
