@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -195,3 +198,41 @@ def test_cluster_launchers_parse_and_agree_on_the_process_count():
     spec = detect_cluster({**env, "JOB_COMPLETION_INDEX": "1"})
     assert spec == ClusterSpec("kubernetes", "jaxtrain-workers-0-0.jaxtrain:8476", 2, 1)
     assert container["command"] == ["python", "-m", "jaxtrain.main"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(tmp_path):
+    """JAX's preemption service: a SIGTERM to process 1 alone makes both processes agree on a step,
+    save that step's checkpoint together and exit 143; the same command then continues."""
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    from local import free_port, process_env
+
+    run = tmp_path / "run"
+    args = ["-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for override in TINY + [f"run_folder={run}", f"save_folder={run}/ckpt", "max_duration=400ba", "save_interval=1000ba"]:
+        args += ["--set", override]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, *args], env=process_env(index, 2, port, 4), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and all(proc.poll() is None for proc in procs):
+        if metrics.exists() and metrics.read_text().count("train/loss") >= 2:
+            break
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [143, 143], outputs[0][-2000:] + outputs[1][-2000:]
+    stops = [re.findall(r"stopping at step (\d+) \(SIGTERM\)", out) for out in outputs]
+    assert len(stops[0]) == 1 and stops[0] == stops[1], stops
+    step = int(stops[0][0])
+    assert 2 <= step < 400
+    state = run / "ckpt" / str(step) / "state"
+    assert (state / "commit_success.txt").exists()
+    assert (state / "ocdbt.process_0").exists() and (state / "ocdbt.process_1").exists()
+
+    resumed = _cli(run, processes=2, devices_per_process=4, extra=[f"max_duration={step + 2}ba"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {run}/ckpt at step {step}" in resumed.stdout
+    with open(metrics) as f:
+        logged = {json.loads(line)["step"] for line in f if "train/loss" in line}
+    assert {step + 1, step + 2} <= logged

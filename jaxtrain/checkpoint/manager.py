@@ -4,12 +4,20 @@ A checkpoint folder holds one step per subfolder, each with two items:
 - ``state``: the TrainState pytree (step, params, optimizer state, RNG), saved asynchronously;
 - ``meta``: JSON with the loader position, the resolved config, the layer layout and versions.
 Orbax writes each step to a temporary folder and renames it when complete, so an interrupted
-write never shadows the last good checkpoint. A remote folder (``s3://...``) is staged locally and
-uploaded step by step (see ``checkpoint/remote.py``).
+write never shadows the last good checkpoint: the next start deletes the leftover temporary
+folder and resumes from the newest committed step. A remote folder (``s3://...``) is staged
+locally and uploaded step by step (see ``checkpoint/remote.py``).
+
+A save that fails (disk full, storage unreachable after retries) raises ``CheckpointSaveError``:
+a one-line message naming the checkpoint and what to do, and exit status ``EXIT_CHECKPOINT``.
+Orbax reports a failure of its background write only when asked, so the Trainer polls after
+every step (``poll``), and every save and close waits for the previous write first; a run never
+trains on past a save that did not complete.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -18,8 +26,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import jaxtrain
-from jaxtrain.checkpoint.remote import RemoteSteps, is_remote
+from jaxtrain.checkpoint.faults import install_save_faults
+from jaxtrain.checkpoint.remote import RemoteSteps, RemoteUploadError, is_remote
 from jaxtrain.config.schema import ConfigError
+from jaxtrain.train.health import EXIT_CHECKPOINT
 
 FORMAT_VERSION = 1
 
@@ -28,21 +38,58 @@ def _as_path(folder: str) -> str:
     return folder if "://" in folder else os.path.abspath(folder)
 
 
-class Checkpointer:
-    """Save and restore train states under ``folder``; keeps the newest ``keep`` (-1: all)."""
+class CheckpointSaveError(SystemExit):
+    """A checkpoint could not be written or uploaded. The process exits with ``EXIT_CHECKPOINT``;
+    ``str()`` is the one-line explanation (which checkpoint, why, what to do)."""
 
-    def __init__(self, folder: str, *, keep: int = -1, async_save: bool = True):
+    def __init__(self, message: str):
+        super().__init__(EXIT_CHECKPOINT)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0][:300] if text else "") or type(err).__name__
+
+
+def _disk_full(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class Checkpointer:
+    """Save and restore train states under ``folder``; keeps the newest ``keep`` (-1: all).
+
+    ``staging``: for a remote ``folder``, the local folder steps are written to before upload
+    (default a temporary one; a fixed one lets a restarted run finish an interrupted upload).
+    ``faults``: a ``FaultInjector`` whose save faults are armed for this folder.
+    """
+
+    def __init__(self, folder: str, *, keep: int = -1, async_save: bool = True, staging: str | None = None,
+                 faults: Any = None):
         self.folder = _as_path(folder)
         self.keep = keep
         self.remote: RemoteSteps | None = None
+        self._pending: int | None = None  # the step whose asynchronous write may still be running
         if is_remote(folder):
             if jax.process_count() > 1:
                 raise ConfigError(f"save_folder={folder}: remote checkpoints are staged on local disk, which needs a "
                                   f"single process; use a shared filesystem path for multi-host runs")
-            self.remote = RemoteSteps(folder)
-            step = self.remote.download_latest()
+            self.remote = RemoteSteps(folder, staging, faults=faults)
+            try:
+                step = self.remote.reconcile()
+            except RemoteUploadError as err:
+                raise self._failed(err.step, err) from err
             if step is not None:
-                logging.info("fetched checkpoint step %d from %s", step, folder)
+                logging.info("checkpoint step %d of %s is in the staging folder", step, folder)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if keep is None or keep < 0 else keep,
             create=True,
@@ -50,13 +97,47 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         local = self.remote.staging if self.remote is not None else self.folder
+        if faults is not None:
+            install_save_faults(local, faults)
         self._manager = ocp.CheckpointManager(local, options=options, item_names=("state", "meta"))
+
+    # ------------------------------------------------------------------ failures
+
+    def _failed(self, step: int | None, err: BaseException) -> CheckpointSaveError:
+        where = f"{self.folder}/{step}" if step is not None else self.folder
+        earlier = [s for s in self._manager.all_steps() if step is None or s < step] if hasattr(self, "_manager") else []
+        if self.remote is not None and earlier:
+            earlier = [s for s in earlier if s in self.remote.uploaded]
+        if _disk_full(err):
+            advice = "free space where save_folder lives (or lower save_num_checkpoints_to_keep)"
+        elif self.remote is not None:
+            advice = "check the storage endpoint, credentials and network"
+        else:
+            advice = "check that save_folder is writable"
+        resume = (f"the checkpoint of step {max(earlier)} is intact; {advice}, then run the same command to resume "
+                  f"from it" if earlier else f"no earlier checkpoint exists; {advice}, then run the same command")
+        return CheckpointSaveError(f"checkpoint {where} could not be saved ({_first_line(err)}); {resume}")
+
+    def poll(self) -> None:
+        """Raise ``CheckpointSaveError`` if the asynchronous write in flight has failed; cheap otherwise."""
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - any failure of the background write
+            raise self._failed(step, err) from err
 
     def _upload(self) -> None:
         """Remote folders: wait for the pending write, then upload every finished step not yet there."""
+        self._finish_pending()
         if self.remote is not None:
-            self._manager.wait_until_finished()
-            self.remote.sync(list(self._manager.all_steps()), self.keep)
+            try:
+                self.remote.sync(list(self._manager.all_steps()), self.keep)
+            except RemoteUploadError as err:
+                raise self._failed(err.step, err) from err
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -68,11 +149,17 @@ class Checkpointer:
         """Start an asynchronous save; returns whether a save was started."""
         meta = dict(meta, format_version=FORMAT_VERSION, jaxtrain_version=jaxtrain.__version__, step=step)
         self._upload()
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
+        try:
+            started = self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
+        except Exception as err:  # noqa: BLE001 - e.g. the step folder cannot be created
+            raise self._failed(step, err) from err
+        if started:
+            self._pending = step
+        return started
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``."""
@@ -89,17 +176,22 @@ class Checkpointer:
         return dict(restored["meta"])
 
     def wait(self) -> None:
-        """Block until the pending asynchronous save is committed."""
-        self._manager.wait_until_finished()
+        """Block until the pending asynchronous save is committed (and uploaded)."""
         self._upload()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Finish the pending save and upload; the staging folder goes only when everything is uploaded."""
+        uploaded = False
         try:
             self._upload()
+            uploaded = True
         finally:
-            self._manager.close()
-            if self.remote is not None:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001 - a failure was raised above already
+                if uploaded:
+                    raise
+            if self.remote is not None and uploaded:
                 self.remote.remove_staging()
 
 

@@ -6,9 +6,19 @@ Object stores have no atomic rename, so the marker is what makes a remote step c
 without it (an upload cut short) are ignored by autoresume and ``load_checkpoint``.
 
 A step is uploaded when the next save starts or when the checkpointer closes (both wait for
-the asynchronous write first), so training never blocks on the network between saves. On
-start, the newest complete remote step is downloaded into staging so that autoresume sees it.
-Credentials and endpoints come from the standard environment (``AWS_*`` for ``s3://``).
+the asynchronous write first), so training never blocks on the network between saves. Each file
+is tried ``UPLOAD_RETRY`` more times after a failure; a step that still does not upload stops the
+run (``RemoteUploadError``, turned into a one-line error by the checkpointer).
+
+A crash can leave the remote copy one save behind: the newest step was committed in staging but
+its upload never finished (or never started). The Trainer therefore stages in a fixed folder,
+``<run_folder>/checkpoint-staging``, kept until every step is uploaded, and on start
+``reconcile`` uploads the committed staged steps newer than the newest complete remote step
+before anything else, so the restarted run resumes from the newest checkpoint and the remote
+copy has it too. Staged steps older than that (whose remote copies the retention policy
+deleted) are dropped; when the newest remote step is not staged, it is downloaded so that
+autoresume sees it. Credentials and endpoints come from the standard environment (``AWS_*``
+for ``s3://``).
 """
 
 from __future__ import annotations
@@ -16,7 +26,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+import time
+from typing import Any
 
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.mds.writer import is_remote
@@ -25,18 +38,61 @@ from jaxtrain.data.remote import ObjectStore, download_with_retry
 UPLOADED_MARKER = "_JAXTRAIN_UPLOADED"
 TOKENIZER_FILE = "tokenizer.json"
 DOWNLOAD_RETRY = 2
+UPLOAD_RETRY = 2
+UPLOAD_RETRY_BASE_SECONDS = 0.5  # doubles after each failed attempt
 
-__all__ = ["RemoteSteps", "fetch_checkpoint", "is_remote"]
+__all__ = ["RemoteSteps", "RemoteUploadError", "fetch_checkpoint", "is_remote"]
+
+
+class RemoteUploadError(RuntimeError):
+    """A checkpoint file could not be uploaded after its retries."""
+
+    def __init__(self, step: int | None, where: str, attempts: int, error: BaseException):
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        super().__init__(f"upload of {where} failed after {attempts} attempts: {type(error).__name__}"
+                         + (f": {detail}" if detail else ""))
+        self.step = step
 
 
 class RemoteSteps:
     """The step folders under a remote ``url``, mirrored through a local staging folder."""
 
-    def __init__(self, url: str, staging: str | None = None):
+    def __init__(self, url: str, staging: str | None = None, *, faults: Any = None):
         self.url = url.rstrip("/")
         self.store = ObjectStore(self.url)
+        if staging:
+            os.makedirs(staging, exist_ok=True)
         self.staging = staging or tempfile.mkdtemp(prefix="jaxtrain-checkpoints-")
         self.uploaded: set[int] = set()
+        self.faults = faults
+
+    def staged_steps(self) -> list[int]:
+        """Committed steps in the staging folder (Orbax renames a step folder into place when complete)."""
+        if not os.path.isdir(self.staging):
+            return []
+        return sorted(int(name) for name in os.listdir(self.staging)
+                      if name.isdigit() and os.path.isdir(os.path.join(self.staging, name)))
+
+    def reconcile(self) -> int | None:
+        """Make staging and remote agree before a run starts; returns the newest step, or None.
+
+        Committed staged steps newer than the newest complete remote step (an upload a crash cut
+        short) are uploaded now; older staged steps the remote lacks are dropped; the newest
+        remote step is downloaded when it is not staged."""
+        remote = self.complete_steps()
+        newest_remote = remote[-1] if remote else -1
+        self.uploaded.update(remote)
+        for step in self.staged_steps():
+            if step > newest_remote:
+                print(f"checkpoint step {step} was saved but not uploaded to {self.url} before the last run ended; "
+                      f"uploading it now", file=sys.stderr, flush=True)
+                self.upload(step)
+            elif step not in self.uploaded:
+                shutil.rmtree(os.path.join(self.staging, str(step)), ignore_errors=True)
+        steps = sorted(self.uploaded)
+        if steps and steps[-1] not in self.staged_steps():
+            self.download(steps[-1])
+        return steps[-1] if steps else None
 
     def complete_steps(self) -> list[int]:
         """Steps whose upload finished (their marker exists), oldest first."""
@@ -66,22 +122,35 @@ class RemoteSteps:
         self.uploaded.update(steps)  # already remote: never upload them again
         return steps[-1]
 
+    def _put(self, path: str, name: str, step: int | None) -> None:
+        """``store.put`` with up to ``UPLOAD_RETRY`` further attempts, waiting 0.5 s, 1 s, ... between."""
+        for attempt in range(UPLOAD_RETRY + 1):
+            try:
+                self.store.put(path, name)
+                return
+            except Exception as error:  # noqa: BLE001 - network, throttling, credentials: worth another try
+                if attempt == UPLOAD_RETRY:
+                    raise RemoteUploadError(step, self.store.where(name), attempt + 1, error) from error
+                time.sleep(UPLOAD_RETRY_BASE_SECONDS * 2 ** attempt)
+
     def upload(self, step: int) -> None:
         """Upload the local ``step`` folder, marker last."""
         folder = os.path.join(self.staging, str(step))
-        for parent, _, names in os.walk(folder):
-            for name in sorted(names):
-                path = os.path.join(parent, name)
-                self.store.put(path, os.path.relpath(path, self.staging).replace(os.sep, "/"))
+        files = [os.path.join(parent, name) for parent, _, names in sorted(os.walk(folder)) for name in sorted(names)]
+        for index, path in enumerate(files):
+            if index == len(files) // 2 and self.faults is not None:
+                if self.faults.cfg.kill_during_upload_step == step and self.faults.once("kill-upload", step):
+                    self.faults.kill(f"killed midway through uploading checkpoint step {step}")
+            self._put(path, os.path.relpath(path, self.staging).replace(os.sep, "/"), step)
         marker = os.path.join(self.staging, f".{step}{UPLOADED_MARKER}")
         with open(marker, "w") as handle:
             handle.write(f"{step}\n")
-        self.store.put(marker, f"{step}/{UPLOADED_MARKER}")
+        self._put(marker, f"{step}/{UPLOADED_MARKER}", step)
         os.remove(marker)
         self.uploaded.add(step)
 
     def upload_file(self, path: str, name: str) -> None:
-        self.store.put(path, name)
+        self._put(path, name, None)
 
     def sync(self, local_steps: list[int], keep: int) -> None:
         """Upload local steps not yet remote; with ``keep`` >= 0, delete remote steps Orbax no longer keeps."""

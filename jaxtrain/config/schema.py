@@ -227,6 +227,14 @@ class FaultsConfig:
     crash_at_step: int | None = field(None, "the process dies abruptly after this step (once per run folder)")
     hang_at_step: int | None = field(None, "the loop stops making progress after this step (once per run folder)")
     sigterm_at_step: int | None = field(None, "the process sends itself SIGTERM after this step (once per run folder)")
+    kill_during_step: int | None = field(None, "SIGKILL while this step computes (once per run folder)")
+    kill_during_eval_step: int | None = field(None, "SIGKILL midway through the held-out eval at this step (once per run folder)")
+    kill_during_save_step: int | None = field(
+        None, "SIGKILL after this step's checkpoint files are written, before it commits (once per run folder)")
+    kill_during_upload_step: int | None = field(
+        None, "remote save_folder: SIGKILL midway through uploading this step's checkpoint (once per run folder)")
+    disk_full_at_save_step: int | None = field(
+        None, "this step's checkpoint write fails with ENOSPC (no space left on device; once per run folder)")
 
 
 # ----------------------------------------------------------------------------- run

@@ -54,6 +54,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     # Compiled steps are cached with the run, so a resumed or repeated run starts faster.
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(cfg.run_folder, "cache", "xla")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    parts = None
     try:
         parts = build_run(cfg)
         print(
@@ -69,6 +70,11 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     except KeyboardInterrupt:
         print("interrupted twice: stopped without a new checkpoint; earlier checkpoints are intact", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if parts is not None:  # stop prefetch threads; drop a streamed dataset's cache unless kept
+            for loader in (parts.train_loader, parts.eval_loader):
+                if loader is not None:
+                    loader.close()
     if jax.process_index() == 0:
         write_summary(os.path.join(cfg.run_folder, "summary.json"), result)
     print(format_summary(result, time.perf_counter() - started), flush=True)

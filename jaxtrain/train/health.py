@@ -22,11 +22,13 @@ import numpy as np
 EXIT_OK = 0
 EXIT_CONFIG = 2  # a user error in the config or command line
 EXIT_UNHEALTHY = 3  # stopped by a health policy (NaN/spike with policy stop, too many rollbacks)
+EXIT_CHECKPOINT = 4  # a checkpoint could not be saved (disk full, storage unreachable); earlier ones are intact
 EXIT_HANG = 75  # the watchdog saw no progress; restart the run
 EXIT_INTERRUPTED = 130  # SIGINT: a checkpoint was saved; the user asked to stop
 EXIT_PREEMPTED = 143  # SIGTERM: a checkpoint was saved; the machine is being taken away
 
-NO_RESTART = (EXIT_OK, EXIT_CONFIG, EXIT_UNHEALTHY, EXIT_INTERRUPTED)
+# A failed save needs a person (free space, fix credentials): restarting would only retrain to the same failure.
+NO_RESTART = (EXIT_OK, EXIT_CONFIG, EXIT_UNHEALTHY, EXIT_CHECKPOINT, EXIT_INTERRUPTED)
 
 
 class HealthMonitor:
@@ -161,7 +163,8 @@ class FaultInjector:
             self.bound_steps.add(step)
         return self.poisoned.get(position, 1.0)
 
-    def _once(self, kind: str, step: int) -> bool:
+    def once(self, kind: str, step: int) -> bool:
+        """True the first time ``kind`` fires at ``step`` in this run folder, False after."""
         marker = os.path.join(self.run_folder, f".fault-{kind}-{step}")
         if os.path.exists(marker):
             return False
@@ -169,14 +172,28 @@ class FaultInjector:
         open(marker, "w").close()
         return True
 
+    def kill(self, message: str) -> None:
+        print(f"faults: {message}; sending SIGKILL", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def during_step(self, step: int) -> None:
+        """Called once ``step`` is dispatched, while the device still computes it."""
+        if self.cfg.kill_during_step == step and self.once("kill-step", step):
+            self.kill(f"killed while step {step} computes")
+
+    def during_eval(self, step: int) -> None:
+        """Called after the first batch of the held-out eval at ``step``."""
+        if self.cfg.kill_during_eval_step == step and self.once("kill-eval", step):
+            self.kill(f"killed during the held-out eval at step {step}")
+
     def after_step(self, step: int) -> None:
-        if self.cfg.crash_at_step == step and self._once("crash", step):
+        if self.cfg.crash_at_step == step and self.once("crash", step):
             print(f"faults: crashing after step {step}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.cfg.sigterm_at_step == step and self._once("sigterm", step):
+        if self.cfg.sigterm_at_step == step and self.once("sigterm", step):
             print(f"faults: sending SIGTERM after step {step}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
-        if self.cfg.hang_at_step == step and self._once("hang", step):
+        if self.cfg.hang_at_step == step and self.once("hang", step):
             print(f"faults: hanging after step {step}", file=sys.stderr, flush=True)
             while True:
                 time.sleep(3600)

@@ -3,6 +3,14 @@
 Host work (logging, checkpoints, callbacks) happens around the compiled step. A step's metrics
 are fetched one step late, after the next step has been dispatched, so the device never waits
 for the host.
+
+Stopping: SIGINT/SIGTERM end the run after the current step with a checkpoint. In a multi-process
+run every process must save the same step, so SIGTERM goes through JAX's preemption service
+instead of a Python handler: the runtime's own SIGTERM handler tells the coordination service,
+all processes agree on a step (the largest step any of them is at, plus one), and each process
+learns it from ``multihost_utils.reached_preemption_sync_point``, asked after every step. A
+SIGTERM to any one process thus stops all of them at the same step, each saving its shards of
+that step's checkpoint and exiting 143.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
 import jax
 from absl import logging
+from jax.experimental.multihost_utils import reached_preemption_sync_point
 
 from jaxtrain.checkpoint.load import TOKENIZER_FILE
-from jaxtrain.checkpoint.manager import Checkpointer
+from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
+from jaxtrain.checkpoint.remote import RemoteUploadError
 from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger
 from jaxtrain.parallel.mesh import global_batch_from_local
@@ -91,8 +102,11 @@ class Trainer(RecoveryMixin):
         window = int((cfg.callbacks.get("speed_monitor") or {}).get("window_size", 10))
         self.meter = ThroughputMeter(window_size=window, num_devices=jax.device_count())
         self.checkpointer = (
-            Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep) if cfg.save_folder else None
+            Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep, faults=self.faults,
+                         staging=os.path.join(cfg.run_folder, "checkpoint-staging"))
+            if cfg.save_folder else None
         )
+        self.preemption_sync = _preemption_service_running()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -103,7 +117,11 @@ class Trainer(RecoveryMixin):
         if self.checkpointer.remote is not None:  # written into the staging folder, then uploaded
             path = os.path.join(self.checkpointer.remote.staging, TOKENIZER_FILE)
             self.parts.tokenizer.save(path)
-            self.checkpointer.remote.upload_file(path, TOKENIZER_FILE)
+            try:
+                self.checkpointer.remote.upload_file(path, TOKENIZER_FILE)
+            except RemoteUploadError as err:
+                raise CheckpointSaveError(f"{self.checkpointer.folder}/{TOKENIZER_FILE} could not be saved ({err}); "
+                                          "check the storage endpoint, credentials and network") from err
             return
         os.makedirs(self.checkpointer.folder, exist_ok=True)
         self.parts.tokenizer.save(os.path.join(self.checkpointer.folder, TOKENIZER_FILE))
@@ -130,6 +148,8 @@ class Trainer(RecoveryMixin):
             batch = global_batch_from_local(local, self.parts.mesh)
             out = self.parts.eval_step(self.state.params, batch)
             totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+            if index == 0:
+                self.faults.during_eval(self.step)
         if totals is None:
             return None
         totals = jax.device_get(totals)
@@ -196,7 +216,9 @@ class Trainer(RecoveryMixin):
             self._stop_signal = signum
 
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # With JAX's preemption service, SIGTERM is the runtime's: its handler starts the agreement.
+        signals = (signal.SIGINT,) if self.preemption_sync else (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread
@@ -211,6 +233,15 @@ class Trainer(RecoveryMixin):
         previous_handlers = self._install_signal_handlers()
         try:
             return self._fit()
+        except CheckpointSaveError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            self.record_incident("checkpoint_failed", reason=str(err))
+            if self.checkpointer is not None:
+                try:
+                    self.checkpointer.close()
+                except BaseException:  # noqa: BLE001 - the failure is already being reported
+                    pass
+            raise
         except BaseException:
             # Let a checkpoint that is being written finish, so the failure does not cost it.
             if self.checkpointer is not None:
@@ -301,7 +332,7 @@ class Trainer(RecoveryMixin):
     def _next_batch(self, loader_iter) -> dict[str, Any]:
         """The next training batch, passing over data positions marked to be skipped."""
         loader = self.parts.train_loader
-        while (position := tuple(loader.state_dict().values())) in self.skip_positions:
+        while (position := _data_position(loader.state_dict())) in self.skip_positions:
             next(loader_iter)
             self.print(f"skipping the batch at data position {position} (it caused a rollback)")
         self.positions[self.step + 1] = position
@@ -326,6 +357,7 @@ class Trainer(RecoveryMixin):
                 self.state, metrics = parts.train_step(self.state, batch, jax.device_put(control, control_sharding))
             else:
                 self.state, metrics = parts.train_step(self.state, batch)
+            self.faults.during_step(self.step + 1)
             self.step += 1
             actions = []
             if pending is not None:
@@ -352,7 +384,11 @@ class Trainer(RecoveryMixin):
                 self._last_step_time = None
             if self.save_every and self.step % self.save_every == 0:
                 self.save()
+            elif self.checkpointer is not None:
+                self.checkpointer.poll()  # a failed background write stops the run here, not later
             self.faults.after_step(self.step)
+            if self.preemption_sync and self._stop_signal is None and reached_preemption_sync_point(self.step):
+                self._stop_signal = signal.SIGTERM
         if pending is not None:
             action = self._on_step_done(*pending, tokens_per_batch)
             if action != "ok":
@@ -376,6 +412,20 @@ class Trainer(RecoveryMixin):
             self.stopped_unhealthy = f"health policy stopped the run at step {bad_steps[0]} (see incidents in metrics.jsonl)"
         self.record_incident("stop", step=bad_steps[0], reason=self.stopped_unhealthy)
         return False
+
+
+def _data_position(loader_state: dict) -> tuple[int, int]:
+    """(epoch, sample in epoch): where a batch is in the data order (the order's parameters are fixed per run)."""
+    return int(loader_state["epoch"]), int(loader_state["sample_in_epoch"])
+
+
+def _preemption_service_running() -> bool:
+    """Whether this is a multi-process run with JAX's preemption sync manager (SIGTERM agreement)."""
+    if jax.process_count() <= 1:
+        return False
+    from jax._src import distributed
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 def write_summary(path: str, result: FitResult) -> None:

@@ -2,7 +2,8 @@
 
 ``jaxtrain train --max-restarts N ...`` (or ``python -m jaxtrain.main --max_restarts N ...``)
 starts the run as a child process. A crash, a hang exit or a preemption restarts it after a
-backoff; success, a config error, a health stop or Ctrl-C end supervision. The same failure
+backoff; success, a config error, a health stop, a failed checkpoint save (exit 4: disk full or
+storage unreachable, which a restart would only run into again) or Ctrl-C end supervision. The same failure
 at the same step twice in a row means retrying will not help, and supervision gives up.
 """
 
@@ -39,7 +40,8 @@ def last_step(run_folder: str) -> int | None:
 def _describe(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
-    return {75: "hang (watchdog)", 143: "preempted (SIGTERM)", 1: "error"}.get(code, f"exit code {code}")
+    return {75: "hang (watchdog)", 143: "preempted (SIGTERM)", 4: "checkpoint save failed", 1: "error"}.get(
+        code, f"exit code {code}")
 
 
 def supervise(
