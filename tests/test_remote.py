@@ -275,3 +275,31 @@ def test_remote_save_folder_resumes_with_the_same_losses(s3, tmp_path):
     from jaxtrain.checkpoint.load import load_checkpoint
     loaded = load_checkpoint(save_folder)
     assert loaded.step == 6 and loaded.tokenizer_path and os.path.isfile(loaded.tokenizer_path)
+
+
+def test_data_prepare_writes_to_a_bucket_that_trains_by_streaming(s3, tmp_path):
+    """`jaxtrain data prepare ... --out s3://...` uploads shards + tokenizer; a streamed loader reads them back."""
+    from jaxtrain.data.prepare import prepare
+
+    documents = tmp_path / "docs.jsonl"
+    documents.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 3}) + "\n"
+                                 for i in range(60)))
+    url = f"s3://{BUCKET}/prepared"
+    result = prepare([str(documents)], url, vocab_size=300, concat_tokens=SEQ_LEN, size_limit=2000,
+                     hashes=["xxh64"], cache_dir=str(tmp_path / "prep-cache"), progress=False)
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert {"prepared/tokenizer.json", "prepared/train/index.json"} <= keys
+    assert sum(key.endswith(".mds") for key in keys) > 1  # several shards under the size limit
+    assert not os.listdir(tmp_path / "prep-cache") or not any(
+        name.endswith(".mds") for _, _, names in os.walk(tmp_path / "prep-cache") for name in names)
+    s3.download_file(BUCKET, "prepared/tokenizer.json", str(tmp_path / "tokenizer.json"))
+    cfg = Config(max_seq_len=SEQ_LEN, global_train_batch_size=4,
+                 tokenizer=TokenizerConfig(name=str(tmp_path / "tokenizer.json")),
+                 train_loader=LoaderConfig(dataset=DatasetConfig(source="mds", remote=url, local=str(tmp_path / "c"),
+                                                                 shuffle=False)), eval_loader=None)
+    loader, _, tokenizer = build_loaders(cfg, cache_dir=str(tmp_path / "run"))
+    assert loader.num_sequences == result.num_samples
+    text = tokenizer.decode([int(t) for t in next(loader)["input_ids"].ravel()])
+    assert text.startswith("def f0(x):\n    return x * 0\n")
+    loader.close()
+    assert not (tmp_path / "c" / "train").exists()

@@ -195,16 +195,16 @@ class MDSWriter:
 
 
 def upload_file(path: str, url: str) -> None:
-    """Copy the local file ``path`` to ``url`` with fsspec."""
+    """Copy the local file ``path`` to ``url``: boto3 for ``s3://`` (as streaming reads it), fsspec otherwise."""
+    from jaxtrain.data.remote import ObjectStore  # imported here: remote.py builds on this module
+
+    prefix, _, name = url.rstrip("/").rpartition("/")
     try:
-        import fsspec
-    except ImportError:
-        raise ConfigError(f"writing to {url} needs fsspec (and its filesystem package): pip install fsspec") from None
-    try:
-        filesystem, target = fsspec.core.url_to_fs(url)
-        parent = target.rsplit("/", 1)[0]
-        if parent and parent != target:
-            filesystem.makedirs(parent, exist_ok=True)
-        filesystem.put_file(path, target)
+        ObjectStore(prefix).put(path, name)
+    except ConfigError:
+        raise
     except ImportError as error:
         raise ConfigError(f"writing to {url} needs a filesystem package fsspec could not import ({error})") from None
+    except Exception as error:  # noqa: BLE001 - any storage failure becomes one line naming the URL
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"could not write {url} ({first}): check the URL, credentials and endpoint") from None
