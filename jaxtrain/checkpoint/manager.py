@@ -6,7 +6,9 @@ A checkpoint folder holds one step per subfolder, each with two items:
 Orbax writes each step to a temporary folder and renames it when complete, so an interrupted
 write never shadows the last good checkpoint: the next start deletes the leftover temporary
 folder and resumes from the newest committed step. A remote folder (``s3://...``) is staged
-locally and uploaded step by step (see ``checkpoint/remote.py``).
+locally and uploaded step by step (see ``checkpoint/remote.py``); with several processes, each
+stages its own part in its own folder (``<staging>/process-<i>``) and Orbax treats every process
+as the writer of its local copy.
 
 A save that fails (disk full, storage unreachable after retries) raises ``CheckpointSaveError``:
 a one-line message naming the checkpoint and what to do, and exit status ``EXIT_CHECKPOINT``.
@@ -17,7 +19,9 @@ trains on past a save that did not complete.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging as std_logging
 import os
 from typing import Any
 
@@ -27,7 +31,7 @@ from absl import logging
 
 import jaxtrain
 from jaxtrain.checkpoint.faults import install_save_faults
-from jaxtrain.checkpoint.remote import RemoteSteps, RemoteUploadError, is_remote
+from jaxtrain.checkpoint.remote import RemoteSteps, RemoteUploadError, is_remote, process_group
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.train.health import EXIT_CHECKPOINT
 
@@ -36,6 +40,32 @@ FORMAT_VERSION = 1
 
 def _as_path(folder: str) -> str:
     return folder if "://" in folder else os.path.abspath(folder)
+
+
+class _NoPrimaryHostNotice(std_logging.Filter):
+    """Orbax warns on every save that it skips size logging when every process writes its own copy."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "disabled for `primary_host=None`" not in record.getMessage()
+
+
+class _PartHandler(ocp.StandardCheckpointHandler):
+    """The train state of a process that stages its own part of a multi-process checkpoint on local
+    disk: the per-process OCDBT files are not merged when saving (the other parts are elsewhere);
+    ``remote.merge_parts`` merges them once a step has been downloaded whole."""
+
+    def finalize(self, directory) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(_PartHandler, for_save=True)
+class _PartSave(ocp.args.StandardSave):
+    pass
+
+
+@ocp.args.register_with_handler(_PartHandler, for_restore=True)
+class _PartRestore(ocp.args.StandardRestore):
+    pass
 
 
 class CheckpointSaveError(SystemExit):
@@ -79,11 +109,21 @@ class Checkpointer:
         self.keep = keep
         self.remote: RemoteSteps | None = None
         self._pending: int | None = None  # the step whose asynchronous write may still be running
+        self._save_args, self._restore_args = ocp.args.StandardSave, ocp.args.StandardRestore
+        parts = is_remote(folder) and jax.process_count() > 1
         if is_remote(folder):
-            if jax.process_count() > 1:
-                raise ConfigError(f"save_folder={folder}: remote checkpoints are staged on local disk, which needs a "
-                                  f"single process; use a shared filesystem path for multi-host runs")
-            self.remote = RemoteSteps(folder, staging, faults=faults)
+            if parts:
+                try:
+                    group = process_group()
+                except Exception as err:  # noqa: BLE001 - no distributed runtime to meet through
+                    raise ConfigError(f"save_folder={folder}: remote checkpoints of {jax.process_count()} processes "
+                                      f"need jax.distributed ({_first_line(err)}); start the processes with "
+                                      f"launch/ or jax.distributed.initialize") from err
+                if staging:  # processes may share the run folder: each stages in its own
+                    staging = os.path.join(staging, f"process-{group.index}")
+            else:
+                group = None
+            self.remote = RemoteSteps(folder, staging, faults=faults, group=group)
             try:
                 step = self.remote.reconcile()
             except RemoteUploadError as err:
@@ -99,7 +139,21 @@ class Checkpointer:
         local = self.remote.staging if self.remote is not None else self.folder
         if faults is not None:
             install_save_faults(local, faults)
-        self._manager = ocp.CheckpointManager(local, options=options, item_names=("state", "meta"))
+        handlers = None
+        if parts:  # every process writes (and commits) its local copy; nothing there is shared
+            every = ocp.options.MultiprocessingOptions(primary_host=None)
+            # Directories are created before anything is written: created asynchronously, a
+            # process may be told they exist once another process has created its own.
+            synchronous = ocp.options.AsyncOptions(create_directories_asynchronously=False)
+            options = dataclasses.replace(options, multiprocessing_options=every, async_options=synchronous)
+            handlers = {"state": _PartHandler(multiprocessing_options=every),
+                        "meta": ocp.JsonCheckpointHandler(multiprocessing_options=every)}
+            self._save_args, self._restore_args = _PartSave, _PartRestore
+            absl_logger = logging.get_absl_logger()
+            if not any(isinstance(f, _NoPrimaryHostNotice) for f in absl_logger.filters):
+                absl_logger.addFilter(_NoPrimaryHostNotice())
+        self._manager = ocp.CheckpointManager(local, options=options, item_names=("state", "meta"),
+                                              item_handlers=handlers)
 
     # ------------------------------------------------------------------ failures
 
@@ -152,7 +206,7 @@ class Checkpointer:
         try:
             started = self._manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                args=ocp.args.Composite(state=self._save_args(state), meta=ocp.args.JsonSave(meta)),
                 force=force,
             )
         except Exception as err:  # noqa: BLE001 - e.g. the step folder cannot be created
@@ -163,15 +217,20 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``."""
+        self._materialize(step)
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=self._restore_args(abstract_state), meta=ocp.args.JsonRestore()),
         )
         return restored["state"], dict(restored["meta"])
 
+    def _materialize(self, step: int) -> None:
+        """Remote folders: a staged step may hold only this process's part; download the rest."""
+        if self.remote is not None and step in self.remote.uploaded:
+            self.remote.materialize(step)
+
     def restore_meta(self, step: int) -> dict[str, Any]:
+        self._materialize(step)
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
