@@ -303,3 +303,21 @@ def test_data_prepare_writes_to_a_bucket_that_trains_by_streaming(s3, tmp_path):
     assert text.startswith("def f0(x):\n    return x * 0\n")
     loader.close()
     assert not (tmp_path / "c" / "train").exists()
+    # The quickstart trains on the bucket by changing only its data section; no shard stays behind.
+    run, cache = tmp_path / "quickstart", tmp_path / "stream-cache"
+    data = ("train_loader.dataset.source=mds", f"train_loader.dataset.remote={url}",
+            f"train_loader.dataset.local={cache}", f"tokenizer.name={tmp_path / 'tokenizer.json'}",
+            "eval_loader.dataset.source=mds", f"eval_loader.dataset.remote={url}",
+            f"eval_loader.dataset.local={tmp_path / 'eval-cache'}", "eval_loader.dataset.split=train")
+    overrides = [item for item in CLI_OVERRIDES if not item.startswith(("tokenizer.", "train_loader.", "eval_loader."))]
+    command = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for override in (*overrides, f"variables.max_seq_len={SEQ_LEN}", f"run_folder={run}", "save_folder=null", *data):
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = _losses(run)
+    assert set(losses) == {1, 2, 3, 4, 5, 6} and all(np.isfinite(list(losses.values())))
+    leftover = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path)
+                if "stream-cache" in folder or "eval-cache" in folder for name in names if name.endswith(".mds")]
+    assert leftover == []  # keep_local defaults to false
