@@ -30,6 +30,7 @@ _DEF = re.compile(r"%(\S+) = (\w+)\[([\d,]*)\]")
 def classify_dots(hlo_text: str) -> list[dict]:
     """Each dot: its output, operand dtypes, and whether it runs in bf16 (fast) or float32."""
     dtypes = {m.group(1): m.group(2) for m in _DEF.finditer(hlo_text)}
+    long_dims = {m.group(1): sum(int(d) > 1 for d in m.group(3).split(",") if d) for m in _DEF.finditer(hlo_text)}
     params = {}
     for line in hlo_text.splitlines():
         m = re.search(r"%(\S+) = (\w+)\[[\d,]*\]\S* parameter\((\d+)\)", line)
@@ -45,6 +46,7 @@ def classify_dots(hlo_text: str) -> list[dict]:
         dots.append({
             "name": name, "out": f"{out_dtype}[{shape}]", "operands": f"{lhs_dtype} x {rhs_dtype}",
             "lhs_contracting": dims.group(1) if dims else "", "op": op_name.group(1)[-70:] if op_name else "",
+            "matvec": min(long_dims.get(lhs.split(" ")[0], 2), long_dims.get(rhs.split(" ")[0], 2)) <= 1,
         })  # fmt: skip
     return dots
 
@@ -65,13 +67,17 @@ def main(argv=None) -> int:
     batch = {"input_ids": np.zeros((cfg.global_train_batch_size, cfg.max_seq_len), np.int32)}
     text = compiled.lower(state, batch).compile().as_text()
     dots = classify_dots(text)
-    slow = 0
+    slow = matvec = 0
     for dot in dots:
         is_bf16 = dot["operands"] == "bf16 x bf16"
-        slow += args.precision == "bf16" and not is_bf16
-        print(f"{'fast' if is_bf16 else 'f32 '}  {dot['out']:<28} {dot['operands']:<14} {dot['op']}")
+        # float32 matrix-vector products (LayerNorm's row sums) are memory-bound, not slow matmuls
+        matvec += dot["matvec"] and not is_bf16
+        slow += args.precision == "bf16" and not is_bf16 and not dot["matvec"]
+        kind = "fast" if is_bf16 else "mv  " if dot["matvec"] else "f32 "
+        print(f"{kind}  {dot['out']:<28} {dot['operands']:<14} {dot['op']}")
     ynn = text.count('"kind":"__ynn_fusion"')
-    print(f"{len(dots)} dots, {slow} with float32 operands in a bf16 step; {ynn} YNNPACK fusions")
+    print(f"{len(dots)} dots, {slow} matmuls with float32 operands in a bf16 step, {matvec} float32 "
+          f"matrix-vector products; {ynn} YNNPACK fusions")
     return 0
 
 

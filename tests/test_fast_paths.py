@@ -233,8 +233,77 @@ def test_bf16_gradient_has_no_float32_dots():
         return logits_sum + loss_sum
 
     text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-    dtypes = dict(re.findall(r"%(\S+) = (\w+)\[", text))
+    # name -> (dtype, number of dimensions longer than 1)
+    types = {name: (dtype, sum(int(d) > 1 for d in dims.split(",") if d))
+             for name, dtype, dims in re.findall(r"%(\S+) = (\w+)\[([\d,]*)\]", text)}  # fmt: skip
     dots = re.findall(r"= \w+\[[\d,]*\]\S* dot\(%([^,\s]+), %([^)\s]+)\)", text)
-    assert dots
-    operand_dtypes = {(dtypes.get(lhs), dtypes.get(rhs)) for lhs, rhs in dots}
+    # LayerNorm's row sums are float32 matrix-vector products (memory-bound, no converted operand)
+    matmuls = [(lhs, rhs) for lhs, rhs in dots if min(types[lhs][1], types[rhs][1]) > 1]
+    assert matmuls
+    operand_dtypes = {(types[lhs][0], types[rhs][0]) for lhs, rhs in matmuls}
     assert operand_dtypes == {("bf16", "bf16")}, operand_dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_kernel_matches_exact_gelu(dtype):
+    x = (randn(10, (4, 64)) * 3).astype(dtype)
+    fast_out, (fast_grad,) = values_and_grads(jax.jit(cpu_kernels.gelu), x)
+    ref_out, (ref_grad,) = values_and_grads(lambda x: jax.nn.gelu(x, approximate=False), x)
+    assert fast_out.dtype == ref_out.dtype and fast_grad.dtype == dtype
+    assert_close(fast_out, ref_out, dtype)
+    assert_close(fast_grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16),
+                                                (jnp.bfloat16, jnp.bfloat16)])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_layer_norm_kernel_matches_reference(in_dtype, out_dtype, with_bias):
+    x = (randn(11, (2, 6, 48)) * 2 + 0.5).astype(in_dtype)
+    scale, bias = 1 + 0.1 * randn(12, (48,)), (0.1 * randn(13, (48,)) if with_bias else None)
+
+    def reference(x, scale, *bias):
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5) * scale
+        return (y + bias[0] if bias else y).astype(out_dtype)
+
+    def fast(x, scale, *bias):
+        return cpu_kernels.layer_norm(x, scale, bias[0] if bias else None, 1e-5, out_dtype)
+
+    args = (x, scale) + ((bias,) if with_bias else ())
+    fast_out, fast_grads = values_and_grads(jax.jit(fast), *args)
+    ref_out, ref_grads = values_and_grads(reference, *args)
+    assert_close(fast_out, ref_out, out_dtype)
+    for fast_grad, ref_grad, arg in zip(fast_grads, ref_grads, args):
+        assert fast_grad.dtype == arg.dtype
+        assert_close(fast_grad, ref_grad, out_dtype)
+
+
+def test_dense_bf16_output_is_the_rounded_float32_output():
+    x, kernel = randn(14, (3, 16, 64)), randn(15, (64, 96))
+    wide = jax.jit(lambda x, w: cpu_kernels.dense(x, w, jnp.bfloat16))(x, kernel)
+    narrow = jax.jit(lambda x, w: cpu_kernels.dense(x, w, jnp.bfloat16, out_dtype=jnp.bfloat16))(x, kernel)
+    assert narrow.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(narrow, np.float32), np.asarray(wide.astype(jnp.bfloat16), np.float32))
+    grads = jax.jit(jax.grad(lambda x, w: cpu_kernels.dense(x, w, jnp.bfloat16, jnp.bfloat16).astype(jnp.float32).sum(),
+                             argnums=(0, 1)))(x.astype(jnp.bfloat16), kernel)  # fmt: skip
+    assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (3, 40, 24), (2, 3, 8, 600)], ids=["2d", "batched", "wide"])
+def test_transposed_copy_is_exact(shape):
+    x = randn(16, shape).astype(jnp.bfloat16)
+    out = jax.jit(cpu_kernels._transposed_copy)(x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(jnp.swapaxes(x, -1, -2), np.float32))
+    # a non-finite element stays non-finite (the identity product spreads it as NaN over its row)
+    bad = jax.jit(cpu_kernels._transposed_copy)(x.at[..., 0, 1].set(jnp.inf))
+    assert not np.isfinite(np.asarray(bad, np.float32)[..., 1, 0]).any()
+
+
+@pytest.mark.parametrize("features", [(24, 80), (80, 24)], ids=["narrow_in", "wide_in"])
+def test_weight_grad_matches_einsum(features):
+    x, dy = randn(17, (30, features[0])).astype(jnp.bfloat16), randn(18, (30, features[1])).astype(jnp.bfloat16)
+    fast = jax.jit(cpu_kernels.weight_grad)(x, dy)
+    expected = jnp.einsum("mi,mo->io", x, dy, preferred_element_type=jnp.float32)
+    assert fast.shape == expected.shape and fast.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(expected), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""CPU-specific dense and attention kernels that keep every bfloat16 dot on XLA:CPU's fast path.
+"""CPU-specific kernels that keep every bfloat16 dot on XLA:CPU's fast path and cut the
+elementwise passes around them.
 
 XLA:CPU runs a bf16 x bf16 -> f32 dot on its fast (YNNPACK/AMX) path only when the left operand
 is contracted on its last dimension; any other form is rewritten to a float32 dot on converted
@@ -6,16 +7,22 @@ operands, 5-10x slower. Autodiff produces that slow form for every weight gradie
 for the key/value gradients of attention (Pᵀ·dO, dSᵀ·Q). The kernels here write those products
 in the fast form explicitly:
 
-- weight gradients contract over two dimensions of a split row axis (``amk,amn->kn``), which
-  makes XLA physically transpose the smaller operand first;
-- attention keeps keys and values as ``[.., head_dim, length]`` so every forward and backward dot
-  is a plain batched matmul, and the two gradients that contract over queries take a physically
-  transposed (reshape + barrier) small operand, with a barrier on the result so XLA cannot fold
-  the transpose back into the dot.
+- weight gradients transpose the narrower operand first (the input for most layers, the output
+  gradient for the MLP's down projection) and contract over the row axis;
+- bf16 transposes of operands up to 512 wide run as an identity product ``I·xᵀ`` on the matrix
+  unit, several times faster than XLA:CPU's transpose of bf16 data (exact for finite values);
+- attention keeps keys and values as ``[.., head_dim, length]`` (converted by identity products),
+  so every forward and backward dot is a plain batched matmul.
 
-Causal attention runs in query blocks that only read the keys at or before the block, so the
-fully masked upper triangle is never computed. These kernels are used only when the backend is
-CPU (``use_cpu_kernels``); GPU and TPU never pay for the transposes.
+Causal attention computes its softmax in query blocks over only the visible keys, so the masked
+upper triangle gets no exponentials; the bf16 probabilities are saved zero-padded to full length,
+so the backward pass is four full-length dots and one elementwise pass, with no recomputed
+scores, per-block key slices or per-block gradient sums. Dense layers without a bias return
+their bf16 output straight from the dot. Exact GELU uses ``erf`` (one polynomial) rather than
+``erfc``, with its gradient written out; LayerNorm takes float32 row statistics as
+matrix-vector products, which avoids the full-size broadcasts XLA:CPU materialises for its
+reduction kernels. These kernels are used only when the backend is CPU and the compute dtype is
+bfloat16 (``use_cpu_kernels``); GPU and TPU never pay for the transposes.
 """
 
 from __future__ import annotations
@@ -43,8 +50,21 @@ def _row_split(rows: int) -> int | None:
 
 
 def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
-    """``xᵀ·dy`` for x ``[rows, in]``, dy ``[rows, out]`` -> float32 ``[in, out]`` in the fast form."""
+    """``xᵀ·dy`` for x ``[rows, in]``, dy ``[rows, out]`` -> float32 ``[in, out]`` in the fast form.
+
+    The fast form transposes the dot's left operand physically, which costs about as much as the
+    dot itself for a wide operand: when ``in > out`` (the MLP's down projection) the product is
+    taken as ``(dyᵀ·x)ᵀ``, transposing the narrower ``dy`` and then the float32 ``[out, in]`` result.
+    """
+    if x.shape[1] > dy.shape[1]:
+        return _barrier(_weight_grad(dy, x)).T
+    return _weight_grad(x, dy)
+
+
+def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     rows, features_in = x.shape
+    if _identity_transposable(x):
+        return jnp.einsum("im,mo->io", _transpose_by_identity(x), dy, preferred_element_type=jnp.float32)
     split = _row_split(rows)
     if split is None:
         return jnp.einsum("mi,mo->io", x, dy, preferred_element_type=jnp.float32)
@@ -53,27 +73,62 @@ def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     return jnp.einsum("ami,amo->io", x, dy, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x: jax.Array, kernel: jax.Array, compute_dtype) -> jax.Array:
-    """``x [..., in] @ kernel [in, out]`` in ``compute_dtype`` with float32 accumulation and output."""
-    return _dense_fwd(x, kernel, compute_dtype)[0]
+# widest operand transposed on the matrix unit: the identity product costs 2·n² flops per row
+_IDENTITY_TRANSPOSE_MAX = 512
 
 
-def _dense_fwd(x, kernel, compute_dtype):
+def _identity_transposable(x: jax.Array) -> bool:
+    return x.dtype == jnp.bfloat16 and x.shape[-1] <= _IDENTITY_TRANSPOSE_MAX
+
+
+def _transpose_by_identity(x: jax.Array) -> jax.Array:
+    """``[..., m, n] -> [..., n, m]`` as the fast-form product ``I·xᵀ`` (exact for finite values:
+    one nonzero term per output; an inf or NaN in a row of x turns that output column into NaN),
+    several times faster than XLA:CPU's bf16 transpose; the barrier keeps the result
+    materialised for the dot that reads it."""
+    n = x.shape[-1]
+    eye = jnp.eye(n, dtype=x.dtype)
+    if x.ndim == 2:
+        out = jnp.einsum("nj,mj->nm", eye, x, preferred_element_type=x.dtype)
+    else:
+        batch = x.shape[:-2]
+        x3 = x.reshape(-1, *x.shape[-2:])
+        eye = jnp.broadcast_to(eye, (x3.shape[0], n, n))
+        out = jnp.einsum("bnj,bmj->bnm", eye, x3, preferred_element_type=x.dtype).reshape(*batch, n, x.shape[-2])
+    return _barrier(out)
+
+
+def dense(x: jax.Array, kernel: jax.Array, compute_dtype, out_dtype=jnp.float32) -> jax.Array:
+    """``x [..., in] @ kernel [in, out]`` in ``compute_dtype`` with float32 accumulation.
+
+    The output is ``out_dtype`` (float32 by default); a bf16 output is rounded from the float32
+    accumulator by the dot itself, which saves writing and re-reading a float32 activation.
+    """
+    return _dense(x, kernel, compute_dtype, jnp.dtype(out_dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, kernel, compute_dtype, out_dtype):
+    return _dense_fwd(x, kernel, compute_dtype, out_dtype)[0]
+
+
+def _dense_fwd(x, kernel, compute_dtype, out_dtype):
     x_c, kernel_c = x.astype(compute_dtype), kernel.astype(compute_dtype)
-    y = jnp.einsum("...i,io->...o", x_c, kernel_c, preferred_element_type=jnp.float32)
+    y = jnp.einsum("...i,io->...o", x_c, kernel_c, preferred_element_type=out_dtype)
     return y, (x_c, kernel_c, jnp.zeros((), x.dtype), jnp.zeros((), kernel.dtype))
 
 
-def _dense_bwd(compute_dtype, residuals, dy):
+def _dense_bwd(compute_dtype, out_dtype, residuals, dy):
     x_c, kernel_c, x_like, kernel_like = residuals
     dy = dy.astype(compute_dtype)
-    dx = jnp.einsum("...o,io->...i", dy, kernel_c, preferred_element_type=jnp.float32)
+    # a bf16 input gets its gradient rounded by the dot (the same value as converting afterwards)
+    dx_dtype = x_like.dtype if x_like.dtype == compute_dtype else jnp.float32
+    dx = jnp.einsum("...o,io->...i", dy, kernel_c, preferred_element_type=dx_dtype)
     dkernel = weight_grad(x_c.reshape(-1, x_c.shape[-1]), dy.reshape(-1, dy.shape[-1]))
     return dx.astype(x_like.dtype), dkernel.astype(kernel_like.dtype)
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -101,82 +156,113 @@ tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 def _transposed_copy(x: jax.Array) -> jax.Array:
-    """``[batch, m, n] -> [batch, n, m]`` materialised: the reshape and barrier keep XLA from
-    turning the transpose into a layout change that the next dot would fold away."""
-    batch, m, n = x.shape
+    """``[..., m, n] -> [..., n, m]`` materialised: on the matrix unit when ``n`` is small enough,
+    otherwise a transpose whose reshape and barrier keep XLA from turning it into a layout change
+    that the next dot would fold away."""
+    if _identity_transposable(x):
+        return _transpose_by_identity(x)
+    *batch, m, n = x.shape
     split = _row_split(m) or 1
-    x = _barrier(jnp.swapaxes(x, 1, 2).reshape(batch, n, split, m // split))
-    return x.reshape(batch, n, m)
+    x = _barrier(jnp.swapaxes(x.reshape(-1, m, n), 1, 2).reshape(-1, n, split, m // split))
+    return x.reshape(*batch, n, m)
 
 
-def _masked_scores(q, key_t, slopes, q_segment, k_segment, static):
-    """float32 scores ``[batch, kv_heads, group, block, keys]`` with ALiBi and masks applied.
+@jax.custom_vjp
+def _swap_minor(x: jax.Array) -> jax.Array:
+    """``[..., m, n] -> [..., n, m]`` materialised, with the same transpose as its gradient."""
+    return _transposed_copy(x)
 
-    q ``[batch*kv_heads, group*block, head_dim]``; key_t ``[batch*kv_heads, head_dim, keys]``.
+
+_swap_minor.defvjp(lambda x: (_transposed_copy(x), None), lambda _, ct: (_transposed_copy(ct),))
+
+
+def _block_probs(q_block, key_t, slopes, q_segment, k_segment, start, static):
+    """bf16 probabilities of one query block against its visible keys, zero-padded to all keys.
+
+    q_block ``[batch*kv_heads, group*block, head_dim]``; key_t ``[batch*kv_heads, head_dim, keys]``.
+    The scores are taken against every key (a plain batched dot: no sliced copy of the keys) and
+    the masked tail is dropped before the softmax, so the exponentials cover only visible keys.
+    Returns ``[batch, kv_heads, group, block, keys]``.
     """
-    group, q_start, scale, batch = static
-    bh, rows, _ = q.shape
-    keys, block, kv_heads = key_t.shape[-1], rows // group, bh // batch
-    scores = jnp.einsum("bmd,bdk->bmk", q, key_t, preferred_element_type=jnp.float32) * jnp.float32(scale)
-    scores = scores.reshape(batch, kv_heads, group, block, keys)
-    q_pos = q_start + jnp.arange(block, dtype=jnp.int32)[:, None]
-    k_pos = jnp.arange(keys, dtype=jnp.int32)[None, :]
+    group, block, scale, batch = static
+    bh, _, _ = q_block.shape
+    keys, kv_heads = key_t.shape[-1], bh // batch
+    end = start + block
+    scores = jnp.einsum("bmd,bdk->bmk", q_block, key_t, preferred_element_type=jnp.float32)
+    scores = scores.reshape(batch, kv_heads, group, block, keys)[..., :end] * jnp.float32(scale)
+    q_pos = start + jnp.arange(block, dtype=jnp.int32)[:, None]
+    k_pos = jnp.arange(end, dtype=jnp.int32)[None, :]
     if slopes is not None:
         distance = (k_pos - q_pos).astype(jnp.float32)
         scores = scores + slopes.astype(jnp.float32).reshape(kv_heads, group, 1, 1) * distance
     visible = (k_pos <= q_pos)[None, None, None]
     if q_segment is not None:
         visible = visible & (q_segment[:, :, None] == k_segment[:, None, :])[:, None, None]
-    return jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-
-
-def _block_forward(q, key_t, value_t, slopes, q_segment, k_segment, static):
-    scores = _masked_scores(q, key_t, slopes, q_segment, k_segment, static)
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     log_z = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-    probs = jnp.exp(scores - log_z).reshape(q.shape[0], q.shape[1], key_t.shape[-1])
-    out = jnp.einsum("bmk,bdk->bmd", probs.astype(q.dtype), value_t, preferred_element_type=jnp.float32)
-    return out, log_z
+    probs = jnp.exp(scores - log_z).astype(q_block.dtype)
+    if end < keys:
+        probs = jnp.pad(probs, [(0, 0)] * 4 + [(0, keys - end)])
+    return probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention_block(q, key_t, value_t, slopes, q_segment, k_segment, static):
-    """One query block against its visible keys: float32 ``[batch*kv_heads, group*block, head_dim]``."""
-    return _block_forward(q, key_t, value_t, slopes, q_segment, k_segment, static)[0]
+def _attention_forward(q, key_t, value_t, slopes, sequence_id, static):
+    group, block, _, _ = static
+    bh, _, length, head_dim = q.shape
+    blocks = []
+    for start in range(0, length, block):
+        q_block = q[:, :, start : start + block].reshape(bh, group * block, head_dim)
+        q_segment = k_segment = None
+        if sequence_id is not None:
+            q_segment, k_segment = sequence_id[:, start : start + block], sequence_id[:, : start + block]
+        blocks.append(_block_probs(q_block, key_t, slopes, q_segment, k_segment, start, static))
+    probs = jnp.concatenate(blocks, axis=3) if len(blocks) > 1 else blocks[0]
+    probs = probs.reshape(bh, group * length, length)
+    out = jnp.einsum("bmk,bdk->bmd", probs, value_t, preferred_element_type=jnp.float32)
+    return out, probs
 
 
-def _attention_block_fwd(q, key_t, value_t, slopes, q_segment, k_segment, static):
-    out, log_z = _block_forward(q, key_t, value_t, slopes, q_segment, k_segment, static)
-    return out, (q, key_t, value_t, slopes, q_segment, k_segment, out, log_z)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _causal_attention(q, key_t, value_t, slopes, sequence_id, static):
+    """q ``[batch*kv_heads, group, length, head_dim]``, keys/values ``[batch*kv_heads, head_dim,
+    length]`` -> float32 ``[batch*kv_heads, group*length, head_dim]``."""
+    return _attention_forward(q, key_t, value_t, slopes, sequence_id, static)[0]
 
 
-def _attention_block_bwd(static, residuals, d_out):
+def _causal_attention_fwd(q, key_t, value_t, slopes, sequence_id, static):
+    out, probs = _attention_forward(q, key_t, value_t, slopes, sequence_id, static)
+    return out, (q, key_t, value_t, slopes, sequence_id, probs, out)
+
+
+def _causal_attention_bwd(static, residuals, d_out):
+    """The saved bf16 probabilities (zero where masked) make every gradient one full-length dot:
+    no recomputed scores, no per-block slices of the keys and no summing of per-block key and
+    value gradients."""
     scale = static[2]
-    q, key_t, value_t, slopes, q_segment, k_segment, out, log_z = residuals
-    bh, rows, head_dim = q.shape
-    keys = key_t.shape[-1]
-    scores = _masked_scores(q, key_t, slopes, q_segment, k_segment, static)
-    probs = jnp.exp(scores - log_z).reshape(bh, rows, keys)
+    q, key_t, value_t, slopes, sequence_id, probs, out = residuals
+    bh, group, length, head_dim = q.shape
     d_out_c = d_out.astype(q.dtype)
     d_probs = jnp.einsum("bmd,bdk->bmk", d_out_c, value_t, preferred_element_type=jnp.float32)
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True)
-    d_scores = (probs * (d_probs - row_dot) * jnp.float32(scale)).astype(q.dtype)
+    d_scores = (probs.astype(jnp.float32) * (d_probs - row_dot) * jnp.float32(scale)).astype(q.dtype)
+    q_rows = q.reshape(bh, group * length, head_dim)
     d_q = jnp.einsum("bmk,bdk->bmd", d_scores, key_t, preferred_element_type=jnp.float32)
     # contract over queries with the small operand transposed first: both stay fast bf16 dots
     d_key_t = _barrier(
-        jnp.einsum("bdm,bmk->bdk", _transposed_copy(q), d_scores, preferred_element_type=jnp.float32)
+        jnp.einsum("bdm,bmk->bdk", _transposed_copy(q_rows), d_scores, preferred_element_type=jnp.float32)
     )
     d_value_t = _barrier(
-        jnp.einsum("bdm,bmk->bdk", _transposed_copy(d_out_c), probs.astype(q.dtype), preferred_element_type=jnp.float32)
+        jnp.einsum("bdm,bmk->bdk", _transposed_copy(d_out_c), probs, preferred_element_type=jnp.float32)
     )
-    zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    d_sequence_id = None if sequence_id is None else np.zeros(sequence_id.shape, jax.dtypes.float0)
     d_slopes = None if slopes is None else jnp.zeros_like(slopes)
     return (
-        d_q.astype(q.dtype), d_key_t.astype(key_t.dtype), d_value_t.astype(value_t.dtype),
-        d_slopes, zero_int(q_segment), zero_int(k_segment),
+        d_q.reshape(q.shape).astype(q.dtype), d_key_t.astype(key_t.dtype), d_value_t.astype(value_t.dtype),
+        d_slopes, d_sequence_id,
     )  # fmt: skip
 
 
-_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
 def default_block_size(length: int) -> int:
@@ -185,6 +271,12 @@ def default_block_size(length: int) -> int:
         if length > block and length % block == 0:
             return block
     return length
+
+
+def _heads_to_columns(x: jax.Array) -> jax.Array:
+    """``[batch, length, heads, head_dim] -> [batch*heads, head_dim, length]``."""
+    batch, length, heads, head_dim = x.shape
+    return _swap_minor(x.reshape(batch, length, heads * head_dim)).reshape(batch * heads, head_dim, length)
 
 
 def blocked_causal_attention(
@@ -201,7 +293,9 @@ def blocked_causal_attention(
     """Causal attention in query blocks; the same contract as ``dot_product_attention``.
 
     q ``[batch, length, heads, head_dim]``; k, v ``[batch, length, kv_heads, head_dim]``.
-    Returns ``[batch, length, heads, head_dim]`` in the compute dtype.
+    Returns ``[batch, length, heads, head_dim]`` in the compute dtype. The softmax runs per query
+    block over the keys at or before the block; the probabilities are kept (bf16, zero-padded to
+    the full length) for one full-length dot per gradient.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -209,21 +303,94 @@ def blocked_causal_attention(
     block = block_size or default_block_size(length)
     if length % block:
         raise ValueError(f"attention block size {block} must divide the sequence length {length}")
-    # [batch, length, kv, group, d] -> [batch, kv, group, length, d]; keys/values as [batch*kv, d, length]
+    # queries [batch*kv, group, length, d]; keys/values [batch*kv, d, length]
     q = jnp.transpose(q.astype(compute_dtype).reshape(batch, length, kv_heads, group, head_dim), (0, 2, 3, 1, 4))
-    key_t = jnp.transpose(k.astype(compute_dtype), (0, 2, 3, 1)).reshape(batch * kv_heads, head_dim, length)
-    value_t = jnp.transpose(v.astype(compute_dtype), (0, 2, 3, 1)).reshape(batch * kv_heads, head_dim, length)
-    outputs = []
-    for start in range(0, length, block):
-        end = start + block
-        q_block = q[:, :, :, start:end].reshape(batch * kv_heads, group * block, head_dim)
-        q_segment = k_segment = None
-        if sequence_id is not None:
-            q_segment, k_segment = sequence_id[:, start:end], sequence_id[:, :end]
-        out = _attention_block(
-            q_block, key_t[..., :end], value_t[..., :end], slopes, q_segment, k_segment,
-            (group, start, float(scale), batch),
-        )  # fmt: skip
-        outputs.append(out.astype(compute_dtype).reshape(batch, kv_heads, group, block, head_dim))
-    out = jnp.concatenate(outputs, axis=3) if len(outputs) > 1 else outputs[0]
+    q = q.reshape(batch * kv_heads, group, length, head_dim)
+    key_t = _heads_to_columns(k.astype(compute_dtype))
+    value_t = _heads_to_columns(v.astype(compute_dtype))
+    out = _causal_attention(q, key_t, value_t, slopes, sequence_id, (group, block, float(scale), batch))
+    out = out.astype(compute_dtype).reshape(batch, kv_heads, group, length, head_dim)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, length, heads, head_dim)
+
+
+_SQRT_HALF = float(np.sqrt(0.5))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+
+
+def _gelu_cdf(x: jax.Array) -> jax.Array:
+    return 0.5 * (1.0 + jax.lax.erf(x * jnp.float32(_SQRT_HALF)))
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU ``x·Φ(x)`` computed in float32 with ``erf``, returned in ``x``'s dtype.
+
+    ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, whose float32 expansion on XLA:CPU
+    evaluates two rational approximations and an ``exp`` per element (and autodiff differentiates
+    all of it); ``erf`` is one polynomial. The gradient ``Φ(x) + x·φ(x)`` is written out, so the
+    backward pass reads only the saved input.
+    """
+    xf = x.astype(jnp.float32)
+    return (xf * _gelu_cdf(xf)).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+    xf = x.astype(jnp.float32)
+    pdf = jnp.exp(-0.5 * xf * xf) * jnp.float32(_INV_SQRT_2PI)
+    return ((dy.astype(jnp.float32) * (_gelu_cdf(xf) + xf * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, out_dtype) -> jax.Array:
+    """LayerNorm over the last axis with float32 statistics, output in ``out_dtype``.
+
+    The row sums are matrix-vector products (with ``1/n`` or ``scale``), so no statistic or
+    ``scale`` is broadcast to the full activation shape (XLA:CPU materialises such broadcasts
+    for its reduction kernels); the backward pass uses the saved mean and reciprocal deviation
+    instead of differentiating the elementwise chain. ``bias`` may be None.
+    """
+    return _layer_norm_fwd(x, scale, bias, eps, out_dtype)[0]
+
+
+def _row_dot(x: jax.Array, v: jax.Array) -> jax.Array:
+    """``sum_j x[..., j]·v[j]`` as ``[..., 1]``."""
+    return jnp.einsum("...j,j->...", x, v)[..., None]
+
+
+def _layer_norm_fwd(x, scale, bias, eps, out_dtype):
+    features = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    inv_n = jnp.full((features,), 1.0 / features, jnp.float32)
+    mean = _row_dot(xf, inv_n)
+    centred = xf - mean
+    rstd = jax.lax.rsqrt(_row_dot(centred * centred, inv_n) + jnp.float32(eps))
+    y = centred * rstd * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, out_dtype, residuals, dy):
+    x, mean, rstd, scale, bias = residuals
+    features = x.shape[-1]
+    dy = dy.astype(jnp.float32)
+    x_hat = _barrier((x.astype(jnp.float32) - mean) * rstd)
+    scale_f = scale.astype(jnp.float32)
+    # dx = rstd·(g - mean(g) - x_hat·mean(g·x_hat)) with g = dy·scale
+    mean_g = _row_dot(dy, scale_f) / features
+    mean_g_x_hat = _row_dot(dy * x_hat, scale_f) / features
+    dx = rstd * (dy * scale_f - mean_g - x_hat * mean_g_x_hat)
+    reduce_axes = tuple(range(dy.ndim - 1))
+    d_scale = jnp.sum(dy * x_hat, axis=reduce_axes).astype(scale.dtype)
+    d_bias = None if bias is None else jnp.sum(dy, axis=reduce_axes).astype(bias.dtype)
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

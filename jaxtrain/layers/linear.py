@@ -98,6 +98,8 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
         if cpu_kernels.use_cpu_kernels(compute_dtype):
+            if self.bias is None:
+                return cpu_kernels.dense(x, self.kernel[...], compute_dtype, out_dtype=compute_dtype)
             y = cpu_kernels.dense(x, self.kernel[...], compute_dtype)
         else:
             y = jnp.einsum(

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.layers import cpu_kernels
 from jaxtrain.layers.linear import Dense
 from jaxtrain.parallel.logical import constrain
 
@@ -23,7 +24,7 @@ def resolve_activation(ffn_act_fn: dict | None) -> Callable[[jax.Array], jax.Arr
         approximate = spec.pop("approximate", "none")
         if approximate not in ("none", "tanh"):
             raise ValueError(f"ffn_act_fn gelu approximate={approximate!r}; use none or tanh")
-        fn = functools.partial(jax.nn.gelu, approximate=approximate == "tanh")
+        fn = functools.partial(jax.nn.gelu, approximate=True) if approximate == "tanh" else exact_gelu
     elif name == "silu":
         fn = jax.nn.silu
     elif name == "relu":
@@ -33,6 +34,13 @@ def resolve_activation(ffn_act_fn: dict | None) -> Callable[[jax.Array], jax.Arr
     if spec:
         raise ValueError(f"ffn_act_fn {name}: unsupported options {sorted(spec)}")
     return fn
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """``x·Φ(x)``; on the CPU bf16 path the erf-based kernel with a written-out gradient."""
+    if cpu_kernels.use_cpu_kernels(x.dtype):
+        return cpu_kernels.gelu(x)
+    return jax.nn.gelu(x, approximate=False)
 
 
 def ffn_hidden_size(d_model: int, expansion_ratio: float) -> int:

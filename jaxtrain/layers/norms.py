@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.layers import cpu_kernels
 from jaxtrain.layers.linear import annotated
 
 NORM_TYPES = ("low_precision_layernorm", "layernorm")
@@ -37,6 +38,11 @@ class LayerNorm(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
+        if cpu_kernels.use_cpu_kernels(compute_dtype):
+            # float32 statistics and a written-out gradient; equal to the low-precision form
+            # within bf16 rounding (XLA:CPU evaluates bf16 elementwise math op by op)
+            bias = None if self.bias is None else self.bias[...]
+            return cpu_kernels.layer_norm(x, self.scale[...], bias, self.eps, compute_dtype)
         # low precision: input and affine parameters cast down first, as Foundry's LPLayerNorm does
         dtype = compute_dtype if self.low_precision else jnp.float32
         x = x.astype(dtype)
