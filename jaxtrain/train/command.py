@@ -52,7 +52,9 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
             f.write(resolved)
 
     # Compiled steps are cached with the run, so a resumed or repeated run starts faster.
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(cfg.run_folder, "cache", "xla")))
+    # JAXTRAIN_COMPILATION_CACHE_DIR shares one cache between runs (e.g. many short runs of one model)
+    cache_dir = os.environ.get("JAXTRAIN_COMPILATION_CACHE_DIR") or os.path.join(cfg.run_folder, "cache", "xla")
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     parts = None
     try:
