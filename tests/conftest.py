@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -17,3 +18,19 @@ def shared_compilation_cache(tmp_path_factory):
     os.environ["JAXTRAIN_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla-cache"))
     yield
     os.environ.pop("JAXTRAIN_COMPILATION_CACHE_DIR", None)
+
+
+REFERENCE_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-ref", "bin", "python")
+
+
+@pytest.fixture(scope="session")
+def streaming_python() -> str:
+    """The Python 3.11 reference environment with mosaicml-streaming (built by ``.ci/reference-env``);
+    tests that compare against the package skip only where that environment is absent."""
+    if not os.path.isfile(REFERENCE_PYTHON):
+        pytest.skip(f"no reference environment at {REFERENCE_PYTHON} (Python 3.11 with mosaicml-streaming)")
+    probe = subprocess.run([REFERENCE_PYTHON, "-c", "import importlib.util as u; print(u.find_spec('streaming') is not None)"],
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "True":
+        pytest.skip(f"mosaicml-streaming is not installed in {REFERENCE_PYTHON}")
+    return REFERENCE_PYTHON

@@ -19,7 +19,6 @@ from jaxtrain.data.mds import encodings
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "mds")
 EXPECTED = json.load(open(os.path.join(FIXTURES, "expected.json")))
-REFERENCE_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-ref", "bin", "python")
 
 
 def copy_fixture(name: str, tmp_path) -> str:
@@ -305,13 +304,7 @@ print(json.dumps({"local": [{k: plain(v) for k, v in local[i].items()} for i in 
 """
 
 
-def test_streaming_reads_what_jaxtrain_writes(tmp_path):
-    if not os.path.isfile(REFERENCE_PYTHON):
-        pytest.skip(f"no reference environment at {REFERENCE_PYTHON} (Python 3.11 with mosaicml-streaming)")
-    probe = subprocess.run([REFERENCE_PYTHON, "-c", "import importlib.util as u; print(u.find_spec('streaming') is not None)"],
-                           capture_output=True, text=True)
-    if probe.stdout.strip() != "True":
-        pytest.skip(f"mosaicml-streaming is not installed in {REFERENCE_PYTHON}")
+def test_streaming_reads_what_jaxtrain_writes(tmp_path, streaming_python):
     from PIL import Image
     columns = {"i8": "int8", "u64": "uint64", "f16": "float16", "f64": "float64", "n": "int", "s": "str", "b": "bytes",
                "j": "json", "any": "ndarray", "typed": "ndarray:float32", "fixed": "ndarray:int16:2,2",
@@ -334,7 +327,7 @@ def test_streaming_reads_what_jaxtrain_writes(tmp_path):
             writer.write({"tokens": np.arange(8, dtype=np.int32) + 8 * row})
     script = tmp_path / "read.py"
     script.write_text(READ_WITH_STREAMING)
-    result = subprocess.run([REFERENCE_PYTHON, str(script), FIXTURES, everything, tokens], capture_output=True,
+    result = subprocess.run([streaming_python, str(script), FIXTURES, everything, tokens], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     read = json.loads(result.stdout.strip().splitlines()[-1])

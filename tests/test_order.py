@@ -24,7 +24,6 @@ from jaxtrain.data.order import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE_PYTHON = os.path.join(ROOT, ".venv-ref", "bin", "python")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "mds")
 
 REFERENCE_SCRIPT = r"""
@@ -104,17 +103,11 @@ def streams(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(streams):
-    if not os.path.isfile(REFERENCE_PYTHON):
-        pytest.skip(f"no reference environment at {REFERENCE_PYTHON} (Python 3.11 with mosaicml-streaming)")
-    probe = subprocess.run([REFERENCE_PYTHON, "-c", "import importlib.util as u; print(u.find_spec('streaming') is not None)"],
-                           capture_output=True, text=True)
-    if probe.stdout.strip() != "True":
-        pytest.skip(f"mosaicml-streaming is not installed in {REFERENCE_PYTHON}")
+def reference(streams, streaming_python):
     job = {"shuffles": SHUFFLE_CASES, "samplings": SAMPLING_CASES,
            "datasets": [{"streams": [[path, weights] for path, weights in zip(streams, case["weights"])],
                          "options": case["options"], "epochs": 2} for case in DATASET_CASES]}
-    result = subprocess.run([REFERENCE_PYTHON, "-c", REFERENCE_SCRIPT, FIXTURES], input=json.dumps(job),
+    result = subprocess.run([streaming_python, "-c", REFERENCE_SCRIPT, FIXTURES], input=json.dumps(job),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

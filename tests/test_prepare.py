@@ -20,7 +20,6 @@ from jaxtrain.data.tokenizer import EOS_TOKEN, load_tokenizer
 
 SEQ_LEN = 16
 VOCAB = 320
-REFERENCE_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-ref", "bin", "python")
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "mds")
 DOCUMENTS = [f"Document {i}: the quick brown fox number {i} jumps over {i * 7} lazy dogs.\n" * (1 + i % 3)
              for i in range(12)]
@@ -141,20 +140,14 @@ def test_cli_writes_and_reports_errors_in_one_line(jsonl, tmp_path, capsys):
     assert "tfds:no_such_dataset_here" in capsys.readouterr().err
 
 
-def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path):
-    if not os.path.isfile(REFERENCE_PYTHON):
-        pytest.skip(f"no reference environment at {REFERENCE_PYTHON} (Python 3.11 with mosaicml-streaming)")
-    probe = subprocess.run([REFERENCE_PYTHON, "-c", "import importlib.util as u; print(u.find_spec('streaming') is not None)"],
-                           capture_output=True, text=True)
-    if probe.stdout.strip() != "True":
-        pytest.skip(f"mosaicml-streaming is not installed in {REFERENCE_PYTHON}")
+def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path, streaming_python):
     out = tmp_path / "out"
     _prepare([jsonl], out, tmp_path, compression="zstd", hashes=["sha1"], size_limit=300)
     script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from reference_streaming import import_streaming; "
               "import_streaming(); from streaming import StreamingDataset; "
               "d = StreamingDataset(local=sys.argv[2], split='train', validate_hash='sha1', batch_size=1); "
               "print(json.dumps([d[i]['tokens'].tolist() for i in range(len(d))]))")
-    result = subprocess.run([REFERENCE_PYTHON, "-c", script, FIXTURES, str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([streaming_python, "-c", script, FIXTURES, str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ours = MDSDataset(str(out), "train")
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [ours[i]["tokens"].tolist() for i in range(len(ours))]
