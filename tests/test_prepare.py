@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -151,3 +152,26 @@ def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path, streaming_python):
     assert result.returncode == 0, result.stderr[-3000:]
     ours = MDSDataset(str(out), "train")
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [ours[i]["tokens"].tolist() for i in range(len(ours))]
+
+
+def test_quickstart_trains_on_prepared_shards_by_changing_only_its_data_section(jsonl, tmp_path):
+    """JSONL -> token shards, then `python -m jaxtrain.main --config configs/quickstart.yaml` on them."""
+    out = tmp_path / "shards"
+    result = _prepare([jsonl], out, tmp_path)
+    data = ["train_loader.dataset.source=mds", f"train_loader.dataset.local={out}",
+            "eval_loader.dataset.source=mds", f"eval_loader.dataset.local={out}", "eval_loader.dataset.split=train",
+            f"tokenizer.name={result.tokenizer_path}"]
+    quick = [f"variables.max_seq_len={SEQ_LEN}", "model.d_model=64", "model.n_layers=2", f"model.vocab_size={VOCAB}",
+             "global_train_batch_size=4", "device_train_microbatch_size=4", "max_duration=4ba", "eval_interval=0",
+             "progress_bar=false", f"run_folder={tmp_path / 'run'}", "save_folder=null"]
+    command = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for override in (*quick, *data):
+        command += ["--set", override]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.jsonl") as handle:
+        losses = [json.loads(line)["train/loss"] for line in handle if "train/loss" in line]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[0] > 0
+    assert "held-out loss" in done.stdout
