@@ -18,6 +18,10 @@ import time
 
 T_PROCESS = time.perf_counter()
 
+from jaxtrain.train.host_allocator import retain_freed_memory  # noqa: E402
+
+retain_freed_memory()  # as the jaxtrain entry points do, before JAX starts its threads
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

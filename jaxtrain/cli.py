@@ -25,6 +25,9 @@ def _underscore_flag(arg: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> None:
+    from jaxtrain.train.host_allocator import retain_freed_memory
+
+    retain_freed_memory()  # before JAX starts its threads
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from jaxtrain.train.host_allocator import retain_freed_memory
+
+retain_freed_memory()  # before JAX starts its threads
+
+from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Path to a YAML config file.")

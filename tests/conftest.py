@@ -7,6 +7,10 @@ import subprocess
 
 import pytest
 
+from jaxtrain.train.host_allocator import retain_freed_memory
+
+retain_freed_memory()  # as the entry points do: tests run the CPU train step the way users do
+
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
