@@ -4,7 +4,10 @@ so both see the same machine load; prints medians and the ratio.
     .venv/bin/python bench/compare_torch.py --shape s --precision bf16 --rounds 3 --steps 4
 
 Each round runs ``bench/train_throughput.py`` and ``bench/torch_mpt_throughput.py`` once each
-(in that order, then reversed the next round), as separate processes.
+(in that order, then reversed the next round), as separate processes. jaxtrain runs with its
+default CPU host-allocator setting (``jaxtrain/train/host_allocator.py``); ``--torch-retained``
+adds a third process per round: PyTorch with the equivalent glibc settings
+(``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_``), so the comparison can be read both ways.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def run(command: list[str]) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+RETAINED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def run(command: list[str], extra_env: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, **(extra_env or {}))
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -41,16 +47,22 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--torch-python", default=os.path.join(ROOT, ".venv-ref", "bin", "python"))
+    parser.add_argument("--torch-retained", action="store_true",
+                        help="also run PyTorch with glibc keeping freed memory (as jaxtrain does on CPU)")
     args = parser.parse_args(argv)
     common = ["--shape", args.shape, "--precision", args.precision, "--steps", str(args.steps)]
     jax_cmd = [sys.executable, os.path.join(HERE, "train_throughput.py"), *common, "--no-microbench"]
     torch_cmd = [args.torch_python, os.path.join(HERE, "torch_mpt_throughput.py"), *common]
     rates: dict[str, list[float]] = {"jaxtrain": [], "torch": []}
+    if args.torch_retained:
+        rates["torch-ret"] = []
     print(f"{time.strftime('%Y-%m-%d %H:%M')} {args.shape} {args.precision}; load {load_average()}", flush=True)
     for round_index in range(args.rounds):
-        order = [("jaxtrain", jax_cmd), ("torch", torch_cmd)]
-        for name, command in order if round_index % 2 == 0 else order[::-1]:
-            result = run(command)
+        order = [("jaxtrain", jax_cmd, None), ("torch", torch_cmd, None)]
+        if args.torch_retained:
+            order.append(("torch-ret", torch_cmd, RETAINED_MALLOC))
+        for name, command, extra_env in order if round_index % 2 == 0 else order[::-1]:
+            result = run(command, extra_env)
             rates[name].append(result["tokens_per_s"])
             print(f"  round {round_index + 1} {name:<8} {result['tokens_per_s']:8,.0f} tok/s "
                   f"(step spread {result['step_s_min']:.2f}-{result['step_s_max']:.2f} s; load {load_average()})",
@@ -58,6 +70,10 @@ def main(argv=None) -> int:
     jax_median, torch_median = statistics.median(rates["jaxtrain"]), statistics.median(rates["torch"])
     print(f"{args.shape} {args.precision}: jaxtrain {jax_median:,.0f} tok/s, torch {torch_median:,.0f} tok/s, "
           f"ratio jaxtrain/torch {jax_median / torch_median:.2f}; load {load_average()}")  # fmt: skip
+    if args.torch_retained:
+        retained = statistics.median(rates["torch-ret"])
+        print(f"{args.shape} {args.precision}: torch with retained malloc {retained:,.0f} tok/s, "
+              f"ratio jaxtrain/torch-retained {jax_median / retained:.2f}")
     return 0
 
 
