@@ -124,8 +124,7 @@ def hlo_op_table(fn, args, top: int, calls: int = 3) -> None:
     times: collections.Counter = collections.Counter()
     for plane in profile.planes:
         for line in plane.lines:
-            if not line.name.startswith("tf_XLA"):  # XLA:CPU's executor and worker threads
-                continue
+            # XLA:CPU's worker threads, and the calling thread under synchronous dispatch
             for event in line.events:
                 if event.name in info:
                     times[event.name] += event.duration_ns / calls / 1e6

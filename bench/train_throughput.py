@@ -57,7 +57,9 @@ def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
 
 
 def build_config(args):
-    overrides = [f"precision={PRECISIONS[args.precision]}", "model.scan_layers=true"]
+    overrides = [f"precision={PRECISIONS[args.precision]}"]
+    if getattr(args, "scan_layers", None) is not None:
+        overrides.append(f"model.scan_layers={args.scan_layers}")
     if args.config is None:
         shape = SHAPES[args.shape]
         overrides += [
@@ -65,6 +67,8 @@ def build_config(args):
             f"model.n_layers={shape['n_layers']}", f"model.vocab_size={shape['vocab']}",
             "model.no_bias=true", "model.attn_config.alibi=true", "model.remat=none",
         ]  # fmt: skip
+        if getattr(args, "scan_layers", None) is None:
+            overrides.append("model.scan_layers=true")
         seq, batch = shape["seq"], shape["batch"]
     else:
         seq, batch = None, None
@@ -89,6 +93,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, help="global batch")
     parser.add_argument("--micro", type=int, help="microbatch (default: the whole batch)")
     parser.add_argument("--remat", choices=("none", "full", "dots_saveable"))
+    parser.add_argument("--scan-layers", choices=("true", "false"),
+                        help="stack and scan the layers (the shapes' default: true) or unroll them")
     parser.add_argument("--peak", type=float, help="peak FLOP/s for MFU instead of the measured one")
     parser.add_argument("--no-microbench", action="store_true", help="skip the matmul peak measurement")
     args = parser.parse_args(argv)

@@ -307,3 +307,27 @@ def test_weight_grad_matches_einsum(features):
     expected = jnp.einsum("mi,mo->io", x, dy, preferred_element_type=jnp.float32)
     assert fast.shape == expected.shape and fast.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(fast), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_unrolled_layer_scan_equals_the_loop():
+    """``scan_unroll`` changes how the stacked blocks are compiled, not what they compute; ``auto``
+    unrolls small models on CPU only."""
+    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=3, vocab_size=96, max_seq_len=32,
+                      attn_config=AttnConfig(alibi=True), scan_layers=True)  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(9), (2, 32), 0, 96, dtype=jnp.int32)
+    sequence_id = jnp.zeros((2, 32), jnp.int32)
+    results = {}
+    for unroll in (1, 2, 3):
+        cfg.scan_unroll = unroll
+        model = build_model(cfg, rngs=nnx.Rngs(3))
+        assert model._scan_unroll() == unroll
+        results[unroll] = model_loss_and_grads(model, tokens, sequence_id, jnp.float32)
+    for unroll in (2, 3):
+        np.testing.assert_allclose(float(results[unroll][0]), float(results[1][0]), rtol=1e-6)
+        assert_close(results[unroll][1], results[1][1], jnp.float32)
+        for grad, loop_grad in zip(results[unroll][2], results[1][2]):
+            assert_close(grad, loop_grad, jnp.float32)
+    cfg.scan_unroll = "auto"
+    assert build_model(cfg, rngs=nnx.Rngs(3))._scan_unroll() == (3 if jax.default_backend() == "cpu" else 1)
+    cfg.n_layers = 24
+    assert build_model(cfg, rngs=nnx.Rngs(3))._scan_unroll() == 1

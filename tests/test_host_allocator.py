@@ -22,7 +22,7 @@ x = jnp.ones((4096, 4096), jnp.float32)
 f = jax.jit(lambda x: (jnp.exp(x) @ jnp.sin(x)).sum() + (jnp.cos(x) * 2).sum())
 jax.block_until_ready(f(x))
 faults = []
-for _ in range(5):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(f(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -43,9 +43,11 @@ def test_retained_memory_stops_per_step_page_faults():
     default, retain = _probe("default"), _probe("retain")
     assert default["applied"] is False and default["async"] is True
     assert retain["applied"] is True and retain["async"] is False
-    # fresh mmap'd temporaries: ~50k faults a call (200 MB / 4 KiB); reused heap pages: none
+    # fresh mmap'd temporaries: ~50k faults a call (200 MB / 4 KiB); reused heap pages: none once
+    # the heap has grown to the step's peak (a few calls; later calls can still grow it a little)
     assert min(default["faults"]) > 20_000, default
-    assert max(retain["faults"][-2:]) < 1_000, retain  # the heap settles after a few calls
+    assert min(retain["faults"][-4:]) < 1_000, retain
+    assert sorted(retain["faults"])[len(retain["faults"]) // 2] < min(default["faults"]) / 10, (retain, default)
 
 
 @pytest.mark.parametrize("platforms,expected", [("cpu", True), ("cpu,cuda", True), ("cuda", False), ("tpu,cpu", False)])

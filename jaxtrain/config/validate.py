@@ -85,6 +85,9 @@ def validate(cfg: Config, where: Where) -> None:
     one_of("model.ffn_config.ffn_type", model.ffn_config.ffn_type, FFN_TYPES)
     one_of("model.norm_type", model.norm_type, NORM_TYPES)
     one_of("model.remat", model.remat, REMAT_POLICIES)
+    if model.scan_unroll != "auto" and not (isinstance(model.scan_unroll, int) and not isinstance(model.scan_unroll, bool)
+                                            and model.scan_unroll >= 1):
+        fail("model.scan_unroll", f"expected 'auto' or a whole number of blocks >= 1, got {model.scan_unroll!r}")
     if isinstance(model.logit_scale, str) and model.logit_scale != "inv_sqrt_d_model":
         fail("model.logit_scale", f"expected a number or 'inv_sqrt_d_model', got {model.logit_scale!r}")
 
