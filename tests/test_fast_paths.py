@@ -331,3 +331,37 @@ def test_unrolled_layer_scan_equals_the_loop():
     assert build_model(cfg, rngs=nnx.Rngs(3))._scan_unroll() == (3 if jax.default_backend() == "cpu" else 1)
     cfg.n_layers = 24
     assert build_model(cfg, rngs=nnx.Rngs(3))._scan_unroll() == 1
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("scale,z_loss", [(None, 0.0), (0.5, 1e-3)], ids=["plain", "scaled_zloss"])
+def test_head_cross_entropy_matches_logits_then_loss(tied, scale, z_loss):
+    """The CPU path's head + loss with one written-out gradient equals head -> cross_entropy_sum
+    (values and gradients, ignored targets included), in float32 exactly and in bf16 within rounding."""
+    batch, length, d_model, vocab = 2, 12, 16, 40
+    x = randn(1, (batch, length, d_model))
+    weight = randn(2, (vocab, d_model) if tied else (d_model, vocab)) * 0.3
+    targets = jax.random.randint(jax.random.key(3), (batch, length), 0, vocab, dtype=jnp.int32)
+    targets = targets.at[0, :3].set(lm_loss.IGNORE_INDEX)
+
+    def reference(x, weight, dtype):
+        equation = "bld,vd->blv" if tied else "bld,dv->blv"
+        logits = jnp.einsum(equation, x.astype(dtype), weight.astype(dtype), preferred_element_type=jnp.float32)
+        logits = logits if scale is None else logits * scale
+        loss, z, _ = lm_loss.cross_entropy_sum(logits, targets, z_loss)
+        return loss + 3.0 * z  # distinct cotangents for the two sums
+
+    def fused(x, weight, dtype):
+        loss, z, _ = lm_loss.head_cross_entropy(x, weight, targets, tied=tied, compute_dtype=dtype,
+                                                z_loss=z_loss, logit_scale=scale)  # fmt: skip
+        return loss + 3.0 * z
+
+    count = lm_loss.head_cross_entropy(x, weight, targets, tied=tied)[2]
+    assert float(count) == batch * length - 3
+    for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        expected, expected_grads = jax.value_and_grad(reference, argnums=(0, 1))(x, weight, dtype)
+        actual, actual_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)), static_argnums=2)(x, weight, dtype)
+        np.testing.assert_allclose(float(actual), float(expected), rtol=rtol)
+        for got, want in zip(actual_grads, expected_grads):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert relative_error(got, want) < rtol

@@ -253,13 +253,17 @@ class MPTForCausalLM(nnx.Module):
         x = self.features(input_ids, compute_dtype=compute_dtype, sequence_id=sequence_id, dropout_rng=dropout_rng)
         if fused is None:
             fused = self.fused_loss
-        if not fused:
-            return lm_loss.cross_entropy_sum(self._logits(x, compute_dtype), targets, z_loss)
         tied = self.lm_head is None
         weight = self.wte.embedding[...] if tied else self.lm_head.kernel[...]
-        return lm_loss.chunked_cross_entropy(
-            x, weight, targets, tied=tied, compute_dtype=compute_dtype, z_loss=z_loss, logit_scale=self.logit_scale
-        )
+        if fused:
+            return lm_loss.chunked_cross_entropy(
+                x, weight, targets, tied=tied, compute_dtype=compute_dtype, z_loss=z_loss, logit_scale=self.logit_scale
+            )
+        if cpu_kernels.use_cpu_kernels(compute_dtype):  # one backward pass over the logits
+            return lm_loss.head_cross_entropy(
+                x, weight, targets, tied=tied, compute_dtype=compute_dtype, z_loss=z_loss, logit_scale=self.logit_scale
+            )
+        return lm_loss.cross_entropy_sum(self._logits(x, compute_dtype), targets, z_loss)
 
     def features(
         self,
