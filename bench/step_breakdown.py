@@ -59,9 +59,10 @@ def main(argv=None) -> None:
     hidden = jax.random.normal(jax.random.key(1), (batch_size, seq, d_model), jnp.float32)
     table = model.wte.embedding[...]
 
-    def head_loss(hidden, table):
-        logits = cpu_kernels.tied_logits(hidden, table, dtype) if cpu_kernels.use_cpu_kernels(dtype) else \
-            jnp.einsum("bld,vd->blv", hidden.astype(dtype), table.astype(dtype), preferred_element_type=jnp.float32)
+    def head_loss(hidden, table):  # as the model's lm_loss picks it (tied head)
+        if cpu_kernels.use_cpu_kernels(dtype):
+            return lm_loss.head_cross_entropy(hidden, table, targets, tied=True, compute_dtype=dtype)[0]
+        logits = jnp.einsum("bld,vd->blv", hidden.astype(dtype), table.astype(dtype), preferred_element_type=jnp.float32)
         return lm_loss.cross_entropy_sum(logits, targets)[0]
 
     blocks_graph, blocks_state = nnx.split(model.blocks)
