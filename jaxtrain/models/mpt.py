@@ -295,8 +295,10 @@ class MPTForCausalLM(nnx.Module):
             return block(x, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype, dropout_rng=rng)
 
         if self.remat != "none":
+            # inside a rolled scan XLA cannot CSE the recompute away; unrolled blocks need the guard
+            rolled = self.scan_layers and self._scan_unroll() == 1
             run_block = jax.checkpoint(
-                run_block, policy=REMAT_POLICIES[self.remat], static_argnums=(0,), prevent_cse=not self.scan_layers
+                run_block, policy=REMAT_POLICIES[self.remat], static_argnums=(0,), prevent_cse=not rolled
             )
 
         if self.scan_layers:

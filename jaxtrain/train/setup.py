@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 from typing import Any
 
 import jax
@@ -99,6 +100,61 @@ def peak_flops(cfg: Config) -> tuple[float, str]:
     return float(peak), f"{hardware.name} {'bf16' if cfg.precision == 'amp_bf16' else 'fp32'} peak ({hardware.notes})"
 
 
+class _InBackground:
+    """Run ``fn(*args, **kwargs)`` on a daemon thread; ``result()`` waits and re-raises its error."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name="jaxtrain-data", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as err:  # handed to the caller of result()
+            self._error = err
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _plan_optimizer(cfg: Config, *, batches_per_epoch: int | None):
+    """(total batches, schedule, optimizer); ``batches_per_epoch`` None raises for epoch-based times."""
+    total_batches = time_to_batches(
+        cfg, cfg.max_duration, "max_duration", batches_per_epoch=batches_per_epoch, total_batches=None
+    )
+    if total_batches <= 0:
+        raise ConfigError(f"max_duration: {cfg.max_duration!r} is shorter than one batch")
+
+    def to_batches_fn(value: str) -> int:
+        return time_to_batches(cfg, value, "scheduler", batches_per_epoch=batches_per_epoch, total_batches=total_batches)
+
+    schedule = build_schedule(cfg.scheduler, base_lr=cfg.optimizer.lr, total_batches=total_batches, to_batches=to_batches_fn)
+    return total_batches, schedule, build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
+
+
+def _loaded_data(cfg: Config, loaders: _InBackground):
+    """(train loader, eval loader, tokenizer) once built, checked against the model's vocabulary."""
+    train_loader, eval_loader, tokenizer = loaders.result()
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size}); set model.vocab_size to at least {tokenizer.vocab_size}"
+        )
+    return train_loader, eval_loader, tokenizer
+
+
+def _train_state(cfg: Config, tx, mesh, rules):
+    try:
+        return create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window)
+    except MeshError as err:
+        raise ConfigError(str(err)) from None
+
+
 def build_run(cfg: Config) -> RunParts:
     """Build mesh, loaders, model state and the compiled step from ``cfg``."""
     devices = jax.devices()
@@ -112,34 +168,23 @@ def build_run(cfg: Config) -> RunParts:
     rules = axis_rules(cfg.parallelism)
 
     cache_dir = os.path.join(cfg.run_folder, "cache")
-    train_loader, eval_loader, tokenizer = build_loaders(
-        cfg, cache_dir=cache_dir, process_index=jax.process_index(), process_count=jax.process_count()
+    # The data (tokenizer training, packing) is built on a thread while the model state is
+    # initialised, which needs the data only for durations in epochs. (Compiling the train step
+    # alongside as well gained nothing on two cores: both already keep the cores busy.)
+    loaders = _InBackground(
+        build_loaders, cfg, cache_dir=cache_dir, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}); set model.vocab_size to at least {tokenizer.vocab_size}"
-        )
-
-    total_batches = time_to_batches(
-        cfg, cfg.max_duration, "max_duration", batches_per_epoch=train_loader.batches_per_epoch, total_batches=None
-    )
-    if total_batches <= 0:
-        raise ConfigError(f"max_duration: {cfg.max_duration!r} is shorter than one batch")
-
-    def to_batches_fn(value: str) -> int:
-        return time_to_batches(
-            cfg, value, "scheduler", batches_per_epoch=train_loader.batches_per_epoch, total_batches=total_batches
-        )
-
-    schedule = build_schedule(cfg.scheduler, base_lr=cfg.optimizer.lr, total_batches=total_batches, to_batches=to_batches_fn)
-    tx = build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
     try:
-        state, model_def, state_shardings = create_train_state(
-        cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window
-    )
-    except MeshError as err:
-        raise ConfigError(str(err)) from None
+        planned = _plan_optimizer(cfg, batches_per_epoch=None)
+    except ConfigError:  # an epoch-based duration (or a config error, reported after the data's own errors)
+        planned = None
+    state_parts = _train_state(cfg, planned[2], mesh, rules) if planned is not None else None
+    train_loader, eval_loader, tokenizer = _loaded_data(cfg, loaders)
+    if planned is None:
+        planned = _plan_optimizer(cfg, batches_per_epoch=train_loader.batches_per_epoch)
+        state_parts = _train_state(cfg, planned[2], mesh, rules)
+    total_batches, schedule, tx = planned
+    state, model_def, state_shardings = state_parts
 
     compute_dtype = COMPUTE_DTYPES[cfg.precision]
     model = cfg.model
