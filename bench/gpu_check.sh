@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for one H200 (jax 0.11.x, no network): cuDNN attention against XLA's, then training
-# throughput of the MPT-125M and MPT-1B presets at seq 2048 in bf16, MFU against 989 TFLOP/s.
-# Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (about 3 minutes)
+# throughput of the MPT-125M and MPT-1B presets at seq 2048 in bf16, MFU against 989 TFLOP/s,
+# then the 1B train step's costliest HLO ops from a profiler trace.
+# Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (about 5 minutes)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}:."
@@ -54,4 +55,9 @@ timeout 130 "$PY" -m jaxtrain.main --config configs/mpt/125m.yaml \
   --set run_folder=/tmp/jaxtrain-gpu-125m 2>&1 | grep -vE "^  |^[a-z_]+:|^$" | tail -12
 if [ -n "${OUT:-}" ]; then cp /tmp/jaxtrain-gpu-125m/summary.json /tmp/jaxtrain-gpu-125m/metrics.jsonl "$OUT"/ 2>/dev/null; fi
 run "MPT-1B, batch 8, full remat (preset)" 100 --config configs/mpt/1b.yaml --batch 8
+echo "== MPT-1B train step, costliest HLO ops (batch 8, no remat; $(( $(date +%s) - START )) s elapsed)"
+# jax.profiler trace of the step: what holds MFU down (not yet checked on a GPU: op events from the
+# device's "XLA Ops" line and any host line that names the same op would both be counted)
+timeout 180 "$PY" bench/train_throughput.py --config configs/mpt/1b.yaml --batch 8 --remat none --precision bf16 \
+  --seq 2048 --steps 3 --peak $PEAK --profile 30 2>&1 | grep -E "^(HLO ops|  +[0-9]|by kind|jaxtrain)|Error|error" | tail -40
 echo "== total $(( $(date +%s) - START )) s"

@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
                         help="stack and scan the layers (the shapes' default: true) or unroll them")
     parser.add_argument("--peak", type=float, help="peak FLOP/s for MFU instead of the measured one")
     parser.add_argument("--no-microbench", action="store_true", help="skip the matmul peak measurement")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, trace the train step and print its N costliest HLO ops (any backend)")
     args = parser.parse_args(argv)
 
     cfg = build_config(args)
@@ -135,6 +137,12 @@ def main(argv=None) -> dict:
         jax.block_until_ready(metrics)
         step_times.append(time.perf_counter() - start)
     loss = float(metrics["loss"])
+    if args.profile:
+        from layer_profile import hlo_op_table  # noqa: PLC0415 (bench helper; imports this module)
+
+        # a copy of the step that does not donate the state, so the same arguments can be traced repeatedly
+        traced = compile_train_step(step_fn, shardings, batch_sharding(mesh), donate=False)
+        hlo_op_table(traced, (state, batches[0]), top=args.profile)
 
     n_params = mpt_param_count(model)
     flops = mpt_flops_per_batch(n_params, model.n_layers, model.d_model, seq, batch)
