@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 
 import pytest
@@ -38,3 +40,26 @@ def streaming_python() -> str:
     if probe.stdout.strip() != "True":
         pytest.skip(f"mosaicml-streaming is not installed in {REFERENCE_PYTHON}")
     return REFERENCE_PYTHON
+
+
+@contextlib.contextmanager
+def _moto_s3_server():
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield url, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": url}
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """Starts a moto S3 server on a free 127.0.0.1 port: ``with moto_s3() as (url, aws_env):``,
+    where ``aws_env`` holds the AWS_* variables that point boto3 (and the runs tests launch) at it."""
+    return _moto_s3_server

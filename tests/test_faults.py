@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import jax
@@ -171,22 +170,15 @@ def test_checkpointer_turns_a_failed_upload_into_one_line_naming_the_checkpoint(
 
 
 @pytest.fixture
-def s3_checkpoints(monkeypatch):
+def s3_checkpoints(moto_s3, monkeypatch):
     """``s3://`` checkpoints on a moto server at 127.0.0.1; yields (boto3 client, bucket, save_folder URL)."""
-    moto_server = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="faults")
-    yield client, "faults", "s3://faults/run/checkpoints"
-    server.stop()
+    with moto_s3() as (_, aws_env):
+        for name, value in aws_env.items():
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="faults")
+        yield client, "faults", "s3://faults/run/checkpoints"
 
 
 def test_upload_cut_short_by_a_crash_is_finished_by_the_next_run(reference, tmp_path, s3_checkpoints):

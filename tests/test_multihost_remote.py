@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 
 import jax
@@ -130,24 +129,16 @@ def test_each_process_uploads_its_part_and_process_0_marks_the_step(tmp_path, mo
 
 
 @pytest.fixture(scope="module")
-def s3_env():
+def s3_env(moto_s3):
     """A moto S3 server on 127.0.0.1 and a bucket; the AWS_* variables (inherited by the training
     processes) point every client at it."""
-    moto_server = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+    with moto_s3() as (_, aws_env), pytest.MonkeyPatch.context() as patch:
+        for name, value in aws_env.items():
             patch.setenv(name, value)
         client = boto3.client("s3")
         client.create_bucket(Bucket=BUCKET)
         yield client
-    server.stop()
 
 
 def _keys(client) -> list[str]:

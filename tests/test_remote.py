@@ -20,7 +20,7 @@ from jaxtrain.data.loader import build_loaders
 from jaxtrain.data.mds import MDSWriter
 from jaxtrain.data.tokenizer import load_tokenizer
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")  # the whole module needs the local S3 server
 boto3 = pytest.importorskip("boto3")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,22 +28,15 @@ SEQ_LEN, NUM_ROWS, BUCKET = 32, 96, "jaxtrain-test"
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+def s3_server(moto_s3):
+    with moto_s3() as server:
+        yield server
 
 
 @pytest.fixture
-def s3(s3_endpoint, monkeypatch):
+def s3(s3_server, monkeypatch):
     """A boto3 client on a fresh bucket; the AWS_* variables point every client at the local server."""
-    fake = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": s3_endpoint}
-    for name, value in fake.items():
+    for name, value in s3_server[1].items():
         monkeypatch.setenv(name, value)
     client = boto3.client("s3")
     client.create_bucket(Bucket=BUCKET)

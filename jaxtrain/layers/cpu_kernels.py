@@ -61,6 +61,15 @@ def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     return _weight_grad(x, dy)
 
 
+def output_weight_grad(x: jax.Array, d_logits: jax.Array, *, tied: bool) -> jax.Array:
+    """The output projection's float32 gradient from rows ``x [rows, d]`` and ``d_logits [rows, vocab]``:
+    ``[vocab, d]`` when tied (the embedding table's layout), else ``[d, vocab]``. Taken as ``[d, vocab]``
+    in the fast form either way; for the tied table the barrier keeps XLA from folding the final
+    transpose back into the dot."""
+    d_weight = weight_grad(x, d_logits)
+    return _barrier(d_weight).T if tied else d_weight
+
+
 def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     rows, features_in = x.shape
     if _identity_transposable(x):
@@ -147,9 +156,8 @@ def _tied_logits_bwd(compute_dtype, residuals, d_logits):
     x_c, table_c, x_like, table_like = residuals
     d_logits = d_logits.astype(compute_dtype)
     dx = jnp.einsum("...v,vd->...d", d_logits, table_c, preferred_element_type=jnp.float32)
-    # [d, vocab] in the fast form; the barrier keeps XLA from folding the final transpose into the dot
-    d_table_t = _barrier(weight_grad(x_c.reshape(-1, x_c.shape[-1]), d_logits.reshape(-1, d_logits.shape[-1])))
-    return dx.astype(x_like.dtype), d_table_t.T.astype(table_like.dtype)
+    d_table = output_weight_grad(x_c.reshape(-1, x_c.shape[-1]), d_logits.reshape(-1, d_logits.shape[-1]), tied=True)
+    return dx.astype(x_like.dtype), d_table.astype(table_like.dtype)
 
 
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)

@@ -159,11 +159,9 @@ def _fused_loss_bwd(static, residuals, cotangents):
     # one weight-gradient dot over all rows (chunk-major order on both sides), in the fast form
     rows = x.shape[0] * x.shape[1]
     x_rows = _chunks(x, chunk).astype(dtype).reshape(rows, d_model)
-    d_weight = cpu_kernels.weight_grad(x_rows, d_logits.reshape(rows, vocab))
+    d_weight = cpu_kernels.output_weight_grad(x_rows, d_logits.reshape(rows, vocab), tied=tied)
     batch, length = x.shape[:2]
     d_x = jnp.moveaxis(d_x, 0, 1).reshape(batch, length, d_model)
-    if tied:  # keep XLA from folding the transpose back into the dot
-        d_weight = jax.lax.optimization_barrier(d_weight).T
     return d_x, d_weight.astype(weight.dtype), np.zeros(targets.shape, jax.dtypes.float0)
 
 
@@ -240,12 +238,8 @@ def _head_loss_bwd(static, residuals, cotangents):
         target_grad.reshape(rows), unique_indices=True, indices_are_sorted=True)
     d_model = x_c.shape[-1]
     x_rows = x_c.reshape(rows, d_model)
-    if tied:  # weight [vocab, d]
-        d_x = jnp.einsum("rv,vd->rd", d_logits, w_c, preferred_element_type=jnp.float32)
-        d_weight = jax.lax.optimization_barrier(cpu_kernels.weight_grad(x_rows, d_logits)).T
-    else:  # weight [d, vocab]
-        d_x = jnp.einsum("rv,dv->rd", d_logits, w_c, preferred_element_type=jnp.float32)
-        d_weight = cpu_kernels.weight_grad(x_rows, d_logits)
+    d_x = jnp.einsum("rv,vd->rd" if tied else "rv,dv->rd", d_logits, w_c, preferred_element_type=jnp.float32)
+    d_weight = cpu_kernels.output_weight_grad(x_rows, d_logits, tied=tied)
     d_x = d_x.reshape(batch, length, d_model).astype(x_like.dtype)
     return d_x, d_weight.astype(w_like.dtype), np.zeros(safe_targets.shape, jax.dtypes.float0)
 
