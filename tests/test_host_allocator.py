@@ -44,10 +44,11 @@ def test_retained_memory_stops_per_step_page_faults():
     assert default["applied"] is False and default["async"] is True
     assert retain["applied"] is True and retain["async"] is False
     # fresh mmap'd temporaries: ~50k faults a call (200 MB / 4 KiB); reused heap pages: none once
-    # the heap has grown to the step's peak (a few calls; later calls can still grow it a little)
+    # the heap has grown to the step's peak (a few calls, more on a busy machine; later calls can
+    # still grow it a little)
     assert min(default["faults"]) > 20_000, default
     assert min(retain["faults"][-4:]) < 1_000, retain
-    assert sorted(retain["faults"])[len(retain["faults"]) // 2] < min(default["faults"]) / 10, (retain, default)
+    assert max(retain["faults"][-4:]) < min(default["faults"]) / 10, (retain, default)
 
 
 @pytest.mark.parametrize("platforms,expected", [("cpu", True), ("cpu,cuda", True), ("cuda", False), ("tpu,cpu", False)])
