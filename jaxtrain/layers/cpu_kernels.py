@@ -9,10 +9,10 @@ in the fast form explicitly:
 
 - weight gradients transpose the narrower operand first (the input for most layers, the output
   gradient for the MLP's down projection) and contract over the row axis;
-- bf16 transposes of operands up to 512 wide run as an identity product ``I·xᵀ`` on the matrix
-  unit, several times faster than XLA:CPU's transpose of bf16 data (exact for finite values);
-- attention keeps keys and values as ``[.., head_dim, length]`` (converted by identity products),
-  so every forward and backward dot is a plain batched matmul.
+- those transposes are written as a permutation of tiles, which XLA:CPU runs 2-3x faster than
+  its two-axis transpose;
+- attention keeps keys and values as ``[.., head_dim, length]``, so every forward and backward
+  dot is a plain batched matmul.
 
 Causal attention computes its softmax in query blocks over only the visible keys, so the masked
 upper triangle gets no exponentials; the bf16 probabilities are saved zero-padded to full length,
@@ -57,23 +57,22 @@ def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     taken as ``(dyᵀ·x)ᵀ``, transposing the narrower ``dy`` and then the float32 ``[out, in]`` result.
     """
     if x.shape[1] > dy.shape[1]:
-        return _barrier(_weight_grad(dy, x)).T
+        return transposed_copy(_weight_grad(dy, x))
     return _weight_grad(x, dy)
 
 
 def output_weight_grad(x: jax.Array, d_logits: jax.Array, *, tied: bool) -> jax.Array:
     """The output projection's float32 gradient from rows ``x [rows, d]`` and ``d_logits [rows, vocab]``:
     ``[vocab, d]`` when tied (the embedding table's layout), else ``[d, vocab]``. Taken as ``[d, vocab]``
-    in the fast form either way; for the tied table the barrier keeps XLA from folding the final
-    transpose back into the dot."""
+    in the fast form either way, then transposed for the tied table."""
     d_weight = weight_grad(x, d_logits)
-    return _barrier(d_weight).T if tied else d_weight
+    return transposed_copy(d_weight) if tied else d_weight
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     rows, features_in = x.shape
-    if _identity_transposable(x):
-        return jnp.einsum("im,mo->io", _transpose_by_identity(x), dy, preferred_element_type=jnp.float32)
+    if _tile(rows, features_in):
+        return jnp.einsum("im,mo->io", transposed_copy(x), dy, preferred_element_type=jnp.float32)
     split = _row_split(rows)
     if split is None:
         return jnp.einsum("mi,mo->io", x, dy, preferred_element_type=jnp.float32)
@@ -82,29 +81,32 @@ def _weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     return jnp.einsum("ami,amo->io", x, dy, preferred_element_type=jnp.float32)
 
 
-# widest operand transposed on the matrix unit: the identity product costs 2·n² flops per row
-_IDENTITY_TRANSPOSE_MAX = 512
+def _tile(m: int, n: int) -> int | None:
+    """The largest of 16, 8, 4, 2 that divides both ``m`` and ``n``, or None."""
+    for tile in (16, 8, 4, 2):
+        if m % tile == 0 and n % tile == 0:
+            return tile
+    return None
 
 
-def _identity_transposable(x: jax.Array) -> bool:
-    return x.dtype == jnp.bfloat16 and x.shape[-1] <= _IDENTITY_TRANSPOSE_MAX
+def transposed_copy(x: jax.Array) -> jax.Array:
+    """``[..., m, n] -> [..., n, m]`` materialised, exact for every value.
 
-
-def _transpose_by_identity(x: jax.Array) -> jax.Array:
-    """``[..., m, n] -> [..., n, m]`` as the fast-form product ``I·xᵀ`` (exact for finite values:
-    one nonzero term per output; an inf or NaN in a row of x turns that output column into NaN),
-    several times faster than XLA:CPU's bf16 transpose; the barrier keeps the result
-    materialised for the dot that reads it."""
-    n = x.shape[-1]
-    eye = jnp.eye(n, dtype=x.dtype)
-    if x.ndim == 2:
-        out = jnp.einsum("nj,mj->nm", eye, x, preferred_element_type=x.dtype)
-    else:
-        batch = x.shape[:-2]
-        x3 = x.reshape(-1, *x.shape[-2:])
-        eye = jnp.broadcast_to(eye, (x3.shape[0], n, n))
-        out = jnp.einsum("bnj,bmj->bnm", eye, x3, preferred_element_type=x.dtype).reshape(*batch, n, x.shape[-2])
-    return _barrier(out)
+    Written as the permutation of ``[m/t, t, n/t, t]`` tiles to ``[n/t, t, m/t, t]``: the same
+    transpose, which XLA:CPU emits 2-3x faster than the two-axis form (on bf16 ``[2048, 256]``:
+    0.21 against 0.53 ms; ``[8, 512, 512]``: 0.52 against 1.45 ms) and faster than an identity
+    product on the matrix unit. The barrier keeps XLA from turning it into a layout change
+    that the next dot would fold away. Shapes with no common tile (an odd side) fall back to a
+    reshaped two-axis transpose.
+    """
+    *batch, m, n = x.shape
+    tile = _tile(m, n)
+    if tile is None:
+        x = _barrier(jnp.swapaxes(x.reshape(-1, m, n), 1, 2).reshape(-1, n, 1, m))
+        return x.reshape(*batch, n, m)
+    k = len(batch)
+    tiles = x.reshape(*batch, m // tile, tile, n // tile, tile)
+    return _barrier(jnp.transpose(tiles, (*range(k), k + 2, k + 3, k, k + 1)).reshape(*batch, n, m))
 
 
 def dense(x: jax.Array, kernel: jax.Array, compute_dtype, out_dtype=jnp.float32) -> jax.Array:
@@ -163,25 +165,13 @@ def _tied_logits_bwd(compute_dtype, residuals, d_logits):
 tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
-def _transposed_copy(x: jax.Array) -> jax.Array:
-    """``[..., m, n] -> [..., n, m]`` materialised: on the matrix unit when ``n`` is small enough,
-    otherwise a transpose whose reshape and barrier keep XLA from turning it into a layout change
-    that the next dot would fold away."""
-    if _identity_transposable(x):
-        return _transpose_by_identity(x)
-    *batch, m, n = x.shape
-    split = _row_split(m) or 1
-    x = _barrier(jnp.swapaxes(x.reshape(-1, m, n), 1, 2).reshape(-1, n, split, m // split))
-    return x.reshape(*batch, n, m)
-
-
 @jax.custom_vjp
 def _swap_minor(x: jax.Array) -> jax.Array:
     """``[..., m, n] -> [..., n, m]`` materialised, with the same transpose as its gradient."""
-    return _transposed_copy(x)
+    return transposed_copy(x)
 
 
-_swap_minor.defvjp(lambda x: (_transposed_copy(x), None), lambda _, ct: (_transposed_copy(ct),))
+_swap_minor.defvjp(lambda x: (transposed_copy(x), None), lambda _, ct: (transposed_copy(ct),))
 
 
 def _block_probs(q_block, key_t, slopes, q_segment, k_segment, start, static):
@@ -257,10 +247,10 @@ def _causal_attention_bwd(static, residuals, d_out):
     d_q = jnp.einsum("bmk,bdk->bmd", d_scores, key_t, preferred_element_type=jnp.float32)
     # contract over queries with the small operand transposed first: both stay fast bf16 dots
     d_key_t = _barrier(
-        jnp.einsum("bdm,bmk->bdk", _transposed_copy(q_rows), d_scores, preferred_element_type=jnp.float32)
+        jnp.einsum("bdm,bmk->bdk", transposed_copy(q_rows), d_scores, preferred_element_type=jnp.float32)
     )
     d_value_t = _barrier(
-        jnp.einsum("bdm,bmk->bdk", _transposed_copy(d_out_c), probs, preferred_element_type=jnp.float32)
+        jnp.einsum("bdm,bmk->bdk", transposed_copy(d_out_c), probs, preferred_element_type=jnp.float32)
     )
     d_sequence_id = None if sequence_id is None else np.zeros(sequence_id.shape, jax.dtypes.float0)
     d_slopes = None if slopes is None else jnp.zeros_like(slopes)
