@@ -24,6 +24,7 @@ from jaxtrain.data import (
     stdlib_documents,
 )
 from jaxtrain.data.loader import IGNORE_INDEX
+from jaxtrain.data.tokenizer import bpe_train_max_chars, capped_texts
 from jaxtrain.data.stdlib_corpus import is_held_out
 
 SMALL_VOCAB = 512
@@ -245,10 +246,10 @@ def test_eval_batches_cover_the_split_in_order_with_padding_ignored():
 
 
 def _config(train: DatasetConfig, eval_dataset: DatasetConfig | None = None, **kwargs) -> Config:
+    kwargs.setdefault("tokenizer", TokenizerConfig(name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB}))
     return Config(
         max_seq_len=32,
         global_train_batch_size=4,
-        tokenizer=TokenizerConfig(name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB}),
         train_loader=LoaderConfig(dataset=train),
         eval_loader=None if eval_dataset is None else LoaderConfig(dataset=eval_dataset),
         **kwargs,
@@ -271,6 +272,27 @@ def test_build_loaders_on_the_stdlib_corpus_caches_everything(tmp_path):
     assert cached == {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(tmp_path) for f in fs}
     with pytest.raises(ConfigError, match="evaluate on training data"):
         build_loaders(_config(DatasetConfig(max_files=20), DatasetConfig(max_files=20)), cache_dir=str(tmp_path))
+
+
+def test_bpe_learns_from_the_first_train_max_chars_of_the_train_split(tmp_path):
+    corpus = stdlib_documents("train", max_files=20, holdout_fraction=0.3)
+    lengths = [len(text) for text in corpus.texts()]
+    cap = lengths[0] + lengths[1] // 2  # crossed inside the second document, which is kept whole
+    assert [len(text) for text in capped_texts(corpus.texts, cap)()] == lengths[:2]
+    assert bpe_train_max_chars({}) == 64 * 1024 * 1024 and bpe_train_max_chars({"train_max_chars": 5}) == 5
+    for bad in (0, -3, "2M", 1.5, True):
+        with pytest.raises(ConfigError, match="tokenizer.kwargs.train_max_chars"):
+            bpe_train_max_chars({"train_max_chars": bad})
+    dataset = DatasetConfig(max_files=20, holdout_fraction=0.3)
+    full_cfg = _config(dataset)
+    capped_cfg = _config(dataset, tokenizer=TokenizerConfig(
+        name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB, "train_max_chars": lengths[0]}))
+    full = build_loaders(full_cfg, cache_dir=str(tmp_path))[2]
+    capped = build_loaders(capped_cfg, cache_dir=str(tmp_path))[2]  # cached apart: its own cap, its own file
+    first_only = load_tokenizer(capped_cfg.tokenizer, cache_dir=str(tmp_path / "direct"),
+                                train_texts=lambda: iter([next(corpus.texts())]))
+    assert capped.encode_batch(SNIPPETS) == first_only.encode_batch(SNIPPETS)
+    assert full.encode_batch(SNIPPETS) != capped.encode_batch(SNIPPETS)
 
 
 def test_text_and_jsonl_sources_share_the_packing_path(tmp_path):

@@ -111,7 +111,8 @@ class TokenizerConfig:
     """Which tokenizer to use."""
 
     name: str = field("bpe:default", "bpe:default (trained on the train split), a tokenizer.json path, or a Hub name")
-    kwargs: dict = field(factory=dict, doc="options, e.g. {model_max_length: 2048, vocab_size: 8192}")
+    kwargs: dict = field(factory=dict, doc="options, e.g. {model_max_length: 2048, vocab_size: 8192}; bpe:default "
+                         "also takes train_max_chars (train-split characters it learns from, default 64M)")
 
 
 @dataclasses.dataclass

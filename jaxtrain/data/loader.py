@@ -35,11 +35,9 @@ from jaxtrain.data.packing import load_or_pack
 from jaxtrain.data.sources import Documents, jsonl_documents, mds_documents, text_documents
 from jaxtrain.data.stdlib_corpus import stdlib_documents
 from jaxtrain.data.tfds_source import tfds_documents
-from jaxtrain.data.tokenizer import Tokenizer, load_tokenizer
+from jaxtrain.data.tokenizer import Tokenizer, bpe_train_max_chars, capped_texts, load_tokenizer
 
 SOURCES = ("python_stdlib", "text", "jsonl", "mds", "tfds", "finetune_jsonl")
-# bpe:default trains on at most this many characters of the train split (the stdlib corpus fits).
-TOKENIZER_TRAIN_MAX_CHARS = 64 * 1024 * 1024
 # Label of padding rows in eval batches: LLM Foundry's (and PyTorch's) ignored target.
 IGNORE_INDEX = -100
 # Training batches are gathered by this many background threads when train_loader.num_workers is
@@ -343,17 +341,6 @@ def documents_for(dataset, *, key: str) -> Documents:
                            max_files=dataset.max_files, key=key)
 
 
-def _capped_texts(documents: Documents, max_chars: int):
-    def texts() -> Iterator[str]:
-        total = 0
-        for text in documents.texts():
-            if total >= max_chars:
-                return
-            total += len(text)
-            yield text
-    return texts
-
-
 def _pad_id(tokenizer: Tokenizer) -> int:
     # Padding rows are never trained on (labels are IGNORE_INDEX), so any valid id will do.
     return 0 if tokenizer.pad_token_id is None else tokenizer.pad_token_id
@@ -463,11 +450,12 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
         tokenizer = _pretokenized_tokenizer(cfg, train_dataset, cache_dir)
     else:
         train_documents = documents_for(train_dataset, key="train_loader.dataset")
+        max_chars = bpe_train_max_chars(cfg.tokenizer.kwargs)
         tokenizer = load_tokenizer(
             cfg.tokenizer,
             cache_dir=cache_dir,
-            train_texts=_capped_texts(train_documents, TOKENIZER_TRAIN_MAX_CHARS),
-            train_fingerprint=f"{train_documents.fingerprint}:{TOKENIZER_TRAIN_MAX_CHARS}",
+            train_texts=capped_texts(train_documents.texts, max_chars),
+            train_fingerprint=f"{train_documents.fingerprint}:{max_chars}",
         )
         mixed = _stream_packed_rows(cfg, train_dataset, tokenizer, cache_dir, key)
         if mixed is not None:

@@ -27,10 +27,8 @@ from jaxtrain.data.mds.reader import MDSDataset, dataset_root
 from jaxtrain.data.mds.writer import DEFAULT_SIZE_LIMIT, INDEX_BASENAME, MDSWriter, is_remote, upload_file
 from jaxtrain.data.sources import JSONL_SUFFIXES, TEXT_SUFFIXES
 from jaxtrain.data.tfds_source import tfds_input
-from jaxtrain.data.tokenizer import Tokenizer, load_tokenizer
+from jaxtrain.data.tokenizer import DEFAULT_TRAIN_MAX_CHARS, Tokenizer, capped_texts, load_tokenizer
 
-# bpe:default trains on at most this many characters of the inputs.
-TOKENIZER_TRAIN_MAX_CHARS = 64 * 1024 * 1024
 _DOCS_PER_TASK = 256
 
 
@@ -239,16 +237,8 @@ def _load_tokenizer(name: str, vocab_size: int | None, eos_text: str | None, tex
     if name == "bpe:default" and eos_text:
         raise ConfigError("--eos-text applies to a tokenizer.json; bpe:default always uses <|endoftext|>")
 
-    def capped() -> Iterator[str]:
-        total = 0
-        for text in texts():
-            if total >= TOKENIZER_TRAIN_MAX_CHARS:
-                return
-            total += len(text)
-            yield text
-
     return load_tokenizer(TokenizerConfig(name=name, kwargs=kwargs), cache_dir=cache_dir,
-                          train_texts=capped if name == "bpe:default" else None)
+                          train_texts=capped_texts(texts, DEFAULT_TRAIN_MAX_CHARS) if name == "bpe:default" else None)
 
 
 def _save_tokenizer(tokenizer: Tokenizer, out: str) -> str:

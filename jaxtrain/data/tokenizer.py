@@ -14,7 +14,7 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -23,6 +23,9 @@ from jaxtrain.config.schema import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
+# bpe:default trains on the train split's documents up to this many characters (the whole
+# document that crosses it included); ``tokenizer.kwargs.train_max_chars`` sets another cap.
+DEFAULT_TRAIN_MAX_CHARS = 64 * 1024 * 1024
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "[SEP]")
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
 _HUB_HOST = ("huggingface.co", 443)
@@ -77,14 +80,36 @@ class Tokenizer:
         _atomic_write(path, self.backend.to_str())
 
 
+def bpe_train_max_chars(kwargs: dict | None) -> int:
+    """``tokenizer.kwargs.train_max_chars`` (a positive integer), else ``DEFAULT_TRAIN_MAX_CHARS``."""
+    value = (kwargs or {}).get("train_max_chars", DEFAULT_TRAIN_MAX_CHARS)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"tokenizer.kwargs.train_max_chars={value!r} must be a positive integer (characters)")
+    return value
+
+
+def capped_texts(texts: Callable[[], Iterable[str]], max_chars: int) -> Callable[[], Iterator[str]]:
+    """``texts`` (re-iterable) cut after the document that reaches ``max_chars`` characters."""
+
+    def capped() -> Iterator[str]:
+        total = 0
+        for text in texts():
+            if total >= max_chars:
+                return
+            total += len(text)
+            yield text
+
+    return capped
+
+
 def load_tokenizer(cfg, *, cache_dir: str, train_texts: Callable[[], Iterable[str]] | None = None,
                    train_fingerprint: str | None = None) -> Tokenizer:
     """The tokenizer named by ``cfg`` (a ``TokenizerConfig``).
 
     ``bpe:default`` needs ``train_texts`` and caches its result under ``cache_dir``, keyed by
     ``train_fingerprint`` (or, when that is not given, a hash of the training texts) and the
-    vocabulary size. Recognised ``cfg.kwargs``: ``vocab_size`` (bpe:default), ``eos_token`` and
-    ``pad_token``; other keys (e.g. Foundry's ``model_max_length``) are accepted and unused.
+    vocabulary size. Recognised ``cfg.kwargs``: ``vocab_size`` and ``train_max_chars`` (bpe:default;
+    the caller caps ``train_texts`` with ``capped_texts``), ``eos_token`` and ``pad_token``; other keys (e.g. Foundry's ``model_max_length``) are accepted and unused.
     """
     kwargs = dict(cfg.kwargs or {})
     special = {"eos_token": kwargs.get("eos_token"), "pad_token": kwargs.get("pad_token")}

@@ -82,33 +82,48 @@ def create_train_state(
     logical_specs = nnx.get_partition_spec(abstract_params)
     param_shardings = logical_shardings(logical_specs, mesh, rules)
     check_param_shardings(abstract_params, param_shardings, mesh)
-    init_key, dropout_key = jax.random.split(jax.random.key(seed))
-
-    def init_params(key: jax.Array) -> Any:
-        return nnx.split(build_model(model_cfg, rngs=nnx.Rngs(params=key)), nnx.Param)[1]
-
     replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
-    # Optimizer moments live beside their parameters; counters and scalars are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        jax.eval_shape(tx.init, params),
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-    )
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    state = TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        params=params,
-        opt_state=opt_state,
-        rng=jax.device_put(jax.random.key_data(dropout_key), replicated),
-        loss_window=jax.device_put(jnp.zeros((spike_window,), jnp.float32), replicated),
-        window_count=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        lr_scale=jax.device_put(jnp.ones((), jnp.float32), replicated),
-    )
+    opt_shardings = _opt_state_shardings(tx, abstract_params, param_shardings, replicated)
+
+    def init_state(key: jax.Array) -> TrainState:
+        init_key, dropout_key = jax.random.split(key)
+        params = nnx.split(build_model(model_cfg, rngs=nnx.Rngs(params=init_key)), nnx.Param)[1]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(dropout_key),
+            loss_window=jnp.zeros((spike_window,), jnp.float32),
+            window_count=jnp.zeros((), jnp.int32),
+            lr_scale=jnp.ones((), jnp.float32),
+        )
+
+    # One program builds the whole state (parameters, optimizer state, counters) in place on its
+    # devices: each separately jitted piece would be one more XLA compile before the first step.
+    state_shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
+        loss_window=replicated, window_count=replicated, lr_scale=replicated,
+    )  # fmt: skip
+    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(seed))
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return state, ModelDef(graphdef, param_shardings, logical_specs, mesh, tuple(rules)), shardings
+
+
+def _opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
+                         replicated: NamedSharding) -> Any:
+    """Optimizer moments live beside their parameters; counters and scalars are replicated.
+
+    Worked out while tracing, so that the optimizer's ``init`` (which evaluates the schedule's
+    first value) runs no eager operations, each of which would compile a small program."""
+    found = []
+
+    def trace(params):
+        found.append(optax.tree_map_params(tx, lambda _, sharding: sharding, tx.init(params), param_shardings,
+                                           transform_non_params=lambda _: replicated))
+        return jnp.zeros(())
+
+    jax.eval_shape(trace, abstract_params)
+    return found[0]
 
 
 def count_params(params: Any) -> int:
