@@ -290,6 +290,21 @@ def test_dense_bf16_output_is_the_rounded_float32_output():
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.float32
 
 
+def test_cast_to_bf16_equals_astype_for_every_kind_of_value():
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 3.4028235e38, -3.4028235e38, 1e-40, -1e-45, 0.0, -0.0,
+                        1.0, 1.00390625, 1.01171875, 65504.0, 3.0e-39], np.float32)
+    payload_nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FBFFFFF], np.uint32).view(np.float32)
+    rng = np.random.default_rng(0)
+    random_bits = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = jnp.asarray(np.concatenate([special, payload_nans, random_bits, rng.standard_normal(1000).astype(np.float32)]))
+    fast = np.asarray(jax.jit(lambda v: cpu_kernels.cast(v, jnp.bfloat16))(x)).view(np.uint16)
+    plain = np.asarray(x.astype(jnp.bfloat16)).view(np.uint16)
+    nan = np.isnan(np.asarray(x))
+    np.testing.assert_array_equal(fast[~nan], plain[~nan])
+    assert np.isnan(np.asarray(jax.jit(lambda v: cpu_kernels.cast(v, jnp.bfloat16))(x), np.float32)[nan]).all()
+    assert cpu_kernels.cast(x, jnp.float32) is x or cpu_kernels.cast(x, jnp.float32).dtype == jnp.float32
+
+
 @pytest.mark.parametrize("shape", [(40, 24), (3, 40, 24), (2, 3, 8, 600), (3, 7, 5)],
                          ids=["2d", "batched", "wide", "odd"])
 def test_transposed_copy_is_exact(shape):

@@ -36,6 +36,25 @@ import numpy as np
 _barrier = jax.lax.optimization_barrier
 
 
+def cast(x: jax.Array, dtype) -> jax.Array:
+    """``x.astype(dtype)``; float32 -> bfloat16 as integer rounding of the bits.
+
+    The result is the same as ``astype`` for every value (round to nearest even; inf, NaN and
+    subnormals alike), but XLA:CPU vectorises a fused loop that ends in these integer operations,
+    and not one that ends in its bf16 convert: exact GELU forward and backward take 1.9 instead
+    of 2.4 ms on ``[2048, 1024]``, ``exp(x - m) * c`` rounded to bf16 7.6 instead of 18 ms on
+    ``[2048, 8192]``.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype != jnp.bfloat16 or x.dtype != jnp.float32:
+        return x.astype(dtype)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    rounded = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) >> 16
+    quiet_nan = (bits >> 16) | jnp.uint32(0x40)  # keeps sign; the carry above could turn a NaN into 0
+    upper = jnp.where(jnp.isnan(x), quiet_nan, rounded).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(upper, jnp.bfloat16)
+
+
 def use_cpu_kernels(compute_dtype) -> bool:
     """True when tracing for the CPU backend in bfloat16 (where XLA's slow dot forms cost 5x)."""
     return jax.default_backend() == "cpu" and jnp.dtype(compute_dtype) == jnp.bfloat16
@@ -198,7 +217,7 @@ def _block_probs(q_block, key_t, slopes, q_segment, k_segment, start, static):
         visible = visible & (q_segment[:, :, None] == k_segment[:, None, :])[:, None, None]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     log_z = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-    probs = jnp.exp(scores - log_z).astype(q_block.dtype)
+    probs = cast(jnp.exp(scores - log_z), q_block.dtype)
     if end < keys:
         probs = jnp.pad(probs, [(0, 0)] * 4 + [(0, keys - end)])
     return probs
@@ -242,7 +261,7 @@ def _causal_attention_bwd(static, residuals, d_out):
     d_out_c = d_out.astype(q.dtype)
     d_probs = jnp.einsum("bmd,bdk->bmk", d_out_c, value_t, preferred_element_type=jnp.float32)
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True)
-    d_scores = (probs.astype(jnp.float32) * (d_probs - row_dot) * jnp.float32(scale)).astype(q.dtype)
+    d_scores = cast(probs.astype(jnp.float32) * (d_probs - row_dot) * jnp.float32(scale), q.dtype)
     q_rows = q.reshape(bh, group * length, head_dim)
     d_q = jnp.einsum("bmk,bdk->bmd", d_scores, key_t, preferred_element_type=jnp.float32)
     # contract over queries with the small operand transposed first: both stay fast bf16 dots
@@ -329,7 +348,7 @@ def gelu(x: jax.Array) -> jax.Array:
     backward pass reads only the saved input.
     """
     xf = x.astype(jnp.float32)
-    return (xf * _gelu_cdf(xf)).astype(x.dtype)
+    return cast(xf * _gelu_cdf(xf), x.dtype)
 
 
 def _gelu_fwd(x):
@@ -339,7 +358,7 @@ def _gelu_fwd(x):
 def _gelu_bwd(x, dy):
     xf = x.astype(jnp.float32)
     pdf = jnp.exp(-0.5 * xf * xf) * jnp.float32(_INV_SQRT_2PI)
-    return ((dy.astype(jnp.float32) * (_gelu_cdf(xf) + xf * pdf)).astype(x.dtype),)
+    return (cast(dy.astype(jnp.float32) * (_gelu_cdf(xf) + xf * pdf), x.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
@@ -372,7 +391,7 @@ def _layer_norm_fwd(x, scale, bias, eps, out_dtype):
     y = centred * rstd * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype), (x, mean, rstd, scale, bias)
+    return cast(y, out_dtype), (x, mean, rstd, scale, bias)
 
 
 def _layer_norm_bwd(eps, out_dtype, residuals, dy):
@@ -388,7 +407,7 @@ def _layer_norm_bwd(eps, out_dtype, residuals, dy):
     reduce_axes = tuple(range(dy.ndim - 1))
     d_scale = jnp.sum(dy * x_hat, axis=reduce_axes).astype(scale.dtype)
     d_bias = None if bias is None else jnp.sum(dy, axis=reduce_axes).astype(bias.dtype)
-    return dx.astype(x.dtype), d_scale, d_bias
+    return cast(dx, x.dtype), d_scale, d_bias
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

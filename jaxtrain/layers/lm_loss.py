@@ -229,9 +229,9 @@ def _head_loss_bwd(static, residuals, cotangents):
     # dL/dlogit = coef * softmax - target_coef * onehot, times the logit scale
     coef = jnp.where(valid, g_loss + (2.0 * z_loss) * g_z * log_z, 0.0) * (jnp.float32(scale) / sum_exp)
     target_coef = jnp.where(valid, g_loss, 0.0) * jnp.float32(scale)
-    d_logits = (exps * coef[..., None]).astype(dtype)
+    d_logits = cpu_kernels.cast(exps * coef[..., None], dtype)
     target_exp = jnp.take_along_axis(exps, safe_targets[..., None], axis=-1)[..., 0]
-    target_grad = (target_exp * coef - target_coef).astype(dtype)
+    target_grad = cpu_kernels.cast(target_exp * coef - target_coef, dtype)
     batch, length, vocab = exps.shape
     rows = batch * length
     d_logits = d_logits.reshape(rows, vocab).at[jnp.arange(rows), safe_targets.reshape(rows)].set(
