@@ -141,19 +141,20 @@ class Trainer(RecoveryMixin):
         self.events.fire(Event.EVAL_START, self)
         batch_size = self.cfg.device_eval_batch_size * jax.device_count()
         limit = self.cfg.eval_subset_num_batches
-        totals = None
+        outs = []
         for index, local in enumerate(loader.batches(batch_size)):
             if 0 <= limit <= index:
                 break
             batch = global_batch_from_local(local, self.parts.mesh)
-            out = self.parts.eval_step(self.state.params, batch)
-            totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
+            outs.append(self.parts.eval_step(self.state.params, batch))
             if index == 0:
                 self.faults.during_eval(self.step)
-        if totals is None:
+        if not outs:
             return None
-        totals = jax.device_get(totals)
-        loss = float(totals["loss_sum"] / max(float(totals["tokens"]), 1.0))
+        # summed on the host once all batches are done (adding on the device compiles one more program)
+        outs = jax.device_get(outs)
+        loss_sum = math.fsum(float(out["loss_sum"]) for out in outs)
+        loss = loss_sum / max(math.fsum(float(out["tokens"]) for out in outs), 1.0)
         self.eval_history.append((self.step, loss))
         record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
         self._write_metrics(record)
