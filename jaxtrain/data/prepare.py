@@ -27,7 +27,7 @@ from jaxtrain.data.mds.reader import MDSDataset, dataset_root
 from jaxtrain.data.mds.writer import DEFAULT_SIZE_LIMIT, INDEX_BASENAME, MDSWriter, is_remote, upload_file
 from jaxtrain.data.sources import JSONL_SUFFIXES, TEXT_SUFFIXES
 from jaxtrain.data.tfds_source import tfds_input
-from jaxtrain.data.tokenizer import DEFAULT_TRAIN_MAX_CHARS, Tokenizer, capped_texts, load_tokenizer
+from jaxtrain.data.tokenizer import Tokenizer, bpe_train_max_chars, capped_texts, load_tokenizer
 
 _DOCS_PER_TASK = 256
 
@@ -238,7 +238,7 @@ def _load_tokenizer(name: str, vocab_size: int | None, eos_text: str | None, tex
         raise ConfigError("--eos-text applies to a tokenizer.json; bpe:default always uses <|endoftext|>")
 
     return load_tokenizer(TokenizerConfig(name=name, kwargs=kwargs), cache_dir=cache_dir,
-                          train_texts=capped_texts(texts, DEFAULT_TRAIN_MAX_CHARS) if name == "bpe:default" else None)
+                          train_texts=capped_texts(texts, bpe_train_max_chars(kwargs)) if name == "bpe:default" else None)
 
 
 def _save_tokenizer(tokenizer: Tokenizer, out: str) -> str:

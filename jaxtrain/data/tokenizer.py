@@ -109,7 +109,8 @@ def load_tokenizer(cfg, *, cache_dir: str, train_texts: Callable[[], Iterable[st
     ``bpe:default`` needs ``train_texts`` and caches its result under ``cache_dir``, keyed by
     ``train_fingerprint`` (or, when that is not given, a hash of the training texts) and the
     vocabulary size. Recognised ``cfg.kwargs``: ``vocab_size`` and ``train_max_chars`` (bpe:default;
-    the caller caps ``train_texts`` with ``capped_texts``), ``eos_token`` and ``pad_token``; other keys (e.g. Foundry's ``model_max_length``) are accepted and unused.
+    the caller caps ``train_texts`` with ``capped_texts``), ``eos_token`` and ``pad_token``; other
+    keys (e.g. Foundry's ``model_max_length``) are accepted and unused.
     """
     kwargs = dict(cfg.kwargs or {})
     special = {"eos_token": kwargs.get("eos_token"), "pad_token": kwargs.get("pad_token")}
