@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from jaxtrain.config.schema import AttnConfig, ModelConfig
-from jaxtrain.layers import attention, cpu_kernels, lm_loss
+from jaxtrain.layers import attention, cpu_kernels, gpu_kernels, lm_loss, mlp
 from jaxtrain.models import build_model
+from jaxtrain.parallel import platform
 
 # (rtol relative to the largest magnitude) per compute dtype
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -252,6 +253,38 @@ def test_gelu_kernel_matches_exact_gelu(dtype):
     assert fast_out.dtype == ref_out.dtype and fast_grad.dtype == dtype
     assert_close(fast_out, ref_out, dtype)
     assert_close(fast_grad, ref_grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_accelerator_gelu_has_the_autodiff_gradient(dtype):
+    """Off the CPU kernels, GELU is jax.nn.gelu with a written-out gradient saving only its input."""
+    x = (randn(11, (4, 64)) * 3).astype(dtype)
+    out, (grad,) = values_and_grads(jax.jit(mlp._gelu), x)
+    ref_out, (ref_grad,) = values_and_grads(jax.jit(lambda x: jax.nn.gelu(x, approximate=False)), x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref_out, np.float32))
+    assert grad.dtype == dtype
+    assert_close(grad, ref_grad, dtype)
+    _, (exact,) = values_and_grads(lambda x: jax.nn.gelu(x, approximate=False), x.astype(jnp.float32))
+    assert relative_error(grad, exact) <= relative_error(ref_grad, exact) + 1e-6  # no worse than autodiff
+    residuals = jax.tree.leaves(jax.vjp(mlp._gelu, x)[1])
+    assert [leaf.shape for leaf in residuals] == [x.shape]
+    with platform.compiling_for("gpu"):
+        assert "custom_vjp_call" in str(jax.make_jaxpr(mlp.exact_gelu)(x))
+
+
+def test_compiling_for_picks_the_target_platforms_kernels():
+    assert platform.target_platform() == jax.default_backend()
+    with platform.compiling_for("cuda"):
+        assert platform.target_platform() == "gpu"
+        assert not cpu_kernels.use_cpu_kernels(jnp.bfloat16)
+        assert gpu_kernels.use_cudnn_attention(jnp.zeros((1, 8, 2, 64)), jnp.bfloat16, 0.0)
+        with platform.compiling_for("cpu"):
+            assert cpu_kernels.use_cpu_kernels(jnp.bfloat16)
+        assert platform.target_platform() == "gpu"
+    assert platform.target_platform() == jax.default_backend()
+    with pytest.raises(ValueError, match="unknown platform 'npu'"):
+        with platform.compiling_for("npu"):
+            pass
 
 
 @pytest.mark.parametrize("in_dtype,out_dtype", [(jnp.float32, jnp.float32), (jnp.float32, jnp.bfloat16),

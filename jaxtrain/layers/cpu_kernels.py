@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtrain.parallel.platform import target_platform
+
 _barrier = jax.lax.optimization_barrier
 
 
@@ -57,7 +59,7 @@ def cast(x: jax.Array, dtype) -> jax.Array:
 
 def use_cpu_kernels(compute_dtype) -> bool:
     """True when tracing for the CPU backend in bfloat16 (where XLA's slow dot forms cost 5x)."""
-    return jax.default_backend() == "cpu" and jnp.dtype(compute_dtype) == jnp.bfloat16
+    return target_platform() == "cpu" and jnp.dtype(compute_dtype) == jnp.bfloat16
 
 
 def _row_split(rows: int) -> int | None:

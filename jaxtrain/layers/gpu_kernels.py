@@ -13,6 +13,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from jaxtrain.parallel.platform import target_platform
+
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 _warned: set[str] = set()
 
@@ -21,7 +23,7 @@ def use_cudnn_attention(q: jax.Array, compute_dtype, dropout_rate: float) -> boo
     """Whether to try cuDNN: GPU backend, half precision, no dropout, head size a multiple of 8 up to 128."""
     head_dim = q.shape[-1]
     return (
-        jax.default_backend() == "gpu"
+        target_platform() == "gpu"
         and jnp.dtype(compute_dtype) in [jnp.dtype(d) for d in _FUSED_DTYPES]
         and dropout_rate == 0.0
         and head_dim % 8 == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -37,10 +38,33 @@ def resolve_activation(ffn_act_fn: dict | None) -> Callable[[jax.Array], jax.Arr
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
-    """``x·Φ(x)``; on the CPU bf16 path the erf-based kernel with a written-out gradient."""
+    """``x·Φ(x)``; on the CPU bf16 path the erf-based kernel, elsewhere ``jax.nn.gelu`` with a
+    written-out gradient (both keep only the input for the backward pass)."""
     if cpu_kernels.use_cpu_kernels(x.dtype):
         return cpu_kernels.gelu(x)
+    return _gelu(x)
+
+
+@jax.custom_vjp
+def _gelu(x: jax.Array) -> jax.Array:
+    """``jax.nn.gelu(x, approximate=False)`` whose backward pass is one fused float32 expression,
+    ``dy·(Φ(x) + x·φ(x))``, of the saved input. Autodiff of ``x·Φ(x)`` saves two more
+    hidden-sized tensors per layer and sums two cotangent terms in a separate pass over them."""
     return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return _gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(dy.dtype),)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def ffn_hidden_size(d_model: int, expansion_ratio: float) -> int:

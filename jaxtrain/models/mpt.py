@@ -34,6 +34,7 @@ from jaxtrain.layers.linear import Dense, weight_std
 from jaxtrain.layers.mlp import FFN_TYPES, MPTFFN, ffn_hidden_size, resolve_activation
 from jaxtrain.layers.norms import NORM_TYPES, LayerNorm
 from jaxtrain.parallel.logical import constrain
+from jaxtrain.parallel.platform import target_platform
 
 REMAT_POLICIES = {
     "none": None,
@@ -322,7 +323,7 @@ class MPTForCausalLM(nnx.Module):
         models unroll on CPU; deep ones keep the loop for compile time, and accelerators keep it."""
         if self.scan_unroll != "auto":
             return min(int(self.scan_unroll), self.n_layers)
-        return self.n_layers if jax.default_backend() == "cpu" and self.n_layers <= AUTO_UNROLL_MAX_LAYERS else 1
+        return self.n_layers if target_platform() == "cpu" and self.n_layers <= AUTO_UNROLL_MAX_LAYERS else 1
 
     def _logits(self, x: jax.Array, compute_dtype) -> jax.Array:
         """Output head: final-normed hidden state ``[batch, length, d_model]`` -> float32 logits."""
