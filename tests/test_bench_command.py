@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_end_to_end import ROOT, TINY
 
 
@@ -28,3 +30,33 @@ def test_bench_writes_a_file_the_planner_reads(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert f"{100 * bench['mfu']:.1f}% (measured by jaxtrain bench" in plan.stdout
+
+
+def test_kernel_census_counts_a_scans_bytes_and_flops():
+    """bench/gpu_aot.py's HLO census: loop bodies weighted by their trip count, matmul FLOPs exact,
+    a slice of a stacked array read at its slice size and a stack update written at its update size."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_aot
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import jax
+    import jax.numpy as jnp
+
+    def layers(x, ws):
+        def body(x, w):
+            y = jnp.tanh(x @ w)
+            return y, y
+
+        return jax.lax.scan(body, x, ws)[1]
+
+    x, ws = jnp.ones((64, 128)), jnp.ones((5, 128, 128))
+    rows = gpu_aot.kernel_census(jax.jit(layers).lower(x, ws).compile().as_text(), peak_flops=1e12, bandwidth=1e11)
+    matmuls = [row for row in rows if row["kind"] == "matmul"]
+    assert sum(row["flops"] for row in matmuls) == 5 * 2 * 64 * 128 * 128
+    assert {row["count"] for row in matmuls} == {5}
+    for row in rows:
+        assert row["seconds"] == pytest.approx(max(row["bytes"] / 1e11, row["flops"] / 1e12))
+        if row["count"] == 5:  # no iteration moves the whole [5, 128, 128] stack or [5, 64, 128] outputs
+            assert row["bytes"] / 5 <= 2 * 128 * 128 * 4 + 64, row
+    assert sum(row["bytes"] for row in matmuls) >= 5 * (64 * 128 + 128 * 128 + 64 * 128) * 4

@@ -1,0 +1,347 @@
+"""Compile jaxtrain's train step for an NVIDIA H200 on a machine without a GPU, and estimate from
+the optimized HLO where the step's time would go.
+
+    python bench/gpu_aot.py --config configs/mpt/1b.yaml --batch 8 --set model.remat=none
+    python bench/gpu_aot.py --config configs/mpt/1b.yaml --batch 8 --set model.remat=none --set model.scan_unroll=24
+
+It needs JAX's CUDA plugin, which jaxtrain does not depend on: use a side environment (about 6 GB,
+from the package index; no GPU, driver or network needed when it runs), with the jax version of
+jaxtrain's own environment:
+
+    PYENV_VERSION=3.12.1 python3.12 -m venv /tmp/gpu-aot-venv
+    /tmp/gpu-aot-venv/bin/pip install "jax[cuda12]==$(.venv/bin/python -c 'import jax; print(jax.__version__)')" -e .
+    /tmp/gpu-aot-venv/bin/python bench/gpu_aot.py --config configs/mpt/1b.yaml --batch 8
+
+The step is traced for the GPU (``compiling_for("gpu")``: cuDNN attention, no CPU kernels) and
+compiled by XLA for a one-device H200 topology from abstract shapes. Without a device XLA cannot
+autotune, so GEMM tilings differ from a real run's. For each kernel of the compiled program the
+script counts HBM bytes (operands read and results written, slices of stacked layer arrays
+counted at their slice size) and matmul FLOPs, and takes ``max(bytes / bandwidth, flops / peak)``
+as its time: a roofline bound, not a measurement. What it measures exactly is compile time,
+XLA's memory figures, and the bytes and kernels the program moves, which changes to the model can
+be compared by. ``bench/gpu_check.sh`` measures on a device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+
+# H200 SXM: 132 SMs at 1.98 GHz, 141 GB HBM3e at 4.8 TB/s, 50 MB L2, compute capability 9.0.
+H200_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 150323855360 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H200"
+"""
+H200_PEAK_FLOPS = 989e12  # dense bf16
+H200_BANDWIDTH = 4.8e12
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}  # fmt: skip
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+         "after-all", "opt-barrier", "partition-id", "replica-id", "iota"}  # fmt: skip
+
+
+def _dims(text: str) -> list[tuple[str, list[int]]]:
+    return [(dtype, [int(d) for d in dims.split(",") if d]) for dtype, dims in _ARRAY.findall(text)]
+
+
+def array_bytes(type_text: str) -> int:
+    """Bytes of every array in an HLO type (a tuple counts all its members)."""
+    total = 0
+    for dtype, dims in _dims(type_text):
+        n = 1
+        for d in dims:
+            n *= d
+        total += n * _BYTES[dtype]
+    return total
+
+
+def parse_computations(hlo_text: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """``{computation: [(name, type, opcode, rest of line), ...]}`` from optimized HLO text."""
+    comps: dict[str, list] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            m = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+            current = m.group(1) if m else None
+            if current:
+                comps[current] = []
+            continue
+        m = _INSTR.match(line)
+        if m and current:
+            comps[current].append(m.groups())
+    return comps
+
+
+def _operands(rest: str) -> list[str]:
+    depth, end = 1, 0
+    for end, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            break
+    return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def _param_reads(body: list[tuple[str, str, str, str]]) -> dict[int, int | None]:
+    """For a fused computation: parameter index -> bytes read when only a slice of it is used
+    (None: read whole); -1 -> bytes of buffers updated in place by a dynamic-update-slice, which
+    count in the result type but are not written whole; -2 -> the bytes those updates write."""
+    params = {name: int(re.search(r"parameter\((\d+)", f"{op}({rest}").group(1))
+              for name, _, op, rest in body if op == "parameter"}  # fmt: skip
+    types = {name: typ for name, typ, _, _ in body}
+    users: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
+    for _, typ, op, rest in body:
+        for position, operand in enumerate(_operands(rest)):
+            users[operand].append((typ, op, position))
+    reads: dict[int, int | None] = {}
+    for pname, index in params.items():
+        uses = users.get(pname, [])
+        if uses and all(op in ("slice", "dynamic-slice") and position == 0 for _, op, position in uses):
+            reads[index] = sum(array_bytes(typ) for typ, _, _ in uses)
+        elif uses and all(op == "dynamic-update-slice" and position == 0 for _, op, position in uses):
+            reads[index] = 0  # the buffer updated in place is not read
+        else:
+            reads[index] = None
+    reads[-1] = reads[-2] = 0
+    for _, typ, op, rest in body:
+        if op == "dynamic-update-slice" and _operands(rest)[0] in params:
+            reads[-1] += array_bytes(typ)
+            reads[-2] += array_bytes(types.get(_operands(rest)[1], ""))
+    return reads
+
+
+def _dot_flops(instrs: list[tuple[str, str, str, str]], types: dict[str, str]) -> float:
+    """2·M·N·K of every ``dot`` among ``instrs`` (operand types looked up in ``types``)."""
+    flops = 0.0
+    for _, typ, op, rest in instrs:
+        if op != "dot":
+            continue
+        out = _dims(typ)[0][1]
+        lhs_dims = _dims(types.get(_operands(rest)[0], ""))
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        k = 1
+        if lhs_dims and contracting:
+            for c in contracting.group(1).split(","):
+                if c:
+                    k *= lhs_dims[0][1][int(c)]
+        n = 1
+        for d in out:
+            n *= d
+        flops += 2.0 * n * k
+    return flops
+
+
+def _attention_flops(rest: str, query_type: str) -> float:
+    """A cuDNN flash-attention call's matmul FLOPs: ``4·b·h·q·k·d`` forward (half under a causal
+    mask), 2.5 times that backward (the two products recomputed and three gradients)."""
+    scores = re.search(r'"intermediate_tensor_shape":\s*\{"element_type":\s*"\w+",\s*"dimensions":\s*\[([^\]]*)\]', rest)
+    query = _dims(query_type)
+    if not scores or not query:
+        return 0.0
+    n = 1
+    for d in re.findall(r"\d+", scores.group(1)):
+        n *= int(d)
+    flops = 4.0 * n * query[0][1][-1]
+    if '"mask_type": "CAUSAL"' in rest or '"mask_type":"CAUSAL"' in rest:
+        flops /= 2
+    return flops * (2.5 if "Backward" in rest else 1.0)
+
+
+def _kind(name: str, op: str, rest: str, body: list[tuple[str, str, str, str]], flops: float) -> str:
+    if "__cudnn$fmha" in rest:
+        return "attention (cuDNN)"
+    if flops or "__cublas" in rest:
+        return "matmul"
+    if op in ("copy", "copy-start", "transpose"):
+        return "copy/transpose"
+    if op not in ("fusion", "fusion-start"):
+        return op
+    if "triton_softmax" in name:
+        return "row-normalize (triton)"
+    root_op = body[-1][2] if body else ""
+    if root_op in ("dynamic-update-slice", "dynamic-slice"):
+        return "layer stack slice/update"
+    fusion_kind = re.search(r"kind=(\w+)", rest)
+    if fusion_kind and fusion_kind.group(1) == "kCustom":
+        return "triton fusion" if "__triton" in rest else "custom fusion"
+    return {"kLoop": "elementwise", "kInput": "reduction"}.get(fusion_kind.group(1) if fusion_kind else "", "fusion")
+
+
+def kernel_census(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list[dict]:
+    """One row per kernel of an optimized HLO module, loop bodies weighted by their known trip
+    count: kind, launches, HBM bytes, matmul FLOPs and roofline seconds."""
+    comps = parse_computations(hlo_text)
+    entry = re.search(r"^ENTRY %(\S+)", hlo_text, re.M).group(1)
+    weights = {entry: 1}
+    pending = [entry]
+    while pending:
+        caller = pending.pop()
+        for _, _, op, rest in comps.get(caller, []):
+            if op == "while":
+                body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                weights[body] = weights[caller] * (int(trips.group(1)) if trips else 1)
+                pending.append(body)
+    rows = []
+    for comp, weight in weights.items():
+        types = {name: typ for name, typ, _, _ in comps[comp]}
+        for name, typ, op, rest in comps[comp]:
+            if op in _FREE or op.endswith("-done"):
+                continue
+            operands = _operands(rest)
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            body = comps.get(called.group(1), []) if called else []
+            reads = _param_reads(body) if body else {}
+            read = 0
+            for position, operand in enumerate(operands):
+                sliced = reads.get(position)
+                read += array_bytes(types.get(operand, "")) if sliced is None else sliced
+            out_type = typ
+            if op.endswith("-start"):  # async: (operands, results, context); count the results
+                out_type = typ.rsplit("),", 1)[-1]
+            written = max(0, array_bytes(out_type) - reads.get(-1, 0)) + reads.get(-2, 0)
+            if body:
+                flops = _dot_flops(body, {n: t for n, t, _, _ in body})
+            elif "__cudnn$fmha" in rest:
+                flops = _attention_flops(rest, types.get(operands[0], "") if operands else "")
+            else:
+                flops = _dot_flops([(name, typ, op, rest)], types)
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            moved = read + written
+            seconds = max(moved / bandwidth, flops / peak_flops)
+            rows.append({"name": name, "kind": _kind(name, op, rest, body, flops), "count": weight,
+                         "bytes": moved * weight, "flops": flops * weight, "seconds": seconds * weight,
+                         "op": meta.group(1) if meta else ""})  # fmt: skip
+    return rows
+
+
+def summarize(rows: list[dict], top: int) -> dict:
+    kinds: dict[str, dict] = {}
+    for row in rows:
+        k = kinds.setdefault(row["kind"], {"kernels": 0, "bytes": 0, "flops": 0.0, "seconds": 0.0})
+        k["kernels"] += row["count"]
+        k["bytes"] += row["bytes"]
+        k["flops"] += row["flops"]
+        k["seconds"] += row["seconds"]
+    total = sum(k["seconds"] for k in kinds.values())
+    print(f"roofline bound {total * 1e3:.1f} ms, {sum(k['bytes'] for k in kinds.values()) / 1e9:.1f} GB moved, "
+          f"{sum(k['flops'] for k in kinds.values()) / 1e12:.1f} matmul TFLOP, "
+          f"{sum(k['kernels'] for k in kinds.values())} kernels")  # fmt: skip
+    print(f"{'kind':24s} {'kernels':>8s} {'GB':>9s} {'TFLOP':>8s} {'ms':>8s}")
+    for kind, k in sorted(kinds.items(), key=lambda kv: -kv[1]["seconds"]):
+        print(f"{kind:24s} {k['kernels']:8d} {k['bytes'] / 1e9:9.2f} {k['flops'] / 1e12:8.2f} {k['seconds'] * 1e3:8.2f}")
+    if top:
+        print(f"\ncostliest {top} kernels (ms in all, launches, kind, GB, name, op):")
+        for row in sorted(rows, key=lambda r: -r["seconds"])[:top]:
+            print(f"  {row['seconds'] * 1e3:7.2f} x{row['count']:<3d} {row['kind']:22s} {row['bytes'] / 1e9:7.2f} "
+                  f"{row['name'][:34]:34s} {row['op'][-90:]}")  # fmt: skip
+    return {"roofline_ms": total * 1e3, "kinds": {k: {**v, "seconds": v["seconds"]} for k, v in kinds.items()}}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/mpt/1b.yaml")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (one microbatch)")
+    parser.add_argument("--seq", type=int, help="sequence length (default: the config's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--top", type=int, default=25, help="list the N costliest kernels")
+    parser.add_argument("--hlo", help="also write the optimized HLO text here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the process itself runs nothing on a GPU
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxtrain.config import load_config
+    from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh, logical_shardings
+    from jaxtrain.parallel.platform import compiling_for
+    from jaxtrain.train.optim import build_optimizer
+    from jaxtrain.train.state import ModelDef, TrainState, abstract_model
+    from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_train_step
+
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology="1x1x1")
+    except Exception as err:  # noqa: BLE001 (any failure here means the plugin is missing or too old)
+        sys.exit(f"gpu_aot: cannot describe an H200 without JAX's CUDA plugin ({type(err).__name__}: "
+                 f"{str(err)[:200]}); install it in a side environment as this script's docstring says")  # fmt: skip
+    overrides = [f"global_train_batch_size={args.batch}", f"device_train_microbatch_size={args.batch}"]
+    if args.seq:
+        overrides += [f"max_seq_len={args.seq}", f"model.max_seq_len={args.seq}"]
+    cfg = load_config(args.config, overrides + args.set, notices=[])
+    mesh = build_mesh(cfg.parallelism, topology.devices)
+    rules = axis_rules(cfg.parallelism)
+    started = time.perf_counter()
+    with compiling_for("gpu"):
+        graphdef, abstract_params = abstract_model(cfg.model)
+        param_shardings = logical_shardings(nnx.get_partition_spec(abstract_params), mesh, rules)
+        tx = build_optimizer(cfg.optimizer, lambda _: cfg.optimizer.lr, clipping=cfg.algorithms.gradient_clipping)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                              transform_non_params=lambda _: replicated)  # fmt: skip
+        spec = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
+        state = TrainState(
+            step=scalar(jnp.int32),
+            params=jax.tree.map(spec, abstract_params, param_shardings),
+            opt_state=jax.tree.map(spec, abstract_opt, opt_shardings),
+            rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+            loss_window=jax.ShapeDtypeStruct((cfg.health.spike_window,), jnp.float32, sharding=replicated),
+            window_count=scalar(jnp.int32),
+            lr_scale=scalar(jnp.float32),
+        )
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        model_def = ModelDef(graphdef, param_shardings, None, mesh, tuple(rules))
+        step = make_train_step(model_def, tx, lambda _: cfg.optimizer.lr,
+                               compute_dtype=COMPUTE_DTYPES[cfg.precision], num_microbatches=1)  # fmt: skip
+        batch = {"input_ids": jax.ShapeDtypeStruct((args.batch, cfg.max_seq_len), jnp.int32,
+                                                    sharding=batch_sharding(mesh))}  # fmt: skip
+        lowered = compile_train_step(step, shardings, batch_sharding(mesh)).lower(state, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    hlo = compiled.as_text()
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(hlo)
+    memory = compiled.memory_analysis()
+    print(f"{args.config} {' '.join(args.set)}: batch {args.batch} x {cfg.max_seq_len}, {cfg.precision}, "
+          f"for {topology.devices[0].device_kind}: lower {lowered_at - started:.1f} s, compile "
+          f"{compiled_at - lowered_at:.1f} s; arguments {memory.argument_size_in_bytes / 2**30:.1f} GiB, "
+          f"temporaries {memory.temp_size_in_bytes / 2**30:.1f} GiB; cuDNN attention calls "
+          f"{hlo.count('__cudnn$fmha')}")  # fmt: skip
+    rows = kernel_census(hlo, peak_flops=H200_PEAK_FLOPS, bandwidth=H200_BANDWIDTH)
+    summary = summarize(rows, args.top)
+    result = {"config": args.config, "overrides": args.set, "batch": args.batch, "seq": cfg.max_seq_len,
+              "compile_s": compiled_at - lowered_at, "temp_gib": memory.temp_size_in_bytes / 2**30,
+              "gb_moved": sum(r["bytes"] for r in rows) / 1e9, "roofline_ms": summary["roofline_ms"],
+              "cudnn_attention_calls": hlo.count("__cudnn$fmha")}  # fmt: skip
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
