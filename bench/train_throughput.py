@@ -80,7 +80,7 @@ def build_config(args):
         overrides += [f"global_train_batch_size={batch}", f"device_train_microbatch_size={args.micro or batch}"]
     if args.remat:
         overrides.append(f"model.remat={args.remat}")
-    return load_config(args.config, overrides, notices=[])
+    return load_config(args.config, overrides + list(getattr(args, "set", None) or []), notices=[])
 
 
 def main(argv=None) -> dict:
@@ -95,6 +95,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--remat", choices=("none", "full", "dots_saveable"))
     parser.add_argument("--scan-layers", choices=("true", "false"),
                         help="stack and scan the layers (the shapes' default: true) or unroll them")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config override (e.g. model.scan_unroll=1), applied last")
     parser.add_argument("--peak", type=float, help="peak FLOP/s for MFU instead of the measured one")
     parser.add_argument("--no-microbench", action="store_true", help="skip the matmul peak measurement")
     parser.add_argument("--profile", type=int, default=0, metavar="N",

@@ -361,7 +361,7 @@ def test_weight_grad_matches_einsum(features):
 
 def test_unrolled_layer_scan_equals_the_loop():
     """``scan_unroll`` changes how the stacked blocks are compiled, not what they compute; ``auto``
-    unrolls small models on CPU only."""
+    picks by platform, depth and remat."""
     cfg = ModelConfig(d_model=32, n_heads=4, n_layers=3, vocab_size=96, max_seq_len=32,
                       attn_config=AttnConfig(alibi=True), scan_layers=True)  # fmt: skip
     tokens = jax.random.randint(jax.random.key(9), (2, 32), 0, 96, dtype=jnp.int32)
@@ -378,9 +378,20 @@ def test_unrolled_layer_scan_equals_the_loop():
         for grad, loop_grad in zip(results[unroll][2], results[1][2]):
             assert_close(grad, loop_grad, jnp.float32)
     cfg.scan_unroll = "auto"
-    assert build_model(cfg, rngs=nnx.Rngs(3))._scan_unroll() == (3 if jax.default_backend() == "cpu" else 1)
-    cfg.n_layers = 24
-    assert build_model(cfg, rngs=nnx.Rngs(3))._scan_unroll() == 1
+    auto = {}
+    for platform_name in ("cpu", "gpu", "tpu"):
+        for layers, remat in ((3, "none"), (24, "none"), (24, "full"), (24, "dots_saveable"), (64, "none")):
+            cfg.n_layers, cfg.remat = layers, remat
+            with platform.compiling_for(platform_name):
+                auto[platform_name, layers, remat] = build_model(cfg, rngs=nnx.Rngs(3))._scan_unroll()
+    assert auto == {
+        ("cpu", 3, "none"): 3, ("cpu", 24, "none"): 1, ("cpu", 24, "full"): 1, ("cpu", 24, "dots_saveable"): 1,
+        ("cpu", 64, "none"): 1,
+        ("gpu", 3, "none"): 3, ("gpu", 24, "none"): 24, ("gpu", 24, "full"): 1, ("gpu", 24, "dots_saveable"): 24,
+        ("gpu", 64, "none"): 1,
+        ("tpu", 3, "none"): 1, ("tpu", 24, "none"): 1, ("tpu", 24, "full"): 1, ("tpu", 24, "dots_saveable"): 1,
+        ("tpu", 64, "none"): 1,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

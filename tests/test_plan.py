@@ -251,7 +251,7 @@ def test_memory_estimate_vs_xla(name, cfg, batch, seq_len, precision, remat, mon
     from jaxtrain.layers import cpu_kernels
 
     monkeypatch.setattr(cpu_kernels, "use_cpu_kernels", lambda compute_dtype: False)
-    cfg = dataclasses.replace(cfg, remat=remat, scan_unroll=1)  # the rolled layer loop accelerators run
+    cfg = dataclasses.replace(cfg, remat=remat, scan_unroll=1)  # the rolled layer loop (TPUs; GPUs at remat=full)
     dtype = jnp.float32 if precision == "fp32" else jnp.bfloat16
     measured = _xla_train_step_bytes(cfg, batch, seq_len, dtype)
     estimate = estimate_memory(cfg, global_batch=batch, microbatch=batch, seq_len=seq_len, precision=precision,

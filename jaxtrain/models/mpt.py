@@ -41,8 +41,10 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
 }
-# ``scan_unroll: auto`` unrolls the layer scan on CPU up to this depth (compile time grows with it)
+# ``scan_unroll: auto`` unrolls the layer scan up to these depths (compile time grows with them): on
+# CPU always, on GPU when blocks save activations for the backward pass (remat other than full)
 AUTO_UNROLL_MAX_LAYERS = 12
+AUTO_UNROLL_MAX_LAYERS_GPU = 48
 _ATTN_IMPLS = ("xla", "torch", "flash", "triton")  # Foundry's kernels all map to the XLA op
 
 
@@ -318,12 +320,22 @@ class MPTForCausalLM(nnx.Module):
         return self.norm_f(x, compute_dtype=compute_dtype)
 
     def _scan_unroll(self) -> int:
-        """Blocks per scan iteration. XLA:CPU pays for a scan's stacked residuals (zero-filled
-        buffers and a dynamic-update-slice per block, about 9% of a 4-layer step), so small
-        models unroll on CPU; deep ones keep the loop for compile time, and accelerators keep it."""
+        """Blocks per scan iteration. A rolled scan writes every activation a block saves for the
+        backward pass into a stacked buffer (zero-filled first, a dynamic-update-slice per block)
+        and reads it back with a dynamic slice. On XLA:CPU that was about 9% of a 4-layer step; in
+        the H200-compiled MPT-1B step without remat it is a third of the HBM bytes and two thirds
+        of the kernels (``bench/gpu_aot.py``). Straight-line code avoids it at the cost of compile
+        time (1B on GPU: 6.6 s rolled, 61 s unrolled on a 2-core host), so ``auto`` unrolls small
+        models on CPU and, on GPU, models up to 48 layers whose blocks save activations; with
+        ``remat: full`` a block saves only its input and the loop costs about 3%, so it stays."""
         if self.scan_unroll != "auto":
             return min(int(self.scan_unroll), self.n_layers)
-        return self.n_layers if target_platform() == "cpu" and self.n_layers <= AUTO_UNROLL_MAX_LAYERS else 1
+        platform = target_platform()
+        if platform == "cpu" and self.n_layers <= AUTO_UNROLL_MAX_LAYERS:
+            return self.n_layers
+        if platform == "gpu" and self.remat != "full" and self.n_layers <= AUTO_UNROLL_MAX_LAYERS_GPU:
+            return self.n_layers
+        return 1
 
     def _logits(self, x: jax.Array, compute_dtype) -> jax.Array:
         """Output head: final-normed hidden state ``[batch, length, d_model]`` -> float32 logits."""
