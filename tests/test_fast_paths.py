@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxtrain.config.schema import AttnConfig, ModelConfig
 from jaxtrain.layers import attention, cpu_kernels, gpu_kernels, lm_loss, mlp
+from jaxtrain.layers.linear import Dense
 from jaxtrain.models import build_model
 from jaxtrain.parallel import platform
 
@@ -253,6 +254,23 @@ def test_gelu_kernel_matches_exact_gelu(dtype):
     assert fast_out.dtype == ref_out.dtype and fast_grad.dtype == dtype
     assert_close(fast_out, ref_out, dtype)
     assert_close(fast_grad, ref_grad, dtype)
+
+
+def test_accelerator_dense_rounds_once_and_saves_bf16_for_remat():
+    """Off the CPU kernels a bias-free bf16 Dense is one dot with a bf16 result (float32
+    accumulation inside), so ``dots_saveable`` keeps bf16 products, not float32 ones."""
+    dense = Dense(24, 40, use_bias=False, kernel_std=0.2, axes=(None, None), rngs=nnx.Rngs(0))
+    x = randn(0, (3, 10, 24)).astype(jnp.bfloat16)
+    with platform.compiling_for("gpu"):
+        out = jax.jit(lambda x: dense(x, compute_dtype=jnp.bfloat16))(x)
+        step = jax.checkpoint(lambda x: jnp.tanh(dense(x, compute_dtype=jnp.bfloat16)).sum(),
+                              policy=jax.checkpoint_policies.dots_saveable)  # fmt: skip
+        residuals = jax.tree.leaves(jax.vjp(step, x)[1])
+    exact = jnp.einsum("...i,io->...o", x.astype(jnp.float32), dense.kernel[...].astype(jnp.bfloat16).astype(jnp.float32))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32))
+    saved = [leaf for leaf in residuals if getattr(leaf, "shape", None) == (3, 10, 40)]
+    assert saved and all(leaf.dtype == jnp.bfloat16 for leaf in saved)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -101,6 +101,10 @@ class Dense(nnx.Module):
             if self.bias is None:
                 return cpu_kernels.dense(x, self.kernel[...], compute_dtype, out_dtype=compute_dtype)
             y = cpu_kernels.dense(x, self.kernel[...], compute_dtype)
+        elif self.bias is None:
+            # the product is accumulated in float32 and rounded once; asking for a float32 result
+            # and casting after would make that float32 tensor what remat policies save
+            return jnp.einsum("...i,io->...o", x.astype(compute_dtype), self.kernel[...].astype(compute_dtype))
         else:
             y = jnp.einsum(
                 "...i,io->...o",
