@@ -4,7 +4,7 @@
 # the training entry point, and MPT-1B without remat with its layer loop rolled and unrolled (the
 # GPU default since bench/gpu_aot.py showed the rolled loop moving a third more bytes), the latter
 # followed by its costliest HLO ops from a profiler trace.
-# Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (about 8 minutes)
+# Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (about 9 minutes)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}:."
@@ -60,6 +60,6 @@ run "MPT-1B, batch 8, no remat, rolled layer loop" 110 --config configs/mpt/1b.y
 echo "== MPT-1B, batch 8, no remat, unrolled layers (GPU default), then its costliest HLO ops ($(( $(date +%s) - START )) s elapsed)"
 # jax.profiler trace of the step: what holds MFU down (not yet checked on a GPU: op events from the
 # device's "XLA Ops" line and any host line that names the same op would both be counted)
-timeout 240 "$PY" bench/train_throughput.py --config configs/mpt/1b.yaml --batch 8 --remat none --precision bf16 \
+timeout 300 "$PY" bench/train_throughput.py --config configs/mpt/1b.yaml --batch 8 --remat none --precision bf16 \
   --seq 2048 --steps 20 --peak $PEAK --profile 30 2>&1 | grep -E "^(jaxtrain|  step|RESULT|HLO ops|  +[0-9]|by kind)|Error|error" | tail -46
 echo "== total $(( $(date +%s) - START )) s"
