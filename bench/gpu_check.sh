@@ -14,7 +14,7 @@ PEAK=989e12
 START=$(date +%s)
 
 echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-timeout 45 "$PY" - <<'PY'
+timeout 90 "$PY" - <<'PY'
 import jax, jax.numpy as jnp, numpy as np
 from jaxtrain.layers import attention, gpu_kernels
 print("jax", jax.__version__, "backend", jax.default_backend(), jax.devices()[0].device_kind)
@@ -40,6 +40,38 @@ for sid in (None, seq):
               f"out rel err {err(o1, o2):.4f}, grad rel err " + ", ".join(f"{err(a, c):.4f}" for a, c in zip(g1, g2)))
     except Exception as e:
         print(f"cuDNN attention check failed (sequence_id={sid is not None}): {type(e).__name__}: {str(e)[:300]}")
+
+# forward + backward time at the MPT-1B attention shape: ALiBi as a constant bias (the default),
+# as a bias argument (cuDNN also computes its gradient), no bias at all, and XLA's attention
+import time
+b, L, h, d = 8, 2048, 16, 128
+q, k, v, ct = (jax.random.normal(key, (b, L, h, d), jnp.bfloat16) for key in jax.random.split(jax.random.key(1), 4))
+slopes = jnp.asarray(attention.alibi_slopes(h))
+pos = jnp.arange(L, dtype=jnp.float32)
+alibi = (slopes[:, None, None] * (pos[None, :] - pos[:, None]))[None].astype(jnp.bfloat16)
+variants = {
+    "cuDNN, ALiBi as a constant bias": lambda q, k, v: gpu_kernels.cudnn_attention(
+        q, k, v, scale=d ** -0.5, slopes=slopes, sequence_id=None, compute_dtype=jnp.bfloat16),
+    "cuDNN, ALiBi as a bias argument": lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, bias=alibi, scale=d ** -0.5, is_causal=True, implementation="cudnn"),
+    "cuDNN, causal, no bias": lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, scale=d ** -0.5, is_causal=True, implementation="cudnn"),
+    "XLA, ALiBi": lambda q, k, v: attention.dot_product_attention(
+        q, k, v, scale=d ** -0.5, slopes=slopes, compute_dtype=jnp.bfloat16),
+}
+flops = 3.5 * 4 * b * h * L * L * d / 2  # forward + backward, causal
+for name, fn in variants.items():
+    try:
+        step = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * ct).sum(), (0, 1, 2)))
+        jax.block_until_ready(step(q, k, v))
+        start = time.perf_counter()
+        for _ in range(10):
+            out = step(q, k, v)
+        jax.block_until_ready(out)
+        ms = (time.perf_counter() - start) / 10 * 1e3
+        print(f"attention fwd+bwd {b}x{L}, {h} heads of {d}: {name}: {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+    except Exception as e:
+        print(f"attention timing failed ({name}): {type(e).__name__}: {str(e)[:200]}")
 PY
 
 run() {  # name, timeout, args...

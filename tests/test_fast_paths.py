@@ -2,6 +2,7 @@
 the same values and gradients as the plain XLA formulation, and keep bf16 steps free of
 float32-converted dots on CPU."""
 
+import functools
 import re
 
 import jax
@@ -288,6 +289,41 @@ def test_accelerator_gelu_has_the_autodiff_gradient(dtype):
     assert [leaf.shape for leaf in residuals] == [x.shape]
     with platform.compiling_for("gpu"):
         assert "custom_vjp_call" in str(jax.make_jaxpr(mlp.exact_gelu)(x))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["alibi", "alibi_packed"])
+def test_cudnn_attention_hands_alibi_over_as_a_constant_bias(monkeypatch, packed):
+    """The ALiBi bias reaches cuDNN through JAX's own bias-and-mask combiner (so no bias gradient
+    is computed); checked here with a stand-in for the cuDNN call that, like JAX's, builds its
+    additive bias with that combiner, then runs XLA's attention."""
+    real_attention = jax.nn.dot_product_attention
+    calls = []
+
+    def stand_in(q, k, v, bias=None, mask=None, *, scale, is_causal, implementation, combine=True):
+        calls.append((bias is None, mask is None))
+        if combine:
+            bias, mask = gpu_kernels._cudnn_fused.combine_bias_and_mask(bias, mask, q.dtype), None
+        return real_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, implementation="xla")
+
+    b, length, heads, kv_heads, head_dim = 2, 16, 4, 2, 8
+    q, k, v = randn(1, (b, length, heads, head_dim)), randn(2, (b, length, kv_heads, head_dim)), randn(3, (b, length, kv_heads, head_dim))
+    slopes = jnp.asarray(attention.alibi_slopes(heads))
+    sequence_id = jnp.asarray([[0] * 5 + [1] * 11, [0] * 16], jnp.int32) if packed else None
+    opts = dict(scale=head_dim**-0.5, slopes=slopes, sequence_id=sequence_id, compute_dtype=jnp.bfloat16)
+    expected = attention.dot_product_attention(q, k, v, **opts)
+    combiner = gpu_kernels._cudnn_fused.combine_bias_and_mask
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    out = gpu_kernels.cudnn_attention(q, k, v, **opts)
+    assert calls == [(True, True)]  # neither bias nor mask passed as arguments
+    assert gpu_kernels._cudnn_fused.combine_bias_and_mask is combiner
+    assert_close(out, expected, jnp.bfloat16)
+
+    # a JAX that builds no bias with the combiner gets the bias as an argument instead
+    calls.clear()
+    monkeypatch.setattr(jax.nn, "dot_product_attention", functools.partial(stand_in, combine=False))
+    out = gpu_kernels.cudnn_attention(q, k, v, **opts)
+    assert calls == [(True, True), (False, not packed)]
+    assert_close(out, expected, jnp.bfloat16)
 
 
 def test_compiling_for_picks_the_target_platforms_kernels():
