@@ -19,7 +19,7 @@ from jaxtrain.parallel.mesh import batch_sharding, build_mesh
 from jaxtrain.train.memory_report import format_memory_report, memory_report, start_report
 from jaxtrain.train.microbatch import (
     DEVICE_MEMORY_ENV, AutoMicrobatchStep, SettledStep, compiled_step_bytes, device_capacity, is_out_of_memory,
-    settle_microbatch, smaller_microbatch)
+    settle_microbatch, smaller_microbatch, step_candidates)
 from jaxtrain.train.setup import build_run
 from jaxtrain.train.state import create_train_state
 from jaxtrain.train.step import compile_train_step, make_train_step
@@ -146,11 +146,14 @@ def test_first_step_out_of_memory_retries_the_same_batch_with_half_the_microbatc
             return state + 1, {"microbatch": microbatch}
         return step
 
-    def resettle(start):
-        return SettledStep(start, 8 // start, step_for(start), None, [])
+    def settled(microbatch):
+        return SettledStep(microbatch, 8 // microbatch, step_for(microbatch), None, [])
+
+    def resettle(failed):
+        return settled(smaller_microbatch(failed.microbatch, 8))
 
     reports = []
-    step = AutoMicrobatchStep(resettle(8), resettle, per_device_batch=8, report=reports.append)
+    step = AutoMicrobatchStep(settled(8), resettle, report=reports.append)
     state, metrics = step(jnp.zeros(()), "batch-0")
     assert metrics["microbatch"] == 2 and step.microbatch == 2
     assert calls == [(8, "batch-0"), (4, "batch-0"), (2, "batch-0")]
@@ -162,3 +165,43 @@ def test_first_step_out_of_memory_retries_the_same_batch_with_half_the_microbatc
 def test_smaller_microbatch_halves_through_divisors():
     assert [smaller_microbatch(m, 12) for m in (12, 6, 3, 1)] == [6, 3, 1, None]
     assert smaller_microbatch(8, 8) == 4
+
+
+def test_remat_auto_settles_on_the_least_recompute_that_fits(tiny_run, tmp_path, monkeypatch):
+    """model.remat: auto compiles no remat first and falls back to dots_saveable, then full, when
+    the compiled step exceeds the capacity; recomputing changes no number."""
+    def build(folder, *overrides):
+        cfg = load_config("configs/quickstart.yaml", [*TINY, "device_train_microbatch_size=8", "model.remat=auto",
+                                                     *overrides, f"run_folder={folder}"])  # fmt: skip
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            return build_run(cfg), out.getvalue()
+
+    monkeypatch.delenv(DEVICE_MEMORY_ENV, raising=False)
+    plain, printed = build(tmp_path / "plain")
+    assert "model.remat auto: settled on none" in printed and plain.remat == "none"
+    assert "remat none" in format_memory_report(memory_report(plain))
+    none_bytes = compiled_step_bytes(plain.train_step_memory)
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, str(none_bytes - 1))
+    tight, printed = build(tmp_path / "tight")
+    assert tight.remat in ("dots_saveable", "full") and f"model.remat auto: settled on {tight.remat} (none: needs" in printed
+    assert compiled_step_bytes(tight.train_step_memory) < none_bytes
+    assert tight.device_train_microbatch == 8
+    batch = token_batch(plain)
+    _, metrics_plain = plain.train_step(plain.state, batch)
+    _, metrics_tight = tight.train_step(tight.state, batch)
+    assert float(metrics_tight["loss"]) == pytest.approx(float(metrics_plain["loss"]), rel=1e-6)
+    assert float(metrics_tight["grad_norm"]) == pytest.approx(float(metrics_plain["grad_norm"]), rel=1e-4)
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "1000")
+    with pytest.raises(ValueError, match="model.remat: auto found no remat policy whose train step fits"):
+        build(tmp_path / "none-fit")
+
+
+def test_step_candidates_prefer_less_recompute_then_smaller_microbatches():
+    assert step_candidates(8, microbatch="auto", remat="none", seq_len=2048) == [(8, "none"), (4, "none"), (2, "none"), (1, "none")]
+    assert step_candidates(8, microbatch=4, remat="auto", seq_len=2048) == [(4, "none"), (4, "dots_saveable"), (4, "full")]
+    assert step_candidates(8, microbatch="auto", remat="auto", seq_len=2048) == [
+        (8, "none"), (4, "none"), (2, "none"), (8, "dots_saveable"), (4, "dots_saveable"), (2, "dots_saveable"),
+        (8, "full"), (4, "full"), (2, "full"), (1, "full")]  # fmt: skip
+    # a sequence shorter than the token floor still tries the whole batch without recompute first
+    assert step_candidates(2, microbatch="auto", remat="auto", seq_len=256)[:2] == [(2, "none"), (2, "dots_saveable")]

@@ -204,6 +204,14 @@ def test_memory_cli(capsys):
     assert main(["--config", str(PRESET_DIR / "7b.yaml"), "--hardware", "h100", "--devices", "8", "--memory"]) == 0
     out = capsys.readouterr().out
     assert "total" in out and "largest microbatch that fits" in out
+    # remat auto: the least recompute the estimate fits; full when nothing fits
+    args = ["--config", str(PRESET_DIR / "1b.yaml"), "--hardware", "h200", "--devices", "1", "--memory", "--remat", "auto"]
+    for batch, expected in (("16", "none"), ("32", "dots_saveable")):
+        assert main([*args, "--global-batch", batch, "--microbatch", batch]) == 0
+        assert f"remat=auto -> {expected}," in capsys.readouterr().out.splitlines()[0]
+    assert main(["--config", str(PRESET_DIR / "7b.yaml"), "--hardware", "h100", "--devices", "8", "--memory",
+                 "--remat", "auto"]) == 0  # fmt: skip
+    assert "remat=auto -> full," in capsys.readouterr().out.splitlines()[0]
 
 
 def _xla_train_step_bytes(cfg: ModelConfig, batch: int, seq_len: int, compute_dtype) -> int:
@@ -260,3 +268,17 @@ def test_memory_estimate_vs_xla(name, cfg, batch, seq_len, precision, remat, mon
     print(f"{name} {precision} remat={remat}: estimate {estimate.total_bytes / 2**20:.1f} MiB, "
           f"XLA {measured / 2**20:.1f} MiB, ratio {ratio:.3f}")
     assert 0.75 <= ratio <= 1.25
+
+
+def test_fused_attention_keeps_no_scores_and_is_the_gpu_default():
+    """On a GPU in half precision attention runs in cuDNN's flash kernel, which keeps softmax
+    statistics instead of the [heads, L, L] probabilities."""
+    cfg = ModelConfig(d_model=2048, n_heads=16, n_layers=24, vocab_size=50432, max_seq_len=2048)
+    common = dict(global_batch=8, microbatch=8, seq_len=2048, mesh_shape={"data": 1}, remat="none")
+    unfused = estimate_memory(cfg, fused_attention=False, **common).activations_bytes
+    fused = estimate_memory(cfg, fused_attention=True, **common).activations_bytes
+    scores = 8 * 24 * 16 * 2048 * 2048 * (4 + 2)  # float32 exp and bf16 probabilities, every layer
+    assert unfused - fused == pytest.approx(scores - 8 * 24 * (2048 * (6144 + 2048) * 2 + 16 * 2048 * 4), rel=1e-9)
+    for name, expected in (("h200", fused), ("a100-80gb", fused), ("tpu-v5p", unfused), ("cpu", unfused)):
+        assert estimate_memory(cfg, hardware=get_hardware(name), **common).activations_bytes == expected, name
+    assert estimate_memory(cfg, hardware=get_hardware("h200"), precision="fp32", **common).activations_bytes > unfused

@@ -97,7 +97,8 @@ class ModelConfig:
     scan_unroll: int | str = field("auto", "blocks per scan iteration when scan_layers (n_layers: straight-line "
                                            "code, same stacked parameters); auto: all of them on CPU up to "
                                            "12 layers and on GPU up to 48 unless remat is full, else 1")
-    remat: str = field("none", "activation recompute per block: none | full | dots_saveable")
+    remat: str = field("none", "activation recompute per block: none | dots_saveable | full | auto (the least "
+                               "recompute whose train step fits device memory)")
     fused_loss: bool = field(False, "output head + cross-entropy in sequence chunks, never holding the float32 "
                                     "logits (saves batch x seq x vocab x 4 bytes; recomputes the head once)")
     z_loss: float = field(0.0, "coefficient of the z-loss (log Z)^2 added to the loss")

@@ -19,7 +19,7 @@ ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_atte
 ATTN_IMPLS = ("xla",)
 FFN_TYPES = ("mptmlp", "mptglu")
 NORM_TYPES = ("low_precision_layernorm", "layernorm")
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_CHOICES = ("none", "full", "dots_saveable", "auto")
 CLIPPING_TYPES = ("norm", "value")
 
 
@@ -84,7 +84,7 @@ def validate(cfg: Config, where: Where) -> None:
     probability("model.resid_pdrop", model.resid_pdrop)
     one_of("model.ffn_config.ffn_type", model.ffn_config.ffn_type, FFN_TYPES)
     one_of("model.norm_type", model.norm_type, NORM_TYPES)
-    one_of("model.remat", model.remat, REMAT_POLICIES)
+    one_of("model.remat", model.remat, REMAT_CHOICES)
     if model.scan_unroll != "auto" and not (isinstance(model.scan_unroll, int) and not isinstance(model.scan_unroll, bool)
                                             and model.scan_unroll >= 1):
         fail("model.scan_unroll", f"expected 'auto' or a whole number of blocks >= 1, got {model.scan_unroll!r}")

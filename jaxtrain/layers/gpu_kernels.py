@@ -36,7 +36,11 @@ _combiner_lock = threading.Lock()
 
 def use_cudnn_attention(q: jax.Array, compute_dtype, dropout_rate: float) -> bool:
     """Whether to try cuDNN: GPU backend, half precision, no dropout, head size a multiple of 8 up to 128."""
-    head_dim = q.shape[-1]
+    return cudnn_attention_applies(q.shape[-1], compute_dtype, dropout_rate)
+
+
+def cudnn_attention_applies(head_dim: int, compute_dtype, dropout_rate: float) -> bool:
+    """``use_cudnn_attention`` from the head size alone (for memory planning before tracing)."""
     return (
         target_platform() == "gpu"
         and jnp.dtype(compute_dtype) in [jnp.dtype(d) for d in _FUSED_DTYPES]

@@ -41,6 +41,7 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
 }
+REMAT_CHOICES = (*REMAT_POLICIES, "auto")  # auto: the trainer picks (jaxtrain.train.microbatch)
 # ``scan_unroll: auto`` unrolls the layer scan up to these depths (compile time grows with them): on
 # CPU always, on GPU when blocks save activations for the backward pass (remat other than full)
 AUTO_UNROLL_MAX_LAYERS = 12
@@ -88,8 +89,8 @@ def validate_mpt_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.norm_type={cfg.norm_type!r}; use one of {NORM_TYPES}")
     if isinstance(cfg.logit_scale, str) and cfg.logit_scale != "inv_sqrt_d_model":
         raise ValueError(f"model.logit_scale={cfg.logit_scale!r}; use a number or 'inv_sqrt_d_model'")
-    if cfg.remat not in REMAT_POLICIES:
-        raise ValueError(f"model.remat={cfg.remat!r}; use one of {tuple(REMAT_POLICIES)}")
+    if cfg.remat not in REMAT_CHOICES:
+        raise ValueError(f"model.remat={cfg.remat!r}; use one of {REMAT_CHOICES}")
 
 
 def _logit_scale(cfg: ModelConfig) -> float | None:
@@ -174,7 +175,9 @@ class MPTForCausalLM(nnx.Module):
         self.kv_heads, self.head_dim = kv_heads(cfg), cfg.d_model // cfg.n_heads
         self.scan_layers = cfg.scan_layers
         self.scan_unroll = cfg.scan_unroll
-        self.remat = cfg.remat
+        # auto is settled by the trainer, which rebuilds the block with the policy it picks;
+        # anything else that builds the model (evaluation, generation) recomputes nothing
+        self.remat = "none" if cfg.remat == "auto" else cfg.remat
         self.fused_loss = cfg.fused_loss
         self.emb_pdrop = cfg.emb_pdrop
         self.attn_uses_sequence_id = cfg.attn_config.attn_uses_sequence_id

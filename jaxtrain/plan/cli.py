@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--global-batch", type=int, help="sequences per step (default: the config's)")
     mem.add_argument("--microbatch", type=int, help="sequences per device per pass (default: the config's)")
     mem.add_argument("--mesh", help="data=D,fsdp=F,tensor=T (default: the config's parallelism)")
-    mem.add_argument("--remat", choices=("none", "full", "dots_saveable"), help="default: the config's")
+    mem.add_argument("--remat", choices=("none", "full", "dots_saveable", "auto"), help="default: the config's")
     mem.add_argument("--optimizer", choices=("adam", "lion", "sgd"), help="default: from the config")
     return p
 
@@ -363,18 +363,28 @@ def _plan_memory(args, hardware, presets) -> str:
     microbatch = args.microbatch or (cfg.device_train_microbatch_size
                                      if isinstance(cfg.device_train_microbatch_size, int) else per_device)
     optimizer = args.optimizer or ("lion" if "lion" in cfg.optimizer.name else "adam")
+    remat = args.remat or cfg.model.remat
     common = dict(global_batch=global_batch, seq_len=args.seq_len or cfg.max_seq_len, precision=cfg.precision,
-                  remat=args.remat or cfg.model.remat, optimizer=optimizer, hardware=hardware)
-    estimate = estimate_memory(cfg.model, microbatch=min(microbatch, per_device), mesh_shape=mesh, **common)
+                  optimizer=optimizer, hardware=hardware)
+
+    def estimate_for(mesh_shape: dict, micro: int):
+        # remat auto: the least recompute that fits, as the trainer settles it (there by XLA's figures)
+        for policy in ("none", "dots_saveable", "full") if remat == "auto" else (remat,):
+            estimate = estimate_memory(cfg.model, microbatch=micro, mesh_shape=mesh_shape, remat=policy, **common)
+            if estimate.fits:
+                break
+        return estimate
+
+    estimate = estimate_for(mesh, min(microbatch, per_device))
+    shown = f"auto -> {estimate.remat}" if remat == "auto" else remat
     lines = [
         f"jaxtrain plan --memory: {path} on {devices} x {hardware.name}, mesh {mesh}, global batch {global_batch}, "
-        f"seq {common['seq_len']}, {common['precision']}, remat={common['remat']}, {optimizer}",
+        f"seq {common['seq_len']}, {common['precision']}, remat={shown}, {optimizer}",
         format_memory(estimate),
     ]
     if not estimate.fits and mesh.get("fsdp", 1) < devices:
         sharded = {"data": 1, "fsdp": devices // mesh.get("tensor", 1), "tensor": mesh.get("tensor", 1)}
-        alt = estimate_memory(cfg.model, microbatch=min(microbatch, global_batch // sharded["fsdp"]),
-                              mesh_shape=sharded, **common)
+        alt = estimate_for(sharded, min(microbatch, global_batch // sharded["fsdp"]))
         lines += [f"with the state fully sharded (mesh {sharded}):", format_memory(alt)]
     return "\n".join(lines)
 

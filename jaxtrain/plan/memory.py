@@ -11,9 +11,12 @@ less what XLA fuses away:
   (and in amp_bf16 the float32 residual stream, ``4*b*L*d``)
 * Q, K, V ``b*L*(d + 2*kv_heads*head_dim)*c`` and the attention context ``b*L*d*c``
 * attention probabilities: the float32 ``exp`` of the scores and the normalised probabilities
-  in the compute dtype that the probs @ V matmul reads, ``b*H*L^2*(4 + c)``
-* the MLP hidden: exact GELU keeps its input, ``erfc``, output and a copy, ``4*b*L*f*c`` (a
-  gated MLP one more)
+  in the compute dtype that the probs @ V matmul reads, ``b*H*L^2*(4 + c)``; with a fused
+  attention kernel (cuDNN's flash attention on GPUs, ``fused_attention``) only the softmax
+  statistics, ``4*b*H*L``, and the queries, keys and values once more in the kernel's layout
+* the MLP hidden: GELU's input (its gradient is written out from it) and output (the down
+  projection's input), ``2*b*L*f*c``; a gated MLP also the gate's activation and the up
+  projection, ``4*b*L*f*c``
 * logits ``[b, L, V]``: the float32 logits and their float32 gradient, ``8*b*L*V`` (XLA fuses
   the softmax into the gradient).
 
@@ -74,7 +77,8 @@ class MemoryEstimate:
         return self.total_bytes <= self.usable_bytes
 
 
-def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: int, tensor: int) -> dict[str, float]:
+def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: int, tensor: int,
+                                   fused_attention: bool = False) -> dict[str, float]:
     """Activation bytes of one sequence: per block under each policy, and the model's ends."""
     d, heads = model_cfg.d_model, model_cfg.n_heads
     qkv_width = d + 2 * kv_heads(model_cfg) * (d // heads)
@@ -83,27 +87,40 @@ def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: 
     L, c = seq_len, compute_bytes
 
     norms = L * d * (8 * c + (4 if c != 4 else 0))  # not split by tensor
-    attn = (L * qkv_width * c + L * d * c + heads * L * L * (4 + c)) / tensor
-    mlp = (5 if glu else 4) * L * hidden * c / tensor
+    if fused_attention:
+        attn = (2 * L * qkv_width * c + 2 * L * d * c + heads * L * 4) / tensor
+    else:
+        attn = (L * qkv_width * c + L * d * c + heads * L * L * (4 + c)) / tensor
+    mlp = (4 if glu else 2) * L * hidden * c / tensor
     block = norms + attn + mlp
 
-    dots = (4 * (L * qkv_width + heads * L * L + L * d + (2 if glu else 1) * L * hidden) / tensor
-            + 4 * 2 * L * d)  # out_proj and down_proj outputs, replicated
+    if fused_attention:  # the projections' products in the compute dtype, no scores
+        dots = (c * (L * qkv_width + L * d + (2 if glu else 1) * L * hidden) / tensor + heads * L * 4 / tensor
+                + c * 2 * L * d)
+    else:
+        dots = (4 * (L * qkv_width + heads * L * L + L * d + (2 if glu else 1) * L * hidden) / tensor
+                + 4 * 2 * L * d)  # out_proj and down_proj outputs, replicated
     logits = 8 * L * model_cfg.vocab_size / tensor
     ends = L * d * (8 + 4 * c)  # embedding out and norm_f in (fp32), norm_f's intermediates
     return {"block": block, "dots": dots, "input": L * d * 4, "logits": logits, "ends": ends}
 
 
 def activation_bytes(
-    model_cfg: Any, *, microbatch: int, seq_len: int, precision: str, remat: str, tensor: int = 1
+    model_cfg: Any, *, microbatch: int, seq_len: int, precision: str, remat: str, tensor: int = 1,
+    fused_attention: bool = False,
 ) -> float:
     """Activation bytes per device for one microbatch under a remat policy."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
-    a = _activation_bytes_per_sequence(model_cfg, seq_len, _compute_bytes(precision), tensor)
+    a = _activation_bytes_per_sequence(model_cfg, seq_len, _compute_bytes(precision), tensor, fused_attention)
     saved = {"none": a["block"], "full": a["input"], "dots_saveable": a["dots"]}[remat]
     recompute = 0.0 if remat == "none" else a["block"]  # the block being recomputed in backward
     return microbatch * (model_cfg.n_layers * saved + recompute + a["logits"] + a["ends"])
+
+
+def is_gpu(hardware: Hardware) -> bool:
+    """Whether a hardware table entry is a GPU (not a TPU chip or the CPU)."""
+    return not hardware.name.startswith("tpu") and hardware.name != "cpu"
 
 
 def _compute_bytes(precision: str) -> int:
@@ -136,8 +153,12 @@ def estimate_memory(
     hardware: Hardware | None = None,
     n_params: int | None = None,
     usable_fraction: float = 0.9,
+    fused_attention: bool | None = None,
 ) -> MemoryEstimate:
     """Bytes per device of one training step of an MPT model (see the module docstring).
+
+    ``fused_attention`` (default: whether ``hardware`` is a GPU and the step runs in half
+    precision with a head size cuDNN takes) counts attention as cuDNN's flash kernel keeps it.
 
     ``microbatch`` is sequences per device per forward/backward; gradients are accumulated (an
     extra fp32 gradient buffer) when it is smaller than the per-device batch ``global_batch /
@@ -168,9 +189,15 @@ def estimate_memory(
     if fsdp > 1:
         working += 2 * layer_params * c / tensor  # gathered weights of the current and next block
 
+    if fused_attention is None:
+        head_dim = model_cfg.d_model // model_cfg.n_heads
+        fused_attention = (hardware is not None and is_gpu(hardware) and c == 2 and head_dim % 8 == 0
+                           and head_dim <= 128 and model_cfg.attn_config.attn_pdrop == 0)  # fmt: skip
+
     def acts(policy: str, mb: int) -> float:
         return activation_bytes(
-            model_cfg, microbatch=mb, seq_len=seq_len, precision=precision, remat=policy, tensor=tensor
+            model_cfg, microbatch=mb, seq_len=seq_len, precision=precision, remat=policy, tensor=tensor,
+            fused_attention=fused_attention,
         )
 
     batch_bytes = 2 * 4.0 * per_device_batch * seq_len  # int32 inputs and targets

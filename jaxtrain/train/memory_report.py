@@ -13,9 +13,11 @@ from typing import Any
 
 import jax
 
+from jaxtrain.layers.gpu_kernels import cudnn_attention_applies
 from jaxtrain.parallel.layout import describe_shardings
 from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.train.microbatch import compiled_step_bytes, device_capacity
+from jaxtrain.train.step import COMPUTE_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +59,11 @@ def memory_report(parts: Any) -> MemoryReport:
             seq_len=cfg.max_seq_len,
             precision=cfg.precision,
             mesh_shape=mesh_shape,
-            remat=cfg.model.remat,
+            remat=parts.remat,
             optimizer=cfg.optimizer.name,
             n_params=parts.num_params,
+            fused_attention=cudnn_attention_applies(
+                cfg.model.d_model // cfg.model.n_heads, COMPUTE_DTYPES[cfg.precision], cfg.model.attn_config.attn_pdrop),
         )
         activations = estimate.activations_bytes
     except ValueError:  # a setting the planner does not model
@@ -70,7 +74,7 @@ def memory_report(parts: Any) -> MemoryReport:
         params_bytes=device_bytes(parts.state.params),
         optimizer_bytes=device_bytes(parts.state.opt_state),
         microbatch=parts.device_train_microbatch,
-        remat=cfg.model.remat,
+        remat=parts.remat,
         activations_bytes=activations,
         step_bytes=compiled_step_bytes(memory),
         step_temp_bytes=None if memory is None else int(memory.temp_size_in_bytes),

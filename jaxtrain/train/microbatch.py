@@ -1,10 +1,14 @@
-"""``device_train_microbatch_size: auto``: the largest microbatch whose train step fits the device.
+"""``device_train_microbatch_size: auto`` and ``model.remat: auto``: the fastest train step that
+fits the device.
 
 Like Composer's automatic microbatching: start with the whole per-device batch as one
 microbatch; when the compiled step needs more memory than the device has, or compiling or the
 first execution runs out of memory, halve the microbatch (twice the microbatches), rebuild the
 step and try again. Accumulation over microbatches gives the same update as one pass, so the
-choice changes memory and speed, never the result.
+choice changes memory and speed, never the result. ``model.remat: auto`` does the same over
+activation recompute: no remat, then ``dots_saveable`` (keep the matmul outputs), then ``full``
+(keep only each block's input); recomputing changes no number either. With both auto, a smaller
+microbatch is preferred to recompute down to ``MIN_MICROBATCH_TOKENS`` (``step_candidates``).
 
 The device's capacity is ``device.memory_stats()['bytes_limit']`` where JAX reports it (GPU,
 TPU). The environment variable ``JAXTRAIN_DEVICE_MEMORY_BYTES`` overrides it, for a device
@@ -85,19 +89,112 @@ def smaller_microbatch(microbatch: int, per_device_batch: int) -> int | None:
     return None
 
 
+# ``model.remat: auto`` tries these in order: least recompute first
+REMAT_ORDER = ("none", "dots_saveable", "full")
+# with both settings auto, remat none and dots_saveable are tried only down to microbatches of this
+# many tokens (smaller ones make short matmuls), then full recompute from the largest microbatch
+MIN_MICROBATCH_TOKENS = 4096
+# a candidate the memory planner puts above this multiple of the capacity is not compiled (the
+# planner is within 25% of XLA's figure on the models it is checked against)
+ESTIMATE_SLACK = 1.5
+
+
 @dataclasses.dataclass
 class SettledStep:
-    """The microbatch chosen for the train step, the step compiled for it, and why larger ones failed."""
+    """The microbatch (and remat policy) chosen for the train step, the step compiled for them,
+    and why the candidates before them failed."""
 
     microbatch: int
     num_microbatches: int
     step: Any  # the jitted train step
     memory: Any  # its compiled.memory_analysis(), or None
     rejected: list[str]
+    remat: str | None = None  # the policy the step was built with, when model.remat is auto
+    auto: tuple[str, ...] = ("microbatch",)  # which settings were settled: microbatch, remat
 
     def describe(self) -> str:
         why = f" ({'; '.join(self.rejected)})" if self.rejected else ""
-        return f"device_train_microbatch_size auto: settled on {self.microbatch}{why}"
+        if self.auto == ("microbatch",):
+            return f"device_train_microbatch_size auto: settled on {self.microbatch}{why}"
+        if self.auto == ("remat",):
+            return f"model.remat auto: settled on {self.remat}{why}"
+        return (f"device_train_microbatch_size and model.remat auto: settled on microbatch {self.microbatch}, "
+                f"remat {self.remat}{why}")
+
+
+def step_candidates(per_device_batch: int, *, microbatch: int | str | None, remat: str,
+                    seq_len: int) -> list[tuple[int, str]]:
+    """(microbatch, remat) pairs to try in order, fastest first, for the auto settings.
+
+    Microbatch auto alone: the per-device batch, then halving. Remat auto alone: none,
+    dots_saveable, full at the configured microbatch. Both: none, then dots_saveable, each from
+    the whole per-device batch down to ``MIN_MICROBATCH_TOKENS`` per microbatch (recomputing
+    costs more than a smaller microbatch until its matmuls get short), then full from the whole
+    batch down to one sequence.
+    """
+    halvings = _halvings(per_device_batch, per_device_batch)
+    auto_microbatch = microbatch in (None, "auto")
+    if remat != "auto":
+        return [(m, remat) for m in halvings] if auto_microbatch else [(int(microbatch), remat)]
+    if not auto_microbatch:
+        return [(int(microbatch), policy) for policy in REMAT_ORDER]
+    long_enough = [m for m in halvings if m * seq_len >= MIN_MICROBATCH_TOKENS] or halvings[:1]
+    return [(m, policy) for policy in REMAT_ORDER[:-1] for m in long_enough] + [(m, "full") for m in halvings]
+
+
+def settle_step(
+    build_step: Callable[[int, str | None], Any],
+    example_args: tuple,
+    candidates: list[tuple[int, str | None]],
+    *,
+    per_device_batch: int,
+    capacity: int | None,
+    auto: tuple[str, ...] = ("microbatch",),
+    estimate: Callable[[int, str | None], float | None] | None = None,
+) -> SettledStep:
+    """Compile ``build_step(num_microbatches, remat)`` ahead of time for ``example_args`` (arrays
+    or ``jax.ShapeDtypeStruct``s) for each candidate ``(microbatch, remat)`` in turn and take the
+    first whose compiled step fits ``capacity`` bytes (compiling out of memory counts as not
+    fitting). With no capacity known, the first that compiles is taken.
+
+    ``estimate(microbatch, remat)``, the planner's bytes for a candidate, skips the compile of
+    candidates it puts beyond ``ESTIMATE_SLACK`` times the capacity (a large model's compile can
+    take a minute); the last candidate is always compiled, so a failure reports XLA's figure."""
+    rejected: list[str] = []
+
+    def label(microbatch: int, remat: str | None) -> str:
+        if auto == ("microbatch",):
+            return str(microbatch)
+        if auto == ("remat",):
+            return str(remat)
+        return f"{remat} x {microbatch}"
+
+    for index, (microbatch, remat) in enumerate(candidates):
+        guess = estimate(microbatch, remat) if estimate is not None and capacity is not None else None
+        if guess is not None and guess > ESTIMATE_SLACK * capacity and index < len(candidates) - 1:
+            rejected.append(f"{label(microbatch, remat)}: estimated {guess:,.0f} of {capacity:,} bytes")
+            continue
+        num_microbatches = per_device_batch // microbatch
+        step = build_step(num_microbatches, remat)
+        try:
+            memory = memory_analysis(step.lower(*example_args).compile())
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            rejected.append(f"{label(microbatch, remat)}: out of memory while compiling")
+            continue
+        needed = compiled_step_bytes(memory)
+        if capacity is None or needed is None or needed <= capacity:
+            return SettledStep(microbatch, num_microbatches, step, memory, rejected, remat, auto)
+        rejected.append(f"{label(microbatch, remat)}: needs {needed:,} of {capacity:,} bytes")
+    what = {("microbatch",): "device_train_microbatch_size: auto found no microbatch",
+            ("remat",): "model.remat: auto found no remat policy"}.get(
+        auto, "device_train_microbatch_size and model.remat: auto found no microbatch and remat policy")
+    remedy = "" if "remat" in auto else ", set model.remat: full or auto"
+    raise ConfigError(
+        f"{what} whose train step fits the device ({'; '.join(rejected)}); shard the model over more "
+        f"devices (parallelism.fsdp){remedy}, or use a smaller model"
+    )
 
 
 def settle_microbatch(
@@ -108,46 +205,33 @@ def settle_microbatch(
     capacity: int | None,
     start: int | None = None,
 ) -> SettledStep:
-    """Compile ``build_step(num_microbatches)`` ahead of time for ``example_args`` (arrays or
-    ``jax.ShapeDtypeStruct``s), halving the microbatch from ``start`` (default the whole
-    per-device batch) while the compiled step exceeds ``capacity`` bytes or compiling runs out of
-    memory. With no capacity known, the first step that compiles is taken."""
-    microbatch: int | None = per_device_batch if start is None else start
-    rejected: list[str] = []
-    while microbatch is not None:
-        num_microbatches = per_device_batch // microbatch
-        step = build_step(num_microbatches)
-        try:
-            memory = memory_analysis(step.lower(*example_args).compile())
-        except Exception as err:
-            if not is_out_of_memory(err):
-                raise
-            rejected.append(f"{microbatch}: out of memory while compiling")
-        else:
-            needed = compiled_step_bytes(memory)
-            if capacity is None or needed is None or needed <= capacity:
-                return SettledStep(microbatch, num_microbatches, step, memory, rejected)
-            rejected.append(f"{microbatch}: needs {needed:,} of {capacity:,} bytes")
-        microbatch = smaller_microbatch(microbatch, per_device_batch)
-    raise ConfigError(
-        "device_train_microbatch_size: auto found no microbatch whose train step fits the device "
-        f"({'; '.join(rejected)}); shard the model over more devices (parallelism.fsdp), "
-        "set model.remat: full, or use a smaller model"
-    )
+    """``settle_step`` over the microbatch alone: from ``start`` (default the whole per-device
+    batch), halving while the compiled ``build_step(num_microbatches)`` exceeds ``capacity``."""
+    candidates = [(m, None) for m in _halvings(per_device_batch if start is None else start, per_device_batch)]
+    return settle_step(lambda n, _remat: build_step(n), example_args, candidates,
+                       per_device_batch=per_device_batch, capacity=capacity)  # fmt: skip
+
+
+def _halvings(start: int, per_device_batch: int) -> list[int]:
+    sizes = [start]
+    while (smaller := smaller_microbatch(sizes[-1], per_device_batch)) is not None:
+        sizes.append(smaller)
+    return sizes
 
 
 class AutoMicrobatchStep:
-    """A train step that, until its first execution succeeds, retries the same batch with half
-    the microbatch when the device runs out of memory; afterwards it is the settled step itself.
+    """A train step that, until its first execution succeeds, retries the same batch with the
+    next candidate (a smaller microbatch, or more recompute) when the device runs out of memory;
+    afterwards it is the settled step itself.
 
+    ``resettle(failed)`` settles on the candidates after ``failed`` (None when none is left).
     Called like the jitted step: ``step(state, batch)`` or ``step(state, batch, control)``.
     """
 
-    def __init__(self, settled: SettledStep, resettle: Callable[[int], SettledStep], *,
-                 per_device_batch: int, report: Callable[[str], None] = print):
+    def __init__(self, settled: SettledStep, resettle: Callable[[SettledStep], SettledStep | None], *,
+                 report: Callable[[str], None] = print):
         self.settled = settled
         self._resettle = resettle
-        self._per_device_batch = per_device_batch
         self._report = report
         self._verified = False
 
@@ -164,16 +248,17 @@ class AutoMicrobatchStep:
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
-                smaller = smaller_microbatch(self.settled.microbatch, self._per_device_batch)
-                if smaller is None or any(
-                    getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(state)
-                ):
+                donated = any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(state))
+                following = None if donated else self._resettle(self.settled)
+                if following is None:
+                    tried = f"microbatch {self.settled.microbatch}" + (
+                        f", remat {self.settled.remat}" if self.settled.remat else "")
                     raise ConfigError(
-                        f"device_train_microbatch_size: auto: the first step ran out of memory with microbatch "
-                        f"{self.settled.microbatch} and could not be retried; set device_train_microbatch_size "
-                        f"to a smaller value (e.g. {smaller or 1})"
+                        f"auto: the first train step ran out of memory with {tried} and could not be retried; "
+                        f"set device_train_microbatch_size to a smaller value (e.g. "
+                        f"{smaller_microbatch(self.settled.microbatch, self.settled.microbatch) or 1}) or model.remat: full"
                     ) from err
-                self.settled = self._resettle(smaller)
+                self.settled = following
                 self._report(self.settled.describe() + " after the first step ran out of memory")
                 continue
             self._verified = True

@@ -17,14 +17,16 @@ from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
 from jaxtrain.parallel.layout import check_model_for_mesh
+from jaxtrain.layers.gpu_kernels import cudnn_attention_applies
+from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.parallel.mesh import (
     MeshError, axis_rules, batch_sharding, build_mesh, check_process_rows, data_parallel_size, replicated)
 from jaxtrain.train.optim import build_optimizer
 from jaxtrain.train.schedules import build_schedule
-from jaxtrain.train.state import create_train_state
+from jaxtrain.train.state import abstract_model, create_train_state
 from jaxtrain.train.health import FaultInjector
 from jaxtrain.train.microbatch import (
-    AutoMicrobatchStep, SettledStep, device_capacity, memory_analysis, settle_microbatch)
+    AutoMicrobatchStep, SettledStep, device_capacity, memory_analysis, settle_step, step_candidates)
 from jaxtrain.train.step import COMPUTE_DTYPES, HealthRules, compile_train_step, make_eval_step, make_train_step
 
 
@@ -66,6 +68,7 @@ class RunParts:
     batch_sharding: Any
     with_control: bool
     device_train_microbatch: int = 0  # sequences per device per forward/backward pass
+    remat: str = "none"  # the activation recompute the train step was built with (model.remat, settled if auto)
     train_step_memory: Any = None  # XLA's memory analysis of the compiled train step, where available
 
 
@@ -198,9 +201,15 @@ def build_run(cfg: Config) -> RunParts:
     shard_batch = batch_sharding(mesh)
     with_control = bool(cfg.health.skip_steps) or FaultInjector(cfg.faults, cfg.run_folder).active
 
-    def build_step(num_microbatches: int):
+    model_defs = {model.remat: model_def}
+
+    def build_step(num_microbatches: int, remat: str | None = None):
+        remat = remat or model.remat
+        if remat not in model_defs:  # the same parameters; only the traced block differs
+            graphdef, _ = abstract_model(dataclasses.replace(model, remat=remat))
+            model_defs[remat] = dataclasses.replace(model_def, graphdef=graphdef)
         train_step = make_train_step(
-            model_def, tx, schedule, compute_dtype=compute_dtype, num_microbatches=num_microbatches,
+            model_defs[remat], tx, schedule, compute_dtype=compute_dtype, num_microbatches=num_microbatches,
             z_loss=model.z_loss, use_dropout=use_dropout, health=health,
         )
         return compile_train_step(
@@ -213,22 +222,47 @@ def build_run(cfg: Config) -> RunParts:
     if with_control:
         example_args += (jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated(mesh)),)
     per_device_batch = cfg.global_train_batch_size // data_parallel_size(mesh)
-    if cfg.device_train_microbatch_size == "auto":
+    auto = tuple(name for name, setting in (("microbatch", cfg.device_train_microbatch_size), ("remat", model.remat))
+                 if setting == "auto")  # fmt: skip
+    if auto:
         capacity, _ = device_capacity()
+        candidates = step_candidates(
+            per_device_batch,
+            microbatch="auto" if "microbatch" in auto else per_device_batch // microbatch_count(cfg, data_parallel_size(mesh)),
+            remat=model.remat, seq_len=cfg.max_seq_len,
+        )  # fmt: skip
 
-        def settle(start: int | None = None) -> SettledStep:
-            return settle_microbatch(
-                build_step, example_args, per_device_batch=per_device_batch, capacity=capacity, start=start)
+        def estimate(microbatch: int, remat: str) -> float | None:
+            try:
+                return estimate_memory(
+                    model, global_batch=cfg.global_train_batch_size, microbatch=microbatch, seq_len=cfg.max_seq_len,
+                    precision=cfg.precision, mesh_shape=dict(mesh.shape), remat=remat,
+                    optimizer=cfg.optimizer.name, n_params=mpt_param_count(model),
+                    fused_attention=cudnn_attention_applies(
+                        model.d_model // model.n_heads, compute_dtype, model.attn_config.attn_pdrop),
+                ).total_bytes  # fmt: skip
+            except ValueError:  # a setting the planner does not model
+                return None
+
+        def settle(after: SettledStep | None = None) -> SettledStep | None:
+            remaining = candidates
+            if after is not None:
+                remaining = candidates[candidates.index((after.microbatch, after.remat)) + 1:]
+                if not remaining:
+                    return None
+            return settle_step(build_step, example_args, remaining, per_device_batch=per_device_batch,
+                               capacity=capacity, auto=auto, estimate=estimate)  # fmt: skip
 
         settled = settle()
         print(settled.describe(), flush=True)
-        compiled = AutoMicrobatchStep(settled, settle, per_device_batch=per_device_batch)
-        device_microbatch, step_memory = settled.microbatch, settled.memory
+        compiled = AutoMicrobatchStep(settled, settle)
+        device_microbatch, step_memory, remat = settled.microbatch, settled.memory, settled.remat
     else:
         num_microbatches = microbatch_count(cfg, data_parallel_size(mesh))
         compiled = build_step(num_microbatches)
         device_microbatch = per_device_batch // num_microbatches
         step_memory = memory_analysis(compiled.lower(*example_args).compile())
+        remat = model.remat
     eval_step = jax.jit(
         make_eval_step(model_def, compute_dtype=compute_dtype),
         in_shardings=(state_shardings.params, shard_batch),
@@ -258,6 +292,7 @@ def build_run(cfg: Config) -> RunParts:
         batch_sharding=shard_batch,
         with_control=with_control,
         device_train_microbatch=device_microbatch,
+        remat=remat,
         train_step_memory=step_memory,
     )
 
