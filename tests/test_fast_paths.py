@@ -480,3 +480,30 @@ def test_head_cross_entropy_matches_logits_then_loss(tied, scale, z_loss):
         for got, want in zip(actual_grads, expected_grads):
             assert got.shape == want.shape and got.dtype == want.dtype
             assert relative_error(got, want) < rtol
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_separate_qkv_products_equal_the_fused_projection(dtype, kv_heads):
+    """Off the CPU kernels Q, K and V come from three products with slices of ``Wqkv`` (no
+    copies out of one [.., d + 2·kv] tensor); a clip, which needs the fused tensor, takes the
+    fused path, and a clip too wide to bite must give the same values and gradients."""
+    def build(clip):
+        return attention.MPTAttention(
+            d_model=32, n_heads=4, kv_n_heads=kv_heads, use_bias=False, clip_qkv=clip, qk_ln=False,
+            norm_type="low_precision_layernorm", norm_eps=1e-5, softmax_scale=None, attn_pdrop=0.0,
+            in_std=0.2, out_std=0.2, rngs=nnx.Rngs(5),
+        )  # fmt: skip
+
+    x = randn(4, (2, 16, 32))
+    slopes = jnp.asarray(attention.alibi_slopes(4))
+    with platform.compiling_for("gpu"):  # the accelerator formulation, run here by XLA
+        results = []
+        for clip in (None, 1e9):
+            graphdef, params = nnx.split(build(clip), nnx.Param)
+            run = lambda p, x: nnx.merge(graphdef, p)(x, slopes=slopes, compute_dtype=dtype).astype(jnp.float32)  # noqa: E731
+            results.append(values_and_grads(jax.jit(run), params, x))
+    (split_out, split_grads), (fused_out, fused_grads) = results
+    assert_close(split_out, fused_out, dtype)
+    for a, b in zip(jax.tree.leaves(split_grads), jax.tree.leaves(fused_grads)):
+        assert_close(a, b, dtype)
