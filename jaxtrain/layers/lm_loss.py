@@ -48,6 +48,41 @@ def cross_entropy_sum(
     return token_loss.sum(), z_term.sum(), valid.sum().astype(jnp.float32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def softmax_cross_entropy_sum(
+    logits: jax.Array, targets: jax.Array, z_loss: float = 0.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``cross_entropy_sum`` whose logits gradient is one written-out pass,
+    ``(softmax·(g + 2·z·log_z·g_z) - onehot(target)·g)`` over valid tokens, with the one-hot as
+    an index comparison. Autodiff scatters the target entries into a zero-filled copy of the
+    logits and adds it in separate passes (the largest tensor of a small model's step)."""
+    return cross_entropy_sum(logits, targets, z_loss)
+
+
+def _softmax_cross_entropy_fwd(logits, targets, z_loss):
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE_INDEX
+    safe_targets = jnp.where(valid, targets, 0)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    token_loss = jnp.where(valid, log_z - target_logit, 0.0)
+    z_term = jnp.where(valid, z_loss * jnp.square(log_z), 0.0) if z_loss else jnp.zeros_like(token_loss)
+    out = (token_loss.sum(), z_term.sum(), valid.sum().astype(jnp.float32))
+    return out, (logits, safe_targets, valid, log_z)
+
+
+def _softmax_cross_entropy_bwd(z_loss, residuals, cotangents):
+    logits, safe_targets, valid, log_z = residuals
+    g_loss, g_z, _ = cotangents
+    row = jnp.where(valid, g_loss + (2.0 * z_loss * log_z * g_z if z_loss else 0.0), 0.0)[..., None]
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == safe_targets[..., None]
+    d_logits = jnp.exp(logits - log_z[..., None]) * row - jnp.where(onehot & valid[..., None], g_loss, 0.0)
+    return d_logits, np.zeros(safe_targets.shape, jax.dtypes.float0)
+
+
+softmax_cross_entropy_sum.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
+
+
 def chunk_length(batch: int, length: int, vocab: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> int:
     """The longest divisor of ``length`` whose ``batch x chunk x vocab`` float32 logits fit the budget."""
     best = 1

@@ -269,7 +269,7 @@ class MPTForCausalLM(nnx.Module):
             return lm_loss.head_cross_entropy(
                 x, weight, targets, tied=tied, compute_dtype=compute_dtype, z_loss=z_loss, logit_scale=self.logit_scale
             )
-        return lm_loss.cross_entropy_sum(self._logits(x, compute_dtype), targets, z_loss)
+        return lm_loss.softmax_cross_entropy_sum(self._logits(x, compute_dtype), targets, z_loss)
 
     def features(
         self,
