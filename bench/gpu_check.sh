@@ -4,7 +4,7 @@
 # the training entry point, and MPT-1B without remat with its layer loop rolled and unrolled (the
 # GPU default since bench/gpu_aot.py showed the rolled loop moving a third more bytes), the latter
 # followed by its costliest HLO ops from a profiler trace.
-# Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (at most 9.5 minutes: the stage timeouts sum to 560 s, under the 600 s a device command may run)
+# Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (at most 9.5 minutes: the stage timeouts sum to 560 s)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-.}:."
