@@ -22,52 +22,25 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxtrain.config import load_config
-    from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh, logical_shardings
+    from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh
     from jaxtrain.train.optim import build_optimizer
     from jaxtrain.train.schedules import build_schedule
-    from jaxtrain.train.state import TrainState, abstract_model
+    from jaxtrain.train.state import abstract_train_state
     from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_train_step
 
     cfg = load_config(args.config, [f"parallelism.data=-1", f"parallelism.fsdp={args.fsdp}", f"parallelism.tensor={args.tensor}"])
     mesh = build_mesh(cfg.parallelism)
     rules = axis_rules(cfg.parallelism)
     started = time.perf_counter()
-    graphdef, abstract_params = abstract_model(cfg.model)
-    param_shardings = logical_shardings(nnx.get_partition_spec(abstract_params), mesh, rules)
     schedule = build_schedule(cfg.scheduler, base_lr=cfg.optimizer.lr, total_batches=1000,
                               to_batches=lambda value: 1000 if value.endswith("dur") else 100)
     tx = build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                          transform_non_params=lambda _: replicated)
-
-    def spec(x, sharding):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
-    state = TrainState(
-        step=scalar(jnp.int32),
-        params=jax.tree.map(spec, abstract_params, param_shardings),
-        opt_state=jax.tree.map(spec, abstract_opt, opt_shardings),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-        loss_window=jax.ShapeDtypeStruct((cfg.health.spike_window,), jnp.float32, sharding=replicated),
-        window_count=scalar(jnp.int32),
-        lr_scale=scalar(jnp.float32),
-    )
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    from jaxtrain.train.state import ModelDef
-
-    model_def = ModelDef(graphdef, param_shardings, None, mesh, tuple(rules))
+    state, model_def, shardings = abstract_train_state(cfg.model, tx, mesh=mesh, rules=rules,
+                                                       spike_window=cfg.health.spike_window)
     per_device = cfg.global_train_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     micro = cfg.device_train_microbatch_size if isinstance(cfg.device_train_microbatch_size, int) else per_device
     step = make_train_step(model_def, tx, schedule, compute_dtype=COMPUTE_DTYPES[cfg.precision],
@@ -79,7 +52,7 @@ def main() -> None:
     lowered_at = time.perf_counter()
     lowered.compile()
     done = time.perf_counter()
-    params = sum(x.size for x in jax.tree.leaves(abstract_params))
+    params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f"{args.config}: {params / 1e9:.2f}B parameters, mesh {dict(mesh.shape)}, batch "
           f"{cfg.global_train_batch_size} x {cfg.max_seq_len}, {cfg.model.n_layers} layers "
           f"(scan_layers={cfg.model.scan_layers}): abstract state {traced - started:.1f} s, lower "

@@ -278,16 +278,13 @@ def main(argv=None) -> dict:
 
     import jax
     import jax.numpy as jnp
-    import optax
-    from flax import nnx
     from jax.experimental import topologies
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxtrain.config import load_config
-    from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh, logical_shardings
+    from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh
     from jaxtrain.parallel.platform import compiling_for
     from jaxtrain.train.optim import build_optimizer
-    from jaxtrain.train.state import ModelDef, TrainState, abstract_model
+    from jaxtrain.train.state import abstract_train_state
     from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_train_step
 
     try:
@@ -303,26 +300,9 @@ def main(argv=None) -> dict:
     rules = axis_rules(cfg.parallelism)
     started = time.perf_counter()
     with compiling_for("gpu"):
-        graphdef, abstract_params = abstract_model(cfg.model)
-        param_shardings = logical_shardings(nnx.get_partition_spec(abstract_params), mesh, rules)
         tx = build_optimizer(cfg.optimizer, lambda _: cfg.optimizer.lr, clipping=cfg.algorithms.gradient_clipping)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        abstract_opt = jax.eval_shape(tx.init, abstract_params)
-        opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                              transform_non_params=lambda _: replicated)  # fmt: skip
-        spec = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)  # noqa: E731
-        state = TrainState(
-            step=scalar(jnp.int32),
-            params=jax.tree.map(spec, abstract_params, param_shardings),
-            opt_state=jax.tree.map(spec, abstract_opt, opt_shardings),
-            rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
-            loss_window=jax.ShapeDtypeStruct((cfg.health.spike_window,), jnp.float32, sharding=replicated),
-            window_count=scalar(jnp.int32),
-            lr_scale=scalar(jnp.float32),
-        )
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        model_def = ModelDef(graphdef, param_shardings, None, mesh, tuple(rules))
+        state, model_def, shardings = abstract_train_state(cfg.model, tx, mesh=mesh, rules=rules,
+                                                           spike_window=cfg.health.spike_window)  # fmt: skip
         step = make_train_step(model_def, tx, lambda _: cfg.optimizer.lr,
                                compute_dtype=COMPUTE_DTYPES[cfg.precision], num_microbatches=1)  # fmt: skip
         batch = {"input_ids": jax.ShapeDtypeStruct((args.batch * args.devices, cfg.max_seq_len), jnp.int32,

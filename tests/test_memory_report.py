@@ -19,7 +19,7 @@ from jaxtrain.parallel.mesh import batch_sharding, build_mesh
 from jaxtrain.train.memory_report import format_memory_report, memory_report, start_report
 from jaxtrain.train.microbatch import (
     DEVICE_MEMORY_ENV, AutoMicrobatchStep, SettledStep, compiled_step_bytes, device_capacity, is_out_of_memory,
-    settle_microbatch, smaller_microbatch, step_candidates)
+    settle_step, smaller_microbatch, step_candidates)
 from jaxtrain.train.setup import build_run
 from jaxtrain.train.state import create_train_state
 from jaxtrain.train.step import compile_train_step, make_train_step
@@ -100,7 +100,7 @@ def test_auto_halves_under_an_injected_capacity_and_the_loss_is_unchanged(tiny_r
     assert float(metrics_half["loss"]) == pytest.approx(float(metrics_full["loss"]), rel=1e-5)
 
 
-def test_settle_microbatch_picks_four_microbatches_for_a_capacity_between():
+def test_settle_step_picks_four_microbatches_for_a_capacity_between():
     model = ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=97, no_bias=True,
                         attn_config=AttnConfig(alibi=True))
     mesh = build_mesh(ParallelismConfig())
@@ -116,9 +116,12 @@ def test_settle_microbatch_picks_four_microbatches_for_a_capacity_between():
 
     ids = np.random.default_rng(0).integers(0, 97, (8, 16))
     batch = {"input_ids": jax.device_put(jnp.asarray(ids, jnp.int32), batch_sharding(mesh))}
-    settle = lambda capacity: settle_microbatch(build_step, (state, batch), per_device_batch=8, capacity=capacity)
-    need = {n: compiled_step_bytes(settle_microbatch(build_step, (state, batch), per_device_batch=8, capacity=None,
-                                                     start=8 // n).memory) for n in (1, 2, 4)}
+    def settle(capacity, start=8):
+        candidates = [c for c in step_candidates(8, microbatch="auto", remat="none", seq_len=16) if c[0] <= start]
+        return settle_step(lambda n, _remat: build_step(n), (state, batch), candidates, per_device_batch=8,
+                           capacity=capacity)  # fmt: skip
+
+    need = {n: compiled_step_bytes(settle(None, start=8 // n).memory) for n in (1, 2, 4)}
     assert need[1] > need[2] > need[4]
 
     settled = settle((need[2] + need[4]) // 2)

@@ -39,15 +39,21 @@ def use_cudnn_attention(q: jax.Array, compute_dtype, dropout_rate: float) -> boo
     return cudnn_attention_applies(q.shape[-1], compute_dtype, dropout_rate)
 
 
-def cudnn_attention_applies(head_dim: int, compute_dtype, dropout_rate: float) -> bool:
-    """``use_cudnn_attention`` from the head size alone (for memory planning before tracing)."""
+def cudnn_attention_applies(head_dim: int, compute_dtype, dropout_rate: float, platform: str | None = None) -> bool:
+    """``use_cudnn_attention`` from the head size alone, on ``platform`` (default: the target)."""
     return (
-        target_platform() == "gpu"
+        (platform or target_platform()) == "gpu"
         and jnp.dtype(compute_dtype) in [jnp.dtype(d) for d in _FUSED_DTYPES]
         and dropout_rate == 0.0
         and head_dim % 8 == 0
         and head_dim <= 128
     )
+
+
+def model_uses_cudnn_attention(model_cfg, compute_dtype, platform: str | None = None) -> bool:
+    """Whether an MPT config's attention runs in cuDNN (for memory planning before tracing)."""
+    return cudnn_attention_applies(model_cfg.d_model // model_cfg.n_heads, compute_dtype,
+                                   model_cfg.attn_config.attn_pdrop, platform)  # fmt: skip
 
 
 def cudnn_attention(

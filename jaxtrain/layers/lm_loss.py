@@ -38,14 +38,7 @@ def cross_entropy_sum(
     logits: float32[batch, length, vocab]; targets: int32[batch, length] (already shifted).
     Returns (loss_sum, z_loss_sum, token_count), all float32 scalars.
     """
-    logits = logits.astype(jnp.float32)
-    valid = targets != IGNORE_INDEX
-    safe_targets = jnp.where(valid, targets, 0)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
-    token_loss = jnp.where(valid, log_z - target_logit, 0.0)
-    z_term = jnp.where(valid, z_loss * jnp.square(log_z), 0.0) if z_loss else jnp.zeros_like(token_loss)
-    return token_loss.sum(), z_term.sum(), valid.sum().astype(jnp.float32)
+    return _softmax_cross_entropy_fwd(logits, targets, z_loss)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -60,6 +53,7 @@ def softmax_cross_entropy_sum(
 
 
 def _softmax_cross_entropy_fwd(logits, targets, z_loss):
+    """The sums, and what the written-out gradient needs: float32 logits, targets, mask, log Z."""
     logits = logits.astype(jnp.float32)
     valid = targets != IGNORE_INDEX
     safe_targets = jnp.where(valid, targets, 0)

@@ -31,6 +31,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
+
+from jaxtrain.layers.gpu_kernels import model_uses_cudnn_attention
 from jaxtrain.metrics.hardware import Hardware
 from jaxtrain.models.mpt import kv_heads, mpt_param_count
 
@@ -190,9 +193,8 @@ def estimate_memory(
         working += 2 * layer_params * c / tensor  # gathered weights of the current and next block
 
     if fused_attention is None:
-        head_dim = model_cfg.d_model // model_cfg.n_heads
-        fused_attention = (hardware is not None and is_gpu(hardware) and c == 2 and head_dim % 8 == 0
-                           and head_dim <= 128 and model_cfg.attn_config.attn_pdrop == 0)  # fmt: skip
+        fused_attention = (hardware is not None and is_gpu(hardware) and model_uses_cudnn_attention(
+            model_cfg, jnp.bfloat16 if c == 2 else jnp.float32, platform="gpu"))
 
     def acts(policy: str, mb: int) -> float:
         return activation_bytes(

@@ -197,21 +197,6 @@ def settle_step(
     )
 
 
-def settle_microbatch(
-    build_step: Callable[[int], Any],
-    example_args: tuple,
-    *,
-    per_device_batch: int,
-    capacity: int | None,
-    start: int | None = None,
-) -> SettledStep:
-    """``settle_step`` over the microbatch alone: from ``start`` (default the whole per-device
-    batch), halving while the compiled ``build_step(num_microbatches)`` exceeds ``capacity``."""
-    candidates = [(m, None) for m in _halvings(per_device_batch if start is None else start, per_device_batch)]
-    return settle_step(lambda n, _remat: build_step(n), example_args, candidates,
-                       per_device_batch=per_device_batch, capacity=capacity)  # fmt: skip
-
-
 def _halvings(start: int, per_device_batch: int) -> list[int]:
     sizes = [start]
     while (smaller := smaller_microbatch(sizes[-1], per_device_batch)) is not None:

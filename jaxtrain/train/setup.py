@@ -16,11 +16,11 @@ from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
+from jaxtrain.layers.gpu_kernels import model_uses_cudnn_attention
 from jaxtrain.parallel.layout import check_model_for_mesh
-from jaxtrain.layers.gpu_kernels import cudnn_attention_applies
-from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.parallel.mesh import (
     MeshError, axis_rules, batch_sharding, build_mesh, check_process_rows, data_parallel_size, replicated)
+from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.train.optim import build_optimizer
 from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import abstract_model, create_train_state
@@ -201,10 +201,10 @@ def build_run(cfg: Config) -> RunParts:
     shard_batch = batch_sharding(mesh)
     with_control = bool(cfg.health.skip_steps) or FaultInjector(cfg.faults, cfg.run_folder).active
 
-    model_defs = {model.remat: model_def}
+    model_defs = {"none" if model.remat == "auto" else model.remat: model_def}  # the model builds auto as none
 
     def build_step(num_microbatches: int, remat: str | None = None):
-        remat = remat or model.remat
+        remat = remat or ("none" if model.remat == "auto" else model.remat)
         if remat not in model_defs:  # the same parameters; only the traced block differs
             graphdef, _ = abstract_model(dataclasses.replace(model, remat=remat))
             model_defs[remat] = dataclasses.replace(model_def, graphdef=graphdef)
@@ -238,8 +238,7 @@ def build_run(cfg: Config) -> RunParts:
                     model, global_batch=cfg.global_train_batch_size, microbatch=microbatch, seq_len=cfg.max_seq_len,
                     precision=cfg.precision, mesh_shape=dict(mesh.shape), remat=remat,
                     optimizer=cfg.optimizer.name, n_params=mpt_param_count(model),
-                    fused_attention=cudnn_attention_applies(
-                        model.d_model // model.n_heads, compute_dtype, model.attn_config.attn_pdrop),
+                    fused_attention=model_uses_cudnn_attention(model, compute_dtype),
                 ).total_bytes  # fmt: skip
             except ValueError:  # a setting the planner does not model
                 return None

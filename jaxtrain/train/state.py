@@ -78,6 +78,27 @@ def create_train_state(
 
     Returns (state, model_def, state_shardings).
     """
+    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window)
+    # One program builds the whole state (parameters, optimizer state, counters) in place on its
+    # devices: each separately jitted piece would be one more XLA compile before the first step.
+    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(seed))
+    return state, model_def, jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_train_state(
+    model_cfg: Any, tx: optax.GradientTransformation, *, mesh: Mesh, rules: Any, spike_window: int = 100
+) -> tuple[TrainState, ModelDef, Any]:
+    """``create_train_state`` without allocating anything: the state as sharded
+    ``jax.ShapeDtypeStruct``s, for compiling ahead of time (e.g. for devices this process lacks)."""
+    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window)
+    shapes = jax.eval_shape(init_state, jax.random.key(0))
+    state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                         shapes, state_shardings)  # fmt: skip
+    return state, model_def, state_shardings
+
+
+def _state_plan(model_cfg, tx, mesh, rules, spike_window):
+    """(init_state(key) -> TrainState, the state's shardings, the ModelDef)."""
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
     param_shardings = logical_shardings(logical_specs, mesh, rules)
@@ -98,15 +119,11 @@ def create_train_state(
             lr_scale=jnp.ones((), jnp.float32),
         )
 
-    # One program builds the whole state (parameters, optimizer state, counters) in place on its
-    # devices: each separately jitted piece would be one more XLA compile before the first step.
     state_shardings = TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
         loss_window=replicated, window_count=replicated, lr_scale=replicated,
     )  # fmt: skip
-    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(seed))
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    return state, ModelDef(graphdef, param_shardings, logical_specs, mesh, tuple(rules)), shardings
+    return init_state, state_shardings, ModelDef(graphdef, param_shardings, logical_specs, mesh, tuple(rules))
 
 
 def _opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
