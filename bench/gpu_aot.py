@@ -49,6 +49,7 @@ dnn_version_info { major: 9 minor: 8 }
 runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H200"
 """
+H200_COMPUTE_CAPABILITY = (9, 0)
 H200_PEAK_FLOPS = 989e12  # dense bf16
 H200_BANDWIDTH = 4.8e12
 
@@ -263,6 +264,17 @@ def summarize(rows: list[dict], top: int) -> dict:
     return {"roofline_ms": total * 1e3, "kinds": {k: {**v, "seconds": v["seconds"]} for k, v in kinds.items()}}
 
 
+def _answer_compute_capability_for_the_target(cudnn_module) -> None:
+    """JAX's cuDNN attention asks the process's own GPU for its compute capability (for head sizes
+    over 128, in-kernel score modification, packed layouts); this process has none, so answer for
+    the H200 being compiled for."""
+    if cudnn_module is None:
+        return
+    version = lambda text: tuple(int(x) for x in text.split("."))  # noqa: E731
+    cudnn_module.check_compute_capability = lambda capability: H200_COMPUTE_CAPABILITY >= version(capability)
+    cudnn_module.is_cuda_compute_capability_equal = lambda capability: H200_COMPUTE_CAPABILITY == version(capability)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/mpt/1b.yaml")
@@ -272,7 +284,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--top", type=int, default=25, help="list the N costliest kernels")
     parser.add_argument("--hlo", help="also write the optimized HLO text here")
+    parser.add_argument("--alibi", choices=("bias", "score_mod"), default="bias",
+                        help="how ALiBi reaches cuDNN: a constant bias tensor (what auto picks while the bias "
+                             "is at most 1 GiB) or computed in the kernel (cuDNN 9.13+)")  # fmt: skip
     args = parser.parse_args(argv)
+    os.environ["JAXTRAIN_CUDNN_ALIBI"] = args.alibi
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the process itself runs nothing on a GPU
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
 
@@ -281,6 +297,7 @@ def main(argv=None) -> dict:
     from jax.experimental import topologies
 
     from jaxtrain.config import load_config
+    from jaxtrain.layers import gpu_kernels
     from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh
     from jaxtrain.parallel.platform import compiling_for
     from jaxtrain.train.optim import build_optimizer
@@ -292,6 +309,7 @@ def main(argv=None) -> dict:
     except Exception as err:  # noqa: BLE001 (any failure here means the plugin is missing or too old)
         sys.exit(f"gpu_aot: cannot describe an H200 without JAX's CUDA plugin ({type(err).__name__}: "
                  f"{str(err)[:200]}); install it in a side environment as this script's docstring says")  # fmt: skip
+    _answer_compute_capability_for_the_target(gpu_kernels._cudnn_fused)
     overrides = [f"global_train_batch_size={args.batch * args.devices}", f"device_train_microbatch_size={args.batch}"]
     if args.seq:
         overrides += [f"max_seq_len={args.seq}", f"model.max_seq_len={args.seq}"]
@@ -324,6 +342,7 @@ def main(argv=None) -> dict:
     rows = kernel_census(hlo, peak_flops=H200_PEAK_FLOPS, bandwidth=H200_BANDWIDTH)
     summary = summarize(rows, args.top)
     result = {"config": args.config, "overrides": args.set, "batch": args.batch, "devices": args.devices,
+              "alibi": args.alibi,
               "seq": cfg.max_seq_len,
               "compile_s": compiled_at - lowered_at, "temp_gib": memory.temp_size_in_bytes / 2**30,
               "gb_moved": sum(r["bytes"] for r in rows) / 1e9, "roofline_ms": summary["roofline_ms"],

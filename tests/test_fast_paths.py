@@ -326,6 +326,91 @@ def test_cudnn_attention_hands_alibi_over_as_a_constant_bias(monkeypatch, packed
     assert_close(out, expected, jnp.bfloat16)
 
 
+def _cudnn_score_mod_stand_in(q, k, v, bias=None, mask=None, *, scale, mask_type, score_mod=None,
+                              score_mod_args=(), ignore_score_mod=False):
+    """JAX's cuDNN entry point as documented, in XLA: scaled scores, then ``score_mod``, then the
+    causal and boolean masks, softmax. ``ignore_score_mod`` plays a broken kernel."""
+    assert bias is None and mask_type == gpu_kernels._cudnn_fused.MaskType.CAUSAL
+    group = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(a, group, axis=2) for a in (k, v))
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if score_mod is not None and not ignore_score_mod:
+        scores = score_mod(scores, *score_mod_args)
+    length = q.shape[1]
+    visible = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if mask is not None:
+        visible = visible & mask
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(q.dtype), v).astype(q.dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["alibi", "alibi_packed"])
+def test_in_kernel_alibi_equals_the_bias_form(monkeypatch, packed):
+    """ALiBi as cuDNN's ``score_mod`` (no bias tensor) gives the reference attention's values and
+    gradients, GQA and packed documents included, through a stand-in for the cuDNN call."""
+    monkeypatch.setattr(gpu_kernels._cudnn_fused, "dot_product_attention", _cudnn_score_mod_stand_in)
+    monkeypatch.setenv(gpu_kernels.ALIBI_ENV, "score_mod")
+    b, length, heads, kv_heads, head_dim = 2, 16, 4, 2, 8
+    q, k, v = randn(1, (b, length, heads, head_dim)), randn(2, (b, length, kv_heads, head_dim)), randn(3, (b, length, kv_heads, head_dim))
+    sequence_id = jnp.asarray([[0] * 5 + [1] * 11, [0] * 16], jnp.int32) if packed else None
+    opts = dict(scale=head_dim**-0.5, slopes=jnp.asarray(attention.alibi_slopes(heads)), sequence_id=sequence_id,
+                compute_dtype=jnp.float32)
+    out, grads = values_and_grads(lambda *a: gpu_kernels.cudnn_attention(*a, **opts), q, k, v)
+    ref, ref_grads = values_and_grads(lambda *a: attention.dot_product_attention(*a, **opts), q, k, v)
+    assert_close(out, ref, jnp.float32)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, jnp.float32)
+    calls = []
+    monkeypatch.setattr(gpu_kernels._cudnn_fused, "dot_product_attention",
+                        lambda *a, **kw: calls.append(kw) or _cudnn_score_mod_stand_in(*a, **kw))  # fmt: skip
+    gpu_kernels.cudnn_attention(q, k, v, **opts)
+    assert [(kw["score_mod"], kw.get("bias")) for kw in calls] == [(gpu_kernels.alibi_score_mod, None)]
+
+    # a kernel that turns score_mod down at trace time: the constant-bias form takes over
+    def refuses(*args, **kwargs):
+        raise NotImplementedError("score_mod (flex attention) requires a GPU with at least Hopper architecture.")
+
+    monkeypatch.setattr(gpu_kernels._cudnn_fused, "dot_product_attention", refuses)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, v, bias=None, mask=None, **kw:
+                        attention.dot_product_attention(q, k, v, **opts))  # fmt: skip
+    assert_close(gpu_kernels.cudnn_attention(q, k, v, **opts), ref, jnp.float32)
+
+
+def test_alibi_mode_keeps_small_biases_and_probes_before_going_in_kernel(monkeypatch):
+    monkeypatch.delenv(gpu_kernels.ALIBI_ENV, raising=False)
+    small, large = 2048, 16384  # 16 heads: 128 MiB and 8 GiB of bf16 bias
+    assert gpu_kernels.alibi_mode(16, small, jnp.bfloat16) == "bias"
+    assert gpu_kernels.alibi_mode(16, large, jnp.bfloat16) == "bias"  # no GPU in this process to probe
+    probed = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gpu_kernels, "score_mod_probe", lambda kind: probed.append(kind) or True)
+    assert gpu_kernels.alibi_mode(16, small, jnp.bfloat16) == "bias" and not probed
+    assert gpu_kernels.alibi_mode(16, large, jnp.bfloat16) == "score_mod" and len(probed) == 1
+    monkeypatch.setattr(gpu_kernels, "score_mod_probe", lambda kind: False)
+    assert gpu_kernels.alibi_mode(16, large, jnp.bfloat16) == "bias"
+    monkeypatch.setenv(gpu_kernels.ALIBI_ENV, "score_mod")
+    assert gpu_kernels.alibi_mode(16, small, jnp.bfloat16) == "score_mod"
+    monkeypatch.setenv(gpu_kernels.ALIBI_ENV, "flash")
+    with pytest.raises(ValueError, match="JAXTRAIN_CUDNN_ALIBI='flash'; use one of auto, bias, score_mod"):
+        gpu_kernels.alibi_mode(16, small, jnp.bfloat16)
+
+
+def test_in_kernel_alibi_probe_accepts_a_working_kernel_only(monkeypatch):
+    """The probe compares against XLA: it passes a correct kernel and turns down one that drops
+    the score modification or raises, even when first asked inside a trace."""
+    for stand_in, expected in [
+        (_cudnn_score_mod_stand_in, True),
+        (functools.partial(_cudnn_score_mod_stand_in, ignore_score_mod=True), False),
+        (lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no cuDNN graph")), False),
+    ]:
+        monkeypatch.setattr(gpu_kernels._cudnn_fused, "dot_product_attention", stand_in)
+        gpu_kernels.score_mod_probe.cache_clear()
+        results = []
+        jax.jit(lambda x: results.append(gpu_kernels.score_mod_probe("stand-in")) or x)(jnp.zeros(()))
+        assert results == [expected]
+    gpu_kernels.score_mod_probe.cache_clear()
+
+
 def test_compiling_for_picks_the_target_platforms_kernels():
     assert platform.target_platform() == jax.default_backend()
     with platform.compiling_for("cuda"):

@@ -282,3 +282,20 @@ def test_fused_attention_keeps_no_scores_and_is_the_gpu_default():
     for name, expected in (("h200", fused), ("a100-80gb", fused), ("tpu-v5p", unfused), ("cpu", unfused)):
         assert estimate_memory(cfg, hardware=get_hardware(name), **common).activations_bytes == expected, name
     assert estimate_memory(cfg, hardware=get_hardware("h200"), precision="fp32", **common).activations_bytes > unfused
+
+
+def test_gpu_memory_counts_the_alibi_bias_only_while_it_is_a_tensor():
+    """cuDNN keeps one constant [heads, L, L] ALiBi bias for all layers up to 1 GiB; longer
+    sequences compute ALiBi in the kernel and hold no bias."""
+    from jaxtrain.config.schema import AttnConfig
+    from jaxtrain.plan.memory import activation_bytes
+
+    def extra(seq_len):
+        sizes = [activation_bytes(ModelConfig(d_model=2048, n_heads=16, n_layers=24, attn_config=AttnConfig(alibi=alibi)),
+                                  microbatch=1, seq_len=seq_len, precision="amp_bf16", remat="full",
+                                  fused_attention=True)
+                 for alibi in (True, False)]  # fmt: skip
+        return sizes[0] - sizes[1]
+
+    assert extra(2048) == 16 * 2048 * 2048 * 2  # 128 MiB
+    assert extra(32768) == 0.0  # would be 32 GiB

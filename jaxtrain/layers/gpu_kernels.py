@@ -11,16 +11,31 @@ nothing here uses: ALiBi is a constant. JAX skips that gradient for a bias it bu
 a boolean mask, so the ALiBi bias is handed over the same way: while the call is traced, JAX's
 bias-and-mask combiner returns the ALiBi bias (plus the document mask). If that hook is missing
 or unused in the installed JAX, the bias goes in as a plain argument, gradient and all.
+
+That bias is a ``[1, heads, L, L]`` tensor in HBM: 128 MiB per layer call for MPT-1B at 2048, but
+``2·heads·L²`` bytes grows to 8 GiB at 16k and 128 GiB at 64k. cuDNN 9.13+ on Hopper can instead
+add ALiBi inside the kernel from the score's row and column indices (JAX's ``score_mod``, the
+flex-attention hook), so no bias exists at all. Which form is used (``alibi_mode``):
+
+* ``JAXTRAIN_CUDNN_ALIBI=bias`` or ``=score_mod`` forces one;
+* ``auto`` (the default) keeps the constant bias while it is at most ``BIAS_BYTES_LIMIT`` and
+  goes in-kernel above that, if a one-off probe on this process's GPU (a small attention through
+  ``score_mod`` against XLA's, forward and backward) passes. Compiling for a GPU this process does
+  not drive, nothing can be probed, so ``auto`` keeps the bias there.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import logging
+import os
 import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 try:  # where JAX builds cuDNN's additive bias; used to pass ALiBi as a constant (see above)
     from jax._src.cudnn import fused_attention_stablehlo as _cudnn_fused
@@ -30,6 +45,9 @@ except ImportError:  # pragma: no cover (a JAX without the cuDNN attention modul
 from jaxtrain.parallel.platform import target_platform
 
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+ALIBI_MODES = ("auto", "bias", "score_mod")
+ALIBI_ENV = "JAXTRAIN_CUDNN_ALIBI"
+BIAS_BYTES_LIMIT = 1 << 30  # auto: a larger ALiBi bias is computed in-kernel instead (if it probes well)
 _warned: set[str] = set()
 _combiner_lock = threading.Lock()
 
@@ -70,26 +88,112 @@ def cudnn_attention(
     cuDNN, or None when cuDNN does not take this configuration."""
     length, heads = q.shape[1], q.shape[2]
     bias = mask = None
-    if slopes is not None:
-        pos = jnp.arange(length, dtype=jnp.float32)
-        distance = pos[None, :] - pos[:, None]
-        bias = (slopes.astype(jnp.float32)[:, None, None] * distance)[None].astype(compute_dtype)
     if sequence_id is not None:
         mask = (sequence_id[:, :, None] == sequence_id[:, None, :])[:, None]
     q, k, v = (a.astype(compute_dtype) for a in (q, k, v))
     options = dict(scale=scale, is_causal=True, implementation="cudnn")
+    if slopes is not None and alibi_mode(heads, length, compute_dtype) == "score_mod":
+        try:
+            return score_mod_alibi_attention(q, k, v, slopes=slopes, mask=mask, scale=scale)
+        except (NotImplementedError, ValueError, RuntimeError, TypeError) as err:
+            _warn_once(f"cuDNN in-kernel ALiBi unavailable for heads={heads} length={length} "
+                       f"({type(err).__name__}: {err}); ALiBi goes in as a bias")  # fmt: skip
     try:
-        if bias is not None:
+        if slopes is not None:
+            pos = jnp.arange(length, dtype=jnp.float32)
+            distance = pos[None, :] - pos[:, None]
+            bias = (slopes.astype(jnp.float32)[:, None, None] * distance)[None].astype(compute_dtype)
             out = _constant_bias_attention(q, k, v, bias, mask, options)
             if out is not None:
                 return out
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, **options)
     except (NotImplementedError, ValueError, RuntimeError, TypeError) as err:
-        reason = f"{type(err).__name__}: {err}"
-        if reason not in _warned:
-            _warned.add(reason)
-            logging.warning("cuDNN attention unavailable for heads=%d length=%d (%s); using XLA", heads, length, reason)
+        _warn_once(f"cuDNN attention unavailable for heads={heads} length={length} "
+                   f"({type(err).__name__}: {err}); using XLA")  # fmt: skip
         return None
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.warning("%s", message)
+
+
+def alibi_score_mod(score: jax.Array, slopes: jax.Array) -> jax.Array:
+    """ALiBi added to a ``[batch, heads, q, k]`` float32 score inside the kernel: ``slope*(j-i)``
+    from the score's own row and column indices."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
+    cols = jax.lax.broadcasted_iota(jnp.int32, score.shape, 3)
+    return score + slopes.reshape(1, -1, 1, 1) * (cols - rows).astype(jnp.float32)
+
+
+def score_mod_alibi_attention(q, k, v, *, slopes, mask, scale) -> jax.Array:
+    """Causal cuDNN attention with ALiBi computed in-kernel (cuDNN 9.13+, Hopper or newer); a
+    boolean ``mask`` (packed documents) goes in as JAX's constant additive bias."""
+    return _cudnn_fused.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, mask_type=_cudnn_fused.MaskType.CAUSAL,
+        score_mod=alibi_score_mod, score_mod_args=(slopes.astype(jnp.float32),),
+    )  # fmt: skip
+
+
+def alibi_mode(heads: int, length: int, compute_dtype) -> str:
+    """``bias`` or ``score_mod``: how ALiBi reaches cuDNN for ``heads`` x ``length`` (see the module doc)."""
+    mode = os.environ.get(ALIBI_ENV, "auto").strip().lower() or "auto"
+    if mode not in ALIBI_MODES:
+        raise ValueError(f"{ALIBI_ENV}={mode!r}; use one of {', '.join(ALIBI_MODES)}")
+    if mode != "auto":
+        return mode
+    bias_bytes = heads * length * length * jnp.dtype(compute_dtype).itemsize
+    if bias_bytes <= BIAS_BYTES_LIMIT or _cudnn_fused is None or jax.default_backend() != "gpu":
+        return "bias"
+    return "score_mod" if score_mod_probe(jax.devices()[0].device_kind) else "bias"
+
+
+@functools.cache
+def score_mod_probe(device_kind: str) -> bool:
+    """Whether in-kernel ALiBi works on this GPU: a small GQA attention through ``score_mod``
+    against XLA's with the same bias, outputs and gradients within bf16 tolerance. Run once per
+    process, on a thread of its own so that it runs eagerly even when first asked while a train
+    step is being traced."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            error = pool.submit(_score_mod_error).result()
+        except Exception as err:  # noqa: BLE001 (any failure means: keep the bias form)
+            logging.info("cuDNN in-kernel ALiBi unavailable on %s (%s: %s); ALiBi goes in as a bias",
+                         device_kind, type(err).__name__, str(err)[:200])  # fmt: skip
+            return False
+    ok = error < 0.05
+    logging.info("cuDNN in-kernel ALiBi on %s: max relative error %.4f against XLA; %s", device_kind,
+                 error, "used for long sequences" if ok else "not used")  # fmt: skip
+    return ok
+
+
+def _score_mod_error() -> float:
+    """The largest relative error of in-kernel ALiBi attention's output and gradients against XLA's."""
+    from jaxtrain.layers.attention import alibi_slopes  # here: attention imports this module
+
+    b, length, heads, kv_heads, head_dim = 2, 256, 4, 2, 64
+    rng = np.random.default_rng(0)
+    q, ct = (jnp.asarray(rng.standard_normal((b, length, heads, head_dim)), jnp.bfloat16) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, length, kv_heads, head_dim)), jnp.bfloat16) for _ in range(2))
+    slopes = alibi_slopes(heads)
+    pos = np.arange(length, dtype=np.float32)
+    bias = jnp.asarray(slopes[:, None, None] * (pos[None, :] - pos[:, None]))[None].astype(jnp.bfloat16)
+
+    def fused(q, k, v):
+        return score_mod_alibi_attention(q, k, v, slopes=jnp.asarray(slopes), mask=None, scale=head_dim**-0.5)
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim**-0.5, is_causal=True,
+                                            implementation="xla")  # fmt: skip
+
+    def outputs(attend):
+        loss = lambda q, k, v: (attend(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32)).sum()  # noqa: E731
+        return [jax.jit(attend)(q, k, v), *jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)]
+
+    errors = [jnp.abs(a.astype(jnp.float32) - c.astype(jnp.float32)).max() / jnp.abs(c.astype(jnp.float32)).max()
+              for a, c in zip(outputs(fused), outputs(plain))]  # fmt: skip
+    return max(float(e) for e in errors)
 
 
 def _constant_bias_attention(q, k, v, bias, mask, options) -> jax.Array | None:

@@ -118,7 +118,17 @@ def activation_bytes(
     a = _activation_bytes_per_sequence(model_cfg, seq_len, _compute_bytes(precision), tensor, fused_attention)
     saved = {"none": a["block"], "full": a["input"], "dots_saveable": a["dots"]}[remat]
     recompute = 0.0 if remat == "none" else a["block"]  # the block being recomputed in backward
-    return microbatch * (model_cfg.n_layers * saved + recompute + a["logits"] + a["ends"])
+    return (microbatch * (model_cfg.n_layers * saved + recompute + a["logits"] + a["ends"])
+            + (_alibi_bias_bytes(model_cfg, seq_len, precision) / tensor if fused_attention else 0.0))
+
+
+def _alibi_bias_bytes(model_cfg: Any, seq_len: int, precision: str) -> float:
+    """cuDNN's constant ``[heads, L, L]`` ALiBi bias, one for all layers, while it is small enough
+    to be kept as a tensor (larger ones are computed in the kernel; ``gpu_kernels.alibi_mode``)."""
+    from jaxtrain.layers.gpu_kernels import BIAS_BYTES_LIMIT
+
+    size = model_cfg.n_heads * seq_len * seq_len * _compute_bytes(precision)
+    return float(size) if model_cfg.attn_config.alibi and size <= BIAS_BYTES_LIMIT else 0.0
 
 
 def is_gpu(hardware: Hardware) -> bool:
