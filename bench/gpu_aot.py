@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -275,11 +276,30 @@ def _answer_compute_capability_for_the_target(cudnn_module) -> None:
     cudnn_module.is_cuda_compute_capability_equal = lambda capability: H200_COMPUTE_CAPABILITY == version(capability)
 
 
+TPU_TOPOLOGIES = {"tpu-v4": "v4:2x2x1", "tpu-v5e": "v5e:2x2", "tpu-v5p": "v5p:2x2x1", "tpu-v6e": "v6e:2x2"}
+
+
+def _topology(target: str, devices: int):
+    from jax.experimental import topologies
+
+    if target == "h200":
+        return topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology=f"1x1x{devices}")
+    name = TPU_TOPOLOGIES[target]
+    if devices > 4:  # a larger slice of the same generation: chips along the last axis
+        dims = name.split(":")[1].split("x")
+        dims[-1] = str(int(dims[-1]) * -(-devices // 4))
+        name = name.split(":")[0] + ":" + "x".join(dims)
+    return topologies.get_topology_desc(platform="tpu", topology_name=name)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/mpt/1b.yaml")
+    parser.add_argument("--target", choices=("h200", *TPU_TOPOLOGIES), default="h200",
+                        help="the accelerator to compile for (TPUs need jax[tpu] instead of the CUDA plugin; "
+                             "they get compile time and memory, the kernel census reads GPU programs only)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8, help="sequences per device per step (one microbatch)")
-    parser.add_argument("--devices", type=int, default=1, help="H200s on one host (shard with --set parallelism.*)")
+    parser.add_argument("--devices", type=int, default=1, help="devices on one host (shard with --set parallelism.*)")
     parser.add_argument("--seq", type=int, help="sequence length (default: the config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--top", type=int, default=25, help="list the N costliest kernels")
@@ -289,15 +309,16 @@ def main(argv=None) -> dict:
                              "is at most 1 GiB) or computed in the kernel (cuDNN 9.13+)")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ["JAXTRAIN_CUDNN_ALIBI"] = args.alibi
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the process itself runs nothing on a GPU
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the process itself runs nothing on the accelerator
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
+    platform = "gpu" if args.target == "h200" else "tpu"
 
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
 
     from jaxtrain.config import load_config
     from jaxtrain.layers import gpu_kernels
+    from jaxtrain.metrics.hardware import get_hardware
     from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh
     from jaxtrain.parallel.platform import compiling_for
     from jaxtrain.train.optim import build_optimizer
@@ -305,19 +326,21 @@ def main(argv=None) -> dict:
     from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_train_step
 
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET, topology=f"1x1x{args.devices}")
+        topology = _topology(args.target, args.devices)
     except Exception as err:  # noqa: BLE001 (any failure here means the plugin is missing or too old)
-        sys.exit(f"gpu_aot: cannot describe an H200 without JAX's CUDA plugin ({type(err).__name__}: "
-                 f"{str(err)[:200]}); install it in a side environment as this script's docstring says")  # fmt: skip
-    _answer_compute_capability_for_the_target(gpu_kernels._cudnn_fused)
+        sys.exit(f"gpu_aot: cannot describe a {args.target} without JAX's {'CUDA plugin' if platform == 'gpu' else 'libtpu'} "
+                 f"({type(err).__name__}: {str(err)[:200]}); install it in a side environment as this script's "
+                 "docstring says")  # fmt: skip
+    if platform == "gpu":
+        _answer_compute_capability_for_the_target(gpu_kernels._cudnn_fused)
     overrides = [f"global_train_batch_size={args.batch * args.devices}", f"device_train_microbatch_size={args.batch}"]
     if args.seq:
         overrides += [f"max_seq_len={args.seq}", f"model.max_seq_len={args.seq}"]
     cfg = load_config(args.config, overrides + args.set, notices=[])
-    mesh = build_mesh(cfg.parallelism, topology.devices)
+    mesh = build_mesh(cfg.parallelism, topology.devices[: args.devices])
     rules = axis_rules(cfg.parallelism)
     started = time.perf_counter()
-    with compiling_for("gpu"):
+    with compiling_for(platform):
         tx = build_optimizer(cfg.optimizer, lambda _: cfg.optimizer.lr, clipping=cfg.algorithms.gradient_clipping)
         state, model_def, shardings = abstract_train_state(cfg.model, tx, mesh=mesh, rules=rules,
                                                            spike_window=cfg.health.spike_window)  # fmt: skip
@@ -325,7 +348,10 @@ def main(argv=None) -> dict:
                                compute_dtype=COMPUTE_DTYPES[cfg.precision], num_microbatches=1)  # fmt: skip
         batch = {"input_ids": jax.ShapeDtypeStruct((args.batch * args.devices, cfg.max_seq_len), jnp.int32,
                                                     sharding=batch_sharding(mesh))}  # fmt: skip
-        lowered = compile_train_step(step, shardings, batch_sharding(mesh)).lower(state, batch)
+        jitted = compile_train_step(step, shardings, batch_sharding(mesh))
+        # Pallas' TPU compiler asks the current mesh which chip it compiles for (this process has none)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if platform == "tpu" else contextlib.nullcontext():
+            lowered = jitted.lower(state, batch)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
@@ -334,19 +360,22 @@ def main(argv=None) -> dict:
         with open(args.hlo, "w") as f:
             f.write(hlo)
     memory = compiled.memory_analysis()
+    fused = hlo.count("__cudnn$fmha") if platform == "gpu" else hlo.count('custom_call_target="tpu_custom_call"')
+    used = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+    hbm = get_hardware("h200" if platform == "gpu" else args.target).memory_bytes
     print(f"{args.config} {' '.join(args.set)}: batch {args.batch} x {cfg.max_seq_len} per device, {cfg.precision}, "
-          f"for {args.devices} x {topology.devices[0].device_kind}, mesh {dict(mesh.shape)}: lower {lowered_at - started:.1f} s, compile "
-          f"{compiled_at - lowered_at:.1f} s; arguments {memory.argument_size_in_bytes / 2**30:.1f} GiB, "
-          f"temporaries {memory.temp_size_in_bytes / 2**30:.1f} GiB; cuDNN attention calls "
-          f"{hlo.count('__cudnn$fmha')}")  # fmt: skip
-    rows = kernel_census(hlo, peak_flops=H200_PEAK_FLOPS, bandwidth=H200_BANDWIDTH)
-    summary = summarize(rows, args.top)
-    result = {"config": args.config, "overrides": args.set, "batch": args.batch, "devices": args.devices,
-              "alibi": args.alibi,
-              "seq": cfg.max_seq_len,
+          f"for {args.devices} x {topology.devices[0].device_kind}, mesh {dict(mesh.shape)}: lower {lowered_at - started:.1f} s, "
+          f"compile {compiled_at - lowered_at:.1f} s; arguments {memory.argument_size_in_bytes / 2**30:.1f} GiB, "
+          f"temporaries {memory.temp_size_in_bytes / 2**30:.1f} GiB ({used / hbm:.0%} of {hbm / 2**30:.0f} GiB); "
+          f"{'cuDNN attention' if platform == 'gpu' else 'Pallas (Mosaic) kernel'} calls {fused}")  # fmt: skip
+    result = {"config": args.config, "target": args.target, "overrides": args.set, "batch": args.batch,
+              "devices": args.devices, "alibi": args.alibi, "seq": cfg.max_seq_len,
               "compile_s": compiled_at - lowered_at, "temp_gib": memory.temp_size_in_bytes / 2**30,
-              "gb_moved": sum(r["bytes"] for r in rows) / 1e9, "roofline_ms": summary["roofline_ms"],
-              "cudnn_attention_calls": hlo.count("__cudnn$fmha")}  # fmt: skip
+              "fits": used <= hbm, "fused_attention_calls": fused}  # fmt: skip
+    if platform == "gpu":
+        rows = kernel_census(hlo, peak_flops=H200_PEAK_FLOPS, bandwidth=H200_BANDWIDTH)
+        summary = summarize(rows, args.top)
+        result.update(gb_moved=sum(r["bytes"] for r in rows) / 1e9, roofline_ms=summary["roofline_ms"])
     print("RESULT " + json.dumps(result), flush=True)
     return result
 

@@ -270,16 +270,18 @@ def test_memory_estimate_vs_xla(name, cfg, batch, seq_len, precision, remat, mon
     assert 0.75 <= ratio <= 1.25
 
 
-def test_fused_attention_keeps_no_scores_and_is_the_gpu_default():
-    """On a GPU in half precision attention runs in cuDNN's flash kernel, which keeps softmax
-    statistics instead of the [heads, L, L] probabilities."""
+def test_fused_attention_keeps_no_scores_and_is_the_gpu_and_tpu_default():
+    """On a GPU in half precision attention runs in cuDNN's flash kernel, on a TPU in the Pallas
+    flash kernel; both keep softmax statistics instead of the [heads, L, L] probabilities."""
     cfg = ModelConfig(d_model=2048, n_heads=16, n_layers=24, vocab_size=50432, max_seq_len=2048)
     common = dict(global_batch=8, microbatch=8, seq_len=2048, mesh_shape={"data": 1}, remat="none")
     unfused = estimate_memory(cfg, fused_attention=False, **common).activations_bytes
     fused = estimate_memory(cfg, fused_attention=True, **common).activations_bytes
     scores = 8 * 24 * 16 * 2048 * 2048 * (4 + 2)  # float32 exp and bf16 probabilities, every layer
     assert unfused - fused == pytest.approx(scores - 8 * 24 * (2048 * (6144 + 2048) * 2 + 16 * 2048 * 4), rel=1e-9)
-    for name, expected in (("h200", fused), ("a100-80gb", fused), ("tpu-v5p", unfused), ("cpu", unfused)):
+    flash = estimate_memory(cfg, fused_attention="flash", **common).activations_bytes
+    assert fused < flash < unfused  # TPU statistics fill a 128-lane tile per row
+    for name, expected in (("h200", fused), ("a100-80gb", fused), ("tpu-v5p", flash), ("cpu", unfused)):
         assert estimate_memory(cfg, hardware=get_hardware(name), **common).activations_bytes == expected, name
     assert estimate_memory(cfg, hardware=get_hardware("h200"), precision="fp32", **common).activations_bytes > unfused
 
@@ -293,7 +295,7 @@ def test_gpu_memory_counts_the_alibi_bias_only_while_it_is_a_tensor():
     def extra(seq_len):
         sizes = [activation_bytes(ModelConfig(d_model=2048, n_heads=16, n_layers=24, attn_config=AttnConfig(alibi=alibi)),
                                   microbatch=1, seq_len=seq_len, precision="amp_bf16", remat="full",
-                                  fused_attention=True)
+                                  fused_attention="cudnn")
                  for alibi in (True, False)]  # fmt: skip
         return sizes[0] - sizes[1]
 

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxtrain.layers import cpu_kernels, gpu_kernels
+from jaxtrain.layers import cpu_kernels, gpu_kernels, tpu_kernels
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.linear import Dense
 from jaxtrain.layers.norms import LayerNorm
 from jaxtrain.parallel.logical import constrain
+from jaxtrain.parallel.platform import target_platform
 
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
 
@@ -83,6 +84,9 @@ def dot_product_attention(
         )
         if fused is not None:
             return fused
+    if tpu_kernels.use_tpu_flash_attention(q.shape[1], dropout_rate):
+        q, k, v = (a.astype(compute_dtype) for a in (q, k, v))
+        return tpu_kernels.flash_attention(q, k, v, scale=scale, slopes=slopes, sequence_id=sequence_id)
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -105,6 +109,19 @@ def dot_product_attention(
         "bhgqk,bkhd->bqhgd", probs.astype(compute_dtype), v.astype(compute_dtype), preferred_element_type=jnp.float32
     )
     return out.reshape(batch, length, heads, head_dim).astype(compute_dtype)
+
+
+def fused_attention_kind(model_cfg, compute_dtype, platform: str | None = None) -> str:
+    """Which fused kernel an MPT config's training attention runs in on ``platform`` (default: the
+    target): ``"cudnn"`` (GPU), ``"flash"`` (the Pallas kernel on TPU) or ``""`` (XLA's, or the
+    CPU kernels, which hold the scores). For memory planning before tracing."""
+    platform = platform or target_platform()
+    if gpu_kernels.model_uses_cudnn_attention(model_cfg, compute_dtype, platform):
+        return "cudnn"
+    if platform == "tpu" and tpu_kernels.use_tpu_flash_attention(model_cfg.max_seq_len, model_cfg.attn_config.attn_pdrop,
+                                                                 platform="tpu"):  # fmt: skip
+        return "flash"
+    return ""
 
 
 @struct.dataclass

@@ -12,8 +12,10 @@ less what XLA fuses away:
 * Q, K, V ``b*L*(d + 2*kv_heads*head_dim)*c`` and the attention context ``b*L*d*c``
 * attention probabilities: the float32 ``exp`` of the scores and the normalised probabilities
   in the compute dtype that the probs @ V matmul reads, ``b*H*L^2*(4 + c)``; with a fused
-  attention kernel (cuDNN's flash attention on GPUs, ``fused_attention``) only the softmax
-  statistics, ``4*b*H*L``, and the queries, keys and values once more in the kernel's layout
+  attention kernel (``fused_attention``: cuDNN's flash attention on GPUs, the Pallas flash kernel
+  on TPUs) only the softmax statistics, ``4*b*H*L`` (128 times that on TPUs, whose float32
+  ``[.., L, 1]`` arrays fill a 128-lane tile per row), and the queries, keys and values once more
+  in the kernel's layout; cuDNN also holds one constant ``[H, L, L]`` ALiBi bias up to 1 GiB
 * the MLP hidden: GELU's input (its gradient is written out from it) and output (the down
   projection's input), ``2*b*L*f*c``; a gated MLP also the gate's activation and the up
   projection, ``4*b*L*f*c``
@@ -33,7 +35,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxtrain.layers.gpu_kernels import model_uses_cudnn_attention
+from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.metrics.hardware import Hardware
 from jaxtrain.models.mpt import kv_heads, mpt_param_count
 
@@ -81,24 +83,25 @@ class MemoryEstimate:
 
 
 def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: int, tensor: int,
-                                   fused_attention: bool = False) -> dict[str, float]:
+                                   fused_attention: bool | str = False) -> dict[str, float]:
     """Activation bytes of one sequence: per block under each policy, and the model's ends."""
     d, heads = model_cfg.d_model, model_cfg.n_heads
     qkv_width = d + 2 * kv_heads(model_cfg) * (d // heads)
     hidden = int(d * model_cfg.expansion_ratio)
     glu = model_cfg.ffn_config.ffn_type == "mptglu"
     L, c = seq_len, compute_bytes
+    stats = heads * L * 4 * (128 if fused_attention == "flash" else 1)  # softmax statistics, float32
 
     norms = L * d * (8 * c + (4 if c != 4 else 0))  # not split by tensor
     if fused_attention:
-        attn = (2 * L * qkv_width * c + 2 * L * d * c + heads * L * 4) / tensor
+        attn = (2 * L * qkv_width * c + 2 * L * d * c + stats) / tensor
     else:
         attn = (L * qkv_width * c + L * d * c + heads * L * L * (4 + c)) / tensor
     mlp = (4 if glu else 2) * L * hidden * c / tensor
     block = norms + attn + mlp
 
     if fused_attention:  # the projections' products in the compute dtype, no scores
-        dots = (c * (L * qkv_width + L * d + (2 if glu else 1) * L * hidden) / tensor + heads * L * 4 / tensor
+        dots = (c * (L * qkv_width + L * d + (2 if glu else 1) * L * hidden) / tensor + stats / tensor
                 + c * 2 * L * d)
     else:
         dots = (4 * (L * qkv_width + heads * L * L + L * d + (2 if glu else 1) * L * hidden) / tensor
@@ -110,16 +113,18 @@ def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: 
 
 def activation_bytes(
     model_cfg: Any, *, microbatch: int, seq_len: int, precision: str, remat: str, tensor: int = 1,
-    fused_attention: bool = False,
+    fused_attention: bool | str = False,
 ) -> float:
-    """Activation bytes per device for one microbatch under a remat policy."""
+    """Activation bytes per device for one microbatch under a remat policy. ``fused_attention``:
+    ``"cudnn"`` (or True), ``"flash"`` (TPU) or falsy for XLA's attention."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
     a = _activation_bytes_per_sequence(model_cfg, seq_len, _compute_bytes(precision), tensor, fused_attention)
     saved = {"none": a["block"], "full": a["input"], "dots_saveable": a["dots"]}[remat]
     recompute = 0.0 if remat == "none" else a["block"]  # the block being recomputed in backward
     return (microbatch * (model_cfg.n_layers * saved + recompute + a["logits"] + a["ends"])
-            + (_alibi_bias_bytes(model_cfg, seq_len, precision) / tensor if fused_attention else 0.0))
+            + (_alibi_bias_bytes(model_cfg, seq_len, precision) / tensor
+               if fused_attention in (True, "cudnn") else 0.0))  # fmt: skip
 
 
 def _alibi_bias_bytes(model_cfg: Any, seq_len: int, precision: str) -> float:
@@ -134,6 +139,11 @@ def _alibi_bias_bytes(model_cfg: Any, seq_len: int, precision: str) -> float:
 def is_gpu(hardware: Hardware) -> bool:
     """Whether a hardware table entry is a GPU (not a TPU chip or the CPU)."""
     return not hardware.name.startswith("tpu") and hardware.name != "cpu"
+
+
+def hardware_platform(hardware: Hardware) -> str:
+    """``gpu``, ``tpu`` or ``cpu`` for a hardware table entry."""
+    return "gpu" if is_gpu(hardware) else ("tpu" if hardware.name.startswith("tpu") else "cpu")
 
 
 def _compute_bytes(precision: str) -> int:
@@ -166,12 +176,12 @@ def estimate_memory(
     hardware: Hardware | None = None,
     n_params: int | None = None,
     usable_fraction: float = 0.9,
-    fused_attention: bool | None = None,
+    fused_attention: bool | str | None = None,
 ) -> MemoryEstimate:
     """Bytes per device of one training step of an MPT model (see the module docstring).
 
-    ``fused_attention`` (default: whether ``hardware`` is a GPU and the step runs in half
-    precision with a head size cuDNN takes) counts attention as cuDNN's flash kernel keeps it.
+    ``fused_attention`` (default: from ``hardware``: ``"cudnn"`` on a GPU in half precision with a
+    head size cuDNN takes, ``"flash"`` on a TPU, else none) counts attention as that kernel keeps it.
 
     ``microbatch`` is sequences per device per forward/backward; gradients are accumulated (an
     extra fp32 gradient buffer) when it is smaller than the per-device batch ``global_batch /
@@ -203,8 +213,8 @@ def estimate_memory(
         working += 2 * layer_params * c / tensor  # gathered weights of the current and next block
 
     if fused_attention is None:
-        fused_attention = (hardware is not None and is_gpu(hardware) and model_uses_cudnn_attention(
-            model_cfg, jnp.bfloat16 if c == 2 else jnp.float32, platform="gpu"))
+        fused_attention = "" if hardware is None else fused_attention_kind(
+            model_cfg, jnp.bfloat16 if c == 2 else jnp.float32, platform=hardware_platform(hardware))
 
     def acts(policy: str, mb: int) -> float:
         return activation_bytes(

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from jaxtrain.layers.gpu_kernels import model_uses_cudnn_attention
+from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.parallel.layout import describe_shardings
 from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.train.microbatch import compiled_step_bytes, device_capacity
@@ -62,7 +62,7 @@ def memory_report(parts: Any) -> MemoryReport:
             remat=parts.remat,
             optimizer=cfg.optimizer.name,
             n_params=parts.num_params,
-            fused_attention=model_uses_cudnn_attention(cfg.model, COMPUTE_DTYPES[cfg.precision]),
+            fused_attention=fused_attention_kind(cfg.model, COMPUTE_DTYPES[cfg.precision]),
         )
         activations = estimate.activations_bytes
     except ValueError:  # a setting the planner does not model

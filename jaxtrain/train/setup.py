@@ -16,7 +16,7 @@ from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
-from jaxtrain.layers.gpu_kernels import model_uses_cudnn_attention
+from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.parallel.layout import check_model_for_mesh
 from jaxtrain.parallel.mesh import (
     MeshError, axis_rules, batch_sharding, build_mesh, check_process_rows, data_parallel_size, replicated)
@@ -238,7 +238,7 @@ def build_run(cfg: Config) -> RunParts:
                     model, global_batch=cfg.global_train_batch_size, microbatch=microbatch, seq_len=cfg.max_seq_len,
                     precision=cfg.precision, mesh_shape=dict(mesh.shape), remat=remat,
                     optimizer=cfg.optimizer.name, n_params=mpt_param_count(model),
-                    fused_attention=model_uses_cudnn_attention(model, compute_dtype),
+                    fused_attention=fused_attention_kind(model, compute_dtype),
                 ).total_bytes  # fmt: skip
             except ValueError:  # a setting the planner does not model
                 return None
