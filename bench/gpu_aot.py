@@ -300,6 +300,33 @@ def _topology(target: str, devices: int):
     return topologies.get_topology_desc(platform="tpu", topology_name=name)
 
 
+def _tpu_cost_estimate(compiled, hlo: str, cfg, batch: int, hardware) -> dict:
+    """The TPU compiler's own cost model of the step (``optimal_seconds``: its estimate of the
+    time, FLOPs and bytes accessed), and the MFU that time would give. XLA counts a loop body
+    once, so the figures cover the whole step only when no loop is left
+    (``--set model.scan_unroll=<n_layers>``)."""
+    from jaxtrain.metrics.flops import mpt_flops_per_batch
+    from jaxtrain.models.mpt import mpt_param_count
+
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    seconds = float(cost.get("optimal_seconds", 0.0))
+    loops = len(re.findall(r"\swhile\(", hlo))
+    model_flops = mpt_flops_per_batch(mpt_param_count(cfg.model), cfg.model.n_layers, cfg.model.d_model,
+                                      cfg.max_seq_len, batch)  # fmt: skip
+    estimate = {"xla_tflop": float(cost.get("flops", 0.0)) / 1e12, "xla_gb_accessed": float(cost.get("bytes accessed", 0.0)) / 1e9,
+                "xla_estimate_ms": seconds * 1e3, "loops_counted_once": loops}  # fmt: skip
+    line = (f"TPU cost model: {estimate['xla_estimate_ms']:.1f} ms, {estimate['xla_tflop']:.1f} TFLOP, "
+            f"{estimate['xla_gb_accessed']:.0f} GB accessed")
+    if seconds and not loops:
+        estimate["estimate_mfu"] = model_flops / seconds / hardware.peak_bf16_flops
+        line += f"; model FLOPs {model_flops / 1e12:.1f} T, MFU at that time {estimate['estimate_mfu']:.0%}"
+    elif loops:
+        line += f" ({loops} loops counted once: unroll the layers for whole-step figures)"
+    print(line)
+    return estimate
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/mpt/1b.yaml")
@@ -393,6 +420,8 @@ def main(argv=None) -> dict:
         rows = kernel_census(hlo, peak_flops=H200_PEAK_FLOPS, bandwidth=H200_BANDWIDTH)
         summary = summarize(rows, args.top)
         result.update(gb_moved=sum(r["bytes"] for r in rows) / 1e9, roofline_ms=summary["roofline_ms"])
+    else:
+        result.update(_tpu_cost_estimate(compiled, hlo, cfg, args.batch, get_hardware(args.target)))
     print("RESULT " + json.dumps(result), flush=True)
     return result
 

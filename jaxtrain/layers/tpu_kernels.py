@@ -205,12 +205,23 @@ def _specs(config, length, head_dim, *, outer_is_q: bool):
     }
 
 
-def _call(config, kernel, grid, in_specs, out_specs, out_shape, scratch):
+def _call(config, kernel, grid, in_specs, out_specs, out_shape, scratch, *, matmuls, operands):
+    """``pallas_call`` over a ``(batch, heads, outer, inner)`` grid, with a cost estimate for XLA's
+    scheduler and cost model: ``matmuls`` ``[tile, head_dim]`` products per visible tile (about
+    half the tiles under the causal mask), one exponential per visible score, and ``operands``
+    plus outputs read or written once. ``operands`` in the kernel's order: slopes, the two
+    segment-id views, then q."""
+    batch, heads, length, head_dim = operands[3].shape
+    visible_scores = batch * heads * length * (length + config.block_k) // 2
+    moved = sum(a.size * a.dtype.itemsize for a in operands)
+    moved += sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize for o in jax.tree.leaves(out_shape))
+    cost = pl.CostEstimate(flops=int(2 * matmuls * visible_scores * head_dim), transcendentals=int(visible_scores),
+                           bytes_accessed=int(moved))  # fmt: skip
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=config.interpret,
-    )  # fmt: skip
+        cost_estimate=cost, interpret=config.interpret,
+    )(*operands)  # fmt: skip
 
 
 def _segments(sequence_id):
@@ -260,7 +271,8 @@ def _forward(config, q, k, v, slopes, sequence_id):
         [specs["q"], specs["row"]],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, length, 1), jnp.float32)],
         [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, head_dim), jnp.float32)],
-    )(slopes, qseg, kseg, q, k, v)  # fmt: skip
+        matmuls=2, operands=(slopes, qseg, kseg, q, k, v),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- backward
@@ -304,7 +316,8 @@ def _backward_dq(config, q, k, v, slopes, sequence_id, d_out, lse, delta):
         [specs["slopes"], specs["qseg"], specs["kseg"], specs["q"], specs["k"], specs["k"], specs["q"],
          specs["row"], specs["row"]],
         specs["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, head_dim), jnp.float32)],
-    )(slopes, qseg, kseg, q, k, v, d_out, lse, delta)  # fmt: skip
+        matmuls=3, operands=(slopes, qseg, kseg, q, k, v, d_out, lse, delta),
+    )  # fmt: skip
 
 
 def _backward_dkv(config, q, k, v, slopes, sequence_id, d_out, lse, delta):
@@ -348,4 +361,5 @@ def _backward_dkv(config, q, k, v, slopes, sequence_id, d_out, lse, delta):
          specs["row"], specs["row"]],
         [k_out, k_out], [grad_shape, grad_shape],
         [pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
-    )(slopes, qseg, kseg, q, k, v, d_out, lse, delta)  # fmt: skip
+        matmuls=4, operands=(slopes, qseg, kseg, q, k, v, d_out, lse, delta),
+    )  # fmt: skip
