@@ -37,6 +37,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -61,6 +62,7 @@ device_description_str: "NVIDIA H200"
 H200_COMPUTE_CAPABILITY = (9, 0)
 H200_PEAK_FLOPS = 989e12  # dense bf16
 H200_BANDWIDTH = 4.8e12
+H200_NVLINK_BUS_BANDWIDTH = 370e9  # what NCCL's ring collectives reach per GPU over NVLink 4 / NVSwitch
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
           "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}  # fmt: skip
@@ -244,10 +246,59 @@ def kernel_census(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list
             kind = _kind(name, op, rest, body, flops)
             if kind == "collective":  # over NVLink, overlapped with compute: counted, not timed
                 seconds = 0.0
-            rows.append({"name": name, "kind": kind, "count": weight,
+            rows.append({"name": name, "kind": kind, "count": weight, "comp": comp,
                          "bytes": moved * weight, "flops": flops * weight, "seconds": seconds * weight,
                          "op": meta.group(1) if meta else ""})  # fmt: skip
     return rows
+
+
+def _group_size(rest: str) -> int:
+    """Devices in each replica group of a collective (1 when the groups cannot be read)."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:\s*\{([^}]*)\})?", rest)
+    if mesh:  # mesh['a'=2,'b'=4] {'b'}: the groups span the axes in braces (all of them without)
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+        axes = re.findall(r"'(\w+)'", mesh.group(2)) if mesh.group(2) else list(sizes)
+        return math.prod(int(sizes[a]) for a in axes if a in sizes) or 1
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]", rest)
+    if iota:
+        return int(iota.group(2))
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)
+    return len(listed.group(1).split(",")) if listed else 1
+
+
+def collective_exposure(hlo_text: str, rows: list[dict], *, link_bandwidth: float) -> dict:
+    """How much collective time the schedule leaves exposed: each collective's link time (ring
+    algorithms: all-gather and reduce-scatter move ``(n-1)/n`` of the full array per device,
+    all-reduce twice that) against the roofline time of the kernels scheduled between its start
+    and done; a synchronous collective hides behind nothing. Per step, loop bodies weighted."""
+    comps = parse_computations(hlo_text)
+    seconds = {(r["comp"], r["name"]): r["seconds"] / r["count"] for r in rows if r["kind"] != "collective"}
+    weights = {r["comp"]: r["count"] for r in rows}
+    link = exposed = 0.0
+    count = 0
+    for comp, weight in weights.items():
+        types = {name: typ for name, typ, _, _ in comps[comp]}
+        busy, started = 0.0, {}
+        for name, typ, op, rest in comps[comp]:
+            busy += seconds.get((comp, name), 0.0)
+            base = op.removesuffix("-start").removesuffix("-done")
+            if base not in _COLLECTIVES:
+                continue
+            if op.endswith("-done"):
+                begun, needed = started.pop(_operands(rest)[0], (busy, 0.0))
+                exposed += max(0.0, needed - (busy - begun)) * weight
+                continue
+            result = typ.rsplit("),", 1)[-1] if op.endswith("-start") else typ
+            full = max(array_bytes(result), sum(array_bytes(types.get(o, "")) for o in _operands(rest)))
+            n = _group_size(rest)
+            needed = full * (n - 1) / n * (2 if base == "all-reduce" else 1) / link_bandwidth
+            link += needed * weight
+            count += weight
+            if op.endswith("-start"):
+                started[name] = (busy, needed)
+            else:
+                exposed += needed * weight
+    return {"collectives": count, "link_ms": link * 1e3, "exposed_ms": exposed * 1e3}
 
 
 def summarize(rows: list[dict], top: int) -> dict:
@@ -420,6 +471,12 @@ def main(argv=None) -> dict:
         rows = kernel_census(hlo, peak_flops=H200_PEAK_FLOPS, bandwidth=H200_BANDWIDTH)
         summary = summarize(rows, args.top)
         result.update(gb_moved=sum(r["bytes"] for r in rows) / 1e9, roofline_ms=summary["roofline_ms"])
+        if args.devices > 1:
+            exposure = collective_exposure(hlo, rows, link_bandwidth=H200_NVLINK_BUS_BANDWIDTH)
+            print(f"collectives: {exposure['collectives']} a step, {exposure['link_ms']:.1f} ms on the links at "
+                  f"{H200_NVLINK_BUS_BANDWIDTH / 1e9:.0f} GB/s, {exposure['exposed_ms']:.1f} ms of it not covered by the "
+                  f"kernels scheduled alongside")  # fmt: skip
+            result.update(exposure)
     else:
         result.update(_tpu_cost_estimate(compiled, hlo, cfg, args.batch, get_hardware(args.target)))
     print("RESULT " + json.dumps(result), flush=True)

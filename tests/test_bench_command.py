@@ -60,3 +60,39 @@ def test_kernel_census_counts_a_scans_bytes_and_flops():
         if row["count"] == 5:  # no iteration moves the whole [5, 128, 128] stack or [5, 64, 128] outputs
             assert row["bytes"] / 5 <= 2 * 128 * 128 * 4 + 64, row
     assert sum(row["bytes"] for row in matmuls) >= 5 * (64 * 128 + 128 * 128 + 64 * 128) * 4
+
+
+_COLLECTIVE_HLO = """HloModule m, is_scheduled=true
+
+ENTRY %main (p0: bf16[512,4096], p1: f32[1024,1024]) -> (bf16[4096,4096], bf16[4096,4096], f32[1024,1024]) {
+  %p0 = bf16[512,4096]{1,0} parameter(0)
+  %p1 = f32[1024,1024]{1,0} parameter(1)
+  %ag-start = ((bf16[512,4096]{1,0}), bf16[4096,4096]{1,0}) all-gather-start(%p0), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  %e = f32[1024,1024]{1,0} exponential(%p1)
+  %ag-done = bf16[4096,4096]{1,0} all-gather-done(%ag-start)
+  %ag2 = bf16[4096,4096]{1,0} all-gather(%p0), channel_id=2, replica_groups=mesh['axis_0'=8] {'axis_0'}, dimensions={0}
+  ROOT %t = (bf16[4096,4096]{1,0}, bf16[4096,4096]{1,0}, f32[1024,1024]{1,0}) tuple(%ag-done, %ag2, %e)
+}
+"""
+
+
+def test_collective_exposure_counts_what_the_schedule_leaves_uncovered():
+    """An async all-gather is covered by the kernels scheduled between its start and done; a
+    synchronous one by nothing. Ring link time: (n-1)/n of the gathered array per device."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_aot
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = gpu_aot.kernel_census(_COLLECTIVE_HLO, peak_flops=1e12, bandwidth=1e11)
+    between = 2 * 1024 * 1024 * 4 / 1e11  # the exponential: read and write 4 MiB
+    link = 4096 * 4096 * 2 * 7 / 8 / 100e-6  # a bandwidth at which each gather takes 100 us
+    exposure = gpu_aot.collective_exposure(_COLLECTIVE_HLO, rows, link_bandwidth=link)
+    assert exposure["collectives"] == 2
+    assert exposure["link_ms"] == pytest.approx(0.2)
+    assert exposure["exposed_ms"] == pytest.approx((100e-6 - between + 100e-6) * 1e3)
+    assert gpu_aot._group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions") == 4
+    assert gpu_aot._group_size("replica_groups=[2,4]<=[8], dimensions") == 4
+    assert gpu_aot._group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions") == 4
+    assert gpu_aot._group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0','axis_1'}") == 8
+    assert gpu_aot._group_size("replica_groups=mesh['axis_0'=8], dimensions") == 8
