@@ -159,12 +159,13 @@ def score_mod_probe(device_kind: str) -> bool:
         try:
             error = pool.submit(_score_mod_error).result()
         except Exception as err:  # noqa: BLE001 (any failure means: keep the bias form)
-            logging.info("cuDNN in-kernel ALiBi unavailable on %s (%s: %s); ALiBi goes in as a bias",
-                         device_kind, type(err).__name__, str(err)[:200])  # fmt: skip
+            logging.warning("cuDNN in-kernel ALiBi unavailable on %s (%s: %s); long sequences hold a "
+                            "[heads, L, L] ALiBi bias", device_kind, type(err).__name__, str(err)[:200])  # fmt: skip
             return False
     ok = error < 0.05
-    logging.info("cuDNN in-kernel ALiBi on %s: max relative error %.4f against XLA; %s", device_kind,
-                 error, "used for long sequences" if ok else "not used")  # fmt: skip
+    (logging.info if ok else logging.warning)(
+        "cuDNN in-kernel ALiBi on %s: max relative error %.4f against XLA; %s", device_kind, error,
+        "used for long sequences" if ok else "not used: long sequences hold a [heads, L, L] ALiBi bias")
     return ok
 
 
