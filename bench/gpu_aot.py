@@ -201,6 +201,17 @@ def _kind(name: str, op: str, rest: str, body: list[tuple[str, str, str, str]], 
     return {"kLoop": "elementwise", "kInput": "reduction"}.get(fusion_kind.group(1) if fusion_kind else "", "fusion")
 
 
+def _condition_bound(condition: list[tuple[str, str, str, str]]):
+    """The constant N of a loop condition that is one ``compare(counter, N), direction=LT``, as a
+    match object (group 1), or None."""
+    constants = {name: re.match(r"(\d+)\)", rest) for name, _, op, rest in condition if op == "constant"}
+    compares = [rest for _, _, op, rest in condition if op == "compare" and "direction=LT" in rest]
+    if len(compares) != 1:
+        return None
+    operands = _operands(compares[0])
+    return constants.get(operands[1]) if len(operands) == 2 else None
+
+
 def kernel_census(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list[dict]:
     """One row per kernel of an optimized HLO module, loop bodies weighted by their known trip
     count: kind, launches, HBM bytes, matmul FLOPs and roofline seconds."""
@@ -214,6 +225,9 @@ def kernel_census(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list
             if op == "while":
                 body = re.search(r"body=%([\w.\-]+)", rest).group(1)
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                if trips is None:  # TPU programs: the bound in the condition ``i < N``
+                    condition = re.search(r"condition=%([\w.\-]+)", rest).group(1)
+                    trips = _condition_bound(comps.get(condition, []))
                 weights[body] = weights[caller] * (int(trips.group(1)) if trips else 1)
                 pending.append(body)
     rows = []

@@ -528,7 +528,7 @@ def test_unrolled_layer_scan_equals_the_loop():
         ("cpu", 64, "none"): 1,
         ("gpu", 3, "none"): 3, ("gpu", 24, "none"): 24, ("gpu", 24, "full"): 1, ("gpu", 24, "dots_saveable"): 24,
         ("gpu", 64, "none"): 1,
-        ("tpu", 3, "none"): 1, ("tpu", 24, "none"): 1, ("tpu", 24, "full"): 1, ("tpu", 24, "dots_saveable"): 1,
+        ("tpu", 3, "none"): 3, ("tpu", 24, "none"): 24, ("tpu", 24, "full"): 1, ("tpu", 24, "dots_saveable"): 24,
         ("tpu", 64, "none"): 1,
     }  # fmt: skip
 

@@ -96,7 +96,7 @@ class ModelConfig:
     scan_layers: bool = field(True, "stack blocks and run them with a scan (flat compile time)")
     scan_unroll: int | str = field("auto", "blocks per scan iteration when scan_layers (n_layers: straight-line "
                                            "code, same stacked parameters); auto: all of them on CPU up to "
-                                           "12 layers and on GPU up to 48 unless remat is full, else 1")
+                                           "12 layers and on GPU or TPU up to 48 unless remat is full, else 1")
     remat: str = field("none", "activation recompute per block: none | dots_saveable | full | auto (the least "
                                "recompute whose train step fits device memory)")
     fused_loss: bool = field(False, "output head + cross-entropy in sequence chunks, never holding the float32 "
