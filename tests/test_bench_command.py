@@ -96,3 +96,43 @@ def test_collective_exposure_counts_what_the_schedule_leaves_uncovered():
     assert gpu_aot._group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions") == 4
     assert gpu_aot._group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0','axis_1'}") == 8
     assert gpu_aot._group_size("replica_groups=mesh['axis_0'=8], dimensions") == 8
+
+
+_TPU_LOOP_HLO = """HloModule m, is_scheduled=true
+
+%cond (p: (s32[], f32[64,64])) -> pred[] {
+  %p = (s32[], f32[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
+  %p = (s32[], f32[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64,64]{1,0} get-tuple-element(%p), index=1
+  %e = f32[64,64]{1,0} exponential(%x)
+  %one = s32[] constant(1)
+  %j = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[64,64]{1,0}) tuple(%j, %e)
+}
+
+ENTRY %main (x: f32[64,64]) -> (s32[], f32[64,64]) {
+  %x = f32[64,64]{1,0} parameter(0)
+  %z = s32[] constant(0)
+  %t = (s32[], f32[64,64]{1,0}) tuple(%z, %x)
+  ROOT %w = (s32[], f32[64,64]{1,0}) while(%t), condition=%cond, body=%body
+}
+"""
+
+
+def test_kernel_census_reads_a_loop_bound_from_the_condition():
+    """TPU programs carry no known trip count: the census takes N from the condition ``i < N``."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_aot
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = gpu_aot.kernel_census(_TPU_LOOP_HLO, peak_flops=1e12, bandwidth=1e11)
+    (exp,) = [row for row in rows if row["kind"] == "exponential"]
+    assert exp["count"] == 7 and exp["bytes"] == 7 * 2 * 64 * 64 * 4
