@@ -164,3 +164,38 @@ def test_flash_attention_runs_per_shard_on_a_mesh():
     assert report["error"] < 1e-5
     assert report["gathers"] == 0
     assert report["shard_shape"] == [1, 256, 2, 32]
+
+
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_model_traced_for_tpu_trains_like_xla_attention(monkeypatch, remat):
+    """The whole model traced for a TPU (flash kernel inside the scanned, rematerialised blocks;
+    interpreted here) gives XLA attention's loss and gradients: ALiBi, packed documents, GQA."""
+    from flax import nnx
+
+    from jaxtrain.models import build_model
+
+    cfg = ModelConfig(
+        d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=256, remat=remat,
+        attn_config=AttnConfig(alibi=True, attn_uses_sequence_id=True, attn_type="grouped_query_attention",
+                               kv_n_heads=2),
+    )  # fmt: skip
+    graphdef, params = nnx.split(build_model(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    tokens = jax.random.randint(jax.random.key(9), (2, 256), 0, 128, dtype=jnp.int32)
+    sequence_id = jnp.asarray([[0] * 100 + [1] * 156, [0] * 256], jnp.int32)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(tokens, compute_dtype=jnp.float32, sequence_id=sequence_id)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+
+    calls = []
+    real = tpu_kernels.flash_attention
+    monkeypatch.setattr(tpu_kernels, "flash_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, interpret=True, **kw))  # fmt: skip
+    with platform.compiling_for("tpu"):
+        flash_loss, flash_grads = jax.value_and_grad(loss)(params)
+        assert calls
+        monkeypatch.setenv(tpu_kernels.TPU_ATTENTION_ENV, "xla")
+        xla_loss, xla_grads = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(float(flash_loss), float(xla_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(flash_grads), jax.tree.leaves(xla_grads)):
+        assert _relative_error(a, b) < 1e-4
