@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,17 +122,14 @@ def _per_shard(local, q, k, v, slopes, sequence_id):
                          out_specs=heads, check_vma=False)(q, k, v, slopes, sequence_id)  # fmt: skip
 
 
-class _Config(tuple):
-    """Static kernel settings (hashable, for ``custom_vjp``'s non-differentiable argument)."""
+class _Config(NamedTuple):
+    """Static kernel settings (hashable: ``custom_vjp``'s non-differentiable argument)."""
 
-    def __new__(cls, *, scale, block_q, block_k, group, interpret):
-        return super().__new__(cls, (scale, block_q, block_k, group, interpret))
-
-    scale = property(lambda self: self[0])
-    block_q = property(lambda self: self[1])
-    block_k = property(lambda self: self[2])
-    group = property(lambda self: self[3])
-    interpret = property(lambda self: self[4])
+    scale: float
+    block_q: int
+    block_k: int
+    group: int  # query heads per kv head
+    interpret: bool
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
