@@ -32,8 +32,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from jaxtrain.parallel.platform import target_platform
@@ -43,6 +41,16 @@ TPU_ATTENTION_MODES = ("auto", "xla")
 MIN_BLOCK = 128
 DEFAULT_BLOCK = 512
 _MASKED = -1e30  # a finite "minus infinity": exp(_MASKED - m) is 0 without inf - inf
+pl = pltpu = None  # Pallas, imported on first use: off TPU it would only add to start-up time
+
+
+def _import_pallas() -> None:
+    global pl, pltpu
+    if pl is None:
+        from jax.experimental import pallas
+        from jax.experimental.pallas import tpu
+
+        pl, pltpu = pallas, tpu
 
 
 def use_tpu_flash_attention(length: int, dropout_rate: float, platform: str | None = None) -> bool:
@@ -82,6 +90,7 @@ def flash_attention(
     kv_heads, head_dim]`` (kv_heads dividing heads), optional ALiBi ``slopes [heads]`` and packed
     ``sequence_id [batch, length]``. Returns ``[batch, length, heads, head_dim]`` in q's dtype;
     scores, softmax and accumulation are float32."""
+    _import_pallas()
     batch, length, heads, _ = q.shape
     bq = block_q or block_size(length)
     bk = block_k or block_size(length)
