@@ -2,9 +2,9 @@
 # GPU check for one H200 (jax 0.11 or newer, no network): cuDNN attention against XLA's (ALiBi as
 # a bias and inside the kernel), then training throughput in bf16 with MFU against 989 TFLOP/s: the
 # MPT-125M preset through the training entry point; MPT-1B without remat with its layer loop rolled
-# (seq 2048), MPT-1B at 16k tokens (ALiBi inside the kernel), and MPT-1B unrolled (the GPU default
-# since bench/gpu_aot.py showed the rolled loop moving a third more bytes) followed by its
-# costliest HLO ops from a profiler trace.
+# (seq 2048), MPT-1B at 16k tokens (ALiBi inside the kernel), MPT-1B unrolled with cuBLAS for every
+# GEMM, and MPT-1B unrolled (the GPU default since bench/gpu_aot.py showed the rolled loop moving
+# a third more bytes) followed by its costliest HLO ops from a profiler trace.
 # Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (at most 9.5 minutes: the stage timeouts sum to 560 s)
 set -u
 cd "$(dirname "$0")/.."
@@ -88,20 +88,23 @@ run() {  # name, timeout, args...
   timeout "$limit" "$PY" bench/train_throughput.py --precision bf16 --seq 2048 --steps 20 --peak $PEAK "$@" 2>&1 \
     | grep -E "^(jaxtrain|  step|RESULT)|Error|error|ALiBi" | tail -6
 }
-echo "== MPT-125M preset through the training entry point, 40 steps of 32 x 2048 on the embedded data ($(( $(date +%s) - START )) s elapsed)"
-timeout 120 "$PY" -m jaxtrain.main --config configs/mpt/125m.yaml \
+echo "== MPT-125M preset through the training entry point, 30 steps of 32 x 2048 on the embedded data ($(( $(date +%s) - START )) s elapsed)"
+timeout 90 "$PY" -m jaxtrain.main --config configs/mpt/125m.yaml \
   --set tokenizer.name=bpe:default --set tokenizer.kwargs.vocab_size=8192 \
   --set train_loader.dataset.source=python_stdlib --set train_loader.dataset.local=null \
-  --set global_train_batch_size=32 --set device_train_microbatch_size=16 --set max_duration=40ba \
+  --set global_train_batch_size=32 --set device_train_microbatch_size=16 --set max_duration=30ba \
   --set eval_interval=0 --set progress_bar=false --set console_log_interval=10ba \
   --set run_folder=/tmp/jaxtrain-gpu-125m 2>&1 | grep -vE "^  |^[a-z_]+:|^$" | tail -12
 if [ -n "${OUT:-}" ]; then cp /tmp/jaxtrain-gpu-125m/summary.json /tmp/jaxtrain-gpu-125m/metrics.jsonl "$OUT"/ 2>/dev/null; fi
-run "MPT-1B, batch 8, no remat, rolled layer loop" 85 --config configs/mpt/1b.yaml --batch 8 --remat none --set model.scan_unroll=1
+run "MPT-1B, batch 8, no remat, rolled layer loop" 70 --config configs/mpt/1b.yaml --batch 8 --remat none --set model.scan_unroll=1
 # long context: the 16k ALiBi bias would be 8 GiB, so auto computes ALiBi in cuDNN's kernel if it probes well
-run "MPT-1B, batch 1 x 16384, preset remat (ALiBi in the kernel)" 50 --config configs/mpt/1b.yaml --batch 1 --seq 16384
+run "MPT-1B, batch 1 x 16384, preset remat (ALiBi in the kernel)" 45 --config configs/mpt/1b.yaml --batch 1 --seq 16384
+# every GEMM in cuBLAS instead of XLA's autotuned Triton kernels (what MaxText's GPU recipes set)
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+  run "MPT-1B, batch 8, no remat, unrolled, --xla_gpu_enable_triton_gemm=false" 80 --config configs/mpt/1b.yaml --batch 8 --remat none
 echo "== MPT-1B, batch 8, no remat, unrolled layers (GPU default), then its costliest HLO ops ($(( $(date +%s) - START )) s elapsed)"
 # jax.profiler trace of the step: what holds MFU down (not yet checked on a GPU: op events from the
 # device's "XLA Ops" line and any host line that names the same op would both be counted)
-timeout 230 "$PY" bench/train_throughput.py --config configs/mpt/1b.yaml --batch 8 --remat none --precision bf16 \
+timeout 200 "$PY" bench/train_throughput.py --config configs/mpt/1b.yaml --batch 8 --remat none --precision bf16 \
   --seq 2048 --steps 20 --peak $PEAK --profile 30 2>&1 | grep -E "^(jaxtrain|  step|RESULT|HLO ops|  +[0-9]|by kind)|Error|error" | tail -46
 echo "== total $(( $(date +%s) - START )) s"
