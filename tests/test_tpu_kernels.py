@@ -80,7 +80,7 @@ def test_block_size_divides_the_length():
 
 def test_tpu_attention_dispatches_to_the_flash_kernel(monkeypatch):
     """Traced for a TPU, training attention goes to the Pallas kernel (here in the interpreter);
-    dropout, lengths off the 128 grid and JAXTRAIN_TPU_ATTENTION=xla keep XLA's formulation."""
+    dropout, lengths off the 128 grid, TPU v2/v3 and JAXTRAIN_TPU_ATTENTION=xla keep XLA's."""
     calls = []
     real = tpu_kernels.flash_attention
     monkeypatch.setattr(tpu_kernels, "flash_attention",
@@ -94,6 +94,9 @@ def test_tpu_attention_dispatches_to_the_flash_kernel(monkeypatch):
         assert calls == [q.shape] and _relative_error(out, expected) < 1e-5
         attention.dot_product_attention(q[:, :200], k[:, :200], v[:, :200], **opts)
         attention.dot_product_attention(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0), **opts)
+        monkeypatch.setattr(tpu_kernels, "_pre_v4_tpu", lambda: True)  # a TPU v3 host
+        attention.dot_product_attention(q, k, v, **opts)
+        monkeypatch.setattr(tpu_kernels, "_pre_v4_tpu", lambda: False)
         monkeypatch.setenv(tpu_kernels.TPU_ATTENTION_ENV, "xla")
         attention.dot_product_attention(q, k, v, **opts)
         assert calls == [q.shape]

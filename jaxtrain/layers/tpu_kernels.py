@@ -18,8 +18,8 @@ linear in the length.
 
 The kernels run in Pallas' interpreter on any backend (``interpret=True``), which is how the tests
 check them against the XLA formulation on CPU. ``use_tpu_flash_attention`` picks them on TPU for
-lengths that are a multiple of 128 without attention dropout; ``JAXTRAIN_TPU_ATTENTION=xla``
-keeps XLA's attention there.
+lengths that are a multiple of 128 without attention dropout, on TPU v4 and newer (Pallas' TPU
+compiler does not target v2 or v3); ``JAXTRAIN_TPU_ATTENTION=xla`` keeps XLA's attention there.
 """
 
 from __future__ import annotations
@@ -61,7 +61,13 @@ def use_tpu_flash_attention(length: int, dropout_rate: float, platform: str | No
     if mode not in TPU_ATTENTION_MODES:
         raise ValueError(f"{TPU_ATTENTION_ENV}={mode!r}; use one of {', '.join(TPU_ATTENTION_MODES)}")
     return (mode != "xla" and (platform or target_platform()) == "tpu" and dropout_rate == 0.0
-            and length % MIN_BLOCK == 0)  # fmt: skip
+            and length % MIN_BLOCK == 0 and not _pre_v4_tpu())  # fmt: skip
+
+
+def _pre_v4_tpu() -> bool:
+    """Whether this process drives TPU v2 or v3 chips, which Pallas' TPU compiler does not target."""
+    kind = jax.devices()[0].device_kind if jax.default_backend() == "tpu" else ""
+    return kind.startswith(("TPU v2", "TPU v3"))
 
 
 def block_size(length: int, preferred: int = DEFAULT_BLOCK) -> int:
