@@ -22,6 +22,13 @@ less what XLA fuses away:
 * logits ``[b, L, V]``: the float32 logits and their float32 gradient, ``8*b*L*V`` (XLA fuses
   the softmax into the gradient).
 
+That list is what XLA:CPU keeps. The GPU and TPU compilers keep less, and with a fused attention
+kernel (the step compiled for those chips) the block counts what their memory figures show
+(``bench/gpu_aot.py``): each LayerNorm's float32 input and compute-dtype output, ``2*b*L*d*(4 + c)``
+for two; Q, K, V and the attention output once (on TPUs also the output in the kernel's layout);
+GELU's input alone (its output is recomputed for the down projection's gradient; a gated MLP
+keeps three hidden-sized tensors); and the logits' gradient written over the logits, ``4*b*L*V``.
+
 ``remat="full"`` keeps only each block's float32 input and recomputes one block at a time;
 ``"dots_saveable"`` keeps the float32 matmul outputs (QKV, scores, context, out_proj, up/gate,
 down) and recomputes the rest. With remat, the last block's recomputation is counted as live
@@ -92,12 +99,14 @@ def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: 
     L, c = seq_len, compute_bytes
     stats = heads * L * 4 * (128 if fused_attention == "flash" else 1)  # softmax statistics, float32
 
-    norms = L * d * (8 * c + (4 if c != 4 else 0))  # not split by tensor
-    if fused_attention:
-        attn = (2 * L * qkv_width * c + 2 * L * d * c + stats) / tensor
+    if fused_attention:  # what the GPU and TPU compilers keep (module docstring)
+        norms = 2 * L * d * (c + (4 if c != 4 else 0))  # not split by tensor
+        attn = (L * qkv_width * c + (2 if fused_attention == "flash" else 1) * L * d * c + stats) / tensor
+        mlp = (3 if glu else 1) * L * hidden * c / tensor
     else:
+        norms = L * d * (8 * c + (4 if c != 4 else 0))  # not split by tensor
         attn = (L * qkv_width * c + L * d * c + heads * L * L * (4 + c)) / tensor
-    mlp = (4 if glu else 2) * L * hidden * c / tensor
+        mlp = (4 if glu else 2) * L * hidden * c / tensor
     block = norms + attn + mlp
 
     if fused_attention:  # the projections' products in the compute dtype, no scores
@@ -106,7 +115,7 @@ def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: 
     else:
         dots = (4 * (L * qkv_width + heads * L * L + L * d + (2 if glu else 1) * L * hidden) / tensor
                 + 4 * 2 * L * d)  # out_proj and down_proj outputs, replicated
-    logits = 8 * L * model_cfg.vocab_size / tensor
+    logits = (4 if fused_attention else 8) * L * model_cfg.vocab_size / tensor
     ends = L * d * (8 + 4 * c)  # embedding out and norm_f in (fp32), norm_f's intermediates
     return {"block": block, "dots": dots, "input": L * d * 4, "logits": logits, "ends": ends}
 
