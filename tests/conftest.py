@@ -38,6 +38,18 @@ def shared_compilation_cache(tmp_path_factory):
 REFERENCE_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-ref", "bin", "python")
 
 
+TPU_COMPILER_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-tpu", "bin", "python")
+
+
+@pytest.fixture(scope="session")
+def tpu_compiler_python() -> str:
+    """jaxtrain with libtpu in a side environment (built by ``.ci/tpu-env``), for compiling to TPU
+    chips without one; tests that need it skip only where that environment is absent."""
+    if not os.path.isfile(TPU_COMPILER_PYTHON):
+        pytest.skip(f"no TPU compiler environment at {TPU_COMPILER_PYTHON} (built by .ci/tpu-env)")
+    return TPU_COMPILER_PYTHON
+
+
 @pytest.fixture(scope="session")
 def streaming_python() -> str:
     """The Python 3.11 reference environment with mosaicml-streaming (built by ``.ci/reference-env``);

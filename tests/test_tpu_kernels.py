@@ -202,3 +202,32 @@ def test_model_traced_for_tpu_trains_like_xla_attention(monkeypatch, remat):
     np.testing.assert_allclose(float(flash_loss), float(xla_loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(flash_grads), jax.tree.leaves(xla_grads)):
         assert _relative_error(a, b) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "devices,overrides",
+    [(1, []), (8, ["parallelism.fsdp=4", "parallelism.tensor=2", "model.attn_config.attn_type=grouped_query_attention",
+                   "model.attn_config.kv_n_heads=2"])],
+    ids=["one_chip", "fsdp4_tensor2_gqa"],
+)
+def test_train_step_compiles_for_a_tpu(tpu_compiler_python, devices, overrides):
+    """The quickstart model's whole train step, compiled by libtpu for TPU v5p chips without one:
+    Pallas' TPU compiler lowers the flash kernels (forward, dQ, dK/dV per layer), per shard on a
+    data x fsdp x tensor mesh."""
+    import json
+    import os
+    import subprocess
+
+    from jaxtrain.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    proc = subprocess.run(
+        [tpu_compiler_python, "bench/gpu_aot.py", "--target", "tpu-v5p", "--config", "configs/quickstart.yaml",
+         "--batch", "2", "--devices", str(devices), *sets],
+        cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    layers = load_config(os.path.join(root, "configs/quickstart.yaml"), [], notices=[]).model.n_layers
+    assert result["fits"] and result["fused_attention_calls"] == 3 * layers
