@@ -411,6 +411,7 @@ def main(argv=None) -> dict:
     os.environ["JAXTRAIN_CUDNN_ALIBI"] = args.alibi
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the process itself runs nothing on the accelerator
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU to share: skip libtpu's one-process lock
     platform = "gpu" if args.target == "h200" else "tpu"
 
     import jax
