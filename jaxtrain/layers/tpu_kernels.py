@@ -160,8 +160,9 @@ def _flash_fwd(config, q, k, v, slopes, sequence_id):
 def _flash_bwd(config, residuals, d_out):
     q, k, v, slopes, sequence_id, out, lse = residuals
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    dq = _backward_dq(config, q, k, v, slopes, sequence_id, d_out, lse, delta)
-    dk, dv = _backward_dkv(config, q, k, v, slopes, sequence_id, d_out, lse, delta)
+    operands = (slopes, *_segments(sequence_id), q, k, v, d_out, lse, delta)  # both passes read these
+    dq = _backward_dq(config, operands)
+    dk, dv = _backward_dkv(config, operands)
     if config.group > 1:
         batch, kv_heads, length, head_dim = k.shape
         dk, dv = (g.reshape(batch, kv_heads, config.group, length, head_dim).sum(2).astype(k.dtype) for g in (dk, dv))
@@ -241,6 +242,11 @@ def _segments(sequence_id):
     return sequence_id[:, :, None], sequence_id[:, None, :]  # [batch, L, 1] and [batch, 1, L]
 
 
+def _backward_in_specs(specs):
+    """BlockSpecs of the backward passes' operands: slopes, segment ids, q, k, v, dO, lse, delta."""
+    return [specs[name] for name in ("slopes", "qseg", "kseg", "q", "k", "k", "q", "row", "row")]
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -299,7 +305,8 @@ def _tile_grads(config, slope, q, k, v, d_out, lse, delta, qseg, kseg, q_block, 
     return p, p * (dp - delta) * config.scale
 
 
-def _backward_dq(config, q, k, v, slopes, sequence_id, d_out, lse, delta):
+def _backward_dq(config, operands):
+    q = operands[3]
     batch, heads, length, head_dim = q.shape
     bq, bk = config.block_q, config.block_k
     specs = _specs(config, length, head_dim, outer_is_q=True)
@@ -323,19 +330,17 @@ def _backward_dq(config, q, k, v, slopes, sequence_id, d_out, lse, delta):
         def _finish():
             dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
 
-    qseg, kseg = _segments(sequence_id)
     return _call(
-        config, kernel, (batch, heads, length // bq, length // bk),
-        [specs["slopes"], specs["qseg"], specs["kseg"], specs["q"], specs["k"], specs["k"], specs["q"],
-         specs["row"], specs["row"]],
+        config, kernel, (batch, heads, length // bq, length // bk), _backward_in_specs(specs),
         specs["q"], jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, head_dim), jnp.float32)],
-        matmuls=3, operands=(slopes, qseg, kseg, q, k, v, d_out, lse, delta),
+        matmuls=3, operands=operands,
     )  # fmt: skip
 
 
-def _backward_dkv(config, q, k, v, slopes, sequence_id, d_out, lse, delta):
+def _backward_dkv(config, operands):
     """dK and dV per query head ``[batch, heads, length, head_dim]``: in k's dtype without query
     groups, else float32 for the caller to sum over each group."""
+    q, k = operands[3], operands[4]
     batch, heads, length, head_dim = q.shape
     bq, bk = config.block_q, config.block_k
     specs = _specs(config, length, head_dim, outer_is_q=False)
@@ -366,13 +371,10 @@ def _backward_dkv(config, q, k, v, slopes, sequence_id, d_out, lse, delta):
             dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
             dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
-    qseg, kseg = _segments(sequence_id)
     grad_shape = jax.ShapeDtypeStruct((batch, heads, length, head_dim), k.dtype if config.group == 1 else jnp.float32)
     return _call(
         config, kernel, (batch, heads, length // bk, length // bq),
-        [specs["slopes"], specs["qseg"], specs["kseg"], specs["q"], specs["k"], specs["k"], specs["q"],
-         specs["row"], specs["row"]],
-        [k_out, k_out], [grad_shape, grad_shape],
+        _backward_in_specs(specs), [k_out, k_out], [grad_shape, grad_shape],
         [pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
-        matmuls=4, operands=(slopes, qseg, kseg, q, k, v, d_out, lse, delta),
+        matmuls=4, operands=operands,
     )  # fmt: skip

@@ -43,6 +43,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxtrain.layers.attention import fused_attention_kind
+from jaxtrain.layers.gpu_kernels import BIAS_BYTES_LIMIT
 from jaxtrain.metrics.hardware import Hardware
 from jaxtrain.models.mpt import kv_heads, mpt_param_count
 
@@ -139,8 +140,6 @@ def activation_bytes(
 def _alibi_bias_bytes(model_cfg: Any, seq_len: int, precision: str) -> float:
     """cuDNN's constant ``[heads, L, L]`` ALiBi bias, one for all layers, while it is small enough
     to be kept as a tensor (larger ones are computed in the kernel; ``gpu_kernels.alibi_mode``)."""
-    from jaxtrain.layers.gpu_kernels import BIAS_BYTES_LIMIT
-
     size = model_cfg.n_heads * seq_len * seq_len * _compute_bytes(precision)
     return float(size) if model_cfg.attn_config.alibi and size <= BIAS_BYTES_LIMIT else 0.0
 
