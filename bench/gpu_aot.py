@@ -115,22 +115,30 @@ def _operands(rest: str) -> list[str]:
 
 
 def _param_reads(body: list[tuple[str, str, str, str]]) -> dict[int, int | None]:
-    """For a fused computation: parameter index -> bytes read when only a slice of it is used
-    (None: read whole); -1 -> bytes of buffers updated in place by a dynamic-update-slice, which
-    count in the result type but are not written whole; -2 -> the bytes those updates write."""
+    """For a fused computation: parameter index -> bytes read when only slices of it, or the
+    elements a gather picks, are used (None: read whole); -1 -> bytes of buffers updated in place
+    by a dynamic-update-slice, which count in the result type but are not written whole; -2 ->
+    the bytes those updates write."""
     params = {name: int(re.search(r"parameter\((\d+)", f"{op}({rest}").group(1))
               for name, _, op, rest in body if op == "parameter"}  # fmt: skip
     types = {name: typ for name, typ, _, _ in body}
-    users: dict[str, list[tuple[str, str, int]]] = collections.defaultdict(list)
-    for _, typ, op, rest in body:
+    users: dict[str, list[tuple[str, str, str, int]]] = collections.defaultdict(list)
+    for name, typ, op, rest in body:
         for position, operand in enumerate(_operands(rest)):
-            users[operand].append((typ, op, position))
+            users[operand].append((name, typ, op, position))
+
+    def picked_by(name: str) -> list[tuple[str, str, int]]:  # its uses, looking through bitcasts
+        found = []
+        for user, typ, op, position in users.get(name, []):
+            found += picked_by(user) if op in ("bitcast", "reshape") else [(typ, op, position)]
+        return found
+
     reads: dict[int, int | None] = {}
     for pname, index in params.items():
-        uses = users.get(pname, [])
-        if uses and all(op in ("slice", "dynamic-slice") and position == 0 for _, op, position in uses):
-            reads[index] = sum(array_bytes(typ) for typ, _, _ in uses)
-        elif uses and all(op == "dynamic-update-slice" and position == 0 for _, op, position in uses):
+        picks, uses = picked_by(pname), users.get(pname, [])
+        if picks and all(op in ("slice", "dynamic-slice", "gather") and position == 0 for _, op, position in picks):
+            reads[index] = sum(array_bytes(typ) for typ, _, _ in picks)
+        elif uses and all(op == "dynamic-update-slice" and position == 0 for _, _, op, position in uses):
             reads[index] = 0  # the buffer updated in place is not read
         else:
             reads[index] = None

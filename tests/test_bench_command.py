@@ -136,3 +136,33 @@ def test_kernel_census_reads_a_loop_bound_from_the_condition():
     rows = gpu_aot.kernel_census(_TPU_LOOP_HLO, peak_flops=1e12, bandwidth=1e11)
     (exp,) = [row for row in rows if row["kind"] == "exponential"]
     assert exp["count"] == 7 and exp["bytes"] == 7 * 2 * 64 * 64 * 4
+
+
+_GATHER_HLO = """HloModule m, is_scheduled=true
+
+%fused_gather (param_0: f32[1024,512], param_1: s32[16,2]) -> f32[16] {
+  %param_0 = f32[1024,512]{1,0} parameter(0)
+  %param_1 = s32[16,2]{1,0} parameter(1)
+  %b = f32[1024,512]{1,0} bitcast(%param_0)
+  %g = f32[16]{0} gather(%b, %param_1), offset_dims={}, collapsed_slice_dims={0,1}, start_index_map={0,1}, index_vector_dim=1, slice_sizes={1,1}
+  ROOT %e = f32[16]{0} exponential(%g)
+}
+
+ENTRY %main (x: f32[1024,512], i: s32[16,2]) -> f32[16] {
+  %x = f32[1024,512]{1,0} parameter(0)
+  %i = s32[16,2]{1,0} parameter(1)
+  ROOT %f = f32[16]{0} fusion(%x, %i), kind=kLoop, calls=%fused_gather
+}
+"""
+
+
+def test_kernel_census_counts_a_gather_at_the_elements_it_picks():
+    """A fusion that gathers a few entries of a large operand (a target logit per row) reads
+    those entries, not the operand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_aot
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    (row,) = gpu_aot.kernel_census(_GATHER_HLO, peak_flops=1e12, bandwidth=1e11)
+    assert row["bytes"] == 16 * 4 + 16 * 2 * 4 + 16 * 4  # gathered, indices, result
