@@ -103,8 +103,8 @@ run "MPT-1B, batch 1 x 16384, preset remat (ALiBi in the kernel)" 45 --config co
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   run "MPT-1B, batch 8, no remat, unrolled, --xla_gpu_enable_triton_gemm=false" 80 --config configs/mpt/1b.yaml --batch 8 --remat none
 echo "== MPT-1B, batch 8, no remat, unrolled layers (GPU default), then its costliest HLO ops ($(( $(date +%s) - START )) s elapsed)"
-# jax.profiler trace of the step: what holds MFU down (not yet checked on a GPU: op events from the
-# device's "XLA Ops" line and any host line that names the same op would both be counted)
+# jax.profiler trace of the step: what holds MFU down. The table's first line says for how much of
+# each step some kernel ran on the GPU: far below 100 % means host or launch gaps, not slow kernels.
 timeout 200 "$PY" bench/train_throughput.py --config configs/mpt/1b.yaml --batch 8 --remat none --precision bf16 \
   --seq 2048 --steps 20 --peak $PEAK --profile 30 2>&1 | grep -E "^(jaxtrain|  step|RESULT|HLO ops|  +[0-9]|by kind)|Error|error" | tail -46
 echo "== total $(( $(date +%s) - START )) s"

@@ -105,8 +105,49 @@ def pieces(cfg, dtype):
     return out
 
 
+def op_events(planes, hlo_names) -> list[tuple[str, int, int]]:
+    """(HLO op, start ns, duration ns) of every op execution in a trace's planes.
+
+    On a GPU or TPU the device planes hold them: an ``XLA Ops`` line where the trace has one,
+    else the kernels on the stream lines, each named by its ``hlo_op`` statistic (a kernel
+    without one keeps its own name). On a CPU, XLA's worker threads (and the calling thread
+    under synchronous dispatch) carry events named after the HLO ops; host lines are never
+    counted when a device plane exists, so no op is counted twice.
+    """
+    planes = list(planes)  # ProfileData hands out an iterator
+    device = [plane for plane in planes if plane.name.startswith("/device:")]
+    events = []
+    if device:
+        for plane in device:
+            lines = ([line for line in plane.lines if line.name == "XLA Ops"]
+                     or [line for line in plane.lines if line.name.startswith("Stream")])  # fmt: skip
+            for line in lines:
+                for event in line.events:
+                    name = dict(event.stats).get("hlo_op", event.name)
+                    events.append((str(name), int(event.start_ns), int(event.duration_ns)))
+        return events
+    for plane in planes:
+        for line in plane.lines:
+            events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events if e.name in hlo_names]
+    return events
+
+
+def busy_ns(events: list[tuple[str, int, int]]) -> int:
+    """Time during which at least one of ``events`` runs (the union of their intervals)."""
+    total, end = 0, None
+    for _, start, duration in sorted(events, key=lambda event: event[1]):
+        stop = start + duration
+        if end is None or start >= end:
+            total, end = total + duration, stop
+        elif stop > end:
+            total, end = total + stop - end, stop
+    return total
+
+
 def hlo_op_table(fn, args, top: int, calls: int = 3) -> None:
-    """Trace ``calls`` runs of the jitted ``fn`` and print its costliest HLO ops per call."""
+    """Trace ``calls`` runs of the jitted ``fn`` and print its costliest HLO ops per call, and
+    for how much of each call's wall time any op ran (device busy time off the CPU: a large gap
+    means the host or launches, not the kernels, set the pace)."""
     from jax.profiler import ProfileData
 
     info = {}
@@ -118,24 +159,25 @@ def hlo_op_table(fn, args, top: int, calls: int = 3) -> None:
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
+            start = time.perf_counter()
             for _ in range(calls):
                 jax.block_until_ready(fn(*args))
+            wall_ms = (time.perf_counter() - start) / calls * 1e3
         profile = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    events = op_events(profile.planes, info)
     times: collections.Counter = collections.Counter()
-    for plane in profile.planes:
-        for line in plane.lines:
-            # XLA:CPU's worker threads, and the calling thread under synchronous dispatch
-            for event in line.events:
-                if event.name in info:
-                    times[event.name] += event.duration_ns / calls / 1e6
+    for name, _, duration in events:
+        times[name] += duration / calls / 1e6
     total = sum(times.values())
-    print(f"HLO ops, ms per call summed over threads (total {total:.1f} ms):")
+    busy_ms = busy_ns(events) / calls / 1e6
+    print(f"HLO ops, ms per call summed over threads (total {total:.1f} ms); some op running "
+          f"{busy_ms:.1f} ms of the {wall_ms:.1f} ms each call took ({busy_ms / wall_ms:.0%}):")
     for name, ms in times.most_common(top):
-        shape, op_name = info[name]
-        print(f"  {ms:8.2f}  {ms / total:6.1%}  {name:30s} {shape[:36]:36s} {op_name[-60:]}")
+        shape, op_name = info.get(name, ("?", ""))
+        print(f"  {ms:8.2f}  {ms / total:6.1%}  {name[:30]:30s} {shape[:36]:36s} {op_name[-60:]}")
     kinds: collections.Counter = collections.Counter()
     for name, ms in times.items():
-        kinds["dot" if "dot_general" in info[name][1] else re.sub(r"\.\d+$", "", name)] += ms
+        kinds["dot" if "dot_general" in info.get(name, ("", ""))[1] else re.sub(r"\.\d+$", "", name)] += ms
     print("by kind: " + ", ".join(f"{kind} {ms / total:.0%}" for kind, ms in kinds.most_common(8)))
 
 

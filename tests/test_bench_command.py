@@ -166,3 +166,34 @@ def test_kernel_census_counts_a_gather_at_the_elements_it_picks():
         sys.path.remove(str(ROOT / "bench"))
     (row,) = gpu_aot.kernel_census(_GATHER_HLO, peak_flops=1e12, bandwidth=1e11)
     assert row["bytes"] == 16 * 4 + 16 * 2 * 4 + 16 * 4  # gathered, indices, result
+
+
+def test_op_events_read_device_kernels_once_and_busy_time_is_their_union():
+    """The profile table on a GPU: kernels on the device's stream lines, named by their HLO op,
+    host lines naming the same ops ignored, an ``XLA Ops`` line preferred where the trace has
+    one; busy time is the union of the ops' intervals."""
+    from types import SimpleNamespace as NS
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import layer_profile
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    def event(name, start, duration, **stats):
+        return NS(name=name, start_ns=start, duration_ns=duration, stats=list(stats.items()))
+
+    host = NS(name="/host:CPU", lines=[NS(name="XLA thunks", events=[event("fusion.1", 0, 50)])])
+    streams = [NS(name="Stream #13(Compute)", events=[event("sm90_gemm_kernel", 0, 30, hlo_op="dot.2"),
+                                                      event("loop_fusion_kernel", 40, 20, hlo_op="fusion.1")]),
+               NS(name="Stream #14(MemcpyH2D)", events=[event("cudnn_kernel", 50, 30)])]  # fmt: skip
+    gpu = NS(name="/device:GPU:0", lines=streams)
+    events = layer_profile.op_events(iter([host, gpu]), {"fusion.1": 0, "dot.2": 0})
+    assert sorted(events) == [("cudnn_kernel", 50, 30), ("dot.2", 0, 30), ("fusion.1", 40, 20)]
+    assert layer_profile.busy_ns(events) == 30 + 40  # [0, 30) and [40, 80)
+
+    ops_line = NS(name="XLA Ops", events=[event("fusion.1", 40, 20)])
+    gpu_with_ops = NS(name="/device:GPU:0", lines=[*streams, ops_line])
+    assert layer_profile.op_events([gpu_with_ops], {}) == [("fusion.1", 40, 20)]
+    cpu = layer_profile.op_events([host, NS(name="/host:metadata", lines=[])], {"fusion.1": 0})
+    assert cpu == [("fusion.1", 0, 50)]
