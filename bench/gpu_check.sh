@@ -6,11 +6,14 @@
 # GEMM, and MPT-1B unrolled (the GPU default since bench/gpu_aot.py showed the rolled loop moving
 # a third more bytes) followed by its costliest HLO ops from a profiler trace.
 # Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (at most 9.5 minutes: the stage timeouts sum to 560 s)
+# With $OUT set (a folder that comes back from the device), the whole output is also kept in
+# $OUT/gpu_check.log, beside the 125M run's summary and metrics.
 set -u
 cd "$(dirname "$0")/.."
+if [ -n "${OUT:-}" ]; then exec > >(tee -a "$OUT/gpu_check.log") 2>&1; fi
 export PYTHONPATH="${PYTHONPATH:-.}:."
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 PEAK=989e12
 START=$(date +%s)
 
