@@ -144,14 +144,17 @@ def busy_ns(events: list[tuple[str, int, int]]) -> int:
     return total
 
 
-def hlo_op_table(fn, args, top: int, calls: int = 3) -> None:
+def hlo_op_table(fn, args, top: int, calls: int = 3, hlo_text: str | None = None) -> None:
     """Trace ``calls`` runs of the jitted ``fn`` and print its costliest HLO ops per call, and
     for how much of each call's wall time any op ran (device busy time off the CPU: a large gap
-    means the host or launches, not the kernels, set the pace)."""
+    means the host or launches, not the kernels, set the pace). ``hlo_text``: the optimized HLO
+    of what ``fn`` runs, when ``fn`` is not a jitted function to lower (e.g. a closure that calls
+    an already compiled step), which also spares compiling it again."""
     from jax.profiler import ProfileData
 
     info = {}
-    for line in fn.lower(*args).compile().as_text().splitlines():
+    hlo_text = fn.lower(*args).compile().as_text() if hlo_text is None else hlo_text
+    for line in hlo_text.splitlines():
         match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
         if match:
             op_name = re.search(r'op_name="([^"]+)"', line)

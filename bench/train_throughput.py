@@ -142,9 +142,16 @@ def main(argv=None) -> dict:
     if args.profile:
         from layer_profile import hlo_op_table  # noqa: PLC0415 (bench helper; imports this module)
 
-        # a copy of the step that does not donate the state, so the same arguments can be traced repeatedly
-        traced = compile_train_step(step_fn, shardings, batch_sharding(mesh), donate=False)
-        hlo_op_table(traced, (state, batches[0]), top=args.profile)
+        # the step just timed, state threaded through the calls (it donates its input state): no
+        # second compile, which for a large unrolled model on a GPU takes as long as the timing
+        carried = [state]
+
+        def next_step():
+            carried[0], step_metrics = train_step(carried[0], batches[0])
+            return step_metrics
+
+        hlo_op_table(next_step, (), top=args.profile, hlo_text=hlo)
+        state = carried[0]
 
     n_params = mpt_param_count(model)
     flops = mpt_flops_per_batch(n_params, model.n_layers, model.d_model, seq, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -197,3 +198,20 @@ def test_op_events_read_device_kernels_once_and_busy_time_is_their_union():
     assert layer_profile.op_events([gpu_with_ops], {}) == [("fusion.1", 40, 20)]
     cpu = layer_profile.op_events([host, NS(name="/host:metadata", lines=[])], {"fusion.1": 0})
     assert cpu == [("fusion.1", 0, 50)]
+
+
+def test_throughput_script_profiles_the_step_it_timed():
+    """``bench/train_throughput.py --profile`` (what the GPU check ends with) traces the compiled,
+    state-donating step it timed and prints the op table with the busy share of each call."""
+    args = [sys.executable, "bench/train_throughput.py", "--shape", "xs", "--precision", "bf16", "--seq", "64",
+            "--batch", "2", "--steps", "2", "--no-microbench", "--profile", "3"]  # fmt: skip
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    (header,) = [line for line in lines if line.startswith("HLO ops")]
+    busy, wall = (float(x) for x in re.search(r"some op running ([\d.]+) ms of the ([\d.]+) ms", header).groups())
+    assert 0 < busy <= wall
+    rows = lines[lines.index(header) + 1: lines.index(header) + 4]
+    assert all(re.match(r"\s+[\d.]+\s+[\d.]+%\s+\S+", row) for row in rows), rows
+    (record,) = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
+    assert record["tokens_per_s"] > 0 and record["seq"] == 64
