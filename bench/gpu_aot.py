@@ -171,6 +171,17 @@ def _dot_flops(instrs: list[tuple[str, str, str, str]], types: dict[str, str]) -
     return flops
 
 
+def _gemm_call_flops(rest: str, lhs_type: str, out_type: str) -> float:
+    """A cuBLAS GEMM custom call's ``2·M·N·K`` (batch included) from its first result and the
+    contracting dimensions in its backend config; 0 when they cannot be read."""
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+    lhs, out = _dims(lhs_type), _dims(out_type)
+    if not (contracting and lhs and out):
+        return 0.0
+    k = math.prod(lhs[0][1][int(d)] for d in re.findall(r"\d+", contracting.group(1)))
+    return 2.0 * math.prod(out[0][1]) * k
+
+
 def _attention_flops(rest: str, query_type: str) -> float:
     """A cuDNN flash-attention call's matmul FLOPs: ``4·b·h·q·k·d`` forward (half under a causal
     mask), 2.5 times that backward (the two products recomputed and three gradients)."""
@@ -255,16 +266,24 @@ def kernel_census(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list
             out_type = typ
             if op.endswith("-start"):  # async: (operands, results, context); count the results
                 out_type = typ.rsplit("),", 1)[-1]
+            # GEMMs XLA hands to cuBLAS (Triton GEMMs off, fp8, or inside a dynamic-slice
+            # fusion) carry no dot: their FLOPs come from the call's shapes
+            scope, scope_types = (body, {n: t for n, t, _, _ in body}) if body else ([(name, typ, op, rest)], types)
+            gemms = [(call_rest, scope_types.get((_operands(call_rest) or [""])[0], ""), call_type)
+                     for _, call_type, call_op, call_rest in scope
+                     if call_op == "custom-call" and "__cublas" in call_rest]  # fmt: skip
+            if gemms:  # (result, workspace): the workspace is scratch, not traffic
+                out_type = out_type.split(", s8[")[0]
             written = max(0, array_bytes(out_type) - reads.get(-1, 0)) + reads.get(-2, 0)
-            if body:
-                flops = _dot_flops(body, {n: t for n, t, _, _ in body})
-            elif "__cudnn$fmha" in rest:
+            if "__cudnn$fmha" in rest:
                 flops = _attention_flops(rest, types.get(operands[0], "") if operands else "")
             else:
-                flops = _dot_flops([(name, typ, op, rest)], types)
+                flops = _dot_flops(scope, scope_types) + sum(_gemm_call_flops(*gemm) for gemm in gemms)
             meta = re.search(r'op_name="([^"]*)"', rest)
             moved = read + written
-            seconds = max(moved / bandwidth, flops / peak_flops)
+            # fp8 operands: the tensor cores' fp8 rate, twice the bf16 peak on Hopper
+            fp8 = any(lhs_type.startswith("f8") for _, lhs_type, _ in gemms)
+            seconds = max(moved / bandwidth, flops / (peak_flops * (2 if fp8 else 1)))
             kind = _kind(name, op, rest, body, flops)
             if kind == "collective":  # over NVLink, overlapped with compute: counted, not timed
                 seconds = 0.0

@@ -215,3 +215,52 @@ def test_throughput_script_profiles_the_step_it_timed():
     assert all(re.match(r"\s+[\d.]+\s+[\d.]+%\s+\S+", row) for row in rows), rows
     (record,) = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
     assert record["tokens_per_s"] > 0 and record["seq"] == 64
+
+
+_CUBLAS_HLO = """HloModule m, is_scheduled=true
+
+%sliced_gemm (p0: bf16[4,512,1024], p1: bf16[256,512]) -> (bf16[256,1024], s8[1024]) {
+  %p0 = bf16[4,512,1024]{2,1,0} parameter(0)
+  %p1 = bf16[256,512]{1,0} parameter(1)
+  %sl = bf16[1,512,1024]{2,1,0} slice(%p0), slice={[0:1], [0:512], [0:1024]}
+  %bc = bf16[512,1024]{1,0} bitcast(%sl)
+  ROOT %cc = (bf16[256,1024]{1,0}, s8[1024]{0}) custom-call(%p1, %bc), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+}
+
+ENTRY %main (a: bf16[256,512], b: bf16[1024,512], c: f8e4m3fn[256,512], d: f8e4m3fn[1024,512], s: f32[], w: bf16[4,512,1024]) -> (bf16[256,1024], bf16[256,1024], bf16[256,1024]) {
+  %a = bf16[256,512]{1,0} parameter(0)
+  %b = bf16[1024,512]{1,0} parameter(1)
+  %c = f8e4m3fn[256,512]{1,0} parameter(2)
+  %d = f8e4m3fn[1024,512]{1,0} parameter(3)
+  %s = f32[] parameter(4)
+  %g1 = (bf16[256,1024]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %r1 = bf16[256,1024]{1,0} get-tuple-element(%g1), index=0
+  %g2 = (bf16[256,1024]{1,0}, s8[4194304]{0}) custom-call(%c, %d, %s, %s), custom_call_target="__cublas$lt$matmul$f8", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %r2 = bf16[256,1024]{1,0} get-tuple-element(%g2), index=0
+  %w = bf16[4,512,1024]{2,1,0} parameter(5)
+  %g3 = (bf16[256,1024]{1,0}, s8[1024]{0}) fusion(%w, %a), kind=kCustom, calls=%sliced_gemm
+  %r3 = bf16[256,1024]{1,0} get-tuple-element(%g3), index=0
+  ROOT %t = (bf16[256,1024]{1,0}, bf16[256,1024]{1,0}, bf16[256,1024]{1,0}) tuple(%r1, %r2, %r3)
+}
+"""
+
+
+def test_kernel_census_counts_cublas_gemms_and_fp8_at_twice_the_rate():
+    """GEMMs XLA hands to cuBLAS (Triton GEMMs off, fp8, or inside a dynamic-slice fusion that
+    reads one layer's weights from the stack) carry no dot to count: their FLOPs come from the
+    call's shapes and contracting dimensions, fp8 ones at twice the bf16 peak, and the cuBLAS
+    workspace is not counted as traffic."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_aot
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = {row["name"]: row for row in gpu_aot.kernel_census(_CUBLAS_HLO, peak_flops=1e12, bandwidth=1e15)}
+    flops = 2 * 256 * 1024 * 512
+    assert rows["g1"]["kind"] == rows["g2"]["kind"] == "matmul"
+    assert rows["g1"]["flops"] == rows["g2"]["flops"] == flops
+    assert rows["g1"]["seconds"] == pytest.approx(flops / 1e12)
+    assert rows["g2"]["seconds"] == pytest.approx(flops / 2e12)
+    assert rows["g1"]["bytes"] == (256 * 512 + 1024 * 512 + 256 * 1024) * 2
+    assert rows["g3"]["kind"] == "matmul" and rows["g3"]["flops"] == flops
+    assert rows["g3"]["bytes"] == (512 * 1024 + 256 * 512 + 256 * 1024) * 2  # one layer's slice of w
