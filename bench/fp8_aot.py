@@ -2,7 +2,7 @@
 every bias-free layer product (Q/K/V, out_proj, up and down projections; not the output head, not
 attention) taken in fp8, and its kernel census printed the same way.
 
-    python bench/fp8_aot.py --config configs/mpt/1b.yaml --batch 8 --set model.remat=none
+    python bench/fp8_aot.py --config configs/mpt/1b.yaml --batch 8 --set model.remat=none [--scaling given]
 
 A sizing experiment, not a training mode: jaxtrain trains in bf16. The products use per-tensor
 *current* scaling (each tensor's absolute maximum of this step), e4m3 for activations and
@@ -20,6 +20,7 @@ side environment ``gpu_aot.py``'s docstring describes.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -31,9 +32,17 @@ import jax.numpy as jnp  # noqa: E402
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 
 
+SCALING = {"mode": "current"}
+
+
 def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """``x`` scaled by its absolute maximum into ``dtype``'s range and cast: (fp8 array, float32 scale)."""
-    scale = jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12) / float(jnp.finfo(dtype).max)
+    """``x`` scaled into ``dtype``'s range and cast: (fp8 array, float32 scale). Current scaling
+    divides by this tensor's absolute maximum; ``--scaling given`` by a scale that comes in with
+    the step (as delayed scaling's, from earlier steps' maxima), which costs no extra pass."""
+    if SCALING["mode"] == "given":
+        scale = jnp.float32(1.0)
+    else:
+        scale = jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12) / float(jnp.finfo(dtype).max)
     return jax.lax.optimization_barrier((x.astype(jnp.float32) / scale).astype(dtype)), scale
 
 
@@ -67,6 +76,12 @@ fp8_product.defvjp(_forward, _backward)
 
 
 def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--scaling", choices=("current", "given"), default="current",
+                        help="current: each tensor's maximum this step; given: a scale from outside the "
+                             "step (delayed scaling's cost without its bookkeeping)")  # fmt: skip
+    args, rest = parser.parse_known_args(argv)
+    SCALING["mode"] = args.scaling
     # read when the first backend starts, which the compile below does
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
     plain_einsum = jnp.einsum
@@ -81,7 +96,7 @@ def main(argv=None) -> dict:
 
     jnp.einsum = einsum
     try:
-        return gpu_aot.main(argv)
+        return gpu_aot.main(rest)
     finally:
         jnp.einsum = plain_einsum
 
