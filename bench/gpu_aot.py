@@ -451,7 +451,8 @@ def main(argv=None) -> dict:
     from jaxtrain.parallel.platform import compiling_for
     from jaxtrain.train.optim import build_optimizer
     from jaxtrain.train.state import abstract_train_state
-    from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_train_step
+    from jaxtrain.train.step import (COMPUTE_DTYPES, FP8_PRECISIONS, compile_train_step, compiler_options,
+                                     make_train_step)
 
     try:
         topology = _topology(args.target, args.devices)
@@ -473,10 +474,12 @@ def main(argv=None) -> dict:
         state, model_def, shardings = abstract_train_state(cfg.model, tx, mesh=mesh, rules=rules,
                                                            spike_window=cfg.health.spike_window)  # fmt: skip
         step = make_train_step(model_def, tx, lambda _: cfg.optimizer.lr,
-                               compute_dtype=COMPUTE_DTYPES[cfg.precision], num_microbatches=1)  # fmt: skip
+                               compute_dtype=COMPUTE_DTYPES[cfg.precision], num_microbatches=1,
+                               fp8_products=cfg.precision in FP8_PRECISIONS)  # fmt: skip
         batch = {"input_ids": jax.ShapeDtypeStruct((args.batch * args.devices, cfg.max_seq_len), jnp.int32,
                                                     sharding=batch_sharding(mesh))}  # fmt: skip
-        jitted = compile_train_step(step, shardings, batch_sharding(mesh))
+        jitted = compile_train_step(step, shardings, batch_sharding(mesh),
+                                    options=compiler_options(cfg.precision, platform))
         # Pallas' TPU compiler asks the current mesh which chip it compiles for (this process has none)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if platform == "tpu" else contextlib.nullcontext():
             lowered = jitted.lower(state, batch)
@@ -498,17 +501,19 @@ def main(argv=None) -> dict:
             f.write(hlo)
     memory = compiled.memory_analysis()
     fused = hlo.count("__cudnn$fmha") if platform == "gpu" else hlo.count('custom_call_target="tpu_custom_call"')
+    fp8_gemms = hlo.count('custom_call_target="__cublas$lt$matmul$f8"')
     used = memory.argument_size_in_bytes + memory.temp_size_in_bytes
     hbm = get_hardware("h200" if platform == "gpu" else args.target).memory_bytes
     print(f"{args.config} {' '.join(args.set)}: batch {args.batch} x {cfg.max_seq_len} per device, {cfg.precision}, "
           f"for {args.devices} x {topology.devices[0].device_kind}, mesh {dict(mesh.shape)}: lower {lowered_at - started:.1f} s, "
           f"compile {compiled_at - lowered_at:.1f} s; arguments {memory.argument_size_in_bytes / 2**30:.1f} GiB, "
           f"temporaries {memory.temp_size_in_bytes / 2**30:.1f} GiB ({used / hbm:.0%} of {hbm / 2**30:.0f} GiB); "
-          f"{'cuDNN attention' if platform == 'gpu' else 'Pallas (Mosaic) kernel'} calls {fused}")  # fmt: skip
+          f"{'cuDNN attention' if platform == 'gpu' else 'Pallas (Mosaic) kernel'} calls {fused}"
+          + (f", fp8 GEMM calls {fp8_gemms}" if cfg.precision in FP8_PRECISIONS else ""))  # fmt: skip
     result = {"config": args.config, "target": args.target, "overrides": args.set, "batch": args.batch,
               "devices": args.devices, "alibi": args.alibi, "seq": cfg.max_seq_len,
               "compile_s": compiled_at - lowered_at, "temp_gib": memory.temp_size_in_bytes / 2**30,
-              "fits": used <= hbm, "fused_attention_calls": fused}  # fmt: skip
+              "fits": used <= hbm, "fused_attention_calls": fused, "fp8_gemm_calls": fp8_gemms}  # fmt: skip
     if platform == "gpu":
         rows = kernel_census(hlo, peak_flops=H200_PEAK_FLOPS, bandwidth=H200_BANDWIDTH)
         summary = summarize(rows, args.top)

@@ -259,7 +259,10 @@ class Config:
     eval_interval: str = field("500ba", "held-out eval period (time string); 0 disables")
     eval_first: bool = field(False, "evaluate before the first step")
     eval_subset_num_batches: int = field(-1, "eval batches per evaluation (-1: the whole held-out split)")
-    precision: str = field("amp_bf16", "amp_bf16 (bf16 compute, fp32 params) or fp32")
+    precision: str = field(
+        "amp_bf16",
+        "amp_bf16 (bf16 compute, fp32 params), amp_fp8 (amp_bf16 with the blocks' linear-layer products in "
+        "fp8; GPUs with compute capability >= 8.9) or fp32")
     save_folder: str | None = field(None, "checkpoint folder; {run_name} is substituted")
     save_interval: str = field("1000ba", "checkpoint period (time string)")
     save_num_checkpoints_to_keep: int = field(-1, "keep the newest N checkpoints (-1: all)")

@@ -14,7 +14,7 @@ Where = Callable[[str], str]
 
 OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
 SCHEDULERS = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup")
-PRECISIONS = ("amp_bf16", "fp32")
+PRECISIONS = ("amp_bf16", "amp_fp8", "fp32")
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
 ATTN_IMPLS = ("xla",)
 FFN_TYPES = ("mptmlp", "mptglu")

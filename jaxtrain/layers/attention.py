@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxtrain.layers import cpu_kernels, gpu_kernels, tpu_kernels
+from jaxtrain.layers import cpu_kernels, fp8, gpu_kernels, tpu_kernels
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.linear import Dense
 from jaxtrain.layers.norms import LayerNorm
@@ -253,9 +253,11 @@ class MPTAttention(nnx.Module):
         """
         batch, length, d_model = x.shape
         kv_width = self.kv_n_heads * self.head_dim
-        if self.Wqkv.bias is None and self.clip_qkv is None and not cpu_kernels.use_cpu_kernels(compute_dtype):
+        plain = self.Wqkv.bias is None and self.clip_qkv is None
+        if plain and not fp8.enabled() and not cpu_kernels.use_cpu_kernels(compute_dtype):
             # three products with column slices of Wqkv: splitting one product's output copies Q,
-            # K and V out of it (the H200-compiled 1B step moved 16 GB a step doing so)
+            # K and V out of it (the H200-compiled 1B step moved 16 GB a step doing so). Not in
+            # fp8, where XLA would merge the slices' products back into a bf16 one (fp8.dot).
             kernel = self.Wqkv.kernel[...].astype(compute_dtype)
             xc = x.astype(compute_dtype)
             q, k, v = (jnp.einsum("...i,io->...o", xc, w)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import InitConfig
-from jaxtrain.layers import cpu_kernels
+from jaxtrain.layers import cpu_kernels, fp8
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -97,7 +97,11 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
-        if cpu_kernels.use_cpu_kernels(compute_dtype):
+        if fp8.enabled():  # amp_fp8: the product in fp8, rounded once to the compute dtype
+            y = fp8.dot(x.astype(compute_dtype), self.kernel[...].astype(compute_dtype))
+            if self.bias is None:
+                return y
+        elif cpu_kernels.use_cpu_kernels(compute_dtype):
             if self.bias is None:
                 return cpu_kernels.dense(x, self.kernel[...], compute_dtype, out_dtype=compute_dtype)
             y = cpu_kernels.dense(x, self.kernel[...], compute_dtype)

@@ -31,10 +31,21 @@ class Hardware:
     memory_bytes: int  # device (HBM) memory
     price_per_hour_usd: float  # an assumption; see PRICE_NOTE
     notes: str = ""
+    peak_fp8_flops: float = 0.0  # dense fp8 FLOP/s; 0 where there are no fp8 matrix units
+
+    def peak_kind(self, precision: str) -> str:
+        """Which peak MFU divides by for a ``precision`` setting: fp32, bf16 or fp8.
+
+        amp_fp8 is measured against the fp8 peak where the device has one (as Composer's speed
+        monitor does), so its MFU is the conservative figure; elsewhere against bf16."""
+        if precision == "fp32":
+            return "fp32"
+        return "fp8" if precision == "amp_fp8" and self.peak_fp8_flops else "bf16"
 
     def peak_flops(self, precision: str) -> float:
-        """The peak that MFU divides by for a ``precision`` setting (amp_bf16 / fp32)."""
-        return self.peak_fp32_flops if precision == "fp32" else self.peak_bf16_flops
+        """The peak that MFU divides by for a ``precision`` setting (amp_bf16 / amp_fp8 / fp32)."""
+        kind = self.peak_kind(precision)
+        return {"fp32": self.peak_fp32_flops, "fp8": self.peak_fp8_flops}.get(kind, self.peak_bf16_flops)
 
 
 def _host_memory_bytes() -> int:
@@ -54,11 +65,12 @@ HARDWARE: dict[str, Hardware] = {
         Hardware("a100-80gb", 312e12, 19.5e12, 80 * GIB, 5.07,
                  "NVIDIA A100 SXM4 80GB; fp32 is the non-tensor-core figure (TF32: 156 TFLOP/s)"),
         Hardware("h100", 989e12, 67e12, 80 * GIB, 11.06,
-                 "NVIDIA H100 SXM5 80GB HBM3; dense bf16 (1979 is with sparsity)"),
+                 "NVIDIA H100 SXM5 80GB HBM3; dense bf16 (1979 is with sparsity)", peak_fp8_flops=1979e12),
         Hardware("h200", 989e12, 67e12, 141 * 10**9, 10.60,
-                 "NVIDIA H200 SXM 141GB HBM3e; same compute as H100 SXM (about 790 TFLOP/s measured on matmuls)"),
+                 "NVIDIA H200 SXM 141GB HBM3e; same compute as H100 SXM (about 790 TFLOP/s measured on matmuls)",
+                 peak_fp8_flops=1979e12),
         Hardware("b200", 2250e12, 80e12, 192 * 10**9, 14.24,
-                 "NVIDIA B200 192GB HBM3e; dense bf16 (4.5 PFLOP/s is with sparsity)"),
+                 "NVIDIA B200 192GB HBM3e; dense bf16 (4.5 PFLOP/s is with sparsity)", peak_fp8_flops=4500e12),
         Hardware("tpu-v4", 275e12, 275e12, 32 * GIB, 3.22, "Google TPU v4 chip; " + _TPU_FP32),
         Hardware("tpu-v5e", 197e12, 197e12, 16 * GIB, 1.20, "Google TPU v5e (v5 lite) chip; " + _TPU_FP32),
         Hardware("tpu-v5p", 459e12, 459e12, 95 * GIB, 4.20, "Google TPU v5p chip; " + _TPU_FP32),

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--price-per-hour", type=float, help="USD per device-hour, replacing the table's assumption")
     hw.add_argument("--prices", help="YAML file of price overrides {hardware_name: usd_per_hour}")
     hw.add_argument("--mfu", help=f"model FLOPs utilisation, a fraction, or from:FILE (default {DEFAULT_MFU})")
-    hw.add_argument("--precision", default="amp_bf16", choices=("amp_bf16", "fp32"), help="selects the peak")
+    hw.add_argument("--precision", default="amp_bf16", choices=("amp_bf16", "amp_fp8", "fp32"),
+                    help="selects the peak (amp_fp8: the fp8 peak where the device has one)")
     hw.add_argument("--seq-len", type=int, help="training sequence length for attention FLOPs (default 2048)")
     out = p.add_argument_group("output")
     out.add_argument("--allocation", default="approach1", choices=tuple(chinchilla.ALLOCATIONS),

@@ -53,7 +53,8 @@ OPTIMIZER_STATE_COPIES = {
     "sgd": 0,
 }
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-COMPUTE_BYTES = {"amp_bf16": 2, "bf16": 2, "fp32": 4}
+# amp_fp8 keeps the layer products' saved inputs in 1 byte but everything else in bf16: counted as bf16
+COMPUTE_BYTES = {"amp_bf16": 2, "amp_fp8": 2, "bf16": 2, "fp32": 4}
 MESH_AXES = ("data", "fsdp", "tensor")
 
 

@@ -16,6 +16,7 @@ from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
+from jaxtrain.layers import fp8
 from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.parallel.layout import check_model_for_mesh
 from jaxtrain.parallel.mesh import (
@@ -27,7 +28,8 @@ from jaxtrain.train.state import abstract_model, create_train_state
 from jaxtrain.train.health import FaultInjector
 from jaxtrain.train.microbatch import (
     AutoMicrobatchStep, SettledStep, device_capacity, memory_analysis, settle_step, step_candidates)
-from jaxtrain.train.step import COMPUTE_DTYPES, HealthRules, compile_train_step, make_eval_step, make_train_step
+from jaxtrain.train.step import (
+    COMPUTE_DTYPES, FP8_PRECISIONS, HealthRules, compile_train_step, compiler_options, make_eval_step, make_train_step)
 
 
 def resolve_run_name(cfg: Config, config_path: str | None) -> str:
@@ -99,8 +101,8 @@ def peak_flops(cfg: Config) -> tuple[float, str]:
     if hardware is None:
         device = jax.devices()[0]
         return 330e9, f"unknown device {device.device_kind!r}: assumed 330 GFLOP/s; set peak_flops_per_device"
-    peak = hardware.peak_bf16_flops if cfg.precision == "amp_bf16" else hardware.peak_fp32_flops
-    return float(peak), f"{hardware.name} {'bf16' if cfg.precision == 'amp_bf16' else 'fp32'} peak ({hardware.notes})"
+    peak, kind = hardware.peak_flops(cfg.precision), hardware.peak_kind(cfg.precision)
+    return float(peak), f"{hardware.name} {kind} peak ({hardware.notes})"
 
 
 class _InBackground:
@@ -168,6 +170,13 @@ def build_run(cfg: Config) -> RunParts:
     except MeshError as err:
         raise ConfigError(str(err)) from None
     validate_for_devices(cfg, mesh.size)
+    if cfg.precision in FP8_PRECISIONS:
+        try:
+            note = fp8.device_note(devices[0])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if note:
+            print(f"warning: {note}", flush=True)
     rules = axis_rules(cfg.parallelism)
 
     cache_dir = os.path.join(cfg.run_folder, "cache")
@@ -190,6 +199,8 @@ def build_run(cfg: Config) -> RunParts:
     state, model_def, state_shardings = state_parts
 
     compute_dtype = COMPUTE_DTYPES[cfg.precision]
+    fp8_products = cfg.precision in FP8_PRECISIONS
+    options = compiler_options(cfg.precision, devices[0].platform)
     model = cfg.model
     use_dropout = max(model.emb_pdrop, model.resid_pdrop, model.attn_config.attn_pdrop) > 0
     health = HealthRules(
@@ -210,10 +221,11 @@ def build_run(cfg: Config) -> RunParts:
             model_defs[remat] = dataclasses.replace(model_def, graphdef=graphdef)
         train_step = make_train_step(
             model_defs[remat], tx, schedule, compute_dtype=compute_dtype, num_microbatches=num_microbatches,
-            z_loss=model.z_loss, use_dropout=use_dropout, health=health,
+            z_loss=model.z_loss, use_dropout=use_dropout, health=health, fp8_products=fp8_products,
         )
         return compile_train_step(
-            train_step, state_shardings, shard_batch, control_sharding=replicated(mesh) if with_control else None
+            train_step, state_shardings, shard_batch, control_sharding=replicated(mesh) if with_control else None,
+            options=options,
         )
 
     # Compiled ahead of time for its memory analysis; the first call reuses this executable.
@@ -263,8 +275,9 @@ def build_run(cfg: Config) -> RunParts:
         step_memory = memory_analysis(compiled.lower(*example_args).compile())
         remat = model.remat
     eval_step = jax.jit(
-        make_eval_step(model_def, compute_dtype=compute_dtype),
+        make_eval_step(model_def, compute_dtype=compute_dtype, fp8_products=fp8_products),
         in_shardings=(state_shardings.params, shard_batch),
+        compiler_options=options,
     )
     from jaxtrain.metrics.flops import mpt_flops_per_batch
 

@@ -9,10 +9,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.layers import fp8
 from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
 from jaxtrain.train.state import ModelDef, TrainState
 
-COMPUTE_DTYPES = {"fp32": jnp.float32, "amp_bf16": jnp.bfloat16}
+# the dtype activations and products run in; amp_fp8 is amp_bf16 with the layer products in fp8
+COMPUTE_DTYPES = {"fp32": jnp.float32, "amp_bf16": jnp.bfloat16, "amp_fp8": jnp.bfloat16}
+FP8_PRECISIONS = ("amp_fp8",)
+
+
+def compiler_options(precision: str, platform: str) -> dict | None:
+    """XLA options the train and eval steps are compiled with for ``precision`` on ``platform``."""
+    if precision in FP8_PRECISIONS and platform in ("gpu", "cuda"):
+        return dict(fp8.GPU_COMPILER_OPTIONS)
+    return None
 
 
 def _split_microbatches(x: jax.Array, num_microbatches: int) -> jax.Array:
@@ -48,6 +58,7 @@ def make_train_step(
     z_loss: float = 0.0,
     use_dropout: bool = False,
     health: HealthRules = HealthRules(),
+    fp8_products: bool = False,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
@@ -55,21 +66,25 @@ def make_train_step(
     summed loss is divided by the batch's total target count, so accumulating over microbatches
     gives the same gradient as one pass over the full batch.
 
+    With ``fp8_products`` the transformer blocks' linear layers take their products in fp8
+    (``jaxtrain.layers.fp8``); everything else runs in ``compute_dtype``.
+
     An optional ``control`` float32[2] = [loss multiplier, force skip] lets the host rehearse
     failures (a NaN or spike multiplier) and reproduce another run's skipped steps.
     """
 
     def microbatch_loss(params, inputs, targets, sequence_id, dropout_rng, total_tokens, multiplier):
-        loss_sum, z_sum, _ = model_def.apply(
-            params,
-            inputs,
-            targets,
-            method="lm_loss",
-            compute_dtype=compute_dtype,
-            sequence_id=sequence_id,
-            dropout_rng=dropout_rng if use_dropout else None,
-            z_loss=z_loss,
-        )
+        with fp8.products(fp8_products):
+            loss_sum, z_sum, _ = model_def.apply(
+                params,
+                inputs,
+                targets,
+                method="lm_loss",
+                compute_dtype=compute_dtype,
+                sequence_id=sequence_id,
+                dropout_rng=dropout_rng if use_dropout else None,
+                z_loss=z_loss,
+            )
         loss_sum = loss_sum * multiplier
         return (loss_sum + z_sum) / total_tokens, loss_sum
 
@@ -149,22 +164,27 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model_def: ModelDef, *, compute_dtype: Any = jnp.float32):
-    """Build ``eval_step(params, batch) -> {loss_sum, tokens}`` (sums, so batches can be added)."""
+def make_eval_step(model_def: ModelDef, *, compute_dtype: Any = jnp.float32, fp8_products: bool = False):
+    """Build ``eval_step(params, batch) -> {loss_sum, tokens}`` (sums, so batches can be added).
+
+    ``fp8_products`` as in ``make_train_step``, so that held-out and training losses compare."""
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        loss_sum, _, count = model_def.apply(
-            params, batch["input_ids"], batch_targets(batch), method="lm_loss", compute_dtype=compute_dtype,
-            sequence_id=batch.get("sequence_id"))
+        with fp8.products(fp8_products):
+            loss_sum, _, count = model_def.apply(
+                params, batch["input_ids"], batch_targets(batch), method="lm_loss", compute_dtype=compute_dtype,
+                sequence_id=batch.get("sequence_id"))
         return {"loss_sum": loss_sum, "tokens": count}
 
     return eval_step
 
 
-def compile_train_step(train_step, state_shardings, batch_sharding, *, donate: bool = True, control_sharding=None):
+def compile_train_step(train_step, state_shardings, batch_sharding, *, donate: bool = True, control_sharding=None,
+                       options: dict | None = None):
     """jit with explicit shardings; the state is donated so its buffers are reused in place.
 
-    With ``control_sharding`` (replicated), the step takes a third ``control`` argument."""
+    With ``control_sharding`` (replicated), the step takes a third ``control`` argument;
+    ``options`` are XLA compiler options (``compiler_options``)."""
     if control_sharding is None:
         step, in_shardings = (lambda state, batch: train_step(state, batch)), (state_shardings, batch_sharding)
     else:
@@ -174,4 +194,5 @@ def compile_train_step(train_step, state_shardings, batch_sharding, *, donate: b
         in_shardings=in_shardings,
         out_shardings=(state_shardings, None),
         donate_argnums=(0,) if donate else (),
+        compiler_options=options,
     )
