@@ -163,6 +163,23 @@ def test_mfu_from_bench_file(tmp_path, capsys):
     assert "46.4%" in out and "measured by jaxtrain bench" in out and "h100" in out
 
 
+def test_fp8_bench_file_plans_against_the_fp8_peak(tmp_path, capsys):
+    """A bench run in amp_fp8 measured its MFU against the fp8 peak; the plan takes that peak from
+    the file, refuses a contradicting --precision, and has no default MFU for amp_fp8."""
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"mfu": 0.3, "hardware": "h100", "tokens_per_second_per_device": 1.0,
+                                 "precision": "amp_fp8"}))  # fmt: skip
+    assert main(["--budget-usd", "50000", "--mfu", f"from:{bench}", "--no-plot"]) == 0
+    assert "1,979 TFLOP/s dense fp8 peak" in capsys.readouterr().out
+    assert main(["--budget-usd", "50000", "--mfu", f"from:{bench}", "--precision", "amp_bf16", "--no-plot"]) == 2
+    assert "measured in amp_fp8" in capsys.readouterr().err
+    assert main(["--budget-usd", "50000", "--hardware", "h100", "--precision", "amp_fp8", "--no-plot"]) == 2
+    assert "no default MFU" in capsys.readouterr().err
+    # a device without fp8 units: amp_fp8 runs at its bf16 peak, and the default MFU stands
+    assert main(["--budget-usd", "50000", "--hardware", "a100-80gb", "--precision", "amp_fp8", "--no-plot"]) == 0
+    assert "312 TFLOP/s dense bf16 peak" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -71,6 +71,7 @@ class BenchResult:
     hardware: str
     tokens_per_second_per_device: float
     path: str
+    precision: str | None = None  # the run's precision, which says which peak its MFU is against
 
 
 def parse_count(text: str, what: str = "count") -> float:
@@ -108,7 +109,24 @@ def load_bench(path: str) -> BenchResult:
     if doc["hardware"] not in HARDWARE:
         valid = ", ".join(sorted(HARDWARE))
         raise PlanError(f"--mfu from:{path}: unknown hardware {doc['hardware']!r}; valid: {valid}")
-    return BenchResult(float(doc["mfu"]), doc["hardware"], float(doc["tokens_per_second_per_device"]), str(path))
+    precision = doc.get("precision")
+    if precision is not None and precision not in ("amp_bf16", "amp_fp8", "fp32"):
+        raise PlanError(f"--mfu from:{path}: unknown precision {precision!r}; valid: amp_bf16, amp_fp8, fp32")
+    return BenchResult(float(doc["mfu"]), doc["hardware"], float(doc["tokens_per_second_per_device"]), str(path),
+                       precision)  # fmt: skip
+
+
+def _precision(args, bench: BenchResult | None, hardware: Hardware) -> str:
+    """The precision whose peak the MFU is against: --precision, else the bench run's, else amp_bf16."""
+    measured = bench.precision if bench else None
+    if args.precision and measured and args.precision != measured:
+        raise PlanError(f"--mfu from:{bench.path} was measured in {measured}, whose MFU is against the "
+                        f"{hardware.peak_kind(measured)} peak; drop --precision {args.precision} or bench that precision")
+    precision = args.precision or measured or "amp_bf16"
+    if precision == "amp_fp8" and args.mfu is None and hardware.peak_kind(precision) == "fp8":
+        raise PlanError(f"--precision amp_fp8 has no default MFU (it is taken against {hardware.name}'s fp8 peak): "
+                        "run jaxtrain bench with precision amp_fp8, then --mfu from:FILE, or give --mfu")
+    return precision
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--price-per-hour", type=float, help="USD per device-hour, replacing the table's assumption")
     hw.add_argument("--prices", help="YAML file of price overrides {hardware_name: usd_per_hour}")
     hw.add_argument("--mfu", help=f"model FLOPs utilisation, a fraction, or from:FILE (default {DEFAULT_MFU})")
-    hw.add_argument("--precision", default="amp_bf16", choices=("amp_bf16", "amp_fp8", "fp32"),
-                    help="selects the peak (amp_fp8: the fp8 peak where the device has one)")
+    hw.add_argument("--precision", choices=("amp_bf16", "amp_fp8", "fp32"),
+                    help="selects the peak MFU is taken against (amp_fp8: the fp8 peak where the device has one); "
+                         "default: the bench file's, else amp_bf16")  # fmt: skip
     hw.add_argument("--seq-len", type=int, help="training sequence length for attention FLOPs (default 2048)")
     out = p.add_argument_group("output")
     out.add_argument("--allocation", default="approach1", choices=tuple(chinchilla.ALLOCATIONS),
@@ -220,7 +239,7 @@ def _header(
 ) -> list[str]:
     peak = hardware.peak_flops(precision)
     peak_text = f"{peak / 1e12:,.0f} TFLOP/s" if peak >= 1e12 else f"{peak / 1e9:,.0f} GFLOP/s"
-    dtype = "fp32" if precision == "fp32" else "bf16"
+    dtype = hardware.peak_kind(precision)
     return [
         f"  hardware      {devices} x {hardware.name}: {peak_text} dense {dtype} peak, "
         f"{hardware.memory_bytes / 2**30:.0f} GiB each",
@@ -396,6 +415,7 @@ def main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
         mfu, mfu_source, bench = _mfu(args)
         hardware, price_source = _hardware(args, bench)
+        args.precision = _precision(args, bench, hardware)
         if args.rungs < 1:
             raise PlanError(f"--rungs must be at least 1, got {args.rungs}")
         presets = load_presets()
