@@ -200,3 +200,11 @@ def test_quickstart_trains_in_amp_fp8_on_cpu_with_a_warning(tmp_path):
     assert output.count("warning: precision amp_fp8 on cpu") == 1, output[-2000:]
     losses = step_losses(tmp_path / "run")
     assert len(losses) == 6 and losses[6] < losses[1]
+
+
+def test_remat_recomputes_the_same_fp8_numbers():
+    """Recomputing the blocks in the backward pass (full remat, or saving only the products)
+    quantises the recomputed tensors to the same fp8 values: the losses are identical."""
+    plain = train_losses(tiny_model(), fp8_products=True, steps=2)
+    for remat in ("full", "dots_saveable"):
+        assert train_losses(tiny_model(remat=remat), fp8_products=True, steps=2) == plain
