@@ -179,6 +179,7 @@ def test_fp8_needs_fp8_tensor_cores_on_gpus():
         assert fp8.device_note(types.SimpleNamespace(platform="gpu", device_kind="x", compute_capability=capability)) is None
     note = fp8.device_note(types.SimpleNamespace(platform="cpu", device_kind="cpu"))
     assert "emulated" in note and "amp_bf16" in note
+    assert "v4 to v6e" in fp8.device_note(types.SimpleNamespace(platform="tpu", device_kind="TPU v5p"))
     assert compiler_options("amp_fp8", "gpu") == {"xla_gpu_enable_triton_gemm": False}
     assert compiler_options("amp_fp8", "cpu") is None and compiler_options("amp_bf16", "gpu") is None
 

@@ -145,5 +145,8 @@ def device_note(device) -> str | None:
                 f"precision amp_fp8 needs fp8 tensor cores (NVIDIA compute capability 8.9 or higher: L4, L40S, "
                 f"H100, H200, B200); {kind} has {major}.{minor}. Use precision: amp_bf16")
         return None
+    if platform == "tpu":
+        return (f"precision amp_fp8 on tpu ({kind}): TPUs v4 to v6e have no fp8 matrix units, so there the fp8 "
+                f"products are emulated (fp8 numbers at bf16 speed or slower); train with amp_bf16 on them")
     return (f"precision amp_fp8 on {platform} ({kind}): no fp8 matrix units are used, the fp8 products are "
             f"emulated (fp8 numbers at bf16 speed or slower); use it here to test, train with amp_bf16")
