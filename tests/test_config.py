@@ -389,7 +389,11 @@ def test_foundry_keys_that_change_the_math_are_errors(tmp_path):
     cfg = load_config(write(tmp_path, "model: {attn_config: {qk_gn: false, fused_qkv: true}, fc_type: torch}\n"),
                       notices=(notices := []))
     assert cfg.model.attn_config.qk_ln is False
-    assert notices == ["model.fc_type: Foundry option with no effect on jaxtrain's math; ignored"]
+    assert notices == ["model.fc_type: jaxtrain's linear layers need no Transformer Engine: precision amp_fp8 "
+                       "takes their products in fp8; ignored"]
+    # Foundry's fp8 recipe (Transformer Engine layers, amp_fp8) is jaxtrain's amp_fp8
+    cfg = load_config(write(tmp_path, "precision: amp_fp8\nmodel: {fc_type: te}\n"), notices=[])
+    assert cfg.precision == "amp_fp8"
 
 
 def test_notices_are_logged_when_not_collected(tmp_path, caplog):

@@ -85,6 +85,10 @@ _ATTN_KEYS = {
     "rope_hf_config": ("*", "notice"),
 }
 _FFN_KEYS = {"fc_type": (None, "notice"), "ffn_hidden_size": (None, "error")}
+# What a notice says about a key when the generic "no effect on the math" says too little.
+_NOTICES = {
+    "fc_type": "jaxtrain's linear layers need no Transformer Engine: precision amp_fp8 takes their products in fp8",
+}
 # Older Foundry YAMLs put the init options on the model itself.
 _MODEL_INIT_KEYS = {
     "param_init_fn": "name", "init_std": "init_std", "emb_init_std": "emb_init_std",
@@ -182,7 +186,8 @@ def _drop_keys(section: dict, prefix: str, table: dict, note: Note, where: Where
                 f"{where(key)}: {key}: {value!r} is not supported by jaxtrain; remove the key "
                 f"or set it to {harmless!r}"
             )
-        note(f"{key}: Foundry option with no effect on jaxtrain's math; ignored")
+        why = _NOTICES.get(name, "Foundry option with no effect on jaxtrain's math")
+        note(f"{key}: {why}; ignored")
 
 
 def _first_loader(loaders: list, name: str, note: Note) -> Any:
