@@ -4,6 +4,7 @@ estimate from the optimized HLO where the step's time would go.
     python bench/gpu_aot.py --config configs/mpt/1b.yaml --batch 8 --set model.remat=none
     python bench/gpu_aot.py --config configs/mpt/1b.yaml --batch 8 --set model.remat=none --set model.scan_unroll=1
     python bench/gpu_aot.py --config configs/mpt/7b.yaml --batch 4 --devices 8 --set parallelism.fsdp=8
+    python bench/gpu_aot.py --config configs/mpt/1b.yaml --batch 8 --set model.remat=none --set precision=amp_fp8
 
 It needs JAX's CUDA plugin, which jaxtrain does not depend on: use a side environment (about 6 GB,
 from the package index; no GPU, driver or network needed when it runs), with the jax version of
@@ -20,7 +21,8 @@ script counts HBM bytes (operands read and results written, slices of stacked la
 counted at their slice size) and matmul FLOPs, and takes ``max(bytes / bandwidth, flops / peak)``
 as its time: a roofline bound, not a measurement. What it measures exactly is compile time,
 XLA's memory figures, and the bytes and kernels the program moves, which changes to the model can
-be compared by. ``bench/gpu_check.sh`` measures on a device.
+be compared by. ``bench/gpu_check.sh`` measures on a device. With ``precision=amp_fp8`` it also
+counts the cuBLASLt fp8 GEMM calls, and times them at twice the bf16 peak.
 
 ``--target tpu-v4|tpu-v5e|tpu-v5p|tpu-v6e`` compiles for that TPU chip instead (traced for the TPU:
 the Pallas flash attention), with libtpu from ``pip install "jax[tpu]==<the same version>" -e .``
