@@ -11,8 +11,9 @@ Scaling is per tensor and *current*: each tensor is divided by a power of two ch
 absolute maximum of this step, so that the maximum lands in the fp8 type's top binade. No state
 crosses steps, which keeps the train step a pure function of (state, batch): microbatching,
 remat, resumption and sharding need nothing special, and the first step is as safe as the
-thousandth. Power-of-two scales are exact in every float type, so dequantising adds no rounding
-of its own. A tensor with a NaN or infinity has a non-finite scale and its product is NaN, which
+thousandth (PyTorch's float8 training made the same choice and dropped delayed scaling, whose
+stale scales overflow when a tensor outgrows its history). Power-of-two scales are exact in
+every float type, so dequantising adds no rounding of its own. A tensor with a NaN or infinity has a non-finite scale and its product is NaN, which
 the train step's finite check then refuses.
 
 The quantise-barrier-dequantise shape around ``lax.dot_general`` is what XLA's GPU GEMM rewriter
