@@ -84,7 +84,7 @@ def build_config(args):
     return load_config(args.config, overrides + list(getattr(args, "set", None) or []), notices=[])
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="xs")
     parser.add_argument("--config", help="a preset YAML instead of --shape (e.g. configs/mpt/125m.yaml)")
@@ -102,7 +102,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-microbench", action="store_true", help="skip the matmul peak measurement")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, trace the train step and print its N costliest HLO ops (any backend)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
 
     cfg = build_config(args)
     model = cfg.model

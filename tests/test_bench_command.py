@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -227,6 +229,31 @@ def test_throughput_script_runs_amp_fp8():
     (record,) = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert record["precision"] == "fp8" and record["fp8_gemm_calls"] == 0
     assert record["tokens_per_s"] > 0 and 0 < record["loss"] < 20
+
+
+def test_gpu_check_fits_one_device_call_and_its_stages_parse():
+    """``bench/gpu_check.sh`` runs on a lent device within one 600 s call: its stage timeouts sum
+    to at most 560 s (start-up and the transfers need the rest), the script is valid bash, and
+    every throughput stage's arguments parse, so no device second is lost on a typo."""
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+    stages = [int(n) for n in re.findall(r"^\s*(?:timeout|run \"[^\"]*\") (\d+) ", text, re.M)]
+    assert len(stages) == 7 and sum(stages) <= 560, stages
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_throughput
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    parser = train_throughput.build_parser()
+    shared = ["--precision", "bf16", "--seq", "2048", "--steps", "20", "--peak", "989e12"]
+    runs = re.findall(r"^\s*run \"[^\"]*\" \d+ (.*)$", text, re.M)
+    assert len(runs) == 4
+    precisions = set()
+    for line in runs:
+        args = parser.parse_args(shared + shlex.split(line))
+        assert os.path.exists(ROOT / args.config), args.config
+        precisions.add(args.precision)
+    assert precisions == {"bf16", "fp8"}
 
 
 _CUBLAS_HLO = """HloModule m, is_scheduled=true
