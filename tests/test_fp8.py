@@ -155,20 +155,22 @@ def train_losses(cfg: ModelConfig, *, fp8_products: bool, steps: int, num_microb
 
 
 def test_fp8_training_follows_bf16_training():
-    """The same model, data and seed trained 60 steps in amp_bf16 and in amp_fp8: both learn the
-    task, and the fp8 curve stays within a few percent of the bf16 one throughout. Rerunning fp8
-    gives the same numbers (deterministic), and so does it with two microbatches (within fp8
-    rounding: each microbatch is scaled by its own maxima)."""
+    """The same model, data and seed trained 40 steps in amp_bf16 and in amp_fp8: both learn the
+    task, and the fp8 curve stays within a few percent of the bf16 one throughout. Recomputing
+    the blocks in the backward pass (full remat, or saving only the products) quantises the
+    recomputed tensors to the same fp8 values, so the losses are identical; two microbatches
+    agree within fp8 rounding (each microbatch is scaled by its own maxima)."""
     cfg = tiny_model()
-    bf16 = train_losses(cfg, fp8_products=False, steps=60)
-    fp8_run = train_losses(cfg, fp8_products=True, steps=60)
+    bf16 = train_losses(cfg, fp8_products=False, steps=40)
+    fp8_run = train_losses(cfg, fp8_products=True, steps=40)
     assert bf16[-1] < 0.5 * bf16[0] and fp8_run[-1] < 0.5 * fp8_run[0]
     for b, f in zip(bf16, fp8_run):
         assert f == pytest.approx(b, rel=0.05, abs=0.05)
-    assert train_losses(cfg, fp8_products=True, steps=5) == fp8_run[:5]
-    micro = train_losses(cfg, fp8_products=True, steps=5, num_microbatches=2)
-    assert micro != fp8_run[:5]
-    np.testing.assert_allclose(micro, fp8_run[:5], rtol=0.02)
+    for remat in ("full", "dots_saveable"):
+        assert train_losses(tiny_model(remat=remat), fp8_products=True, steps=3) == fp8_run[:3]
+    micro = train_losses(cfg, fp8_products=True, steps=3, num_microbatches=2)
+    assert micro != fp8_run[:3]
+    np.testing.assert_allclose(micro, fp8_run[:3], rtol=0.02)
 
 
 def test_fp8_needs_fp8_tensor_cores_on_gpus():
@@ -201,11 +203,3 @@ def test_quickstart_trains_in_amp_fp8_on_cpu_with_a_warning(tmp_path):
     assert output.count("warning: precision amp_fp8 on cpu") == 1, output[-2000:]
     losses = step_losses(tmp_path / "run")
     assert len(losses) == 6 and losses[6] < losses[1]
-
-
-def test_remat_recomputes_the_same_fp8_numbers():
-    """Recomputing the blocks in the backward pass (full remat, or saving only the products)
-    quantises the recomputed tensors to the same fp8 values: the losses are identical."""
-    plain = train_losses(tiny_model(), fp8_products=True, steps=2)
-    for remat in ("full", "dots_saveable"):
-        assert train_losses(tiny_model(remat=remat), fp8_products=True, steps=2) == plain
