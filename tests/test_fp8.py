@@ -186,6 +186,15 @@ def test_fp8_needs_fp8_tensor_cores_on_gpus():
     assert compiler_options("amp_fp8", "cpu") is None and compiler_options("amp_bf16", "gpu") is None
 
 
+def test_a_gpu_run_says_how_many_fp8_gemms_its_step_compiled_to():
+    """Printed once a GPU run's step is compiled: the count of cuBLASLt fp8 calls, or a warning that
+    XLA kept every product in bf16 (the run would pay fp8's rounding for none of its speed)."""
+    call = '%c = (bf16[8,8]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul$f8"\n'
+    assert fp8.compiled_note(call * 3) == "amp_fp8: the compiled train step takes 3 fp8 GEMM calls"
+    plain = call.replace("$f8", "")
+    assert fp8.compiled_note(plain).startswith("warning: precision amp_fp8: the compiled train step has no fp8 GEMM")
+
+
 def test_mfu_of_an_fp8_run_divides_by_the_fp8_peak_where_there_is_one():
     assert get_hardware("h100").peak_flops("amp_fp8") == 1979e12
     assert get_hardware("h100").peak_flops("amp_bf16") == 989e12

@@ -151,3 +151,13 @@ def device_note(device) -> str | None:
                 f"products are emulated (fp8 numbers at bf16 speed or slower); train with amp_bf16 on them")
     return (f"precision amp_fp8 on {platform} ({kind}): no fp8 matrix units are used, the fp8 products are "
             f"emulated (fp8 numbers at bf16 speed or slower); use it here to test, train with amp_bf16")
+
+
+def compiled_note(hlo_text: str) -> str:
+    """One line on a GPU train step compiled with fp8 products: how many of its GEMMs are cuBLASLt
+    fp8 calls, or a warning when XLA kept them all in bf16 (fp8 rounding without fp8 speed)."""
+    calls = hlo_text.count('custom_call_target="__cublas$lt$matmul$f8"')
+    if calls:
+        return f"amp_fp8: the compiled train step takes {calls} fp8 GEMM calls"
+    return ("warning: precision amp_fp8: the compiled train step has no fp8 GEMM (XLA kept the layer "
+            "products in bf16), so it trains with fp8 rounding but at bf16 speed; use amp_bf16, or a newer jax")

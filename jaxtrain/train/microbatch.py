@@ -111,6 +111,7 @@ class SettledStep:
     rejected: list[str]
     remat: str | None = None  # the policy the step was built with, when model.remat is auto
     auto: tuple[str, ...] = ("microbatch",)  # which settings were settled: microbatch, remat
+    executable: Any = None  # the step compiled ahead of time for the example arguments
 
     def describe(self) -> str:
         why = f" ({'; '.join(self.rejected)})" if self.rejected else ""
@@ -177,15 +178,16 @@ def settle_step(
         num_microbatches = per_device_batch // microbatch
         step = build_step(num_microbatches, remat)
         try:
-            memory = memory_analysis(step.lower(*example_args).compile())
+            executable = step.lower(*example_args).compile()
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
             rejected.append(f"{label(microbatch, remat)}: out of memory while compiling")
             continue
+        memory = memory_analysis(executable)
         needed = compiled_step_bytes(memory)
         if capacity is None or needed is None or needed <= capacity:
-            return SettledStep(microbatch, num_microbatches, step, memory, rejected, remat, auto)
+            return SettledStep(microbatch, num_microbatches, step, memory, rejected, remat, auto, executable)
         rejected.append(f"{label(microbatch, remat)}: needs {needed:,} of {capacity:,} bytes")
     what = {("microbatch",): "device_train_microbatch_size: auto found no microbatch",
             ("remat",): "model.remat: auto found no remat policy"}.get(

@@ -268,12 +268,16 @@ def build_run(cfg: Config) -> RunParts:
         print(settled.describe(), flush=True)
         compiled = AutoMicrobatchStep(settled, settle)
         device_microbatch, step_memory, remat = settled.microbatch, settled.memory, settled.remat
+        executable = settled.executable
     else:
         num_microbatches = microbatch_count(cfg, data_parallel_size(mesh))
         compiled = build_step(num_microbatches)
         device_microbatch = per_device_batch // num_microbatches
-        step_memory = memory_analysis(compiled.lower(*example_args).compile())
+        executable = compiled.lower(*example_args).compile()
+        step_memory = memory_analysis(executable)
         remat = model.remat
+    if fp8_products and devices[0].platform in ("gpu", "cuda") and executable is not None:
+        print(fp8.compiled_note(executable.as_text()), flush=True)
     eval_step = jax.jit(
         make_eval_step(model_def, compute_dtype=compute_dtype, fp8_products=fp8_products),
         in_shardings=(state_shardings.params, shard_batch),
