@@ -155,19 +155,18 @@ def train_losses(cfg: ModelConfig, *, fp8_products: bool, steps: int, num_microb
 
 
 def test_fp8_training_follows_bf16_training():
-    """The same model, data and seed trained 40 steps in amp_bf16 and in amp_fp8: both learn the
+    """The same model, data and seed trained 25 steps in amp_bf16 and in amp_fp8: both learn the
     task, and the fp8 curve stays within a few percent of the bf16 one throughout. Recomputing
-    the blocks in the backward pass (full remat, or saving only the products) quantises the
-    recomputed tensors to the same fp8 values, so the losses are identical; two microbatches
-    agree within fp8 rounding (each microbatch is scaled by its own maxima)."""
+    the blocks in the backward pass (full remat, as the presets do) quantises the recomputed
+    tensors to the same fp8 values, so the losses are identical; two microbatches agree within
+    fp8 rounding (each microbatch is scaled by its own maxima)."""
     cfg = tiny_model()
-    bf16 = train_losses(cfg, fp8_products=False, steps=40)
-    fp8_run = train_losses(cfg, fp8_products=True, steps=40)
+    bf16 = train_losses(cfg, fp8_products=False, steps=25)
+    fp8_run = train_losses(cfg, fp8_products=True, steps=25)
     assert bf16[-1] < 0.5 * bf16[0] and fp8_run[-1] < 0.5 * fp8_run[0]
     for b, f in zip(bf16, fp8_run):
         assert f == pytest.approx(b, rel=0.05, abs=0.05)
-    for remat in ("full", "dots_saveable"):
-        assert train_losses(tiny_model(remat=remat), fp8_products=True, steps=3) == fp8_run[:3]
+    assert train_losses(tiny_model(remat="full"), fp8_products=True, steps=3) == fp8_run[:3]
     micro = train_losses(cfg, fp8_products=True, steps=3, num_microbatches=2)
     assert micro != fp8_run[:3]
     np.testing.assert_allclose(micro, fp8_run[:3], rtol=0.02)
