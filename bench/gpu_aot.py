@@ -447,7 +447,7 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
 
     from jaxtrain.config import load_config
-    from jaxtrain.layers import gpu_kernels
+    from jaxtrain.layers import fp8, gpu_kernels
     from jaxtrain.metrics.hardware import get_hardware
     from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh
     from jaxtrain.parallel.platform import compiling_for
@@ -503,7 +503,7 @@ def main(argv=None) -> dict:
             f.write(hlo)
     memory = compiled.memory_analysis()
     fused = hlo.count("__cudnn$fmha") if platform == "gpu" else hlo.count('custom_call_target="tpu_custom_call"')
-    fp8_gemms = hlo.count('custom_call_target="__cublas$lt$matmul$f8"')
+    fp8_gemms = fp8.gemm_calls(hlo)
     used = memory.argument_size_in_bytes + memory.temp_size_in_bytes
     hbm = get_hardware("h200" if platform == "gpu" else args.target).memory_bytes
     print(f"{args.config} {' '.join(args.set)}: batch {args.batch} x {cfg.max_seq_len} per device, {cfg.precision}, "

@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxtrain.config import load_config  # noqa: E402
+from jaxtrain.layers import fp8  # noqa: E402
 from jaxtrain.metrics.flops import mpt_flops_per_batch  # noqa: E402
 from jaxtrain.models.mpt import mpt_param_count  # noqa: E402
 from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh  # noqa: E402
@@ -182,7 +183,7 @@ def main(argv=None) -> dict:
         "compile_s": t_compiled - t_init,
         "first_step_s": t_first - t_init,
         "cudnn_attention_calls": hlo.count("__cudnn$fmha"),
-        "fp8_gemm_calls": hlo.count('custom_call_target="__cublas$lt$matmul$f8"'),
+        "fp8_gemm_calls": fp8.gemm_calls(hlo),
         "time_to_first_step_s": t_first - T_PROCESS,
         "loss": loss,
     }

@@ -13,8 +13,8 @@ crosses steps, which keeps the train step a pure function of (state, batch): mic
 remat, resumption and sharding need nothing special, and the first step is as safe as the
 thousandth (PyTorch's float8 training made the same choice and dropped delayed scaling, whose
 stale scales overflow when a tensor outgrows its history). Power-of-two scales are exact in
-every float type, so dequantising adds no rounding of its own. A tensor with a NaN or infinity has a non-finite scale and its product is NaN, which
-the train step's finite check then refuses.
+every float type, so dequantising adds no rounding of its own. A tensor with a NaN or infinity
+has a non-finite scale and its product is NaN, which the train step's finite check then refuses.
 
 The quantise-barrier-dequantise shape around ``lax.dot_general`` is what XLA's GPU GEMM rewriter
 turns into cuBLASLt fp8 matmuls (scales as the GEMM's scalar operands); the barrier stops XLA's
@@ -153,10 +153,15 @@ def device_note(device) -> str | None:
             f"emulated (fp8 numbers at bf16 speed or slower); use it here to test, train with amp_bf16")
 
 
+def gemm_calls(hlo_text: str) -> int:
+    """How many cuBLASLt fp8 GEMM calls a compiled GPU program (its HLO text) makes."""
+    return hlo_text.count('custom_call_target="__cublas$lt$matmul$f8"')
+
+
 def compiled_note(hlo_text: str) -> str:
     """One line on a GPU train step compiled with fp8 products: how many of its GEMMs are cuBLASLt
     fp8 calls, or a warning when XLA kept them all in bf16 (fp8 rounding without fp8 speed)."""
-    calls = hlo_text.count('custom_call_target="__cublas$lt$matmul$f8"')
+    calls = gemm_calls(hlo_text)
     if calls:
         return f"amp_fp8: the compiled train step takes {calls} fp8 GEMM calls"
     return ("warning: precision amp_fp8: the compiled train step has no fp8 GEMM (XLA kept the layer "

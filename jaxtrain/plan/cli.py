@@ -34,6 +34,7 @@ import pathlib
 import re
 import sys
 
+from jaxtrain.config.validate import PRECISIONS
 from jaxtrain.metrics.hardware import HARDWARE, PRICE_NOTE, Hardware, get_hardware, load_price_overrides
 from jaxtrain.plan import chinchilla
 from jaxtrain.plan.cost import (
@@ -110,8 +111,8 @@ def load_bench(path: str) -> BenchResult:
         valid = ", ".join(sorted(HARDWARE))
         raise PlanError(f"--mfu from:{path}: unknown hardware {doc['hardware']!r}; valid: {valid}")
     precision = doc.get("precision")
-    if precision is not None and precision not in ("amp_bf16", "amp_fp8", "fp32"):
-        raise PlanError(f"--mfu from:{path}: unknown precision {precision!r}; valid: amp_bf16, amp_fp8, fp32")
+    if precision is not None and precision not in PRECISIONS:
+        raise PlanError(f"--mfu from:{path}: unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return BenchResult(float(doc["mfu"]), doc["hardware"], float(doc["tokens_per_second_per_device"]), str(path),
                        precision)  # fmt: skip
 
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--price-per-hour", type=float, help="USD per device-hour, replacing the table's assumption")
     hw.add_argument("--prices", help="YAML file of price overrides {hardware_name: usd_per_hour}")
     hw.add_argument("--mfu", help=f"model FLOPs utilisation, a fraction, or from:FILE (default {DEFAULT_MFU})")
-    hw.add_argument("--precision", choices=("amp_bf16", "amp_fp8", "fp32"),
+    hw.add_argument("--precision", choices=PRECISIONS,
                     help="selects the peak MFU is taken against (amp_fp8: the fp8 peak where the device has one); "
                          "default: the bench file's, else amp_bf16")  # fmt: skip
     hw.add_argument("--seq-len", type=int, help="training sequence length for attention FLOPs (default 2048)")
