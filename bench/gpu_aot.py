@@ -22,7 +22,8 @@ counted at their slice size) and matmul FLOPs, and takes ``max(bytes / bandwidth
 as its time: a roofline bound, not a measurement. What it measures exactly is compile time,
 XLA's memory figures, and the bytes and kernels the program moves, which changes to the model can
 be compared by. ``bench/gpu_check.sh`` measures on a device. With ``precision=amp_fp8`` it also
-counts the cuBLASLt fp8 GEMM calls, and times them at twice the bf16 peak.
+counts the cuBLASLt fp8 GEMM calls, and times them at twice the bf16 peak; products with float32
+operands (TF32 at XLA's default precision) are timed at half of it.
 
 ``--target tpu-v4|tpu-v5e|tpu-v5p|tpu-v6e`` compiles for that TPU chip instead (traced for the TPU:
 the Pallas flash attention), with libtpu from ``pip install "jax[tpu]==<the same version>" -e .``
@@ -173,6 +174,18 @@ def _dot_flops(instrs: list[tuple[str, str, str, str]], types: dict[str, str]) -
     return flops
 
 
+def _tensor_core_rate(instrs, types, gemms) -> float:
+    """A kernel's matmul rate against the bf16 peak, from its operands' element type: fp8 runs
+    at twice it on Hopper, and float32 operands (XLA's default precision on GPUs, TF32) at half."""
+    lhs_types = [lhs_type for _, lhs_type, _ in gemms]
+    lhs_types += [types.get(_operands(rest)[0], "") for _, _, op, rest in instrs if op == "dot"]
+    if any(t.startswith("f8") for t in lhs_types):
+        return 2.0
+    if any(t.startswith("f32") for t in lhs_types):
+        return 0.5
+    return 1.0
+
+
 def _gemm_call_flops(rest: str, lhs_type: str, out_type: str) -> float:
     """A cuBLAS GEMM custom call's ``2·M·N·K`` (batch included) from its first result and the
     contracting dimensions in its backend config; 0 when they cannot be read."""
@@ -283,9 +296,7 @@ def kernel_census(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list
                 flops = _dot_flops(scope, scope_types) + sum(_gemm_call_flops(*gemm) for gemm in gemms)
             meta = re.search(r'op_name="([^"]*)"', rest)
             moved = read + written
-            # fp8 operands: the tensor cores' fp8 rate, twice the bf16 peak on Hopper
-            fp8 = any(lhs_type.startswith("f8") for _, lhs_type, _ in gemms)
-            seconds = max(moved / bandwidth, flops / (peak_flops * (2 if fp8 else 1)))
+            seconds = max(moved / bandwidth, flops / (peak_flops * _tensor_core_rate(scope, scope_types, gemms)))
             kind = _kind(name, op, rest, body, flops)
             if kind == "collective":  # over NVLink, overlapped with compute: counted, not timed
                 seconds = 0.0

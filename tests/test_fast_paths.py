@@ -247,6 +247,49 @@ def test_bf16_gradient_has_no_float32_dots():
     assert operand_dtypes == {("bf16", "bf16")}, operand_dtypes
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_accelerator_head_takes_its_backward_products_in_bf16(tied):
+    """Off the CPU kernels, the output head's forward and both backward products of a bf16 step
+    take bf16 operands: autodiff would take the backward ones from the float32 logits gradient
+    and a float32 copy of the weight or activations, which runs at the TF32 rate on GPUs and
+    reads the ``[tokens, vocab]`` gradient in float32 (XLA removes the float32 conversions of
+    bf16 operands elsewhere, but not of a float32 gradient)."""
+    model = tiny_model(kv_heads=2, tied=tied)  # vocab 96: no other dimension of that size
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jnp.zeros((2, 32), jnp.int32)
+
+    def loss(params):
+        return nnx.merge(graphdef, params).lm_loss(tokens, tokens, compute_dtype=jnp.bfloat16)[0]
+
+    with platform.compiling_for("gpu"):
+        text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    products = re.findall(r"stablehlo\.dot_general .*: \(tensor<([\dx]+)x(\w+)>, tensor<([\dx]+)x(\w+)>\)", text)
+    head = [(lhs, rhs) for lhs_dims, lhs, rhs_dims, rhs in products
+            if "96" in lhs_dims.split("x") + rhs_dims.split("x")]  # fmt: skip
+    assert len(head) == 3 and set(head) == {("bf16", "bf16")}, head
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_head_logits_round_the_logits_gradient_to_the_compute_dtype(tied):
+    """The head's backward products are those of the logits gradient rounded to the compute
+    dtype (PyTorch autocast's numerics), and a float32 head keeps full precision."""
+    x, weight = randn(30, (2, 6, 16)), randn(31, (40, 16) if tied else (16, 40)) * 0.3
+    g = randn(32, (2, 6, 40))
+    for dtype in (jnp.bfloat16, jnp.float32):
+        logits, vjp = jax.vjp(lambda x, w: lm_loss.head_logits(x, w, tied=tied, compute_dtype=dtype), x, weight)
+        d_x, d_w = vjp(g)
+        x_c, w_c, g_c = (a.astype(dtype).astype(jnp.float32) for a in (x, weight, g))
+        w_dv = w_c.T if tied else w_c
+        assert logits.dtype == jnp.float32
+        assert_close(logits, jnp.einsum("bld,dv->blv", x_c, w_dv), jnp.float32)
+        exact_d_x = jnp.einsum("blv,dv->bld", g_c, w_dv).astype(dtype)
+        exact_d_w = jnp.einsum("bld,blv->dv", x_c, g_c)
+        exact_d_w = (exact_d_w.T if tied else exact_d_w).astype(dtype)
+        assert d_x.dtype == d_w.dtype == jnp.float32
+        assert_close(d_x, exact_d_x, dtype)
+        assert_close(d_w, exact_d_w, dtype)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gelu_kernel_matches_exact_gelu(dtype):
     x = (randn(10, (4, 64)) * 3).astype(dtype)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.layers import lm_loss
 from jaxtrain.layers.linear import annotated, normal_init
 
 
@@ -31,9 +32,4 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
         """Tied output projection ``x @ embedding.T``: ``[..., features]`` -> float32 ``[..., num_embeddings]``."""
-        return jnp.einsum(
-            "...d,vd->...v",
-            x.astype(compute_dtype),
-            self.embedding[...].astype(compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
+        return lm_loss.head_logits(x, self.embedding[...], tied=True, compute_dtype=compute_dtype)

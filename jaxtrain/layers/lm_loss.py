@@ -77,6 +77,44 @@ def _softmax_cross_entropy_bwd(z_loss, residuals, cotangents):
 softmax_cross_entropy_sum.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
 
 
+def head_logits(x: jax.Array, weight: jax.Array, *, tied: bool, compute_dtype=jnp.bfloat16) -> jax.Array:
+    """The output head's float32 logits ``x @ W`` from ``compute_dtype`` operands.
+
+    x: ``[..., d]``; weight: ``[vocab, d]`` when ``tied`` (the input embedding) else ``[d, vocab]``.
+    The product accumulates in float32 and returns float32 logits for the loss. Its gradient
+    rounds the float32 logits gradient to ``compute_dtype`` before the two backward products, as
+    PyTorch's autocast does (its head returns bf16 logits): autodiff would instead convert the
+    weight and the activations to float32 and take both products in float32, which on GPUs runs
+    at the TF32 rate (half the bf16 one) and reads the ``[tokens, vocab]`` gradient in float32.
+    """
+    return _head_product(x.astype(compute_dtype), weight.astype(compute_dtype), bool(tied))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _head_product(x_c, w_c, tied):
+    return jnp.einsum("...d,vd->...v" if tied else "...d,dv->...v", x_c, w_c, preferred_element_type=jnp.float32)
+
+
+def _head_product_fwd(x_c, w_c, tied):
+    return _head_product(x_c, w_c, tied), (x_c, w_c)
+
+
+def _head_product_bwd(tied, residuals, g):
+    x_c, w_c = residuals
+    g = g.astype(x_c.dtype)
+    d_x = jnp.einsum("...v,vd->...d" if tied else "...v,dv->...d", g, w_c, preferred_element_type=jnp.float32)
+    rows = x_c.reshape(-1, x_c.shape[-1])
+    g_rows = g.reshape(-1, g.shape[-1])
+    if tied:
+        d_w = jnp.einsum("rv,rd->vd", g_rows, rows, preferred_element_type=jnp.float32)
+    else:
+        d_w = jnp.einsum("rd,rv->dv", rows, g_rows, preferred_element_type=jnp.float32)
+    return d_x.astype(x_c.dtype), d_w.astype(w_c.dtype)
+
+
+_head_product.defvjp(_head_product_fwd, _head_product_bwd)
+
+
 def chunk_length(batch: int, length: int, vocab: int, budget_bytes: int = CHUNK_LOGIT_BYTES) -> int:
     """The longest divisor of ``length`` whose ``batch x chunk x vocab`` float32 logits fit the budget."""
     best = 1

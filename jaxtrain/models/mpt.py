@@ -352,12 +352,7 @@ class MPTForCausalLM(nnx.Module):
         elif self.lm_head is None:
             logits = self.wte.attend(x, compute_dtype=compute_dtype)
         else:
-            logits = jnp.einsum(
-                "bld,dv->blv",
-                x.astype(compute_dtype),
-                self.lm_head.kernel[...].astype(compute_dtype),
-                preferred_element_type=jnp.float32,
-            )
+            logits = lm_loss.head_logits(x, self.lm_head.kernel[...], tied=False, compute_dtype=compute_dtype)
         if self.logit_scale is not None:
             logits = logits * jnp.float32(self.logit_scale)
         return constrain(logits, ("batch", "length", "act_vocab"))
