@@ -60,8 +60,7 @@ def test_flash_attention_matches_the_xla_formulation(kv_heads, alibi, packed, bl
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.shape == b.shape and _relative_error(a, b) < tolerance, name
-    grads = jax.grad(lambda *a: flash(*a).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
-    assert [g.dtype for g in grads] == [dtype] * 3
+    assert [g.dtype for g in got[1:]] == [dtype] * 3
     if packed:  # the document mask matters: without it the later documents' rows change
         unmasked = tpu_kernels.flash_attention(q, k, v, scale=head_dim**-0.5, slopes=slopes, block_q=blocks[0],
                                                block_k=blocks[1], interpret=True)  # fmt: skip
