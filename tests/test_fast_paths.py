@@ -269,6 +269,14 @@ def test_accelerator_head_takes_its_backward_products_in_bf16(tied):
     assert len(head) == 3 and set(head) == {("bf16", "bf16")}, head
 
 
+def test_one_pass_logsumexp_equals_logsumexp():
+    """Rows of every scale, a row of -inf (an all-masked row), +inf and NaN entries."""
+    x = jnp.concatenate([randn(40, (3, 1000)) * scale for scale in (1e-3, 1.0, 80.0)])
+    x = x.at[0].set(-jnp.inf).at[1, 7].set(jnp.inf).at[2, 11].set(jnp.nan)
+    np.testing.assert_allclose(np.asarray(jax.jit(lm_loss.logsumexp_one_pass)(x)),
+                               np.asarray(jax.nn.logsumexp(x, axis=-1)), rtol=2e-6)  # fmt: skip
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_head_logits_round_the_logits_gradient_to_the_compute_dtype(tied):
     """The head's backward products are those of the logits gradient rounded to the compute
@@ -638,10 +646,12 @@ def test_separate_qkv_products_equal_the_fused_projection(dtype, kv_heads):
         assert_close(a, b, dtype)
 
 
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_softmax_cross_entropy_gradient_equals_autodiff(z_loss):
-    """The accelerator path's loss writes its logits gradient out in one pass; values and
-    gradients equal autodiff of the reference, ignored targets and z-loss included."""
+def test_softmax_cross_entropy_gradient_equals_autodiff(z_loss, target):
+    """The accelerator path's loss writes its logits gradient out in one pass (and off the CPU
+    takes log Z in one read of the logits); values and gradients equal autodiff of the
+    reference, ignored targets and z-loss included."""
     logits = randn(21, (2, 12, 37)) * 4
     targets = jax.random.randint(jax.random.key(22), (2, 12), 0, 37).at[0, 3].set(lm_loss.IGNORE_INDEX).at[1, :4].set(
         lm_loss.IGNORE_INDEX)
@@ -649,10 +659,11 @@ def test_softmax_cross_entropy_gradient_equals_autodiff(z_loss):
     def weighted(fn):
         return lambda logits: (lambda out: 1.7 * out[0] + 0.4 * out[1])(fn(logits, targets, z_loss))
 
-    for fast, ref in zip(lm_loss.softmax_cross_entropy_sum(logits, targets, z_loss),
-                         lm_loss.cross_entropy_sum(logits, targets, z_loss)):  # fmt: skip
+    with platform.compiling_for(target):
+        fast_out = jax.jit(lm_loss.softmax_cross_entropy_sum, static_argnums=2)(logits, targets, z_loss)
+        fast_grad = jax.jit(jax.grad(weighted(lm_loss.softmax_cross_entropy_sum)))(logits)
+    for fast, ref in zip(fast_out, lm_loss.cross_entropy_sum(logits, targets, z_loss)):
         np.testing.assert_allclose(float(fast), float(ref), rtol=1e-6)
-    fast_grad = jax.jit(jax.grad(weighted(lm_loss.softmax_cross_entropy_sum)))(logits)
     ref_grad = jax.grad(weighted(lm_loss.cross_entropy_sum))(logits)
     np.testing.assert_allclose(np.asarray(fast_grad), np.asarray(ref_grad), atol=2e-6)
     assert float(jnp.abs(fast_grad[1, :4]).max()) == 0.0  # ignored positions get no gradient

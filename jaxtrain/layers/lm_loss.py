@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrain.layers import cpu_kernels
+from jaxtrain.parallel.platform import target_platform
 
 IGNORE_INDEX = -100
 # Float32 logits per chunk: small enough to stay in a server CPU's last-level cache.
@@ -38,7 +39,25 @@ def cross_entropy_sum(
     logits: float32[batch, length, vocab]; targets: int32[batch, length] (already shifted).
     Returns (loss_sum, z_loss_sum, token_count), all float32 scalars.
     """
-    return _softmax_cross_entropy_fwd(logits, targets, z_loss)[0]
+    return _softmax_cross_entropy_fwd(logits, targets, z_loss, one_pass=False)[0]
+
+
+def logsumexp_one_pass(x: jax.Array) -> jax.Array:
+    """``logsumexp`` over the last axis in one read of ``x`` (a running maximum and a sum of
+    exponentials rescaled whenever the maximum grows), for memory-bound accelerators: the plain
+    form reads ``x`` once for the maximum and again for the sum. Not differentiable by itself."""
+
+    def combine(a, b):
+        (m_a, s_a), (m_b, s_b) = a, b
+        m = jnp.maximum(m_a, m_b)
+        # one exponential per step: the larger maximum's sum is kept as it is
+        a_low = m_a < m_b
+        low_m, low_s, high_s = jnp.where(a_low, m_a, m_b), jnp.where(a_low, s_a, s_b), jnp.where(a_low, s_b, s_a)
+        rescaled = jnp.where(low_m == -jnp.inf, 0.0, low_s * jnp.exp(low_m - m))
+        return m, high_s + rescaled
+
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.float32(-jnp.inf), jnp.float32(0.0)), combine, (x.ndim - 1,))
+    return m + jnp.log(s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -48,16 +67,20 @@ def softmax_cross_entropy_sum(
     """``cross_entropy_sum`` whose logits gradient is one written-out pass,
     ``(softmax·(g + 2·z·log_z·g_z) - onehot(target)·g)`` over valid tokens, with the one-hot as
     an index comparison. Autodiff scatters the target entries into a zero-filled copy of the
-    logits and adds it in separate passes (the largest tensor of a small model's step)."""
-    return cross_entropy_sum(logits, targets, z_loss)
+    logits and adds it in separate passes (the largest tensor of a small model's step). Off the
+    CPU, log Z takes one read of the logits (``logsumexp_one_pass``) instead of two."""
+    return _softmax_cross_entropy_fwd(logits, targets, z_loss)[0]
 
 
-def _softmax_cross_entropy_fwd(logits, targets, z_loss):
-    """The sums, and what the written-out gradient needs: float32 logits, targets, mask, log Z."""
+def _softmax_cross_entropy_fwd(logits, targets, z_loss, one_pass=None):
+    """The sums, and what the written-out gradient needs: float32 logits, targets, mask, log Z.
+    ``one_pass`` (default: off the CPU) takes log Z in one read of the logits, not two."""
     logits = logits.astype(jnp.float32)
     valid = targets != IGNORE_INDEX
     safe_targets = jnp.where(valid, targets, 0)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    if one_pass is None:
+        one_pass = target_platform() != "cpu"
+    log_z = logsumexp_one_pass(logits) if one_pass else jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
     token_loss = jnp.where(valid, log_z - target_logit, 0.0)
     z_term = jnp.where(valid, z_loss * jnp.square(log_z), 0.0) if z_loss else jnp.zeros_like(token_loss)
