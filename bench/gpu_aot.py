@@ -296,8 +296,11 @@ def kernel_census(hlo_text: str, *, peak_flops: float, bandwidth: float) -> list
                 flops = _dot_flops(scope, scope_types) + sum(_gemm_call_flops(*gemm) for gemm in gemms)
             meta = re.search(r'op_name="([^"]*)"', rest)
             moved = read + written
-            seconds = max(moved / bandwidth, flops / (peak_flops * _tensor_core_rate(scope, scope_types, gemms)))
+            rate = _tensor_core_rate(scope, scope_types, gemms)
+            seconds = max(moved / bandwidth, flops / (peak_flops * rate))
             kind = _kind(name, op, rest, body, flops)
+            if kind == "matmul" and rate < 1:  # listed apart: a bf16 step should have none
+                kind = "matmul (float32, TF32)"
             if kind == "collective":  # over NVLink, overlapped with compute: counted, not timed
                 seconds = 0.0
             rows.append({"name": name, "kind": kind, "count": weight, "comp": comp,
