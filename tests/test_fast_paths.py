@@ -168,10 +168,12 @@ def test_model_logits_and_gradients_match_plain_path(monkeypatch, kv_heads, tied
         assert relative_error(fast_grad, exact_grad) <= 2 * relative_error(plain_grad, exact_grad) + 5e-3
 
 
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_chunked_cross_entropy_matches_full_logits(dtype, tied):
-    """The fused head + loss equals logits -> cross_entropy_sum, with z-loss, a logit scale and ignored targets."""
+def test_chunked_cross_entropy_matches_full_logits(dtype, tied, target):
+    """The fused head + loss equals logits -> cross_entropy_sum, with z-loss, a logit scale and
+    ignored targets, in the CPU and the accelerator formulations."""
     batch, length, d_model, vocab = 2, 24, 32, 300
     x = randn(0, (batch, length, d_model))
     weight = randn(1, (vocab, d_model) if tied else (d_model, vocab)) * 0.2
@@ -189,7 +191,8 @@ def test_chunked_cross_entropy_matches_full_logits(dtype, tied):
         return 0.7 * loss + 2.0 * z, (loss, z, count)
 
     (_, expected), expected_grads = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(x, weight)
-    (_, actual), actual_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(x, weight)
+    with platform.compiling_for(target):
+        (_, actual), actual_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(x, weight)
     assert float(actual[2]) == float(expected[2]) == batch * length - 2
     np.testing.assert_allclose(float(actual[0]), float(expected[0]), rtol=1e-5)
     np.testing.assert_allclose(float(actual[1]), float(expected[1]), rtol=1e-5)
@@ -202,6 +205,10 @@ def test_chunk_length_fits_the_budget():
     assert lm_loss.chunk_length(8, 512, 50432) == 16  # 8 x 16 x 50432 x 4 B = 26 MB; 32 would be 52 MB
     assert lm_loss.chunk_length(1, 7, 10) == 7
     assert lm_loss.chunk_length(64, 2048, 256000) == 1
+    # on accelerators 512 MiB of float32 logits per chunk: 8 x 256 x 50432 x 4 B = 413 MB
+    with platform.compiling_for("gpu"):
+        assert lm_loss.default_chunk_length(8, 2048, 50432) == 256
+    assert lm_loss.default_chunk_length(8, 512, 50432) == 16
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

@@ -3,7 +3,7 @@
 ``cross_entropy_sum`` is the reference: float32 logits ``[batch, length, vocab]`` in, summed
 token loss out. ``chunked_cross_entropy`` computes the same sums from the final hidden state
 and the output weight without holding the float32 logits: it walks the sequence in chunks
-whose float32 logits fit in the last-level cache, keeps only each row's log-partition for the
+whose float32 logits fit in the last-level cache (on CPUs; 512 MiB of them on accelerators), keeps only each row's log-partition for the
 backward pass, and recomputes each chunk's logits there to form ``softmax - onehot`` (kept in
 the compute dtype for one weight-gradient dot over all rows).
 On a 50k vocabulary the full logits are the largest tensor of a small model's step (8 x 512
@@ -27,8 +27,10 @@ from jaxtrain.layers import cpu_kernels
 from jaxtrain.parallel.platform import target_platform
 
 IGNORE_INDEX = -100
-# Float32 logits per chunk: small enough to stay in a server CPU's last-level cache.
+# Float32 logits per chunk: on CPUs small enough to stay in a server CPU's last-level cache; on
+# accelerators large enough that each chunk's head products keep the matrix units busy.
 CHUNK_LOGIT_BYTES = 48 * 1024 * 1024
+ACCELERATOR_CHUNK_LOGIT_BYTES = 512 * 1024 * 1024
 
 
 def cross_entropy_sum(
@@ -147,6 +149,12 @@ def chunk_length(batch: int, length: int, vocab: int, budget_bytes: int = CHUNK_
     return best
 
 
+def default_chunk_length(batch: int, length: int, vocab: int) -> int:
+    """``chunk_length`` under the budget of the platform being compiled for."""
+    budget = CHUNK_LOGIT_BYTES if target_platform() == "cpu" else ACCELERATOR_CHUNK_LOGIT_BYTES
+    return chunk_length(batch, length, vocab, budget)
+
+
 def chunked_cross_entropy(
     x: jax.Array,
     weight: jax.Array,
@@ -164,11 +172,11 @@ def chunked_cross_entropy(
     ``[vocab, d]`` when ``tied`` (the input embedding) else ``[d, vocab]``; targets:
     int32[batch, length] (shifted, -100 ignored). Logits are ``x @ W`` in ``compute_dtype`` with
     float32 accumulation, times ``logit_scale`` if given. ``chunk`` is the sequence positions
-    per chunk (default: ``chunk_length``). Returns (loss_sum, z_loss_sum, token_count).
+    per chunk (default: ``default_chunk_length``). Returns (loss_sum, z_loss_sum, token_count).
     """
     batch, length, _ = x.shape
     vocab = weight.shape[0] if tied else weight.shape[1]
-    chunk = chunk or chunk_length(batch, length, vocab)
+    chunk = chunk or default_chunk_length(batch, length, vocab)
     if length % chunk:
         raise ValueError(f"loss chunk {chunk} must divide the sequence length {length}")
     static = (*_options(tied, compute_dtype, z_loss, logit_scale), int(chunk))
@@ -255,10 +263,17 @@ def _fused_loss_bwd(static, residuals, cotangents):
         return None, (d_x.astype(x.dtype), d_logits)
 
     _, (d_x, d_logits) = jax.lax.scan(one_chunk, None, (_chunks(x, chunk), _chunks(targets, chunk), log_z))
-    # one weight-gradient dot over all rows (chunk-major order on both sides), in the fast form
+    # one weight-gradient dot over all rows (chunk-major order on both sides), on XLA:CPU in its
+    # fast form
     rows = x.shape[0] * x.shape[1]
     x_rows = _chunks(x, chunk).astype(dtype).reshape(rows, d_model)
-    d_weight = cpu_kernels.output_weight_grad(x_rows, d_logits.reshape(rows, vocab), tied=tied)
+    d_logits = d_logits.reshape(rows, vocab)
+    if target_platform() == "cpu":
+        d_weight = cpu_kernels.output_weight_grad(x_rows, d_logits, tied=tied)
+    else:
+        equation = "rv,rd->vd" if tied else "rd,rv->dv"
+        d_weight = jnp.einsum(equation, *((d_logits, x_rows) if tied else (x_rows, d_logits)),
+                              preferred_element_type=jnp.float32)  # fmt: skip
     batch, length = x.shape[:2]
     d_x = jnp.moveaxis(d_x, 0, 1).reshape(batch, length, d_model)
     return d_x, d_weight.astype(weight.dtype), np.zeros(targets.shape, jax.dtypes.float0)
