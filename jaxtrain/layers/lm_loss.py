@@ -3,16 +3,19 @@
 ``cross_entropy_sum`` is the reference: float32 logits ``[batch, length, vocab]`` in, summed
 token loss out. ``chunked_cross_entropy`` computes the same sums from the final hidden state
 and the output weight without holding the float32 logits: it walks the sequence in chunks
-whose float32 logits fit in the last-level cache (on CPUs; 512 MiB of them on accelerators), keeps only each row's log-partition for the
-backward pass, and recomputes each chunk's logits there to form ``softmax - onehot`` (kept in
-the compute dtype for one weight-gradient dot over all rows).
+whose float32 logits fit in the last-level cache (on CPUs; 512 MiB of them on accelerators),
+keeps only each row's log-partition for the backward pass, and recomputes each chunk's logits
+there to form ``softmax - onehot`` (kept in the compute dtype for one weight-gradient dot over
+all rows).
 On a 50k vocabulary the full logits are the largest tensor of a small model's step (8 x 512
 rows: 826 MB in float32), so the fused form (``model.fused_loss``) is a memory saving; it pays
 one extra head matmul for the recompute and, on the 2-core CPU we measure on, is not faster
 (``bench/fused_loss_ab.py``), so it is off by default.
 
-Every dot keeps its left operand contracted on its last dimension and the weight gradient uses
-``cpu_kernels``' split-row form, so in bfloat16 all of them stay on XLA:CPU's fast path.
+Every dot keeps its left operand contracted on its last dimension and, on the CPU, the weight
+gradient uses ``cpu_kernels``' split-row form, so in bfloat16 all of them stay on XLA:CPU's fast
+path. ``head_logits`` is the output head off the CPU kernels, whose backward products take the
+logits gradient in the compute dtype.
 """
 
 from __future__ import annotations
@@ -128,13 +131,16 @@ def _head_product_bwd(tied, residuals, g):
     x_c, w_c = residuals
     g = g.astype(x_c.dtype)
     d_x = jnp.einsum("...v,vd->...d" if tied else "...v,dv->...d", g, w_c, preferred_element_type=jnp.float32)
-    rows = x_c.reshape(-1, x_c.shape[-1])
-    g_rows = g.reshape(-1, g.shape[-1])
-    if tied:
-        d_w = jnp.einsum("rv,rd->vd", g_rows, rows, preferred_element_type=jnp.float32)
-    else:
-        d_w = jnp.einsum("rd,rv->dv", rows, g_rows, preferred_element_type=jnp.float32)
+    d_w = _output_weight_grad(x_c.reshape(-1, x_c.shape[-1]), g.reshape(-1, g.shape[-1]), tied=tied)
     return d_x.astype(x_c.dtype), d_w.astype(w_c.dtype)
+
+
+def _output_weight_grad(x_rows: jax.Array, d_logits: jax.Array, *, tied: bool) -> jax.Array:
+    """The output weight's float32 gradient from rows ``x [rows, d]`` and ``d_logits [rows,
+    vocab]``, in the weight's layout (``[vocab, d]`` tied, else ``[d, vocab]``), as one product."""
+    if tied:
+        return jnp.einsum("rv,rd->vd", d_logits, x_rows, preferred_element_type=jnp.float32)
+    return jnp.einsum("rd,rv->dv", x_rows, d_logits, preferred_element_type=jnp.float32)
 
 
 _head_product.defvjp(_head_product_fwd, _head_product_bwd)
@@ -271,9 +277,7 @@ def _fused_loss_bwd(static, residuals, cotangents):
     if target_platform() == "cpu":
         d_weight = cpu_kernels.output_weight_grad(x_rows, d_logits, tied=tied)
     else:
-        equation = "rv,rd->vd" if tied else "rd,rv->dv"
-        d_weight = jnp.einsum(equation, *((d_logits, x_rows) if tied else (x_rows, d_logits)),
-                              preferred_element_type=jnp.float32)  # fmt: skip
+        d_weight = _output_weight_grad(x_rows, d_logits, tied=tied)
     batch, length = x.shape[:2]
     d_x = jnp.moveaxis(d_x, 0, 1).reshape(batch, length, d_model)
     return d_x, d_weight.astype(weight.dtype), np.zeros(targets.shape, jax.dtypes.float0)
