@@ -176,9 +176,11 @@ def _dot_flops(instrs: list[tuple[str, str, str, str]], types: dict[str, str]) -
 
 def _tensor_core_rate(instrs, types, gemms) -> float:
     """A kernel's matmul rate against the bf16 peak, from its operands' element type: fp8 runs
-    at twice it on Hopper, and float32 operands (XLA's default precision on GPUs, TF32) at half."""
+    at twice it on Hopper, and float32 operands (XLA's default precision on GPUs, TF32) at half,
+    unless the product's algorithm rounds them to bf16 (``dot_bf16_bf16_f32``)."""
     lhs_types = [lhs_type for _, lhs_type, _ in gemms]
-    lhs_types += [types.get(_operands(rest)[0], "") for _, _, op, rest in instrs if op == "dot"]
+    lhs_types += [types.get(_operands(rest)[0], "") if "algorithm=dot_bf16_bf16_f32" not in rest else "bf16"
+                  for _, _, op, rest in instrs if op == "dot"]  # fmt: skip
     if any(t.startswith("f8") for t in lhs_types):
         return 2.0
     if any(t.startswith("f32") for t in lhs_types):

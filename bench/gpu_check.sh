@@ -103,7 +103,7 @@ if [ -n "${OUT:-}" ]; then cp /tmp/jaxtrain-gpu-125m/summary.json /tmp/jaxtrain-
 run "MPT-1B, batch 8, no remat, rolled layer loop" 55 --config configs/mpt/1b.yaml --batch 8 --remat none --set model.scan_unroll=1 --steps 10
 # the same step in precision amp_fp8: the layer products in cuBLASLt fp8 GEMMs (it turns Triton GEMMs
 # off itself), MFU against the bf16 peak like every other stage. Rolled, as the stage above, because
-# it compiles in seconds (bench/gpu_aot.py bounds: 210.5 ms bf16, 157.5 ms fp8)
+# it compiles in seconds (bench/gpu_aot.py bounds: 210.8 ms bf16, 157.5 ms fp8)
 run "MPT-1B, batch 8, no remat, rolled layer loop, amp_fp8" 55 --config configs/mpt/1b.yaml --batch 8 --remat none --set model.scan_unroll=1 --precision fp8 --steps 10
 # long context: the 16k ALiBi bias would be 8 GiB, so auto computes ALiBi in cuDNN's kernel if it probes well
 run "MPT-1B, batch 1 x 16384, preset remat (ALiBi in the kernel)" 45 --config configs/mpt/1b.yaml --batch 1 --seq 16384

@@ -38,7 +38,8 @@ def test_bench_writes_a_file_the_planner_reads(tmp_path):
 def test_kernel_census_counts_a_scans_bytes_and_flops():
     """bench/gpu_aot.py's HLO census: loop bodies weighted by their trip count, matmul FLOPs exact,
     a slice of a stacked array read at its slice size and a stack update written at its update size;
-    products of float32 operands (TF32 on a GPU) listed apart, at half the peak."""
+    products of float32 operands (TF32 on a GPU) listed apart, at half the peak, unless their
+    algorithm rounds them to bf16."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import gpu_aot
@@ -64,6 +65,11 @@ def test_kernel_census_counts_a_scans_bytes_and_flops():
         if row["count"] == 5:  # no iteration moves the whole [5, 128, 128] stack or [5, 64, 128] outputs
             assert row["bytes"] / 5 <= 2 * 128 * 128 * 4 + 64, row
     assert sum(row["bytes"] for row in matmuls) >= 5 * (64 * 128 + 128 * 128 + 64 * 128) * 4
+    # float32 operands that the product's algorithm rounds to bf16 run at the bf16 rate
+    rounded = jax.jit(lambda x, w: jnp.dot(x, w, precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32))
+    (row,) = [r for r in gpu_aot.kernel_census(rounded.lower(x, ws[0]).compile().as_text(), peak_flops=1e12,
+                                               bandwidth=1e15) if r["flops"]]  # fmt: skip
+    assert row["kind"] == "matmul" and row["seconds"] == pytest.approx(2 * 64 * 128 * 128 / 1e12)
 
 
 _COLLECTIVE_HLO = """HloModule m, is_scheduled=true

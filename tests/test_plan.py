@@ -298,8 +298,7 @@ def test_fused_attention_keeps_no_scores_and_is_the_gpu_and_tpu_default():
     block = (2 * L * d * (4 + 2)  # two LayerNorms: float32 input, bf16 output
              + L * (6144 + d) * 2 + 16 * L * 4  # Q, K, V and the attention output; softmax statistics
              + L * f * 2)  # GELU's input
-    logits = (4 + 2) * L * V  # float32 logits, their gradient in bf16
-    assert fused == pytest.approx(8 * (24 * block + logits + L * d * (8 + 4 * 2)), rel=1e-9)
+    assert fused == pytest.approx(8 * (24 * block + 4 * L * V + L * d * (8 + 4 * 2)), rel=1e-9)
     scores = 8 * 24 * 16 * 2048 * 2048 * (4 + 2)  # float32 exp and bf16 probabilities, every layer
     assert unfused - fused > scores
     flash = estimate_memory(cfg, fused_attention="flash", **common).activations_bytes

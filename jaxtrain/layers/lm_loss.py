@@ -14,8 +14,8 @@ one extra head matmul for the recompute and, on the 2-core CPU we measure on, is
 
 Every dot keeps its left operand contracted on its last dimension and, on the CPU, the weight
 gradient uses ``cpu_kernels``' split-row form, so in bfloat16 all of them stay on XLA:CPU's fast
-path. ``head_logits`` is the output head off the CPU kernels, whose backward products take the
-logits gradient in the compute dtype.
+path. ``head_logits`` is the output head off the CPU kernels, whose backward products round the
+logits gradient to the compute dtype.
 """
 
 from __future__ import annotations
@@ -109,11 +109,11 @@ def head_logits(x: jax.Array, weight: jax.Array, *, tied: bool, compute_dtype=jn
     """The output head's float32 logits ``x @ W`` from ``compute_dtype`` operands.
 
     x: ``[..., d]``; weight: ``[vocab, d]`` when ``tied`` (the input embedding) else ``[d, vocab]``.
-    The product accumulates in float32 and returns float32 logits for the loss. Its gradient
-    rounds the float32 logits gradient to ``compute_dtype`` before the two backward products, as
-    PyTorch's autocast does (its head returns bf16 logits): autodiff would instead convert the
-    weight and the activations to float32 and take both products in float32, which on GPUs runs
-    at the TF32 rate (half the bf16 one) and reads the ``[tokens, vocab]`` gradient in float32.
+    The product accumulates in float32 and returns float32 logits for the loss. Its two backward
+    products round the float32 logits gradient to ``compute_dtype`` (a dot algorithm that rounds
+    its operands as it loads them, ``BF16_BF16_F32`` for bf16), as PyTorch's autocast does (its
+    head returns bf16 logits). Autodiff would instead take both products in float32, which on
+    GPUs runs at the TF32 rate, half the bf16 one. XLA:CPU ignores the algorithm (full float32).
     """
     return _head_product(x.astype(compute_dtype), weight.astype(compute_dtype), bool(tied))
 
@@ -127,20 +127,33 @@ def _head_product_fwd(x_c, w_c, tied):
     return _head_product(x_c, w_c, tied), (x_c, w_c)
 
 
+# The dot algorithm that rounds float32 operands to a half-precision compute dtype inside the product
+_ROUNDING_ALGORITHMS = {"bfloat16": jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                        "float16": jax.lax.DotAlgorithmPreset.F16_F16_F32}  # fmt: skip
+
+
 def _head_product_bwd(tied, residuals, g):
     x_c, w_c = residuals
-    g = g.astype(x_c.dtype)
-    d_x = jnp.einsum("...v,vd->...d" if tied else "...v,dv->...d", g, w_c, preferred_element_type=jnp.float32)
-    d_w = _output_weight_grad(x_c.reshape(-1, x_c.shape[-1]), g.reshape(-1, g.shape[-1]), tied=tied)
-    return d_x.astype(x_c.dtype), d_w.astype(w_c.dtype)
+    x_dtype, w_dtype = x_c.dtype, w_c.dtype
+    algorithm = _ROUNDING_ALGORITHMS.get(jnp.dtype(x_dtype).name)
+    if algorithm is not None:
+        # float32 operands that the product rounds to the compute dtype as it loads them: the
+        # float32 gradient can then be written over the logits' buffer (a gradient converted
+        # first needs a buffer of its own beside them)
+        x_c, w_c = x_c.astype(jnp.float32), w_c.astype(jnp.float32)
+    d_x = jnp.einsum("...v,vd->...d" if tied else "...v,dv->...d", g, w_c, preferred_element_type=jnp.float32,
+                     precision=algorithm)  # fmt: skip
+    d_w = _output_weight_grad(x_c.reshape(-1, x_c.shape[-1]), g.reshape(-1, g.shape[-1]), tied=tied,
+                              precision=algorithm)  # fmt: skip
+    return d_x.astype(x_dtype), d_w.astype(w_dtype)
 
 
-def _output_weight_grad(x_rows: jax.Array, d_logits: jax.Array, *, tied: bool) -> jax.Array:
+def _output_weight_grad(x_rows: jax.Array, d_logits: jax.Array, *, tied: bool, precision=None) -> jax.Array:
     """The output weight's float32 gradient from rows ``x [rows, d]`` and ``d_logits [rows,
     vocab]``, in the weight's layout (``[vocab, d]`` tied, else ``[d, vocab]``), as one product."""
     if tied:
-        return jnp.einsum("rv,rd->vd", d_logits, x_rows, preferred_element_type=jnp.float32)
-    return jnp.einsum("rd,rv->dv", x_rows, d_logits, preferred_element_type=jnp.float32)
+        return jnp.einsum("rv,rd->vd", d_logits, x_rows, preferred_element_type=jnp.float32, precision=precision)
+    return jnp.einsum("rd,rv->dv", x_rows, d_logits, preferred_element_type=jnp.float32, precision=precision)
 
 
 _head_product.defvjp(_head_product_fwd, _head_product_bwd)

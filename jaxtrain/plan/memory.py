@@ -27,9 +27,8 @@ kernel (the step compiled for those chips) the block counts what their memory fi
 (``bench/gpu_aot.py``): each LayerNorm's float32 input and compute-dtype output, ``2*b*L*d*(4 + c)``
 for two; Q, K, V and the attention output once (on TPUs also the output in the kernel's layout);
 GELU's input alone (its output is recomputed for the down projection's gradient; a gated MLP
-keeps three hidden-sized tensors); and the float32 logits with their gradient in the compute dtype
-(the head's backward products read it so), ``(4 + c)*b*L*V`` (in float32 the gradient is written
-over the logits, ``4*b*L*V``).
+keeps three hidden-sized tensors); and the logits' gradient written over the logits, ``4*b*L*V``
+(the head's backward products round it to the compute dtype as they load it).
 
 ``remat="full"`` keeps only each block's float32 input and recomputes one block at a time;
 ``"dots_saveable"`` keeps the float32 matmul outputs (QKV, scores, context, out_proj, up/gate,
@@ -119,7 +118,7 @@ def _activation_bytes_per_sequence(model_cfg: Any, seq_len: int, compute_bytes: 
     else:
         dots = (4 * (L * qkv_width + heads * L * L + L * d + (2 if glu else 1) * L * hidden) / tensor
                 + 4 * 2 * L * d)  # out_proj and down_proj outputs, replicated
-    logits = ((4 + (c if c != 4 else 0)) if fused_attention else 8) * L * model_cfg.vocab_size / tensor
+    logits = (4 if fused_attention else 8) * L * model_cfg.vocab_size / tensor
     ends = L * d * (8 + 4 * c)  # embedding out and norm_f in (fp32), norm_f's intermediates
     return {"block": block, "dots": dots, "input": L * d * 4, "logits": logits, "ends": ends}
 
