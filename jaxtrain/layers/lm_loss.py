@@ -120,7 +120,7 @@ def head_logits(x: jax.Array, weight: jax.Array, *, tied: bool, compute_dtype=jn
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _head_product(x_c, w_c, tied):
-    return jnp.einsum("...d,vd->...v" if tied else "...d,dv->...v", x_c, w_c, preferred_element_type=jnp.float32)
+    return _chunk_logits(x_c, w_c, tied, None)
 
 
 def _head_product_fwd(x_c, w_c, tied):
@@ -222,8 +222,8 @@ def _chunks(a: jax.Array, chunk: int) -> jax.Array:
 
 
 def _chunk_logits(x_c, w_c, tied, scale):
-    """float32 logits ``[batch, chunk, vocab]`` of one chunk (bf16 dots in the fast form)."""
-    equation = "bcd,vd->bcv" if tied else "bcd,dv->bcv"
+    """float32 logits ``[..., vocab]`` of ``x_c [..., d]`` (bf16 dots in the fast form)."""
+    equation = "...d,vd->...v" if tied else "...d,dv->...v"
     logits = jnp.einsum(equation, x_c, w_c, preferred_element_type=jnp.float32)
     return logits if scale is None else logits * jnp.float32(scale)
 
