@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -84,3 +86,31 @@ def moto_s3():
     """Starts a moto S3 server on a free 127.0.0.1 port: ``with moto_s3() as (url, aws_env):``,
     where ``aws_env`` holds the AWS_* variables that point boto3 (and the runs tests launch) at it."""
     return _moto_s3_server
+
+
+@pytest.fixture(scope="session")
+def once_per_session(tmp_path_factory):
+    """``once_per_session(name, compute)``: a JSON-able result computed once for the whole session.
+
+    With ``-n`` several test processes may each run a module's tests and so each set up its
+    module-scoped fixtures; a costly one (a child process that trains on 8 simulated devices)
+    should run once. The processes share the parent of their temporary folders: the first to
+    ask computes ``compute(folder)`` under a lock and writes the result there; the others wait
+    for the lock and read it. A failing ``compute`` writes nothing, so each asker fails alike."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the session's test processes
+
+    def run(name: str, compute):
+        result_file = root / f"{name}.json"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if result_file.exists():
+                return json.loads(result_file.read_text())
+            folder = root / name
+            folder.mkdir(exist_ok=True)
+            result = compute(folder)
+            result_file.write_text(json.dumps(result))
+            return result
+
+    return run

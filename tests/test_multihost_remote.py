@@ -2,10 +2,10 @@
 marks a step complete once every part is there, and readers download and merge the parts.
 
 The protocol is checked with two threads standing in for two processes (memory:// store), then for
-real: two processes of 4 CPU devices train the tiny quickstart against a moto S3 server on
-127.0.0.1, and the step-3 checkpoint resumes in a fresh pair of processes with the losses and final
-parameters of the uninterrupted run (read back in a single process). Resuming such a checkpoint on
-another layout is plain Orbax once it is merged; test_multihost covers that for local folders.
+real: two processes of 4 CPU devices train the tiny quickstart data-parallel against a moto S3
+server on 127.0.0.1, and the step-3 checkpoint resumes in a fresh pair of processes on a
+data x fsdp x tensor mesh (2 x 2 x 2, so parameters are split across the processes) with the losses
+and final parameters of the uninterrupted run (read back in a single process).
 """
 
 from __future__ import annotations
@@ -166,12 +166,13 @@ def test_two_processes_save_remotely_and_resume_with_the_same_losses(s3_env, tmp
     assert uninterrupted.step == 6
 
     # As if the run had stopped after step 3: step 6 gone from the bucket. A fresh pair of
-    # processes (new run folders, nothing staged) resumes from the remote step 3.
+    # processes (new run folders, nothing staged) resumes from the remote step 3 on a mixed mesh.
     client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": key} for key in keys
                                                              if key.startswith("run/checkpoints/6/")]})
     run = tmp_path / "resumed"
     shutil.copytree(whole / "cache", run / "cache")  # the same tokenizer and rows, without preparing them again
-    resumed = _train(str(run), processes=2, devices_per_process=4, extra=[*SHORT, f"save_folder={URL}"])
+    mixed = ["parallelism.fsdp=2", "parallelism.tensor=2"]
+    resumed = _train(str(run), processes=2, devices_per_process=4, extra=[*SHORT, *mixed, f"save_folder={URL}"])
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5)
