@@ -31,7 +31,7 @@ in a side environment (about 300 MB; no TPU needed). It prints compile time, XLA
 against the chip's HBM and the number of Pallas kernel calls; the kernel census reads GPU programs
 only. A program that does not fit fails to compile with XLA's own out-of-memory message.
 
-    /tmp/tpu-aot-venv/bin/python bench/gpu_aot.py --target tpu-v5p --config configs/mpt/1b.yaml --batch 1 --seq 32768
+    /tmp/tpu-aot-venv/bin/python bench/gpu_aot.py --target tpu-v5p --config configs/mpt/1b.yaml --batch 1 --seq 32768 --set model.remat=full
 """
 
 from __future__ import annotations

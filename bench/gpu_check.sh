@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU check for one H200 (jax 0.11 or newer, no network): cuDNN attention against XLA's (ALiBi as
 # a bias and inside the kernel), then training throughput with MFU against the bf16 peak (989
-# TFLOP/s): the MPT-125M preset through the training entry point; MPT-1B without remat with its
-# layer loop rolled (seq 2048), in bf16 and in precision amp_fp8 (fp8 layer products); MPT-1B at
-# 16k tokens (ALiBi inside the kernel); MPT-1B unrolled with cuBLAS for every GEMM; and MPT-1B
-# unrolled (the GPU default since bench/gpu_aot.py showed the rolled loop moving a third more
-# bytes) followed by its costliest HLO ops from a profiler trace.
+# TFLOP/s): the MPT-125M preset through the training entry point (its remat: auto settles on none,
+# so the layer loop is unrolled); MPT-1B without remat with its layer loop rolled (seq 2048), in
+# bf16 and in precision amp_fp8 (fp8 layer products); MPT-1B at 16k tokens (full remat, ALiBi
+# inside the kernel); MPT-1B unrolled with cuBLAS for every GEMM; and MPT-1B unrolled (the GPU
+# default since bench/gpu_aot.py showed the rolled loop moving a third more bytes) followed by its
+# costliest HLO ops from a profiler trace.
 # Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (at most 9.5 minutes: the stage timeouts sum to 560 s)
 # With $OUT set (a folder that comes back from the device), the whole output is also kept in
 # $OUT/gpu_check.log, beside the 125M run's summary and metrics.
@@ -106,7 +107,7 @@ run "MPT-1B, batch 8, no remat, rolled layer loop" 55 --config configs/mpt/1b.ya
 # it compiles in seconds (bench/gpu_aot.py bounds: 210.8 ms bf16, 157.5 ms fp8)
 run "MPT-1B, batch 8, no remat, rolled layer loop, amp_fp8" 55 --config configs/mpt/1b.yaml --batch 8 --remat none --set model.scan_unroll=1 --precision fp8 --steps 10
 # long context: the 16k ALiBi bias would be 8 GiB, so auto computes ALiBi in cuDNN's kernel if it probes well
-run "MPT-1B, batch 1 x 16384, preset remat (ALiBi in the kernel)" 45 --config configs/mpt/1b.yaml --batch 1 --seq 16384
+run "MPT-1B, batch 1 x 16384, full remat, rolled (ALiBi in the kernel)" 45 --config configs/mpt/1b.yaml --batch 1 --seq 16384 --remat full
 # every GEMM in cuBLAS instead of XLA's autotuned Triton kernels (what MaxText's GPU recipes set)
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   run "MPT-1B, batch 8, no remat, unrolled, --xla_gpu_enable_triton_gemm=false" 85 --config configs/mpt/1b.yaml --batch 8 --remat none --steps 10
