@@ -11,7 +11,15 @@ import subprocess
 
 import pytest
 
-from jaxtrain.train.host_allocator import retain_freed_memory
+# XLA:CPU compiles its kernels with LLVM at -O2 by default; most of this suite's time is compiling
+# small programs, and LLVM's optimisation is about 40 % of each compile. The tests check
+# programs (the optimized HLO is the same at every LLVM level) and numbers, not speed, so they
+# compile at -O0; runs the tests launch inherit the setting. Set XLA_FLAGS with another
+# --xla_backend_optimization_level to test at that level.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+from jaxtrain.train.host_allocator import retain_freed_memory  # noqa: E402
 
 retain_freed_memory()  # as the entry points do: tests run the CPU train step the way users do
 

@@ -110,8 +110,8 @@ def _cli(run_folder, *, processes: int, devices_per_process: int, extra=()) -> s
         env = dict(os.environ)
     else:
         command = [sys.executable, "-m", "jaxtrain.main", *args]
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+        flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices_per_process}"
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

@@ -22,6 +22,12 @@ STEPS = 4
 VOCAB = 128
 
 
+def _eight_devices_env() -> dict:
+    """The environment of a child process with 8 simulated CPU devices (other XLA flags kept)."""
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+
+
 def _train_layouts() -> dict:
     """Run every layout for STEPS steps on the same batches; report losses and shardings."""
     import jax
@@ -74,7 +80,7 @@ def _train_layouts() -> dict:
 
 
 def _run_layouts(_folder) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = _eight_devices_env()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
@@ -137,7 +143,7 @@ def test_describe_shardings_lists_each_parameter_with_its_bytes_per_device(layou
 
 
 def test_bad_layouts_fail_with_the_numbers():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = _eight_devices_env()
     code = """
 import optax
 from jaxtrain.config.schema import AttnConfig, ModelConfig, ParallelismConfig
@@ -179,7 +185,7 @@ print(error(lambda: create_train_state(odd_vocab, optax.sgd(0.1), seed=0, mesh=m
      "use 8 or 16"),
 ])
 def test_cli_rejects_layouts_that_do_not_fit(tmp_path, overrides, message):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = _eight_devices_env()
     args = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml",
             "--set", f"run_folder={tmp_path}", "--set", "save_folder=null"]
     for override in overrides:
