@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -171,3 +172,16 @@ def test_missing_or_malformed_config_file(tmp_path, content):
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and str(path) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_summary_says_when_no_step_was_trained():
+    """A run that resumes at its last step trains nothing; its summary says so."""
+    from jaxtrain.train.command import format_summary
+    from jaxtrain.train.loop import FitResult
+
+    result = FitResult(step=150, interrupted=False, stop_signal=None, stopped_unhealthy=None, incidents={},
+                       train_loss=None, eval_loss=5.2, first_eval_loss=5.2, tokens_per_second=None, mfu=None,
+                       wall_seconds=3.0, seconds_to_first_step=None)  # fmt: skip
+    assert "  wall time: 3.0s (no step trained)" in format_summary(result, 3.0).splitlines()
+    trained = dataclasses.replace(result, seconds_to_first_step=5.34, train_loss=5.0)
+    assert "  wall time: 9.0s (first step done 5.3s after start)" in format_summary(trained, 9.0).splitlines()

@@ -124,10 +124,12 @@ def format_summary(result, total_seconds: float) -> str:
     else:
         status = "done"
     incidents = ", ".join(f"{kind} x{count}" for kind, count in result.incidents.items()) or "none"
+    first_step = ("no step trained" if result.seconds_to_first_step is None
+                  else f"first step done {result.seconds_to_first_step:.1f}s after start")
     lines = [
         status,
         f"  steps: {result.step}",
-        f"  wall time: {total_seconds:.1f}s (first step done {fmt(result.seconds_to_first_step, '.1f')}s after start)",
+        f"  wall time: {total_seconds:.1f}s ({first_step})",
         f"  final train loss: {fmt(result.train_loss, '.4f')}",
         f"  held-out loss: {fmt(result.first_eval_loss, '.4f')} (first) -> {fmt(result.eval_loss, '.4f')} (final)",
         f"  incidents: {incidents}",
