@@ -449,9 +449,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--top", type=int, default=25, help="list the N costliest kernels")
     parser.add_argument("--hlo", help="also write the optimized HLO text here")
-    parser.add_argument("--alibi", choices=("bias", "score_mod"), default="bias",
+    parser.add_argument("--alibi", choices=("bias", "score_mod", "key_dims"), default="bias",
                         help="how ALiBi reaches cuDNN: a constant bias tensor (what auto picks while the bias "
-                             "is at most 1 GiB) or computed in the kernel (cuDNN 9.13+)")  # fmt: skip
+                             "is at most 1 GiB), computed in the kernel (cuDNN 9.13+) or carried in extra "
+                             "query and key dimensions")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ["JAXTRAIN_CUDNN_ALIBI"] = args.alibi
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the process itself runs nothing on the accelerator

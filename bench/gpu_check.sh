@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU check for one H200 (jax 0.11 or newer, no network): cuDNN attention against XLA's (ALiBi as
-# a bias and inside the kernel), then training throughput with MFU against the bf16 peak (989
-# TFLOP/s): the MPT-125M preset through the training entry point (its remat: auto settles on none,
-# so the layer loop is unrolled); MPT-1B without remat with its layer loop rolled (seq 2048), in
+# a bias, inside the kernel and in extra key dimensions), then training throughput with MFU
+# against the bf16 peak (989 TFLOP/s): the MPT-125M preset through the training entry point (its
+# remat: auto settles on none, so the layer loop is unrolled); MPT-1B without remat with its layer loop rolled (seq 2048), in
 # bf16 and in precision amp_fp8 (fp8 layer products); MPT-1B at 16k tokens (full remat, ALiBi
-# inside the kernel); MPT-1B unrolled with cuBLAS for every GEMM; and MPT-1B unrolled (the GPU
+# without a bias tensor); MPT-1B unrolled with cuBLAS for every GEMM; and MPT-1B unrolled (the GPU
 # default since bench/gpu_aot.py showed the rolled loop moving a third more bytes) followed by its
 # costliest HLO ops from a profiler trace.
 # Run from the repository root:  PYTHONPATH=. bash bench/gpu_check.sh   (at most 9.5 minutes: the stage timeouts sum to 560 s)
@@ -51,6 +51,10 @@ try:  # ALiBi inside the kernel (cuDNN 9.13+ score_mod), what auto uses once the
     print(f"cuDNN in-kernel ALiBi vs XLA (gqa): max rel err {gpu_kernels._score_mod_error():.4f}")
 except Exception as e:
     print(f"cuDNN in-kernel ALiBi check failed: {type(e).__name__}: {str(e)[:300]}")
+try:  # ALiBi in extra query/key dimensions: auto's fallback when score_mod does not probe well
+    print(f"cuDNN ALiBi in key dimensions vs XLA (gqa): max rel err {gpu_kernels._key_dims_error():.4f}")
+except Exception as e:
+    print(f"cuDNN ALiBi in key dimensions check failed: {type(e).__name__}: {str(e)[:300]}")
 
 # forward + backward time at the MPT-1B attention shape: ALiBi as a constant bias (the default),
 # in the kernel, as a bias argument (cuDNN also computes its gradient), no bias, and XLA's attention
@@ -64,6 +68,8 @@ variants = {
     "cuDNN, ALiBi as a constant bias": lambda q, k, v: gpu_kernels.cudnn_attention(
         q, k, v, scale=d ** -0.5, slopes=slopes, sequence_id=None, compute_dtype=jnp.bfloat16),
     "cuDNN, ALiBi in the kernel (score_mod)": lambda q, k, v: gpu_kernels.score_mod_alibi_attention(
+        q, k, v, slopes=slopes, mask=None, scale=d ** -0.5),
+    "cuDNN, ALiBi in extra key dimensions": lambda q, k, v: gpu_kernels.key_dims_alibi_attention(
         q, k, v, slopes=slopes, mask=None, scale=d ** -0.5),
     "cuDNN, ALiBi as a bias argument": lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, bias=alibi, scale=d ** -0.5, is_causal=True, implementation="cudnn"),
@@ -106,8 +112,9 @@ run "MPT-1B, batch 8, no remat, rolled layer loop" 55 --config configs/mpt/1b.ya
 # off itself), MFU against the bf16 peak like every other stage. Rolled, as the stage above, because
 # it compiles in seconds (bench/gpu_aot.py bounds: 210.8 ms bf16, 157.5 ms fp8)
 run "MPT-1B, batch 8, no remat, rolled layer loop, amp_fp8" 55 --config configs/mpt/1b.yaml --batch 8 --remat none --set model.scan_unroll=1 --precision fp8 --steps 10
-# long context: the 16k ALiBi bias would be 8 GiB, so auto computes ALiBi in cuDNN's kernel if it probes well
-run "MPT-1B, batch 1 x 16384, full remat, rolled (ALiBi in the kernel)" 45 --config configs/mpt/1b.yaml --batch 1 --seq 16384 --remat full
+# long context: the 16k ALiBi bias would be 8 GiB, so auto computes ALiBi in cuDNN's kernel, or
+# carries it in extra key dimensions, whichever probes well first (the run's log says which)
+run "MPT-1B, batch 1 x 16384, full remat, rolled (ALiBi without a bias tensor)" 45 --config configs/mpt/1b.yaml --batch 1 --seq 16384 --remat full
 # every GEMM in cuBLAS instead of XLA's autotuned Triton kernels (what MaxText's GPU recipes set)
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
   run "MPT-1B, batch 8, no remat, unrolled, --xla_gpu_enable_triton_gemm=false" 85 --config configs/mpt/1b.yaml --batch 8 --remat none --steps 10

@@ -447,12 +447,15 @@ def test_alibi_mode_keeps_small_biases_and_probes_before_going_in_kernel(monkeyp
     monkeypatch.setattr(gpu_kernels, "score_mod_probe", lambda kind: probed.append(kind) or True)
     assert gpu_kernels.alibi_mode(16, small, jnp.bfloat16) == "bias" and not probed
     assert gpu_kernels.alibi_mode(16, large, jnp.bfloat16) == "score_mod" and len(probed) == 1
-    monkeypatch.setattr(gpu_kernels, "score_mod_probe", lambda kind: False)
+    monkeypatch.setattr(gpu_kernels, "score_mod_probe", lambda kind: False)  # then ALiBi in key dimensions
+    monkeypatch.setattr(gpu_kernels, "key_dims_probe", lambda kind: probed.append(kind) or True)
+    assert gpu_kernels.alibi_mode(16, large, jnp.bfloat16) == "key_dims" and len(probed) == 2
+    monkeypatch.setattr(gpu_kernels, "key_dims_probe", lambda kind: False)
     assert gpu_kernels.alibi_mode(16, large, jnp.bfloat16) == "bias"
     monkeypatch.setenv(gpu_kernels.ALIBI_ENV, "score_mod")
     assert gpu_kernels.alibi_mode(16, small, jnp.bfloat16) == "score_mod"
     monkeypatch.setenv(gpu_kernels.ALIBI_ENV, "flash")
-    with pytest.raises(ValueError, match="JAXTRAIN_CUDNN_ALIBI='flash'; use one of auto, bias, score_mod"):
+    with pytest.raises(ValueError, match="JAXTRAIN_CUDNN_ALIBI='flash'; use one of auto, bias, score_mod, key_dims"):
         gpu_kernels.alibi_mode(16, small, jnp.bfloat16)
 
 
@@ -470,6 +473,68 @@ def test_in_kernel_alibi_probe_accepts_a_working_kernel_only(monkeypatch):
         jax.jit(lambda x: results.append(gpu_kernels.score_mod_probe("stand-in")) or x)(jnp.zeros(()))
         assert results == [expected]
     gpu_kernels.score_mod_probe.cache_clear()
+
+
+def _cudnn_as_xla(calls):
+    """``jax.nn.dot_product_attention`` with ``implementation="cudnn"`` run by XLA, recording each
+    call's head size and whether a bias went in."""
+    real = jax.nn.dot_product_attention
+
+    def stand_in(q, k, v, bias=None, mask=None, *, implementation=None, **kwargs):
+        calls.append((q.shape[-1], k.shape[-1], v.shape[-1], bias is None))
+        return real(q, k, v, bias=bias, mask=mask, implementation="xla", **kwargs)
+
+    return stand_in
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["alibi", "alibi_packed"])
+def test_alibi_in_key_dimensions_equals_the_bias_form(monkeypatch, packed):
+    """ALiBi as extra query and key dimensions (no bias tensor, no score_mod) gives the reference
+    attention's values and gradients, GQA and packed documents included; the head size is padded
+    to a multiple of 8 and the call carries no bias."""
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_as_xla(calls))
+    monkeypatch.setenv(gpu_kernels.ALIBI_ENV, "key_dims")
+    b, length, heads, kv_heads, head_dim = 2, 16, 4, 2, 8
+    q, k, v = randn(1, (b, length, heads, head_dim)), randn(2, (b, length, kv_heads, head_dim)), randn(3, (b, length, kv_heads, head_dim))
+    sequence_id = jnp.asarray([[0] * 5 + [1] * 11, [0] * 16], jnp.int32) if packed else None
+    for dtype in (jnp.float32, jnp.bfloat16):
+        opts = dict(scale=head_dim**-0.5, slopes=jnp.asarray(attention.alibi_slopes(heads)), sequence_id=sequence_id,
+                    compute_dtype=dtype)  # fmt: skip
+        out, grads = values_and_grads(lambda *a: gpu_kernels.cudnn_attention(*a, **opts), q, k, v)
+        ref, ref_grads = values_and_grads(lambda *a: attention.dot_product_attention(*a, **opts), q, k, v)
+        assert out.shape == ref.shape
+        assert_close(out, ref, dtype)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, dtype)
+    assert set(calls) == {(16, 16, 16, True)}  # 8 + 2 ALiBi columns, padded to 16; no bias
+
+
+def test_alibi_key_columns_give_slope_times_position_exactly_enough():
+    """The extra columns' product is ``slope·j/scale`` to float32 accuracy (high and low bf16
+    parts against exact position digits), past 65,536 tokens too (three digits)."""
+    slopes = jnp.asarray(attention.alibi_slopes(12))  # 12 heads: slopes that are not powers of two
+    scale = 96**-0.5
+    for length, columns in [(200, 2), (4096, 4), (70_000, 6)]:
+        query_columns, key_columns = gpu_kernels.alibi_key_columns(slopes, length, scale, jnp.bfloat16)
+        assert query_columns.shape == (12, columns) and key_columns.shape == (length, columns)
+        got = (query_columns.astype(jnp.float32) @ key_columns.astype(jnp.float32).T) * scale
+        want = np.asarray(slopes, np.float64)[:, None] * np.arange(length)[None]
+        assert np.max(np.abs(np.asarray(got, np.float64) - want) / np.maximum(want, 1e-3)) < 1e-5
+    with pytest.raises(ValueError, match="needs bf16 past 65536 tokens in fp16"):
+        gpu_kernels.alibi_key_columns(slopes, 70_000, scale, jnp.float16)
+
+
+def test_alibi_key_dims_probe_accepts_a_working_kernel_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_as_xla(calls))
+    gpu_kernels.key_dims_probe.cache_clear()
+    assert gpu_kernels.key_dims_probe("stand-in") is True and calls
+    monkeypatch.setattr(gpu_kernels, "alibi_key_columns", lambda slopes, length, scale, dtype: (
+        jnp.zeros((slopes.shape[0], 2), dtype), jnp.zeros((length, 2), dtype)))  # a form that drops ALiBi
+    gpu_kernels.key_dims_probe.cache_clear()
+    assert gpu_kernels.key_dims_probe("stand-in") is False
+    gpu_kernels.key_dims_probe.cache_clear()
 
 
 def test_compiling_for_picks_the_target_platforms_kernels():

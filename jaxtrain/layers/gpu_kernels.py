@@ -17,11 +17,21 @@ That bias is a ``[1, heads, L, L]`` tensor in HBM: 128 MiB per layer call for MP
 add ALiBi inside the kernel from the score's row and column indices (JAX's ``score_mod``, the
 flex-attention hook), so no bias exists at all. Which form is used (``alibi_mode``):
 
-* ``JAXTRAIN_CUDNN_ALIBI=bias`` or ``=score_mod`` forces one;
-* ``auto`` (the default) keeps the constant bias while it is at most ``BIAS_BYTES_LIMIT`` and
-  goes in-kernel above that, if a one-off probe on this process's GPU (a small attention through
-  ``score_mod`` against XLA's, forward and backward) passes. Compiling for a GPU this process does
-  not drive, nothing can be probed, so ``auto`` keeps the bias there.
+* ``key_dims``: ALiBi rides in the ``Q·Kᵀ`` product itself, with no bias and no ``score_mod``.
+  Under a causal softmax ``slope·(j-i)`` equals ``slope·j`` up to a constant per query row, which
+  the softmax ignores. So each key gets extra head dimensions holding its position ``j`` as
+  base-256 digits (integers below 256 are exact in bf16 and fp16), each query the matching
+  ``slope·256^m/scale`` split into a high and a low half-precision part, and the value zeros;
+  the head size is padded to a multiple of 8 and the extra output columns are dropped.
+  Products accumulate in float32, so the added score is ``slope·j`` to about 1e-5 relative:
+  closer than a bf16 bias tensor. It costs ``8/head_size`` more attention FLOPs (6 % at 128) and
+  holds no ``[heads, L, L]`` tensor, on any cuDNN that takes the padded head size (up to 256 on
+  Hopper).
+* ``JAXTRAIN_CUDNN_ALIBI=bias``, ``=score_mod`` or ``=key_dims`` forces one;
+* ``auto`` (the default) keeps the constant bias while it is at most ``BIAS_BYTES_LIMIT``. Above
+  that it takes the first of ``score_mod`` and ``key_dims`` whose one-off probe on this process's
+  GPU (a small attention against XLA's, forward and backward) passes, else the bias. Compiling for
+  a GPU this process does not drive, nothing can be probed, so ``auto`` keeps the bias there.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import os
 import threading
 
@@ -45,9 +56,10 @@ except ImportError:  # pragma: no cover (a JAX without the cuDNN attention modul
 from jaxtrain.parallel.platform import target_platform
 
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
-ALIBI_MODES = ("auto", "bias", "score_mod")
+ALIBI_MODES = ("auto", "bias", "score_mod", "key_dims")
 ALIBI_ENV = "JAXTRAIN_CUDNN_ALIBI"
 BIAS_BYTES_LIMIT = 1 << 30  # auto: a larger ALiBi bias is computed in-kernel instead (if it probes well)
+ALIBI_DIGIT_BASE = 256  # key_dims: positions as digits below 256, exact in bf16 and fp16
 _warned: set[str] = set()
 _combiner_lock = threading.Lock()
 
@@ -92,11 +104,13 @@ def cudnn_attention(
         mask = (sequence_id[:, :, None] == sequence_id[:, None, :])[:, None]
     q, k, v = (a.astype(compute_dtype) for a in (q, k, v))
     options = dict(scale=scale, is_causal=True, implementation="cudnn")
-    if slopes is not None and alibi_mode(heads, length, compute_dtype) == "score_mod":
+    mode = alibi_mode(heads, length, compute_dtype) if slopes is not None else "bias"
+    if mode != "bias":
+        form = score_mod_alibi_attention if mode == "score_mod" else key_dims_alibi_attention
         try:
-            return score_mod_alibi_attention(q, k, v, slopes=slopes, mask=mask, scale=scale)
+            return form(q, k, v, slopes=slopes, mask=mask, scale=scale)
         except (NotImplementedError, ValueError, RuntimeError, TypeError) as err:
-            _warn_once(f"cuDNN in-kernel ALiBi unavailable for heads={heads} length={length} "
+            _warn_once(f"cuDNN ALiBi form {mode} unavailable for heads={heads} length={length} "
                        f"({type(err).__name__}: {err}); ALiBi goes in as a bias")  # fmt: skip
     try:
         if slopes is not None:
@@ -136,8 +150,50 @@ def score_mod_alibi_attention(q, k, v, *, slopes, mask, scale) -> jax.Array:
     )  # fmt: skip
 
 
+def alibi_key_columns(slopes: jax.Array, length: int, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """The extra head dimensions of the ``key_dims`` form: ``([heads, e], [length, e])`` for the
+    queries and the keys, whose product is ``slope·j/scale`` (``e`` = 2 per base-256 digit of the
+    position ``j``: each digit twice, against the high and low parts of ``slope·256^m/scale``)."""
+    digits = max(1, math.ceil(math.log(length) / math.log(ALIBI_DIGIT_BASE) - 1e-9))
+    if jnp.dtype(dtype) == jnp.float16 and digits > 2:
+        raise ValueError(f"ALiBi in key dimensions needs bf16 past {ALIBI_DIGIT_BASE**2} tokens in fp16")
+    powers = [ALIBI_DIGIT_BASE**m for m in reversed(range(digits))]
+    coef = slopes.astype(jnp.float32)[:, None] / scale * jnp.asarray(powers, jnp.float32)  # [heads, digits]
+    high = coef.astype(dtype)
+    low = (coef - high.astype(jnp.float32)).astype(dtype)
+    query_columns = jnp.stack([high, low], axis=-1).reshape(coef.shape[0], 2 * digits)
+    position = np.arange(length)
+    key_digits = np.stack([(position // power) % ALIBI_DIGIT_BASE for power in powers], axis=-1)  # [L, digits]
+    key_columns = jnp.asarray(np.repeat(key_digits, 2, axis=-1), dtype)
+    return query_columns, key_columns
+
+
+def key_dims_alibi_attention(q, k, v, *, slopes, mask, scale) -> jax.Array:
+    """Causal cuDNN attention with ALiBi in extra head dimensions (the ``key_dims`` form of the
+    module doc); a boolean ``mask`` (packed documents) goes in as JAX's constant additive bias."""
+    length, head_dim = q.shape[1], q.shape[3]
+    query_columns, key_columns = alibi_key_columns(slopes, length, scale, q.dtype)
+    extra = query_columns.shape[-1]
+    padding = -(head_dim + extra) % 8
+
+    def widen(x, columns):
+        parts = [x]
+        if columns is not None:
+            parts.append(jnp.broadcast_to(columns, (*x.shape[:-1], extra)))
+        parts.append(jnp.zeros((*x.shape[:-1], padding + (extra if columns is None else 0)), x.dtype))
+        return jnp.concatenate(parts, axis=-1)
+
+    q_wide = widen(q, query_columns[None, None])
+    k_wide = widen(k, key_columns[None, :, None])
+    v_wide = widen(v, None)
+    out = jax.nn.dot_product_attention(q_wide, k_wide, v_wide, mask=mask, scale=scale, is_causal=True,
+                                       implementation="cudnn")  # fmt: skip
+    return out[..., :head_dim]
+
+
 def alibi_mode(heads: int, length: int, compute_dtype) -> str:
-    """``bias`` or ``score_mod``: how ALiBi reaches cuDNN for ``heads`` x ``length`` (see the module doc)."""
+    """``bias``, ``score_mod`` or ``key_dims``: how ALiBi reaches cuDNN for ``heads`` x ``length``
+    (see the module doc)."""
     mode = os.environ.get(ALIBI_ENV, "auto").strip().lower() or "auto"
     if mode not in ALIBI_MODES:
         raise ValueError(f"{ALIBI_ENV}={mode!r}; use one of {', '.join(ALIBI_MODES)}")
@@ -146,7 +202,10 @@ def alibi_mode(heads: int, length: int, compute_dtype) -> str:
     bias_bytes = heads * length * length * jnp.dtype(compute_dtype).itemsize
     if bias_bytes <= BIAS_BYTES_LIMIT or _cudnn_fused is None or jax.default_backend() != "gpu":
         return "bias"
-    return "score_mod" if score_mod_probe(jax.devices()[0].device_kind) else "bias"
+    device_kind = jax.devices()[0].device_kind
+    if score_mod_probe(device_kind):
+        return "score_mod"
+    return "key_dims" if key_dims_probe(device_kind) else "bias"
 
 
 @functools.cache
@@ -155,22 +214,43 @@ def score_mod_probe(device_kind: str) -> bool:
     against XLA's with the same bias, outputs and gradients within bf16 tolerance. Run once per
     process, on a thread of its own so that it runs eagerly even when first asked while a train
     step is being traced."""
+    return _probe("in-kernel ALiBi (score_mod)", _score_mod_error, device_kind)
+
+
+@functools.cache
+def key_dims_probe(device_kind: str) -> bool:
+    """``score_mod_probe`` for ALiBi in extra key dimensions."""
+    return _probe("ALiBi in key dimensions", _key_dims_error, device_kind)
+
+
+def _probe(form: str, error_fn, device_kind: str) -> bool:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
-            error = pool.submit(_score_mod_error).result()
+            error = pool.submit(error_fn).result()
         except Exception as err:  # noqa: BLE001 (any failure means: keep the bias form)
-            logging.warning("cuDNN in-kernel ALiBi unavailable on %s (%s: %s); long sequences hold a "
-                            "[heads, L, L] ALiBi bias", device_kind, type(err).__name__, str(err)[:200])  # fmt: skip
+            logging.warning("cuDNN %s unavailable on %s (%s: %s)", form, device_kind, type(err).__name__,
+                            str(err)[:200])  # fmt: skip
             return False
     ok = error < 0.05
     (logging.info if ok else logging.warning)(
-        "cuDNN in-kernel ALiBi on %s: max relative error %.4f against XLA; %s", device_kind, error,
-        "used for long sequences" if ok else "not used: long sequences hold a [heads, L, L] ALiBi bias")
+        "cuDNN %s on %s: max relative error %.4f against XLA; %s", form, device_kind, error,
+        "may be used for long sequences" if ok else "not used")
     return ok
 
 
 def _score_mod_error() -> float:
     """The largest relative error of in-kernel ALiBi attention's output and gradients against XLA's."""
+    return _alibi_form_error(score_mod_alibi_attention)
+
+
+def _key_dims_error() -> float:
+    """``_score_mod_error`` for ALiBi in extra key dimensions."""
+    return _alibi_form_error(key_dims_alibi_attention)
+
+
+def _alibi_form_error(form) -> float:
+    """The largest relative error of a bias-free ALiBi attention ``form``'s output and gradients
+    against XLA's attention with the ALiBi bias: GQA, bf16, causal."""
     from jaxtrain.layers.attention import alibi_slopes  # here: attention imports this module
 
     b, length, heads, kv_heads, head_dim = 2, 256, 4, 2, 64
@@ -182,7 +262,7 @@ def _score_mod_error() -> float:
     bias = jnp.asarray(slopes[:, None, None] * (pos[None, :] - pos[:, None]))[None].astype(jnp.bfloat16)
 
     def fused(q, k, v):
-        return score_mod_alibi_attention(q, k, v, slopes=jnp.asarray(slopes), mask=None, scale=head_dim**-0.5)
+        return form(q, k, v, slopes=jnp.asarray(slopes), mask=None, scale=head_dim**-0.5)
 
     def plain(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=head_dim**-0.5, is_causal=True,

@@ -141,7 +141,8 @@ def activation_bytes(
 
 def _alibi_bias_bytes(model_cfg: Any, seq_len: int, precision: str) -> float:
     """cuDNN's constant ``[heads, L, L]`` ALiBi bias, one for all layers, while it is small enough
-    to be kept as a tensor (larger ones are computed in the kernel; ``gpu_kernels.alibi_mode``)."""
+    to be kept as a tensor (larger ones are computed in the kernel or carried in extra head
+    dimensions; ``gpu_kernels.alibi_mode``)."""
     size = model_cfg.n_heads * seq_len * seq_len * _compute_bytes(precision)
     return float(size) if model_cfg.attn_config.alibi and size <= BIAS_BYTES_LIMIT else 0.0
 
