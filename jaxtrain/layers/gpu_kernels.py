@@ -224,6 +224,7 @@ def key_dims_probe(device_kind: str) -> bool:
 
 
 def _probe(form: str, error_fn, device_kind: str) -> bool:
+    """Whether ``error_fn()`` (run on a thread of its own) is below bf16 tolerance; logs the outcome."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
             error = pool.submit(error_fn).result()
@@ -253,7 +254,7 @@ def _alibi_form_error(form) -> float:
     against XLA's attention with the ALiBi bias: GQA, bf16, causal."""
     from jaxtrain.layers.attention import alibi_slopes  # here: attention imports this module
 
-    b, length, heads, kv_heads, head_dim = 2, 256, 4, 2, 64
+    b, length, heads, kv_heads, head_dim = 2, 512, 4, 2, 64  # 512: two position digits for key_dims
     rng = np.random.default_rng(0)
     q, ct = (jnp.asarray(rng.standard_normal((b, length, heads, head_dim)), jnp.bfloat16) for _ in range(2))
     k, v = (jnp.asarray(rng.standard_normal((b, length, kv_heads, head_dim)), jnp.bfloat16) for _ in range(2))
