@@ -174,12 +174,15 @@ def _dot_flops(instrs: list[tuple[str, str, str, str]], types: dict[str, str]) -
     return flops
 
 
+_ROUNDING_ALGORITHM = re.compile(r"algorithm=dot_(bf16_bf16|f16_f16)_f32\b")  # half-precision operands
+
+
 def _tensor_core_rate(instrs, types, gemms) -> float:
     """A kernel's matmul rate against the bf16 peak, from its operands' element type: fp8 runs
     at twice it on Hopper, and float32 operands (XLA's default precision on GPUs, TF32) at half,
-    unless the product's algorithm rounds them to bf16 (``dot_bf16_bf16_f32``)."""
+    unless the product's algorithm rounds them to half precision (``dot_bf16_bf16_f32``)."""
     lhs_types = [lhs_type for _, lhs_type, _ in gemms]
-    lhs_types += [types.get(_operands(rest)[0], "") if "algorithm=dot_bf16_bf16_f32" not in rest else "bf16"
+    lhs_types += [types.get(_operands(rest)[0], "") if not _ROUNDING_ALGORITHM.search(rest) else "bf16"
                   for _, _, op, rest in instrs if op == "dot"]  # fmt: skip
     if any(t.startswith("f8") for t in lhs_types):
         return 2.0

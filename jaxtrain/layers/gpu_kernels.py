@@ -40,7 +40,6 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
-import math
 import os
 import threading
 
@@ -154,7 +153,9 @@ def alibi_key_columns(slopes: jax.Array, length: int, scale: float, dtype) -> tu
     """The extra head dimensions of the ``key_dims`` form: ``([heads, e], [length, e])`` for the
     queries and the keys, whose product is ``slope·j/scale`` (``e`` = 2 per base-256 digit of the
     position ``j``: each digit twice, against the high and low parts of ``slope·256^m/scale``)."""
-    digits = max(1, math.ceil(math.log(length) / math.log(ALIBI_DIGIT_BASE) - 1e-9))
+    digits = 1
+    while ALIBI_DIGIT_BASE**digits < length:  # positions 0 .. length-1
+        digits += 1
     if jnp.dtype(dtype) == jnp.float16 and digits > 2:
         raise ValueError(f"ALiBi in key dimensions needs bf16 past {ALIBI_DIGIT_BASE**2} tokens in fp16")
     powers = [ALIBI_DIGIT_BASE**m for m in reversed(range(digits))]
