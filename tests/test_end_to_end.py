@@ -59,9 +59,22 @@ def test_readme_quickstart_command_trains_and_loss_falls(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert "python -m jaxtrain.main --config configs/quickstart.yaml" in readme
     assert "python -m pytest" in readme
-    result = run(command(tmp_path, "max_duration=24ba", "eval_interval=12ba", "save_interval=12ba"))
+    # with Foundry's in-context-learning tasks scored after every held-out evaluation
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [
+        {"query": "def add(a, b):\n    return", "choices": [" a + b", " ]]]]"], "gold": 0},
+        {"query": "import", "choices": [" os", " }}}}"], "gold": 0},
+        {"query": "for i in", "choices": [" range(10):", " ((((("], "gold": 0}]))
+    (tmp_path / "tasks.yaml").write_text(
+        "icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n"
+        "  continuation_delimiter: ''\n  batch_size: 2\n")
+    result = run(command(tmp_path, "max_duration=24ba", "eval_interval=12ba", "save_interval=12ba",
+                         f"icl_tasks={tmp_path}/tasks.yaml", "icl_subset_num_batches=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    icl = {record["step"]: record["icl/mc/0-shot"] for record in records if "icl/mc/0-shot" in record}
+    assert sorted(icl) == [0, 12, 24] and all(value in (0.0, 0.5, 1.0) for value in icl.values())  # 2 of 3 scored
+    assert result.stdout.count("ICL: icl/mc/0-shot") == 3
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["step"] == 24
     assert summary["eval_loss"] < summary["first_eval_loss"] - 1.0

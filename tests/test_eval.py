@@ -59,11 +59,10 @@ def _set_params(model, rule):
     return model
 
 
-@pytest.fixture(scope="module")
-def successor_model():
-    """Token i -> argmax i + 1 (mod VOCAB), margin ~50 nats."""
+def successor(shift: int = 1):
+    """Token i -> argmax i + shift (mod VOCAB), margin ~50 nats."""
     embedding = np.eye(VOCAB, D_MODEL, dtype=np.float32) - 1.0 / D_MODEL  # zero-mean rows: LayerNorm only scales them
-    head = 10.0 * np.roll(embedding, 1, axis=0).T  # column j is row j - 1
+    head = 10.0 * np.roll(embedding, shift, axis=0).T  # column j is row j - shift
 
     def rule(path, value):
         if "out_proj" in path or "down_proj" in path:
@@ -75,6 +74,11 @@ def successor_model():
         return value
 
     return _set_params(build_model(model_cfg(tie_word_embeddings=False), rngs=nnx.Rngs(0)), rule)
+
+
+@pytest.fixture(scope="module")
+def successor_model():
+    return successor()
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +121,52 @@ def test_multiple_choice_accuracy(tmp_path, successor_model, tokenizer):
     task = ICLTask("mc", write_jsonl(tmp_path / "mc.jsonl", rows), "multiple_choice", continuation_delimiter="")
     result = evaluate_task(successor_model, tokenizer, task, 1, batch_size=4)
     assert result.accuracy == pytest.approx(2 / 3)
+
+
+def test_new_parameters_of_the_same_model_reuse_the_compiled_scorer(tmp_path, successor_model, tokenizer):
+    """During training the ICL tasks are scored after every evaluation, each time with new
+    parameters: a model of the same structure compiles nothing again, and its own parameters
+    decide its answers."""
+    from jaxtrain.eval.perplexity import _span_scores
+
+    rows = [{"query": "ab", "choices": ["c", "d"], "gold": 0}, {"query": "de", "choices": ["f", "g"], "gold": 0}]
+    task = ICLTask("mc", write_jsonl(tmp_path / "mc.jsonl", rows), "multiple_choice", continuation_delimiter="")
+    assert evaluate_task(successor_model, tokenizer, task, 0, batch_size=2).accuracy == 1.0
+    compiled = _span_scores._cache_size()
+    assert evaluate_task(successor(shift=2), tokenizer, task, 0, batch_size=2).accuracy == 0.0  # "ab" -> "d"
+    assert _span_scores._cache_size() == compiled
+
+
+def test_a_subset_scores_the_first_examples_with_the_full_runs_demonstrations(tmp_path, successor_model, tokenizer):
+    rows = [{"query": "ab", "choices": ["c", "d", "e"], "gold": 0},
+            {"query": "de", "choices": ["g", "fghij"], "gold": 1},
+            {"query": "hi", "choices": ["j", "k"], "gold": 1}]  # gold deliberately wrong
+    task = ICLTask("mc", write_jsonl(tmp_path / "mc.jsonl", rows), "multiple_choice", continuation_delimiter="")
+    subset = evaluate_task(successor_model, tokenizer, task, 1, batch_size=4, max_examples=2)
+    assert (subset.accuracy, subset.num_examples) == (1.0, 2)
+    assert evaluate_task(successor_model, tokenizer, task, 1, batch_size=4, max_examples=10).num_examples == 3
+
+
+def test_training_callback_takes_inline_tasks_and_checks_the_subset(tmp_path, monkeypatch):
+    from jaxtrain.eval.gauntlet import ICLEvalCallback
+
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "ab", "choices": ["c", "d"], "gold": 0}])
+    monkeypatch.chdir(tmp_path)  # an inline task's dataset_uri is relative to the working folder, as in Foundry
+    callback = ICLEvalCallback([{"label": "mc", "dataset_uri": "mc.jsonl", "icl_task_type": "multiple_choice",
+                                 "num_fewshot": 1}], subset_num_batches=2)
+    assert [(task.label, task.num_fewshot, task.dataset_uri) for task in callback.tasks] == [("mc", [1], "mc.jsonl")]
+    with pytest.raises(ConfigError, match="icl_tasks: unknown icl_tasks key 'few_shot'"):
+        ICLEvalCallback([{"label": "mc", "dataset_uri": "mc.jsonl", "icl_task_type": "multiple_choice", "few_shot": 1}])
+    with pytest.raises(ConfigError, match="icl_subset_num_batches: 0 must be at least 1"):
+        ICLEvalCallback(str(write_tasks(tmp_path)), subset_num_batches=0)
+    with pytest.raises(ConfigError, match="icl_tasks: give a tasks YAML path or a non-empty list"):
+        ICLEvalCallback([])
+
+
+def write_tasks(tmp_path):
+    path = tmp_path / "tasks.yaml"
+    path.write_text("icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n")
+    return path
 
 
 def test_schema_accuracy(tmp_path, successor_model, tokenizer):

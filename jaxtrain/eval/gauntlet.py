@@ -82,8 +82,9 @@ def gauntlet_scores(spec, results: list[TaskResult], *, source: str | None = Non
 
 
 def run_icl_suite(model, tokenizer, tasks, *, gauntlet=None, batch_size: int = 8, max_len: int | None = None,
-                  compute_dtype=None, gauntlet_source: str | None = None) -> dict:
+                  compute_dtype=None, gauntlet_source: str | None = None, subset_num_batches: int | None = None) -> dict:
     """Every task at each of its ``num_fewshot`` settings, plus the gauntlet when given.
+    ``subset_num_batches``: score only each task's first that many batches of examples.
 
     Returns ``{"tasks": [TaskResult, ...], "gauntlet": gauntlet_scores(...) or None}``.
     """
@@ -95,10 +96,11 @@ def run_icl_suite(model, tokenizer, tasks, *, gauntlet=None, batch_size: int = 8
     results = []
     for task in tasks:
         examples = read_examples(task.dataset_uri, task.icl_task_type)
+        task_batch = task.batch_size or batch_size
         for shots in task.num_fewshot:
-            results.append(evaluate_task(model, tokenizer, task, shots, examples=examples,
-                                         batch_size=task.batch_size or batch_size, max_len=max_len,
-                                         compute_dtype=compute_dtype))
+            results.append(evaluate_task(model, tokenizer, task, shots, examples=examples, batch_size=task_batch,
+                                         max_len=max_len, compute_dtype=compute_dtype,
+                                         max_examples=None if subset_num_batches is None else subset_num_batches * task_batch))
     scores = gauntlet_scores(gauntlet, results, source=gauntlet_source) if gauntlet is not None else None
     return {"tasks": results, "gauntlet": scores}
 
@@ -115,27 +117,39 @@ def flat_metrics(suite: dict) -> dict[str, float]:
 class ICLEvalCallback(Callback):
     """Runs ICL tasks (and the gauntlet) on the current parameters after each evaluation (``EVAL_END``).
 
-    ``tasks`` is a list of ``ICLTask`` or a tasks YAML path; the scores go to the run's metrics.
+    ``tasks`` is a tasks YAML path or a list of ``ICLTask``s or of ``icl_tasks`` mappings (as
+    written inline in a config); the scores go to the run's metrics. ``subset_num_batches``:
+    score only each task's first that many batches (Foundry's ``icl_subset_num_batches``).
     """
 
-    def __init__(self, tasks, *, gauntlet=None, batch_size: int = 8, max_len: int | None = None):
-        from jaxtrain.eval.icl import load_tasks
+    def __init__(self, tasks, *, gauntlet=None, batch_size: int = 8, max_len: int | None = None,
+                 subset_num_batches: int | None = None):
+        from jaxtrain.eval.icl import ICLTask, load_tasks, task_from_dict
 
         self.gauntlet_source = gauntlet if isinstance(gauntlet, str) else None
         if isinstance(tasks, str):
             tasks, file_gauntlet = load_tasks(tasks)
             gauntlet = file_gauntlet if gauntlet is None else gauntlet
-        self.tasks, self.gauntlet = list(tasks), gauntlet
-        self.batch_size, self.max_len = batch_size, max_len
+        elif not isinstance(tasks, (list, tuple)) or not tasks:
+            raise ConfigError("icl_tasks: give a tasks YAML path or a non-empty list of task mappings")
+        self.tasks = [task if isinstance(task, ICLTask) else task_from_dict(task, source="icl_tasks") for task in tasks]
+        self.gauntlet = gauntlet
+        if subset_num_batches is not None and subset_num_batches < 1:
+            raise ConfigError(f"icl_subset_num_batches: {subset_num_batches} must be at least 1 (or null for all)")
+        self.batch_size, self.max_len, self.subset_num_batches = batch_size, max_len, subset_num_batches
         self.last: dict[str, float] = {}
 
     def run_event(self, event: Event, loop) -> None:
         if event is not Event.EVAL_END:
             return
+        from jaxtrain.train.step import COMPUTE_DTYPES
+
         model = loop.parts.model_def.merge(loop.state.params)
+        # in the run's compute precision, as the held-out evaluation (and Foundry's) runs
         suite = run_icl_suite(model, loop.parts.tokenizer, self.tasks, gauntlet=self.gauntlet,
                               batch_size=self.batch_size, max_len=self.max_len or loop.cfg.icl_seq_len,
-                              gauntlet_source=self.gauntlet_source)
+                              compute_dtype=COMPUTE_DTYPES[loop.cfg.precision], gauntlet_source=self.gauntlet_source,
+                              subset_num_batches=self.subset_num_batches)
         self.last = flat_metrics(suite)
         loop._write_metrics(dict(self.last))
         loop.print("ICL: " + ", ".join(f"{name} {value:.3f}" for name, value in self.last.items()))

@@ -258,13 +258,18 @@ def _fit(context: list[int], continuation: list[int], max_len: int, where_: str)
 
 def evaluate_task(model, tokenizer, task: ICLTask, num_fewshot: int, *, examples: list[dict] | None = None,
                   batch_size: int = 8, max_len: int | None = None, compute_dtype=jnp.float32,
-                  scorer: SpanScorer | None = None) -> TaskResult:
-    """Accuracy of ``model`` on ``task`` with ``num_fewshot`` demonstrations per example."""
+                  scorer: SpanScorer | None = None, max_examples: int | None = None) -> TaskResult:
+    """Accuracy of ``model`` on ``task`` with ``num_fewshot`` demonstrations per example.
+
+    ``max_examples``: score only the task's first examples (Foundry's ``icl_subset_num_batches``
+    times the batch size); their demonstrations still come from all of them, as in a full pass."""
     examples = read_examples(task.dataset_uri, task.icl_task_type) if examples is None else examples
     max_len = min(task.max_seq_len or max_len or model.max_seq_len, model.max_seq_len)
     pad_token_id = tokenizer.pad_token_id or 0
     rng = random.Random(task.fewshot_random_seed)
-    prefixes = [fewshot_prefix(task, examples, index, num_fewshot, rng) for index in range(len(examples))]
+    scored = len(examples) if max_examples is None else min(max_examples, len(examples))
+    # one prefix per scored example; the loops below zip the examples with them
+    prefixes = [fewshot_prefix(task, examples, index, num_fewshot, rng) for index in range(scored)]
     kind = task.icl_task_type
     if kind == "generation_task_with_answers":
         correct = _generation_correct(model, tokenizer, task, examples, prefixes, batch_size=batch_size,

@@ -9,6 +9,7 @@ programs at most.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -43,6 +44,30 @@ class SpanScore:
         return self.loss_sum / max(self.num_tokens, 1)
 
 
+# Module-level programs with the model's structure as a static argument: a model of the same
+# structure (the next evaluation during training, another task) reuses the compiled program
+# for each (batch, length) shape instead of compiling it again.
+@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype"))
+def _span_scores(params, input_ids, targets, *, graphdef, compute_dtype):
+    """Per row: summed cross-entropy of the target tokens, their count, and whether each was the argmax."""
+    logits = nnx.merge(graphdef, params)(input_ids, compute_dtype=compute_dtype)
+    valid = targets != IGNORE_INDEX
+    safe_targets = jnp.where(valid, targets, 0)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    token_loss = jnp.where(valid, log_z - target_logit, 0.0)
+    hit = (jnp.argmax(logits, axis=-1) == safe_targets) | ~valid
+    return token_loss.sum(axis=1), valid.sum(axis=1), hit.all(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype"))
+def _loss_sums(params, input_ids, labels, sequence_id, *, graphdef, compute_dtype):
+    """Summed cross-entropy of a batch's labels and their count."""
+    logits = nnx.merge(graphdef, params)(input_ids, compute_dtype=compute_dtype, sequence_id=sequence_id)
+    loss_sum, _, count = cross_entropy_sum(logits, shift_labels(labels))
+    return loss_sum, count
+
+
 class SpanScorer:
     """Scores the last tokens of token sequences: ``score([(tokens, span_start), ...])``.
 
@@ -55,20 +80,8 @@ class SpanScorer:
         self.batch_size = batch_size
         self.max_len = min(max_len or model.max_seq_len, model.max_seq_len)
         self.pad_token_id = pad_token_id
-        graphdef, self.params = nnx.split(model)
-
-        @jax.jit
-        def score(params, input_ids, targets):
-            logits = nnx.merge(graphdef, params)(input_ids, compute_dtype=compute_dtype)
-            valid = targets != IGNORE_INDEX
-            safe_targets = jnp.where(valid, targets, 0)
-            log_z = jax.nn.logsumexp(logits, axis=-1)
-            target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
-            token_loss = jnp.where(valid, log_z - target_logit, 0.0)
-            hit = (jnp.argmax(logits, axis=-1) == safe_targets) | ~valid
-            return token_loss.sum(axis=1), valid.sum(axis=1), hit.all(axis=1)
-
-        self._score = score
+        self.graphdef, self.params = nnx.split(model)
+        self.compute_dtype = jnp.dtype(compute_dtype)
 
     def score(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[SpanScore]:
         """One ``SpanScore`` per ``(tokens, span_start)``; ``0 < span_start < len(tokens) <= max_len``."""
@@ -84,7 +97,8 @@ class SpanScorer:
                 input_ids[row, : len(tokens)] = tokens
                 # position t predicts token t + 1: the span's tokens are targets at span_start-1 .. len-2
                 targets[row, span_start - 1 : len(tokens) - 1] = tokens[span_start:]
-            loss_sum, count, all_argmax = jax.device_get(self._score(self.params, input_ids, targets))
+            loss_sum, count, all_argmax = jax.device_get(_span_scores(
+                self.params, input_ids, targets, graphdef=self.graphdef, compute_dtype=self.compute_dtype))
             results.extend(SpanScore(float(loss_sum[row]), int(count[row]), bool(all_argmax[row]))
                            for row in range(len(chunk)))
         return results
@@ -119,17 +133,10 @@ def perplexity(model: nnx.Module, batches: Iterable[dict[str, np.ndarray]], *, c
     Returns ``{"cross_entropy": nats per token, "perplexity": exp of it, "tokens": count}``.
     """
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def loss_sums(params, input_ids, labels, sequence_id):
-        logits = nnx.merge(graphdef, params)(input_ids, compute_dtype=compute_dtype, sequence_id=sequence_id)
-        loss_sum, _, count = cross_entropy_sum(logits, shift_labels(labels))
-        return loss_sum, count
-
     total_loss, total_tokens = 0.0, 0.0
     for batch in batches:
-        loss_sum, count = jax.device_get(
-            loss_sums(params, batch["input_ids"], batch["labels"], batch.get("sequence_id")))
+        loss_sum, count = jax.device_get(_loss_sums(params, batch["input_ids"], batch["labels"], batch.get("sequence_id"),
+                                                    graphdef=graphdef, compute_dtype=jnp.dtype(compute_dtype)))
         total_loss += float(loss_sum)
         total_tokens += float(count)
     if total_tokens == 0:

@@ -73,6 +73,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     parts = None
     try:
+        callbacks = _callbacks(cfg)  # a mistake in the ICL tasks is reported before the model is built
         parts = build_run(cfg)
         print(
             f"model: {parts.num_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
@@ -81,7 +82,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
             flush=True,
         )
         print(start_report(parts), flush=True)
-        result = Trainer(parts, callbacks=_callbacks(cfg), started=started).fit()
+        result = Trainer(parts, callbacks=callbacks, started=started).fit()
     except ConfigError as err:
         return _error(str(err))
     except KeyboardInterrupt:
@@ -106,11 +107,10 @@ def _callbacks(cfg) -> list:
     """Callbacks the config asks for: in-context-learning evaluation after each held-out eval."""
     if not cfg.icl_tasks:
         return []
-    if not isinstance(cfg.icl_tasks, str):
-        raise ConfigError("icl_tasks: give the path of a tasks YAML (LLM Foundry's icl_tasks file)")
     from jaxtrain.eval.gauntlet import ICLEvalCallback
 
-    return [ICLEvalCallback(cfg.icl_tasks, gauntlet=cfg.eval_gauntlet, max_len=cfg.icl_seq_len)]
+    return [ICLEvalCallback(cfg.icl_tasks, gauntlet=cfg.eval_gauntlet, max_len=cfg.icl_seq_len,
+                            subset_num_batches=cfg.icl_subset_num_batches)]
 
 
 def format_summary(result, total_seconds: float) -> str:
