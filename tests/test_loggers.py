@@ -73,6 +73,15 @@ def test_console_plain_lines_when_not_a_terminal():
     assert lines[1].endswith("eta 0s") and lines[2] == "saved"
 
 
+def test_console_without_metric_lines_still_prints_messages():
+    stream = io.StringIO()
+    progress = ConsoleProgress(4, 0, enabled=True, log_every=1, stream=stream, lines=False)  # log_to_console: false
+    for step in range(1, 5):
+        progress.update(step, {"loss": 8.0 - step})
+    progress.print_line("step 4: held-out loss 3.0")
+    assert stream.getvalue().splitlines() == ["step 4: held-out loss 3.0"]
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self):
         return True

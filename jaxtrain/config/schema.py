@@ -272,8 +272,10 @@ class Config:
     run_folder: str = field("runs/{run_name}", "folder for logs, the resolved config and the data cache")
     console_log_interval: str = field("1ba", "console/metrics logging period")
     progress_bar: bool = field(True, "live progress bar on the console")
-    log_to_console: bool = field(True, "print log lines")
-    python_log_level: str = field("info", "log level")
+    log_to_console: bool = field(True, "print a line of metrics every console_log_interval (a live progress bar "
+                                       "on a terminal is progress_bar's); eval results and the summary always print")
+    python_log_level: str = field("info", "Foundry key for its Python loggers; accepted, jaxtrain prints its own "
+                                          "progress")
     peak_flops_per_device: float | None = field(None, "peak FLOP/s for MFU; default from the device table")
     log_shardings: bool = field(False, "print each parameter's shape, mesh spec and bytes per device at start")
     model: ModelConfig = field(factory=ModelConfig, doc="the model")

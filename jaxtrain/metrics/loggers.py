@@ -130,9 +130,9 @@ def format_console_line(step: int, total_steps: int, metrics: dict[str, float], 
 class ConsoleProgress:
     """A live tqdm bar (step, loss, tokens/s, MFU, ETA) or plain lines, one per log step.
 
-    The bar is shown when ``enabled`` and the stream is a terminal; otherwise each step that is a
-    multiple of ``log_every`` (and the last) prints ``step 10/100 loss 5.123 tok/s 1234 MFU 12.3%
-    eta 1m02s``. ``print_line`` prints above the bar without garbling it. ETA extrapolates the time
+    The bar is shown when ``enabled`` and the stream is a terminal; otherwise, unless ``lines`` is
+    False (Composer's ``log_to_console: false``), each step that is a multiple of ``log_every``
+    (and the last) prints ``step 10/100 loss 5.123 tok/s 1234 MFU 12.3% eta 1m02s``. ``print_line`` prints above the bar without garbling it. ETA extrapolates the time
     per step measured from the first logged step, so compilation and a resumed run's earlier steps
     do not count.
     """
@@ -145,8 +145,10 @@ class ConsoleProgress:
         enabled: bool = True,
         log_every: int = 1,
         stream: IO[str] | None = None,
+        lines: bool = True,
     ):
         self.total_steps = int(total_steps)
+        self.lines = lines
         self.initial_step = int(initial_step)
         self.log_every = max(int(log_every), 1)
         self._stream = stream if stream is not None else sys.stdout
@@ -188,7 +190,7 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.update(max(step - self._step, 0))
             self._bar.set_postfix(_console_fields(metrics), refresh=True)
-        elif step % self.log_every == 0 or step == self.total_steps:
+        elif self.lines and (step % self.log_every == 0 or step == self.total_steps):
             self.print_line(format_console_line(step, self.total_steps, metrics, self.eta_seconds(step)))
         self._step = max(self._step, step)
 

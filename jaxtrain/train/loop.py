@@ -261,7 +261,8 @@ class Trainer(RecoveryMixin):
         self.progress = None
         self.maybe_resume()
         self.progress = ConsoleProgress(
-            parts.total_batches, self.step, enabled=cfg.progress_bar and self.is_primary, log_every=self.log_every
+            parts.total_batches, self.step, enabled=cfg.progress_bar and self.is_primary, log_every=self.log_every,
+            lines=cfg.log_to_console,
         )
         self._save_tokenizer()
         self.events.fire(Event.FIT_START, self)
