@@ -97,10 +97,10 @@ def run_icl_suite(model, tokenizer, tasks, *, gauntlet=None, batch_size: int = 8
     for task in tasks:
         examples = read_examples(task.dataset_uri, task.icl_task_type)
         task_batch = task.batch_size or batch_size
+        limit = None if subset_num_batches is None else subset_num_batches * task_batch
         for shots in task.num_fewshot:
             results.append(evaluate_task(model, tokenizer, task, shots, examples=examples, batch_size=task_batch,
-                                         max_len=max_len, compute_dtype=compute_dtype,
-                                         max_examples=None if subset_num_batches is None else subset_num_batches * task_batch))
+                                         max_len=max_len, compute_dtype=compute_dtype, max_examples=limit))
     scores = gauntlet_scores(gauntlet, results, source=gauntlet_source) if gauntlet is not None else None
     return {"tasks": results, "gauntlet": scores}
 

@@ -132,9 +132,10 @@ class ConsoleProgress:
 
     The bar is shown when ``enabled`` and the stream is a terminal; otherwise, unless ``lines`` is
     False (Composer's ``log_to_console: false``), each step that is a multiple of ``log_every``
-    (and the last) prints ``step 10/100 loss 5.123 tok/s 1234 MFU 12.3% eta 1m02s``. ``print_line`` prints above the bar without garbling it. ETA extrapolates the time
-    per step measured from the first logged step, so compilation and a resumed run's earlier steps
-    do not count.
+    (and the last) prints ``step 10/100 loss 5.123 tok/s 1234 MFU 12.3% eta 1m02s``.
+    ``print_line`` prints above the bar without garbling it. ETA extrapolates the time per step
+    measured from the first logged step, so compilation and a resumed run's earlier steps do not
+    count.
     """
 
     def __init__(
