@@ -187,6 +187,23 @@ def test_generation_exact_match(tmp_path, successor_model, tokenizer):
     assert evaluate_task(successor_model, tokenizer, task, 0, batch_size=4).accuracy == 0.5
 
 
+def test_generation_compiles_one_decode_program_per_length_bucket(tmp_path, successor_model, tokenizer):
+    """Prompts of different lengths and a short last batch share one compiled program (padded to
+    a length bucket, the batch filled up), and the answers are those of unpadded generation."""
+    from jaxtrain.inference.generate import _compiled
+
+    rows = [{"context": "a", "answer": "b"}, {"context": "abcd", "answer": "e"}, {"context": "ghi", "answer": "k"},
+            {"context": "abcdefg", "answer": "h"}, {"context": "kl", "answer": "m"}]  # "ghi" -> "j", not "k"
+    task = ICLTask("gen", write_jsonl(tmp_path / "g.jsonl", rows), "generation_task_with_answers",
+                   continuation_delimiter="", early_stopping_criteria=[])
+    before = _compiled.cache_info().misses
+    assert evaluate_task(successor_model, tokenizer, task, 0, batch_size=2, max_len=48).accuracy == pytest.approx(4 / 5)
+    assert _compiled.cache_info().misses - before <= 1  # 3 batches: prompts of 1-4, 3-7 and 2 tokens
+    compiled = _compiled.cache_info().misses
+    assert evaluate_task(successor_model, tokenizer, task, 1, batch_size=2, max_len=48).num_examples == 5
+    assert _compiled.cache_info().misses == compiled  # one-shot prompts (up to 13 tokens) share the bucket
+
+
 def test_normalize_answer_follows_foundry_rules():
     assert normalize_answer("  The Cat's_hat!  ") == "cat s hat"
     assert normalize_answer("An apple, a day") == "apple day"

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import yaml
 
 from jaxtrain.config import ConfigError
-from jaxtrain.eval.perplexity import SpanScorer
+from jaxtrain.eval.perplexity import SpanScorer, length_bucket
 
 TASK_FIELDS = {
     "language_modeling": ("context", "continuation"),
@@ -322,10 +322,14 @@ def _generation_correct(model, tokenizer, task: ICLTask, examples, prefixes, *, 
         stopping = [task.example_delimiter] if task.example_delimiter else []
     correct = []
     for start in range(0, len(prompts), batch_size):
-        result = generate(model, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
+        # one compiled decode program per length bucket: prompts padded to the bucket, and the last
+        # batch filled up with copies of its first prompt (their answers are not read)
+        batch = prompts[start : start + batch_size]
+        width = length_bucket(max(len(tokens) for tokens in batch), max_len - max_new_tokens)
+        result = generate(model, batch + [batch[0]] * (batch_size - len(batch)), max_new_tokens=max_new_tokens,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
-                          compute_dtype=compute_dtype)
-        for offset, tokens in enumerate(result.tokens):
+                          compute_dtype=compute_dtype, pad_to=width)
+        for offset, tokens in enumerate(result.tokens[: len(batch)]):
             output = tokenizer.decode(tokens, skip_special_tokens=True)
             correct.append(generation_correct(output, answers[start + offset], stopping_criteria=stopping,
                                               do_normalization=task.do_normalization))

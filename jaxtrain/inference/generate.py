@@ -54,13 +54,15 @@ class Generation:
         return sum(len(t) for t in self.tokens) / max(self.seconds, 1e-9)
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_token_id: int, padding_side: str = "left"):
-    """``(input_ids, positions)``, both int32 ``[batch, longest]``; positions are -1 on padding."""
+def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_token_id: int, padding_side: str = "left",
+                min_length: int = 0):
+    """``(input_ids, positions)``, both int32 ``[batch, width]``, ``width`` the longest prompt or
+    ``min_length`` if that is more; positions are -1 on padding."""
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side={padding_side!r}; use one of {PADDING_SIDES}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
+    longest = max(min_length, *(len(p) for p in prompts))
     ids = np.full((len(prompts), longest), pad_token_id, np.int32)
     positions = np.full((len(prompts), longest), -1, np.int32)
     for row, prompt in enumerate(prompts):
@@ -163,15 +165,20 @@ def generate(
     seed: int = 0,
     compute_dtype=jnp.float32,
     return_logits: bool = False,
+    pad_to: int = 0,
 ) -> Generation:
-    """Continue each token-id prompt by up to ``max_new_tokens`` tokens (stopping at EOS or a stop sequence)."""
+    """Continue each token-id prompt by up to ``max_new_tokens`` tokens (stopping at EOS or a stop sequence).
+
+    The program is compiled once per batch size and padded prompt width: ``pad_to`` pads the
+    prompts to at least that many tokens, so calls whose prompts share a length bucket share it
+    (padding changes no output)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     longest = max((len(p) for p in prompts), default=0)
-    if longest + max_new_tokens > model.max_seq_len:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"max_seq_len={model.max_seq_len}; shorten the prompt or ask for fewer tokens")
-    input_ids, positions = pad_prompts(prompts, pad_token_id=pad_token_id, padding_side=padding_side)
+    if max(longest, pad_to) + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt of {max(longest, pad_to)} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's max_seq_len={model.max_seq_len}; shorten the prompt or ask for fewer tokens")
+    input_ids, positions = pad_prompts(prompts, pad_token_id=pad_token_id, padding_side=padding_side, min_length=pad_to)
     graphdef, params = nnx.split(model)
     args = (params, input_ids, positions, stop_table(stop_sequences), jax.random.key(seed))
     static = (("max_new_tokens", max_new_tokens), ("sampling", sampling), ("eos_token_id", eos_token_id),
