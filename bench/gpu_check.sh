@@ -20,6 +20,12 @@ PEAK=989e12
 START=$(date +%s)
 
 echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+# the GPU's clock, power and temperature every 5 s, summarised at the end: a power-capped or
+# throttling GPU shows as a loaded SM clock well below its maximum
+SMI_LOG=$(mktemp)
+nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv,noheader,nounits \
+  -l 5 > "$SMI_LOG" 2>/dev/null &
+SMI_PID=$!
 timeout 75 "$PY" - <<'PY'
 import jax, jax.numpy as jnp, numpy as np
 from jaxtrain.layers import attention, gpu_kernels
@@ -124,4 +130,9 @@ echo "== MPT-1B, batch 8, no remat, unrolled layers (GPU default), then its cost
 # each step some kernel ran on the GPU: far below 100 % means host or launch gaps, not slow kernels.
 timeout 130 "$PY" bench/train_throughput.py --config configs/mpt/1b.yaml --batch 8 --remat none --precision bf16 \
   --seq 2048 --steps 20 --peak $PEAK --profile 30 2>&1 | grep -E "^(jaxtrain|  step|RESULT|HLO ops|  +[0-9]|by kind)|Error|error" | tail -46
+kill "$SMI_PID" 2>/dev/null
+awk -F', *' '$1 ~ /^[0-9]/ { n++; if ($3 > $4 / 2) { busy++; if (low == "" || $1 < low) low = $1; if ($1 > high) high = $1 }
+  if ($3 > power) power = $3; if ($5 > temp) temp = $5; max = $2; limit = $4 }
+  END { if (n) printf "== GPU: %d samples, %d under load: SM clock %s-%s MHz (max %s), power up to %s W of %s W, up to %s C\n",
+        n, busy, low, high, max, power, limit, temp }' "$SMI_LOG"
 echo "== total $(( $(date +%s) - START )) s"
