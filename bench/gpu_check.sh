@@ -29,7 +29,13 @@ SMI_PID=$!
 timeout 75 "$PY" - <<'PY'
 import jax, jax.numpy as jnp, numpy as np
 from jaxtrain.layers import attention, gpu_kernels
-print("jax", jax.__version__, "backend", jax.default_backend(), jax.devices()[0].device_kind)
+try:  # the libraries that decide which cuDNN attention forms exist (score_mod: cuDNN 9.13 or newer)
+    from jax._src.lib import cuda_versions
+    libraries = (f", cuDNN {cuda_versions.cudnn_get_version()}, cuBLAS {cuda_versions.cublas_get_version()}, "
+                 f"CUDA runtime {cuda_versions.cuda_runtime_get_version()}")
+except Exception as e:
+    libraries = f" (library versions unknown: {type(e).__name__})"
+print("jax", jax.__version__, "backend", jax.default_backend(), jax.devices()[0].device_kind + libraries)
 b, L, h, kv, d = 2, 256, 8, 2, 64
 keys = jax.random.split(jax.random.key(0), 4)
 q = jax.random.normal(keys[0], (b, L, h, d), jnp.float32)
