@@ -84,6 +84,21 @@ def test_auto_without_a_reported_capacity_takes_the_whole_batch(tiny_run):
     assert parts.device_train_microbatch == 8
 
 
+def test_processes_agree_on_the_smallest_capacity_any_reports(monkeypatch):
+    """Each process settles the auto settings itself: the smallest capacity decides for all, so
+    that no process compiles a different step (the real exchange runs in tests/test_multihost.py)."""
+    from jax.experimental import multihost_utils
+
+    from jaxtrain.train.microbatch import agreed_capacity
+
+    assert agreed_capacity(80 * 2**30) == 80 * 2**30  # one process: its own figure, exactly
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    for reports, agreed in [([80 * 2**30, 40 * 2**30 + 5, 0], 40 * 2**30), ([0, 0, 0], None)]:
+        monkeypatch.setattr(multihost_utils, "process_allgather",
+                            lambda value, reports=reports: np.array([r // 2**20 for r in reports], np.int32))
+        assert agreed_capacity(reports[0] or None) == agreed
+
+
 def test_auto_halves_under_an_injected_capacity_and_the_loss_is_unchanged(tiny_run, tmp_path, monkeypatch):
     full, _ = tiny_run
     whole_batch_bytes = compiled_step_bytes(full.train_step_memory)

@@ -115,11 +115,14 @@ def _cli(run_folder, *, processes: int, devices_per_process: int, extra=()) -> s
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def _train(run_folder, *, processes: int, devices_per_process: int, extra=()) -> dict[int, float]:
-    """Train via the CLI; returns {step: train/loss} from metrics.jsonl (one value per step)."""
+def _train(run_folder, *, processes: int, devices_per_process: int, extra=(), output: list | None = None) -> dict[int, float]:
+    """Train via the CLI; returns {step: train/loss} from metrics.jsonl (one value per step). The
+    run's output lines are appended to ``output`` when given."""
     proc = _cli(run_folder, processes=processes, devices_per_process=devices_per_process, extra=extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"{processes * devices_per_process} device(s)" in proc.stdout
+    if output is not None:
+        output.extend(proc.stdout.splitlines())
     losses: dict[int, float] = {}
     with open(os.path.join(run_folder, "metrics.jsonl")) as f:
         for line in f:
@@ -137,17 +140,27 @@ def _resume_copy(source, target) -> str:
     return str(target)
 
 
+# remat auto: every process settles its train step itself, on the capacity all of them agree on
+AUTO = ["model.remat=auto"]
+
+
+def _two_processes(folder: Path) -> dict:
+    output: list[str] = []
+    losses = _train(str(folder / "two"), processes=2, devices_per_process=4, extra=AUTO, output=output)
+    settled = sorted(line.split("]")[0] for line in output if "model.remat auto: settled on none" in line)
+    return {"folder": str(folder / "two"), "losses": losses, "settled": settled}
+
+
 @pytest.fixture(scope="module")
 def two_process_run(once_per_session):
     """The uninterrupted run (its folder is only read; tests copy what they change)."""
-    run = once_per_session("multihost-two-processes",
-                           lambda folder: {"folder": str(folder / "two"),
-                                           "losses": _train(str(folder / "two"), processes=2, devices_per_process=4)})
-    return Path(run["folder"]), {int(step): loss for step, loss in run["losses"].items()}
+    run = once_per_session("multihost-two-processes", _two_processes)
+    return Path(run["folder"]), {int(step): loss for step, loss in run["losses"].items()}, run["settled"]
 
 
 def test_two_processes_train_and_checkpoint(two_process_run):
-    folder, losses = two_process_run
+    folder, losses, settled = two_process_run
+    assert settled == ["[0", "[1"]  # both processes settled remat auto, the same way
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1]
     state = folder / "ckpt" / "4" / "state"
@@ -157,8 +170,8 @@ def test_two_processes_train_and_checkpoint(two_process_run):
 
 
 def test_checkpoint_resumes_in_one_process_with_half_the_devices_and_the_same_losses(two_process_run, tmp_path):
-    folder, reference = two_process_run
-    resumed = _train(_resume_copy(folder, tmp_path / "resumed"), processes=1, devices_per_process=4)
+    folder, reference, _ = two_process_run
+    resumed = _train(_resume_copy(folder, tmp_path / "resumed"), processes=1, devices_per_process=4, extra=AUTO)
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5)

@@ -22,6 +22,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from jaxtrain.config import ConfigError
 
@@ -48,6 +49,22 @@ def device_capacity(device: Any = None) -> tuple[int | None, str]:
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), "reported by the device"
     return None, "not reported"
+
+
+def agreed_capacity(capacity: int | None) -> int | None:
+    """The smallest capacity any process of the run reports (None when none reports one).
+
+    Every process settles the auto settings on its own, and a process whose step differed from
+    the others' would wait for them in its collectives forever: a host with less memory (or
+    ``JAXTRAIN_DEVICE_MEMORY_BYTES`` set on some hosts only) decides for all."""
+    if jax.process_count() == 1:
+        return capacity
+    from jax.experimental import multihost_utils
+
+    mib = 1 << 20  # exchanged in MiB: JAX's default integers are 32 bits
+    gathered = multihost_utils.process_allgather(np.int32((capacity or 0) // mib))
+    reported = [int(value) for value in np.ravel(gathered) if int(value) > 0]
+    return min(reported) * mib if reported else None
 
 
 def is_out_of_memory(err: BaseException) -> bool:

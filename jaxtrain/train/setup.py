@@ -27,7 +27,8 @@ from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import abstract_model, create_train_state
 from jaxtrain.train.health import FaultInjector
 from jaxtrain.train.microbatch import (
-    AutoMicrobatchStep, SettledStep, device_capacity, memory_analysis, settle_step, step_candidates)
+    AutoMicrobatchStep, SettledStep, agreed_capacity, device_capacity, memory_analysis, settle_step,
+    step_candidates)
 from jaxtrain.train.step import (
     COMPUTE_DTYPES, FP8_PRECISIONS, HealthRules, compile_train_step, compiler_options, make_eval_step, make_train_step)
 
@@ -237,7 +238,7 @@ def build_run(cfg: Config) -> RunParts:
     auto = tuple(name for name, setting in (("microbatch", cfg.device_train_microbatch_size), ("remat", model.remat))
                  if setting == "auto")  # fmt: skip
     if auto:
-        capacity, _ = device_capacity()
+        capacity = agreed_capacity(device_capacity()[0])
         candidates = step_candidates(
             per_device_batch,
             microbatch="auto" if "microbatch" in auto else per_device_batch // microbatch_count(cfg, data_parallel_size(mesh)),
