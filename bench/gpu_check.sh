@@ -60,11 +60,11 @@ for sid in (None, seq):
         print(f"cuDNN attention check failed (sequence_id={sid is not None}): {type(e).__name__}: {str(e)[:300]}")
 
 try:  # ALiBi inside the kernel (cuDNN 9.13+ score_mod), what auto uses once the bias would pass 1 GiB
-    print(f"cuDNN in-kernel ALiBi vs XLA (gqa): max rel err {gpu_kernels._score_mod_error():.4f}")
+    print(f"cuDNN in-kernel ALiBi vs XLA (gqa): max rel err {gpu_kernels.alibi_form_error(gpu_kernels.score_mod_alibi_attention):.4f}")
 except Exception as e:
     print(f"cuDNN in-kernel ALiBi check failed: {type(e).__name__}: {str(e)[:300]}")
 try:  # ALiBi in extra query/key dimensions: auto's fallback when score_mod does not probe well
-    print(f"cuDNN ALiBi in key dimensions vs XLA (gqa): max rel err {gpu_kernels._key_dims_error():.4f}")
+    print(f"cuDNN ALiBi in key dimensions vs XLA (gqa): max rel err {gpu_kernels.alibi_form_error(gpu_kernels.key_dims_alibi_attention):.4f}")
 except Exception as e:
     print(f"cuDNN ALiBi in key dimensions check failed: {type(e).__name__}: {str(e)[:300]}")
 

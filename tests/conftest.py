@@ -96,6 +96,13 @@ def moto_s3():
     return _moto_s3_server
 
 
+def cpu_devices_env(count: int) -> dict:
+    """The environment of a child process on ``count`` simulated CPU devices (other XLA flags,
+    such as the optimisation level above, kept). Tests import it: ``from conftest import ...``."""
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+
+
 @pytest.fixture(scope="session")
 def once_per_session(tmp_path_factory):
     """``once_per_session(name, compute)``: a JSON-able result computed once for the whole session.

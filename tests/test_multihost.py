@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cpu_devices_env
+
 from jaxtrain.parallel.distributed import ClusterSpec, DistributedError, detect_cluster, first_slurm_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,8 +112,7 @@ def _cli(run_folder, *, processes: int, devices_per_process: int, extra=()) -> s
         env = dict(os.environ)
     else:
         command = [sys.executable, "-m", "jaxtrain.main", *args]
-        flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices_per_process}"
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+        env = cpu_devices_env(devices_per_process)
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

@@ -15,17 +15,13 @@ import sys
 
 import pytest
 
+from conftest import cpu_devices_env
+
 # Pure data parallelism over 8 devices is the layout of the two-process runs in test_multihost.
 LAYOUTS = {"single": (1, 1, 1), "fsdp": (1, 8, 1), "tensor": (2, 1, 4), "mixed": (2, 2, 2)}
 FP8_LAYOUTS = ("single", "mixed")  # also trained in amp_fp8 (bf16 compute, fp8 layer products)
 STEPS = 4
 VOCAB = 128
-
-
-def _eight_devices_env() -> dict:
-    """The environment of a child process with 8 simulated CPU devices (other XLA flags kept)."""
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
 
 
 def _train_layouts() -> dict:
@@ -80,7 +76,7 @@ def _train_layouts() -> dict:
 
 
 def _run_layouts(_folder) -> dict:
-    env = _eight_devices_env()
+    env = cpu_devices_env(8)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
@@ -143,7 +139,7 @@ def test_describe_shardings_lists_each_parameter_with_its_bytes_per_device(layou
 
 
 def test_bad_layouts_fail_with_the_numbers():
-    env = _eight_devices_env()
+    env = cpu_devices_env(8)
     code = """
 import optax
 from jaxtrain.config.schema import AttnConfig, ModelConfig, ParallelismConfig
@@ -185,7 +181,7 @@ print(error(lambda: create_train_state(odd_vocab, optax.sgd(0.1), seed=0, mesh=m
      "use 8 or 16"),
 ])
 def test_cli_rejects_layouts_that_do_not_fit(tmp_path, overrides, message):
-    env = _eight_devices_env()
+    env = cpu_devices_env(8)
     args = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml",
             "--set", f"run_folder={tmp_path}", "--set", "save_folder=null"]
     for override in overrides:

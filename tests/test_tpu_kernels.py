@@ -161,8 +161,9 @@ def test_flash_attention_runs_per_shard_on_a_mesh():
     import subprocess
     import sys
 
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    from conftest import cpu_devices_env
+
+    env = cpu_devices_env(8)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)  # fmt: skip

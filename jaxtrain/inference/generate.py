@@ -174,9 +174,9 @@ def generate(
     (padding changes no output)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    longest = max((len(p) for p in prompts), default=0)
-    if max(longest, pad_to) + max_new_tokens > model.max_seq_len:
-        raise ValueError(f"prompt of {max(longest, pad_to)} tokens + max_new_tokens={max_new_tokens} exceeds the "
+    width = max(pad_to, *(len(p) for p in prompts)) if prompts else pad_to
+    if width + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt of {width} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's max_seq_len={model.max_seq_len}; shorten the prompt or ask for fewer tokens")
     input_ids, positions = pad_prompts(prompts, pad_token_id=pad_token_id, padding_side=padding_side, min_length=pad_to)
     graphdef, params = nnx.split(model)

@@ -215,42 +215,33 @@ def score_mod_probe(device_kind: str) -> bool:
     against XLA's with the same bias, outputs and gradients within bf16 tolerance. Run once per
     process, on a thread of its own so that it runs eagerly even when first asked while a train
     step is being traced."""
-    return _probe("in-kernel ALiBi (score_mod)", _score_mod_error, device_kind)
+    return _probe("in-kernel ALiBi (score_mod)", score_mod_alibi_attention, device_kind)
 
 
 @functools.cache
 def key_dims_probe(device_kind: str) -> bool:
     """``score_mod_probe`` for ALiBi in extra key dimensions."""
-    return _probe("ALiBi in key dimensions", _key_dims_error, device_kind)
+    return _probe("ALiBi in key dimensions", key_dims_alibi_attention, device_kind)
 
 
-def _probe(form: str, error_fn, device_kind: str) -> bool:
-    """Whether ``error_fn()`` (run on a thread of its own) is below bf16 tolerance; logs the outcome."""
+def _probe(name: str, form, device_kind: str) -> bool:
+    """Whether ``alibi_form_error(form)`` (run on a thread of its own) is below bf16 tolerance;
+    logs the outcome."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
-            error = pool.submit(error_fn).result()
+            error = pool.submit(alibi_form_error, form).result()
         except Exception as err:  # noqa: BLE001 (any failure means: keep the bias form)
-            logging.warning("cuDNN %s unavailable on %s (%s: %s)", form, device_kind, type(err).__name__,
+            logging.warning("cuDNN %s unavailable on %s (%s: %s)", name, device_kind, type(err).__name__,
                             str(err)[:200])  # fmt: skip
             return False
     ok = error < 0.05
     (logging.info if ok else logging.warning)(
-        "cuDNN %s on %s: max relative error %.4f against XLA; %s", form, device_kind, error,
+        "cuDNN %s on %s: max relative error %.4f against XLA; %s", name, device_kind, error,
         "may be used for long sequences" if ok else "not used")
     return ok
 
 
-def _score_mod_error() -> float:
-    """The largest relative error of in-kernel ALiBi attention's output and gradients against XLA's."""
-    return _alibi_form_error(score_mod_alibi_attention)
-
-
-def _key_dims_error() -> float:
-    """``_score_mod_error`` for ALiBi in extra key dimensions."""
-    return _alibi_form_error(key_dims_alibi_attention)
-
-
-def _alibi_form_error(form) -> float:
+def alibi_form_error(form) -> float:
     """The largest relative error of a bias-free ALiBi attention ``form``'s output and gradients
     against XLA's attention with the ALiBi bias: GQA, bf16, causal."""
     from jaxtrain.layers.attention import alibi_slopes  # here: attention imports this module
