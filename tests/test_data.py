@@ -109,6 +109,10 @@ def test_tokenizer_round_trips_code_and_unicode(small_tokenizer):
         assert small_tokenizer.eos_token_id not in ids
     assert small_tokenizer.decode([small_tokenizer.eos_token_id]) == "<|endoftext|>"
     assert small_tokenizer.pad_token_id == small_tokenizer.eos_token_id
+    # the batch path (offsets skipped) gives the ids of the plain one-text encoder
+    texts = [*SNIPPETS, "a<|endoftext|>b", ""]
+    plain = [small_tokenizer.backend.encode(text, add_special_tokens=False).ids for text in texts]
+    assert small_tokenizer.encode_batch(texts) == plain
 
 
 def test_tokenizer_json_path_loads_and_missing_path_is_clear(tmp_path, small_tokenizer):

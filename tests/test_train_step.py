@@ -96,3 +96,31 @@ def test_step_compiles_once_and_bf16_tracks_fp32():
     assert step32._cache_size() == 1
     assert state16.params is not None and jax.tree.leaves(state16.params)[0].dtype == jnp.float32
     assert int(state32.step) == 3
+
+
+def test_cpu_programs_compiled_at_llvm_o2_give_the_default_bits(monkeypatch):
+    # The trainer compiles the state's initialisation and the steps at -O2 on the CPU (XLA's
+    # default is -O3): the same parameters and the same updated state, bit for bit.
+    from jaxtrain.parallel.platform import llvm_options
+    from jaxtrain.train import state as state_module
+
+    cfg = tiny_model(d_model=256, max_seq_len=64, vocab_size=512)  # widths where vector loops run full
+    mesh = build_mesh(ParallelismConfig(), jax.devices()[:1])
+    tx = optax.adamw(1e-3)
+    init_state, shardings, model_def = state_module._state_plan(cfg, tx, mesh, DEFAULT_RULES, 8)
+    step = compile_train_step(make_train_step(model_def, tx, lambda count: jnp.asarray(1e-3),
+                                              compute_dtype=jnp.bfloat16), shardings, batch_sharding(mesh), donate=False)
+    key, batch = jax.random.key(3), random_batch(batch=4, length=64)
+
+    def trained(options):
+        state = jax.jit(init_state, out_shardings=shardings).lower(key).compile(options)(key)
+        return jax.tree.leaves(state) + jax.tree.leaves(step.lower(state, batch).compile(options)(state, batch))
+
+    # (explicit levels: the tests' XLA_FLAGS choose -O0 for everything else)
+    for o2, default in zip(trained({"xla_backend_optimization_level": 2}), trained({"xla_backend_optimization_level": 3}),
+                           strict=True):
+        np.testing.assert_array_equal(np.asarray(o2), np.asarray(default))
+    # asked for on the CPU unless XLA_FLAGS chooses a level (the tests choose -O0)
+    assert llvm_options("cpu") == {} and llvm_options("gpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert llvm_options("cpu") == {"xla_backend_optimization_level": 2} and llvm_options("tpu") == {}

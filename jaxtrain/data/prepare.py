@@ -27,7 +27,7 @@ from jaxtrain.data.mds.reader import MDSDataset, dataset_root
 from jaxtrain.data.mds.writer import DEFAULT_SIZE_LIMIT, INDEX_BASENAME, MDSWriter, is_remote, upload_file
 from jaxtrain.data.sources import JSONL_SUFFIXES, TEXT_SUFFIXES
 from jaxtrain.data.tfds_source import tfds_input
-from jaxtrain.data.tokenizer import Tokenizer, bpe_train_max_chars, capped_texts, load_tokenizer
+from jaxtrain.data.tokenizer import Tokenizer, batch_ids, bpe_train_max_chars, capped_texts, load_tokenizer
 
 _DOCS_PER_TASK = 256
 
@@ -146,7 +146,7 @@ def _start_worker(tokenizer_json: str) -> None:
 
 
 def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, np.int32) for e in _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)]
+    return [np.asarray(ids, np.int32) for ids in batch_ids(_WORKER_TOKENIZER, texts)]
 
 
 def encoded_documents(tokenizer: Tokenizer, texts: Iterable[str], workers: int = 1) -> Iterator[np.ndarray]:

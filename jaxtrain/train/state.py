@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtrain.models import build_model
 from jaxtrain.parallel.layout import check_param_shardings
 from jaxtrain.parallel.mesh import logical_shardings
+from jaxtrain.parallel.platform import llvm_options
 
 
 @struct.dataclass
@@ -81,7 +82,9 @@ def create_train_state(
     init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window)
     # One program builds the whole state (parameters, optimizer state, counters) in place on its
     # devices: each separately jitted piece would be one more XLA compile before the first step.
-    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(seed))
+    options = llvm_options(mesh.devices.flat[0].platform) or None
+    init = jax.jit(init_state, out_shardings=state_shardings, compiler_options=options)
+    state = init(jax.random.key(seed))
     return state, model_def, jax.tree.map(lambda x: x.sharding, state)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtrain.layers import fp8
+from jaxtrain.parallel.platform import llvm_options
 from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
 from jaxtrain.train.state import ModelDef, TrainState
 
@@ -20,9 +21,10 @@ FP8_PRECISIONS = ("amp_fp8",)
 
 def compiler_options(precision: str, platform: str) -> dict | None:
     """XLA options the train and eval steps are compiled with for ``precision`` on ``platform``."""
+    options = llvm_options(platform)
     if precision in FP8_PRECISIONS and platform in ("gpu", "cuda"):
-        return dict(fp8.GPU_COMPILER_OPTIONS)
-    return None
+        options.update(fp8.GPU_COMPILER_OPTIONS)
+    return options or None
 
 
 def _split_microbatches(x: jax.Array, num_microbatches: int) -> jax.Array:
