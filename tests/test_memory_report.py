@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import optax
 import pytest
 
 from jaxtrain.config import load_config
-from jaxtrain.config.schema import AttnConfig, ModelConfig, ParallelismConfig
+from jaxtrain.config.schema import AttnConfig, ConfigError, ModelConfig, ParallelismConfig
 from jaxtrain.parallel.logical import DEFAULT_RULES
 from jaxtrain.parallel.mesh import batch_sharding, build_mesh
 from jaxtrain.train.memory_report import format_memory_report, memory_report, start_report
@@ -178,6 +179,13 @@ def test_first_step_out_of_memory_retries_the_same_batch_with_half_the_microbatc
     assert reports[-1].startswith("device_train_microbatch_size auto: settled on 2")
     step(state, "batch-1")
     assert calls[-1] == (2, "batch-1") and len(reports) == 2
+    # with several processes one alone must not switch programs: the run stops with what to set
+    calls.clear()
+    with mock.patch.object(jax, "process_count", return_value=2), mock.patch.object(jax, "process_index", return_value=1):
+        with pytest.raises(ConfigError, match=r"microbatch 8 \(process 1 of 2\); set device_train_microbatch_size to "
+                                              r"a smaller value \(e.g. 4\)"):
+            AutoMicrobatchStep(settled(8), resettle, report=reports.append)(jnp.zeros(()), "batch-0")
+    assert calls == [(8, "batch-0")] and len(reports) == 2
 
 
 def test_smaller_microbatch_halves_through_divisors():

@@ -104,13 +104,13 @@ def test_cpu_programs_compiled_at_llvm_o2_give_the_default_bits(monkeypatch):
     from jaxtrain.parallel.platform import llvm_options
     from jaxtrain.train import state as state_module
 
-    cfg = tiny_model(d_model=256, max_seq_len=64, vocab_size=512)  # widths where vector loops run full
+    cfg = tiny_model(d_model=128, n_layers=1, max_seq_len=32, vocab_size=256)  # widths where vector loops run full
     mesh = build_mesh(ParallelismConfig(), jax.devices()[:1])
     tx = optax.adamw(1e-3)
     init_state, shardings, model_def = state_module._state_plan(cfg, tx, mesh, DEFAULT_RULES, 8)
     step = compile_train_step(make_train_step(model_def, tx, lambda count: jnp.asarray(1e-3),
                                               compute_dtype=jnp.bfloat16), shardings, batch_sharding(mesh), donate=False)
-    key, batch = jax.random.key(3), random_batch(batch=4, length=64)
+    key, batch = jax.random.key(3), random_batch(batch=4, length=32)
 
     def trained(options):
         state = jax.jit(init_state, out_shardings=shardings).lower(key).compile(options)(key)

@@ -253,12 +253,17 @@ class AutoMicrobatchStep:
                 if not is_out_of_memory(err):
                     raise
                 donated = any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(state))
-                following = None if donated else self._resettle(self.settled)
+                # With several processes, one that retried alone would run a different program from
+                # the others (which wait in the failed step's collectives): every process must
+                # start again with a setting that fits.
+                several = jax.process_count() > 1
+                following = None if donated or several else self._resettle(self.settled)
                 if following is None:
                     tried = f"microbatch {self.settled.microbatch}" + (
                         f", remat {self.settled.remat}" if self.settled.remat else "")
+                    why = f"process {jax.process_index()} of {jax.process_count()}" if several else "could not be retried"
                     raise ConfigError(
-                        f"auto: the first train step ran out of memory with {tried} and could not be retried; "
+                        f"auto: the first train step ran out of memory with {tried} ({why}); "
                         f"set device_train_microbatch_size to a smaller value (e.g. "
                         f"{smaller_microbatch(self.settled.microbatch, self.settled.microbatch) or 1}) or model.remat: full"
                     ) from err
