@@ -204,7 +204,11 @@ def test_remat_auto_settles_on_the_least_recompute_that_fits(tiny_run, tmp_path,
             return build_run(cfg), out.getvalue()
 
     monkeypatch.delenv(DEVICE_MEMORY_ENV, raising=False)
+    # (a CPU without bf16 matrix units is named before anything compiles)
+    monkeypatch.setattr("jaxtrain.train.setup.cpu_bf16_note", lambda: "no bf16 units here")
     plain, printed = build(tmp_path / "plain")
+    assert printed.index("warning: no bf16 units here") < printed.index("model.remat auto")
+    monkeypatch.setattr("jaxtrain.train.setup.cpu_bf16_note", lambda: None)
     assert "model.remat auto: settled on none" in printed and plain.remat == "none"
     assert "remat none" in format_memory_report(memory_report(plain))
     none_bytes = compiled_step_bytes(plain.train_step_memory)

@@ -6,6 +6,7 @@ import pytest
 
 from jaxtrain.metrics.flops import ThroughputMeter, mfu, mpt_flops_per_batch
 from jaxtrain.metrics.hardware import (
+    cpu_bf16_note,
     HARDWARE,
     PRICE_NOTE,
     detect_hardware,
@@ -115,3 +116,17 @@ def test_meter_summary_after_start():
     assert got["samples_per_second"] == pytest.approx(4 / 4)
     assert got["flops_per_second_per_device"] == pytest.approx(2e3 / 4)
     assert got["mfu"] == pytest.approx(0.5)
+
+
+def test_cpu_without_bf16_matrix_units_is_named(tmp_path):
+    def note(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        return cpu_bf16_note(str(path))
+
+    plain_x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    assert "no bf16 matrix units" in note(plain_x86) and "precision=fp32" in note(plain_x86)
+    assert note(plain_x86.replace("avx512bw", "avx512bw avx512_bf16")) is None
+    assert note(plain_x86.replace("avx2", "avx2 amx_bf16 amx_tile")) is None
+    assert note("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n") is None  # Arm: not judged
+    assert cpu_bf16_note(str(tmp_path / "missing")) is None

@@ -84,6 +84,23 @@ HARDWARE: dict[str, Hardware] = {
 }
 
 
+def cpu_bf16_note(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """A warning when this host is an x86 CPU (as ``cpuinfo`` lists its flags) with neither AMX-BF16
+    nor AVX512-BF16; None otherwise, and wherever the flags cannot be read (another OS, Arm).
+    Without either unit XLA:CPU converts every bf16 product to float32, so bf16 runs slower than
+    float32, and MFU against the bf16 peak of the table's CPU entry means little."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None or "amx_bf16" in flags or "avx512_bf16" in flags:
+        return None
+    return ("this CPU has no bf16 matrix units (neither AMX-BF16 nor AVX512-BF16): bf16 products are converted "
+            "to float32 here and run slower than float32 itself; add --set precision=fp32, and set "
+            "peak_flops_per_device for a meaningful MFU")
+
+
 def get_hardware(name: str) -> Hardware:
     """The table entry called ``name`` (e.g. ``"h100"``)."""
     try:

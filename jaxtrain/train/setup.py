@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtrain.config import Config, ConfigError, validate_for_devices
 from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
-from jaxtrain.metrics.hardware import detect_hardware
+from jaxtrain.metrics.hardware import cpu_bf16_note, detect_hardware
 from jaxtrain.models.mpt import mpt_param_count
 from jaxtrain.layers import fp8
 from jaxtrain.layers.attention import fused_attention_kind
@@ -178,6 +178,8 @@ def build_run(cfg: Config) -> RunParts:
             raise ConfigError(str(err)) from None
         if note:
             print(f"warning: {note}", flush=True)
+    if devices[0].platform == "cpu" and cfg.precision != "fp32" and (note := cpu_bf16_note()):
+        print(f"warning: {note}", flush=True)
     rules = axis_rules(cfg.parallelism)
 
     cache_dir = os.path.join(cfg.run_folder, "cache")
