@@ -113,9 +113,13 @@ def test_block_size_defaults_divide_the_length():
         cpu_kernels.blocked_causal_attention(q, q, q, scale=1.0, block_size=5)
 
 
-def test_kernels_only_for_bf16_on_cpu():
-    assert not cpu_kernels.use_cpu_kernels(jnp.float32)
-    assert cpu_kernels.use_cpu_kernels(jnp.bfloat16) == (jax.default_backend() == "cpu")
+def test_kernels_only_for_bf16_and_fp32_on_cpu():
+    on_cpu = jax.default_backend() == "cpu"
+    assert cpu_kernels.use_cpu_kernels(jnp.bfloat16) == on_cpu and cpu_kernels.use_cpu_kernels(jnp.float32) == on_cpu
+    assert not cpu_kernels.use_cpu_kernels(jnp.float16)
+    for accelerator in ("gpu", "tpu"):
+        with platform.compiling_for(accelerator):
+            assert not cpu_kernels.use_cpu_kernels(jnp.bfloat16) and not cpu_kernels.use_cpu_kernels(jnp.float32)
 
 
 def tiny_model(kv_heads=2, tied=True):

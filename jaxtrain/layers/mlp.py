@@ -38,7 +38,7 @@ def resolve_activation(ffn_act_fn: dict | None) -> Callable[[jax.Array], jax.Arr
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
-    """``x·Φ(x)``; on the CPU bf16 path the erf-based kernel, elsewhere ``jax.nn.gelu`` with a
+    """``x·Φ(x)``; on the CPU the erf-based kernel, elsewhere ``jax.nn.gelu`` with a
     written-out gradient (both keep only the input for the backward pass)."""
     if cpu_kernels.use_cpu_kernels(x.dtype):
         return cpu_kernels.gelu(x)
