@@ -124,3 +124,51 @@ def test_cpu_programs_compiled_at_llvm_o2_give_the_default_bits(monkeypatch):
     assert llvm_options("cpu") == {} and llvm_options("gpu") == {}
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert llvm_options("cpu") == {"xla_backend_optimization_level": 2} and llvm_options("tpu") == {}
+
+
+@pytest.mark.parametrize("name", ["decoupled_adamw", "decoupled_lionw"])
+def test_optimizer_keeps_its_own_state_on_skipped_steps(name):
+    # jaxtrain's optimizers take the step's apply flag and keep their state on a skipped step
+    # themselves: the same bits as selecting the old state after the update, applied or skipped,
+    # and on the CPU the compiled step copies no moment to do so.
+    import re
+
+    from jaxtrain.config.schema import GradientClippingConfig, OptimizerConfig
+    from jaxtrain.parallel.mesh import replicated
+    from jaxtrain.train.health import control_array
+    from jaxtrain.train.optim import build_optimizer, gates_skipped_steps
+
+    tx = build_optimizer(OptimizerConfig(name=name, lr=1e-2, weight_decay=1e-4), lambda count: 1e-2 / (1.0 + count),
+                         clipping=GradientClippingConfig())
+    # the same transformation without the flag: the train step then selects the old state
+    plain = optax.GradientTransformation(tx.init, tx.update)
+    mesh = build_mesh(ParallelismConfig())
+    steps, states, donating = {}, {}, {}
+    for label, transformation in (("gated", tx), ("plain", plain)):
+        state, model_def, shardings = create_train_state(tiny_model(), transformation, seed=0, mesh=mesh,
+                                                         rules=DEFAULT_RULES)
+        assert gates_skipped_steps(transformation, state.opt_state) == (label == "gated")
+        step = make_train_step(model_def, transformation, lambda count: jnp.asarray(1e-2), compute_dtype=jnp.bfloat16)
+        steps[label], donating[label] = (
+            compile_train_step(step, shardings, batch_sharding(mesh), donate=donate, control_sharding=replicated(mesh))
+            for donate in (False, True))
+        states[label] = state
+    for index, (multiplier, skip) in enumerate([(1.0, False), (float("nan"), False), (1.0, True), (1.0, False)]):
+        before = states["gated"]
+        for label in states:
+            states[label], metrics = steps[label](states[label], random_batch(seed=index), control_array(multiplier, skip))
+            assert bool(metrics["applied"]) == (multiplier == 1.0 and not skip)
+        for gated, plain_leaf in zip(jax.tree.leaves(states["gated"]), jax.tree.leaves(states["plain"]), strict=True):
+            np.testing.assert_array_equal(np.asarray(gated), np.asarray(plain_leaf))
+        if not bool(metrics["applied"]):  # nothing moved, the count and the recorded lr included
+            for kept, old in zip(jax.tree.leaves(states["gated"].opt_state), jax.tree.leaves(before.opt_state), strict=True):
+                np.testing.assert_array_equal(np.asarray(kept), np.asarray(old))
+    assert int(states["gated"].opt_state[1].count) == 2
+    if name == "decoupled_adamw":
+        batch, control = random_batch(), control_array(1.0, False)
+        moment_copies = {
+            label: re.findall(r"= f32\[[\d,]*\]\{[\d,]*\} copy\(%state_opt_state_1__(?:mu|nu)",
+                              donating[label].lower(states[label], batch, control).compile().as_text())
+            for label in steps
+        }
+        assert not moment_copies["gated"] and moment_copies["plain"]

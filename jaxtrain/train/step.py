@@ -12,6 +12,7 @@ import optax
 from jaxtrain.layers import fp8
 from jaxtrain.parallel.platform import llvm_options
 from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
+from jaxtrain.train.optim import gates_skipped_steps
 from jaxtrain.train.state import ModelDef, TrainState
 
 # the dtype activations and products run in; amp_fp8 is amp_bf16 with the layer products in fp8
@@ -140,15 +141,21 @@ def make_train_step(
         if control is not None:
             apply = apply & (control[1] == 0)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        keep_if_skipped = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+        if gates_skipped_steps(tx, state.opt_state):
+            # the optimizer keeps its own state on a skipped step: its parameter update can then
+            # read the moments it wrote, not recompute them from overwritten ones
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, apply=apply)
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            opt_state = keep_if_skipped(opt_state, state.opt_state)
         updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
-        keep_if_skipped = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
         window_index = state.window_count % state.loss_window.shape[0]
         new_state = state.replace(
             step=state.step + 1,
             params=keep_if_skipped(params, state.params),
-            opt_state=keep_if_skipped(opt_state, state.opt_state),
+            opt_state=opt_state,
             loss_window=jnp.where(apply, state.loss_window.at[window_index].set(loss), state.loss_window),
             window_count=state.window_count + apply.astype(jnp.int32),
         )
