@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +81,11 @@ def main(argv=None) -> None:
         return block(hidden, slopes=slopes, compute_dtype=dtype).sum()
 
     grads = jax.grad(loss)(params)
+
+    def optimizer_update(grads, opt_state, params):  # as the train step applies it (an applied step)
+        updates, opt_state = tx.update(grads, opt_state, params, apply=jnp.bool_(True))
+        return optax.apply_updates(params, updates), opt_state
+
     train_step = compile_train_step(make_train_step(model_def, tx, lr, compute_dtype=dtype), shardings,
                                     batch_sharding(mesh), donate=False)
     parts = {
@@ -88,7 +94,7 @@ def main(argv=None) -> None:
         "forward + backward": jax.jit(jax.grad(loss)).__call__,
         "head + loss fwd+bwd": lambda f=jax.jit(jax.grad(head_loss, argnums=(0, 1))): f(hidden, table),
         "one layer fwd+bwd": lambda f=jax.jit(jax.grad(one_layer, argnums=(0, 1))): f(one_block_state, hidden),
-        "optimizer update": lambda f=jax.jit(lambda g, s, p: tx.update(g, s, p)): f(grads, state.opt_state, params),
+        "optimizer update": lambda f=jax.jit(optimizer_update): f(grads, state.opt_state, params),
     }
     args_for = {"forward (loss)": (params,), "forward + backward": (params,)}
     calls = {name: (lambda fn=fn, a=args_for.get(name, ()): fn(*a)) for name, fn in parts.items()}
