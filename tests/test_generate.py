@@ -1,6 +1,7 @@
 """KV-cache generation against the float64 NumPy forward of test_mpt.py (MosaicML's definition)."""
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +109,7 @@ def test_too_long_request_is_refused():
         generate(model, [[1] * 12], max_new_tokens=5)
 
 
-def test_generate_command(tmp_path, capsys):
+def test_generate_command(tmp_path, capsys, caplog):
     from jaxtrain.data.tokenizer import _train_bpe
 
     tokenizer = _train_bpe(["def add(a, b):\n    return a + b\n" * 20, "class Point:\n    pass\n" * 20], 300)
@@ -123,3 +124,5 @@ def test_generate_command(tmp_path, capsys):
     lines = out.splitlines()
     assert lines[0].startswith("def ") and any(line.startswith("class P") for line in lines)
     assert "tokens/s" in err
+    # reading the checkpoint logs nothing (Orbax warns about read-only managers unless quietened)
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]

@@ -6,7 +6,9 @@ optimizer state is skipped), into host memory or the given shardings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -37,6 +39,18 @@ class LoadedModel:
         return nnx.merge(graphdef, self.params)
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax's warnings (it logs through absl's ``absl`` logger) off inside the block; errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None) -> LoadedModel:
     """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default)."""
     from jaxtrain.train.state import abstract_model
@@ -47,9 +61,11 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         root = fetch_checkpoint(folder, step)
     else:
         root = os.path.abspath(folder) if "://" not in folder else folder
-    manager = ocp.CheckpointManager(
-        root, options=ocp.CheckpointManagerOptions(read_only=True, create=False), item_names=("state", "meta")
-    )
+    with _quiet_orbax():  # Orbax warns that a read-only manager is read-only, on every load
+        manager = ocp.CheckpointManager(
+            root, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+            item_names=("state", "meta"),
+        )
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
