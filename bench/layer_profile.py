@@ -144,6 +144,26 @@ def busy_ns(events: list[tuple[str, int, int]]) -> int:
     return total
 
 
+def wall_shares_ns(events: list[tuple[str, int, int]]) -> collections.Counter:
+    """Each op's share of the wall time: every instant is split evenly among the ops running then.
+
+    Ops that overlap (XLA:CPU runs independent ops on several threads) each last the whole
+    overlap, so their durations add up to more than the time they took; the shares add up to
+    ``busy_ns(events)``."""
+    points = sorted({t for _, start, duration in events for t in (start, start + duration)})
+    starts = collections.defaultdict(list)
+    for index, (_, start, duration) in enumerate(events):
+        if duration > 0:
+            starts[start].append(index)
+    shares: collections.Counter = collections.Counter()
+    active: set[int] = set()
+    for left, right in zip(points, points[1:]):
+        active = {i for i in active if events[i][1] + events[i][2] > left} | set(starts.get(left, ()))
+        for i in active:
+            shares[events[i][0]] += (right - left) / len(active)
+    return shares
+
+
 def hlo_op_table(fn, args, top: int, calls: int = 3, hlo_text: str | None = None) -> None:
     """Trace ``calls`` runs of the jitted ``fn`` and print its costliest HLO ops per call, and
     for how much of each call's wall time any op ran (device busy time off the CPU: a large gap
@@ -171,18 +191,20 @@ def hlo_op_table(fn, args, top: int, calls: int = 3, hlo_text: str | None = None
     times: collections.Counter = collections.Counter()
     for name, _, duration in events:
         times[name] += duration / calls / 1e6
+    walls = collections.Counter({name: ns / calls / 1e6 for name, ns in wall_shares_ns(events).items()})
     total = sum(times.values())
     busy_ms = busy_ns(events) / calls / 1e6
-    print(f"HLO ops, ms per call summed over threads (total {total:.1f} ms); some op running "
-          f"{busy_ms:.1f} ms of the {wall_ms:.1f} ms each call took ({busy_ms / wall_ms:.0%}):")
-    for name, ms in times.most_common(top):
+    print(f"HLO ops per call: some op running {busy_ms:.1f} ms of the {wall_ms:.1f} ms each call took "
+          f"({busy_ms / wall_ms:.0%}). Columns: wall ms (each instant split among the ops running then; "
+          f"they add up to the {busy_ms:.1f} ms), its share, then ms summed over threads (total {total:.1f}; "
+          f"an op overlapping others lasts the whole overlap):")
+    for name, ms in walls.most_common(top):
         shape, op_name = info.get(name, ("?", ""))
-        print(f"  {ms:8.2f}  {ms / total:6.1%}  {name[:30]:30s} {shape[:36]:36s} {op_name[-60:]}")
+        print(f"  {ms:8.2f}  {ms / busy_ms:6.1%}  {times[name]:8.2f}  {name[:30]:30s} {shape[:36]:36s} {op_name[-60:]}")
     kinds: collections.Counter = collections.Counter()
-    for name, ms in times.items():
+    for name, ms in walls.items():
         kinds["dot" if "dot_general" in info.get(name, ("", ""))[1] else re.sub(r"\.\d+$", "", name)] += ms
-    print("by kind: " + ", ".join(f"{kind} {ms / total:.0%}" for kind, ms in kinds.most_common(8)))
-
+    print("by kind, of the wall time: " + ", ".join(f"{kind} {ms / busy_ms:.0%}" for kind, ms in kinds.most_common(8)))
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

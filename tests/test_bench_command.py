@@ -211,7 +211,8 @@ def test_op_events_read_device_kernels_once_and_busy_time_is_their_union():
 
 def test_throughput_script_profiles_the_step_it_timed():
     """``bench/train_throughput.py --profile`` (what the GPU check ends with) traces the compiled,
-    state-donating step it timed and prints the op table with the busy share of each call. Run in
+    state-donating step it timed and prints the op table (each op's wall share, then its summed
+    thread time) with the busy share of each call. Run in
     ``--precision fp8`` (the GPU check's amp_fp8 stage): on this CPU the fp8 layer products are
     emulated, so no cuBLAS fp8 GEMM is counted."""
     args = [sys.executable, "bench/train_throughput.py", "--shape", "xs", "--precision", "fp8", "--seq", "64",
@@ -223,7 +224,7 @@ def test_throughput_script_profiles_the_step_it_timed():
     busy, wall = (float(x) for x in re.search(r"some op running ([\d.]+) ms of the ([\d.]+) ms", header).groups())
     assert 0 < busy <= wall
     rows = lines[lines.index(header) + 1: lines.index(header) + 4]
-    assert all(re.match(r"\s+[\d.]+\s+[\d.]+%\s+\S+", row) for row in rows), rows
+    assert all(re.match(r"\s+[\d.]+\s+[\d.]+%\s+[\d.]+\s+\S+", row) for row in rows), rows
     (record,) = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
     assert record["tokens_per_s"] > 0 and record["seq"] == 64
     assert record["precision"] == "fp8" and record["fp8_gemm_calls"] == 0 and 0 < record["loss"] < 20
@@ -301,3 +302,18 @@ def test_kernel_census_counts_cublas_gemms_and_fp8_at_twice_the_rate():
     assert rows["g1"]["bytes"] == (256 * 512 + 1024 * 512 + 256 * 1024) * 2
     assert rows["g3"]["kind"] == "matmul" and rows["g3"]["flops"] == flops
     assert rows["g3"]["bytes"] == (512 * 1024 + 256 * 512 + 256 * 1024) * 2  # one layer's slice of w
+
+
+def test_wall_shares_split_overlapping_ops_and_add_up_to_busy_time():
+    """Two ops overlapping on two threads each last the whole overlap; the table's wall column
+    splits every instant among the ops running then."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import layer_profile
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    events = [("dot.1", 0, 100), ("dot.2", 50, 100), ("fusion.3", 200, 10), ("dot.1", 300, 20)]
+    shares = layer_profile.wall_shares_ns(events)
+    assert shares == {"dot.1": 50 + 25 + 20, "dot.2": 25 + 50, "fusion.3": 10}
+    assert sum(shares.values()) == layer_profile.busy_ns(events) == 150 + 10 + 20
