@@ -206,6 +206,7 @@ def hlo_op_table(fn, args, top: int, calls: int = 3, hlo_text: str | None = None
         kinds["dot" if "dot_general" in info.get(name, ("", ""))[1] else re.sub(r"\.\d+$", "", name)] += ms
     print("by kind, of the wall time: " + ", ".join(f"{kind} {ms / busy_ms:.0%}" for kind, ms in kinds.most_common(8)))
 
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="s")

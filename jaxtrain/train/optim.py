@@ -16,6 +16,7 @@ runs before the optimizer.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -92,8 +93,7 @@ def _scale_by_scheduled(name: str, cfg: OptimizerConfig, schedule: optax.Schedul
         # inside the parameters' update, from old moments their in-place update overwrites, and
         # so copy both moments first (60 bytes moved per parameter instead of 40; the update at
         # the s benchmark shape took 117 ms instead of 63).
-        gate = (lambda new, old: new) if apply is None else (  # noqa: E731
-            lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old))
+        gate = (lambda new, old: new) if apply is None else functools.partial(select_tree, apply)  # noqa: E731
         lr = jnp.asarray(schedule(state.count), jnp.float32)
         # Decoupled decay follows the schedule's shape; torch's AdamW decay is multiplied by the lr.
         if name == "adamw":
@@ -140,6 +140,11 @@ def build_optimizer(
     if clipping is None:
         return optimizer
     return optax.chain(_clipping(clipping), optimizer)
+
+
+def select_tree(pred: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where the traced bool ``pred`` holds, else ``old``, leaf by leaf (a skipped step's state)."""
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
 def gates_skipped_steps(tx: optax.GradientTransformation, opt_state: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -12,7 +13,7 @@ import optax
 from jaxtrain.layers import fp8
 from jaxtrain.parallel.platform import llvm_options
 from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
-from jaxtrain.train.optim import gates_skipped_steps
+from jaxtrain.train.optim import gates_skipped_steps, select_tree
 from jaxtrain.train.state import ModelDef, TrainState
 
 # the dtype activations and products run in; amp_fp8 is amp_bf16 with the layer products in fp8
@@ -141,7 +142,7 @@ def make_train_step(
         if control is not None:
             apply = apply & (control[1] == 0)
 
-        keep_if_skipped = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+        keep_if_skipped = functools.partial(select_tree, apply)
         if gates_skipped_steps(tx, state.opt_state):
             # the optimizer keeps its own state on a skipped step: its parameter update can then
             # read the moments it wrote, not recompute them from overwritten ones
