@@ -11,7 +11,7 @@ from flax import nnx
 from jaxtrain.config import ConfigError, load_config_dict
 from jaxtrain.config.schema import AttnConfig, ModelConfig
 from jaxtrain.data.finetune import build_rows, example_tokens, read_examples
-from jaxtrain.data.loader import build_loaders
+from jaxtrain.data.build import build_loaders
 from jaxtrain.models import build_model
 from test_eval import char_tokenizer
 

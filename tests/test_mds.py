@@ -170,7 +170,7 @@ def _text_dataset(folder, column: str = "body", hashes=("sha1",)) -> str:
 
 def test_a_column_the_config_names_but_the_data_lacks(tmp_path):
     from jaxtrain.config.schema import Config, DatasetConfig, LoaderConfig
-    from jaxtrain.data.loader import build_loaders
+    from jaxtrain.data.build import build_loaders
 
     text = _text_dataset(tmp_path / "text" / "train")
     cfg = Config(max_seq_len=16, global_train_batch_size=2, eval_loader=None,

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from jaxtrain.config.schema import Config, ConfigError, DatasetConfig, LoaderConfig
-from jaxtrain.data import loader as loader_module
-from jaxtrain.data.loader import BatchLoader, build_loaders
+from jaxtrain.data import build as build_module
+from jaxtrain.data.build import build_loaders
+from jaxtrain.data.loader import BatchLoader
 from jaxtrain.data.mds.reader import MDSDataset, TokenRows, mds_datasets
 from jaxtrain.data.mds.writer import MDSWriter
-from jaxtrain.data.order import (
-    SampleOrder, StreamWeight, get_shuffle, interleave, order_options, shard_choose, stream_choose,
-)
+from jaxtrain.data.order import SampleOrder, StreamWeight, order_options, shard_choose, stream_choose
+from jaxtrain.data.shuffle import get_shuffle, interleave
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "mds")
@@ -354,7 +354,7 @@ def test_build_loaders_mixes_two_mds_streams(streams, monkeypatch):
     class _Tokenizer:
         pad_token_id = 0
 
-    monkeypatch.setattr(loader_module, "_pretokenized_tokenizer", lambda cfg, dataset, cache_dir: _Tokenizer())
+    monkeypatch.setattr(build_module, "_pretokenized_tokenizer", lambda cfg, dataset, cache_dir: _Tokenizer())
     dataset = DatasetConfig(source="mds", streams={"a": {"local": streams[0], "proportion": 0.25},
                                                    "b": {"local": streams[1], "proportion": 0.75}},
                             extra={"epoch_size": 48, "shuffle_algo": "py1br", "shuffle_block_size": 8})

@@ -16,7 +16,7 @@ import pytest
 
 from jaxtrain.config.schema import Config, ConfigError, DatasetConfig, LoaderConfig, TokenizerConfig
 from jaxtrain.data import remote as data_remote
-from jaxtrain.data.loader import build_loaders
+from jaxtrain.data.build import build_loaders
 from jaxtrain.data.mds import MDSWriter
 from jaxtrain.data.tokenizer import load_tokenizer
 

@@ -127,7 +127,7 @@ def test_build_loaders_trains_and_evaluates_on_tfds_splits(data_dir, tmp_path):
     import numpy as np
 
     from jaxtrain.config.schema import Config, LoaderConfig, TokenizerConfig
-    from jaxtrain.data.loader import build_loaders
+    from jaxtrain.data.build import build_loaders
 
     cfg = Config(
         max_seq_len=4, global_train_batch_size=2,

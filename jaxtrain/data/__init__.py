@@ -1,6 +1,7 @@
 """Data: the embedded stdlib corpus, text/JSONL sources, tokenizers, packing and loaders."""
 
-from jaxtrain.data.loader import BatchLoader, build_loaders, epoch_order
+from jaxtrain.data.build import build_loaders
+from jaxtrain.data.loader import BatchLoader, epoch_order
 from jaxtrain.data.packing import load_or_pack, pack_documents, pack_token_lists
 from jaxtrain.data.sources import Documents, jsonl_documents, text_documents
 from jaxtrain.data.stdlib_corpus import list_stdlib_files, split_files, stdlib_documents
