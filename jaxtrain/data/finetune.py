@@ -23,6 +23,7 @@ import numpy as np
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.sources import JSONL_SUFFIXES, Documents, fingerprint_files, resolve_files
 
+# The label of tokens never trained on (prompts, padding rows): LLM Foundry's and PyTorch's ignored target.
 IGNORE_INDEX = -100
 SOURCE = "finetune_jsonl"
 
