@@ -18,7 +18,8 @@ from jaxtrain.config.schema import ModelConfig
 from jaxtrain.metrics.hardware import get_hardware
 from jaxtrain.models import build_model
 from jaxtrain.plan import chinchilla
-from jaxtrain.plan.cli import load_bench, main, parse_count
+from jaxtrain.plan.cli import main
+from jaxtrain.plan.inputs import load_bench, parse_count
 from jaxtrain.plan.cost import ModelShape, RunCost
 from jaxtrain.plan.ladder import PRESET_DIR, load_presets
 from jaxtrain.plan.memory import estimate_memory
