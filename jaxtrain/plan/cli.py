@@ -47,6 +47,8 @@ PRICE_LINE = (
     + " Override with --price-per-hour USD or --prices FILE (YAML {hardware_name: usd_per_hour})."
 )
 DEFAULT_DEVICES = 8
+
+
 def _precision(args, bench: BenchResult | None, hardware: Hardware) -> str:
     """The precision whose peak the MFU is against: --precision, else the bench run's, else amp_bf16."""
     measured = bench.precision if bench else None
