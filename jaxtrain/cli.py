@@ -25,14 +25,15 @@ def _underscore_flag(arg: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> None:
-    from jaxtrain.train.host_allocator import retain_freed_memory
-
-    retain_freed_memory()  # before JAX starts its threads
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
+    if command != "train":  # training sets it up itself, after starting its data on a process of its own
+        from jaxtrain.train.host_allocator import retain_freed_memory
+
+        retain_freed_memory()  # before JAX starts its threads
     if command == "train":
         from absl import app
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jaxtrain.train.host_allocator import retain_freed_memory
-
-retain_freed_memory()  # before JAX starts its threads
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Path to a YAML config file.")
@@ -39,16 +35,28 @@ def main(argv: list[str]) -> None:
                   if FLAGS[name].present]
         sys.exit(supervise(FLAGS.config, FLAGS.set, max_restarts=FLAGS.max_restarts,
                            backoff_seconds=FLAGS.restart_backoff, extra_args=passed))
-    from jaxtrain.parallel.distributed import DistributedError, env_with_flags, initialize_from_env
+    from jaxtrain.parallel.distributed import DistributedError, detect_cluster, env_with_flags, initialize_from_env
+    from jaxtrain.train.host_allocator import retain_freed_memory
 
+    env = env_with_flags(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        single_process = detect_cluster(env) is None
+    except DistributedError:
+        single_process = False  # reported just below
+    data_prefetch = None
+    if single_process:  # before JAX is imported: a forked child tokenizes while this process imports and compiles
+        from jaxtrain.train.data_prefetch import prefetch_for_command
+
+        data_prefetch = prefetch_for_command(FLAGS.config, FLAGS.set)
+    retain_freed_memory()  # before JAX starts its threads
     try:  # before any JAX computation: every process must see the whole cluster's devices
-        initialize_from_env(env_with_flags(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id))
+        initialize_from_env(env)
     except DistributedError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     from jaxtrain.train.command import train_command
 
-    sys.exit(train_command(FLAGS.config, FLAGS.set))
+    sys.exit(train_command(FLAGS.config, FLAGS.set, data_prefetch=data_prefetch))
 
 
 def run() -> None:

@@ -162,6 +162,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
         (["optimizer.lr=-0.1"], "optimizer.lr"),
         (["global_train_batch_size=12", "device_train_microbatch_size=8"], "global_train_batch_size"),
         (["max_seq_len=4096"], "max_seq_len"),
+        (["parallelism.fsdp=2"], "parallelism"),  # found after the data prefetch has started
     ],
 )
 def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):

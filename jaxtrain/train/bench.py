@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
     from jaxtrain.metrics.flops import mfu
     from jaxtrain.metrics.hardware import detect_hardware, get_hardware
     from jaxtrain.parallel.mesh import global_batch_from_local
-    from jaxtrain.train.setup import build_run, expand_run_paths, resolve_run_name
+    from jaxtrain.train.paths import expand_run_paths, resolve_run_name
+    from jaxtrain.train.setup import build_run
 
     hardware = get_hardware(args.hardware) if args.hardware else detect_hardware()
     total = 1 + args.warmup + args.steps

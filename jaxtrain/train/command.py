@@ -35,8 +35,20 @@ def _process_start() -> float:
     return now - age if 0 <= age < 3600 else now
 
 
-def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int:
-    """Run training from a config file and overrides; returns the process exit code."""
+def train_command(config_path: str | None, overrides: Sequence[str] = (), *, data_prefetch=None) -> int:
+    """Run training from a config file and overrides; returns the process exit code.
+
+    ``data_prefetch``: a ``jaxtrain.data.prefetch.DataPrefetch`` building this run's data cache,
+    waited for before the data is read, and stopped when the command returns.
+    """
+    try:
+        return _train(config_path, overrides, data_prefetch)
+    finally:
+        if data_prefetch is not None:
+            data_prefetch.close()
+
+
+def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> int:
     started = _process_start()
     notices: list[str] = []
     try:
@@ -49,7 +61,8 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     from jaxtrain.config import validate_for_devices
     from jaxtrain.train.loop import Trainer, write_summary
     from jaxtrain.train.memory_report import start_report
-    from jaxtrain.train.setup import build_run, expand_run_paths, resolve_run_name
+    from jaxtrain.train.paths import expand_run_paths, resolve_run_name
+    from jaxtrain.train.setup import build_run
 
     cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))
     try:
@@ -74,7 +87,7 @@ def train_command(config_path: str | None, overrides: Sequence[str] = ()) -> int
     parts = None
     try:
         callbacks = _callbacks(cfg)  # a mistake in the ICL tasks is reported before the model is built
-        parts = build_run(cfg)
+        parts = build_run(cfg, data_prefetch=data_prefetch)
         print(
             f"model: {parts.num_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
             f"({jax.devices()[0].platform}); mesh {dict(parts.mesh.shape)}; {parts.total_batches} steps of "

@@ -23,6 +23,7 @@ from jaxtrain.parallel.mesh import (
     MeshError, axis_rules, batch_sharding, build_mesh, check_process_rows, data_parallel_size, replicated)
 from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.train.optim import build_optimizer
+from jaxtrain.train.paths import data_cache_dir
 from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import abstract_model, create_train_state
 from jaxtrain.train.health import FaultInjector
@@ -31,21 +32,6 @@ from jaxtrain.train.microbatch import (
     step_candidates)
 from jaxtrain.train.step import (
     COMPUTE_DTYPES, FP8_PRECISIONS, HealthRules, compile_train_step, compiler_options, make_eval_step, make_train_step)
-
-
-def resolve_run_name(cfg: Config, config_path: str | None) -> str:
-    if cfg.run_name:
-        return cfg.run_name
-    if config_path:
-        return os.path.splitext(os.path.basename(config_path))[0]
-    return "run"
-
-
-def expand_run_paths(cfg: Config, run_name: str) -> Config:
-    """Substitute ``{run_name}`` in the run and save folders."""
-    run_folder = cfg.run_folder.replace("{run_name}", run_name)
-    save_folder = cfg.save_folder.replace("{run_name}", run_name) if cfg.save_folder else None
-    return dataclasses.replace(cfg, run_name=run_name, run_folder=run_folder, save_folder=save_folder)
 
 
 @dataclasses.dataclass
@@ -143,6 +129,12 @@ def _plan_optimizer(cfg: Config, *, batches_per_epoch: int | None):
     return total_batches, schedule, build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
 
 
+def _built_loaders(cfg: Config, data_prefetch, **kwargs):
+    if data_prefetch is not None:
+        data_prefetch.wait()  # then the tokenizer and rows come from the cache it filled
+    return build_loaders(cfg, **kwargs)
+
+
 def _loaded_data(cfg: Config, loaders: _InBackground):
     """(train loader, eval loader, tokenizer) once built, checked against the model's vocabulary."""
     train_loader, eval_loader, tokenizer = loaders.result()
@@ -161,8 +153,11 @@ def _train_state(cfg: Config, tx, mesh, rules):
         raise ConfigError(str(err)) from None
 
 
-def build_run(cfg: Config) -> RunParts:
-    """Build mesh, loaders, model state and the compiled step from ``cfg``."""
+def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
+    """Build mesh, loaders, model state and the compiled step from ``cfg``.
+
+    ``data_prefetch`` (``jaxtrain.train.data_prefetch.DataPrefetch``): a child process filling the data
+    cache, waited for before the data is read."""
     devices = jax.devices()
     try:
         mesh = build_mesh(cfg.parallelism, devices)
@@ -182,12 +177,13 @@ def build_run(cfg: Config) -> RunParts:
         print(f"warning: {note}", flush=True)
     rules = axis_rules(cfg.parallelism)
 
-    cache_dir = os.path.join(cfg.run_folder, "cache")
+    cache_dir = data_cache_dir(cfg)
     # The data (tokenizer training, packing) is built on a thread while the model state is
     # initialised, which needs the data only for durations in epochs. (Compiling the train step
     # alongside as well gained nothing on two cores: both already keep the cores busy.)
     loaders = _InBackground(
-        build_loaders, cfg, cache_dir=cache_dir, process_index=jax.process_index(), process_count=jax.process_count()
+        _built_loaders, cfg, data_prefetch, cache_dir=cache_dir, process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
     try:
         planned = _plan_optimizer(cfg, batches_per_epoch=None)

@@ -55,7 +55,7 @@ def supervise(
 ) -> int:
     """Run training in a child process, restarting it up to ``max_restarts`` times."""
     from jaxtrain.config import ConfigError, load_config
-    from jaxtrain.train.setup import expand_run_paths, resolve_run_name
+    from jaxtrain.train.paths import expand_run_paths, resolve_run_name
 
     try:
         cfg = load_config(config_path, overrides, notices=[])
