@@ -69,6 +69,34 @@ def test_memory_block_measures_parameters_and_adam_state(tiny_run):
     assert "parameters 144.62 KiB" in text and "microbatch 8" in text and "device capacity not reported" in text
 
 
+def test_the_eval_before_step_one_was_compiled_during_start_up(tiny_run):
+    # eval_first: build_run compiles the eval step on a thread while it traces the train step;
+    # the first evaluation runs that executable and compiles nothing (persistent cache off, so
+    # a cache hit cannot pass for it).
+    from jaxtrain.parallel.mesh import global_batch_from_local
+
+    parts, _ = tiny_run
+    assert parts.cfg.eval_first
+    compiles = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    local = next(parts.eval_loader.batches(parts.cfg.device_eval_batch_size * jax.device_count()))
+    batch = global_batch_from_local(local, parts.mesh)
+    cache_enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jax.device_get(parts.eval_step(parts.state.params, batch))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.config.update("jax_enable_compilation_cache", cache_enabled)
+    assert compiles == []
+    assert float(out["tokens"]) > 0 and np.isfinite(float(out["loss_sum"]))
+
+
 def test_log_shardings_prints_one_line_per_parameter(tiny_run):
     parts, _ = tiny_run
     assert "shardings:" not in start_report(parts)

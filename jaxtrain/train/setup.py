@@ -98,7 +98,7 @@ class _InBackground:
     def __init__(self, fn, *args, **kwargs):
         self._value: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name="jaxtrain-data", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name="jaxtrain-setup", daemon=True)
         self._thread.start()
 
     def _run(self, fn, args, kwargs) -> None:
@@ -133,6 +133,13 @@ def _built_loaders(cfg: Config, data_prefetch, **kwargs):
     if data_prefetch is not None:
         data_prefetch.wait()  # then the tokenizer and rows come from the cache it filled
     return build_loaders(cfg, **kwargs)
+
+
+def _eval_batch_spec(cfg: Config, eval_loader, sharding) -> dict:
+    """The global batch ``Trainer.evaluate`` passes to the eval step, as abstract arrays."""
+    rows = cfg.device_eval_batch_size * jax.device_count()  # as the trainer evaluates
+    keys = ("input_ids", "labels") + (("sequence_id",) if eval_loader.sequence_id is not None else ())
+    return {key: jax.ShapeDtypeStruct((rows, eval_loader.max_seq_len), jnp.int32, sharding=sharding) for key in keys}
 
 
 def _loaded_data(cfg: Config, loaders: _InBackground):
@@ -227,6 +234,18 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
             options=options,
         )
 
+    eval_step = jax.jit(
+        make_eval_step(model_def, compute_dtype=compute_dtype, fp8_products=fp8_products),
+        in_shardings=(state_shardings.params, shard_batch),
+        compiler_options=options,
+    )
+    eval_compile = None
+    if cfg.eval_first and eval_loader is not None:
+        # Traced here and compiled on a thread while this one traces the train step (one core's
+        # work): the evaluation before step one then finds it compiled.
+        lowered = eval_step.lower(state.params, _eval_batch_spec(cfg, eval_loader, shard_batch))
+        eval_compile = _InBackground(lowered.compile)
+
     # Compiled ahead of time for its memory analysis; the first call reuses this executable.
     example_args = (state, {"input_ids": jax.ShapeDtypeStruct(
         (cfg.global_train_batch_size, cfg.max_seq_len), jnp.int32, sharding=shard_batch)})
@@ -277,11 +296,8 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         remat = model.remat
     if fp8_products and devices[0].platform in ("gpu", "cuda") and executable is not None:
         print(fp8.compiled_note(executable.as_text()), flush=True)
-    eval_step = jax.jit(
-        make_eval_step(model_def, compute_dtype=compute_dtype, fp8_products=fp8_products),
-        in_shardings=(state_shardings.params, shard_batch),
-        compiler_options=options,
-    )
+    if eval_compile is not None:
+        eval_compile.result()  # its errors surface here
     from jaxtrain.metrics.flops import mpt_flops_per_batch
 
     num_params = mpt_param_count(model)
