@@ -97,3 +97,25 @@ def test_prefetch_only_where_it_is_safe_and_saves_time(monkeypatch):
     monkeypatch.setenv("JAXTRAIN_DATA_PREFETCH", "0")
     monkeypatch.setattr("jaxtrain.train.data_prefetch.can_fork", lambda: True)
     assert start_prefetch(quickstart) is None
+
+
+def test_a_child_that_makes_no_progress_is_stopped(tmp_path):
+    # A stopped process uses no CPU: wait() gives up on it after stall_seconds, so a stuck child
+    # cannot hold the run's start-up forever (the run then builds its data itself).
+    import signal
+    import time
+
+    from jaxtrain.train.data_prefetch import DataPrefetch
+
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"])
+    cache = tmp_path / "run" / "cache"
+    cache.mkdir(parents=True)
+    (cache / f"rows.npy.tmp-{child.pid}-1.npy").write_bytes(b"partial")
+    (cache / "rows.npy").write_bytes(b"whole")
+    prefetch = DataPrefetch(child.pid, str(cache), stall_seconds=1.5)
+    started = time.monotonic()
+    assert prefetch.wait() == -signal.SIGKILL
+    assert prefetch.stalled and 1.0 <= time.monotonic() - started < 30
+    assert sorted(path.name for path in cache.iterdir()) == ["rows.npy"]  # its partial file removed
+    prefetch.close()  # used by the run: the cache stays
+    assert (cache / "rows.npy").exists()

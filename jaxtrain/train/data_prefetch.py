@@ -18,53 +18,57 @@ tokenized locally (python_stdlib, text or jsonl sources with a trained or local 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import sys
 import threading
+import time
 from typing import Sequence
 
 _SOURCES = ("python_stdlib", "text", "jsonl")
 _NICENESS = 10
+STALL_SECONDS = 120.0  # a child that used no CPU for this long is stopped
+_POLL_SECONDS = 1.0
 
 
 class DataPrefetch:
     """A forked child building a run's data cache; ``wait()`` until it is done, ``close()`` to stop it.
 
-    A run that ends before it reads its data (a config or mesh error) leaves no folder behind: the
-    cache folder, and the run folder when empty, are removed if the child created them."""
+    A child that uses no CPU for ``stall_seconds`` (a deadlock, a stuck file system) is stopped,
+    and the run builds its data itself. A run that ends before it reads its data (a config or
+    mesh error) leaves no folder behind: the cache folder, and the run folder when empty, are
+    removed if the child created them."""
 
-    def __init__(self, pid: int, cache_dir: str, new_folders: Sequence[str] = ()):
+    def __init__(self, pid: int, cache_dir: str, new_folders: Sequence[str] = (), *,
+                 stall_seconds: float = STALL_SECONDS):
         """``new_folders``: the cache folder and its parent, those that did not exist before the fork."""
         self.pid = pid
         self.exit_code: int | None = None
+        self.stalled = False
         self._used = False
         self._cache_dir = cache_dir
         self._new_folders = list(new_folders)
+        self.stall_seconds = stall_seconds
 
     def wait(self) -> int:
         """Block until the child has exited; returns its exit code (0 when it built everything)."""
         self._used = True
-        if self.exit_code is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-                self.exit_code = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:  # reaped by ``close()`` on another thread
-                return -1 if self.exit_code is None else self.exit_code
+        cpu, progress_at = -1.0, time.monotonic()
+        while self.exit_code is None and not self._reap(block=False):
+            _wait_for_exit(self.pid, _POLL_SECONDS)
+            now, used = time.monotonic(), _cpu_seconds(self.pid)
+            if used < 0 or used != cpu:  # (unreadable: never called stalled)
+                cpu, progress_at = used, now
+            elif now - progress_at >= self.stall_seconds:
+                self.stalled = True
+                self._stop()
         return self.exit_code
 
     def close(self) -> None:
         """Stop the child if it is still running; remove what it made if the run never used it."""
-        if self.exit_code is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid == 0:
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                _, status = os.waitpid(self.pid, 0)
-            self.exit_code = os.waitstatus_to_exitcode(status)
-            self._remove_partial_files()
+        if self.exit_code is None and not self._reap(block=False):
+            self._stop()
         if self._used:
             return
         for path in self._new_folders:  # the cache folder first, then the run folder if nothing else is in it
@@ -77,6 +81,27 @@ class DataPrefetch:
                     pass
         self._new_folders = []
 
+    def _reap(self, *, block: bool) -> bool:
+        """Collect the child's exit status if it has exited (or wait for it); whether it has."""
+        try:
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:  # collected already, by another thread's call
+            if self.exit_code is None:
+                self.exit_code = -1
+            return True
+        if pid == 0:
+            return False
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        return True
+
+    def _stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._reap(block=True)
+        self._remove_partial_files()
+
     def _remove_partial_files(self) -> None:
         """A child stopped mid-write leaves a temporary file (named with its pid) beside the cache's files."""
         marker = f".tmp-{self.pid}-"
@@ -87,6 +112,29 @@ class DataPrefetch:
                         os.remove(os.path.join(folder, name))
                     except OSError:
                         pass
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    """Return when ``pid`` exits or after ``timeout`` seconds, whichever is first."""
+    try:
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # before Linux 5.3
+        time.sleep(min(timeout, 0.02))
+        return
+    try:
+        select.select([handle], [], [], timeout)
+    finally:
+        os.close(handle)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time ``pid`` has used so far (its threads included), or -1 where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return -1.0
 
 
 def worth_prefetching(cfg) -> bool:

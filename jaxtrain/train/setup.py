@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import threading
 from typing import Any
 
@@ -132,6 +133,9 @@ def _plan_optimizer(cfg: Config, *, batches_per_epoch: int | None):
 def _built_loaders(cfg: Config, data_prefetch, **kwargs):
     if data_prefetch is not None:
         data_prefetch.wait()  # then the tokenizer and rows come from the cache it filled
+        if data_prefetch.stalled:
+            print(f"warning: the data process {data_prefetch.pid} used no CPU for {data_prefetch.stall_seconds:.0f}s "
+                  "and was stopped; building the data here", file=sys.stderr, flush=True)
     return build_loaders(cfg, **kwargs)
 
 
