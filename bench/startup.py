@@ -1,0 +1,90 @@
+"""Time to the first step of `python -m jaxtrain.main`, by phase, alternating variants.
+
+    python bench/startup.py --rounds 4
+    python bench/startup.py --rounds 4 --variant off:JAXTRAIN_DATA_PREFETCH=0 --variant on:
+
+Each round runs every variant once, in a fresh run folder, with ``--set max_duration=2ba``
+(and the --set overrides given). A variant is ``name:VAR=value,VAR=value`` (environment
+settings; none for the code as it is). Printed per run: when the resolved config, the memory
+report (the model built and the train step compiled), the step-0 evaluation and the first step's
+line appeared, seconds after launch, and the run's own "first step done" figure (from process
+start); then the medians per variant. The machine's load average is printed beside each run:
+compare variants only within one invocation on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MARKS = (("config", "resolved config"), ("built", "memory per device"), ("eval0", "step 0: held-out"),
+         ("step1", "step 1/"))
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, settings = text.partition(":")
+    env = {}
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --variant {text!r}: settings are VAR=value, separated by commas")
+        env[key.strip()] = value
+    return name or "as-is", env
+
+
+def run_once(config: str, overrides: list[str], env: dict[str, str], folder: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "jaxtrain.main", "--config", config, "--set", "max_duration=2ba",
+               "--set", f"run_folder={folder}/run", "--set", f"save_folder={folder}/checkpoints"]
+    for item in overrides:
+        command += ["--set", item]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **env})
+    seen: dict[str, float] = {}
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        for name, prefix in MARKS:
+            if name not in seen and line.startswith(prefix):
+                seen[name] = time.perf_counter() - started
+        if match := re.search(r"first step done ([0-9.]+)s after start", line):
+            seen["first_step"] = float(match.group(1))
+    if process.wait() != 0 or "first_step" not in seen:
+        raise SystemExit("error: the run failed:\n" + "".join(output[-20:]))
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], help="name:VAR=value,... (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    variants = [parse_variant(text) for text in args.variant] or [("as-is", {})]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
+    columns = [name for name, _ in MARKS] + ["first_step"]
+    print(f"{'variant':>10} {'load':>5} " + " ".join(f"{column:>10}" for column in columns), flush=True)
+    for _ in range(args.rounds):
+        for name, env in variants:
+            with tempfile.TemporaryDirectory(prefix="jaxtrain-startup-") as folder:
+                load = os.getloadavg()[0]
+                seen = run_once(args.config, args.overrides, env, folder)
+            results[name].append(seen)
+            print(f"{name:>10} {load:5.2f} " + " ".join(f"{seen.get(column, float('nan')):10.2f}" for column in columns),
+                  flush=True)
+    print("medians:")
+    for name, runs in results.items():
+        medians = [statistics.median(run.get(column, float("nan")) for run in runs) for column in columns]
+        print(f"{name:>10} {'':5} " + " ".join(f"{value:10.2f}" for value in medians))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
