@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jaxtrain.config import load_config
 from jaxtrain.train.data_prefetch import can_fork, start_prefetch, worth_prefetching
 
@@ -119,3 +121,26 @@ def test_a_child_that_makes_no_progress_is_stopped(tmp_path):
     assert sorted(path.name for path in cache.iterdir()) == ["rows.npy"]  # its partial file removed
     prefetch.close()  # used by the run: the cache stays
     assert (cache / "rows.npy").exists()
+
+
+def test_the_entry_point_starts_the_data_before_jax_and_hands_it_to_the_run(monkeypatch):
+    # `python -m jaxtrain.main`: the prefetch is forked first (nothing imported that runs
+    # threads), then the host allocator is set up (it imports JAX), then the run gets the handle.
+    from jaxtrain import main as entry
+
+    calls = []
+    monkeypatch.setattr("jaxtrain.train.data_prefetch.prefetch_for_command",
+                        lambda config, overrides: calls.append(("prefetch", config, list(overrides))) or "handle")
+    monkeypatch.setattr("jaxtrain.train.host_allocator.retain_freed_memory", lambda: calls.append(("allocator",)))
+    monkeypatch.setattr("jaxtrain.train.command.train_command",
+                        lambda config, overrides, data_prefetch=None: calls.append(("train", data_prefetch)) or 0)
+    for name in ("JAXTRAIN_COORDINATOR_ADDRESS", "JAXTRAIN_NUM_PROCESSES", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    entry.FLAGS(["jaxtrain", "--config", "configs/quickstart.yaml", "--set", "seed=3"])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry.main(["jaxtrain"])
+    finally:
+        entry.FLAGS.unparse_flags()
+    assert exited.value.code == 0
+    assert calls == [("prefetch", "configs/quickstart.yaml", ["seed=3"]), ("allocator",), ("train", "handle")]
