@@ -38,7 +38,7 @@ def _process_start() -> float:
 def train_command(config_path: str | None, overrides: Sequence[str] = (), *, data_prefetch=None) -> int:
     """Run training from a config file and overrides; returns the process exit code.
 
-    ``data_prefetch``: a ``jaxtrain.data.prefetch.DataPrefetch`` building this run's data cache,
+    ``data_prefetch``: a ``jaxtrain.train.data_prefetch.DataPrefetch`` building this run's data cache,
     waited for before the data is read, and stopped when the command returns.
     """
     try:
