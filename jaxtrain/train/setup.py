@@ -244,9 +244,11 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         compiler_options=options,
     )
     eval_compile = None
-    if cfg.eval_first and eval_loader is not None:
+    if cfg.eval_first and eval_loader is not None and devices[0].platform == "cpu":
         # Traced here and compiled on a thread while this one traces the train step (one core's
-        # work): the evaluation before step one then finds it compiled.
+        # work): the evaluation before step one then finds it compiled. (Not on accelerators:
+        # XLA:GPU times candidate kernels on the device while compiling, and two compiles at
+        # once would time each other's.)
         lowered = eval_step.lower(state.params, _eval_batch_spec(cfg, eval_loader, shard_batch))
         eval_compile = _InBackground(lowered.compile)
 
