@@ -190,8 +190,7 @@ def test_missing_or_malformed_config_file(tmp_path, content):
 
 def test_summary_says_when_no_step_was_trained():
     """A run that resumes at its last step trains nothing; its summary says so."""
-    from jaxtrain.train.command import format_summary
-    from jaxtrain.train.loop import FitResult
+    from jaxtrain.train.summary import FitResult, format_summary
 
     result = FitResult(step=150, interrupted=False, stop_signal=None, stopped_unhealthy=None, incidents={},
                        train_loss=None, eval_loss=5.2, first_eval_loss=5.2, tokens_per_second=None, mfu=None,

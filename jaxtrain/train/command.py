@@ -11,6 +11,7 @@ from jaxtrain.config import ConfigError, dump_yaml, load_config
 from jaxtrain.parallel.mesh import MeshError, build_mesh
 
 from jaxtrain.train.health import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
+from jaxtrain.train.summary import format_summary, write_summary
 
 EXIT_USAGE = EXIT_CONFIG
 
@@ -59,7 +60,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
     import jax  # after the config is read, so a config error is reported without JAX start-up
 
     from jaxtrain.config import validate_for_devices
-    from jaxtrain.train.loop import Trainer, write_summary
+    from jaxtrain.train.loop import Trainer
     from jaxtrain.train.memory_report import start_report
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
     from jaxtrain.train.setup import build_run
@@ -124,28 +125,3 @@ def _callbacks(cfg) -> list:
 
     return [ICLEvalCallback(cfg.icl_tasks, gauntlet=cfg.eval_gauntlet, max_len=cfg.icl_seq_len,
                             subset_num_batches=cfg.icl_subset_num_batches)]
-
-
-def format_summary(result, total_seconds: float) -> str:
-    def fmt(value, spec):
-        return "n/a" if value is None else format(value, spec)
-
-    if result.stopped_unhealthy:
-        status = f"stopped: {result.stopped_unhealthy}"
-    elif result.interrupted:
-        status = f"interrupted by {result.stop_signal}: checkpoint saved; run the same command to continue"
-    else:
-        status = "done"
-    incidents = ", ".join(f"{kind} x{count}" for kind, count in result.incidents.items()) or "none"
-    first_step = ("no step trained" if result.seconds_to_first_step is None
-                  else f"first step done {result.seconds_to_first_step:.1f}s after start")
-    lines = [
-        status,
-        f"  steps: {result.step}",
-        f"  wall time: {total_seconds:.1f}s ({first_step})",
-        f"  final train loss: {fmt(result.train_loss, '.4f')}",
-        f"  held-out loss: {fmt(result.first_eval_loss, '.4f')} (first) -> {fmt(result.eval_loss, '.4f')} (final)",
-        f"  incidents: {incidents}",
-        f"  throughput: {fmt(result.tokens_per_second, ',.0f')} tokens/s, MFU {fmt(None if result.mfu is None else 100 * result.mfu, '.2f')}%",
-    ]
-    return "\n".join(lines)

@@ -31,6 +31,18 @@ EXIT_PREEMPTED = 143  # SIGTERM: a checkpoint was saved; the machine is being ta
 NO_RESTART = (EXIT_OK, EXIT_CONFIG, EXIT_UNHEALTHY, EXIT_CHECKPOINT, EXIT_INTERRUPTED)
 
 
+def install_stop_handlers(on_signal: Callable[[int], None], *, sigterm: bool = True) -> dict:
+    """Route SIGINT (and SIGTERM, when ``sigterm``) to ``on_signal(signum)``; returns the handlers
+    they replace, for ``signal.signal`` to put back. Off the main thread nothing is installed."""
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: on_signal(signum))
+        except ValueError:  # not the main thread
+            pass
+    return previous
+
+
 class HealthMonitor:
     """Reads each step's metrics and says what to do: "ok", "rollback" or "stop"."""
 

@@ -15,7 +15,6 @@ that step's checkpoint and exiting 143.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,25 +34,10 @@ from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger
 from jaxtrain.parallel.mesh import global_batch_from_local
 from jaxtrain.train.events import Event, EventBus
-from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array
+from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
 from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.setup import RunParts, interval_batches
-
-
-@dataclasses.dataclass
-class FitResult:
-    step: int
-    interrupted: bool
-    stop_signal: str | None
-    stopped_unhealthy: str | None
-    incidents: dict[str, int]
-    train_loss: float | None
-    eval_loss: float | None
-    first_eval_loss: float | None
-    tokens_per_second: float | None
-    mfu: float | None
-    wall_seconds: float
-    seconds_to_first_step: float | None
+from jaxtrain.train.summary import FitResult
 
 
 class Trainer(RecoveryMixin):
@@ -210,28 +194,18 @@ class Trainer(RecoveryMixin):
 
     # ------------------------------------------------------------------ signals
 
-    def _install_signal_handlers(self) -> dict:
-        def handler(signum, frame):
-            if self._stop_signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        previous = {}
-        # With JAX's preemption service, SIGTERM is the runtime's: its handler starts the agreement.
-        signals = (signal.SIGINT,) if self.preemption_sync else (signal.SIGINT, signal.SIGTERM)
-        for sig in signals:
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        return previous
+    def _on_stop_signal(self, signum: int) -> None:
+        if self._stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
 
     # ------------------------------------------------------------------ fit
 
     def fit(self) -> FitResult:
         """Train to ``max_duration``. SIGINT/SIGTERM end the run after the current step with a
         checkpoint (a second signal stops at once); the handlers stay until the final save is done."""
-        previous_handlers = self._install_signal_handlers()
+        # With JAX's preemption service, SIGTERM is the runtime's: its handler starts the agreement.
+        previous_handlers = install_stop_handlers(self._on_stop_signal, sigterm=not self.preemption_sync)
         try:
             return self._fit()
         except CheckpointSaveError as err:
@@ -428,9 +402,3 @@ def _preemption_service_running() -> bool:
     from jax._src import distributed
 
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
-
-
-def write_summary(path: str, result: FitResult) -> None:
-    with open(path, "w") as f:
-        json.dump(dataclasses.asdict(result), f, indent=2)
-
