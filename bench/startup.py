@@ -2,10 +2,12 @@
 
     python bench/startup.py --rounds 4
     python bench/startup.py --rounds 4 --variant off:JAXTRAIN_DATA_PREFETCH=0 --variant on:
+    git worktree add /tmp/base HEAD~3 && python bench/startup.py --variant base@/tmp/base: --variant head:
 
 Each round runs every variant once, in a fresh run folder, with ``--set max_duration=2ba``
-(and the --set overrides given). A variant is ``name:VAR=value,VAR=value`` (environment
-settings; none for the code as it is). Printed per run: when the resolved config, the memory
+(and the --set overrides given). A variant is ``name[@checkout]:VAR=value,VAR=value``:
+environment settings (none for the code as it is), and optionally another checkout of jaxtrain
+to run from (``python -m`` imports the package from its working directory first). Printed per run: when the resolved config, the memory
 report (the model built and the train step compiled), the step-0 evaluation and the first step's
 line appeared, seconds after launch, and the run's own "first step done" figure (from process
 start); then the medians per variant. The machine's load average is printed beside each run:
@@ -27,25 +29,29 @@ MARKS = (("config", "resolved config"), ("built", "memory per device"), ("eval0"
          ("step1", "step 1/"))
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    name, _, settings = text.partition(":")
+def parse_variant(text: str) -> tuple[str, str | None, dict[str, str]]:
+    label, _, settings = text.partition(":")
+    name, _, checkout = label.partition("@")
+    if checkout and not os.path.isfile(os.path.join(checkout, "jaxtrain", "main.py")):
+        raise SystemExit(f"error: --variant {text!r}: {checkout} is not a jaxtrain checkout")
     env = {}
     for item in filter(None, settings.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --variant {text!r}: settings are VAR=value, separated by commas")
         env[key.strip()] = value
-    return name or "as-is", env
+    return name or "as-is", checkout or None, env
 
 
-def run_once(config: str, overrides: list[str], env: dict[str, str], folder: str) -> dict[str, float]:
+def run_once(config: str, overrides: list[str], env: dict[str, str], folder: str,
+             checkout: str | None = None) -> dict[str, float]:
     command = [sys.executable, "-m", "jaxtrain.main", "--config", config, "--set", "max_duration=2ba",
                "--set", f"run_folder={folder}/run", "--set", f"save_folder={folder}/checkpoints"]
     for item in overrides:
         command += ["--set", item]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, **env})
+                               env={**os.environ, **env}, cwd=checkout)
     seen: dict[str, float] = {}
     output = []
     for line in process.stdout:
@@ -67,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], help="name:VAR=value,... (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    variants = [parse_variant(text) for text in args.variant] or [("as-is", {})]
-    results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
+    variants = [parse_variant(text) for text in args.variant] or [("as-is", None, {})]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
     columns = [name for name, _ in MARKS] + ["first_step"]
     print(f"{'variant':>10} {'load':>5} " + " ".join(f"{column:>10}" for column in columns), flush=True)
     for _ in range(args.rounds):
-        for name, env in variants:
+        for name, checkout, env in variants:
             with tempfile.TemporaryDirectory(prefix="jaxtrain-startup-") as folder:
                 load = os.getloadavg()[0]
-                seen = run_once(args.config, args.overrides, env, folder)
+                seen = run_once(args.config, args.overrides, env, folder, checkout)
             results[name].append(seen)
             print(f"{name:>10} {load:5.2f} " + " ".join(f"{seen.get(column, float('nan')):10.2f}" for column in columns),
                   flush=True)
