@@ -36,7 +36,7 @@ from jaxtrain.parallel.mesh import global_batch_from_local
 from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
 from jaxtrain.train.resume import RecoveryMixin
-from jaxtrain.train.setup import RunParts, interval_batches
+from jaxtrain.train.setup import RunParts, eval_batch_size, interval_batches
 from jaxtrain.train.summary import FitResult
 
 
@@ -123,7 +123,7 @@ class Trainer(RecoveryMixin):
         if loader is None:
             return None
         self.events.fire(Event.EVAL_START, self)
-        batch_size = self.cfg.device_eval_batch_size * jax.device_count()
+        batch_size = eval_batch_size(self.cfg)
         limit = self.cfg.eval_subset_num_batches
         outs = []
         for index, local in enumerate(loader.batches(batch_size)):

@@ -139,11 +139,18 @@ def _built_loaders(cfg: Config, data_prefetch, **kwargs):
     return build_loaders(cfg, **kwargs)
 
 
+def eval_batch_size(cfg: Config) -> int:
+    """Rows in one global held-out batch."""
+    return cfg.device_eval_batch_size * jax.device_count()
+
+
 def _eval_batch_spec(cfg: Config, eval_loader, sharding) -> dict:
-    """The global batch ``Trainer.evaluate`` passes to the eval step, as abstract arrays."""
-    rows = cfg.device_eval_batch_size * jax.device_count()  # as the trainer evaluates
-    keys = ("input_ids", "labels") + (("sequence_id",) if eval_loader.sequence_id is not None else ())
-    return {key: jax.ShapeDtypeStruct((rows, eval_loader.max_seq_len), jnp.int32, sharding=sharding) for key in keys}
+    """The global batch ``Trainer.evaluate`` passes to the eval step, as abstract arrays (from the
+    loader's first batch, this process's share)."""
+    local = next(eval_loader.batches(eval_batch_size(cfg)))
+    return {key: jax.ShapeDtypeStruct((value.shape[0] * jax.process_count(), *value.shape[1:]), value.dtype,
+                                      sharding=sharding)
+            for key, value in local.items()}
 
 
 def _loaded_data(cfg: Config, loaders: _InBackground):
