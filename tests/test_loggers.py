@@ -5,20 +5,34 @@ import json
 import struct
 
 import pytest
-from tensorboardX.proto import event_pb2
+from tensorboardX import summary as tbx_summary
+from tensorboardX.crc32c import crc32c as tbx_crc32c
+from tensorboardX.proto import event_pb2, summary_pb2
 
+from jaxtrain.metrics import tfevents
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, format_console_line
 
 
+def _masked(crc):  # TFRecord's checksum masking, as TensorFlow's record writer applies it
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def read_tfrecords(path):
-    """Event protos from a TFRecord file: [u64 length][u32 crc][data][u32 crc] per record."""
+    """Event protos from a TFRecord file: [u64 length][u32 crc][data][u32 crc] per record, both
+    checksums verified with tensorboardX's CRC32C."""
     events, data = [], path.read_bytes()
     offset = 0
     while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        header = data[offset : offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
+        assert header_crc == _masked(tbx_crc32c(header))
         offset += 12
+        payload = data[offset : offset + length]
+        (payload_crc,) = struct.unpack("<I", data[offset + length : offset + length + 4])
+        assert payload_crc == _masked(tbx_crc32c(payload))
         event = event_pb2.Event()
-        event.ParseFromString(data[offset : offset + length])
+        event.ParseFromString(payload)
         events.append(event)
         offset += length + 4
     return events
@@ -42,15 +56,39 @@ def test_tensorboard_logger(tmp_path):
     logger = TensorBoardLogger(tmp_path / "tb")
     logger.log_metrics(1, {"train/loss": 5.5})
     logger.log_metrics(2, {"train/loss": 4.25, "train/lr": 1e-3})
+    logger.log_text("resumed from step 2")
     logger.close()
     (event_file,) = (tmp_path / "tb").iterdir()
+    assert event_file.name.startswith("events.out.tfevents.")
+    events = read_tfrecords(event_file)
+    assert events[0].file_version == "brain.Event:2"
+    (text,) = [value for event in events for value in event.summary.value if value.metadata.plugin_data.plugin_name]
+    assert text.metadata.plugin_data.plugin_name == "text" and text.tensor.string_val == [b"resumed from step 2"]
     scalars = [
         (event.step, value.tag, value.simple_value)
-        for event in read_tfrecords(event_file)
+        for event in events
         for value in event.summary.value
+        if value.HasField("simple_value")
     ]
     assert (1, "train/loss", 5.5) in scalars and (2, "train/loss", 4.25) in scalars
     assert any(step == 2 and tag == "train/lr" and v == pytest.approx(1e-3) for step, tag, v in scalars)
+
+
+def test_event_encoding_matches_protobuf():
+    """Each hand-encoded message is byte for byte what protobuf writes for the same fields."""
+    values = [tfevents.scalar_value("train/loss", 5.5), tfevents.scalar_value("train/lr", -1e-3),
+              tfevents.text_value("log/text_summary", "héllo")]
+    reference = [tbx_summary.scalar("train/loss", 5.5).value[0], tbx_summary.scalar("train/lr", -1e-3).value[0],
+                 tbx_summary.text("log", "héllo").value[0]]
+    for ours, theirs in zip(values, reference):
+        assert ours == theirs.SerializeToString()
+    summary = summary_pb2.Summary(value=reference)
+    for step in (0, 7, 2**40, -1):
+        expected = event_pb2.Event(wall_time=1234.5, step=step, summary=summary).SerializeToString()
+        assert tfevents._event(1234.5, step, summary=b"".join(tfevents._bytes_field(1, v) for v in values)) == expected
+    first = event_pb2.Event(wall_time=1.0, step=0, file_version="brain.Event:2").SerializeToString()
+    assert tfevents._event(1.0, 0, file_version="brain.Event:2") == first
+    assert tfevents.crc32c(b"123456789") == 0xE3069283 == tbx_crc32c(b"123456789")  # the CRC-32C check value
 
 
 def test_console_line_format():

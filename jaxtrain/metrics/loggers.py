@@ -12,6 +12,8 @@ import sys
 import time
 from typing import IO, Any, Protocol
 
+from jaxtrain.metrics.tfevents import EventFileWriter, scalar_value, text_value
+
 # Names the console looks for, in order: the train loop's short names, then Composer's.
 LOSS_KEYS = ("loss", "train/loss", "loss/train/total")
 TOKENS_PER_SECOND_KEYS = ("tokens_per_second", "train/tokens_per_second", "throughput/tokens_per_sec")
@@ -86,21 +88,16 @@ class TensorBoardLogger:
     """Scalars (and text) in a TensorBoard event file under ``logdir``."""
 
     def __init__(self, logdir: str | os.PathLike):
-        from tensorboardX import SummaryWriter
-
         self.logdir = os.fspath(logdir)
-        self._writer = SummaryWriter(logdir=self.logdir)
+        self._writer = EventFileWriter(self.logdir)
         self._last_step = 0
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._last_step = int(step)
-        for name, value in metrics.items():
-            self._writer.add_scalar(name, _to_float(value), global_step=int(step))
-        self._writer.flush()
+        self._writer.write(int(step), [scalar_value(name, _to_float(value)) for name, value in metrics.items()])
 
     def log_text(self, msg: str) -> None:
-        self._writer.add_text("log", str(msg), global_step=self._last_step)
-        self._writer.flush()
+        self._writer.write(self._last_step, [text_value("log/text_summary", str(msg))])
 
     def close(self) -> None:
         self._writer.close()
