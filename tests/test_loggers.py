@@ -7,30 +7,27 @@ import struct
 import pytest
 from tensorboardX import summary as tbx_summary
 from tensorboardX.crc32c import crc32c as tbx_crc32c
+from tensorboardX.record_writer import masked_crc32c
 from tensorboardX.proto import event_pb2, summary_pb2
 
 from jaxtrain.metrics import tfevents
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, format_console_line
 
 
-def _masked(crc):  # TFRecord's checksum masking, as TensorFlow's record writer applies it
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def read_tfrecords(path):
     """Event protos from a TFRecord file: [u64 length][u32 crc][data][u32 crc] per record, both
-    checksums verified with tensorboardX's CRC32C."""
+    checksums verified with tensorboardX's record writer's."""
     events, data = [], path.read_bytes()
     offset = 0
     while offset < len(data):
         header = data[offset : offset + 8]
         (length,) = struct.unpack("<Q", header)
         (header_crc,) = struct.unpack("<I", data[offset + 8 : offset + 12])
-        assert header_crc == _masked(tbx_crc32c(header))
+        assert header_crc == masked_crc32c(header)
         offset += 12
         payload = data[offset : offset + length]
         (payload_crc,) = struct.unpack("<I", data[offset + length : offset + length + 4])
-        assert payload_crc == _masked(tbx_crc32c(payload))
+        assert payload_crc == masked_crc32c(payload)
         event = event_pb2.Event()
         event.ParseFromString(payload)
         events.append(event)
