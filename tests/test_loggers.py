@@ -74,9 +74,11 @@ def test_tensorboard_logger(tmp_path):
 def test_event_encoding_matches_protobuf():
     """Each hand-encoded message is byte for byte what protobuf writes for the same fields."""
     values = [tfevents.scalar_value("train/loss", 5.5), tfevents.scalar_value("train/lr", -1e-3),
+              tfevents.scalar_value("eval/perplexity", -1e300), tfevents.scalar_value("grad_norm", float("inf")),
               tfevents.text_value("log/text_summary", "héllo")]
     reference = [tbx_summary.scalar("train/loss", 5.5).value[0], tbx_summary.scalar("train/lr", -1e-3).value[0],
-                 tbx_summary.text("log", "héllo").value[0]]
+                 tbx_summary.scalar("eval/perplexity", -1e300).value[0],
+                 tbx_summary.scalar("grad_norm", float("inf")).value[0], tbx_summary.text("log", "héllo").value[0]]
     for ours, theirs in zip(values, reference):
         assert ours == theirs.SerializeToString()
     summary = summary_pb2.Summary(value=reference)

@@ -15,6 +15,7 @@ encoded here by hand, fields in number order as protobuf itself writes them:
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -90,8 +91,14 @@ def _event(wall_time: float, step: int, *, file_version: str | None = None, summ
 
 
 def scalar_value(tag: str, value: float) -> bytes:
-    """A ``Summary.Value`` holding a float32 scalar."""
-    return _bytes_field(1, tag.encode()) + _key(2, 5) + struct.pack("<f", float(value))
+    """A ``Summary.Value`` holding a float32 scalar (beyond float32's range: infinity, as protobuf
+    stores it)."""
+    value = float(value)
+    try:
+        packed = struct.pack("<f", value)
+    except OverflowError:
+        packed = struct.pack("<f", math.copysign(math.inf, value))
+    return _bytes_field(1, tag.encode()) + _key(2, 5) + packed
 
 
 def text_value(tag: str, text: str) -> bytes:
