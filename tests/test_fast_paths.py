@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxtrain.config.schema import AttnConfig, ModelConfig
-from jaxtrain.layers import attention, cpu_kernels, gpu_kernels, lm_loss, mlp
+from jaxtrain.layers import attention, cpu_attention, cpu_kernels, gpu_kernels, lm_loss, mlp
 from jaxtrain.layers.linear import Dense
 from jaxtrain.models import build_model
 from jaxtrain.parallel import platform
@@ -94,7 +94,7 @@ def test_blocked_attention_matches_plain(monkeypatch, dtype, kv_heads, alibi, pa
     options = dict(scale=head_dim**-0.5, slopes=slopes, sequence_id=sequence_id, compute_dtype=dtype)
 
     def fast(q, k, v):
-        return cpu_kernels.blocked_causal_attention(q, k, v, block_size=8, **options)
+        return cpu_attention.blocked_causal_attention(q, k, v, block_size=8, **options)
 
     fast_out, fast_grads = values_and_grads(jax.jit(fast), q, k, v)
     reference = plain_attention(monkeypatch)
@@ -105,12 +105,12 @@ def test_blocked_attention_matches_plain(monkeypatch, dtype, kv_heads, alibi, pa
 
 
 def test_block_size_defaults_divide_the_length():
-    assert cpu_kernels.default_block_size(512) == 128
-    assert cpu_kernels.default_block_size(96) == 96
-    assert 200 % cpu_kernels.default_block_size(200) == 0
+    assert cpu_attention.default_block_size(512) == 128
+    assert cpu_attention.default_block_size(96) == 96
+    assert 200 % cpu_attention.default_block_size(200) == 0
     with pytest.raises(ValueError, match="must divide"):
         q = jnp.zeros((1, 12, 2, 4))
-        cpu_kernels.blocked_causal_attention(q, q, q, scale=1.0, block_size=5)
+        cpu_attention.blocked_causal_attention(q, q, q, scale=1.0, block_size=5)
 
 
 def test_kernels_only_for_bf16_and_fp32_on_cpu():

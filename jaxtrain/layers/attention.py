@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxtrain.layers import cpu_kernels, fp8, gpu_kernels, tpu_kernels
+from jaxtrain.layers import cpu_attention, cpu_kernels, fp8, gpu_kernels, tpu_kernels
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.linear import Dense
 from jaxtrain.layers.norms import LayerNorm
@@ -75,7 +75,7 @@ def dot_product_attention(
     ``[batch, length, heads, head_dim]`` in the compute dtype.
     """
     if dropout_rate == 0.0 and cpu_kernels.use_cpu_kernels(compute_dtype):
-        return cpu_kernels.blocked_causal_attention(
+        return cpu_attention.blocked_causal_attention(
             q, k, v, scale=scale, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype
         )
     if gpu_kernels.use_cudnn_attention(q, compute_dtype, dropout_rate):
