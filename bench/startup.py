@@ -12,6 +12,12 @@ report (the model built and the train step compiled), the step-0 evaluation and 
 line appeared, seconds after launch, and the run's own "first step done" figure (from process
 start); then the medians per variant. The machine's load average is printed beside each run:
 compare variants only within one invocation on a shared machine.
+
+``--cores`` (Linux) also samples the CPU time of the run and its child processes (the forked
+data process) every 0.1 s and prints, per run, the cores busy in each phase (CPU seconds over
+wall seconds, from launch to the config, to the model built, to the step-0 evaluation, to the
+first step) and the CPU seconds spent before the first step: a phase near the machine's core
+count is bound by CPU work, one well below it is waiting.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 MARKS = (("config", "resolved config"), ("built", "memory per device"), ("eval0", "step 0: held-out"),
@@ -43,8 +50,56 @@ def parse_variant(text: str) -> tuple[str, str | None, dict[str, str]]:
     return name or "as-is", checkout or None, env
 
 
+class TreeCPU:
+    """CPU seconds (user + system) of a process and its descendants, sampled on a thread.
+
+    A descendant that has exited keeps its last sample (its final ~0.1 s may be missed); the
+    ``cutime`` fields are not read, so a reaped child is never counted twice."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid, self.interval = pid, interval
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _stat(self, pid: int) -> tuple[int, float] | None:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick  # ppid, utime + stime
+
+    def sample(self) -> float:
+        family, stats = {self.pid}, {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (stat := self._stat(int(entry))) is not None:
+                stats[int(entry)] = stat
+        grown = True
+        while grown:
+            grown = False
+            for pid, (ppid, _) in stats.items():
+                if ppid in family and pid not in family:
+                    family.add(pid)
+                    grown = True
+        for pid in family:
+            if pid in stats:
+                self._last[pid] = stats[pid][1]
+        return sum(self._last.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_once(config: str, overrides: list[str], env: dict[str, str], folder: str,
-             checkout: str | None = None) -> dict[str, float]:
+             checkout: str | None = None, cores: bool = False) -> dict[str, float]:
     command = [sys.executable, "-m", "jaxtrain.main", "--config", config, "--set", "max_duration=2ba",
                "--set", f"run_folder={folder}/run", "--set", f"save_folder={folder}/checkpoints"]
     for item in overrides:
@@ -53,16 +108,29 @@ def run_once(config: str, overrides: list[str], env: dict[str, str], folder: str
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, **env}, cwd=checkout)
     seen: dict[str, float] = {}
+    cpu_at: dict[str, float] = {}
+    tree = TreeCPU(process.pid) if cores else None
     output = []
     for line in process.stdout:
         output.append(line)
         for name, prefix in MARKS:
             if name not in seen and line.startswith(prefix):
                 seen[name] = time.perf_counter() - started
+                if tree is not None:
+                    cpu_at[name] = tree.sample()
         if match := re.search(r"first step done ([0-9.]+)s after start", line):
             seen["first_step"] = float(match.group(1))
+    if tree is not None:
+        tree.stop()
     if process.wait() != 0 or "first_step" not in seen:
         raise SystemExit("error: the run failed:\n" + "".join(output[-20:]))
+    previous_time = previous_cpu = 0.0
+    for name, _ in MARKS:
+        if name in cpu_at:
+            seen[f"cores:{name}"] = (cpu_at[name] - previous_cpu) / max(seen[name] - previous_time, 1e-9)
+            previous_time, previous_cpu = seen[name], cpu_at[name]
+    if "step1" in cpu_at:
+        seen["cpu_s"] = cpu_at["step1"]
     return seen
 
 
@@ -72,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override (repeatable)")
     parser.add_argument("--variant", action="append", default=[], help="name:VAR=value,... (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cores", action="store_true", help="also print the cores busy in each phase (Linux)")
     args = parser.parse_args(argv)
+    if args.cores and not os.path.isdir("/proc/self"):
+        raise SystemExit("error: --cores reads /proc (Linux only)")
     variants = [parse_variant(text) for text in args.variant] or [("as-is", None, {})]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
     columns = [name for name, _ in MARKS] + ["first_step"]
@@ -81,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, checkout, env in variants:
             with tempfile.TemporaryDirectory(prefix="jaxtrain-startup-") as folder:
                 load = os.getloadavg()[0]
-                seen = run_once(args.config, args.overrides, env, folder, checkout)
+                seen = run_once(args.config, args.overrides, env, folder, checkout, cores=args.cores)
             results[name].append(seen)
             print(f"{name:>10} {load:5.2f} " + " ".join(f"{seen.get(column, float('nan')):10.2f}" for column in columns),
                   flush=True)
+            if args.cores:
+                print(f"{'cores':>16} " + " ".join(f"{seen.get('cores:' + mark, float('nan')):10.2f}" for mark, _ in MARKS)
+                      + f" {seen.get('cpu_s', float('nan')):7.1f} CPU s", flush=True)
     print("medians:")
     for name, runs in results.items():
         medians = [statistics.median(run.get(column, float("nan")) for run in runs) for column in columns]

@@ -317,3 +317,38 @@ def test_wall_shares_split_overlapping_ops_and_add_up_to_busy_time():
     shares = layer_profile.wall_shares_ns(events)
     assert shares == {"dot.1": 50 + 25 + 20, "dot.2": 25 + 50, "fusion.3": 10}
     assert sum(shares.values()) == layer_profile.busy_ns(events) == 150 + 10 + 20
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_startup_cores_counts_a_forked_child_once():
+    """``bench/startup.py --cores`` adds the CPU time of the run's forked children (the data
+    process) to the run's own, and a child reaped by its parent is not counted twice."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import startup
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    script = (
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    sum(i * i for i in range(4_000_000))\n"
+        "    time.sleep(0.3)\n"  # the sampler sees the child's whole CPU time before it exits
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "child = os.times().children_user + os.times().children_system\n"
+        "time.sleep(0.4)\n"  # reaped: the kernel now counts the child in the parent's cutime
+        "print(child, flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    tree = startup.TreeCPU(process.pid, interval=0.02)
+    try:
+        child_cpu = float(process.stdout.readline())
+        total = tree.sample()
+    finally:
+        tree.stop()
+        process.communicate("\n", timeout=30)
+    own = total - child_cpu  # the parent's own start-up and waiting: well under the child's work
+    assert child_cpu > 0.1
+    assert -0.05 <= own < child_cpu / 2, (total, child_cpu)
