@@ -68,10 +68,19 @@ def test_readme_quickstart_command_trains_and_loss_falls(tmp_path):
         "icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n"
         "  continuation_delimiter: ''\n  batch_size: 2\n")
     result = run(command(tmp_path, "max_duration=24ba", "eval_interval=12ba", "save_interval=12ba",
-                         f"icl_tasks={tmp_path}/tasks.yaml", "icl_subset_num_batches=1"))
+                         f"icl_tasks={tmp_path}/tasks.yaml", "icl_subset_num_batches=1",
+                         "callbacks.speed_monitor.window_size=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Every step after the first has a rate over its own time (a one-step window): the steps
+    # before an evaluation and the first step after it included. A step timed when the next
+    # one's metrics are read, on the CPU, would show a near-zero interval at the eval steps.
+    rates = {record["step"]: record["train/tokens_per_second"] for record in records
+             if "train/tokens_per_second" in record}
+    assert sorted(rates) == list(range(2, 25))
+    median = sorted(rates.values())[len(rates) // 2]
+    assert max(rates.values()) < 3 * median, rates
     icl = {record["step"]: record["icl/mc/0-shot"] for record in records if "icl/mc/0-shot" in record}
     assert sorted(icl) == [0, 12, 24] and all(value in (0.0, 0.5, 1.0) for value in icl.values())  # 2 of 3 scored
     assert result.stdout.count("ICL: icl/mc/0-shot") == 3

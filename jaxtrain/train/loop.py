@@ -168,13 +168,19 @@ class Trainer(RecoveryMixin):
         if self.metrics_file is not None:
             self.metrics_file.log_record(record["step"], {k: v for k, v in record.items() if k != "step"})
 
-    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], tokens: int, *, timed: bool = True) -> str:
-        """Log one finished step and return the health action: "ok", "rollback" or "stop"."""
+    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], done_at: float | None, tokens: int, *,
+                      timed: bool = True) -> str:
+        """Log one finished step and return the health action: "ok", "rollback" or "stop".
+
+        ``done_at``: when the step was seen finished as its call returned (``None``: it ran
+        asynchronously, and it has finished once its metrics arrive here)."""
         metrics = {key: float(value) for key, value in jax.device_get(device_metrics).items()}
-        now = time.perf_counter()
-        if timed:  # the first step includes compilation, so it gets no throughput figure
+        now = time.perf_counter() if done_at is None else done_at
+        if timed:
             self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
             metrics.update(self.meter.summary(self.parts.peak_flops_per_device))
+        else:  # the first step carries the runtime's first-call set-up: the window starts at its end
+            self.meter.start(now)
         # Host time spent getting the batch (reading, packing, transfer) that the step then used.
         metrics["data_wait_seconds"] = self._data_wait
         self.watchdog.beat(now - self._last_step_time if timed and self._last_step_time else None)
@@ -243,8 +249,7 @@ class Trainer(RecoveryMixin):
         first_eval = self.eval_history[0][1] if self.eval_history else None
         if cfg.eval_first and self.step == 0 and not self.eval_history:
             first_eval = self.evaluate()
-        self.meter.start(time.perf_counter())
-        self.seconds_to_first_step = None
+        self.seconds_to_first_step = None  # the speed window starts when the first step has ended
         self._last_step_time = None
         if cfg.health.nan_policy == "rollback" or cfg.health.spike_policy == "rollback":
             if self.checkpointer is not None and self.checkpointer.latest_step() is None:
@@ -333,12 +338,16 @@ class Trainer(RecoveryMixin):
                 self.state, metrics = parts.train_step(self.state, batch, jax.device_put(control, control_sharding))
             else:
                 self.state, metrics = parts.train_step(self.state, batch)
+            # The CPU runs a step in the call itself: it ended now. Elsewhere it runs on while the
+            # next batch is prepared, and its metrics, read one step later, say when it ended.
+            # (Taking the time when the metrics are read would, on the CPU, include the next step.)
+            done_at = time.perf_counter() if jax.tree.leaves(metrics)[0].is_ready() else None
             self.faults.during_step(self.step + 1)
             self.step += 1
             actions = []
             if pending is not None:
                 actions.append((pending[0], self._on_step_done(*pending, tokens_per_batch)))
-            pending = (self.step, metrics)
+            pending = (self.step, metrics, done_at)
             if self.seconds_to_first_step is None or self.eval_every and self.step % self.eval_every == 0:
                 first_step = self.seconds_to_first_step is None
                 if first_step:
