@@ -13,9 +13,13 @@ from jaxtrain.train import host_allocator
 
 # A jitted function whose temporaries (the matmul's operands, 36 MB of float32 each) exceed
 # glibc's largest mmap threshold (32 MB), called repeatedly; prints the minor page faults of each
-# call after the first.
+# call after the first. The probe keeps to one CPU: on two busy cores the retained heap kept
+# faulting a block's worth (9-19k) now and then for up to five calls more (worker threads
+# allocating from malloc arenas of their own, most likely); on one CPU it settles after at most
+# one such call.
 PROBE = r"""
-import json, resource, sys
+import json, os, resource, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 from jaxtrain.train.host_allocator import retain_freed_memory
 applied = retain_freed_memory()
 import jax, jax.numpy as jnp
