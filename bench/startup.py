@@ -32,6 +32,8 @@ import tempfile
 import threading
 import time
 
+from jaxtrain.train.data_prefetch import process_cpu
+
 MARKS = (("config", "resolved config"), ("built", "memory per device"), ("eval0", "step 0: held-out"),
          ("step1", "step 1/"))
 
@@ -58,25 +60,16 @@ class TreeCPU:
 
     def __init__(self, pid: int, interval: float = 0.1):
         self.pid, self.interval = pid, interval
-        self._tick = os.sysconf("SC_CLK_TCK")
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _stat(self, pid: int) -> tuple[int, float] | None:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick  # ppid, utime + stime
-
     def sample(self) -> float:
         family, stats = {self.pid}, {}
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and (stat := self._stat(int(entry))) is not None:
-                stats[int(entry)] = stat
+            if entry.isdigit() and (stat := process_cpu(int(entry))) is not None:
+                stats[int(entry)] = stat  # (parent pid, CPU seconds)
         grown = True
         while grown:
             grown = False

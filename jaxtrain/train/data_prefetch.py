@@ -127,14 +127,21 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
         os.close(handle)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time ``pid`` has used so far (its threads included), or -1 where it cannot be read."""
+def process_cpu(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds used so far, its threads included) of ``pid`` from ``/proc``;
+    None where it cannot be read (gone, or not Linux). Children it has reaped are not included."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
-        return -1.0
+        return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time ``pid`` has used so far, or -1 where it cannot be read."""
+    found = process_cpu(pid)
+    return -1.0 if found is None else found[1]
 
 
 def worth_prefetching(cfg) -> bool:
