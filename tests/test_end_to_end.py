@@ -88,6 +88,11 @@ def test_readme_quickstart_command_trains_and_loss_falls(tmp_path):
     assert summary["step"] == 24
     assert summary["eval_loss"] < summary["first_eval_loss"] - 1.0
     assert summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1
+    # the run's mean: every step but the first (compiling), the one after an evaluation included
+    assert summary["timed_steps"] == 23 and summary["window_steps"] == 1
+    assert 0 < summary["mean_mfu"] < 1
+    assert min(rates.values()) <= summary["mean_tokens_per_second"] <= max(rates.values())
+    assert "(mean of 23 steps; compiling and evaluating left out)" in result.stdout
     assert "held-out loss" in result.stdout and "MFU" in result.stdout
     assert (tmp_path / "run" / "config.yaml").exists()
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "24", "tokenizer.json"]
@@ -207,3 +212,9 @@ def test_summary_says_when_no_step_was_trained():
     assert "  wall time: 3.0s (no step trained)" in format_summary(result, 3.0).splitlines()
     trained = dataclasses.replace(result, seconds_to_first_step=5.34, train_loss=5.0)
     assert "  wall time: 9.0s (first step done 5.3s after start)" in format_summary(trained, 9.0).splitlines()
+    assert "  throughput: n/a tokens/s, MFU n/a%" in format_summary(trained, 9.0).splitlines()
+    timed = dataclasses.replace(trained, tokens_per_second=9000.0, mfu=0.25, window_steps=10,
+                                mean_tokens_per_second=14512.4, mean_mfu=0.318, timed_steps=148)
+    assert format_summary(timed, 9.0).splitlines()[-2:] == [
+        "  throughput: 9,000 tokens/s, MFU 25.00% (last 10 steps)",
+        "              14,512 tokens/s, MFU 31.80% (mean of 148 steps; compiling and evaluating left out)"]

@@ -118,6 +118,28 @@ def test_meter_summary_after_start():
     assert got["mfu"] == pytest.approx(0.5)
 
 
+def test_meter_run_summary_counts_every_timed_step_across_restarts():
+    """The run's mean covers each step whose start the meter saw, windows restarted or not; the
+    time between a restart and the step before it (an evaluation, say) is left out."""
+    meter = ThroughputMeter(window_size=2)
+    assert meter.run_summary() == {}
+    meter.update(5.0, samples=2, tokens=20, flops=1e3)  # no start seen: untimed
+    assert meter.run_summary() == {}
+    meter.start(10.0)
+    meter.update(11.0, samples=2, tokens=20, flops=1e3)
+    meter.update(13.0, samples=2, tokens=20, flops=1e3)
+    meter.update(14.0, samples=2, tokens=20, flops=1e3)
+    meter.start(100.0)  # after an evaluation
+    meter.update(104.0, samples=2, tokens=20, flops=1e3)
+    got = meter.run_summary(peak_flops_per_device=1e3)
+    assert got["steps"] == 4 and got["seconds"] == pytest.approx(8.0)
+    assert got["tokens_per_second"] == pytest.approx(80 / 8)
+    assert got["samples_per_second"] == pytest.approx(8 / 8)
+    assert got["mfu"] == pytest.approx(4e3 / 8 / 1e3)
+    assert meter.summary()["tokens_per_second"] == pytest.approx(20 / 4)  # the window: the last step only
+    assert meter.window_steps == 1
+
+
 def test_cpu_without_bf16_matrix_units_is_named(tmp_path):
     def note(text):
         path = tmp_path / "cpuinfo"

@@ -63,6 +63,8 @@ class ThroughputMeter:
         self._flops: collections.deque[float] = collections.deque(maxlen=maxlen)  # per step
         self._total_samples = 0
         self._total_tokens = 0
+        # Every timed step of the run (a step whose start the meter saw), windows restarted or not.
+        self._run = {"steps": 0, "seconds": 0.0, "samples": 0, "tokens": 0, "flops": 0.0}
 
     def start(self, wall_time: float) -> None:
         """Begin a fresh window at ``wall_time`` (after compilation or an evaluation, say).
@@ -80,12 +82,24 @@ class ThroughputMeter:
 
     def update(self, wall_time: float, *, samples: int, tokens: int, flops: float = 0.0) -> None:
         """Record the end of one step: its time stamp and the step's global samples, tokens, FLOPs."""
+        if self._wall_time:  # the step began at the previous stamp: it counts in the run's average
+            run = self._run
+            run["steps"] += 1
+            run["seconds"] += float(wall_time) - self._wall_time[-1]
+            run["samples"] += int(samples)
+            run["tokens"] += int(tokens)
+            run["flops"] += float(flops)
         self._total_samples += int(samples)
         self._total_tokens += int(tokens)
         self._wall_time.append(float(wall_time))
         self._samples.append(self._total_samples)
         self._tokens.append(self._total_tokens)
         self._flops.append(float(flops))
+
+    @property
+    def window_steps(self) -> int:
+        """How many steps the window's rates cover now."""
+        return max(len(self._wall_time) - 1, 0)
 
     @property
     def ready(self) -> bool:
@@ -143,6 +157,29 @@ class ThroughputMeter:
             "samples_per_second": (self._samples[-1] - self._samples[0]) / elapsed,
             "tokens_per_second": tokens_per_second,
             "tokens_per_second_per_device": tokens_per_second / n,
+            "flops_per_second_per_device": flops_per_second_per_device,
+        }
+        peak = peak_flops_per_device or self.peak_flops_per_device
+        if peak and flops_per_second_per_device > 0:
+            out["mfu"] = mfu(flops_per_second_per_device, peak)
+        return out
+
+    def run_summary(self, peak_flops_per_device: float | None = None) -> dict[str, float]:
+        """Rates over every timed step so far, not only the last window's: ``steps``, ``seconds``,
+        ``tokens_per_second``, ``samples_per_second``, ``flops_per_second_per_device`` and ``mfu``
+        (when a peak is known). A step counts when the meter saw its start (the previous step's
+        end or a ``start()``), so time outside steps (compiling, evaluating, saving) is left out.
+        Empty before any timed step."""
+        run = self._run
+        if not run["steps"] or run["seconds"] <= 0:
+            return {}
+        seconds = run["seconds"]
+        flops_per_second_per_device = run["flops"] / seconds / self.num_devices
+        out = {
+            "steps": run["steps"],
+            "seconds": seconds,
+            "samples_per_second": run["samples"] / seconds,
+            "tokens_per_second": run["tokens"] / seconds,
             "flops_per_second_per_device": flops_per_second_per_device,
         }
         peak = peak_flops_per_device or self.peak_flops_per_device

@@ -85,6 +85,7 @@ class Trainer(RecoveryMixin):
         )
         window = int((cfg.callbacks.get("speed_monitor") or {}).get("window_size", 10))
         self.meter = ThroughputMeter(window_size=window, num_devices=jax.device_count())
+        self._window_steps = 0  # the steps the last logged rates cover
         self.checkpointer = (
             Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep, faults=self.faults,
                          staging=os.path.join(cfg.run_folder, "checkpoint-staging"))
@@ -179,6 +180,7 @@ class Trainer(RecoveryMixin):
         if timed:
             self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
             metrics.update(self.meter.summary(self.parts.peak_flops_per_device))
+            self._window_steps = self.meter.window_steps
         else:  # the first step carries the runtime's first-call set-up: the window starts at its end
             self.meter.start(now)
         # Host time spent getting the batch (reading, packing, transfer) that the step then used.
@@ -279,6 +281,7 @@ class Trainer(RecoveryMixin):
         if self.tensorboard is not None:
             self.tensorboard.close()
         kinds = [record["incident"] for record in self.incidents] + self._out_of_lineage_incidents()
+        run_rates = self.meter.run_summary(self.parts.peak_flops_per_device)
         return FitResult(
             step=self.step,
             interrupted=interrupted,
@@ -290,6 +293,10 @@ class Trainer(RecoveryMixin):
             first_eval_loss=first_eval,
             tokens_per_second=self.last_metrics.get("tokens_per_second"),
             mfu=self.last_metrics.get("mfu"),
+            window_steps=self._window_steps if "tokens_per_second" in self.last_metrics else 0,
+            mean_tokens_per_second=run_rates.get("tokens_per_second"),
+            mean_mfu=run_rates.get("mfu"),
+            timed_steps=int(run_rates.get("steps", 0)),
             wall_seconds=time.perf_counter() - start_wall,
             seconds_to_first_step=self.seconds_to_first_step,
         )

@@ -16,10 +16,15 @@ class FitResult:
     train_loss: float | None
     eval_loss: float | None
     first_eval_loss: float | None
-    tokens_per_second: float | None
+    tokens_per_second: float | None  # over the speed monitor's last window, of window_steps steps
     mfu: float | None
     wall_seconds: float
     seconds_to_first_step: float | None
+    window_steps: int = 0
+    # over every timed step of this process (all but the first and those after an evaluation)
+    mean_tokens_per_second: float | None = None
+    mean_mfu: float | None = None
+    timed_steps: int = 0
 
 
 def write_summary(path: str, result: FitResult) -> None:
@@ -30,6 +35,9 @@ def write_summary(path: str, result: FitResult) -> None:
 def format_summary(result, total_seconds: float) -> str:
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
+
+    def rate(tokens_per_second, mfu):
+        return f"{fmt(tokens_per_second, ',.0f')} tokens/s, MFU {fmt(None if mfu is None else 100 * mfu, '.2f')}%"
 
     if result.stopped_unhealthy:
         status = f"stopped: {result.stopped_unhealthy}"
@@ -47,6 +55,14 @@ def format_summary(result, total_seconds: float) -> str:
         f"  final train loss: {fmt(result.train_loss, '.4f')}",
         f"  held-out loss: {fmt(result.first_eval_loss, '.4f')} (first) -> {fmt(result.eval_loss, '.4f')} (final)",
         f"  incidents: {incidents}",
-        f"  throughput: {fmt(result.tokens_per_second, ',.0f')} tokens/s, MFU {fmt(None if result.mfu is None else 100 * result.mfu, '.2f')}%",
+        f"  throughput: {rate(result.tokens_per_second, result.mfu)}"
+        + (f" (last {_steps(result.window_steps)})" if result.window_steps else ""),
     ]
+    if result.timed_steps:
+        lines.append(f"              {rate(result.mean_tokens_per_second, result.mean_mfu)} "
+                     f"(mean of {_steps(result.timed_steps)}; compiling and evaluating left out)")
     return "\n".join(lines)
+
+
+def _steps(count: int) -> str:
+    return f"{count} step" + ("" if count == 1 else "s")
