@@ -15,7 +15,6 @@ that step's checkpoint and exiting 143.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -37,7 +36,7 @@ from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
 from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.setup import RunParts, eval_batch_size, interval_batches
-from jaxtrain.train.summary import FitResult
+from jaxtrain.train.summary import FitResult, out_of_lineage_incidents
 
 
 class Trainer(RecoveryMixin):
@@ -280,7 +279,8 @@ class Trainer(RecoveryMixin):
             self.metrics_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        kinds = [record["incident"] for record in self.incidents] + self._out_of_lineage_incidents()
+        kinds = [record["incident"] for record in self.incidents] + out_of_lineage_incidents(
+            os.path.join(cfg.run_folder, "metrics.jsonl"))
         run_rates = self.meter.run_summary(self.parts.peak_flops_per_device)
         return FitResult(
             step=self.step,
@@ -300,22 +300,6 @@ class Trainer(RecoveryMixin):
             wall_seconds=time.perf_counter() - start_wall,
             seconds_to_first_step=self.seconds_to_first_step,
         )
-
-    def _out_of_lineage_incidents(self) -> list[str]:
-        """Restarts and hangs: recorded in metrics.jsonl by processes whose state did not survive."""
-        kinds = []
-        path = os.path.join(self.cfg.run_folder, "metrics.jsonl")
-        if not os.path.exists(path):
-            return kinds
-        with open(path) as f:
-            for line in f:
-                try:
-                    kind = json.loads(line).get("incident")
-                except json.JSONDecodeError:
-                    continue
-                if kind in ("restart", "hang"):
-                    kinds.append(kind)
-        return kinds
 
     def _next_batch(self, loader_iter) -> dict[str, Any]:
         """The next training batch, passing over data positions marked to be skipped."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 
 @dataclasses.dataclass
@@ -25,6 +26,22 @@ class FitResult:
     mean_tokens_per_second: float | None = None
     mean_mfu: float | None = None
     timed_steps: int = 0
+
+
+def out_of_lineage_incidents(metrics_path: str) -> list[str]:
+    """Restarts and hangs: recorded in ``metrics.jsonl`` by processes whose state did not survive."""
+    kinds = []
+    if not os.path.exists(metrics_path):
+        return kinds
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                kind = json.loads(line).get("incident")
+            except json.JSONDecodeError:
+                continue
+            if kind in ("restart", "hang"):
+                kinds.append(kind)
+    return kinds
 
 
 def write_summary(path: str, result: FitResult) -> None:
