@@ -355,3 +355,12 @@ def test_registry_rejects_unknown_name_and_long_inputs():
         build_model(make_cfg(name="gpt9"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="max_seq_len"):
         build(make_cfg(), perturb=False)(token_ids(length=17))
+
+
+def test_every_remat_choice_has_a_policy():
+    """``model.remat`` is validated against one list; the model maps each choice but ``auto``
+    (settled by the trainer before the model is built) to a checkpoint policy."""
+    from jaxtrain.config.validate import REMAT_CHOICES
+    from jaxtrain.models.mpt import REMAT_POLICIES
+
+    assert set(REMAT_CHOICES) == {*REMAT_POLICIES, "auto"}
