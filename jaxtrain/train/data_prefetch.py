@@ -27,7 +27,6 @@ import time
 from typing import Sequence
 
 _SOURCES = ("python_stdlib", "text", "jsonl")
-_NICENESS = 10
 STALL_SECONDS = 120.0  # a child that used no CPU for this long is stopped
 _POLL_SECONDS = 1.0
 
@@ -189,7 +188,9 @@ def start_prefetch(cfg) -> DataPrefetch | None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        os.nice(_NICENESS)  # the run's own start-up comes first; the child takes the idle cycles
+        # Not niced: the run waits for this child before its first step, so the child is on the
+        # critical path. At a lower priority, other processes on a busy host starve it (with two
+        # busy processes beside the quickstart on two cores, its first step came 3x later).
         from jaxtrain.data.build import build_loaders  # here: NumPy's import starts threads
 
         build_loaders(cfg, cache_dir=cache_dir, process_index=0, process_count=1)
