@@ -419,7 +419,7 @@ def _tpu_cost_estimate(compiled, hlo: str, cfg, batch: int, hardware) -> dict:
     once, so the figures cover the whole step only when no loop is left
     (``--set model.scan_unroll=<n_layers>``)."""
     from jaxtrain.metrics.flops import mpt_flops_per_batch
-    from jaxtrain.models.mpt import mpt_param_count
+    from jaxtrain.models.mpt_config import mpt_param_count
 
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from jaxtrain.config import load_config  # noqa: E402
 from jaxtrain.layers import fp8  # noqa: E402
 from jaxtrain.metrics.flops import mpt_flops_per_batch  # noqa: E402
-from jaxtrain.models.mpt import mpt_param_count  # noqa: E402
+from jaxtrain.models.mpt_config import mpt_param_count  # noqa: E402
 from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh  # noqa: E402
 from jaxtrain.train.optim import build_optimizer  # noqa: E402
 from jaxtrain.train.state import create_train_state  # noqa: E402

@@ -45,7 +45,7 @@ _UNSUPPORTED_ATTN_OFF = {"qk_gn": (False,), "attn_logit_softcapping": (None,)}
 
 def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True) -> ModelConfig:
     """A ``ModelConfig`` from a MosaicML-format ``config.json`` (``source`` names the file in errors)."""
-    from jaxtrain.models.mpt import validate_mpt_config
+    from jaxtrain.models.mpt_config import validate_mpt_config
 
     model_type = hf.get("model_type")
     if model_type != "mpt":
@@ -95,7 +95,7 @@ def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True) -> 
 
 def hf_config_from_model(cfg: ModelConfig, *, torch_dtype: str = "float32") -> dict:
     """MosaicML's ``config.json`` for ``cfg`` (loadable by ``transformers`` within its MPT subset)."""
-    from jaxtrain.models.mpt import kv_heads
+    from jaxtrain.models.mpt_config import kv_heads
 
     attn = cfg.attn_config
     return {

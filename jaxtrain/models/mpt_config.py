@@ -1,6 +1,7 @@
 """MPT's config-level facts: what a ``ModelConfig`` may ask for, key/value heads, parameter count.
 
-Nothing here builds a module, so the planner and the converters can use it without the model.
+Nothing here builds a module: the planner, the converters and the run's set-up read these
+without the model's code.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class Preset:
 def preset_from_config(name: str, path: pathlib.Path) -> Preset:
     """Read one preset file: its parameter count and shape (training ``max_seq_len``)."""
     from jaxtrain.config import load_config
-    from jaxtrain.models.mpt import mpt_param_count
+    from jaxtrain.models.mpt_config import mpt_param_count
 
     cfg = load_config(str(path))
     model = cfg.model

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.layers.gpu_kernels import BIAS_BYTES_LIMIT
 from jaxtrain.metrics.hardware import Hardware
-from jaxtrain.models.mpt import kv_heads, mpt_param_count
+from jaxtrain.models.mpt_config import kv_heads, mpt_param_count
 
 OPTIMIZER_STATE_COPIES = {
     "adam": 2, "adamw": 2, "decoupled_adamw": 2,  # first and second moments, fp32

@@ -16,7 +16,7 @@ from jaxtrain.config import Config, ConfigError, validate_for_devices
 from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import cpu_bf16_note, detect_hardware
-from jaxtrain.models.mpt import mpt_param_count
+from jaxtrain.models.mpt_config import mpt_param_count
 from jaxtrain.layers import fp8
 from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.parallel.layout import check_model_for_mesh
