@@ -3,6 +3,7 @@
     python bench/startup.py --rounds 4
     python bench/startup.py --rounds 4 --variant off:JAXTRAIN_DATA_PREFETCH=0 --variant on:
     git worktree add /tmp/base HEAD~3 && python bench/startup.py --variant base@/tmp/base: --variant head:
+    python bench/startup.py --rounds 3 --busy 1
 
 Each round runs every variant once, in a fresh run folder, with ``--set max_duration=2ba``
 (and the --set overrides given). A variant is ``name[@checkout]:VAR=value,VAR=value``:
@@ -12,6 +13,10 @@ report (the model built and the train step compiled), the step-0 evaluation and 
 line appeared, seconds after launch, and the run's own "first step done" figure (from process
 start); then the medians per variant. The machine's load average is printed beside each run:
 compare variants only within one invocation on a shared machine.
+
+``--busy N`` keeps N busy processes (a Python loop each, at normal priority) running beside every
+run, as other users' work would on a shared machine; they start before the first round and are
+stopped at the end.
 
 ``--cores`` (Linux) also samples the CPU time of the run and its child processes (the forked
 data process) every 0.1 s and prints, per run, the cores busy in each phase (CPU seconds over
@@ -23,6 +28,7 @@ count is bound by CPU work, one well below it is waiting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -91,6 +97,19 @@ class TreeCPU:
         self._thread.join()
 
 
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """``count`` processes each spinning one core at normal priority until the block ends."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield [spinner.pid for spinner in spinners]
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+        for spinner in spinners:
+            spinner.wait()
+
+
 def run_once(config: str, overrides: list[str], env: dict[str, str], folder: str,
              checkout: str | None = None, cores: bool = False) -> dict[str, float]:
     command = [sys.executable, "-m", "jaxtrain.main", "--config", config, "--set", "max_duration=2ba",
@@ -134,12 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], help="name:VAR=value,... (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cores", action="store_true", help="also print the cores busy in each phase (Linux)")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="run N busy processes beside every run (a shared machine's other work)")
     args = parser.parse_args(argv)
+    if args.busy < 0:
+        raise SystemExit("error: --busy must be 0 or more")
     if args.cores and not os.path.isdir("/proc/self"):
         raise SystemExit("error: --cores reads /proc (Linux only)")
     variants = [parse_variant(text) for text in args.variant] or [("as-is", None, {})]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
     columns = [name for name, _ in MARKS] + ["first_step"]
+    if args.busy:
+        print(f"{args.busy} busy process{'es' if args.busy > 1 else ''} beside every run", flush=True)
+    with busy_processes(args.busy):
+        run_rounds(args, variants, results, columns)
+    print("medians:")
+    for name, runs in results.items():
+        medians = [statistics.median(run.get(column, float("nan")) for run in runs) for column in columns]
+        print(f"{name:>10} {'':5} " + " ".join(f"{value:10.2f}" for value in medians))
+    return 0
+
+
+def run_rounds(args, variants, results, columns) -> None:
+    """Each round runs every variant once; a run's figures go into ``results[variant]``."""
     print(f"{'variant':>10} {'load':>5} " + " ".join(f"{column:>10}" for column in columns), flush=True)
     for _ in range(args.rounds):
         for name, checkout, env in variants:
@@ -152,11 +188,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.cores:
                 print(f"{'cores':>16} " + " ".join(f"{seen.get('cores:' + mark, float('nan')):10.2f}" for mark, _ in MARKS)
                       + f" {seen.get('cpu_s', float('nan')):7.1f} CPU s", flush=True)
-    print("medians:")
-    for name, runs in results.items():
-        medians = [statistics.median(run.get(column, float("nan")) for run in runs) for column in columns]
-        print(f"{name:>10} {'':5} " + " ".join(f"{value:10.2f}" for value in medians))
-    return 0
 
 
 if __name__ == "__main__":

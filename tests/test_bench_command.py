@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,20 @@ def test_startup_cores_counts_a_forked_child_once():
     own = total - child_cpu  # the parent's own start-up and waiting: well under the child's work
     assert child_cpu > 0.1
     assert -0.05 <= own < child_cpu / 2, (total, child_cpu)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_startup_busy_processes_spin_and_are_stopped():
+    """``bench/startup.py --busy N``: N processes use CPU beside the runs and none outlives the bench."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import startup
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    with startup.busy_processes(2) as pids:
+        assert len(set(pids)) == 2
+        deadline = time.monotonic() + 30  # on a loaded machine they get a share of the cores
+        while (used := [startup.process_cpu(pid)[1] for pid in pids]) and min(used) < 0.3:
+            assert time.monotonic() < deadline, used
+            time.sleep(0.05)
+    assert all(startup.process_cpu(pid) is None for pid in pids)  # killed and reaped
