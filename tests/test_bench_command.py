@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -15,6 +16,15 @@ from pathlib import Path
 import pytest
 
 from test_end_to_end import ROOT, TINY
+
+
+def bench_module(name: str):
+    """A script of ``bench/`` imported as a module (it is not part of the package)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
 
 
 def test_bench_writes_a_file_the_planner_reads(tmp_path):
@@ -41,11 +51,7 @@ def test_kernel_census_counts_a_scans_bytes_and_flops():
     a slice of a stacked array read at its slice size and a stack update written at its update size;
     products of float32 operands (TF32 on a GPU) listed apart, at half the peak, unless their
     algorithm rounds them to bf16."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_aot
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_aot = bench_module("gpu_aot")
     import jax
     import jax.numpy as jnp
 
@@ -90,11 +96,7 @@ ENTRY %main (p0: bf16[512,4096], p1: f32[1024,1024]) -> (bf16[4096,4096], bf16[4
 def test_collective_exposure_counts_what_the_schedule_leaves_uncovered():
     """An async all-gather is covered by the kernels scheduled between its start and done; a
     synchronous one by nothing. Ring link time: (n-1)/n of the gathered array per device."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_aot
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_aot = bench_module("gpu_aot")
     rows = gpu_aot.kernel_census(_COLLECTIVE_HLO, peak_flops=1e12, bandwidth=1e11)
     between = 2 * 1024 * 1024 * 4 / 1e11  # the exponential: read and write 4 MiB
     link = 4096 * 4096 * 2 * 7 / 8 / 100e-6  # a bandwidth at which each gather takes 100 us
@@ -139,11 +141,7 @@ ENTRY %main (x: f32[64,64]) -> (s32[], f32[64,64]) {
 
 def test_kernel_census_reads_a_loop_bound_from_the_condition():
     """TPU programs carry no known trip count: the census takes N from the condition ``i < N``."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_aot
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_aot = bench_module("gpu_aot")
     rows = gpu_aot.kernel_census(_TPU_LOOP_HLO, peak_flops=1e12, bandwidth=1e11)
     (exp,) = [row for row in rows if row["kind"] == "exponential"]
     assert exp["count"] == 7 and exp["bytes"] == 7 * 2 * 64 * 64 * 4
@@ -170,11 +168,7 @@ ENTRY %main (x: f32[1024,512], i: s32[16,2]) -> f32[16] {
 def test_kernel_census_counts_a_gather_at_the_elements_it_picks():
     """A fusion that gathers a few entries of a large operand (a target logit per row) reads
     those entries, not the operand."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_aot
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_aot = bench_module("gpu_aot")
     (row,) = gpu_aot.kernel_census(_GATHER_HLO, peak_flops=1e12, bandwidth=1e11)
     assert row["bytes"] == 16 * 4 + 16 * 2 * 4 + 16 * 4  # gathered, indices, result
 
@@ -185,11 +179,7 @@ def test_op_events_read_device_kernels_once_and_busy_time_is_their_union():
     one; busy time is the union of the ops' intervals."""
     from types import SimpleNamespace as NS
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import layer_profile
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    layer_profile = bench_module("layer_profile")
 
     def event(name, start, duration, **stats):
         return NS(name=name, start_ns=start, duration_ns=duration, stats=list(stats.items()))
@@ -239,11 +229,7 @@ def test_gpu_check_fits_one_device_call_and_its_stages_parse():
     assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
     stages = [int(n) for n in re.findall(r"^\s*(?:timeout|run \"[^\"]*\") (\d+) ", text, re.M)]
     assert len(stages) == 7 and sum(stages) <= 560, stages
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import train_throughput
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    train_throughput = bench_module("train_throughput")
     parser = train_throughput.build_parser()
     shared = ["--precision", "bf16", "--seq", "2048", "--steps", "20", "--peak", "989e12"]
     runs = re.findall(r"^\s*run \"[^\"]*\" \d+ (.*)$", text, re.M)
@@ -289,11 +275,7 @@ def test_kernel_census_counts_cublas_gemms_and_fp8_at_twice_the_rate():
     reads one layer's weights from the stack) carry no dot to count: their FLOPs come from the
     call's shapes and contracting dimensions, fp8 ones at twice the bf16 peak, and the cuBLAS
     workspace is not counted as traffic."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_aot
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_aot = bench_module("gpu_aot")
     rows = {row["name"]: row for row in gpu_aot.kernel_census(_CUBLAS_HLO, peak_flops=1e12, bandwidth=1e15)}
     flops = 2 * 256 * 1024 * 512
     assert rows["g1"]["kind"] == rows["g2"]["kind"] == "matmul"
@@ -308,11 +290,7 @@ def test_kernel_census_counts_cublas_gemms_and_fp8_at_twice_the_rate():
 def test_wall_shares_split_overlapping_ops_and_add_up_to_busy_time():
     """Two ops overlapping on two threads each last the whole overlap; the table's wall column
     splits every instant among the ops running then."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import layer_profile
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    layer_profile = bench_module("layer_profile")
 
     events = [("dot.1", 0, 100), ("dot.2", 50, 100), ("fusion.3", 200, 10), ("dot.1", 300, 20)]
     shares = layer_profile.wall_shares_ns(events)
@@ -324,11 +302,7 @@ def test_wall_shares_split_overlapping_ops_and_add_up_to_busy_time():
 def test_startup_cores_counts_a_forked_child_once():
     """``bench/startup.py --cores`` adds the CPU time of the run's forked children (the data
     process) to the run's own, and a child reaped by its parent is not counted twice."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import startup
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    startup = bench_module("startup")
     script = (
         "import os, sys, time\n"
         "pid = os.fork()\n"
@@ -358,11 +332,7 @@ def test_startup_cores_counts_a_forked_child_once():
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
 def test_startup_busy_processes_spin_and_are_stopped():
     """``bench/startup.py --busy N``: N processes use CPU beside the runs and none outlives the bench."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import startup
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    startup = bench_module("startup")
     with startup.busy_processes(2) as pids:
         assert len(set(pids)) == 2
         deadline = time.monotonic() + 30  # on a loaded machine they get a share of the cores
