@@ -109,11 +109,17 @@ def test_a_child_that_makes_no_progress_is_stopped(tmp_path):
 
     from jaxtrain.train.data_prefetch import DataPrefetch
 
-    child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"])
     cache = tmp_path / "run" / "cache"
     cache.mkdir(parents=True)
-    (cache / f"rows.npy.tmp-{child.pid}-1.npy").write_bytes(b"partial")
     (cache / "rows.npy").write_bytes(b"whole")
+    # the child starts writing a cache file as the cache writers do, then stops making progress
+    script = ("import os, signal, sys\nfrom jaxtrain.tempfiles import temp_path\n"
+              "open(temp_path(sys.argv[1], '.npy'), 'w').write('partial')\nos.kill(os.getpid(), signal.SIGSTOP)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(cache / "more.npy")])
+    deadline = time.monotonic() + 60
+    while len(list(cache.iterdir())) < 2:
+        assert child.poll() is None and time.monotonic() < deadline, "the child wrote no temporary file"
+        time.sleep(0.01)
     prefetch = DataPrefetch(child.pid, str(cache), stall_seconds=1.5)
     started = time.monotonic()
     assert prefetch.wait() == -signal.SIGKILL

@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from jaxtrain.config import ConfigError
+from jaxtrain.tempfiles import temp_path
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -133,7 +134,7 @@ class SafetensorsWriter:
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # tensors start 8-byte aligned
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = temp_path(path)
         with open(tmp, "wb") as handle:
             handle.write(struct.pack("<Q", len(encoded)))
             handle.write(encoded)

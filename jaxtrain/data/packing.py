@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from jaxtrain.data.sources import Documents
 from jaxtrain.data.tokenizer import Tokenizer
+from jaxtrain.tempfiles import temp_path
 
 _DOCS_PER_ENCODE = 64
 
@@ -70,7 +70,7 @@ def load_or_pack(documents: Documents, tokenizer: Tokenizer, *, cache_dir: str, 
     if not os.path.isfile(path):
         rows = pack_documents(tokenizer, documents.texts(), max_seq_len=max_seq_len, eos_token_id=eos_token_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}.npy"
+        tmp = temp_path(path, ".npy")
         np.save(tmp, rows, allow_pickle=False)
         os.replace(tmp, path)
     return np.load(path, mmap_mode="r", allow_pickle=False)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxtrain.config.schema import ConfigError
+from jaxtrain.tempfiles import temp_path
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
@@ -198,7 +198,7 @@ def _train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
 def _atomic_write(path: str, text: str) -> None:
     """Write via a temporary file and a rename, so concurrent processes never see half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp = temp_path(path)
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)

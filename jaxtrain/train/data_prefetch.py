@@ -103,7 +103,9 @@ class DataPrefetch:
 
     def _remove_partial_files(self) -> None:
         """A child stopped mid-write leaves a temporary file (named with its pid) beside the cache's files."""
-        marker = f".tmp-{self.pid}-"
+        from jaxtrain.tempfiles import temp_marker
+
+        marker = temp_marker(self.pid)
         for folder, _, names in os.walk(self._cache_dir):
             for name in names:
                 if marker in name:

@@ -21,6 +21,7 @@ from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.mds import encodings
 from jaxtrain.data.mds.writer import INDEX_BASENAME
 from jaxtrain.data.order import WEIGHT_KEYS, stream_weight
+from jaxtrain.tempfiles import temp_path
 
 # LLM Foundry's older converters stored `tokens` as raw bytes of int64 ids.
 DEFAULT_BYTES_TOKEN_DTYPE = "int64"
@@ -256,7 +257,7 @@ def _read(path: str):
 
 def _keep_decompressed(raw_path: str, data: bytes):
     """Write the decompressed shard beside its compressed file and map it; in memory if the folder is read-only."""
-    tmp = f"{raw_path}.tmp-{os.getpid()}"
+    tmp = temp_path(raw_path)
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
