@@ -22,7 +22,7 @@ class FitResult:
     wall_seconds: float
     seconds_to_first_step: float | None
     window_steps: int = 0
-    # over every timed step of this process (all but the first and those after an evaluation)
+    # over every timed step of this process: all but its first, evaluations left out
     mean_tokens_per_second: float | None = None
     mean_mfu: float | None = None
     timed_steps: int = 0
