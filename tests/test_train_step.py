@@ -172,3 +172,31 @@ def test_optimizer_keeps_its_own_state_on_skipped_steps(name):
             for label in steps
         }
         assert not moment_copies["gated"] and moment_copies["plain"]
+
+
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_eval_step_takes_the_loss_in_chunks_with_the_same_number(monkeypatch, compute_dtype):
+    """Held-out evaluation on the CPU runs the loss in sequence chunks (no backward pass, so no
+    recompute): its program never holds the float32 logits of the whole batch, and its loss sum
+    equals the full-logits cross-entropy. Traced for a GPU, the model's ``fused_loss`` decides."""
+    from jaxtrain.layers import lm_loss
+    from jaxtrain.parallel.platform import compiling_for
+    from jaxtrain.train.step import make_eval_step
+
+    cfg = tiny_model(vocab_size=4096)
+    state, model_def, _ = build(cfg, optax.sgd(0.1), 1, compute_dtype=compute_dtype)
+    batch = random_batch()
+    batch["input_ids"] = batch["input_ids"] * 41 % 4096  # spread over the vocabulary
+    monkeypatch.setattr(lm_loss, "CHUNK_LOGIT_BYTES", 8 * 4 * 4096 * 4)  # 4 positions per chunk
+    eval_step = jax.jit(make_eval_step(model_def, compute_dtype=compute_dtype))
+    text = eval_step.lower(state.params, batch).compile().as_text()
+    full_logits = "f32[8,16,4096]"
+    assert full_logits not in text and "f32[8,4,4096]" in text
+    got = eval_step(state.params, batch)
+    logits = model_def.merge(state.params)(batch["input_ids"], compute_dtype=compute_dtype)
+    loss_sum, _, count = lm_loss.cross_entropy_sum(logits, shift_labels(batch["labels"]))
+    assert float(got["tokens"]) == float(count)
+    assert float(got["loss_sum"]) == pytest.approx(float(loss_sum), rel=1e-5 if compute_dtype == jnp.float32 else 1e-3)
+    with compiling_for("gpu"):  # the model's default (fused_loss off): the whole batch's logits
+        gpu_jaxpr = jax.make_jaxpr(make_eval_step(model_def, compute_dtype=compute_dtype))(state.params, batch)
+    assert full_logits in str(gpu_jaxpr)

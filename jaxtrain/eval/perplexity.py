@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtrain.train.loss import IGNORE_INDEX, cross_entropy_sum, shift_labels
+from jaxtrain.layers.lm_loss import fused_for_evaluation
+from jaxtrain.train.loss import IGNORE_INDEX, shift_labels
 
 MIN_BUCKET = 16
 
@@ -62,9 +63,11 @@ def _span_scores(params, input_ids, targets, *, graphdef, compute_dtype):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "compute_dtype"))
 def _loss_sums(params, input_ids, labels, sequence_id, *, graphdef, compute_dtype):
-    """Summed cross-entropy of a batch's labels and their count."""
-    logits = nnx.merge(graphdef, params)(input_ids, compute_dtype=compute_dtype, sequence_id=sequence_id)
-    loss_sum, _, count = cross_entropy_sum(logits, shift_labels(labels))
+    """Summed cross-entropy of a batch's labels and their count (the model's loss, in sequence
+    chunks on the CPU: ``lm_loss.fused_for_evaluation``)."""
+    model = nnx.merge(graphdef, params)
+    loss_sum, _, count = model.lm_loss(input_ids, shift_labels(labels), compute_dtype=compute_dtype,
+                                       sequence_id=sequence_id, fused=fused_for_evaluation(compute_dtype))
     return loss_sum, count
 
 

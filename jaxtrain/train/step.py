@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtrain.layers import fp8
+from jaxtrain.layers import fp8, lm_loss
 from jaxtrain.parallel.platform import llvm_options
 from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
 from jaxtrain.train.optim import gates_skipped_steps, select_tree
@@ -177,13 +177,14 @@ def make_train_step(
 def make_eval_step(model_def: ModelDef, *, compute_dtype: Any = jnp.float32, fp8_products: bool = False):
     """Build ``eval_step(params, batch) -> {loss_sum, tokens}`` (sums, so batches can be added).
 
-    ``fp8_products`` as in ``make_train_step``, so that held-out and training losses compare."""
+    ``fp8_products`` as in ``make_train_step``, so that held-out and training losses compare. On
+    the CPU the loss is taken in sequence chunks (``lm_loss.fused_for_evaluation``)."""
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         with fp8.products(fp8_products):
             loss_sum, _, count = model_def.apply(
                 params, batch["input_ids"], batch_targets(batch), method="lm_loss", compute_dtype=compute_dtype,
-                sequence_id=batch.get("sequence_id"))
+                sequence_id=batch.get("sequence_id"), fused=lm_loss.fused_for_evaluation(compute_dtype))
         return {"loss_sum": loss_sum, "tokens": count}
 
     return eval_step
