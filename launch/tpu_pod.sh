@@ -32,7 +32,7 @@ if [[ ${JAXTRAIN_SETUP:-1} == 1 ]]; then
   git -C "$repo" archive --format=tar.gz -o "$archive" HEAD
   gcloud compute tpus tpu-vm scp "$archive" "$name:~/jaxtrain.tar.gz" --zone "$zone" --worker=all
   "${ssh_all[@]}" --command "rm -rf ~/$remote_dir && mkdir -p ~/$remote_dir && tar -xzf ~/jaxtrain.tar.gz -C ~/$remote_dir \
-    && python3 -m pip install -q -U 'jax[tpu]' -e ~/$remote_dir"
+    && python3 -m pip install -q -U 'jax[tpu]' -e ~/$remote_dir'[gcs]'"
 fi
 
 args=$(printf '%q ' "$@")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import os
 import socket
@@ -314,3 +315,66 @@ def test_data_prepare_writes_to_a_bucket_that_trains_by_streaming(s3, tmp_path):
     leftover = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path)
                 if "stream-cache" in folder or "eval-cache" in folder for name in names if name.endswith(".mds")]
     assert leftover == []  # keep_local defaults to false
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch, tmp_path):
+    """An environment where boto3 finds no credentials anywhere (and asks no metadata server)."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def test_a_remote_save_folder_without_credentials_is_one_line_naming_the_url(no_aws_credentials, tmp_path):
+    from jaxtrain.checkpoint.manager import Checkpointer
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"cannot list s3://nobody-bucket/run/ckpt \(NoCredentialsError") as error:
+        Checkpointer("s3://nobody-bucket/run/ckpt", staging=str(tmp_path / "staging"))
+    assert "\n" not in str(error.value) and "credentials" in str(error.value)
+    assert time.perf_counter() - started < 10  # no retries: nothing a retry could fix
+
+
+def test_storage_schemes_without_their_package_or_unknown_are_one_line():
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(ConfigError, match=r"gs://bucket/data needs a package that is not installed .*jaxtrain\[gcs\]"):
+            data_remote.ObjectStore("gs://bucket/data")
+    with pytest.raises(ConfigError, match=r"foo://x/y: ValueError: Protocol not known: foo; use s3://, gs://"):
+        data_remote.ObjectStore("foo://x/y")
+
+
+def test_the_train_command_reports_a_bucket_it_cannot_reach_in_one_line(no_aws_credentials, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml",
+         "--set", "save_folder=s3://nobody-bucket/run/ckpt", "--set", f"run_folder={tmp_path / 'run'}",
+         "--set", "max_duration=2ba", "--set", "train_loader.dataset.max_files=20", "--set", "eval_interval=0",
+         "--set", "progress_bar=false"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "s3://nobody-bucket/run/ckpt" in errors[0] and "NoCredentialsError" in errors[0]
+
+
+def test_pruning_old_remote_steps_that_fails_warns_and_keeps_training(s3, tmp_path, monkeypatch, capsys):
+    from jaxtrain.checkpoint.remote import RemoteSteps
+
+    steps = RemoteSteps(f"s3://{BUCKET}/run/ckpt", str(tmp_path / "staging"))
+    for step in (1, 2):
+        os.makedirs(tmp_path / "staging" / str(step))
+        (tmp_path / "staging" / str(step) / "weights").write_text(f"step {step}")
+    steps.sync([1, 2], keep=-1)
+
+    def refuse(names):
+        raise PermissionError("AccessDenied: no s3:DeleteObject")
+
+    monkeypatch.setattr(steps.store, "delete", refuse)
+    os.makedirs(tmp_path / "staging" / "3")
+    (tmp_path / "staging" / "3" / "weights").write_text("step 3")
+    steps.sync([2, 3], keep=2)  # step 1 should go, but the bucket refuses: a warning, not a crash
+    assert steps.complete_steps() == [1, 2, 3]
+    assert f"could not delete older checkpoints from s3://{BUCKET}/run/ckpt (PermissionError: AccessDenied" in capsys.readouterr().err

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.mds.writer import is_remote
-from jaxtrain.data.remote import ObjectStore, download_with_retry
+from jaxtrain.data.remote import ObjectStore, describe_error, download_with_retry
 
 UPLOADED_MARKER = "_JAXTRAIN_UPLOADED"
 TOKENIZER_FILE = "tokenizer.json"
@@ -69,9 +69,7 @@ class RemoteUploadError(RuntimeError):
     def __init__(self, step: int | None, where: str = "", attempts: int = 0, error: BaseException | None = None,
                  *, message: str | None = None):
         if message is None:
-            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            message = (f"upload of {where} failed after {attempts} attempts: {type(error).__name__}"
-                       + (f": {detail}" if detail else ""))
+            message = f"upload of {where} failed after {attempts} attempts: {describe_error(error)}"
         super().__init__(message)
         self.step = step
 
@@ -361,12 +359,16 @@ class RemoteSteps:
         self.commit(self._everywhere(sorted(set(local_steps) - self.uploaded), "saved"))
         if keep is None or keep < 0 or self.group.index != 0:
             return
-        stale = sorted(set(self.complete_steps()) - set(local_steps))
-        for step in stale:
-            names = self.store.list(str(step))
-            marker = f"{step}/{UPLOADED_MARKER}"
-            self.store.delete([marker])  # incomplete first, so no reader trusts a half-deleted step
-            self.store.delete([name for name in names if name != marker])
+        try:
+            stale = sorted(set(self.complete_steps()) - set(local_steps))
+            for step in stale:
+                names = self.store.list(str(step))
+                marker = f"{step}/{UPLOADED_MARKER}"
+                self.store.delete([marker])  # incomplete first, so no reader trusts a half-deleted step
+                self.store.delete([name for name in names if name != marker])
+        except Exception as err:  # noqa: BLE001 - the new step is uploaded; old ones staying costs only storage
+            print(f"warning: could not delete older checkpoints from {self.url} ({describe_error(err)}); they stay "
+                  f"there, and the next save tries again", file=sys.stderr, flush=True)
 
     def remove_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

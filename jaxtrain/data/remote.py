@@ -66,7 +66,13 @@ class ObjectStore:
                 import fsspec
             except ImportError:
                 raise ConfigError(f"reading {url} needs fsspec: pip install fsspec") from None
-            self._fs, self.prefix = fsspec.core.url_to_fs(self.url)
+            try:
+                self._fs, self.prefix = fsspec.core.url_to_fs(self.url)
+            except ImportError as err:  # the scheme's own package (gcsfs for gs://, ...) is not installed
+                install = "pip install 'jaxtrain[gcs]'" if scheme in ("gs", "gcs") else "install it"
+                raise ConfigError(f"{url} needs a package that is not installed ({describe_error(err)}); {install}") from None
+            except ValueError as err:  # fsspec: "Protocol not known"
+                raise ConfigError(f"{url}: {describe_error(err)}; use s3://, gs:// or a local path") from None
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -96,8 +102,20 @@ class ObjectStore:
             self._fs.makedirs(parent, exist_ok=True)
             self._fs.put_file(path, self._key(name))
 
-    def list(self, under: str = "") -> list[str]:
-        """Names (relative to the prefix) of every file under ``under``."""
+    def list(self, under: str = "", *, retries: int = 2) -> list[str]:
+        """Names (relative to the prefix) of every file under ``under``; a listing that still fails
+        after ``retries`` further attempts (0.5 s, 1 s, ... apart) is a one-line ``ConfigError``."""
+        for attempt in range(retries + 1):
+            try:
+                return self._list(under)
+            except Exception as error:  # noqa: BLE001 - credentials, network, throttling: each store its own types
+                if attempt == retries or _not_transient(error):
+                    raise ConfigError(f"cannot list {self.where(under) if under else self.url} ({describe_error(error)}); "
+                                      f"check the URL, the endpoint and credentials") from None
+                time.sleep(RETRY_BASE_SECONDS * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _list(self, under: str) -> list[str]:
         base = self._key(under).rstrip("/")
         if self.scheme == "s3":
             names, pages = [], self._s3.get_paginator("list_objects_v2")
@@ -119,6 +137,19 @@ class ObjectStore:
                 self._fs.rm_file(self._key(name))
 
 
+def describe_error(error: BaseException) -> str:
+    """``Type: first line`` of a storage error (these never carry the credentials themselves)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _not_transient(error: BaseException) -> bool:
+    """Errors no retry can fix: no credentials, access denied, a missing bucket."""
+    name = type(error).__name__
+    return name in ("NoCredentialsError", "PartialCredentialsError", "PermissionError", "FileNotFoundError") or any(
+        code in str(error) for code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"))
+
+
 def download_with_retry(store: ObjectStore, name: str, path: str, *, retries: int, what: str) -> None:
     """``store.get`` with up to ``retries`` further attempts after failures, waiting 0.5 s, 1 s, 2 s, ..."""
     for attempt in range(retries + 1):
@@ -127,10 +158,9 @@ def download_with_retry(store: ObjectStore, name: str, path: str, *, retries: in
             return
         except Exception as error:  # network, throttling, a missing object: all worth another try
             if attempt == retries:
-                detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
                 raise ConfigError(f"{what}: could not download {store.where(name)} after {retries + 1} attempts "
-                                  f"({type(error).__name__}{': ' + detail if detail else ''}); check the URL, the "
-                                  f"endpoint and credentials, or raise extra.download_retry") from None
+                                  f"({describe_error(error)}); check the URL, the endpoint and credentials, or raise "
+                                  f"extra.download_retry") from None
             time.sleep(RETRY_BASE_SECONDS * 2 ** attempt)
 
 
