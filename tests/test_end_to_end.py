@@ -177,6 +177,10 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
         (["global_train_batch_size=12", "device_train_microbatch_size=8"], "global_train_batch_size"),
         (["max_seq_len=4096"], "max_seq_len"),
         (["parallelism.fsdp=2"], "parallelism"),  # found after the data prefetch has started
+        (["max_seq_len=-5"], "max_seq_len: must be positive"),
+        (["model.name=gpt9"], "model.name: unknown name 'gpt9'"),
+        (["model.ffn_config.ffn_act_fn={name: swish}"], "model.ffn_config.ffn_act_fn: name='swish'"),
+        (["model.init_config.name=xavier"], "model.init_config.name='xavier'"),
     ],
 )
 def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):
@@ -189,6 +193,18 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, override
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_a_schedule_shorter_than_the_run_is_one_line(tmp_path):
+    """Known only once the run's length is (after the data): still one line, status 2, no traceback."""
+    args = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for item in [f"run_folder={tmp_path}/run", f"save_folder={tmp_path}/ckpt", "max_duration=4ba",
+                 "scheduler.t_max=1ba", "train_loader.dataset.max_files=20", "eval_interval=0"]:
+        args += ["--set", item]
+    result = run(args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "scheduler.t_max: '1ba' is 1 batches, shorter than the run (4 batches)" in errors[0]
 
 
 @pytest.mark.parametrize("content", [None, "model: [unclosed\n"])

@@ -364,3 +364,11 @@ def test_every_remat_choice_has_a_policy():
     from jaxtrain.models.mpt import REMAT_POLICIES
 
     assert set(REMAT_CHOICES) == {*REMAT_POLICIES, "auto"}
+
+
+def test_the_config_check_knows_every_registered_model():
+    """``model.name`` is checked before JAX starts, against the names the registry builds."""
+    from jaxtrain.config.validate import MODEL_NAMES
+    from jaxtrain.models import MODEL_REGISTRY
+
+    assert set(MODEL_NAMES) == set(MODEL_REGISTRY)

@@ -12,6 +12,7 @@ from jaxtrain.config.timestr import parse_time
 
 Where = Callable[[str], str]
 
+MODEL_NAMES = ("mpt_causal_lm",)  # the model registry's names (jaxtrain.models.MODEL_REGISTRY)
 OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
 SCHEDULERS = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup")
 PRECISIONS = ("amp_bf16", "amp_fp8", "fp32")
@@ -52,6 +53,7 @@ def validate(cfg: Config, where: Where) -> None:
             fail(key, f"{value!r} is a fraction of the run itself; give it in ba, ep, tok or sp")
 
     model, attn = cfg.model, cfg.model.attn_config
+    one_of("model.name", model.name, MODEL_NAMES)
     for key in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "expansion_ratio"):
         positive(f"model.{key}", getattr(model, key))
     if model.d_model % model.n_heads:
@@ -91,6 +93,7 @@ def validate(cfg: Config, where: Where) -> None:
     if isinstance(model.logit_scale, str) and model.logit_scale != "inv_sqrt_d_model":
         fail("model.logit_scale", f"expected a number or 'inv_sqrt_d_model', got {model.logit_scale!r}")
 
+    positive("max_seq_len", cfg.max_seq_len)
     if cfg.max_seq_len > model.max_seq_len:
         fail("max_seq_len", f"{cfg.max_seq_len} is longer than model.max_seq_len {model.max_seq_len}; "
              "lower max_seq_len or raise model.max_seq_len")

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.config.schema import InitConfig
+from jaxtrain.config.schema import ConfigError, InitConfig
 from jaxtrain.layers import cpu_kernels, fp8
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -57,20 +57,20 @@ def weight_std(init_config: InitConfig, *, fan_in: int, fan_out: int, divisor: f
         try:
             gain = _KAIMING_GAINS[init_config.init_nonlinearity]
         except KeyError:
-            raise ValueError(
-                f"init_config.init_nonlinearity={init_config.init_nonlinearity!r} is not supported; "
+            raise ConfigError(
+                f"model.init_config.init_nonlinearity={init_config.init_nonlinearity!r} is not supported; "
                 f"use one of {sorted(_KAIMING_GAINS)}"
             ) from None
         if init_config.fan_mode not in ("fan_in", "fan_out"):
-            raise ValueError(f"init_config.fan_mode={init_config.fan_mode!r}; use fan_in or fan_out")
+            raise ConfigError(f"model.init_config.fan_mode={init_config.fan_mode!r}; use fan_in or fan_out")
         fan = fan_in if init_config.fan_mode == "fan_in" else fan_out
         std = gain / math.sqrt(fan)
     elif init_config.name == "normal_":
         if init_config.init_std is None:
-            raise ValueError("init_config.name=normal_ needs init_config.init_std")
+            raise ConfigError("model.init_config.name=normal_ needs model.init_config.init_std")
         std = float(init_config.init_std)
     else:
-        raise ValueError(f"init_config.name={init_config.name!r} is not supported; use one of {SUPPORTED_INITS}")
+        raise ConfigError(f"model.init_config.name={init_config.name!r} is not supported; use one of {SUPPORTED_INITS}")
     return std / divisor
 
 

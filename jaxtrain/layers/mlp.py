@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.config.schema import ConfigError
 from jaxtrain.layers import cpu_kernels
 from jaxtrain.layers.linear import Dense
 from jaxtrain.parallel.logical import constrain
@@ -24,16 +25,16 @@ def resolve_activation(ffn_act_fn: dict | None) -> Callable[[jax.Array], jax.Arr
     if name == "gelu":
         approximate = spec.pop("approximate", "none")
         if approximate not in ("none", "tanh"):
-            raise ValueError(f"ffn_act_fn gelu approximate={approximate!r}; use none or tanh")
+            raise ConfigError(f"model.ffn_config.ffn_act_fn: gelu approximate={approximate!r}; use none or tanh")
         fn = functools.partial(jax.nn.gelu, approximate=True) if approximate == "tanh" else exact_gelu
     elif name == "silu":
         fn = jax.nn.silu
     elif name == "relu":
         fn = jax.nn.relu
     else:
-        raise ValueError(f"ffn_act_fn name={name!r} is not supported; use gelu, silu or relu")
+        raise ConfigError(f"model.ffn_config.ffn_act_fn: name={name!r} is not supported; use gelu, silu or relu")
     if spec:
-        raise ValueError(f"ffn_act_fn {name}: unsupported options {sorted(spec)}")
+        raise ConfigError(f"model.ffn_config.ffn_act_fn: {name} has no options {sorted(spec)}")
     return fn
 
 

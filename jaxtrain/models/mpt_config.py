@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from jaxtrain.config.schema import ModelConfig
+from jaxtrain.config.schema import ConfigError, ModelConfig
 from jaxtrain.config.validate import REMAT_CHOICES
 from jaxtrain.layers.attention import ATTN_TYPES
 from jaxtrain.layers.mlp import FFN_TYPES, ffn_hidden_size, resolve_activation
@@ -28,37 +28,37 @@ def kv_heads(cfg: ModelConfig) -> int:
 
 
 def validate_mpt_config(cfg: ModelConfig) -> None:
-    """Raise ``ValueError`` naming the key for options this MPT does not support."""
+    """Raise ``ConfigError`` (a ``ValueError``) naming the key for options this MPT does not support."""
     attn = cfg.attn_config
     if attn.prefix_lm:
-        raise ValueError("model.attn_config.prefix_lm: true is not supported (MPT here is causal only)")
+        raise ConfigError("model.attn_config.prefix_lm: true is not supported (MPT here is causal only)")
     if attn.rope:
-        raise ValueError("model.attn_config.rope: true is not supported; MPT uses ALiBi (attn_config.alibi)")
+        raise ConfigError("model.attn_config.rope: true is not supported; MPT uses ALiBi (attn_config.alibi)")
     if attn.sliding_window_size != -1:
-        raise ValueError("model.attn_config.sliding_window_size must be -1 (sliding windows are not supported)")
+        raise ConfigError("model.attn_config.sliding_window_size must be -1 (sliding windows are not supported)")
     if attn.attn_type not in ATTN_TYPES:
-        raise ValueError(f"model.attn_config.attn_type={attn.attn_type!r}; use one of {ATTN_TYPES}")
+        raise ConfigError(f"model.attn_config.attn_type={attn.attn_type!r}; use one of {ATTN_TYPES}")
     if attn.attn_impl not in _ATTN_IMPLS:
-        raise ValueError(f"model.attn_config.attn_impl={attn.attn_impl!r}; use one of {_ATTN_IMPLS}")
+        raise ConfigError(f"model.attn_config.attn_impl={attn.attn_impl!r}; use one of {_ATTN_IMPLS}")
     if cfg.d_model % cfg.n_heads:
-        raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+        raise ConfigError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
     if attn.attn_type == "grouped_query_attention":
         kv = attn.kv_n_heads
         if kv is None or kv < 1 or kv > cfg.n_heads or cfg.n_heads % kv:
-            raise ValueError(
+            raise ConfigError(
                 f"model.attn_config.kv_n_heads={kv} must divide model.n_heads={cfg.n_heads} "
                 "for grouped_query_attention"
             )
     if cfg.ffn_config.ffn_type not in FFN_TYPES:
-        raise ValueError(f"model.ffn_config.ffn_type={cfg.ffn_config.ffn_type!r}; use one of {FFN_TYPES}")
+        raise ConfigError(f"model.ffn_config.ffn_type={cfg.ffn_config.ffn_type!r}; use one of {FFN_TYPES}")
     resolve_activation(cfg.ffn_config.ffn_act_fn)
     ffn_hidden_size(cfg.d_model, cfg.expansion_ratio)
     if cfg.norm_type not in NORM_TYPES:
-        raise ValueError(f"model.norm_type={cfg.norm_type!r}; use one of {NORM_TYPES}")
+        raise ConfigError(f"model.norm_type={cfg.norm_type!r}; use one of {NORM_TYPES}")
     if isinstance(cfg.logit_scale, str) and cfg.logit_scale != "inv_sqrt_d_model":
-        raise ValueError(f"model.logit_scale={cfg.logit_scale!r}; use a number or 'inv_sqrt_d_model'")
+        raise ConfigError(f"model.logit_scale={cfg.logit_scale!r}; use a number or 'inv_sqrt_d_model'")
     if cfg.remat not in REMAT_CHOICES:
-        raise ValueError(f"model.remat={cfg.remat!r}; use one of {REMAT_CHOICES}")
+        raise ConfigError(f"model.remat={cfg.remat!r}; use one of {REMAT_CHOICES}")
 
 
 def logit_scale(cfg: ModelConfig) -> float | None:

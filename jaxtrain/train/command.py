@@ -60,6 +60,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
     import jax  # after the config is read, so a config error is reported without JAX start-up
 
     from jaxtrain.config import validate_for_devices
+    from jaxtrain.models import check_model_config
     from jaxtrain.train.loop import Trainer
     from jaxtrain.train.memory_report import start_report
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
@@ -68,6 +69,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
     cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))
     try:
         validate_for_devices(cfg, build_mesh(cfg.parallelism).size)
+        check_model_config(cfg.model)
     except (ConfigError, MeshError) as err:
         return _error(str(err))
 

@@ -24,7 +24,7 @@ from typing import Callable
 import jax.numpy as jnp
 import optax
 
-from jaxtrain.config.schema import SchedulerConfig
+from jaxtrain.config.schema import ConfigError, SchedulerConfig
 
 SCHEDULERS = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup")
 
@@ -82,9 +82,9 @@ def build_schedule(
     t_warmup = int(to_batches(cfg.t_warmup))
     t_max = int(to_batches(cfg.t_max))
     if t_warmup < 0:
-        raise ValueError(f"scheduler.t_warmup: {cfg.t_warmup!r} is negative ({t_warmup} batches)")
+        raise ConfigError(f"scheduler.t_warmup: {cfg.t_warmup!r} is negative ({t_warmup} batches)")
     if t_max < total_batches:
-        raise ValueError(
+        raise ConfigError(
             f"scheduler.t_max: {cfg.t_max!r} is {t_max} batches, shorter than the run ({total_batches} batches); "
             "the schedule would be undefined at the end of training. Use t_max: 1dur or longer."
         )
