@@ -35,14 +35,12 @@ def run(argv: list[str] | None = None) -> None:
 
         retain_freed_memory()  # before JAX starts its threads
     if command == "train":
-        from absl import app
-
         from jaxtrain import main
 
         # absl flags use underscores; accept the dashed spelling too (--max-restarts).
         rest = [_underscore_flag(arg) for arg in rest]
         sys.argv = ["jaxtrain train", *rest]
-        app.run(main.main)
+        main.run()
     elif command == "data" and rest[:1] == ["prepare"]:
         from jaxtrain.data.prepare_cli import main as prepare_main
 

@@ -59,8 +59,17 @@ def main(argv: list[str]) -> None:
     sys.exit(train_command(FLAGS.config, FLAGS.set, data_prefetch=data_prefetch))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a flag mistake reported as one line and status 2 (absl's own: 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {err}; see --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

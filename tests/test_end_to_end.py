@@ -195,6 +195,19 @@ def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, override
     assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["-m", "jaxtrain.main", "--config", "configs/quickstart.yaml", "--sett", "max_duration=3ba"],
+     "Unknown command line flag 'sett'. Did you mean: set ?"),
+    (["-c", "import sys; from jaxtrain.cli import run; run(sys.argv[1:])", "train", "--config", "configs/quickstart.yaml", "--max-restarts", "abc"],
+     "flag --max_restarts=abc"),
+])
+def test_flag_mistakes_exit_2_with_one_line(args, message):
+    result = run([sys.executable, *args])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
 def test_a_schedule_shorter_than_the_run_is_one_line(tmp_path):
     """Known only once the run's length is (after the data): still one line, status 2, no traceback."""
     args = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
