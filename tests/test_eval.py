@@ -163,6 +163,26 @@ def test_training_callback_takes_inline_tasks_and_checks_the_subset(tmp_path, mo
         ICLEvalCallback([])
 
 
+def test_training_callback_reads_every_task_file_and_checks_the_gauntlet_before_training(tmp_path):
+    from jaxtrain.eval.gauntlet import ICLEvalCallback
+
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "ab", "choices": ["c", "d"], "gold": 0}])
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n"
+                     "- label: gone\n  dataset_uri: nope.jsonl\n  icl_task_type: multiple_choice\n")
+    with pytest.raises(ConfigError, match=r"^icl_tasks: task 'gone': nope\.jsonl: cannot read the task file \(No such file"):
+        ICLEvalCallback(str(tasks))
+    write_jsonl(tmp_path / "bad.jsonl", [{"query": "ab", "choices": ["c", "d"], "gold": 2}])
+    with pytest.raises(ConfigError, match=r"task 'bad': .*bad\.jsonl:1 field 'gold'=2 is not an index"):
+        ICLEvalCallback([{"label": "bad", "dataset_uri": str(tmp_path / "bad.jsonl"), "icl_task_type": "multiple_choice"}])
+    gauntlet = {"categories": [{"name": "reading", "benchmarks": [{"name": "mc", "num_fewshot": 5, "random_baseline": 0.5}]}]}
+    with pytest.raises(ConfigError, match=r"gauntlet benchmark mc \(5-shot\) was not evaluated"):
+        ICLEvalCallback([{"label": "mc", "dataset_uri": str(tmp_path / "mc.jsonl"), "icl_task_type": "multiple_choice"}],
+                        gauntlet=gauntlet)
+    with pytest.raises(ConfigError, match=r"^icl_tasks: .*missing\.yaml: cannot read it"):
+        ICLEvalCallback(str(tmp_path / "missing.yaml"))
+
+
 def write_tasks(tmp_path):
     path = tmp_path / "tasks.yaml"
     path.write_text("icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n")

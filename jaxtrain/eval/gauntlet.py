@@ -124,16 +124,30 @@ class ICLEvalCallback(Callback):
 
     def __init__(self, tasks, *, gauntlet=None, batch_size: int = 8, max_len: int | None = None,
                  subset_num_batches: int | None = None):
-        from jaxtrain.eval.icl import ICLTask, load_tasks, task_from_dict
+        from jaxtrain.eval.icl import ICLTask, load_tasks, read_examples, task_from_dict
 
         self.gauntlet_source = gauntlet if isinstance(gauntlet, str) else None
         if isinstance(tasks, str):
-            tasks, file_gauntlet = load_tasks(tasks)
+            try:
+                tasks, file_gauntlet = load_tasks(tasks)
+            except ConfigError as err:
+                raise ConfigError(f"icl_tasks: {err}") from None
             gauntlet = file_gauntlet if gauntlet is None else gauntlet
         elif not isinstance(tasks, (list, tuple)) or not tasks:
             raise ConfigError("icl_tasks: give a tasks YAML path or a non-empty list of task mappings")
         self.tasks = [task if isinstance(task, ICLTask) else task_from_dict(task, source="icl_tasks") for task in tasks]
         self.gauntlet = gauntlet
+        # Every task file is read now, and the gauntlet checked against the tasks, so that a missing
+        # file, a bad example or a benchmark no task evaluates stops the run before it trains.
+        planned = []
+        for task in self.tasks:
+            try:
+                examples = read_examples(task.dataset_uri, task.icl_task_type)
+            except ConfigError as err:
+                raise ConfigError(f"icl_tasks: task {task.label!r}: {err}") from None
+            planned += [TaskResult(task.label, task.icl_task_type, shots, 0.0, len(examples)) for shots in task.num_fewshot]
+        if gauntlet is not None:
+            gauntlet_scores(gauntlet, planned, source=self.gauntlet_source)
         if subset_num_batches is not None and subset_num_batches < 1:
             raise ConfigError(f"icl_subset_num_batches: {subset_num_batches} must be at least 1 (or null for all)")
         self.batch_size, self.max_len, self.subset_num_batches = batch_size, max_len, subset_num_batches
