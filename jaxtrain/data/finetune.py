@@ -51,23 +51,33 @@ def read_examples(paths: list[str], *, prompt_field: str = "prompt", response_fi
     """Every line of every file, in order; a bad line names ``path:line`` and the field."""
     examples = []
     for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
+        with open(path, "rb") as handle:  # decoded line by line, so a non-UTF-8 line is named too
+            for line_number, raw in enumerate(handle, start=1):
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ConfigError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
-                for field in (prompt_field, response_field):
-                    if not isinstance(record, dict) or field not in record:
-                        raise ConfigError(f"{path}:{line_number} has no field {field!r} (fine-tuning lines are "
-                                          f'{{"{prompt_field}": ..., "{response_field}": ...}})')
-                    if not isinstance(record[field], str):
-                        raise ConfigError(f"{path}:{line_number} field {field!r} is "
-                                          f"{type(record[field]).__name__}, not a string")
-                examples.append(Example(record[prompt_field], record[response_field], f"{path}:{line_number}"))
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ConfigError(f"{path}:{line_number} is not UTF-8 text ({error.reason}): fix or remove "
+                                      f"that line") from None
+                if line.strip():
+                    examples.append(_example(path, line_number, line, prompt_field, response_field))
     return examples
+
+
+def _example(path: str, line_number: int, line: str, prompt_field: str, response_field: str) -> Example:
+    """One JSONL line as an ``Example``; a bad line is a one-line error naming ``path:line``."""
+    where = f"{path}:{line_number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{where} is not valid JSON ({error.msg}): fix or remove that line") from None
+    for field in (prompt_field, response_field):
+        if not isinstance(record, dict) or field not in record:
+            raise ConfigError(f"{where} has no field {field!r} (fine-tuning lines are "
+                              f'{{"{prompt_field}": ..., "{response_field}": ...}}): fix or remove that line')
+        if not isinstance(record[field], str):
+            raise ConfigError(f"{where} field {field!r} is {type(record[field]).__name__}, not a string: "
+                              f"fix or remove that line")
+    return Example(record[prompt_field], record[response_field], where)
 
 
 def finetune_documents(local: str | None, split: str, *, key: str) -> tuple[Documents, list[str]]:

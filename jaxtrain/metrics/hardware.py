@@ -8,6 +8,7 @@ with ``load_price_overrides``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -152,15 +153,28 @@ def load_price_overrides(path: str | os.PathLike, table: dict[str, Hardware] | N
     import yaml
 
     base = HARDWARE if table is None else table
-    with open(path, encoding="utf-8") as f:
-        prices = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            prices = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save it as a YAML file "
+                         "{hardware_name: usd_per_hour}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            problem += f", {context} at line {context_mark.line + 1}"
+        raise ValueError(f"{path}{line}: malformed YAML ({problem}); fix the file at that line") from None
     if not isinstance(prices, dict):
         raise ValueError(f"{path}: expected a mapping of hardware name to USD per hour, got {type(prices).__name__}")
     result = dict(base)
     for name, price in prices.items():
         if name not in base:
             raise ValueError(f"{path}: unknown hardware {name!r}; valid names: {', '.join(sorted(base))}")
-        if isinstance(price, bool) or not isinstance(price, (int, float)) or price < 0:
-            raise ValueError(f"{path}: price for {name!r} must be a non-negative number of USD per hour, got {price!r}")
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or not 0 <= price < math.inf:
+            raise ValueError(f"{path}: price for {name!r} must be a finite, non-negative number of USD per hour, "
+                             f"got {price!r}")
         result[name] = dataclasses.replace(base[name], price_per_hour_usd=float(price))
     return result

@@ -121,6 +121,9 @@ def _hardware(args, bench: BenchResult | None) -> tuple[Hardware, str]:
             table = load_price_overrides(args.prices)
         except FileNotFoundError:
             raise PlanError(f"--prices {args.prices}: no such file") from None
+        except OSError as err:
+            raise PlanError(f"--prices {args.prices}: cannot read it ({err.strerror or err}); "
+                            "pass a readable YAML file {hardware_name: usd_per_hour}") from None
         source = f"from {args.prices}"
     try:
         hardware = get_hardware(name) if table is HARDWARE else table[name]
@@ -196,21 +199,26 @@ def _plan_budget(args, hardware, price_source, mfu, mfu_source, presets) -> str:
             raise PlanError(f"--budget-usd must be positive, got {args.budget_usd:g}")
         device_hours = device_hours_for_budget(args.budget_usd, hardware)
         budget_line = f"{format_usd(args.budget_usd)} = {device_hours:,.0f} device-hours"
+        budget_flag = f"--budget-usd {args.budget_usd:g}"
     elif args.hours is not None:
         if not args.hours > 0:
             raise PlanError(f"--hours must be positive, got {args.hours:g}")
         device_hours = args.hours * devices
         budget_line = f"{args.hours:g} h on {devices} devices = {device_hours:,.0f} device-hours"
+        budget_flag = f"--hours {args.hours:g} on {devices} devices"
     else:
         scaling = parse_count(args.budget_flops, "--budget-flops")
         top = chinchilla.compute_optimal(scaling, args.allocation)
         shape = shape_for_params(top.params)
         device_hours = None
         budget_line = f"{scaling:.3g} scaling-law FLOPs (6*N*D)"
+        budget_flag = f"--budget-flops {args.budget_flops}"
     if device_hours is not None:
         budget_model_flops = model_flops_for_device_hours(device_hours, hardware, mfu, args.precision)
+        _check_finite(budget_flag, budget_model_flops)
         top, shape = allocation_for_model_flops(budget_model_flops, shape_for_params, args.allocation)
     run = RunCost(top.params, top.tokens, shape, hardware, devices, mfu, args.precision)
+    _check_finite(budget_flag, run.model_flops, run.hours, run.cost_usd)
 
     preset = nearest_preset(top.params, presets)
     preset_shape = dataclasses.replace(preset.shape, seq_len=seq_len)
@@ -261,6 +269,8 @@ def _plan_run(args, hardware, price_source, mfu, mfu_source, presets) -> str:
         shape = dataclasses.replace(shape, seq_len=args.seq_len)
     devices = _devices(args)
     run = RunCost(params, tokens, shape, hardware, devices, mfu, args.precision)
+    _check_finite(" ".join(f"--{name} {getattr(args, name)}" for name in ("params", "tokens") if getattr(args, name)),
+                  run.model_flops, run.hours, run.cost_usd)
     optimal = chinchilla.compute_optimal_for_params(params, args.allocation)
     return "\n".join([
         f"jaxtrain plan: {label} on {format_count(tokens)} tokens",
@@ -282,7 +292,7 @@ def _parse_mesh(text: str) -> dict[str, int]:
     mesh = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if not value.strip().isdigit():
+        if not value.strip().isdigit() or int(value) < 1:
             raise PlanError(f"--mesh {text!r}: expected data=D,fsdp=F,tensor=T with positive integers")
         mesh[name.strip()] = int(value)
     return mesh
@@ -342,15 +352,36 @@ def _plan_memory(args, hardware, presets) -> str:
     return "\n".join(lines)
 
 
+_FLOAT_FLAGS = ("budget_usd", "hours", "price_per_hour")
+_COUNT_FLAGS = ("devices", "seq_len", "rungs", "global_batch", "microbatch")
+
+
+def _check_numbers(args) -> None:
+    """inf/nan in a float flag and a count below 1 are errors here, before any arithmetic."""
+    for name in _FLOAT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise PlanError(f"--{name.replace('_', '-')} must be a finite number, got {value:g}")
+    for name in _COUNT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _check_finite(what: str, *values: float) -> None:
+    """A budget or run so large that its FLOPs, time or cost overflow a float is an error, not inf."""
+    if not all(math.isfinite(value) for value in values):
+        raise PlanError(f"{what} is too large to plan (its FLOPs, time or cost overflow); give a smaller one")
+
+
 def main(argv: list[str]) -> int:
     """Run ``jaxtrain plan``; prints the answer and returns 0, or one error line and returns 2."""
     try:
         args = build_parser().parse_args(argv)
+        _check_numbers(args)
         mfu, mfu_source, bench = _mfu(args)
         hardware, price_source = _hardware(args, bench)
         args.precision = _precision(args, bench, hardware)
-        if args.rungs < 1:
-            raise PlanError(f"--rungs must be at least 1, got {args.rungs}")
         presets = load_presets()
         if args.memory:
             text = _plan_memory(args, hardware, presets)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 
 from jaxtrain.config.validate import PRECISIONS
@@ -49,6 +50,8 @@ def parse_count(text: str, what: str = "count") -> float:
     value = float(match.group(1)) * _SUFFIXES.get(match.group(2).lower(), 1.0)
     if value <= 0:
         raise PlanError(f"{what} must be positive, got {text!r}")
+    if not math.isfinite(value):
+        raise PlanError(f"{what} {text!r} is too large to be a number here; use e.g. 1T, 20B, 500M or 1.5e12")
     return value
 
 

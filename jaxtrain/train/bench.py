@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
 
 from jaxtrain.config import ConfigError, load_config
+from jaxtrain.metrics.hardware import get_hardware
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,27 +30,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _prepare_out(out: str) -> str | None:
+    """Create the folder ``out`` is written to, before the timed run; a one-line problem, or None."""
+    if os.path.isdir(out):
+        return f"--out {out} is a folder; give a file path such as {os.path.join(out, 'bench.json')}"
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        return (f"--out {out}: cannot create the folder {folder} ({err.strerror or err}); "
+                "pass a path in a writable folder")
+    if not os.access(folder, os.W_OK):
+        return f"--out {out}: the folder {folder} is not writable; pass a path in a writable folder"
+    return None
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
-        print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
+        return _error("--steps must be >= 1 and --warmup >= 0")
+    hardware = None
+    if args.hardware:
+        try:
+            hardware = get_hardware(args.hardware)
+        except ValueError as err:
+            return _error(f"--hardware: {err}")
     try:
         cfg = load_config(args.config, args.set, notices=[])
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
+    problem = _prepare_out(args.out)
+    if problem:
+        return _error(problem)
 
     import jax
     import numpy as np
 
     from jaxtrain.metrics.flops import mfu
-    from jaxtrain.metrics.hardware import detect_hardware, get_hardware
+    from jaxtrain.metrics.hardware import detect_hardware
     from jaxtrain.parallel.mesh import global_batch_from_local
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
     from jaxtrain.train.setup import build_run
 
-    hardware = get_hardware(args.hardware) if args.hardware else detect_hardware()
+    hardware = hardware or detect_hardware()
     total = 1 + args.warmup + args.steps
     # The run folder only holds the data cache (tokenizer, packed rows), shared with training runs.
     cfg = expand_run_paths(
@@ -58,8 +87,7 @@ def main(argv: list[str]) -> int:
     try:
         parts = build_run(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
     loader = iter(parts.train_loader)
     state = parts.state
     compile_started = time.perf_counter()
@@ -99,8 +127,13 @@ def main(argv: list[str]) -> int:
         "peak_bytes_in_use": memory.get("peak_bytes_in_use"),
         "device_bytes_limit": memory.get("bytes_limit"),
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    try:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    except OSError as err:  # the folder was checked before the run; keep the measurement all the same
+        print(json.dumps(result, indent=2))
+        return _error(f"--out {args.out}: cannot write it ({err.strerror or err}); the result is printed above "
+                      f"as JSON: save it to a file for jaxtrain plan --mfu from:FILE")
     print(f"{tokens_per_second:,.0f} tokens/s ({result['tokens_per_second_per_device']:,.0f} per device), "
           f"MFU {100 * result['mfu']:.2f}% of {parts.peak_flops_per_device:.3g} FLOP/s ({parts.peak_source}); "
           f"median step {1000 * step_seconds:.1f} ms, compile {compile_seconds:.1f} s; wrote {args.out}")

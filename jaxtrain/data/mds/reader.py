@@ -8,6 +8,7 @@ memory-mapped, so reading a sample touches only its bytes.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import mmap
@@ -22,6 +23,10 @@ from jaxtrain.data.mds import encodings
 from jaxtrain.data.mds.writer import INDEX_BASENAME
 from jaxtrain.data.order import WEIGHT_KEYS, stream_weight
 from jaxtrain.tempfiles import temp_path
+
+# The keys of a ``streams`` entry read here; and those of Streaming's ``Stream`` that are not (yet).
+STREAM_KEYS = ("local", "split", *WEIGHT_KEYS)
+STREAMING_STREAM_KEYS = ("remote", "download_retry", "download_timeout", "validate_hash", "keep_zip")
 
 # LLM Foundry's older converters stored `tokens` as raw bytes of int64 ids.
 DEFAULT_BYTES_TOKEN_DTYPE = "int64"
@@ -93,25 +98,65 @@ class MDSDataset:
                               f"`jaxtrain data prepare` or point local/split at a folder with an index.json") from None
         try:
             index = json.loads(self.index_bytes)
-            self.shards: list[dict[str, Any]] = list(index["shards"])
+            self.shards: list[dict[str, Any]] = index["shards"]
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{index_path} is not an MDS index (JSON with a 'shards' list): re-write the dataset") from None
+        if not isinstance(self.shards, list):
+            raise ConfigError(f"{index_path} is not an MDS index ('shards' is not a list): re-write the dataset")
         if index.get("version") != 2:
             raise ConfigError(f"{index_path} has index version {index.get('version')!r}; only version 2 is supported")
         for number, entry in enumerate(self.shards):
             self._check_entry(index_path, number, entry)
-        counts = np.array([int(entry["samples"]) for entry in self.shards], np.int64)
+        counts = np.array([entry["samples"] for entry in self.shards], np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._opened: dict[int, Shard] = {}
 
-    def _check_entry(self, index_path: str, number: int, entry: dict[str, Any]) -> None:
-        where = f"{index_path} shard {number} ({(entry.get('raw_data') or {}).get('basename')})"
+    def _check_entry(self, index_path: str, number: int, entry: Any) -> None:
+        """Every field of a shard's index entry that the reader reads: present and of the right type."""
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{index_path} shard {number} is {type(entry).__name__}, not an object of shard "
+                              f"fields: index.json is damaged; re-write the dataset")
+        raw_data = entry.get("raw_data")
+        basename = raw_data.get("basename") if isinstance(raw_data, dict) else None
+        where = f"{index_path} shard {number} ({basename})"
+
+        def bad(field: str, wanted: str) -> ConfigError:
+            problem = (f"has no {field!r} field" if field not in entry
+                       else f"field {field!r} is {entry[field]!r}, not {wanted}")
+            return ConfigError(f"{where} {problem}: index.json is damaged; re-write the dataset")
+
         if entry.get("format") != "mds" or entry.get("version") != 2:
             raise ConfigError(f"{where} is format {entry.get('format')!r} version {entry.get('version')!r}; "
                               f"only MDS version 2 shards are supported")
+        samples = entry.get("samples")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise bad("samples", "a sample count (an integer >= 0)")
+        names = entry.get("column_names")
+        if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+            raise bad("column_names", "a list of column names")
+        lists = {"column_encodings": ("encoding names", lambda v: isinstance(v, str)),
+                 "column_sizes": ("byte sizes or nulls", lambda v: v is None or type(v) is int and v >= 0)}
+        for field, (what, valid) in lists.items():
+            values = entry.get(field)
+            if not isinstance(values, list) or len(values) != len(names) or not all(map(valid, values)):
+                raise bad(field, f"a list of {what}, one per column of column_names")
         for name, encoding in zip(entry["column_names"], entry["column_encodings"]):
             encodings.check_encoding(encoding, where=f"{where} column {name!r}")
-        encodings.parse_compression(entry.get("compression"))
+        if not (entry.get("compression") is None or isinstance(entry["compression"], str)):
+            raise bad("compression", "null or a compression name such as 'zstd'")
+        try:
+            encodings.parse_compression(entry.get("compression"))
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        for field in ("raw_data", "zip_data"):
+            info = entry.get(field)
+            if field == "zip_data" and info is None:
+                continue
+            if (not isinstance(info, dict) or not isinstance(info.get("basename"), str) or not info["basename"]
+                    or isinstance(info.get("bytes"), bool) or not isinstance(info.get("bytes"), (int, type(None)))
+                    or not isinstance(info.get("hashes"), (dict, type(None)))):
+                raise bad(field, "an object with a file 'basename', its 'bytes' and 'hashes'"
+                          + (" (or null)" if field == "zip_data" else ""))
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -234,12 +279,22 @@ def mds_datasets(dataset, *, key: str) -> list[MDSDataset]:
         return [MDSDataset(dataset.local, dataset.split, verify_hashes=verify)]
     datasets = []
     for name, stream in dataset.streams.items():
+        if not isinstance(stream, (dict, type(None))):
+            raise ConfigError(f"{key}.streams.{name} is {stream!r}: each stream is a mapping of keys "
+                              f"({', '.join(STREAM_KEYS)}), e.g. {{local: /data/mds}}")
         stream = dict(stream or {})
-        unsupported = sorted(set(stream) - {"local", "split", *WEIGHT_KEYS})
+        unsupported = sorted(set(stream) - set(STREAM_KEYS), key=str)
+        for unknown in unsupported:
+            if unknown in STREAMING_STREAM_KEYS:
+                continue
+            close = difflib.get_close_matches(str(unknown), STREAM_KEYS, n=1, cutoff=0.6)
+            hint = (f"did you mean '{key}.streams.{name}.{close[0]}'?" if close
+                    else f"valid keys: {', '.join(STREAM_KEYS)}")
+            raise ConfigError(f"unknown key '{key}.streams.{name}.{unknown}'; {hint}")
         if unsupported or stream.get("remote"):
             unsupported = unsupported or ["remote"]
             raise ConfigError(f"{key}.streams.{name}: {', '.join(unsupported)} not supported yet; streams are read "
-                              f"from local folders (keys: local, split, proportion, repeat, choose)")
+                              f"from local folders (keys: {', '.join(STREAM_KEYS)})")
         stream_weight(str(name), stream, key)  # at most one weight, none negative
         if not stream.get("local"):
             raise ConfigError(f"{key}.streams.{name}.local is not set: give the folder of an MDS dataset")
