@@ -181,6 +181,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
         (["model.name=gpt9"], "model.name: unknown name 'gpt9'"),
         (["model.ffn_config.ffn_act_fn={name: swish}"], "model.ffn_config.ffn_act_fn: name='swish'"),
         (["model.init_config.name=xavier"], "model.init_config.name='xavier'"),
+        (["load_path=/nonexistent/ckpt"], "load_path: /nonexistent/ckpt: no such folder"),
     ],
 )
 def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, overrides, message):

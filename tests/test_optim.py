@@ -86,10 +86,21 @@ def test_schedule_traces_under_jit():
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match="t_max"):
+    from jaxtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="t_max"):
         schedule_of(1000, name="cosine_with_warmup", t_max="500ba")
     with pytest.raises(ValueError, match="valid names"):
         schedule_of(1000, name="cosine")
+
+
+def test_a_run_shorter_than_one_batch_says_what_to_train_for():
+    from jaxtrain.config import ConfigError, load_config
+    from jaxtrain.train.setup import _plan_optimizer
+
+    cfg = load_config(None, ["max_duration=0ba"])
+    with pytest.raises(ConfigError, match=r"max_duration: '0ba' is shorter than one batch; train for at least 1ba"):
+        _plan_optimizer(cfg, batches_per_epoch=10)
 
 
 # ----------------------------------------------------------------------------- optimizers

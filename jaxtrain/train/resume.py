@@ -86,7 +86,10 @@ class RecoveryMixin:
 
     def load_weights(self, path: str) -> None:
         """Start from the parameters of another run's checkpoint (the optimizer starts fresh)."""
-        loaded = load_checkpoint(path, shardings=self.parts.state_shardings.params)
+        try:
+            loaded = load_checkpoint(path, shardings=self.parts.state_shardings.params)
+        except ConfigError as err:
+            raise ConfigError(f"load_path: {err}") from None
         ours = jax.tree_util.tree_flatten_with_path(self.state.params)[0]
         theirs = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
         for key, value in ours:

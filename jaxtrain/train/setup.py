@@ -121,7 +121,7 @@ def _plan_optimizer(cfg: Config, *, batches_per_epoch: int | None):
         cfg, cfg.max_duration, "max_duration", batches_per_epoch=batches_per_epoch, total_batches=None
     )
     if total_batches <= 0:
-        raise ConfigError(f"max_duration: {cfg.max_duration!r} is shorter than one batch")
+        raise ConfigError(f"max_duration: {cfg.max_duration!r} is shorter than one batch; train for at least 1ba")
 
     def to_batches_fn(value: str) -> int:
         return time_to_batches(cfg, value, "scheduler", batches_per_epoch=batches_per_epoch, total_batches=total_batches)
