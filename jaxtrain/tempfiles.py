@@ -21,3 +21,22 @@ def temp_path(path: str, suffix: str = "") -> str:
     """A temporary name beside ``path``, unique to this process and moment; ``suffix`` is kept
     last (``np.save`` adds ``.npy`` to a name without it)."""
     return f"{path}{temp_marker(os.getpid())}{time.monotonic_ns()}{suffix}"
+
+
+def check_output_file(path: str, flag: str = "--out") -> None:
+    """Create the folder of the output file ``path`` and check that a file can be written there,
+    before a command does its work: a one-line ``ConfigError`` (naming ``flag``) when it cannot."""
+    from jaxtrain.config.schema import ConfigError  # here: the data prefetch imports this module early
+
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a folder; pass a file path such as {os.path.join(path, 'results.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = temp_path(os.path.abspath(path))
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot write a file in {folder} ({error.strerror or error}); "
+                          "pass a path in a writable folder") from None

@@ -51,8 +51,65 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
+def _discard_abandoned_reads(timeout: float = 30.0) -> None:
+    """Wait, hushed, until the reads Orbax abandoned when a restore failed are finished and collected.
+
+    Orbax runs a restore's array reads on an event loop of its own and closes that loop when one
+    read fails, leaving the others running in TensorStore. Each of them prints a traceback when it
+    finishes (its loop is closed) and again when it is collected, some at exit, burying the error
+    message. Here they finish while stderr, unraisable-exception reports and asyncio's log are
+    silenced (only on this error path, for at most ``timeout`` seconds).
+    """
+    import asyncio
+    import gc
+    import io
+    import sys
+    import time
+
+    def abandoned() -> int:
+        return sum(1 for obj in gc.get_objects()
+                   if isinstance(obj, asyncio.Task) and not obj.done() and obj.get_loop().is_closed())
+
+    stderr, unraisablehook = sys.stderr, sys.unraisablehook
+    asyncio_logger = logging.getLogger("asyncio")
+    disabled = asyncio_logger.disabled
+    sys.stderr, sys.unraisablehook, asyncio_logger.disabled = io.StringIO(), lambda _: None, True
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            gc.collect()
+            if not abandoned():
+                break
+            time.sleep(0.05)
+        gc.collect()
+    finally:
+        sys.stderr, sys.unraisablehook, asyncio_logger.disabled = stderr, unraisablehook, disabled
+
+
+def _steps_text(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if steps else "none"
+
+
+def _no_checkpoint_error(folder: str) -> ConfigError:
+    """Why ``folder`` (local, existing) holds no step of a jaxtrain checkpoint, and what to do."""
+    if "://" not in folder:
+        names = set(os.listdir(folder))
+        if "config.json" in names or any(name.endswith(".safetensors") for name in names):
+            return ConfigError(f"{folder}: a Hugging Face model folder, not a jaxtrain checkpoint; convert it "
+                               f"first: jaxtrain convert {folder} NEW_FOLDER, then pass NEW_FOLDER")
+        if {"state", "meta"} & names:
+            parent = os.path.dirname(os.path.abspath(folder))
+            return ConfigError(f"{folder}: a single checkpoint step folder; pass the checkpoint folder above it "
+                               f"({parent}) and --step {os.path.basename(os.path.abspath(folder))}")
+    return ConfigError(f"{folder}: no complete jaxtrain checkpoint found (expected numbered step folders)")
+
+
 def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None) -> LoadedModel:
-    """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default)."""
+    """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default).
+
+    A missing folder or step and an incomplete or damaged step raise ``ConfigError`` naming the
+    folder and step and listing the steps there.
+    """
     from jaxtrain.train.state import abstract_model
 
     if "://" not in folder and not os.path.isdir(folder):
@@ -67,11 +124,40 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
             item_names=("state", "meta"),
         )
     try:
-        step = manager.latest_step() if step is None else step
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise _no_checkpoint_error(folder)
         if step is None:
-            raise ConfigError(f"{folder}: no complete jaxtrain checkpoint found (expected numbered step folders)")
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        model_cfg = load_config_dict(meta["config"]).model
+            step = steps[-1]
+        elif step not in steps:
+            raise ConfigError(f"{folder}: no checkpoint step {step} there; pass --step with one of the steps "
+                              f"there: {_steps_text(steps)}")
+        step_folder = os.path.join(folder, str(step))
+
+        def damaged(what: str) -> ConfigError:
+            others = [s for s in steps if s != step]
+            if is_remote(folder):
+                todo = "pass --step with another step saved there"
+            elif others:
+                todo = f"pass --step with another step: {_steps_text(others)}"
+            else:
+                todo = "it is the only step there: save or convert the checkpoint again"
+            return ConfigError(f"{step_folder}: checkpoint step {step} is incomplete or damaged ({what}); {todo}")
+
+        local_step = os.path.join(root, str(step))
+        for item in ("meta", "state"):
+            if "://" not in local_step and not os.path.isdir(os.path.join(local_step, item)):
+                raise damaged(f"its {item} folder is missing")
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as error:  # noqa: BLE001 - Orbax documents no error types for an unreadable item
+            raise damaged("its meta item cannot be read") from error
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise damaged("its meta item holds no model config")
+        try:
+            model_cfg = load_config_dict(meta["config"]).model
+        except ConfigError as error:
+            raise damaged(f"the config in its meta item is invalid: {error}") from None
         _, abstract_params = abstract_model(model_cfg)
         if shardings is None:
             device = jax.local_devices()[0]
@@ -82,16 +168,26 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
             )
         }
         # Only the parameters are read; the optimizer state stays on disk.
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-                    partial_restore=True,
-                )
-            ),
-        )["state"]
+        unreadable = None
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+                        partial_restore=True,
+                    )
+                ),
+            )["state"]
+        except (jax.errors.JaxRuntimeError, MemoryError):
+            raise  # the device (e.g. out of memory), not the checkpoint
+        except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise bare Exception for unreadable arrays
+            unreadable = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if unreadable is not None:  # outside the except block: the error's traceback holds the abandoned reads
+            logging.getLogger(__name__).debug("reading %s failed: %s", step_folder, unreadable)
+            _discard_abandoned_reads()
+            raise damaged("its state item cannot be read")
     finally:
         manager.close()
     params = restored["params"]

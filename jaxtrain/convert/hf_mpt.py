@@ -184,6 +184,33 @@ def _get(tree: Any, path: tuple) -> Any:
 # ----------------------------------------------------------------------------- import
 
 
+def check_new_folder(folder: str) -> None:
+    """Refuse an output ``folder`` that is an existing file, a non-empty folder, or under a file."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"{folder}: output exists and is not a folder; choose a new folder")
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise ConfigError(f"{folder}: output folder is not empty; choose a new folder")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{folder}: {parent} is a file, not a folder; choose an output folder elsewhere")
+
+
+def read_json(path: str) -> Any:
+    """The JSON in ``path``; ``ConfigError`` naming the file, line and column when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+                          "fix or download the file again") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; fix or download the file again") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
 def import_hf(src: str, dst: str, *, scan_layers: bool = True) -> ModelConfig:
     """Convert the Hugging Face MPT folder ``src`` into a jaxtrain checkpoint folder ``dst`` (step 0).
 
@@ -192,8 +219,10 @@ def import_hf(src: str, dst: str, *, scan_layers: bool = True) -> ModelConfig:
     config_path = os.path.join(src, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ConfigError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MPT folder")
-    with open(config_path, encoding="utf-8") as handle:
-        hf = json.load(handle)
+    check_new_folder(dst)  # before the tensors are read
+    hf = read_json(config_path)
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{config_path}: holds a JSON {type(hf).__name__}, not an object of model settings")
     model_cfg = model_config_from_hf(hf, source=config_path, scan_layers=scan_layers)
     with open_safetensors_folder(src) as tensors:
         prefix = FOUNDRY_PREFIX if tensors.names and all(n.startswith(FOUNDRY_PREFIX) for n in tensors.names) else ""
@@ -241,8 +270,7 @@ def save_model(folder: str, model_cfg: ModelConfig, params: dict, *, source: dic
     from jaxtrain.checkpoint.manager import Checkpointer
     from jaxtrain.train.state import abstract_model
 
-    if os.path.isdir(folder) and os.listdir(folder):
-        raise ConfigError(f"{folder}: output folder is not empty; choose a new folder")
+    check_new_folder(folder)
     _, state = abstract_model(model_cfg)
     nnx.replace_by_pure_dict(state, params)
     weights = {"step": np.asarray(step, np.int32), "params": state}
@@ -271,6 +299,7 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
 
     from jaxtrain.checkpoint.load import load_checkpoint
 
+    check_new_folder(dst)  # before the checkpoint is read
     loaded = load_checkpoint(src, step)
     model_cfg = loaded.model_cfg
     layout = loaded.meta.get("layout", {})
@@ -282,8 +311,6 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
     if np_dtype is None:
         raise ConfigError(f"--dtype {dtype}: use float32, bfloat16 or float16")
-    if os.path.isdir(dst) and os.listdir(dst):
-        raise ConfigError(f"{dst}: output folder is not empty; choose a new folder")
     os.makedirs(dst, exist_ok=True)
     from flax import nnx
 

@@ -32,13 +32,17 @@ class SafetensorsFolder:
     """The tensors of every safetensors file in a folder, read lazily by name."""
 
     def __init__(self, files: list[str]):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self._stack = contextlib.ExitStack()
         self._file_of: dict[str, str] = {}
         self._handles = {}
         for path in files:
-            handle = self._stack.enter_context(safe_open(path, framework="numpy"))
+            try:
+                handle = self._stack.enter_context(safe_open(path, framework="numpy"))
+            except (SafetensorError, OSError) as error:
+                self._stack.close()
+                raise _unreadable(path, error) from None
             self._handles[path] = handle
             for name in handle.keys():
                 if name in self._file_of:
@@ -50,10 +54,24 @@ class SafetensorsFolder:
         return self._file_of[name]
 
     def get(self, name: str) -> np.ndarray:
-        return self._handles[self._file_of[name]].get_tensor(name)
+        from safetensors import SafetensorError
+
+        path = self._file_of[name]
+        try:
+            return self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise _unreadable(path, error, f"tensor {name}") from None
 
     def close(self) -> None:
         self._stack.close()
+
+
+def _unreadable(path: str, error: Exception, what: str = "") -> ConfigError:
+    """A damaged or truncated safetensors file, named with the reason and what to do."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = reason.removeprefix("Error while deserializing header: ")
+    subject = f"{path}: {what} cannot be read" if what else f"{path}: not a readable safetensors file"
+    return ConfigError(f"{subject} ({reason}); the file is damaged or incomplete: download or save it again")
 
 
 @contextlib.contextmanager
@@ -61,8 +79,14 @@ def open_safetensors_folder(folder: str) -> Iterator[SafetensorsFolder]:
     """Open ``folder``'s safetensors weights; a folder with only pickle weights is refused."""
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as handle:
-            weight_map = json.load(handle).get("weight_map", {})
+        try:
+            with open(index_path, encoding="utf-8") as handle:
+                index = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{index_path}: not valid JSON ({error}); fix or download the file again") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index_path}: has no weight_map object; fix or download the file again")
         files = sorted({os.path.join(folder, name) for name in weight_map.values()})
         absent = [path for path in files if not os.path.isfile(path)]
         if absent:

@@ -129,18 +129,23 @@ def load_tokenizer(cfg, *, cache_dir: str, train_texts: Callable[[], Iterable[st
         vocab_size = int(kwargs.get("vocab_size", DEFAULT_VOCAB_SIZE))
         return Tokenizer(_trained_bpe(vocab_size, cache_dir, train_texts, train_fingerprint), eos_token=EOS_TOKEN)
     if _looks_like_path(name):
-        path = os.path.expanduser(name)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"tokenizer.name={name!r}: no tokenizer file at {path}; give the path of a tokenizer.json")
-        try:
-            return Tokenizer(tokenizers.Tokenizer.from_file(path), **special)
-        except Exception as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(f"tokenizer.name={name!r}: {path} is not a valid tokenizer.json ({error})") from None
+        return Tokenizer(read_tokenizer_file(os.path.expanduser(name), what=f"tokenizer.name={name!r}"), **special)
     return Tokenizer(_hub_tokenizer(name), **special)
+
+
+def read_tokenizer_file(path: str, *, what: str) -> tokenizers.Tokenizer:
+    """The tokenizer saved at ``path`` (a tokenizer.json, or a folder holding one); a missing or
+    unreadable file is a one-line ``ConfigError`` starting with ``what`` (the key or flag that named it)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what}: no tokenizer file at {path} (not found); give the path of a tokenizer.json")
+    try:
+        return tokenizers.Tokenizer.from_file(path)
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception for every failure
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{what}: {path} is not a readable tokenizer.json ({reason}); give the tokenizer.json "
+                          f"saved with the model") from None
 
 
 def _looks_like_path(name: str) -> bool:

@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
 from jaxtrain.config import ConfigError
 from jaxtrain.eval.icl import TASK_FIELDS, ICLTask
+from jaxtrain.tempfiles import check_output_file, temp_path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,26 +94,68 @@ def format_table(results: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numeric options before the checkpoint is read."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be positive (rows per forward)")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ConfigError(f"--seq-len {args.seq_len}: must be at least 2 (or leave it out for the model's max_seq_len)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot {args.num_fewshot}: must be >= 0")
+    if args.step is not None and args.step < 0:
+        raise ConfigError(f"--step {args.step}: must be >= 0")
+
+
+def write_results(results: dict, path: str) -> str | None:
+    """Write ``results`` as JSON to ``path`` (whole, or not at all). If that fails, they go to a file in
+    the temporary folder instead, whose path is returned with the reason, so the evaluation is not lost."""
+    import tempfile
+
+
+    text = json.dumps(results, indent=2) + "\n"
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+        return None
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = f"--out {path}: cannot write the results ({error.strerror or error})"
+        try:
+            handle, fallback = tempfile.mkstemp(prefix="jaxtrain-eval-", suffix=".json")
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(text)
+        except OSError:
+            return f"{reason}, nor in the temporary folder; the table above holds them"
+        return f"{reason}; they were saved to {fallback}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         import dataclasses
 
         import jax.numpy as jnp
-        import tokenizers
 
         from jaxtrain.checkpoint.load import load_checkpoint
-        from jaxtrain.data.tokenizer import Tokenizer
+        from jaxtrain.data.tokenizer import Tokenizer, read_tokenizer_file
         from jaxtrain.eval.gauntlet import run_icl_suite
 
+        check_args(args)
+        given_tokenizer = (read_tokenizer_file(args.tokenizer, what="--tokenizer") if args.tokenizer
+                           else None)  # before the slow load
         tasks, gauntlet, gauntlet_source = _tasks(args)
         if not tasks and not args.perplexity_data:
             raise ConfigError("nothing to evaluate: pass --tasks, --task or --perplexity-data")
+        if args.out:
+            check_output_file(args.out)
         loaded = load_checkpoint(args.checkpoint, args.step)
-        tokenizer_path = args.tokenizer or loaded.tokenizer_path
-        if tokenizer_path is None:
+        if given_tokenizer is None and loaded.tokenizer_path is None:
             raise ConfigError(f"{args.checkpoint}: no tokenizer.json beside the checkpoint; pass --tokenizer PATH")
-        tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(tokenizer_path))
+        tokenizer = Tokenizer(given_tokenizer if given_tokenizer is not None
+                              else read_tokenizer_file(loaded.tokenizer_path, what="the checkpoint's tokenizer"))
         model = loaded.module()
         compute_dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
         results: dict = {"checkpoint": args.checkpoint, "step": loaded.step}
@@ -123,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             results["tasks"] = [dataclasses.asdict(result) for result in suite["tasks"]]
             results["gauntlet"] = suite["gauntlet"]
     except (ConfigError, ValueError) as error:
-        print(f"jaxtrain eval: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_table(results))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
+        failure = write_results(results, args.out)
+        if failure:
+            print(f"error: {failure}", file=sys.stderr)
+            return 2
     return 0

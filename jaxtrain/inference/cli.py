@@ -24,21 +24,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numeric options before the checkpoint is read."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if not args.temperature >= 0:  # NaN too
+        raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns it off)")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1] (1 turns it off)")
+    if args.step is not None and args.step < 0:
+        raise ConfigError(f"--step {args.step}: must be >= 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import jax.numpy as jnp
-    import tokenizers
 
     from jaxtrain.checkpoint.load import load_checkpoint
-    from jaxtrain.data.tokenizer import Tokenizer
+    from jaxtrain.data.tokenizer import Tokenizer, read_tokenizer_file
     from jaxtrain.inference.generate import Sampling, generate
 
     try:
+        check_args(args)
+        given_tokenizer = (read_tokenizer_file(args.tokenizer, what="--tokenizer") if args.tokenizer
+                           else None)  # before the slow load
         loaded = load_checkpoint(args.checkpoint, args.step)
-        tokenizer_path = args.tokenizer or loaded.tokenizer_path
-        if tokenizer_path is None:
+        if given_tokenizer is None and loaded.tokenizer_path is None:
             raise ConfigError(f"{args.checkpoint}: no tokenizer.json beside the checkpoint; pass --tokenizer PATH")
-        tokenizer = Tokenizer(tokenizers.Tokenizer.from_file(tokenizer_path))
+        tokenizer = Tokenizer(given_tokenizer if given_tokenizer is not None
+                              else read_tokenizer_file(loaded.tokenizer_path, what="the checkpoint's tokenizer"))
         prompts = [tokenizer.encode(text) for text in args.prompt]
         if any(not p for p in prompts):
             raise ConfigError("--prompt: every prompt must encode to at least one token")

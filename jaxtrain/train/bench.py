@@ -17,6 +17,7 @@ import time
 
 from jaxtrain.config import ConfigError, load_config
 from jaxtrain.metrics.hardware import get_hardware
+from jaxtrain.tempfiles import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,21 +36,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def _prepare_out(out: str) -> str | None:
-    """Create the folder ``out`` is written to, before the timed run; a one-line problem, or None."""
-    if os.path.isdir(out):
-        return f"--out {out} is a folder; give a file path such as {os.path.join(out, 'bench.json')}"
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        return (f"--out {out}: cannot create the folder {folder} ({err.strerror or err}); "
-                "pass a path in a writable folder")
-    if not os.access(folder, os.W_OK):
-        return f"--out {out}: the folder {folder} is not writable; pass a path in a writable folder"
-    return None
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -64,9 +50,10 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, args.set, notices=[])
     except ConfigError as err:
         return _error(str(err))
-    problem = _prepare_out(args.out)
-    if problem:
-        return _error(problem)
+    try:
+        check_output_file(args.out)
+    except ConfigError as err:
+        return _error(str(err))
 
     import jax
     import numpy as np

@@ -1,0 +1,228 @@
+"""Bad input to ``jaxtrain generate``, ``eval`` and ``convert``: one ``error:`` line naming the file,
+step or flag and what to do, exit status 2, no traceback, and nothing existing harmed."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain.convert import save_model
+from jaxtrain.convert.cli import main as convert_main
+from jaxtrain.eval import cli as eval_cli
+from jaxtrain.eval.cli import main as eval_main
+from jaxtrain.inference.cli import main as generate_main
+from jaxtrain.models import build_model
+from test_eval import char_tokenizer, model_cfg, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+HF_FIXTURE = ROOT / "tests" / "fixtures" / "hf_mpt" / "mha"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model's checkpoint folder holding steps 3 and 5, with tokenizer.json beside them."""
+    root = tmp_path_factory.mktemp("checkpoint")
+    char_tokenizer().save(str(root / "tokenizer.json"))
+    cfg = model_cfg()
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    for step in (3, 5):
+        save_model(str(root / f"s{step}"), cfg, params, tokenizer_path=str(root / "tokenizer.json"), step=step)
+    folder = root / "ck"
+    shutil.copytree(root / "s3", folder)
+    shutil.copytree(root / "s5" / "5", folder / "5")
+    return folder
+
+
+@pytest.fixture
+def ck(checkpoint, tmp_path):
+    """A copy of the checkpoint this test may damage."""
+    return shutil.copytree(checkpoint, tmp_path / "ck")
+
+
+@pytest.fixture
+def tasks(tmp_path):
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "ab", "choices": ["c", "d"], "gold": 0}])
+    path = tmp_path / "tasks.yaml"
+    path.write_text("icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n"
+                    "  num_fewshot: [0]\n")
+    return path
+
+
+def one_error(capsys, *needles) -> str:
+    """The single ``error:`` line on stderr, which holds every needle; returns stdout."""
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert str(needle) in lines[0], lines[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoint steps
+
+
+def test_missing_step_lists_the_steps_there(ck, tasks, tmp_path, capsys):
+    assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--step", "99"]) == 2
+    one_error(capsys, ck, "step 99", "3, 5", "--step")
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--step", "99"]) == 2
+    one_error(capsys, ck, "step 99", "3, 5")
+    assert convert_main([str(ck), str(tmp_path / "hf"), "--to", "hf", "--step", "99"]) == 2
+    one_error(capsys, ck, "step 99", "3, 5")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("item", ["meta", "state"])
+def test_step_missing_an_item_is_named_with_the_other_steps(ck, item, capsys):
+    shutil.rmtree(ck / "5" / item)
+    assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--max-new-tokens", "1"]) == 2
+    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", item, "--step with another step: 3")
+
+
+def truncate_state(step_folder: Path, *, over: int = 10_000) -> None:
+    damaged = [path for path in (step_folder / "state").rglob("*") if path.is_file() and path.stat().st_size > over]
+    assert damaged
+    for path in damaged:
+        with open(path, "r+b") as handle:
+            handle.truncate(100)
+
+
+def test_truncated_state_is_named(ck, capsys):
+    truncate_state(ck / "5")
+    assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--max-new-tokens", "1"]) == 2
+    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", "--step with another step: 3")
+
+
+def test_truncated_state_metadata_is_named(ck, capsys):
+    truncate_state(ck / "5", over=1000)  # the JSON files of the state item too
+    assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--max-new-tokens", "1", "--step", "5"]) == 2
+    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", "--step with another step: 3")
+
+
+def test_damaged_step_from_the_console_script_prints_one_line(ck):
+    truncate_state(ck / "5")
+    run = subprocess.run([sys.executable, "-c", "from jaxtrain.cli import run; run()", "generate", "--checkpoint",
+                          str(ck), "--prompt", "ab", "--max-new-tokens", "1"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and os.path.join(str(ck), "5") in lines[0], run.stderr
+
+
+def test_step_folder_instead_of_checkpoint_folder(ck, capsys):
+    assert generate_main(["--checkpoint", str(ck / "3"), "--prompt", "ab"]) == 2
+    one_error(capsys, ck / "3", "--step 3")
+
+
+def test_hugging_face_folder_says_to_convert_first(tmp_path, capsys):
+    hf = shutil.copytree(HF_FIXTURE, tmp_path / "hf")
+    assert generate_main(["--checkpoint", str(hf), "--prompt", "ab"]) == 2
+    one_error(capsys, hf, "jaxtrain convert")
+
+
+# ----------------------------------------------------------------------------- eval --out
+
+
+def test_eval_creates_the_out_folder(ck, tasks, tmp_path, capsys):
+    out = tmp_path / "nodir" / "results.json"
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["step"] == 5
+    assert "mc/0-shot" in capsys.readouterr().out
+
+
+def test_eval_refuses_an_unwritable_out_before_evaluating(ck, tasks, tmp_path, capsys):
+    (tmp_path / "file").write_text("kept")
+    out = tmp_path / "file" / "results.json"
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--out", str(out)]) == 2
+    assert one_error(capsys, "--out", out) == ""  # nothing was evaluated
+    assert (tmp_path / "file").read_text() == "kept"
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--out", str(tmp_path)]) == 2
+    one_error(capsys, "--out", "is a folder")
+
+
+def test_eval_keeps_the_results_when_out_cannot_be_written(ck, tasks, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(eval_cli, "check_output_file", lambda path: None)  # the folder goes away during the evaluation
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    out = tmp_path / "gone" / "results.json"
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--out", str(out)]) == 2
+    assert "mc/0-shot" in one_error(capsys, "--out", out, "saved to")
+    saved = list(tmp_path.glob("jaxtrain-eval-*.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["tasks"][0]["label"] == "mc"
+
+
+# ----------------------------------------------------------------------------- tokenizer and numeric flags
+
+
+def test_missing_tokenizer_is_named(ck, tasks, tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--tokenizer", str(missing)]) == 2
+    one_error(capsys, "--tokenizer", missing, "not found")
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--tokenizer", str(missing)]) == 2
+    one_error(capsys, "--tokenizer", missing, "not found")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--tokenizer", str(tmp_path / "bad.json")]) == 2
+    one_error(capsys, "--tokenizer", tmp_path / "bad.json", "is not a readable tokenizer.json")
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--seq-len", "0"), ("--num-fewshot", "-1"),
+                                         ("--step", "-1")])
+def test_eval_numeric_flags(ck, tasks, flag, value, capsys):
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), flag, value]) == 2
+    one_error(capsys, f"{flag} {value}", "must")
+
+
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "0"), ("--temperature", "-1"), ("--top-k", "-2"),
+                                         ("--top-p", "0"), ("--top-p", "1.5"), ("--step", "-1")])
+def test_generate_numeric_flags(ck, flag, value, capsys):
+    assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", flag, value]) == 2
+    one_error(capsys, f"{flag} {value}", "must")
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+@pytest.fixture
+def hf(tmp_path):
+    return shutil.copytree(HF_FIXTURE, tmp_path / "hf")
+
+
+def test_convert_config_that_is_not_json(hf, tmp_path, capsys):
+    (hf / "config.json").write_text("{not json")
+    assert convert_main([str(hf), str(tmp_path / "out")]) == 2
+    one_error(capsys, hf / "config.json", "not valid JSON", "line 1")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty"])
+def test_convert_damaged_safetensors(hf, tmp_path, damage, capsys):
+    weights = hf / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"random": np.random.default_rng(0).bytes(1000), "truncated": data[: len(data) // 2],
+                         "empty": b""}[damage])
+    assert convert_main([str(hf), str(tmp_path / "out")]) == 2
+    one_error(capsys, weights, "damaged or incomplete")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_damaged_index(hf, tmp_path, capsys):
+    (hf / "model.safetensors.index.json").write_text('{"weight_map": ')
+    assert convert_main([str(hf), str(tmp_path / "out")]) == 2
+    one_error(capsys, hf / "model.safetensors.index.json", "not valid JSON")
+
+
+def test_convert_to_an_existing_file_leaves_it_alone(hf, ck, tmp_path, capsys):
+    existing = tmp_path / "existing.yaml"
+    existing.write_text("model: {}\n")
+    assert convert_main([str(hf), str(existing)]) == 2
+    one_error(capsys, existing, "not a folder")
+    assert convert_main([str(ck), str(existing), "--to", "hf"]) == 2
+    one_error(capsys, existing, "not a folder")
+    assert convert_main([str(hf), str(existing / "sub")]) == 2
+    one_error(capsys, existing, "not a folder")
+    assert existing.read_text() == "model: {}\n"
