@@ -226,3 +226,14 @@ def test_convert_to_an_existing_file_leaves_it_alone(hf, ck, tmp_path, capsys):
     assert convert_main([str(hf), str(existing / "sub")]) == 2
     one_error(capsys, existing, "not a folder")
     assert existing.read_text() == "model: {}\n"
+
+
+def test_convert_that_cannot_write_its_output_is_one_line(ck, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hf" / "model.safetensors"))
+
+    monkeypatch.setattr("jaxtrain.convert.hf_mpt.SafetensorsWriter", disk_full)
+    assert convert_main([str(ck), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    one_error(capsys, tmp_path / "hf" / "model.safetensors", "No space left on device", "convert again")

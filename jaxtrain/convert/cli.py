@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # e.g. no permission or no space left where the output goes
+        print(f"error: {error.filename or args.dst}: {error.strerror or error}; nothing usable was written to "
+              f"{args.dst}: fix that and convert again into a new folder", file=sys.stderr)
+        return 2
     return 0
 
 
