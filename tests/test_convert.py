@@ -258,3 +258,38 @@ def test_trained_model_exports_to_transformers(tmp_path):
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(model(jnp.asarray([prompt]))[0], theirs["logits"], atol=1e-4)
     assert ours == theirs["tokens"]
+
+
+# ----------------------------------------------------------------------------- what transformers' MPT computes
+
+
+def test_export_names_the_options_transformers_own_mpt_would_compute_differently(tmp_path, capsys):
+    from jaxtrain.convert.hf_mpt import model_config_from_hf, transformers_mpt_gaps
+
+    for case in HF_CASES:  # made by transformers, and their logits match it (test above)
+        hf = json.loads((FIXTURES / case / "config.json").read_text())
+        assert transformers_mpt_gaps(model_config_from_hf(hf, source=case)) == [], case
+    hf = json.loads((FIXTURES / "alibi_bias_max_4" / "config.json").read_text())  # transformers ignores it (test above)
+    assert transformers_mpt_gaps(model_config_from_hf(hf, source="alibi_bias_max_4")) == ["attn_config.alibi_bias_max=4"]
+    # The reference cases build on Foundry's defaults (no ALiBi, biases), which transformers' MPT lacks too.
+    base = ["attn_config.alibi=false (learned positions)", "no_bias=false"]
+    assert transformers_mpt_gaps(REFERENCE_CASES["mha"]) == base
+    expected = {
+        "gqa": ["attn_config.attn_type=grouped_query_attention"],
+        "mqa": ["attn_config.attn_type=multiquery_attention"],
+        "qk_ln_clip_bias": ["attn_config.qk_ln=true"],
+        "logit_scale_inv_sqrt": ["logit_scale=inv_sqrt_d_model"],
+        "glu_silu_ratio2": ["expansion_ratio=2", "ffn_config={ffn_type: mptglu, ffn_act_fn: {'name': 'silu'}}"],
+        "learned_positions": [],
+        "bias_fp32_layernorm": [],
+        "softmax_scale": [],  # transformers reads softmax_scale
+    }
+    gaps = {name: [gap for gap in transformers_mpt_gaps(REFERENCE_CASES[name]) if gap not in base]
+            for name in BEYOND_TRANSFORMERS}
+    assert gaps == expected
+    cfg = REFERENCE_CASES["qk_ln_clip_bias"]
+    save_model(str(tmp_path / "ckpt"), cfg, nnx.to_pure_dict(nnx.state(build(cfg), nnx.Param)))
+    assert convert_main([str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: transformers' built-in MptForCausalLM does not implement "
+                                               "attn_config.qk_ln=true, attn_config.alibi=false (learned positions), no_bias=false")

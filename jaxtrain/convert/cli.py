@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxtrain.convert.hf_mpt import export_hf, import_hf
+    from jaxtrain.convert.hf_mpt import export_hf, import_hf, transformers_mpt_gaps
 
     try:
         if args.to == "jaxtrain":
@@ -36,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote jaxtrain checkpoint {args.dst} (step 0): MPT d_model={cfg.d_model} "
                   f"n_layers={cfg.n_layers} vocab={cfg.vocab_size}, {'stacked' if cfg.scan_layers else 'unrolled'} blocks")
         else:
-            export_hf(args.src, args.dst, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            cfg = export_hf(args.src, args.dst, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
             print(f"wrote Hugging Face MPT folder {args.dst}")
+            gaps = transformers_mpt_gaps(cfg)
+            if gaps:
+                print(f"warning: transformers' built-in MptForCausalLM does not implement {', '.join(gaps)}: it would "
+                      f"load {args.dst} with other logits; load it with MosaicML's MPT code (LLM Foundry, or "
+                      f"trust_remote_code with its modeling files)", file=sys.stderr)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

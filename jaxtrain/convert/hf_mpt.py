@@ -120,6 +120,32 @@ def hf_config_from_model(cfg: ModelConfig, *, torch_dtype: str = "float32") -> d
     }
 
 
+def transformers_mpt_gaps(cfg: ModelConfig) -> list[str]:
+    """The options of ``cfg`` that transformers' built-in ``MptForCausalLM`` does not implement (it
+    hard-codes multi-head attention, no biases, a 4x GELU MLP, no logit scale and ALiBi with
+    bias max 8): it loads such a folder with a generic warning and computes other logits.
+    MosaicML's own MPT code (``trust_remote_code``, LLM Foundry) implements them all."""
+    attn, gaps = cfg.attn_config, []
+    if attn.attn_type != "multihead_attention":
+        gaps.append(f"attn_config.attn_type={attn.attn_type}")
+    if attn.qk_ln:
+        gaps.append("attn_config.qk_ln=true")
+    if not attn.alibi:
+        gaps.append("attn_config.alibi=false (learned positions)")
+    elif attn.alibi_bias_max != 8:
+        gaps.append(f"attn_config.alibi_bias_max={attn.alibi_bias_max}")
+    if not cfg.no_bias:
+        gaps.append("no_bias=false")
+    if cfg.expansion_ratio != 4:
+        gaps.append(f"expansion_ratio={cfg.expansion_ratio}")
+    act = dict(cfg.ffn_config.ffn_act_fn or {"name": "gelu"})
+    if cfg.ffn_config.ffn_type != "mptmlp" or act.get("name") != "gelu" or act.get("approximate", "none") != "none":
+        gaps.append(f"ffn_config={{ffn_type: {cfg.ffn_config.ffn_type}, ffn_act_fn: {act}}}")
+    if cfg.logit_scale is not None:
+        gaps.append(f"logit_scale={cfg.logit_scale}")
+    return gaps
+
+
 # ----------------------------------------------------------------------------- names
 
 
@@ -290,8 +316,9 @@ def save_model(folder: str, model_cfg: ModelConfig, params: dict, *, source: dic
 
 
 def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None = None,
-              max_shard_size: str | int = "5GB") -> str:
-    """Write the jaxtrain checkpoint ``src`` as a Hugging Face MPT folder ``dst``; returns ``dst``.
+              max_shard_size: str | int = "5GB") -> ModelConfig:
+    """Write the jaxtrain checkpoint ``src`` as a Hugging Face MPT folder ``dst``; returns its model
+    config (``transformers_mpt_gaps`` of it says what transformers' own MPT would not compute).
 
     ``dtype`` defaults to the dtype the weights were imported in (float32 for trained models).
     """
@@ -328,4 +355,4 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
         json.dump(hf_config_from_model(model_cfg, torch_dtype=dtype), handle, indent=2)
     if loaded.tokenizer_path:
         shutil.copyfile(loaded.tokenizer_path, os.path.join(dst, TOKENIZER_FILE))
-    return dst
+    return model_cfg

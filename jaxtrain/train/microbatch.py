@@ -5,7 +5,8 @@ Like Composer's automatic microbatching: start with the whole per-device batch a
 microbatch; when the compiled step needs more memory than the device has, or compiling or the
 first execution runs out of memory, halve the microbatch (twice the microbatches), rebuild the
 step and try again. Accumulation over microbatches gives the same update as one pass, so the
-choice changes memory and speed, never the result. ``model.remat: auto`` does the same over
+choice changes memory and speed, not the math (the gradient's float sums are taken in another
+order: equal to rounding, not bit for bit). ``model.remat: auto`` does the same over
 activation recompute: no remat, then ``dots_saveable`` (keep the matmul outputs), then ``full``
 (keep only each block's input); recomputing changes no number either. With both auto, a smaller
 microbatch is preferred to recompute down to ``MIN_MICROBATCH_TOKENS`` (``step_candidates``).
