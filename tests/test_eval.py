@@ -311,3 +311,14 @@ def test_cli_end_to_end(tmp_path, successor_model, tokenizer, capsys):
     assert results["tasks"][0]["accuracy"] == 0.5
     assert results["gauntlet"]["average"] == pytest.approx((0.5 - 0.25) / 0.75)
     assert "gauntlet/average" in capsys.readouterr().out
+
+
+def test_a_malformed_tasks_file_is_one_line_naming_its_line(tmp_path):
+    from jaxtrain.eval.icl import load_tasks
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text("icl_tasks:\n- label: [mc\n  dataset_uri: mc.jsonl\n")
+    with pytest.raises(ConfigError) as error:
+        load_tasks(str(path))
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{path}:3: malformed YAML (") and "at line 2" in str(error.value)

@@ -87,13 +87,7 @@ def _read(path: str | None) -> dict:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(e, "problem", None) or e).split())
-        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
-        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
-            problem += f", {context} at line {context_mark.line + 1}"
-        raise ConfigError(f"{path}{line}: malformed YAML ({problem}); fix the file at that line") from None
+        raise ConfigError(malformed_yaml(path, e)) from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -263,6 +257,17 @@ def _is_exactly(tp: Any, value: Any) -> bool:
 def config_to_dict(cfg: Any) -> dict:
     """The fully resolved config as plain dicts, lists and scalars."""
     return dataclasses.asdict(cfg)
+
+
+def malformed_yaml(path: str, error: Exception) -> str:
+    """One line for a YAML parse error: ``path:line: malformed YAML (problem[, context at line N]); ...``."""
+    mark = getattr(error, "problem_mark", None)
+    line = f":{mark.line + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(error, "problem", None) or error).split())
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+        problem += f", {context} at line {context_mark.line + 1}"
+    return f"{path}{line}: malformed YAML ({problem}); fix the file at that line"
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import yaml
 
 from jaxtrain.config import ConfigError
+from jaxtrain.config.loader import malformed_yaml
 from jaxtrain.eval.perplexity import SpanScorer, length_bucket
 
 TASK_FIELDS = {
@@ -70,7 +71,7 @@ def read_yaml(path: str):
     except OSError as error:
         raise ConfigError(f"{path}: cannot read it ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        raise ConfigError(malformed_yaml(path, error)) from None
 
 
 def where(path: str | None, mapping) -> str:

@@ -160,13 +160,9 @@ def load_price_overrides(path: str | os.PathLike, table: dict[str, Hardware] | N
         raise ValueError(f"{path}: not UTF-8 text ({err.reason}); save it as a YAML file "
                          "{hardware_name: usd_per_hour}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(err, "problem", None) or err).split())
-        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
-            problem += f", {context} at line {context_mark.line + 1}"
-        raise ValueError(f"{path}{line}: malformed YAML ({problem}); fix the file at that line") from None
+        from jaxtrain.config.loader import malformed_yaml
+
+        raise ValueError(malformed_yaml(str(path), err)) from None
     if not isinstance(prices, dict):
         raise ValueError(f"{path}: expected a mapping of hardware name to USD per hour, got {type(prices).__name__}")
     result = dict(base)
