@@ -276,6 +276,30 @@ def test_token_rows_gather_int32_and_int64_bytes(tmp_path):
         TokenRows([MDSDataset(os.path.join(tmp_path, "tokens"), "train")], seq_len=8)
 
 
+@pytest.mark.parametrize("encoding", ["ndarray:int32", "ndarray", "bytes"])
+def test_token_rows_beside_a_column_of_varying_length(tmp_path, encoding):
+    """Streaming-written datasets often keep the source text beside the tokens: the samples then
+    differ in layout (columns are stored in name order, 'text' before 'tokens'), and each row is
+    read from its own position."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50000, (37, 16)).astype(np.int32 if encoding != "bytes" else np.int64)
+    with MDSWriter(str(tmp_path / "ds"), {"tokens": encoding, "text": "str", "id": "int"}, size_limit=1500) as writer:
+        for index, row in enumerate(tokens):
+            value = row.tobytes() if encoding == "bytes" else row
+            writer.write({"tokens": value, "text": "x" * int(rng.integers(0, 200)), "id": index})
+    dataset = MDSDataset(str(tmp_path / "ds"))
+    assert dataset.num_shards > 1 and list(dataset.columns) == ["id", "text", "tokens"]
+    rows = TokenRows([dataset], seq_len=16)
+    picks = np.array([36, 0, 5, 17, 5, 23])
+    np.testing.assert_array_equal(rows[picks], tokens[picks])
+    np.testing.assert_array_equal(rows[:], tokens)
+    with MDSWriter(str(tmp_path / "ragged"), {"tokens": "ndarray:int32", "text": "str"}) as writer:
+        for length in (16, 16, 12):
+            writer.write({"tokens": np.zeros(length, np.int32), "text": "x" * length})
+    with pytest.raises(ConfigError, match=r"holds tokens rows of different lengths; pre-tokenized rows must all be 16"):
+        TokenRows([MDSDataset(str(tmp_path / "ragged"))], seq_len=16)
+
+
 # ----------------------------------------------------------------------------- read by Streaming itself
 
 READ_WITH_STREAMING = r"""

@@ -362,8 +362,9 @@ class TokenRows(ShardedRows):
 
     The column is ``ndarray`` of integers (LLM Foundry's ``--concat_tokens`` output,
     ``ndarray:int32``) or ``bytes`` of ``bytes_dtype`` ids (its older converters: int64). Every
-    row must hold exactly ``seq_len`` tokens. Rows are strided views into the mapped shards, so
-    indexing (``rows[indices]``, ``rows[a:b]``) gathers only the rows asked for, as int32.
+    row must hold exactly ``seq_len`` tokens; other columns (e.g. the source text) may vary. Rows are
+    strided views into the mapped shards (or, where samples differ in layout, each row's byte
+    position), so indexing (``rows[indices]``, ``rows[a:b]``) gathers only the rows asked for, as int32.
     """
 
     def __init__(self, datasets: list[MDSDataset], *, seq_len: int, column: str = "tokens",
@@ -382,32 +383,54 @@ class TokenRows(ShardedRows):
         return self._views[shard]
 
 
-def _token_view(shard: Shard, column: str, seq_len: int, bytes_dtype: np.dtype, key: str) -> np.ndarray:
-    """int[n, seq_len] strided view of ``column`` in every sample of ``shard`` (all samples alike in layout)."""
+class _GatheredRows:
+    """A shard's token rows whose samples differ in layout (another column of variable length):
+    ``rows[indices]`` copies each row from its own byte position."""
+
+    def __init__(self, data, positions: np.ndarray, length: int, dtype: np.dtype):
+        self._bytes = np.frombuffer(data, np.uint8)
+        self._positions, self._dtype = positions, dtype
+        self._span = np.arange(length * dtype.itemsize, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, indices) -> np.ndarray:
+        picked = self._bytes[self._positions[indices][:, None] + self._span]
+        return picked.view(self._dtype).reshape(len(picked), -1)
+
+
+def _token_view(shard: Shard, column: str, seq_len: int, bytes_dtype: np.dtype, key: str):
+    """int[n, seq_len] rows of ``column`` in every sample of ``shard``: a strided view when the
+    samples are laid out alike (the usual case), else a gather by each sample's position."""
     if column not in shard.column_names:
         raise ConfigError(f"{key}: shard {shard.path} has no {column!r} column (it has {', '.join(shard.column_names)}): "
                           f"every shard of pre-tokenized rows needs one; re-write the dataset with `jaxtrain data prepare`")
     count = shard.num_samples
     if count == 0:
         return np.zeros((0, seq_len), np.int32)
-    sizes = np.diff(shard.offsets.astype(np.int64))
-    if (sizes != sizes[0]).any():
+    starts = shard.offsets[:-1].astype(np.int64)
+    # Each sample: a uint32 size per variable-length column, then the columns in order.
+    num_variable = sum(size is None for size in shard.column_sizes)
+    all_bytes = np.frombuffer(shard.data, np.uint8)
+    if num_variable:
+        prefixes = all_bytes[starts[:, None] + np.arange(4 * num_variable)].view("<u4").astype(np.int64)
+    position, variable = starts + 4 * num_variable, 0
+    for name, size in zip(shard.column_names, shard.column_sizes):
+        width = prefixes[:, variable] if size is None else np.full(count, size, np.int64)
+        variable += size is None
+        if name == column:
+            break
+        position = position + width
+    if (width != width[0]).any():
         raise ConfigError(f"{key}: shard {shard.path} holds {column} rows of different lengths; pre-tokenized rows "
                           f"must all be {seq_len} tokens: re-run `jaxtrain data prepare --concat-tokens {seq_len}`")
-    stride, base = int(sizes[0]), int(shard.offsets[0])
-    num_variable = sum(size is None for size in shard.column_sizes)
-    if num_variable:
-        prefixes = np.ndarray((count, num_variable), np.uint32, buffer=shard.data, offset=base, strides=(stride, 4))
-        if (prefixes != prefixes[0]).any():
-            raise ConfigError(f"{key}: shard {shard.path} has samples whose columns differ in size: its {column} rows "
-                              f"are not all {seq_len} tokens; re-run `jaxtrain data prepare --concat-tokens {seq_len}`")
-    first = shard.column_bytes(shard.sample_bytes(0))
-    position = base + _offset_in(shard, first, column)
+    first = shard.column_bytes(shard.sample_bytes(0))[column]
     encoding = shard.column_encodings[shard.column_names.index(column)]
     if encoding.startswith("ndarray"):
-        dtype, shape, header = encodings.ndarray_header(encoding, first[column])
+        dtype, shape, header = encodings.ndarray_header(encoding, first)
         if header:
-            headers = np.ndarray((count, header), np.uint8, buffer=shard.data, offset=position, strides=(stride, 1))
+            headers = all_bytes[position[:, None] + np.arange(header)]
             if (headers != headers[0]).any():
                 raise ConfigError(f"{key}: shard {shard.path} has {column} arrays of different shapes; they must all "
                                   f"be {seq_len} tokens")
@@ -417,24 +440,19 @@ def _token_view(shard: Shard, column: str, seq_len: int, bytes_dtype: np.dtype, 
         length, position = shape[0], position + header
     elif encoding == "bytes":
         dtype = bytes_dtype
-        if len(first[column]) % dtype.itemsize:
+        if len(first) % dtype.itemsize:
             raise ConfigError(f"{key}: shard {shard.path} column {column!r} is not a whole number of {dtype.name} "
                               f"token ids: set the token dtype (extra.token_encoding_type) the dataset was written with")
-        length = len(first[column]) // dtype.itemsize
+        length = len(first) // dtype.itemsize
     else:
         raise ConfigError(f"{key}: shard {shard.path} column {column!r} is {encoding}; token rows must be ndarray or "
                           f"bytes (a str column is read as text: name it 'text' or set text_field)")
     if length != seq_len:
         raise ConfigError(f"{key}: shard {shard.path} holds rows of {length} tokens but max_seq_len is {seq_len}: set "
                           f"max_seq_len to {length} or re-run `jaxtrain data prepare --concat-tokens {seq_len}`")
-    return np.ndarray((count, length), dtype, buffer=shard.data, offset=position, strides=(stride, dtype.itemsize))
-
-
-def _offset_in(shard: Shard, columns: dict[str, memoryview], column: str) -> int:
-    """Byte offset of ``column`` within a sample, given that sample's column bytes."""
-    position = 4 * sum(size is None for size in shard.column_sizes)
-    for name in shard.column_names:
-        if name == column:
-            return position
-        position += len(columns[name])
-    raise KeyError(column)
+    steps = np.diff(position)
+    if count == 1 or (steps == steps[0]).all() and steps[0] > 0:
+        stride = int(steps[0]) if count > 1 else length * dtype.itemsize
+        return np.ndarray((count, length), dtype, buffer=shard.data, offset=int(position[0]),
+                          strides=(stride, dtype.itemsize))
+    return _GatheredRows(shard.data, position, length, dtype)
