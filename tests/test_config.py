@@ -135,6 +135,9 @@ def test_numbers_coerce_where_unambiguous(tmp_path):
         ("scheduler: {t_warmup: -5ba}", "scheduler.t_warmup: invalid time '-5ba' (negative); use e.g. '100ba'"),
         ("max_duration: 0.5dur", "max_duration: '0.5dur' is a fraction of the run itself"),
         ("model: {attn_config: {rope: true}}", "model.attn_config.rope: only false is supported"),
+        ("train_loader: {dataset: {source: python_stdlib}}\neval_loader: {dataset: {source: python_stdlib, "
+         "holdout_fraction: 0.3}}", "eval_loader.dataset.holdout_fraction: 0.3 differs from "
+         "train_loader.dataset.holdout_fraction 0.05: files between the two would be trained on and evaluated on"),
     ],
 )
 def test_semantic_errors_name_the_key(tmp_path, text, expected):

@@ -105,6 +105,12 @@ def validate(cfg: Config, where: Where) -> None:
                      f"model.max_seq_len {model.max_seq_len}; lower it or raise model.max_seq_len")
         if loader is not None:
             probability(f"{name}.dataset.holdout_fraction", loader.dataset.holdout_fraction)
+    train, held = cfg.train_loader, cfg.eval_loader
+    if (train is not None and held is not None and train.dataset.source == held.dataset.source == "python_stdlib"
+            and train.dataset.holdout_fraction != held.dataset.holdout_fraction):
+        fail("eval_loader.dataset.holdout_fraction", f"{held.dataset.holdout_fraction} differs from "
+             f"train_loader.dataset.holdout_fraction {train.dataset.holdout_fraction}: files between the two "
+             "would be trained on and evaluated on (or neither); set both to the same value")
 
     positive("global_train_batch_size", cfg.global_train_batch_size)
     positive("device_eval_batch_size", cfg.device_eval_batch_size)

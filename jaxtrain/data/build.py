@@ -101,7 +101,8 @@ def _weighted(weights) -> bool:
 
 
 def _stream_packed_rows(cfg, dataset, tokenizer: Tokenizer, cache_dir: str, key: str):
-    """Text MDS streams with weights: each stream packed on its own, so rows never straddle streams.
+    """Text MDS streams with weights: each stream packed on its own, so rows never straddle streams;
+    the weights (``choose``, ``epoch_size``, proportions) then count packed rows, not documents.
 
     Returns (rows, shard sizes of each stream) or None when the dataset is not such a mix.
     """
