@@ -221,7 +221,8 @@ def get_shuffle(algo: str, shard_sizes, num_canonical_nodes: int, seed: int, epo
     """int64[sum(shard_sizes)]: the shuffled sample ids of ``epoch``, as Streaming's ``get_shuffle``.
 
     ``shard_sizes`` are the samples of each shard (or shuffle unit) in order; sample ids number
-    them consecutively. ``none`` is the identity.
+    them consecutively. ``none`` is the identity. Shards of no samples are not supported (Streaming
+    shuffles them into other positions); ``SampleOrder`` drops them before it gets here.
     """
     if algo not in _SHUFFLES:
         raise ValueError(f"unknown shuffle algorithm {algo!r}: use one of {', '.join(SHUFFLE_ALGOS)}")
