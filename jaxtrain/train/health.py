@@ -7,6 +7,7 @@ hangs, and injects deliberate faults when the config asks for them.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -81,7 +82,9 @@ class HealthMonitor:
 
 class Watchdog:
     """Exits the process with EXIT_HANG, after dumping every thread's stack, when ``beat`` has
-    not been called for ``timeout`` seconds. Armed after the first step (compilation is slow)."""
+    not been called for ``timeout`` seconds. Armed by the first ``beat``, after the first step
+    (compilation is slow); ``pause`` disarms it until the next ``beat``. The loop beats after
+    every step and every held-out evaluation batch."""
 
     def __init__(self, *, timeout: float | None, factor: float, minimum: float, stacks_path: str,
                  on_hang: Callable[[float], None] | None = None):
@@ -110,6 +113,16 @@ class Watchdog:
     def pause(self) -> None:
         with self._lock:
             self._armed = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Unwatched for the ``with`` block (compiling, work that takes no set time), then armed
+        again, counting from the block's end."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.beat()
 
     @property
     def timeout(self) -> float:

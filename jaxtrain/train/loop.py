@@ -36,6 +36,7 @@ from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
 from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.setup import RunParts, eval_batch_size, interval_batches
+from jaxtrain.train.supervisor import ReachedStep
 from jaxtrain.train.summary import FitResult, out_of_lineage_incidents
 
 
@@ -91,6 +92,12 @@ class Trainer(RecoveryMixin):
             if cfg.save_folder else None
         )
         self.preemption_sync = _preemption_service_running()
+        self._eval_compiled = False  # whether this process has compiled the eval step yet
+        self.reached = ReachedStep.from_env()  # tells a supervisor the step the run is at
+
+    def _reached(self, step: int) -> None:
+        if self.reached is not None:
+            self.reached.write(step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -119,10 +126,15 @@ class Trainer(RecoveryMixin):
     # ------------------------------------------------------------------ eval
 
     def evaluate(self) -> float | None:
+        """The held-out loss. The watchdog watches it as it watches steps: each finished batch is
+        progress. Compiling the eval step (its first use in this process) is not watched, as the
+        first step is not; nor are the EVAL_START/EVAL_END callbacks (scoring ICL tasks takes as
+        long as the tasks make it, not a step's time, and reports no progress on the way)."""
         loader = self.parts.eval_loader
         if loader is None:
             return None
-        self.events.fire(Event.EVAL_START, self)
+        with self.watchdog.paused():
+            self.events.fire(Event.EVAL_START, self)
         batch_size = eval_batch_size(self.cfg)
         limit = self.cfg.eval_subset_num_batches
         outs = []
@@ -130,21 +142,36 @@ class Trainer(RecoveryMixin):
             if 0 <= limit <= index:
                 break
             batch = global_batch_from_local(local, self.parts.mesh)
+            if not self._eval_compiled:
+                self._compile_eval_step(batch)
             outs.append(self.parts.eval_step(self.state.params, batch))
             if index == 0:
                 self.faults.during_eval(self.step)
+            if len(outs) > 1:  # one batch in flight; the one before it has finished
+                jax.block_until_ready(outs[-2])
+                self.watchdog.beat()
         if not outs:
             return None
         # summed on the host once all batches are done (adding on the device compiles one more program)
         outs = jax.device_get(outs)
+        self.watchdog.beat()
         loss_sum = math.fsum(float(out["loss_sum"]) for out in outs)
         loss = loss_sum / max(math.fsum(float(out["tokens"]) for out in outs), 1.0)
         self.eval_history.append((self.step, loss))
         record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
         self._write_metrics(record)
         self.print(f"step {self.step}: held-out loss {loss:.4f}, perplexity {record['eval/perplexity']:.2f}")
-        self.events.fire(Event.EVAL_END, self)
+        with self.watchdog.paused():
+            self.events.fire(Event.EVAL_END, self)
         return loss
+
+    def _compile_eval_step(self, batch: dict[str, jax.Array]) -> None:
+        """Compile the eval step with the watchdog paused; its calls then find it compiled."""
+        lower = getattr(self.parts.eval_step, "lower", None)
+        if lower is not None:
+            with self.watchdog.paused():
+                lower(self.state.params, batch).compile()
+        self._eval_compiled = True
 
     # ------------------------------------------------------------------ logging
 
@@ -247,28 +274,30 @@ class Trainer(RecoveryMixin):
         )
         self._save_tokenizer()
         self.events.fire(Event.FIT_START, self)
+        self._reached(self.step)
         first_eval = self.eval_history[0][1] if self.eval_history else None
-        if cfg.eval_first and self.step == 0 and not self.eval_history:
-            first_eval = self.evaluate()
-        self.seconds_to_first_step = None  # the speed window starts when the first step has ended
-        self._last_step_time = None
-        if cfg.health.nan_policy == "rollback" or cfg.health.spike_policy == "rollback":
-            if self.checkpointer is not None and self.checkpointer.latest_step() is None:
-                self.save(force=True)  # something to roll back to
-        self.watchdog.start()
+        self.watchdog.start()  # unarmed until a step or an evaluation batch has finished
         try:
+            if cfg.eval_first and self.step == 0 and not self.eval_history:
+                first_eval = self.evaluate()
+            self.watchdog.pause()  # the first step may take its time, as compiling does
+            self.seconds_to_first_step = None  # the speed window starts when the first step has ended
+            self._last_step_time = None
+            if cfg.health.nan_policy == "rollback" or cfg.health.spike_policy == "rollback":
+                if self.checkpointer is not None and self.checkpointer.latest_step() is None:
+                    self.save(force=True)  # something to roll back to
             first_eval = self._train_until_done(first_eval, start_wall)
+            interrupted = self._stop_signal is not None and self.step < parts.total_batches
+            eval_loss = None
+            if interrupted:
+                self.print(f"stopping at step {self.step} ({signal.Signals(self._stop_signal).name}); saving a checkpoint")
+            elif self.stopped_unhealthy:
+                self.print(f"stopping at step {self.step}: {self.stopped_unhealthy}")
+            elif self.eval_every or parts.eval_loader is not None:
+                last_eval_step = self.eval_history[-1][0] if self.eval_history else -1
+                eval_loss = self.evaluate() if last_eval_step != self.step else self.eval_history[-1][1]
         finally:
             self.watchdog.stop()
-        interrupted = self._stop_signal is not None and self.step < parts.total_batches
-        eval_loss = None
-        if interrupted:
-            self.print(f"stopping at step {self.step} ({signal.Signals(self._stop_signal).name}); saving a checkpoint")
-        elif self.stopped_unhealthy:
-            self.print(f"stopping at step {self.step}: {self.stopped_unhealthy}")
-        elif self.eval_every or parts.eval_loader is not None:
-            last_eval_step = self.eval_history[-1][0] if self.eval_history else -1
-            eval_loss = self.evaluate() if last_eval_step != self.step else self.eval_history[-1][1]
         if self.checkpointer is not None:
             if self.checkpointer.latest_step() != self.step:
                 self.save(force=True)
@@ -322,6 +351,7 @@ class Trainer(RecoveryMixin):
             waited = time.perf_counter()
             batch = global_batch_from_local(self._next_batch(loader_iter), parts.mesh)
             self._data_wait = time.perf_counter() - waited
+            self._reached(self.step + 1)
             if parts.with_control:
                 next_step = self.step + 1
                 position = self.positions[next_step]
@@ -353,8 +383,7 @@ class Trainer(RecoveryMixin):
                     continue
                 break
             if self.eval_every and self.step % self.eval_every == 0:
-                self.watchdog.pause()
-                loss = self.evaluate()
+                loss = self.evaluate()  # watched; the next step counts from its end
                 first_eval = loss if first_eval is None else first_eval
                 self.meter.start(time.perf_counter())
                 self._last_step_time = None
