@@ -1,7 +1,9 @@
 """Load a trained model from a jaxtrain checkpoint folder: its config, parameters and tokenizer.
 
 Used by generation, evaluation, export and ``load_path``. Only the parameters are read (the
-optimizer state is skipped), into host memory or the given shardings.
+optimizer state is skipped), into host memory or the given shardings. Given the model they are
+for (``like``), the checkpoint's parameter names and shapes are checked against it before any
+array is read: a difference is a ``ParameterMismatch`` naming the parameters.
 """
 
 from __future__ import annotations
@@ -39,6 +41,69 @@ class LoadedModel:
         return nnx.merge(graphdef, self.params)
 
 
+class ParameterMismatch(ConfigError):
+    """The checkpoint's parameters are not the model's: ``missing`` (the model's, not in the
+    checkpoint), ``extra`` (the checkpoint's, not the model's) and ``shapes`` ({name: (checkpoint
+    shape, model shape)}); ``model_cfg`` is the checkpoint's model config."""
+
+    def __init__(self, where: str, model_cfg: ModelConfig, missing: list[str], extra: list[str],
+                 shapes: dict[str, tuple[tuple, tuple]]):
+        self.model_cfg, self.missing, self.extra, self.shapes = model_cfg, missing, extra, shapes
+        super().__init__(f"{where}: {self.detail()}; make the model section match the checkpoint's")
+
+    def detail(self) -> str:
+        """What differs, in one clause: the parameters missing, extra and of another shape."""
+        parts = []
+        if self.missing:
+            parts.append(f"the model has {few(self.missing)}, which the checkpoint lacks")
+        if self.extra:
+            parts.append(f"the checkpoint has {few(self.extra)}, which the model lacks")
+        if self.shapes:
+            shown = [f"{name} is {theirs} there, {ours} in the model"
+                     for name, (theirs, ours) in self.shapes.items()]
+            parts.append(few(shown, 2))
+        return "its parameters differ from the model's: " + "; ".join(parts)
+
+
+def few(items: list[str], limit: int = 3) -> str:
+    """``a, b, c`` or ``a, b, c and 4 more``."""
+    if len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more"
+
+
+def param_names(tree: Any) -> dict[str, Any]:
+    """{dotted parameter name (``blocks.attn.Wqkv.kernel``): leaf} of a parameter tree."""
+    names = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = []
+        for key in path:
+            name = getattr(key, "key", None)
+            if name is None:
+                name = getattr(key, "name", None)
+            if name is None:
+                name = getattr(key, "idx", key)
+            keys.append(str(name))
+        if len(keys) > 1 and keys[-1] == "value":  # nnx.State keeps each array in a variable's .value
+            keys.pop()
+        names[".".join(keys)] = leaf
+    return names
+
+
+def _check_parameters(where: str, model_cfg: ModelConfig, theirs: Any, ours: Any, *, shapes: bool) -> None:
+    """Raise ``ParameterMismatch`` unless ``theirs`` and ``ours`` hold the same parameter names (and,
+    with ``shapes``, of the same shapes)."""
+    theirs, ours = param_names(theirs), param_names(ours)
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    different = {}
+    for name in sorted(set(ours) & set(theirs)) if shapes else ():
+        if tuple(ours[name].shape) != tuple(theirs[name].shape):
+            different[name] = (tuple(theirs[name].shape), tuple(ours[name].shape))
+    if missing or extra or different:
+        raise ParameterMismatch(where, model_cfg, missing, extra, different)
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """Orbax's warnings (it logs through absl's ``absl`` logger) off inside the block; errors still show."""
@@ -51,7 +116,7 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
-def _discard_abandoned_reads(timeout: float = 30.0) -> None:
+def discard_abandoned_reads(timeout: float = 30.0) -> None:
     """Wait, hushed, until the reads Orbax abandoned when a restore failed are finished and collected.
 
     Orbax runs a restore's array reads on an event loop of its own and closes that loop when one
@@ -86,6 +151,34 @@ def _discard_abandoned_reads(timeout: float = 30.0) -> None:
         sys.stderr, sys.unraisablehook, asyncio_logger.disabled = stderr, unraisablehook, disabled
 
 
+_discard_abandoned_reads = discard_abandoned_reads
+
+
+@contextlib.contextmanager
+def held_back_stderr():
+    """What is written to ``sys.stderr`` and reported as unraisable inside the block is held back:
+    written out when the block ends normally, dropped when it raises.
+
+    Around a restore: when one of its reads fails, Orbax closes its event loop, and the reads
+    still running report the closed loop with tracebacks, some before the failure reaches the
+    caller; the caller reports the failure in one line (and then ``discard_abandoned_reads``)."""
+    import io
+    import sys
+
+    stderr, unraisablehook = sys.stderr, sys.unraisablehook
+    buffer, unraisable = io.StringIO(), []
+    sys.stderr, sys.unraisablehook = buffer, unraisable.append
+    try:
+        yield
+    except BaseException:
+        sys.stderr, sys.unraisablehook = stderr, unraisablehook
+        raise
+    sys.stderr, sys.unraisablehook = stderr, unraisablehook
+    stderr.write(buffer.getvalue())
+    for report in unraisable:
+        unraisablehook(report)
+
+
 def _steps_text(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
@@ -104,11 +197,16 @@ def _no_checkpoint_error(folder: str) -> ConfigError:
     return ConfigError(f"{folder}: no complete jaxtrain checkpoint found (expected numbered step folders)")
 
 
-def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None) -> LoadedModel:
+def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None) -> LoadedModel:
     """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default).
 
     A missing folder or step and an incomplete or damaged step raise ``ConfigError`` naming the
     folder and step and listing the steps there.
+
+    ``shardings``: a tree of shardings like the checkpoint's parameters to read them into (default
+    the first local device). ``like``: the parameters of the model they are for (arrays or
+    ``ShapeDtypeStruct``s with shardings): read into its shardings, after checking that names and
+    shapes agree. A tree that does not fit raises ``ParameterMismatch`` before anything is read.
     """
     from jaxtrain.train.state import abstract_model
 
@@ -159,6 +257,11 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         except ConfigError as error:
             raise damaged(f"the config in its meta item is invalid: {error}") from None
         _, abstract_params = abstract_model(model_cfg)
+        if like is not None:
+            _check_parameters(step_folder, model_cfg, abstract_params, like, shapes=True)
+            shardings = jax.tree.map(lambda x: x.sharding, like)
+        elif shardings is not None:
+            _check_parameters(step_folder, model_cfg, abstract_params, shardings, shapes=False)
         if shardings is None:
             device = jax.local_devices()[0]
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract_params)
@@ -170,23 +273,24 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         # Only the parameters are read; the optimizer state stays on disk.
         unreadable = None
         try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=target,
-                        restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-                        partial_restore=True,
-                    )
-                ),
-            )["state"]
+            with held_back_stderr():
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            item=target,
+                            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+                            partial_restore=True,
+                        )
+                    ),
+                )["state"]
         except (jax.errors.JaxRuntimeError, MemoryError):
             raise  # the device (e.g. out of memory), not the checkpoint
         except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise bare Exception for unreadable arrays
             unreadable = str(error).splitlines()[0] if str(error) else type(error).__name__
         if unreadable is not None:  # outside the except block: the error's traceback holds the abandoned reads
             logging.getLogger(__name__).debug("reading %s failed: %s", step_folder, unreadable)
-            _discard_abandoned_reads()
+            discard_abandoned_reads()
             raise damaged("its state item cannot be read")
     finally:
         manager.close()

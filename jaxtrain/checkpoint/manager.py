@@ -10,6 +10,14 @@ locally and uploaded step by step (see ``checkpoint/remote.py``); with several p
 stages its own part in its own folder (``<staging>/process-<i>``) and Orbax treats every process
 as the writer of its local copy.
 
+A step that cannot be read back is moved aside by ``move_aside`` once an older one has been
+restored (the folder ``<step>`` is renamed ``<step>.unreadable-<time>``, a name Orbax does not
+take for a step): nothing is deleted, and the resumed run saves that step again when it gets
+there. For a remote folder the staged copy is moved beside the staging folder (kept when the
+staging folder goes), and the step is uploaded again, over the remote copy, once it is saved.
+A restarted run stages only the remote steps it reads; the others the retention policy keeps are
+not pruned for being absent from the staging folder.
+
 A save that fails (disk full, storage unreachable after retries) raises ``CheckpointSaveError``:
 a one-line message naming the checkpoint and what to do, and exit status ``EXIT_CHECKPOINT``.
 Orbax reports a failure of its background write only when asked, so the Trainer polls after
@@ -23,6 +31,7 @@ import dataclasses
 import errno
 import logging as std_logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -36,6 +45,10 @@ from jaxtrain.config.schema import ConfigError
 from jaxtrain.train.health import EXIT_CHECKPOINT
 
 FORMAT_VERSION = 1
+# A step folder moved aside because it cannot be read back: ``<step>.unreadable-<time>``. Orbax
+# takes only ``<digits>`` (or ``<name>_<digits>``) for a step and ``.orbax-checkpoint-tmp`` for an
+# unfinished one, so it neither lists nor cleans up such a folder; no ``_`` may come before digits.
+UNREADABLE_MARK = ".unreadable-"
 
 
 def _as_path(folder: str) -> str:
@@ -188,8 +201,8 @@ class Checkpointer:
         """Remote folders: wait for the pending write, then upload every finished step not yet there."""
         self._finish_pending()
         if self.remote is not None:
-            try:
-                self.remote.sync(list(self._manager.all_steps()), self.keep)
+            try:  # ``sync`` prunes the remote steps not listed: those the retention policy drops
+                self.remote.sync(sorted(self._kept()), self.keep)
             except RemoteUploadError as err:
                 raise self._failed(err.step, err) from err
 
@@ -198,6 +211,49 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def _kept(self) -> set[int]:
+        """The steps here and, for a remote folder, the complete remote steps the retention policy
+        keeps. (A restarted run stages only the remote steps it reads.)"""
+        local = set(self._manager.all_steps())
+        if self.remote is None:
+            return local
+        if self.keep is None or self.keep < 0:
+            return local | self.remote.uploaded
+        newest = set(sorted(local | self.remote.uploaded)[-self.keep:]) if self.keep > 0 else set()
+        return local | (self.remote.uploaded & newest)
+
+    def restorable_steps(self) -> list[int]:
+        """The steps a restore can try, oldest first: those here and, for a remote folder, the
+        complete remote steps kept (``restore`` downloads one that is not staged)."""
+        return sorted(self._kept())
+
+    def move_aside(self, step: int) -> str | None:
+        """Rename the folder of ``step`` (which cannot be read back) to ``<step>.unreadable-<time>``,
+        so that it is no longer a step here and the run saves that step again; nothing is deleted.
+
+        Returns the folder's new path (None when there was no folder to move). For a remote folder
+        the staged copy goes to ``<staging>.unreadable/`` and the step counts as not uploaded: its
+        next save is uploaded over the remote copy, which until then stays (with
+        ``save_num_checkpoints_to_keep`` >= 0, the next save prunes it like any step not kept).
+        With several processes sharing a local folder, process 0 renames it (the others return
+        None) and they meet after. The caller has waited for any save in flight (``wait``)."""
+        if self.remote is not None:
+            source = os.path.join(self.remote.staging, str(step))
+            aside = self.remote.staging.rstrip(os.sep) + ".unreadable"
+            self.remote.uploaded.discard(step)
+            moved = _rename_aside(source, aside, step) if os.path.isdir(source) else None
+        else:
+            source = os.path.join(self.folder, str(step))
+            moved = None
+            if jax.process_index() == 0 and os.path.isdir(source):
+                moved = _rename_aside(source, self.folder, step)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"jaxtrain-move-aside-{step}")
+        self._manager.reload()
+        return moved
 
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
         """Start an asynchronous save; returns whether a save was started."""
@@ -225,9 +281,12 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"])
 
     def _materialize(self, step: int) -> None:
-        """Remote folders: a staged step may hold only this process's part; download the rest."""
+        """Remote folders: a staged step may hold only this process's part, or none of it (an older
+        step tried after a newer one could not be read); download the rest."""
         if self.remote is not None and step in self.remote.uploaded:
             self.remote.materialize(step)
+            if step not in self._manager.all_steps():  # downloaded just now: Orbax lists it once reloaded
+                self._manager.reload()
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         self._materialize(step)
@@ -252,6 +311,23 @@ class Checkpointer:
                     raise
             if self.remote is not None and uploaded:
                 self.remote.remove_staging()
+
+
+def _aside_name(folder: str, step: int) -> str:
+    """A new name in ``folder`` for step ``step``'s folder moved aside: ``<step>.unreadable-<time>``."""
+    base = os.path.join(folder, f"{step}{UNREADABLE_MARK}{time.strftime('%Y%m%dT%H%M%S')}")
+    name, count = base, 1
+    while os.path.exists(name):
+        count += 1
+        name = f"{base}-{count}"
+    return name
+
+
+def _rename_aside(source: str, folder: str, step: int) -> str:
+    os.makedirs(folder, exist_ok=True)
+    target = _aside_name(folder, step)
+    os.rename(source, target)
+    return target
 
 
 def abstract_like(state: Any) -> Any:

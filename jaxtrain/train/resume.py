@@ -1,15 +1,234 @@
 """Checkpoint-side recovery for the Trainer: autoresume with fallback past unreadable
-checkpoints, rollback after a bad step, and starting from another run's weights."""
+checkpoints, rollback after a bad step, and starting from another run's weights.
+
+Autoresume first compares the config stored in the checkpoint with the run's (``compare_configs``;
+every setting belongs to one of the classes in ``RESUME_KEYS``): a setting under which the
+checkpoint would be misread (the model, the data its position points into, the train state's
+structure) is refused with one line naming it; the other settings that change the numbers are
+listed in one notice line; the rest (names, folders, logging, evaluation, rehearsed faults) are
+not mentioned. A checkpoint that cannot be read back is skipped for an older one, and once one
+is restored the newer unreadable ones are moved aside (renamed, never deleted), so the run saves
+those steps again; when none can be restored, nothing is moved.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Callable
 
 import jax
 
-from jaxtrain.checkpoint.load import load_checkpoint
+from jaxtrain.checkpoint.load import (
+    ParameterMismatch,
+    discard_abandoned_reads,
+    few,
+    held_back_stderr,
+    load_checkpoint,
+)
 from jaxtrain.checkpoint.manager import abstract_like
-from jaxtrain.config import ConfigError, config_to_dict
+from jaxtrain.config import ConfigError, config_to_dict, load_config_dict
+
+# ----------------------------------------------------------------------------- resume settings
+
+# What autoresume does with a setting whose value differs from the checkpoint's:
+REFUSE_MODEL = "refuse:model"  # the checkpoint's weights are another model's: one-line error
+REFUSE_DATA = "refuse:data"  # the checkpoint's data position would point at other samples: one-line error
+REFUSE_STATE = "refuse:state"  # the checkpoint's train state is built for the other value: one-line error
+NOTICE = "notice"  # continue with the config's value, listed in one notice line (the numbers change)
+IGNORE = "ignore"  # cannot change the numbers (names, folders, logging, evaluation, faults): not mentioned
+
+_WHY = {
+    REFUSE_MODEL: "its weights are for the model it was saved with",
+    REFUSE_DATA: "its data position would point at other samples",
+    REFUSE_STATE: "its train state is built for that value",
+}
+
+Rule = Callable[[str, Any, Any, dict, dict], str]
+
+
+def _optimizer_name(key: str, old: Any, new: Any, stored: dict, current: dict) -> str:
+    """The Adam optimizers keep the same two moments; Lion keeps one, of another meaning."""
+    return REFUSE_STATE if "decoupled_lionw" in (old, new) else NOTICE
+
+
+def _gradient_clipping(key: str, old: Any, new: Any, stored: dict, current: dict) -> str:
+    """Clipping on or off changes the optimizer state's structure; its type and threshold do not."""
+    return REFUSE_STATE if key == "algorithms.gradient_clipping" else NOTICE
+
+
+def _dataset_local(key: str, old: Any, new: Any, stored: dict, current: dict) -> str:
+    """``local`` is the data itself, or only the cache folder of a (same) ``remote``."""
+    remote = "train_loader.dataset.remote"
+    same_remote = _get(stored, remote) is not None and _get(stored, remote) == _get(current, remote)
+    return IGNORE if same_remote else REFUSE_DATA
+
+
+# Every setting by dotted key prefix (the longest matching prefix wins); a key under none of them
+# is a NOTICE. Tests check that every field of the schema is listed here explicitly.
+RESUME_KEYS: dict[str, str | Rule] = {
+    # -- the model: the weights are trained for it. Refused, except how it is computed or trained
+    "model": REFUSE_MODEL,
+    "model.emb_pdrop": NOTICE,  # dropout
+    "model.resid_pdrop": NOTICE,
+    "model.attn_config.attn_pdrop": NOTICE,
+    "model.z_loss": NOTICE,  # a term of the loss
+    "model.fused_loss": NOTICE,  # the same loss in sequence chunks (other rounding)
+    "model.remat": NOTICE,  # recompute: the same math, compiled differently
+    "model.scan_unroll": NOTICE,
+    "model.init_config": IGNORE,  # initialisation only: a resumed run restores its weights
+    "model.init_device": IGNORE,  # Foundry keys without effect here
+    "model.use_cache": IGNORE,
+    "model.loss_fn": IGNORE,
+    "model.attn_config.attn_impl": IGNORE,
+    # -- the data: the checkpoint's loader position (epoch, sample in epoch) is read in the order
+    # of these samples. Refused, except what the loader state stores and wins with (the order's
+    # shuffle parameters: the loader says "resuming in the checkpoint's data order") and how the
+    # samples are fetched
+    "max_seq_len": REFUSE_DATA,  # re-packs the documents into other rows
+    "tokenizer": REFUSE_DATA,
+    "train_loader.name": REFUSE_DATA,
+    "train_loader.dataset": REFUSE_DATA,  # source, paths, split, files, streams, lengths, EOS
+    "train_loader.dataset.local": _dataset_local,
+    "train_loader.dataset.shuffle": IGNORE,  # stored in the loader state, which wins
+    "train_loader.dataset.shuffle_seed": IGNORE,
+    "train_loader.dataset.extra": NOTICE,  # Streaming options jaxtrain does not know of
+    "train_loader.dataset.extra.shuffle_algo": IGNORE,  # stored in the loader state, which wins
+    "train_loader.dataset.extra.num_canonical_nodes": IGNORE,
+    "train_loader.dataset.extra.shuffle_block_size": IGNORE,
+    "train_loader.dataset.extra.sampling_method": REFUSE_DATA,  # the order's stream mixing and epoch
+    "train_loader.dataset.extra.sampling_granularity": REFUSE_DATA,
+    "train_loader.dataset.extra.epoch_size": REFUSE_DATA,
+    "train_loader.dataset.extra.batching_method": REFUSE_DATA,
+    "train_loader.dataset.extra.tfds_name": REFUSE_DATA,
+    "train_loader.dataset.extra.download_retry": IGNORE,  # how shards are fetched
+    "train_loader.dataset.extra.download_timeout": IGNORE,
+    "train_loader.dataset.extra.validate_hash": IGNORE,
+    "train_loader.dataset.extra.cache_limit": IGNORE,
+    "train_loader.dataset.extra.keep_local": IGNORE,
+    "train_loader.dataset.extra.predownload": IGNORE,
+    "train_loader.drop_last": IGNORE,  # always true for training
+    "train_loader.num_workers": IGNORE,  # prefetching: the same batches
+    "train_loader.prefetch_factor": IGNORE,
+    "train_loader.pin_memory": IGNORE,
+    "train_loader.persistent_workers": IGNORE,
+    "train_loader.timeout": IGNORE,
+    "seed": IGNORE,  # initialisation; the dropout key is restored; the data order is the loader state's
+    # -- the train state's structure
+    "health.spike_window": REFUSE_STATE,  # the state holds that many recent losses
+    "optimizer.name": _optimizer_name,
+    "algorithms.gradient_clipping": _gradient_clipping,
+    # -- hyperparameters and numerics: allowed, and listed in the notice
+    "optimizer": NOTICE,
+    "scheduler": NOTICE,
+    "algorithms": NOTICE,
+    "global_train_batch_size": NOTICE,
+    "device_train_microbatch_size": NOTICE,
+    "max_duration": NOTICE,  # also stretches a schedule given in fractions of the run
+    "precision": NOTICE,
+    "parallelism": NOTICE,  # the same math, summed in another order
+    "health.skip_steps": NOTICE,  # updates not applied
+    # -- cannot change the numbers of a healthy run: not mentioned
+    "health": IGNORE,  # policies and thresholds act on failing steps (recorded as incidents)
+    "faults": IGNORE,
+    "run_name": IGNORE,
+    "run_folder": IGNORE,
+    "save_folder": IGNORE,
+    "save_interval": IGNORE,
+    "save_num_checkpoints_to_keep": IGNORE,
+    "save_overwrite": IGNORE,
+    "autoresume": IGNORE,
+    "load_path": IGNORE,  # a resumed run continues from its checkpoint, not from load_path
+    "console_log_interval": IGNORE,
+    "progress_bar": IGNORE,
+    "log_to_console": IGNORE,
+    "python_log_level": IGNORE,
+    "peak_flops_per_device": IGNORE,
+    "log_shardings": IGNORE,
+    "loggers": IGNORE,
+    "callbacks": IGNORE,
+    "metadata": IGNORE,
+    "variables": IGNORE,  # their effect shows in the settings they are interpolated into
+    "eval_interval": IGNORE,
+    "eval_first": IGNORE,
+    "eval_subset_num_batches": IGNORE,
+    "device_eval_batch_size": IGNORE,
+    "eval_loader": IGNORE,
+    "icl_tasks": IGNORE,
+    "icl_subset_num_batches": IGNORE,
+    "icl_seq_len": IGNORE,
+    "eval_gauntlet": IGNORE,
+}
+
+_UNSET = object()  # a key one of the two configs does not have
+
+
+def _get(doc: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(doc, dict) or part not in doc:
+            return None
+        doc = doc[part]
+    return doc
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) of every leaf that differs; mappings are compared key by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for name in list(old) + [name for name in new if name not in old]:
+            found += _differences(old.get(name, _UNSET), new.get(name, _UNSET), f"{key}.{name}" if key else str(name))
+        return found
+    return [] if old == new else [(key, old, new)]
+
+
+def key_class(key: str, old: Any = None, new: Any = None, stored: dict | None = None,
+              current: dict | None = None) -> str:
+    """The class (``REFUSE_*``, ``NOTICE``, ``IGNORE``) of a setting that changed on resume."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        rule = RESUME_KEYS.get(".".join(parts[:end]))
+        if rule is not None:
+            return rule(key, old, new, stored or {}, current or {}) if callable(rule) else rule
+    return NOTICE
+
+
+def _show(value: Any) -> str:
+    if value is _UNSET:
+        return "unset"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def compare_configs(stored: dict, current: dict, *, both_have: bool = False
+                    ) -> tuple[list[tuple[str, Any, Any, str]], list[tuple[str, Any, Any]]]:
+    """(refused, noticed) differences between a checkpoint's config and the run's: refused as
+    (key, checkpoint value, config value, class), noticed as (key, checkpoint value, config value).
+    ``both_have``: only settings both configs have (they come from different versions)."""
+    refused, noticed = [], []
+    for key, old, new in _differences(stored, current):
+        if both_have and _UNSET in (old, new):
+            continue
+        kind = key_class(key, old, new, stored, current)
+        if kind.startswith("refuse"):
+            refused.append((key, old, new, kind))
+        elif kind == NOTICE:
+            noticed.append((key, old, new))
+    return refused, noticed
+
+
+def _normalized(stored: dict) -> tuple[dict, bool]:
+    """The stored config with the defaults of settings added since it was written, and True; or,
+    if it no longer loads (another version's settings), the config as stored and False."""
+    try:
+        return config_to_dict(load_config_dict(stored)), True
+    except Exception:  # noqa: BLE001 - compared as stored
+        return stored, False
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of ``err`` (without TensorStore's spec dump), at most 200 characters."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(" See full TensorStore details")[0][:200]
 
 
 class RecoveryMixin:
@@ -25,27 +244,87 @@ class RecoveryMixin:
             "incidents": self.incidents,
         }
 
+    def _check_config(self, step: int, meta: dict[str, Any]) -> None:
+        """Refuse (``ConfigError``) a config under which the checkpoint of ``step`` would be misread;
+        print one notice listing the other settings that differ and change the numbers."""
+        stored = meta.get("config")
+        if not isinstance(stored, dict):
+            return
+        stored, complete = _normalized(stored)
+        refused, noticed = compare_configs(stored, config_to_dict(self.cfg), both_have=not complete)
+        where = f"{self.checkpointer.folder}/{step}"
+        if refused:
+            items = few([f"{key}={_show(old)} (the config says {_show(new)})" for key, old, new, _ in refused], 4)
+            why = "; ".join(dict.fromkeys(_WHY[kind] for *_, kind in refused))
+            values = "it back to the checkpoint's value" if len(refused) == 1 else "them back to the checkpoint's values"
+            if any(kind == REFUSE_MODEL for *_, kind in refused):
+                todo = f"set {values}, or use another save_folder to start a new run"
+            else:
+                todo = (f"set {values}, or start a new run from its weights: another save_folder and "
+                        f"load_path: {self.checkpointer.folder}")
+            raise ConfigError(f"autoresume: the checkpoint at {where} was saved with {items}: {why}; {todo}")
+        if noticed:
+            items = ", ".join(f"{key} ({_show(old)} -> {_show(new)})" for key, old, new in noticed)
+            self.print(f"notice: autoresume: the config differs from the checkpoint at {where} in {items}; "
+                       f"training continues with the config's values, so this run will equal an uninterrupted run "
+                       f"of neither config")
+
     def _restore(self, step: int) -> None:
-        self.state, meta = self.checkpointer.restore(step, abstract_like(self.state))
+        with held_back_stderr():  # the tracebacks of reads abandoned when one fails
+            state, meta = self.checkpointer.restore(step, abstract_like(self.state))
+        try:
+            self.parts.train_loader.load_state_dict(meta["loader"])
+        except ValueError as err:  # the data changed since (the config did not say so)
+            raise ConfigError(f"autoresume: the checkpoint at {self.checkpointer.folder}/{step} does not fit the "
+                              f"data: {err}; restore the data it was trained on, or start a new run from its weights: "
+                              f"another save_folder and load_path: {self.checkpointer.folder}") from None
+        self.state = state
         self._restored_meta = meta
-        self.parts.train_loader.load_state_dict(meta["loader"])
         self.eval_history = [tuple(item) for item in meta.get("eval_history", [])]
         self.skip_positions |= {tuple(p) for p in meta.get("skip_positions", [])}
         self.step = int(jax.device_get(self.state.step))
 
-    def restore_newest_readable(self, below: int | None = None) -> int | None:
-        """Restore the newest checkpoint that reads back (optionally older than ``below``);
-        unreadable ones are reported and skipped. Returns its step, or None if there is none."""
-        self.checkpointer.wait()
-        steps = sorted((s for s in self.checkpointer.all_steps() if below is None or s < below), reverse=True)
-        for step in steps:
+    def _try_restore(self, step: int, check_config: bool) -> str | None:
+        """Restore ``step``; returns None, or why it cannot be read. A config under which it would
+        be misread raises ``ConfigError`` before its state is read."""
+        failure = None
+        try:
+            meta = self.checkpointer.restore_meta(step)
+        except Exception as err:  # noqa: BLE001 - a damaged meta item: Orbax names no error types
+            failure = _reason(err)
+        if failure is None:
+            if check_config:
+                self._check_config(step, meta)
             try:
                 self._restore(step)
+            except ConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a truncated or corrupted state item
+                failure = _reason(err)
+        if failure is not None:  # outside the except blocks: their tracebacks hold the abandoned reads
+            discard_abandoned_reads()
+        return failure
+
+    def restore_newest_readable(self, below: int | None = None, *, check_config: bool = False) -> int | None:
+        """Restore the newest checkpoint that reads back (optionally older than ``below``);
+        unreadable ones are reported and skipped, and once an older one is restored, moved aside so
+        that the run saves their steps again. Returns the step, or None if none reads back (then
+        nothing is moved). ``check_config``: compare the newest readable one's config first."""
+        self.checkpointer.wait()
+        steps = sorted((s for s in self.checkpointer.restorable_steps() if below is None or s < below), reverse=True)
+        unreadable = []
+        for step in steps:
+            failure = self._try_restore(step, check_config)
+            if failure is None:
+                for bad in unreadable:
+                    moved = self.checkpointer.move_aside(bad)
+                    where = f" to {moved}" if moved else ""
+                    self.print(f"checkpoint {self.checkpointer.folder}/{bad} moved aside{where} (nothing is deleted), "
+                               f"so that this run saves step {bad} again")
                 return step
-            except Exception as err:  # a truncated or corrupted checkpoint: fall back to an older one
-                reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-                self.print(f"checkpoint {self.checkpointer.folder}/{step} cannot be restored ({reason}); trying an older one")
-                self.record_incident("unreadable_checkpoint", checkpoint_step=step)
+            self.print(f"checkpoint {self.checkpointer.folder}/{step} cannot be restored ({failure}); trying an older one")
+            self.record_incident("unreadable_checkpoint", checkpoint_step=step)
+            unreadable.append(step)
         return None
 
     def maybe_resume(self) -> None:
@@ -61,13 +340,13 @@ class RecoveryMixin:
                 f"save_folder: {self.cfg.save_folder} already holds checkpoints (latest step {latest}); "
                 "set autoresume: true to continue, save_overwrite: true to start over, or pick another folder"
             )
-        step = self.restore_newest_readable()
-        if step is not None:
-            self.incidents = list(self._restored_meta.get("incidents", [])) + self.incidents
+        step = self.restore_newest_readable(check_config=True)
         if step is None:
             raise ConfigError(
-                f"save_folder: no checkpoint in {self.cfg.save_folder} can be restored; move it aside to start over"
+                f"save_folder: no checkpoint in {self.checkpointer.folder} can be restored (see the lines above); "
+                f"they are left as they are: if they are damaged, set save_folder to another folder to start over"
             )
+        self.incidents = list(self._restored_meta.get("incidents", [])) + self.incidents
         self.print(f"resumed from {self.checkpointer.folder} at step {self.step}")
 
     def rollback(self, bad_steps: list[int]) -> bool:
@@ -87,18 +366,17 @@ class RecoveryMixin:
     def load_weights(self, path: str) -> None:
         """Start from the parameters of another run's checkpoint (the optimizer starts fresh)."""
         try:
-            loaded = load_checkpoint(path, shardings=self.parts.state_shardings.params)
+            loaded = load_checkpoint(path, like=abstract_like(self.state.params))
+        except ParameterMismatch as err:
+            ours = config_to_dict(self.cfg.model)
+            theirs = config_to_dict(err.model_cfg)
+            keys = [f"model.{key}={_show(old)} (the config says {_show(new)})"
+                    for key, old, new in _differences(theirs, ours)
+                    if key_class(f"model.{key}") == REFUSE_MODEL]
+            differ = f"; the checkpoint's model has {few(keys, 4)}" if keys else ""
+            raise ConfigError(f"load_path: {path}: {err.detail()}{differ}; make the model section match the "
+                              f"checkpoint's") from None
         except ConfigError as err:
             raise ConfigError(f"load_path: {err}") from None
-        ours = jax.tree_util.tree_flatten_with_path(self.state.params)[0]
-        theirs = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
-        for key, value in ours:
-            other = theirs.get(jax.tree_util.keystr(key))
-            if other is None or other.shape != value.shape:
-                found = "missing" if other is None else f"shape {other.shape}"
-                raise ConfigError(
-                    f"load_path: {path}: parameter {jax.tree_util.keystr(key)} is {found}, the model needs "
-                    f"shape {value.shape}; make the model section match the checkpoint's"
-                )
         self.state = self.state.replace(params=loaded.params)
         self.print(f"loaded weights from {path} (step {loaded.step}); optimizer state is fresh")

@@ -1,0 +1,245 @@
+"""Autoresume and load_path against the checkpoint they read: an unreadable newest checkpoint is
+moved aside and saved again, a config the checkpoint would be misread under is one line, other
+changed settings are one notice, and weights of another model are one line naming parameters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtrain.checkpoint.load import load_checkpoint
+from jaxtrain.config import Config, config_to_dict
+from test_end_to_end import ROOT, TINY, command, run
+
+# The tiny model but 4 layers of width 256: big enough that a failed restore leaves reads behind.
+WIDER = [item for item in TINY if not item.startswith(("model.d_model=", "model.n_layers="))]
+NOISE = ("Traceback", "Event loop is closed", "Exception ignored")
+
+
+def wider_command(tmp_path: Path, *overrides: str) -> list[str]:
+    args = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for item in [*WIDER, f"run_folder={tmp_path}/run", f"save_folder={tmp_path}/checkpoints", *overrides]:
+        args += ["--set", item]
+    return args
+
+
+def params_of(folder) -> list[np.ndarray]:
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(load_checkpoint(str(folder)).params)]
+
+
+def truncate_largest_array_file(step_folder: Path) -> None:
+    files = [path for path in (step_folder / "state").rglob("*") if path.is_file() and "/d/" in str(path)]
+    largest = max(files, key=lambda path: path.stat().st_size)
+    with open(largest, "r+b") as handle:
+        handle.truncate(1000)
+
+
+def error_line(result) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert not any(noise in result.stderr + result.stdout for noise in NOISE), result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def tree_listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*"))}
+
+
+# ----------------------------------------------------------------------------- 1: unreadable newest step
+
+
+def test_unreadable_newest_checkpoint_is_moved_aside_and_saved_again_quietly(tmp_path):
+    args = wider_command(tmp_path, "max_duration=2ba", "save_interval=1ba", "eval_interval=0")
+    first = run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    trained = params_of(checkpoints)  # step 2, as the uninterrupted run left it
+    truncate_largest_array_file(checkpoints / "2")
+
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert not any(noise in output for noise in NOISE), output[-3000:]
+    assert f"checkpoint {checkpoints}/2 cannot be restored" in again.stdout
+    assert "moved aside to" in again.stdout and "at step 1" in again.stdout
+    assert "notice: autoresume" not in again.stdout  # the same config: nothing to note
+    aside = [path.name for path in checkpoints.iterdir() if path.name.startswith("2.unreadable-")]
+    assert len(aside) == 1 and (checkpoints / aside[0] / "state").is_dir()  # kept, not deleted
+    # Step 2 is saved again: it reads back, equal to the uninterrupted run's.
+    assert load_checkpoint(str(checkpoints)).step == 2
+    for ours, reference in zip(params_of(checkpoints), trained):
+        np.testing.assert_array_equal(ours, reference)
+
+
+def test_unreadable_remote_step_falls_back_to_an_older_remote_one_and_is_uploaded_again(tmp_path, moto_s3, monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    with moto_s3() as (_, aws_env):
+        for name, value in aws_env.items():
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="resume")
+        url = "s3://resume/run/checkpoints"
+        args = command(tmp_path, f"save_folder={url}", "max_duration=6ba", "save_interval=3ba", "eval_interval=0")
+        first = run(args)
+        assert first.returncode == 0, first.stderr[-3000:]
+        trained = params_of(url)  # step 6
+        keys = [item["Key"] for item in client.list_objects_v2(Bucket="resume")["Contents"]]
+        arrays = [key for key in keys if key.startswith("run/checkpoints/6/state/") and "/d/" in key]
+        largest = max(arrays, key=lambda key: client.head_object(Bucket="resume", Key=key)["ContentLength"])
+        body = client.get_object(Bucket="resume", Key=largest)["Body"].read()
+        client.put_object(Bucket="resume", Key=largest, Body=body[:1000])  # damaged in the bucket
+
+        again = run(args)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "cannot be restored" in again.stdout and "moved aside to" in again.stdout
+        assert "at step 3" in again.stdout
+        aside = tmp_path / "run" / "checkpoint-staging.unreadable"
+        assert [path.name.split(".")[0] for path in aside.iterdir()] == ["6"]
+        from jaxtrain.checkpoint.remote import RemoteSteps
+
+        assert RemoteSteps(url).complete_steps() == [3, 6]  # step 3 was not pruned on the way
+        for ours, reference in zip(params_of(url), trained):  # step 6, uploaded again
+            np.testing.assert_array_equal(ours, reference)
+
+
+# ----------------------------------------------------------------------------- 2 and 3: the config on resume
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 2-step tiny run, checkpoints at steps 1 and 2; tests resume copies of it."""
+    folder = tmp_path_factory.mktemp("trained")
+    result = run(command(folder, "max_duration=2ba", "save_interval=1ba", "eval_interval=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def copy_of(trained_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(trained_run / "checkpoints", tmp_path / "checkpoints")
+    shutil.copytree(trained_run / "run", tmp_path / "run")
+    return tmp_path
+
+
+def test_a_model_shape_change_on_resume_is_one_line_and_touches_no_checkpoint(trained_run, tmp_path):
+    copy_of(trained_run, tmp_path)
+    before = tree_listing(tmp_path / "checkpoints")
+    result = run(command(tmp_path, "max_duration=2ba", "save_interval=1ba", "eval_interval=0", "model.n_layers=1"))
+    line = error_line(result)
+    assert line.startswith(f"error: autoresume: the checkpoint at {tmp_path}/checkpoints/2 was saved with "
+                           f"model.n_layers=2 (the config says 1)"), line
+    assert "set it back" in line and "another save_folder" in line and "move it aside" not in line
+    assert "cannot be restored" not in result.stdout
+    assert tree_listing(tmp_path / "checkpoints") == before
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "unreadable_checkpoint" not in metrics
+
+
+@pytest.mark.parametrize("override, named", [
+    ("variables.max_seq_len=32", "max_seq_len=64 (the config says 32)"),  # re-packs the data
+    ("train_loader.dataset.max_files=50", "train_loader.dataset.max_files=60 (the config says 50)"),
+    ("optimizer.name=decoupled_lionw", "optimizer.name=decoupled_adamw (the config says decoupled_lionw)"),
+])
+def test_a_setting_the_checkpoint_would_be_misread_under_is_refused(trained_run, tmp_path, override, named):
+    copy_of(trained_run, tmp_path)
+    result = run(command(tmp_path, "max_duration=2ba", "save_interval=1ba", "eval_interval=0", override))
+    line = error_line(result)
+    assert line.startswith(f"error: autoresume: the checkpoint at {tmp_path}/checkpoints/2 was saved with"), line
+    assert named in line and "back to the checkpoint's value" in line, line
+
+
+def test_changed_hyperparameters_are_one_notice_and_the_run_continues(trained_run, tmp_path):
+    copy_of(trained_run, tmp_path)
+    result = run(command(tmp_path, "max_duration=3ba", "save_interval=1ba", "eval_interval=0", "optimizer.lr=0.01",
+                         "console_log_interval=2ba", "seed=5", "health.watchdog_min=100"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    notices = [line for line in result.stdout.splitlines() if line.startswith("notice: autoresume")]
+    assert len(notices) == 1, result.stdout[-3000:]
+    assert "optimizer.lr (0.003 -> 0.01)" in notices[0] and "max_duration (2ba -> 3ba)" in notices[0]
+    assert "neither config" in notices[0]
+    for quiet in ("console_log_interval", "seed", "health"):  # cannot change the numbers (or said elsewhere)
+        assert quiet not in notices[0]
+    assert "resuming in the checkpoint's data order" in result.stderr  # the changed seed: the loader's own note
+    assert "resumed from" in result.stdout and json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 3
+
+
+def _leaf_keys(doc: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in doc.items():
+        if isinstance(value, dict) and value:
+            keys += _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_every_setting_has_an_explicit_resume_class():
+    from jaxtrain.train.resume import IGNORE, NOTICE, REFUSE_DATA, REFUSE_MODEL, REFUSE_STATE, RESUME_KEYS, compare_configs
+
+    for key in _leaf_keys(config_to_dict(Config())):
+        parts = key.split(".")
+        assert any(".".join(parts[:end]) in RESUME_KEYS for end in range(len(parts), 0, -1)), key
+    base = config_to_dict(Config())
+
+    def classes(**changes) -> dict[str, str]:
+        current = json.loads(json.dumps(base))
+        for key, value in changes.items():
+            node = current
+            *parents, last = key.split("__")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+        refused, noticed = compare_configs(base, current)
+        return {**{key: kind for key, _, _, kind in refused}, **{key: NOTICE for key, _, _ in noticed}}
+
+    assert classes(model__n_layers=3) == {"model.n_layers": REFUSE_MODEL}
+    assert classes(model__attn_config__alibi=True) == {"model.attn_config.alibi": REFUSE_MODEL}
+    assert classes(max_seq_len=16) == {"max_seq_len": REFUSE_DATA}
+    assert classes(tokenizer__kwargs={"vocab_size": 10}) == {"tokenizer.kwargs.vocab_size": REFUSE_DATA}
+    assert classes(health__spike_window=5) == {"health.spike_window": REFUSE_STATE}
+    assert classes(algorithms__gradient_clipping={"clipping_type": "norm", "clipping_threshold": 1.0}) == {
+        "algorithms.gradient_clipping": REFUSE_STATE}
+    assert classes(optimizer__name="adamw") == {"optimizer.name": NOTICE}
+    assert classes(optimizer__lr=1.0, precision="fp32", global_train_batch_size=3, scheduler__alpha_f=0.5) == {
+        "optimizer.lr": NOTICE, "precision": NOTICE, "global_train_batch_size": NOTICE, "scheduler.alpha_f": NOTICE}
+    assert classes(run_name="x", save_interval="5ba", eval_interval="1ba", progress_bar=False, seed=1,
+                   faults__crash_at_step=3, health__watchdog_timeout=5.0, model__init_config__init_std=0.1) == {}
+    assert RESUME_KEYS["train_loader.dataset.shuffle"] == IGNORE  # the loader state's order wins
+    # A checkpoint of another version: settings only one side has are not compared.
+    assert compare_configs(dict(base, retired_setting=1), base, both_have=True) == ([], [])
+
+
+# ----------------------------------------------------------------------------- 4: load_path of another model
+
+
+def test_load_path_of_a_model_with_other_parameters_is_one_line(tmp_path):
+    from flax import nnx
+
+    from jaxtrain.config import load_config
+    from jaxtrain.convert.hf_mpt import save_model
+    from jaxtrain.models.mpt import MPTForCausalLM
+
+    # No ALiBi (a learned position embedding, wpe) and tied embeddings (no lm_head).
+    sets = [item for item in TINY if item.startswith(("variables.", "model."))] + ["model.attn_config.alibi=false"]
+    model_cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), sets, notices=[]).model
+    params = nnx.to_pure_dict(nnx.state(MPTForCausalLM(model_cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    source = tmp_path / "source"
+    save_model(str(source), model_cfg, jax.tree.map(np.asarray, params))
+
+    # The quickstart model with untied embeddings: it needs lm_head and has no wpe.
+    result = run(command(tmp_path, "max_duration=1ba", "eval_interval=0", f"load_path={source}",
+                         "model.tie_word_embeddings=false"))
+    line = error_line(result)
+    assert line.startswith(f"error: load_path: {source}: "), line
+    assert "the model has lm_head.kernel, which the checkpoint lacks" in line, line
+    assert "the checkpoint has wpe.embedding, which the model lacks" in line, line
+    assert "model.tie_word_embeddings=true (the config says false)" in line, line
+    assert "model.attn_config.alibi=false (the config says true)" in line, line
+    assert line.endswith("make the model section match the checkpoint's"), line
