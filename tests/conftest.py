@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import socket
@@ -129,3 +130,20 @@ def once_per_session(tmp_path_factory):
             return result
 
     return run
+
+
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture
+def s3_checkpoints(moto_s3, monkeypatch):
+    """``s3://`` checkpoints on a moto server at 127.0.0.1; yields (boto3 client, bucket, save_folder URL).
+    Each use gets a bucket of its own: moto keeps its buckets in the process, across servers."""
+    boto3 = pytest.importorskip("boto3")
+    bucket = f"checkpoints-{os.getpid()}-{next(_BUCKETS)}"
+    with moto_s3() as (_, aws_env):
+        for name, value in aws_env.items():
+            monkeypatch.setenv(name, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=bucket)
+        yield client, bucket, f"s3://{bucket}/run/checkpoints"

@@ -169,18 +169,6 @@ def test_checkpointer_turns_a_failed_upload_into_one_line_naming_the_checkpoint(
     assert RemoteSteps(url).complete_steps() == [1]
 
 
-@pytest.fixture
-def s3_checkpoints(moto_s3, monkeypatch):
-    """``s3://`` checkpoints on a moto server at 127.0.0.1; yields (boto3 client, bucket, save_folder URL)."""
-    boto3 = pytest.importorskip("boto3")
-    with moto_s3() as (_, aws_env):
-        for name, value in aws_env.items():
-            monkeypatch.setenv(name, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="faults")
-        yield client, "faults", "s3://faults/run/checkpoints"
-
-
 def test_upload_cut_short_by_a_crash_is_finished_by_the_next_run(reference, tmp_path, s3_checkpoints):
     client, bucket, url = s3_checkpoints
     args = command(tmp_path, *OVERRIDES, f"save_folder={url}", "faults.kill_during_upload_step=4")

@@ -53,7 +53,7 @@ def tree_listing(folder: Path) -> dict[str, tuple[int, int]]:
             for path in sorted(folder.rglob("*"))}
 
 
-# ----------------------------------------------------------------------------- 1: unreadable newest step
+# ----------------------------------------------------------------------------- the unreadable newest step
 
 
 def test_unreadable_newest_checkpoint_is_moved_aside_and_saved_again_quietly(tmp_path):
@@ -79,38 +79,32 @@ def test_unreadable_newest_checkpoint_is_moved_aside_and_saved_again_quietly(tmp
         np.testing.assert_array_equal(ours, reference)
 
 
-def test_unreadable_remote_step_falls_back_to_an_older_remote_one_and_is_uploaded_again(tmp_path, moto_s3, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    with moto_s3() as (_, aws_env):
-        for name, value in aws_env.items():
-            monkeypatch.setenv(name, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="resume")
-        url = "s3://resume/run/checkpoints"
-        args = command(tmp_path, f"save_folder={url}", "max_duration=6ba", "save_interval=3ba", "eval_interval=0")
-        first = run(args)
-        assert first.returncode == 0, first.stderr[-3000:]
-        trained = params_of(url)  # step 6
-        keys = [item["Key"] for item in client.list_objects_v2(Bucket="resume")["Contents"]]
-        arrays = [key for key in keys if key.startswith("run/checkpoints/6/state/") and "/d/" in key]
-        largest = max(arrays, key=lambda key: client.head_object(Bucket="resume", Key=key)["ContentLength"])
-        body = client.get_object(Bucket="resume", Key=largest)["Body"].read()
-        client.put_object(Bucket="resume", Key=largest, Body=body[:1000])  # damaged in the bucket
+def test_unreadable_remote_step_falls_back_to_an_older_remote_one_and_is_uploaded_again(tmp_path, s3_checkpoints):
+    client, bucket, url = s3_checkpoints
+    args = command(tmp_path, f"save_folder={url}", "max_duration=6ba", "save_interval=3ba", "eval_interval=0")
+    first = run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trained = params_of(url)  # step 6
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    arrays = [key for key in keys if key.startswith("run/checkpoints/6/state/") and "/d/" in key]
+    largest = max(arrays, key=lambda key: client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+    body = client.get_object(Bucket=bucket, Key=largest)["Body"].read()
+    client.put_object(Bucket=bucket, Key=largest, Body=body[:1000])  # damaged in the bucket
 
-        again = run(args)
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert "cannot be restored" in again.stdout and "moved aside to" in again.stdout
-        assert "at step 3" in again.stdout
-        aside = tmp_path / "run" / "checkpoint-staging.unreadable"
-        assert [path.name.split(".")[0] for path in aside.iterdir()] == ["6"]
-        from jaxtrain.checkpoint.remote import RemoteSteps
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cannot be restored" in again.stdout and "moved aside to" in again.stdout
+    assert "at step 3" in again.stdout
+    aside = tmp_path / "run" / "checkpoint-staging.unreadable"
+    assert [path.name.split(".")[0] for path in aside.iterdir()] == ["6"]
+    from jaxtrain.checkpoint.remote import RemoteSteps
 
-        assert RemoteSteps(url).complete_steps() == [3, 6]  # step 3 was not pruned on the way
-        for ours, reference in zip(params_of(url), trained):  # step 6, uploaded again
-            np.testing.assert_array_equal(ours, reference)
+    assert RemoteSteps(url).complete_steps() == [3, 6]  # step 3 was not pruned on the way
+    for ours, reference in zip(params_of(url), trained):  # step 6, uploaded again
+        np.testing.assert_array_equal(ours, reference)
 
 
-# ----------------------------------------------------------------------------- 2 and 3: the config on resume
+# ----------------------------------------------------------------------------- the config on resume
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +210,7 @@ def test_every_setting_has_an_explicit_resume_class():
     assert compare_configs(dict(base, retired_setting=1), base, both_have=True) == ([], [])
 
 
-# ----------------------------------------------------------------------------- 4: load_path of another model
+# ----------------------------------------------------------------------------- load_path of another model
 
 
 def test_load_path_of_a_model_with_other_parameters_is_one_line(tmp_path):
