@@ -102,6 +102,22 @@ def patch(loop):
             parts.eval_loader, parts.eval_step, self.events.callbacks[:] = eval_loader, eval_step, callbacks
 
     loop.Trainer.evaluate = patched
+    if SPEC.get("slow_save"):  # every checkpoint save takes this long (a large upload)
+        save = loop.Trainer.save
+
+        def slow_save(self, *, force=False):
+            checkpointer = self.checkpointer
+            if checkpointer is not None and not getattr(checkpointer, "slowed", False):
+                inner = checkpointer.save
+
+                def slow(*args, **kwargs):
+                    time.sleep(SPEC["slow_save"])
+                    return inner(*args, **kwargs)
+
+                checkpointer.save, checkpointer.slowed = slow, True
+            return save(self, force=force)
+
+        loop.Trainer.save = slow_save
 
 
 class Finder(importlib.abc.MetaPathFinder):
@@ -220,3 +236,27 @@ def test_long_but_progressing_evaluation_and_icl_callbacks_are_not_hangs(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hook: evaluation at step 2" in result.stderr and "watchdog" not in result.stderr
     assert "step 2: held-out loss" in result.stdout and "step 4: held-out loss" in result.stdout
+
+
+def test_a_checkpoint_save_longer_than_the_timeout_is_not_a_hang(tmp_path):
+    """Saves wait for the previous write and upload it: as long as the checkpoint is large, not a step's time."""
+    args = command(tmp_path, "max_duration=6ba", "eval_interval=0", "save_interval=2ba", "health.watchdog_timeout=3")
+    result = run_hooked(tmp_path, args, {"step": -1, "slow_save": 4}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "watchdog" not in result.stderr
+    assert sorted(int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit())[-1] == 6
+
+
+def test_a_pause_rearms_only_a_watchdog_that_was_armed(tmp_path):
+    from jaxtrain.train.health import Watchdog
+
+    watchdog = Watchdog(timeout=5, factor=20, minimum=1, stacks_path=str(tmp_path / "stacks"))
+    with watchdog.paused():  # before the first step: unarmed, and it stays so (that step may take its time)
+        pass
+    assert not watchdog._armed
+    watchdog.beat()
+    before = watchdog._last
+    with watchdog.paused():
+        assert not watchdog._armed
+        time.sleep(0.01)
+    assert watchdog._armed and watchdog._last > before  # counting from the block's end

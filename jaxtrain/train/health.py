@@ -116,13 +116,16 @@ class Watchdog:
 
     @contextlib.contextmanager
     def paused(self):
-        """Unwatched for the ``with`` block (compiling, work that takes no set time), then armed
-        again, counting from the block's end."""
-        self.pause()
+        """Unwatched for the ``with`` block (compiling, work that takes no set time); then armed
+        again, counting from the block's end, if it was armed before (before the first step it
+        stays unarmed: that step may take its time)."""
+        with self._lock:
+            was_armed, self._armed = self._armed, False
         try:
             yield
         finally:
-            self.beat()
+            if was_armed:
+                self.beat()
 
     @property
     def timeout(self) -> float:

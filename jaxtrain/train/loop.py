@@ -120,7 +120,12 @@ class Trainer(RecoveryMixin):
     def save(self, *, force: bool = False) -> None:
         if self.checkpointer is None:
             return
-        if self.checkpointer.save(self.step, self.state, self._meta(), force=force):
+        # Not watched: a save waits for the previous one's write and uploads it, which takes as long
+        # as the checkpoint is large and the storage slow (minutes for a large model), not a
+        # step's time; its own failures end in retries and CheckpointSaveError.
+        with self.watchdog.paused():
+            saved = self.checkpointer.save(self.step, self.state, self._meta(), force=force)
+        if saved:
             self.events.fire(Event.CHECKPOINT, self)
 
     # ------------------------------------------------------------------ eval
@@ -171,6 +176,7 @@ class Trainer(RecoveryMixin):
         if lower is not None:
             with self.watchdog.paused():
                 lower(self.state.params, batch).compile()
+            self.watchdog.beat()  # the batches from here on are watched, even in the first evaluation
         self._eval_compiled = True
 
     # ------------------------------------------------------------------ logging
