@@ -206,6 +206,9 @@ def test_every_setting_has_an_explicit_resume_class():
     assert classes(run_name="x", save_interval="5ba", eval_interval="1ba", progress_bar=False, seed=1,
                    faults__crash_at_step=3, health__watchdog_timeout=5.0, model__init_config__init_std=0.1) == {}
     assert RESUME_KEYS["train_loader.dataset.shuffle"] == IGNORE  # the loader state's order wins
+    # The same data moved to another folder: listed, not refused; another subset of it: refused.
+    assert classes(train_loader__dataset__local="/moved/data") == {"train_loader.dataset.local": NOTICE}
+    assert classes(train_loader__dataset__max_files=3) == {"train_loader.dataset.max_files": REFUSE_DATA}
     # A checkpoint of another version: settings only one side has are not compared.
     assert compare_configs(dict(base, retired_setting=1), base, both_have=True) == ([], [])
 

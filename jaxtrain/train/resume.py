@@ -57,10 +57,11 @@ def _gradient_clipping(key: str, old: Any, new: Any, stored: dict, current: dict
 
 
 def _dataset_local(key: str, old: Any, new: Any, stored: dict, current: dict) -> str:
-    """``local`` is the data itself, or only the cache folder of a (same) ``remote``."""
+    """``local`` is only the cache folder of a (same) ``remote``, or the data itself: a dataset moved
+    to another folder (or bucket) is a common reason to change it, so it is listed, not refused."""
     remote = "train_loader.dataset.remote"
     same_remote = _get(stored, remote) is not None and _get(stored, remote) == _get(current, remote)
-    return IGNORE if same_remote else REFUSE_DATA
+    return IGNORE if same_remote else NOTICE
 
 
 # Every setting by dotted key prefix (the longest matching prefix wins); a key under none of them
@@ -89,6 +90,7 @@ RESUME_KEYS: dict[str, str | Rule] = {
     "train_loader.name": REFUSE_DATA,
     "train_loader.dataset": REFUSE_DATA,  # source, paths, split, files, streams, lengths, EOS
     "train_loader.dataset.local": _dataset_local,
+    "train_loader.dataset.remote": NOTICE,  # the same data in another bucket (see _dataset_local)
     "train_loader.dataset.shuffle": IGNORE,  # stored in the loader state, which wins
     "train_loader.dataset.shuffle_seed": IGNORE,
     "train_loader.dataset.extra": NOTICE,  # Streaming options jaxtrain does not know of
