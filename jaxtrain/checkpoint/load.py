@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
 from jaxtrain.config import ConfigError, load_config_dict
-from jaxtrain.config.schema import ModelConfig
+from jaxtrain.config.schema import ModelConfig, error_line
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -149,9 +149,6 @@ def discard_abandoned_reads(timeout: float = 30.0) -> None:
         gc.collect()
     finally:
         sys.stderr, sys.unraisablehook, asyncio_logger.disabled = stderr, unraisablehook, disabled
-
-
-_discard_abandoned_reads = discard_abandoned_reads
 
 
 @contextlib.contextmanager
@@ -287,7 +284,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         except (jax.errors.JaxRuntimeError, MemoryError):
             raise  # the device (e.g. out of memory), not the checkpoint
         except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise bare Exception for unreadable arrays
-            unreadable = str(error).splitlines()[0] if str(error) else type(error).__name__
+            unreadable = error_line(error)
         if unreadable is not None:  # outside the except block: the error's traceback holds the abandoned reads
             logging.getLogger(__name__).debug("reading %s failed: %s", step_folder, unreadable)
             discard_abandoned_reads()

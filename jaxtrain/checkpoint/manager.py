@@ -41,7 +41,7 @@ from absl import logging
 import jaxtrain
 from jaxtrain.checkpoint.faults import install_save_faults
 from jaxtrain.checkpoint.remote import RemoteSteps, RemoteUploadError, is_remote, process_group
-from jaxtrain.config.schema import ConfigError
+from jaxtrain.config.schema import ConfigError, error_line
 from jaxtrain.train.health import EXIT_CHECKPOINT
 
 FORMAT_VERSION = 1
@@ -93,11 +93,6 @@ class CheckpointSaveError(SystemExit):
         return self.message
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0][:300] if text else "") or type(err).__name__
-
-
 def _disk_full(err: BaseException) -> bool:
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -130,7 +125,7 @@ class Checkpointer:
                     group = process_group()
                 except Exception as err:  # noqa: BLE001 - no distributed runtime to meet through
                     raise ConfigError(f"save_folder={folder}: remote checkpoints of {jax.process_count()} processes "
-                                      f"need jax.distributed ({_first_line(err)}); start the processes with "
+                                      f"need jax.distributed ({error_line(err)}); start the processes with "
                                       f"launch/ or jax.distributed.initialize") from err
                 if staging:  # processes may share the run folder: each stages in its own
                     staging = os.path.join(staging, f"process-{group.index}")
@@ -183,7 +178,7 @@ class Checkpointer:
             advice = "check that save_folder is writable"
         resume = (f"the checkpoint of step {max(earlier)} is intact; {advice}, then run the same command to resume "
                   f"from it" if earlier else f"no earlier checkpoint exists; {advice}, then run the same command")
-        return CheckpointSaveError(f"checkpoint {where} could not be saved ({_first_line(err)}); {resume}")
+        return CheckpointSaveError(f"checkpoint {where} could not be saved ({error_line(err)}); {resume}")
 
     def poll(self) -> None:
         """Raise ``CheckpointSaveError`` if the asynchronous write in flight has failed; cheap otherwise."""

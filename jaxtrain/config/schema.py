@@ -18,6 +18,13 @@ class ConfigError(ValueError):
     """A mistake in a config file or an override: one line saying where, what, and what to do."""
 
 
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``error``'s message (at most ``limit`` characters), or its type's name:
+    how a library's error is quoted inside a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def field(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
     """A dataclass field carrying a one-line doc string."""
     if factory is not None:

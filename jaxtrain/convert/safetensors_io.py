@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from jaxtrain.config import ConfigError
+from jaxtrain.config.schema import error_line
 from jaxtrain.tempfiles import temp_path
 
 SINGLE_FILE = "model.safetensors"
@@ -68,7 +69,7 @@ class SafetensorsFolder:
 
 def _unreadable(path: str, error: Exception, what: str = "") -> ConfigError:
     """A damaged or truncated safetensors file, named with the reason and what to do."""
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = error_line(error)
     reason = reason.removeprefix("Error while deserializing header: ")
     subject = f"{path}: {what} cannot be read" if what else f"{path}: not a readable safetensors file"
     return ConfigError(f"{subject} ({reason}); the file is damaged or incomplete: download or save it again")

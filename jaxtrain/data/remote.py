@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from jaxtrain.config.schema import ConfigError
+from jaxtrain.config.schema import ConfigError, error_line
 from jaxtrain.data.mds.reader import DEFAULT_BYTES_TOKEN_DTYPE, MDSDataset, ShardedRows, _token_view, mds_datasets
 from jaxtrain.data.mds.writer import _SIZE_UNITS, INDEX_BASENAME, is_remote
 
@@ -139,8 +139,7 @@ class ObjectStore:
 
 def describe_error(error: BaseException) -> str:
     """``Type: first line`` of a storage error (these never carry the credentials themselves)."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {error_line(error, 200)}" if str(error).strip() else type(error).__name__
 
 
 def _not_transient(error: BaseException) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jaxtrain.config.schema import ConfigError
+from jaxtrain.config.schema import ConfigError, error_line
 from jaxtrain.tempfiles import temp_path
 
 EOS_TOKEN = "<|endoftext|>"
@@ -143,7 +143,7 @@ def read_tokenizer_file(path: str, *, what: str) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(path)
     except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception for every failure
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_line(error)
         raise ConfigError(f"{what}: {path} is not a readable tokenizer.json ({reason}); give the tokenizer.json "
                           f"saved with the model") from None
 

@@ -27,6 +27,7 @@ from jaxtrain.checkpoint.load import (
 )
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict, load_config_dict
+from jaxtrain.config.schema import error_line
 
 # ----------------------------------------------------------------------------- resume settings
 
@@ -229,8 +230,7 @@ def _normalized(stored: dict) -> tuple[dict, bool]:
 
 def _reason(err: BaseException) -> str:
     """The first line of ``err`` (without TensorStore's spec dump), at most 200 characters."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text.split(" See full TensorStore details")[0][:200]
+    return error_line(err, limit=10_000).split(" See full TensorStore details")[0][:200]
 
 
 class RecoveryMixin:
