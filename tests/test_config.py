@@ -414,3 +414,42 @@ def test_foundry_list_of_eval_loaders_uses_the_first(tmp_path):
     cfg = load_config(path, notices=(notices := []))
     assert cfg.eval_loader.dataset.local == "/c4" and cfg.eval_loader.dataset.source == "mds"
     assert notices == ["eval_loader: jaxtrain evaluates one loader; using the first of [c4, code]"]
+
+
+def test_foundry_finetuning_loader(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    path = write(tmp_path, f"""\
+        model: {{attn_config: {{attn_uses_sequence_id: true}}}}
+        train_loader:
+          name: finetuning
+          dataset:
+            hf_name: json
+            hf_kwargs: {{data_files: {{train: {data}}}}}
+            split: train
+            decoder_only_format: true
+            packing_ratio: auto
+            target_responses: all
+            pad_to_longest: true
+        """)
+    cfg = load_config(path, notices=(notices := []))
+    dataset = cfg.train_loader.dataset
+    assert (dataset.source, dataset.local, dataset.packing_ratio, dataset.target_responses) == (
+        "finetune_jsonl", str(data), "auto", "all")
+    assert notices == ["train_loader.dataset.pad_to_longest: rows always have max_seq_len tokens and no example is "
+                       "dropped; ignored"]
+    local = write(tmp_path, f"train_loader: {{name: finetuning, dataset: {{hf_name: {data}, split: train}}}}\n")
+    assert load_config(local, notices=[]).train_loader.dataset.local == str(data)
+    hub = write(tmp_path, "train_loader: {name: finetuning, dataset: {hf_name: mosaicml/dolly_hhrlhf, split: train}}\n")
+    assert "'mosaicml/dolly_hhrlhf' is not a local path; jaxtrain downloads no datasets" in error_of(load_config, hub)
+    python = write(tmp_path, "train_loader: {name: finetuning, dataset: {hf_name: x, preprocessing_fn: m:f}}\n")
+    assert "preprocessing_fn: jaxtrain runs no Python preprocessing" in error_of(load_config, python)
+
+
+def test_finetuning_options_and_loader_names_are_checked(tmp_path):
+    message = error_of(load_config, write(tmp_path, "train_loader: {dataset: {packing_ratio: auto}}\n"))
+    assert "train_loader.dataset.packing_ratio: applies to source finetune_jsonl only, not 'python_stdlib'" in message
+    message = error_of(load_config, write(tmp_path, "train_loader: {name: txt}\n"))
+    assert "train_loader.name: unknown name 'txt'; did you mean 'text'?" in message
+    message = error_of(load_config, write(tmp_path, "train_loader: {name: finetuning, dataset: {source: jsonl}}\n"))
+    assert "train_loader.dataset.source: 'jsonl' under the finetuning loader" in message

@@ -318,3 +318,20 @@ def test_text_and_jsonl_sources_share_the_packing_path(tmp_path):
         build_loaders(_config(DatasetConfig(source="mds", local=str(tmp_path))), cache_dir=cache)
     with pytest.raises(ConfigError, match="matches no input files"):
         build_loaders(_config(DatasetConfig(source="text", local=str(tmp_path / "missing*.txt"))), cache_dir=cache)
+
+
+def test_json_files_named_by_split_give_that_split_only(tmp_path):
+    from jaxtrain.data.sources import JSONL_SUFFIXES, TEXT_SUFFIXES, resolve_files
+
+    for name in ("train.jsonl", "test-00000-of-00002.jsonl", "test-00001-of-00002.jsonl", "validation.json"):
+        (tmp_path / name).write_text("{}\n")
+    assert resolve_files(str(tmp_path), "train", JSONL_SUFFIXES, "k") == [str(tmp_path / "train.jsonl")]
+    assert [os.path.basename(p) for p in resolve_files(str(tmp_path), "test", JSONL_SUFFIXES, "k")] == [
+        "test-00000-of-00002.jsonl", "test-00001-of-00002.jsonl"]
+    with pytest.raises(ConfigError, match=r"holds files of the splits test, train, validation but none of split "
+                                          r"'eval': set k.split to one of them"):
+        resolve_files(str(tmp_path), "eval", JSONL_SUFFIXES, "k")
+    # text sources read folders as given: a source tree's train.py and test_x.py are documents, not splits
+    (tmp_path / "train.py").write_text("x = 1\n")
+    (tmp_path / "test_x.py").write_text("y = 2\n")
+    assert len(resolve_files(str(tmp_path), "train", TEXT_SUFFIXES, "k")) == 2

@@ -10,6 +10,7 @@ quietly, because nothing is lost. Nothing else is dropped.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -135,7 +136,7 @@ def map_foundry(doc: dict, note: Note, where: Where) -> dict:
         if isinstance(doc.get(name), list):
             doc[name] = _first_loader(doc[name], name, note)
         if isinstance(doc.get(name), dict):
-            _map_loader(doc[name], name, note)
+            _map_loader(doc[name], name, note, where)
     if isinstance(doc.get("loggers"), dict):
         _map_loggers(doc["loggers"], note)
     if isinstance(doc.get("callbacks"), dict):
@@ -199,12 +200,15 @@ def _first_loader(loaders: list, name: str, note: Note) -> Any:
     return loaders[0]
 
 
-def _map_loader(loader: dict, name: str, note: Note) -> None:
+def _map_loader(loader: dict, name: str, note: Note, where: Where) -> None:
     label = loader.pop("label", None)
     if label is not None and name == "train_loader":
         note(f"{name}.label: only eval loaders have labels; ignored")
     dataset = loader.get("dataset")
     if not isinstance(dataset, dict):
+        return
+    if loader.get("name") == "finetuning":
+        _map_finetuning(dataset, f"{name}.dataset", note, where)
         return
     if "source" not in dataset and (dataset.get("local") or dataset.get("remote") or dataset.get("streams")):
         dataset["source"] = "mds"
@@ -238,3 +242,41 @@ def _keep_known(section: dict, prefix: str, known: tuple[str, ...], note: Note, 
         section.pop(name)
         hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
         note(f"{prefix}.{name}: not supported by jaxtrain; dropped{hint}")
+
+
+def _map_finetuning(dataset: dict, prefix: str, note: Note, where: Where) -> None:
+    """Foundry's ``finetuning`` loader: local JSONL/JSON files of prompt/response or chat examples."""
+    dataset.setdefault("source", "finetune_jsonl")
+    for key in ("pad_to_longest", "max_leftover_bins_to_keep"):
+        if key in dataset:
+            dataset.pop(key)
+            note(f"{prefix}.{key}: rows always have max_seq_len tokens and no example is dropped; ignored")
+    if dataset.get("preprocessing_fn"):
+        raise ConfigError(f"{where(prefix + '.preprocessing_fn')}: {prefix}.preprocessing_fn: jaxtrain runs no "
+                          f"Python preprocessing; write the examples as prompt/response or messages JSONL and set "
+                          f"{prefix}.local")
+    dataset.pop("preprocessing_fn", None)
+    hf_name, hf_kwargs = dataset.pop("hf_name", None), dataset.pop("hf_kwargs", None) or {}
+    if hf_name is None:
+        return
+    if "local" in dataset:
+        raise ConfigError(f"{where(prefix + '.hf_name')}: {prefix}: give hf_name or local, not both")
+    if hf_name == "json":
+        files = hf_kwargs.get("data_files") if isinstance(hf_kwargs, dict) else None
+        split = dataset.get("split", "train")
+        if isinstance(files, dict):
+            files = files.get(split)
+        if isinstance(files, list) and len(files) == 1:
+            files = files[0]
+        if not isinstance(files, str):
+            raise ConfigError(f"{where(prefix + '.hf_kwargs')}: {prefix}.hf_kwargs.data_files: give one file, "
+                              f"folder or glob for split {split!r} (or set {prefix}.local instead)")
+        dataset["local"] = files
+    elif os.path.exists(os.path.expanduser(str(hf_name))):
+        dataset["local"] = hf_name
+    else:
+        raise ConfigError(f"{where(prefix + '.hf_name')}: {prefix}.hf_name: {hf_name!r} is not a local path; "
+                          f"jaxtrain downloads no datasets: save it as JSONL (prompt/response or messages) and set "
+                          f"{prefix}.local")
+    if hf_kwargs and hf_name != "json":
+        note(f"{prefix}.hf_kwargs: read from the local files as they are; ignored")

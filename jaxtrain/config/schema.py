@@ -127,7 +127,8 @@ class TokenizerConfig:
 class DatasetConfig:
     """A dataset inside a loader section."""
 
-    source: str = field("python_stdlib", "python_stdlib (embedded default), text, jsonl, mds, tfds, finetune_jsonl")
+    source: str = field("python_stdlib", "python_stdlib (embedded default), text, jsonl, mds, tfds, "
+                                          "finetune_jsonl (prompt/response or chat messages)")
     local: str | None = field(None, "local path (or cache folder for a remote)")
     remote: str | None = field(None, "remote URL (s3://, gs://, ...) to stream from")
     split: str = field("train", "train or eval (held-out) split")
@@ -139,6 +140,12 @@ class DatasetConfig:
     max_files: int | None = field(None, "python_stdlib/text: cap on files read (quick runs)")
     text_field: str = field("text", "jsonl: the field holding the document")
     streams: dict | None = field(None, "Streaming's named streams: {name: {local, remote, split, proportion, repeat, choose}}")
+    target_prompts: str = field("none", "finetune_jsonl: prompts that carry loss: none | all | length>=N")
+    target_responses: str = field("last", "finetune_jsonl: responses that carry loss: last | all")
+    packing_ratio: float | str | None = field(None, "finetune_jsonl: examples per row on average (>= 1) or auto; "
+                                                    "needs model.attn_config.attn_uses_sequence_id; unset: one per row")
+    decoder_only_format: bool = field(True, "finetune_jsonl: Foundry key; only true (decoder-only) is supported")
+    allow_pad_trimming: bool = field(False, "finetune_jsonl: Foundry key; rows keep max_seq_len tokens (same loss)")
     extra: dict = field(factory=dict, doc="Streaming options: shuffle_algo, num_canonical_nodes, shuffle_block_size, epoch_size, sampling_method, ...")
 
 

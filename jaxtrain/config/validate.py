@@ -14,6 +14,10 @@ Where = Callable[[str], str]
 
 MODEL_NAMES = ("mpt_causal_lm",)  # the model registry's names (jaxtrain.models.MODEL_REGISTRY)
 OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
+LOADER_NAMES = ("text", "finetuning")  # Foundry's loaders: causal-LM text and instruction fine-tuning
+# Foundry's finetuning dataset options and their defaults (any other value needs source finetune_jsonl)
+FINETUNE_OPTIONS = {"target_prompts": "none", "target_responses": "last", "packing_ratio": None,
+                    "decoder_only_format": True, "allow_pad_trimming": False}
 SCHEDULERS = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup")
 PRECISIONS = ("amp_bf16", "amp_fp8", "fp32")
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
@@ -104,7 +108,16 @@ def validate(cfg: Config, where: Where) -> None:
                 fail(f"{name}.dataset.max_seq_len", f"{loader.dataset.max_seq_len} is longer than "
                      f"model.max_seq_len {model.max_seq_len}; lower it or raise model.max_seq_len")
         if loader is not None:
+            one_of(f"{name}.name", loader.name, LOADER_NAMES)
+            if loader.name == "finetuning" and loader.dataset.source != "finetune_jsonl":
+                fail(f"{name}.dataset.source", f"{loader.dataset.source!r} under the finetuning loader: set it to "
+                     "finetune_jsonl (or the loader's name to text)")
             probability(f"{name}.dataset.holdout_fraction", loader.dataset.holdout_fraction)
+            if loader.dataset.source != "finetune_jsonl":
+                for option, default in FINETUNE_OPTIONS.items():
+                    if getattr(loader.dataset, option) != default:
+                        fail(f"{name}.dataset.{option}", f"applies to source finetune_jsonl only, not "
+                             f"{loader.dataset.source!r}: remove it")
     train, held = cfg.train_loader, cfg.eval_loader
     if (train is not None and held is not None and train.dataset.source == held.dataset.source == "python_stdlib"
             and train.dataset.holdout_fraction != held.dataset.holdout_fraction):

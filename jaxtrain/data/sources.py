@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 
 from jaxtrain.config.schema import ConfigError
@@ -46,7 +47,9 @@ def resolve_files(local: str | None, split: str, suffixes: tuple[str, ...], key:
     """The sorted files named by ``local``: a file, a glob, or a folder (read recursively).
 
     A folder that holds a sub-folder named ``split`` is read from that sub-folder, as in LLM
-    Foundry's ``local``/``split`` layout; otherwise the folder is read as given.
+    Foundry's ``local``/``split`` layout. A folder whose top-level JSON files are named by split,
+    as Hugging Face saves them (``train.jsonl``, ``test-00000-of-00002.jsonl``), gives the files
+    of ``split`` only. Otherwise the folder is read as given.
     """
     if not local:
         raise ConfigError(f"{key}.local is not set: give a file, folder or glob of input files")
@@ -59,6 +62,8 @@ def resolve_files(local: str | None, split: str, suffixes: tuple[str, ...], key:
             for name in names
             if name.endswith(suffixes)
         ]
+        if root == local and suffixes == JSONL_SUFFIXES:
+            found = _split_files(local, split, found, key)
     elif os.path.isfile(local):
         found = [local]
     else:
@@ -68,6 +73,24 @@ def resolve_files(local: str | None, split: str, suffixes: tuple[str, ...], key:
             f"{key}.local={local!r} matches no input files (looked for {', '.join(suffixes)} in folders)"
         )
     return sorted(found)
+
+
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "eval", "dev")
+_SPLIT_FILE = re.compile(r"^(%s)(?:[.\-_]|$)" % "|".join(SPLIT_NAMES), re.IGNORECASE)
+
+
+def _split_files(folder: str, split: str, found: list[str], key: str) -> list[str]:
+    """Of the files under ``folder``, those of ``split`` when its top-level files are named by split."""
+    top = [path for path in found if os.path.dirname(path) == folder]
+    named = {path: match.group(1).lower() for path in top if (match := _SPLIT_FILE.match(os.path.basename(path)))}
+    if not named:
+        return found
+    mine = [path for path, name in named.items() if name == split.lower()]
+    if not mine:
+        splits = ", ".join(sorted(set(named.values())))
+        raise ConfigError(f"{key}.local={folder!r} holds files of the splits {splits} but none of split "
+                          f"{split!r}: set {key}.split to one of them, or point {key}.local at the files")
+    return mine
 
 
 def text_documents(local: str | None, split: str, *, max_files: int | None = None,

@@ -194,8 +194,9 @@ def wait_for_coordinator(address: str, timeout_s: float, spec: ClusterSpec | Non
 
 
 def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    from jaxtrain.config.schema import error_line
+
+    return error_line(err, 200)
 
 
 def env_with_flags(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -92,6 +92,10 @@ RESUME_KEYS: dict[str, str | Rule] = {
     "train_loader.dataset": REFUSE_DATA,  # source, paths, split, files, streams, lengths, EOS
     "train_loader.dataset.local": _dataset_local,
     "train_loader.dataset.remote": NOTICE,  # the same data in another bucket (see _dataset_local)
+    "train_loader.dataset.target_prompts": NOTICE,  # fine-tuning labels; the rows stay the same
+    "train_loader.dataset.target_responses": NOTICE,
+    "train_loader.dataset.decoder_only_format": IGNORE,  # only true is accepted
+    "train_loader.dataset.allow_pad_trimming": IGNORE,  # no effect
     "train_loader.dataset.shuffle": IGNORE,  # stored in the loader state, which wins
     "train_loader.dataset.shuffle_seed": IGNORE,
     "train_loader.dataset.extra": NOTICE,  # Streaming options jaxtrain does not know of
