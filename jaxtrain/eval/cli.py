@@ -84,12 +84,14 @@ def format_table(results: dict) -> str:
     if results.get("perplexity"):
         rows += [("perplexity", f"{results['perplexity']['perplexity']:.4f}"),
                  ("cross_entropy", f"{results['perplexity']['cross_entropy']:.4f}")]
-    rows += [(f"{task['label']}/{task['num_fewshot']}-shot ({task['icl_task_type']}, n={task['num_examples']})",
-              f"{task['accuracy']:.4f}") for task in results.get("tasks", [])]
+    rows += [(f"{task['label']}/{task['num_fewshot']}-shot" + (f"/{task['category']}" if task.get("category") else "")
+              + f" ({task['icl_task_type']}, n={task['num_examples']})", f"{task['accuracy']:.4f}")
+             for task in results.get("tasks", [])]
     gauntlet = results.get("gauntlet")
     if gauntlet:
         rows += [(f"gauntlet/{name}", f"{score:.4f}") for name, score in gauntlet["categories"].items()]
         rows.append(("gauntlet/average", f"{gauntlet['average']:.4f}"))
+        rows += [(f"gauntlet/{name}", f"{score:.4f}") for name, score in gauntlet.get("averages", {}).items()]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

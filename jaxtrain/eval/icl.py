@@ -3,17 +3,18 @@
 Task types and their metric (accuracy):
 
 - ``language_modeling`` (``context``, ``continuation``): correct iff every continuation token is the argmax.
-- ``multiple_choice`` (``query``, ``choices``, ``gold``): the choice with the lowest mean per-token loss.
+- ``multiple_choice`` (``query``, ``choices``, ``gold``): the choice with the lowest mean per-token loss
+  (Foundry's lowest perplexity; ties go to the first).
 - ``schema`` (``context_options``, ``continuation``, ``gold``): the context under which the
   continuation has the lowest mean per-token loss.
-- ``generation_task_with_answers`` (``context``, ``answer``, ``aliases``): the greedy generation,
-  cut at the stopping criteria and normalised, starts with a normalised answer or alias.
+- ``generation_task_with_answers`` (``context``, ``answer``, optional ``aliases`` and
+  ``chain_of_thought``): the greedy generation, cut at the first ``early_stopping_criteria``
+  string (none by default), then after the last ``cot_delimiter``, and normalised, starts with
+  the normalised answer or an alias.
 
-Prompts follow Foundry: ``prompt_string``, then ``num_fewshot`` solved examples drawn from the same
-file (never the example itself) with ``random.Random(fewshot_random_seed)``, each joined by
-``example_delimiter``; an example is ``context + continuation_delimiter + answer``. Whitespace that
-ends the context moves to the start of the continuation, so a BPE tokenizer sees " Paris" as one
-word, as Foundry's prefix-space handling intends.
+Prompts are built as Foundry builds them (``jaxtrain.eval.prompts``). A task with
+``has_categories`` is scored per value of its examples' ``category`` field, each category on its
+own (its own demonstrations); the gauntlet takes the mean of the category accuracies.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ import os
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import yaml
 
 from jaxtrain.config import ConfigError
 from jaxtrain.config.loader import malformed_yaml
-from jaxtrain.eval.perplexity import SpanScorer, length_bucket
+from jaxtrain.eval import prompts
+from jaxtrain.eval.perplexity import SpanScorer, length_bucket, program_signature
+from jaxtrain.eval.prompts import fewshot_indices as fewshot_indices  # re-exported
 
 TASK_FIELDS = {
     "language_modeling": ("context", "continuation"),
@@ -40,10 +43,10 @@ TASK_FIELDS = {
     "schema": ("context_options", "continuation", "gold"),
     "generation_task_with_answers": ("context", "answer"),
 }
-# Foundry keys accepted and ignored here (its metric names, categories, code-eval options, ...).
-_IGNORED_KEYS = {"metric_names", "has_categories", "pass_at_k", "generations_per_sample", "cot_delimiter",
-                 "hf_loading_vars", "hf_parsing_map", "destination_path", "icl_subset_num_batches"}
-ANSWER_BUFFER_TOKENS = 10  # Foundry lets a generation run this many tokens past the longest answer
+# Foundry keys accepted and ignored here (its metric names, code-eval options, ...).
+_IGNORED_KEYS = {"metric_names", "pass_at_k", "generations_per_sample", "hf_loading_vars", "hf_parsing_map",
+                 "destination_path", "icl_subset_num_batches"}
+_TEXT_KEYS = ("prompt_string", "example_delimiter", "continuation_delimiter", "prelimiter", "cot_delimiter")
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -92,8 +95,12 @@ class ICLTask:
     example_delimiter: str = "\n"
     continuation_delimiter: str = " "
     fewshot_random_seed: int = 1234
+    prelimiter: str = ""
+    cot_delimiter: str = ""
     early_stopping_criteria: list[str] | None = None
     do_normalization: bool = True
+    strip_dataset: bool = True
+    has_categories: bool = False
     max_seq_len: int | None = None
     batch_size: int | None = None
 
@@ -106,6 +113,11 @@ def task_from_dict(entry, *, source: str | None = None, base_dir: str = ".") -> 
     at = where(source, entry)
     if not isinstance(entry, dict):
         raise ConfigError(f"{at}: an icl_tasks entry must be a mapping, got {type(entry).__name__}")
+    entry = dict(entry)
+    if "question_prelimiter" in entry:  # Foundry's older name for prelimiter
+        if "prelimiter" in entry:
+            raise ConfigError(f"{at}: give prelimiter or question_prelimiter, not both (they are one setting)")
+        entry["prelimiter"] = entry.pop("question_prelimiter")
     for key in entry:
         if key not in _TASK_KEYS and key not in _IGNORED_KEYS:
             near = difflib.get_close_matches(str(key), sorted(_TASK_KEYS), n=1)
@@ -117,7 +129,17 @@ def task_from_dict(entry, *, source: str | None = None, base_dir: str = ".") -> 
         raise ConfigError(f"{at}: icl_task_type={entry['icl_task_type']!r} is not one of {', '.join(TASK_FIELDS)}")
     values = {key: value for key, value in entry.items() if key in _TASK_KEYS}
     shots = values.get("num_fewshot", [0])
-    values["num_fewshot"] = [int(k) for k in (shots if isinstance(shots, list) else [shots])]
+    shots = shots if isinstance(shots, list) else [shots]
+    if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in shots):
+        raise ConfigError(f"{at}: num_fewshot={values.get('num_fewshot')!r} must be a whole number >= 0 or a "
+                          f"non-empty list of them, e.g. [0, 5]")
+    values["num_fewshot"] = shots
+    for key in _TEXT_KEYS:
+        if key in values and not isinstance(values[key], str):
+            raise ConfigError(f"{at}: {key}={values[key]!r} must be a string (quote it in the YAML)")
+    stops = values.get("early_stopping_criteria")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops)):
+        raise ConfigError(f"{at}: early_stopping_criteria={stops!r} must be a list of strings, e.g. ['Question:']")
     uri = os.path.expanduser(str(values["dataset_uri"]))
     if not os.path.isabs(uri) and not os.path.exists(uri) and os.path.exists(os.path.join(base_dir, uri)):
         uri = os.path.join(base_dir, uri)  # relative to the tasks file when not relative to the working folder
@@ -140,75 +162,78 @@ def load_tasks(path: str) -> tuple[list[ICLTask], dict | None]:
     return [task_from_dict(entry, source=path, base_dir=base_dir) for entry in document], gauntlet
 
 
-def read_examples(path: str, task_type: str) -> list[dict]:
-    """The examples of a JSONL task file; a bad line or a missing field names ``path:line``."""
+def _check_example(example, path: str, line: int, task_type: str, *, require_category: bool) -> None:
+    """Refuse an example the task cannot score: a missing field, a field of the wrong kind, a bad ``gold``."""
+    at = f"{path}:{line}"
     required = TASK_FIELDS[task_type]
+    if not isinstance(example, dict):
+        raise ConfigError(f"{at}: a line must be one JSON object with {', '.join(required)} "
+                          f"({task_type}), got a JSON {type(example).__name__}")
+    for field in required:
+        if field not in example:
+            raise ConfigError(f"{at} has no field {field!r} ({task_type} needs {', '.join(required)}); add it, "
+                              f"or check icl_task_type")
+    if require_category and "category" not in example:
+        raise ConfigError(f"{at} has no field 'category' (has_categories is set); add it to every line, "
+                          f"or drop has_categories")
+    texts = [field for field in ("context", "continuation", "query", "answer") if field in required]
+    if task_type == "generation_task_with_answers" and "chain_of_thought" in example:
+        texts.append("chain_of_thought")
+    for field in texts:
+        if not isinstance(example[field], str):
+            raise ConfigError(f"{at}: field {field!r} must be a string, got {json.dumps(example[field])[:60]}")
+    lists = {"multiple_choice": "choices", "schema": "context_options"}.get(task_type)
+    if task_type == "generation_task_with_answers" and "aliases" in example:
+        lists = "aliases"
+    if lists is not None:
+        options = example[lists]
+        if (not isinstance(options, list) or not all(isinstance(option, str) for option in options)
+                or (not options and lists != "aliases")):
+            raise ConfigError(f"{at}: field {lists!r} must be a{' non-empty' if lists != 'aliases' else ''} list of "
+                              f"strings, got {json.dumps(options)[:60]}")
+    if "gold" in required:
+        gold, options = example["gold"], example[lists]
+        if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
+            raise ConfigError(f"{at} field 'gold'={json.dumps(gold)} is not an index into its {len(options)} {lists} "
+                              f"(0 to {len(options) - 1}; gold counts from 0)")
+    if require_category and (isinstance(example["category"], bool) or not isinstance(example["category"], (str, int))):
+        raise ConfigError(f"{at}: field 'category' must be a string, got {json.dumps(example['category'])[:60]}")
+
+
+def read_examples(path: str, task_type: str, *, require_category: bool = False) -> list[dict]:
+    """The examples of a JSONL task file; a bad line or a missing field names ``path:line``."""
     examples = []
     try:
         handle = open(path, encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the task file ({error.strerror})") from None
     with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
-            if not isinstance(example, dict):
-                raise ConfigError(f"{path}:{line_number} is not a JSON object")
-            for field in required:
-                if field not in example:
-                    raise ConfigError(f"{path}:{line_number} has no field {field!r} ({task_type} needs "
-                                      f"{', '.join(required)})")
-            if "gold" in example:
-                options = example["choices" if task_type == "multiple_choice" else "context_options"]
-                if not isinstance(example["gold"], int) or not 0 <= example["gold"] < len(options):
-                    raise ConfigError(f"{path}:{line_number} field 'gold'={example['gold']!r} is not an index "
-                                      f"into its {len(options)} options")
-            examples.append(example)
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    example = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ConfigError(f"{path}:{line_number} is not valid JSON ({error.msg} at column {error.colno}); "
+                                      f"each line must be one JSON object") from None
+                _check_example(example, path, line_number, task_type, require_category=require_category)
+                examples.append(example)
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                              f"save it as UTF-8") from None
     if not examples:
-        raise ConfigError(f"{path}: the task file has no examples")
+        raise ConfigError(f"{path}: the task file has no examples; write one JSON object per line with "
+                          f"{', '.join(TASK_FIELDS[task_type])} ({task_type})")
     return examples
 
 
-def fewshot_indices(num_examples: int, num_fewshot: int, example_index: int, rng: random.Random) -> list[int]:
-    """``num_fewshot`` distinct example indices other than ``example_index`` (capped at the others available)."""
-    num_fewshot = min(num_fewshot, num_examples - 1)
-    if num_fewshot <= 0:
-        return []
-    chosen = set(rng.sample(range(num_examples), num_fewshot))
-    while example_index in chosen:
-        chosen = set(rng.sample(range(num_examples), num_fewshot))
-    return sorted(chosen)
-
-
-def _context_and_answer(task_type: str, example: dict) -> tuple[str, str]:
-    """The solved form of an example used as a few-shot demonstration."""
-    if task_type == "language_modeling":
-        return example["context"], example["continuation"]
-    if task_type == "multiple_choice":
-        return example["query"], example["choices"][example["gold"]]
-    if task_type == "schema":
-        return example["context_options"][example["gold"]], example["continuation"]
-    return example["context"], example["answer"]
-
-
-def fewshot_prefix(task: ICLTask, examples: list[dict], index: int, num_fewshot: int, rng: random.Random) -> str:
-    """``prompt_string`` and the solved demonstrations, ready for the example's own context."""
-    text = task.prompt_string
-    for shot in fewshot_indices(len(examples), num_fewshot, index, rng):
-        context, answer = _context_and_answer(task.icl_task_type, examples[shot])
-        text += (task.example_delimiter if text else "") + context + task.continuation_delimiter + answer
-    return text
-
-
-def split_span(prefix: str, context: str, task: ICLTask, continuation: str) -> tuple[str, str]:
-    """(context text, continuation text): the context's trailing whitespace moves onto the continuation."""
-    full = prefix + (task.example_delimiter if prefix else "") + context + task.continuation_delimiter
-    stripped = full.rstrip()
-    return stripped, full[len(stripped):] + continuation
+def by_category(examples: list[dict]) -> dict[str, list[dict]]:
+    """The examples grouped by their ``category`` field, categories sorted, file order kept within each."""
+    groups: dict[str, list[dict]] = {}
+    for example in examples:
+        groups.setdefault(str(example["category"]), []).append(example)
+    return dict(sorted(groups.items()))
 
 
 def normalize_answer(text: str) -> str:
@@ -222,77 +247,78 @@ def normalize_answer(text: str) -> str:
 
 
 def generation_correct(output: str, answers: Sequence[str], *, stopping_criteria: Sequence[str] = (),
-                       do_normalization: bool = True) -> bool:
-    """Whether ``output``, cut at the first stopping string, starts with one of ``answers`` (normalised)."""
+                       do_normalization: bool = True, cot_delimiter: str = "") -> bool:
+    """Whether ``output``, cut at the first stopping string and then after the last ``cot_delimiter``,
+    starts with one of ``answers`` (both normalised, or only stripped without ``do_normalization``)."""
     criteria = [re.escape(stop) for stop in stopping_criteria if stop]
     if criteria:
         output = re.split("|".join(criteria), output)[0]
+    if cot_delimiter:
+        output = output.split(cot_delimiter)[-1]
     clean = normalize_answer if do_normalization else str.strip
     return any(clean(output).startswith(clean(answer)) for answer in answers)
 
 
 @dataclasses.dataclass
 class TaskResult:
+    """One task's accuracy at one few-shot setting (and one category of a ``has_categories`` task).
+    ``dataset_size``: the examples of the file (or category), scored or not (0: ``num_examples``)."""
+
     label: str
     icl_task_type: str
     num_fewshot: int
     accuracy: float
     num_examples: int
+    category: str | None = None
+    dataset_size: int = 0
 
     @property
     def key(self) -> str:
-        return f"{self.label}/{self.num_fewshot}-shot"
+        return f"{self.label}/{self.num_fewshot}-shot" + (f"/{self.category}" if self.category is not None else "")
 
 
-def _fit(context: list[int], continuation: list[int], max_len: int, where_: str) -> tuple[list[int], int]:
-    """Context trimmed from the left so context + continuation fit ``max_len``: (tokens, span start)."""
-    if not continuation:
-        raise ConfigError(f"{where_}: the continuation encodes to no tokens")
-    if len(continuation) >= max_len:
-        raise ConfigError(f"{where_}: the continuation has {len(continuation)} tokens, too many for a "
-                          f"sequence of {max_len}")
-    context = context[-(max_len - len(continuation)):] if len(context) + len(continuation) > max_len else context
-    if not context:
-        raise ConfigError(f"{where_}: the context encodes to no tokens; a first token is needed to predict from")
-    return context + continuation, len(context)
+def questions_per_batch(task: ICLTask, examples: list[dict], batch_size: int) -> int:
+    """Examples per batch as Foundry's loader groups them: every choice (or context option) of a
+    question is a row, and a batch holds ``max(choices, batch_size) // choices`` questions, the
+    choices counted on the first example."""
+    field = {"multiple_choice": "choices", "schema": "context_options"}.get(task.icl_task_type)
+    if field is None:
+        return batch_size
+    choices = len(examples[0][field])
+    return max(choices, batch_size) // choices
 
 
 def evaluate_task(model, tokenizer, task: ICLTask, num_fewshot: int, *, examples: list[dict] | None = None,
                   batch_size: int = 8, max_len: int | None = None, compute_dtype=jnp.float32,
-                  scorer: SpanScorer | None = None, max_examples: int | None = None) -> TaskResult:
+                  scorer: SpanScorer | None = None, max_examples: int | None = None,
+                  on_batch: Callable[[], None] | None = None,
+                  on_compile: Callable[[], None] | None = None) -> TaskResult:
     """Accuracy of ``model`` on ``task`` with ``num_fewshot`` demonstrations per example.
 
     ``max_examples``: score only the task's first examples (Foundry's ``icl_subset_num_batches``
-    times the batch size); their demonstrations still come from all of them, as in a full pass."""
-    examples = read_examples(task.dataset_uri, task.icl_task_type) if examples is None else examples
+    times its questions per batch); their demonstrations still come from all of them, as in a full
+    pass. ``on_batch()`` is called after each batch has finished computing, ``on_compile()``
+    before a batch whose program shape this process has not run yet (it compiles first).
+    ``examples`` are scored as one set: ``run_icl_suite`` splits a ``has_categories`` task."""
+    raw = read_examples(task.dataset_uri, task.icl_task_type) if examples is None else examples
+    examples = [prompts.stripped(example) for example in raw] if task.strip_dataset else raw
     max_len = min(task.max_seq_len or max_len or model.max_seq_len, model.max_seq_len)
-    pad_token_id = tokenizer.pad_token_id or 0
     rng = random.Random(task.fewshot_random_seed)
     scored = len(examples) if max_examples is None else min(max_examples, len(examples))
-    # one prefix per scored example; the loops below zip the examples with them
-    prefixes = [fewshot_prefix(task, examples, index, num_fewshot, rng) for index in range(scored)]
     kind = task.icl_task_type
+    has_cot = kind == "generation_task_with_answers" and prompts.has_chain_of_thought(examples)
+    # one preamble per scored example, drawn in file order from one generator, as Foundry prepares them
+    preambles = [prompts.preamble(task, examples, index, num_fewshot, rng, has_cot=has_cot) for index in range(scored)]
     if kind == "generation_task_with_answers":
-        correct = _generation_correct(model, tokenizer, task, examples, prefixes, batch_size=batch_size,
-                                      max_len=max_len, compute_dtype=compute_dtype)
+        correct = _generation_correct(model, tokenizer, task, raw, examples, preambles, batch_size=batch_size,
+                                      max_len=max_len, compute_dtype=compute_dtype, on_batch=on_batch,
+                                      on_compile=on_compile)
     else:
         if scorer is None:
             scorer = SpanScorer(model, batch_size=batch_size, compute_dtype=compute_dtype, max_len=max_len,
-                                pad_token_id=pad_token_id)
-        requests, groups = [], []  # groups: (first request, request count, gold) per example
-        for index, (example, prefix) in enumerate(zip(examples, prefixes)):
-            if kind == "language_modeling":
-                spans = [(example["context"], example["continuation"])]
-            elif kind == "multiple_choice":
-                spans = [(example["query"], choice) for choice in example["choices"]]
-            else:
-                spans = [(option, example["continuation"]) for option in example["context_options"]]
-            groups.append((len(requests), len(spans), example.get("gold", 0)))
-            for context, continuation in spans:
-                context_text, continuation_text = split_span(prefix, context, task, continuation)
-                requests.append(_fit(tokenizer.encode(context_text), tokenizer.encode(continuation_text),
-                                     max_len, f"{task.dataset_uri} example {index + 1}"))
-        scores = scorer.score(requests)
+                                pad_token_id=tokenizer.pad_token_id or 0)
+        requests, groups = prompts.span_requests(task, examples, preambles, tokenizer, max_len)
+        scores = scorer.score(requests, on_batch=on_batch, on_compile=on_compile)
         correct = []
         for first, count, gold in groups:
             group = scores[first : first + count]
@@ -301,37 +327,43 @@ def evaluate_task(model, tokenizer, task: ICLTask, num_fewshot: int, *, examples
             else:
                 losses = [score.mean_loss for score in group]
                 correct.append(losses.index(min(losses)) == gold)
-    return TaskResult(task.label, kind, num_fewshot, sum(correct) / len(correct), len(correct))
+    return TaskResult(task.label, kind, num_fewshot, sum(correct) / len(correct), len(correct),
+                      dataset_size=len(examples))
 
 
-def _generation_correct(model, tokenizer, task: ICLTask, examples, prefixes, *, batch_size: int, max_len: int,
-                        compute_dtype) -> list[bool]:
+_generation_shapes: set = set()  # decode programs this process has compiled (see SpanScorer's)
+
+
+def _generation_correct(model, tokenizer, task: ICLTask, raw, examples, preambles, *, batch_size: int, max_len: int,
+                        compute_dtype, on_batch=None, on_compile=None) -> list[bool]:
     from jaxtrain.inference.generate import generate
 
-    answers = [[example["answer"], *example.get("aliases", [])] for example in examples]
-    longest_answer = max(len(tokenizer.encode(" " + text)) for options in answers for text in options)
-    max_new_tokens = min(longest_answer + ANSWER_BUFFER_TOKENS, max_len - 1)
-    prompts = []
-    for index, (example, prefix) in enumerate(zip(examples, prefixes)):
-        context_text, _ = split_span(prefix, example["context"], task, "")
-        tokens = tokenizer.encode(context_text)[-(max_len - max_new_tokens):]
-        if not tokens:
-            raise ConfigError(f"{task.dataset_uri} example {index + 1}: the context encodes to no tokens")
-        prompts.append(tokens)
-    stopping = task.early_stopping_criteria
-    if stopping is None:
-        stopping = [task.example_delimiter] if task.example_delimiter else []
+    budget = prompts.answer_budget(tokenizer, raw, task.cot_delimiter)
+    if budget >= max_len:
+        raise ConfigError(f"{task.dataset_uri}: the longest answer takes {budget} tokens to generate, which leaves "
+                          f"no room for a prompt in a sequence of {max_len}; raise max_seq_len (icl_seq_len)")
+    prompt_tokens = prompts.generation_prompts(task, examples, preambles, tokenizer, max_len - budget)
+    answers = [[example["answer"], *example.get("aliases", [])] for example in raw]
+    signature = (program_signature(model), jnp.dtype(compute_dtype), batch_size, budget, tokenizer.eos_token_id,
+                 tokenizer.pad_token_id or 0)
     correct = []
-    for start in range(0, len(prompts), batch_size):
+    for start in range(0, len(prompt_tokens), batch_size):
         # one compiled decode program per length bucket: prompts padded to the bucket, and the last
         # batch filled up with copies of its first prompt (their answers are not read)
-        batch = prompts[start : start + batch_size]
-        width = length_bucket(max(len(tokens) for tokens in batch), max_len - max_new_tokens)
-        result = generate(model, batch + [batch[0]] * (batch_size - len(batch)), max_new_tokens=max_new_tokens,
+        batch = prompt_tokens[start : start + batch_size]
+        width = length_bucket(max(len(tokens) for tokens in batch), max_len - budget)
+        if on_compile is not None and (signature, width) not in _generation_shapes:
+            on_compile()
+        result = generate(model, batch + [batch[0]] * (batch_size - len(batch)), max_new_tokens=budget,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
                           compute_dtype=compute_dtype, pad_to=width)
+        _generation_shapes.add((signature, width))
         for offset, tokens in enumerate(result.tokens[: len(batch)]):
             output = tokenizer.decode(tokens, skip_special_tokens=True)
-            correct.append(generation_correct(output, answers[start + offset], stopping_criteria=stopping,
-                                              do_normalization=task.do_normalization))
+            correct.append(generation_correct(output, answers[start + offset],
+                                              stopping_criteria=task.early_stopping_criteria or (),
+                                              do_normalization=task.do_normalization,
+                                              cot_delimiter=task.cot_delimiter))
+        if on_batch is not None:
+            on_batch()
     return correct

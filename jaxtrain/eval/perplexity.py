@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,16 @@ def _loss_sums(params, input_ids, labels, sequence_id, *, graphdef, compute_dtyp
     return loss_sum, count
 
 
+def program_signature(model: nnx.Module) -> tuple:
+    """What, besides the input shapes, decides which compiled program a model's forward reuses:
+    its structure and its parameters' shapes and dtypes."""
+    graphdef, params = nnx.split(model)
+    return graphdef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(params))
+
+
+_scored_shapes: set = set()  # (program signature, compute dtype, batch, length) run in this process
+
+
 class SpanScorer:
     """Scores the last tokens of token sequences: ``score([(tokens, span_start), ...])``.
 
@@ -85,10 +95,25 @@ class SpanScorer:
         self.pad_token_id = pad_token_id
         self.graphdef, self.params = nnx.split(model)
         self.compute_dtype = jnp.dtype(compute_dtype)
+        self.signature = (program_signature(model), self.compute_dtype, batch_size)
 
-    def score(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[SpanScore]:
-        """One ``SpanScore`` per ``(tokens, span_start)``; ``0 < span_start < len(tokens) <= max_len``."""
+    def score(self, requests: Sequence[tuple[Sequence[int], int]], *, on_batch: Callable[[], None] | None = None,
+              on_compile: Callable[[], None] | None = None) -> list[SpanScore]:
+        """One ``SpanScore`` per ``(tokens, span_start)``; ``0 < span_start < len(tokens) <= max_len``.
+
+        One batch runs while the next is prepared. ``on_batch()`` is called once per batch, after
+        it has finished computing; ``on_compile()`` before a batch of a (batch, length) shape this
+        process has not run yet, whose program compiles first (the batch before it has finished)."""
         results: list[SpanScore] = []
+        pending = None  # (device outputs, rows) of the batch in flight
+
+        def finish():
+            loss_sum, count, all_argmax = jax.device_get(pending[0])
+            results.extend(SpanScore(float(loss_sum[row]), int(count[row]), bool(all_argmax[row]))
+                           for row in range(pending[1]))
+            if on_batch is not None:
+                on_batch()
+
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             length = length_bucket(max(len(tokens) for tokens, _ in chunk), self.max_len)
@@ -100,10 +125,20 @@ class SpanScorer:
                 input_ids[row, : len(tokens)] = tokens
                 # position t predicts token t + 1: the span's tokens are targets at span_start-1 .. len-2
                 targets[row, span_start - 1 : len(tokens) - 1] = tokens[span_start:]
-            loss_sum, count, all_argmax = jax.device_get(_span_scores(
-                self.params, input_ids, targets, graphdef=self.graphdef, compute_dtype=self.compute_dtype))
-            results.extend(SpanScore(float(loss_sum[row]), int(count[row]), bool(all_argmax[row]))
-                           for row in range(len(chunk)))
+            shape = (self.signature, length)
+            if shape not in _scored_shapes and on_compile is not None:
+                if pending is not None:
+                    finish()
+                    pending = None
+                on_compile()
+            outputs = _span_scores(self.params, input_ids, targets, graphdef=self.graphdef,
+                                   compute_dtype=self.compute_dtype)
+            _scored_shapes.add(shape)
+            if pending is not None:
+                finish()
+            pending = (outputs, len(chunk))
+        if pending is not None:
+            finish()
         return results
 
 

@@ -133,8 +133,9 @@ class Trainer(RecoveryMixin):
     def evaluate(self) -> float | None:
         """The held-out loss. The watchdog watches it as it watches steps: each finished batch is
         progress. Compiling the eval step (its first use in this process) is not watched, as the
-        first step is not; nor are the EVAL_START/EVAL_END callbacks (scoring ICL tasks takes as
-        long as the tasks make it, not a step's time, and reports no progress on the way)."""
+        first step is not. The EVAL_START/EVAL_END callbacks run with the watchdog paused; one that
+        reports progress arms it (ICL scoring beats after each finished batch and pauses it again
+        before a batch whose program compiles first)."""
         loader = self.parts.eval_loader
         if loader is None:
             return None
