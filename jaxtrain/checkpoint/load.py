@@ -40,6 +40,15 @@ class LoadedModel:
         graphdef, _ = abstract_model(self.model_cfg)
         return nnx.merge(graphdef, self.params)
 
+    def tokenizer(self):
+        """The ``jaxtrain.data.Tokenizer`` saved beside the checkpoint (``ConfigError`` if none is)."""
+        from jaxtrain.data.tokenizer import Tokenizer, read_tokenizer_file
+
+        if self.tokenizer_path is None:
+            raise ConfigError("no tokenizer.json beside the checkpoint; read one with "
+                              "jaxtrain.data.tokenizer.load_tokenizer")
+        return Tokenizer(read_tokenizer_file(self.tokenizer_path, what="the checkpoint's tokenizer"))
+
 
 class ParameterMismatch(ConfigError):
     """The checkpoint's parameters are not the model's: ``missing`` (the model's, not in the

@@ -24,7 +24,7 @@ from jaxtrain.parallel.mesh import (
     MeshError, axis_rules, batch_sharding, build_mesh, check_process_rows, data_parallel_size, replicated)
 from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.train.optim import build_optimizer
-from jaxtrain.train.paths import data_cache_dir
+from jaxtrain.train.paths import data_cache_dir, expand_run_paths, resolve_run_name
 from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import abstract_model, create_train_state
 from jaxtrain.train.health import FaultInjector
@@ -175,7 +175,10 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
     """Build mesh, loaders, model state and the compiled step from ``cfg``.
 
     ``data_prefetch`` (``jaxtrain.train.data_prefetch.DataPrefetch``): a child process filling the data
-    cache, waited for before the data is read."""
+    cache, waited for before the data is read. A ``{run_name}`` left in the run or save folder (a
+    config straight from ``load_config``) is filled in, with ``run_name`` or else "run"."""
+    if "{run_name}" in cfg.run_folder or "{run_name}" in (cfg.save_folder or ""):
+        cfg = expand_run_paths(cfg, resolve_run_name(cfg, None))
     devices = jax.devices()
     try:
         mesh = build_mesh(cfg.parallelism, devices)
