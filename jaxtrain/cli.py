@@ -68,3 +68,7 @@ def run(argv: list[str] | None = None) -> None:
     else:
         print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

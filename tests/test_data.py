@@ -335,3 +335,21 @@ def test_json_files_named_by_split_give_that_split_only(tmp_path):
     (tmp_path / "train.py").write_text("x = 1\n")
     (tmp_path / "test_x.py").write_text("y = 2\n")
     assert len(resolve_files(str(tmp_path), "train", TEXT_SUFFIXES, "k")) == 2
+
+
+def test_a_token_id_outside_the_models_vocabulary_names_its_row():
+    from jaxtrain.data.loader import BatchLoader
+
+    rows = np.arange(64, dtype=np.int32).reshape(16, 4)
+    rows[11, 2] = 1030
+    loader = BatchLoader(rows, global_batch_size=16, shuffle=False)
+    assert int(next(loader)["input_ids"].max()) == 1030  # unchecked until the model's vocabulary is known
+    loader.vocab_size = 1024
+    with pytest.raises(ConfigError, match=r"^train_loader: row 11 holds token id 1030, outside model.vocab_size "
+                                          r"1024: the data was tokenized with another tokenizer"):
+        next(loader)
+    with pytest.raises(ConfigError, match="row 11 holds token id 1030"):
+        list(loader.batches(8))
+    rows[11, 2] = -1
+    with pytest.raises(ConfigError, match="row 11 holds token id -1"):
+        list(loader.batches(8))

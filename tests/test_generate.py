@@ -1,18 +1,30 @@
-"""KV-cache generation against the float64 NumPy forward of test_mpt.py (MosaicML's definition)."""
+"""KV-cache generation against the float64 NumPy forward of test_mpt.py (MosaicML's definition) and
+against transformers' ``MptForCausalLM.generate`` and sampling warpers (outputs recorded by
+tests/fixtures/generate_hf/make_reference.py)."""
 
 import dataclasses
+import importlib
+import json
 import logging
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 from flax import nnx
 
-from jaxtrain.convert import save_model
-from jaxtrain.inference import Sampling, generate, pad_prompts
+from jaxtrain.checkpoint.load import load_checkpoint
+from jaxtrain.convert import import_hf, save_model
+from jaxtrain.inference import Sampling, generate, pad_prompts, sample_logits, warp_logits
+from jaxtrain.inference.cli import build_parser, sampling_from_args, token_texts
 from jaxtrain.inference.cli import main as generate_main
 from test_mpt import REFERENCE_CASES, VOCAB, build, numpy_params, ref_forward
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HF_REFERENCE = json.loads((FIXTURES / "generate_hf" / "reference.json").read_text())
+generate_module = importlib.import_module("jaxtrain.inference.generate")
 
 PROMPTS = [[5, 9, 1, 33, 7, 2, 60], [11, 4], [3, 3, 8, 21]]
 NEW_TOKENS = 6
@@ -55,6 +67,23 @@ def test_cached_logits_equal_full_forward(name, padding_side):
             np.testing.assert_allclose(result.logits[row, step], expected, atol=1e-4, rtol=1e-4)
             sequence.append(int(np.argmax(expected)))  # greedy by full forward
         assert result.tokens[row] == sequence[len(prompt):]
+
+
+def test_bf16_cache_decoding_stays_close_to_the_reference():
+    """bf16 products and a bf16 cache: each step's float32 logits are within bf16 rounding of the
+    float64 forward over the sequence generated so far."""
+    cfg = CASES["mha"]
+    model = build(cfg)
+    params = numpy_params(model)
+    result = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS, compute_dtype=jnp.bfloat16, return_logits=True)
+    assert result.logits.dtype == np.float32
+    for row, prompt in enumerate(PROMPTS):
+        tokens = result.tokens[row]
+        assert len(tokens) == NEW_TOKENS
+        for step in range(NEW_TOKENS):
+            expected = reference_next_logits(cfg, params, list(prompt) + tokens[:step])
+            np.testing.assert_allclose(result.logits[row, step], expected, atol=0.1)
+            assert tokens[step] == int(np.argmax(result.logits[row, step]))
 
 
 def test_prefill_logits_cover_every_prompt_position():
@@ -118,7 +147,8 @@ def test_generate_command(tmp_path, capsys, caplog):
     params = nnx.to_pure_dict(nnx.state(build(cfg), nnx.Param))
     save_model(str(tmp_path / "ckpt"), cfg, params, tokenizer_path=str(tmp_path / "tokenizer.json"))
     code = generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def ", "--prompt", "class P",
-                          "--max-new-tokens", "5", "--top-k", "5", "--temperature", "0.8", "--seed", "1"])
+                          "--max-new-tokens", "5", "--top-k", "5", "--temperature", "0.8", "--seed", "1",
+                          "--stop", "\n\n\n\n"])
     out, err = capsys.readouterr()
     assert code == 0
     lines = out.splitlines()
@@ -126,3 +156,131 @@ def test_generate_command(tmp_path, capsys, caplog):
     assert "tokens/s" in err
     # reading the checkpoint logs nothing (Orbax warns about read-only managers unless quietened)
     assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    # a tokenizer whose ids the model's vocabulary lacks: refused, not decoded from NaN logits
+    small = dataclasses.replace(cfg, vocab_size=64)
+    save_model(str(tmp_path / "small"), small, nnx.to_pure_dict(nnx.state(build(small), nnx.Param)),
+               tokenizer_path=str(tmp_path / "tokenizer.json"))
+    code = generate_main(["--checkpoint", str(tmp_path / "small"), "--prompt", "class Point", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is outside the model's vocabulary (0..63)" in err[0], err
+
+
+# ----------------------------------------------------------------------------- against transformers
+
+
+@pytest.fixture(scope="module")
+def hf_mha(tmp_path_factory):
+    """tests/fixtures/hf_mpt/mha (ALiBi, vocabulary 128) converted from transformers' weights."""
+    out = tmp_path_factory.mktemp("hf_mha") / "ckpt"
+    import_hf(str(FIXTURES / "hf_mpt" / "mha"), str(out))
+    return load_checkpoint(str(out)).module()
+
+
+def test_batch_greedy_with_eos_ids_matches_transformers(hf_mha):
+    """Prompts of different lengths, two EOS ids, no pad id: each row equals transformers' up to and
+    including its first EOS (transformers fills a finished row with the first EOS id)."""
+    ref = HF_REFERENCE
+    eos = ref["eos_token_id"]
+    expected = [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in ref["batch"]]
+    assert [len(row) for row in expected] == [8, 2, 8]  # rows stop at different steps
+    for side in ("left", "right"):
+        result = generate(hf_mha, ref["prompts"], max_new_tokens=ref["max_new_tokens"], eos_token_id=eos,
+                          pad_token_id=None, padding_side=side)
+        assert result.tokens == expected and result.stopped == [True, True, True]
+
+
+def test_stop_strings_match_transformers(hf_mha):
+    """Stop strings are found in the text, across a token boundary and inside one token, as with
+    transformers' ``stop_strings``: each row ends with the token that completes one."""
+    ref = HF_REFERENCE["stop_strings"]
+    backend = tokenizers.Tokenizer.from_file(str(FIXTURES / "generate_hf" / "tokenizer.json"))
+    for stop in ref["stops"]:  # neither stop string's own encoding is generated: only the text shows it
+        encoded = backend.encode(stop, add_special_tokens=False).ids
+        assert not any(row[i : i + len(encoded)] == encoded for row in ref["greedy"] for i in range(len(row)))
+    result = generate(hf_mha, HF_REFERENCE["prompts"], max_new_tokens=HF_REFERENCE["max_new_tokens"],
+                      stop_strings=ref["stops"], token_texts=token_texts(backend))
+    assert result.tokens == ref["tokens"] and result.stopped == [True, True, True]
+
+
+def test_top_k_top_p_keep_what_transformers_keeps():
+    """Temperature, then top-k (ties at the k-th value kept), then top-p: the smallest set of most
+    likely tokens whose mass reaches p, ties broken as transformers' stable sort breaks them."""
+    cases = HF_REFERENCE["warpers"]
+    quarter = np.log([[0.5, 0.25, 0.125, 0.125]])
+    by_hand = [(quarter, Sampling(1.0, top_p=0.8), 3),  # 0.875 >= 0.8
+               (quarter, Sampling(1.0, top_p=0.75), 2),  # 0.75 >= 0.75
+               (np.zeros((1, 2)), Sampling(1.0, top_p=0.5), 1),
+               (quarter, Sampling(1.0, top_k=10**6), 4)]
+    # a temperature so small that logits / temperature overflows still samples the most likely token
+    rows = np.tile([[1.0, 3.0, 2.0, 2.5]], (8, 1))
+
+    def everything():  # one compiled program for all cases
+        hf = [warp_logits(jnp.asarray([c["logits"]], jnp.float32), Sampling(c["temperature"], c["top_k"], c["top_p"]))
+              for c in cases]
+        hand = [warp_logits(jnp.asarray(logits, jnp.float32), sampling) for logits, sampling, _ in by_hand]
+        return hf, hand, sample_logits(jnp.asarray(rows, jnp.float32), jax.random.key(0), Sampling(1e-40))
+
+    hf, hand, tiny = jax.jit(everything)()
+    for case, logits in zip(cases, hf):
+        assert np.isfinite(np.asarray(logits[0])).tolist() == case["kept"], case
+    assert [int(np.isfinite(logits).sum()) for logits in hand] == [kept for _, _, kept in by_hand]
+    assert tiny.tolist() == [1] * 8
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def test_generate_refuses_bad_requests():
+    """Ids the embedding lacks (which would read NaN or wrap around) and malformed options."""
+    model = build(CASES["mha"])  # vocabulary 64
+    cases = [
+        (dict(prompts=[[1, 64]]), r"prompt 1: token id 64 is outside the model's vocabulary \(0\.\.63\)"),
+        (dict(prompts=[[3], [-1, 3]]), r"prompt 2: token id -1 is outside"),
+        (dict(prompts=[1, 2, 3]), "one sequence of token ids per prompt"),
+        (dict(pad_token_id=64), "pad_token_id=64 is outside"),
+        (dict(eos_token_id=[3, None]), "eos_token_id"),
+        (dict(seed=2**32), r"seed=4294967296 must be in \[0, 2\*\*32\)"),
+        (dict(stop_strings=["x"]), "stop_strings need token_texts"),
+        (dict(stop_strings=[""], token_texts=["a"] * 64), "an empty stop string"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            generate(model, **{"prompts": [[1, 2]], "max_new_tokens": 2, **kwargs})
+    for temperature in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature"):
+            Sampling(temperature)
+
+
+def test_array_prompts_and_padding_reuse_one_program():
+    """Prompts as an array; padding to a width beyond max_seq_len - max_new_tokens is fine (positions
+    count from each prompt's start); same shapes with other prompts and seed compile nothing."""
+    cfg = CASES["mha"]  # max_seq_len 16
+    model = build(cfg)
+    params = numpy_params(model)
+    prompts = np.asarray([[5, 9, 1], [3, 3, 8]])
+    expected = []
+    for prompt in prompts.tolist():
+        sequence = list(prompt)
+        for _ in range(3):
+            sequence.append(int(np.argmax(reference_next_logits(cfg, params, sequence))))
+        expected.append(sequence[3:])
+    assert generate(model, prompts, max_new_tokens=3, pad_to=14).tokens == expected
+    misses = generate_module._compiled.cache_info().misses
+    again = generate(model, jnp.asarray(prompts[::-1]), max_new_tokens=3, pad_to=14, seed=5)
+    assert again.tokens == expected[::-1] and generate_module._compiled.cache_info().misses == misses
+    with pytest.raises(ValueError, match="prompt of 14 tokens \\+ max_new_tokens=3 exceeds"):
+        generate(model, [[1] * 14], max_new_tokens=3)
+
+
+def test_generate_command_refuses_mistakes(capsys):
+    """One line and status 2; top-k or top-p without a temperature sample at temperature 1."""
+    mistakes = [(["--stop", ""], "--stop"), (["--seed", str(2**70)], "--seed"), (["--seed", "-1"], "--seed"),
+                (["--temperature", "inf"], "--temperature"), (["--temperature", "0", "--top-k", "5"], "--top-k"),
+                (["--temperature", "0", "--top-p", "0.5"], "--top-p")]
+    for extra, flag in mistakes:  # refused before the checkpoint is read
+        code = generate_main(["--checkpoint", "no-such-folder", "--prompt", "x", *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag}"), (extra, err)
+    parse = build_parser().parse_args
+    assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p", "--top-k", "5"])) == Sampling(1.0, 5, 1.0)
+    assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p"])) == Sampling(0.0, 0, 1.0)

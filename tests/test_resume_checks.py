@@ -240,3 +240,18 @@ def test_load_path_of_a_model_with_other_parameters_is_one_line(tmp_path):
     assert "model.tie_word_embeddings=true (the config says false)" in line, line
     assert "model.attn_config.alibi=false (the config says true)" in line, line
     assert line.endswith("make the model section match the checkpoint's"), line
+
+
+def test_a_weights_only_checkpoint_in_the_save_folder_is_one_line(trained_run, tmp_path):
+    from flax import nnx
+
+    from jaxtrain.convert.hf_mpt import save_model
+
+    loaded = load_checkpoint(str(trained_run / "checkpoints"))
+    save_model(str(tmp_path / "checkpoints"), loaded.model_cfg, nnx.to_pure_dict(loaded.params))
+    result = run(command(tmp_path, "max_duration=2ba", "eval_interval=0"))
+    line = error_line(result)
+    assert line == (f"error: autoresume: the checkpoint at {tmp_path}/checkpoints/0 holds weights only (converted or "
+                    f"saved outside training), no optimizer state or data position to resume from; start from its "
+                    f"weights with load_path: {tmp_path}/checkpoints and another save_folder"), line
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["0"]

@@ -97,6 +97,9 @@ class BatchLoader:
                               f"be >= 0 and prefetch_factor >= 1 (or unset)")
         self.num_workers = int(num_workers)
         self.prefetch_factor = int(prefetch_factor or DEFAULT_PREFETCH_FACTOR)
+        # Set by the trainer to the model's vocabulary: a token id outside it (pre-tokenized data
+        # from another tokenizer) is an error naming the row, not an embedding of NaN.
+        self.vocab_size: int | None = None
         if global_batch_size is not None:
             self._check_batch_size(global_batch_size, "global_train_batch_size")
             if global_batch_size > self.epoch_size:
@@ -214,11 +217,22 @@ class BatchLoader:
             ahead = ahead_sample + self.process_index * self.local_batch_size
             prefetch(self.order(ahead_epoch)[ahead : ahead + self.rows.predownload])
         batch = {"input_ids": np.asarray(self.rows[indices], dtype=np.int32)}
+        self._check_ids(batch["input_ids"], indices)
         if self.labels is not None:
             batch["labels"] = np.asarray(self.labels[indices], dtype=np.int32)
         if self.sequence_id is not None:
             batch["sequence_id"] = np.asarray(self.sequence_id[indices], dtype=np.int32)
         return batch
+
+    def _check_ids(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        if self.vocab_size is None or not ids.size:
+            return
+        if ids.min() >= 0 and ids.max() < self.vocab_size:
+            return
+        bad = np.argwhere((ids < 0) | (ids >= self.vocab_size))[0]
+        raise ConfigError(f"{self.name}: row {int(rows[bad[0]])} holds token id {int(ids[tuple(bad)])}, outside "
+                          f"model.vocab_size {self.vocab_size}: the data was tokenized with another tokenizer; set "
+                          f"tokenizer.name to the one it was made with and model.vocab_size to at least its size")
 
     def _drop_pending(self) -> None:
         for _, future in self._pending:
@@ -295,6 +309,7 @@ class BatchLoader:
         for global_start in range(0, self.num_sequences, batch_size):
             start = global_start + self.process_index * local
             real = self.rows[start : min(start + local, self.num_sequences)]
+            self._check_ids(np.asarray(real), np.arange(start, start + len(real)))
             input_ids = np.full((local, self.max_seq_len), self.pad_token_id, dtype=np.int32)
             labels = np.full((local, self.max_seq_len), IGNORE_INDEX, dtype=np.int32)
             input_ids[: len(real)] = real

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from jaxtrain.config import ConfigError
@@ -13,11 +14,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="jaxtrain checkpoint folder (tokenizer.json beside it)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 is greedy; default 0, or 1 when --top-k or --top-p is given")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", action="append", default=[], help="stop when this text is generated; repeatable")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2**32-1")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="stop a prompt's generation once its text contains this string; repeatable")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default the newest)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default the one beside the checkpoint)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="compute dtype")
@@ -28,14 +31,45 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse out-of-range numeric options before the checkpoint is read."""
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if not args.temperature >= 0:  # NaN too
-        raise ConfigError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 is greedy)")
     if args.top_k < 0:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns it off)")
     if not 0.0 < args.top_p <= 1.0:
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1] (1 turns it off)")
+    for flag, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0)):
+        if value != off and args.temperature == 0:
+            raise ConfigError(f"{flag} {value}: applies to sampling, and --temperature 0 is greedy; "
+                              "give a temperature > 0 (1 samples the model's own distribution)")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed {args.seed}: must be in [0, 2**32)")
+    if any(not stop for stop in args.stop):
+        raise ConfigError("--stop '': an empty stop string would end the generation before it starts")
     if args.step is not None and args.step < 0:
         raise ConfigError(f"--step {args.step}: must be >= 0")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """``Sampling`` from the options: without ``--temperature``, greedy unless top-k or top-p is set
+    (then temperature 1, as transformers samples by default)."""
+    from jaxtrain.inference.generate import Sampling
+
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 1.0 if args.top_k or args.top_p < 1.0 else 0.0
+    return Sampling(temperature, args.top_k, args.top_p)
+
+
+def token_texts(backend) -> list[str]:
+    """The text each id of a ``tokenizers.Tokenizer`` adds when decoded after other text (special
+    tokens: ""), read after a fixed prefix so that decoders which strip a leading space (Metaspace,
+    WordPiece) keep it."""
+    prefix = backend.encode("abcdef", add_special_tokens=False).ids
+    base = backend.decode(prefix)
+    size = backend.get_vocab_size(with_added_tokens=True)
+    texts = backend.decode_batch([prefix + [token] for token in range(size)], skip_special_tokens=True)
+    return [text[len(base) :] if text.startswith(base) else backend.decode([token], skip_special_tokens=True)
+            for token, text in enumerate(texts)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxtrain.checkpoint.load import load_checkpoint
     from jaxtrain.data.tokenizer import Tokenizer, read_tokenizer_file
-    from jaxtrain.inference.generate import Sampling, generate
+    from jaxtrain.inference.generate import generate
 
     try:
         check_args(args)
@@ -59,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(not p for p in prompts):
             raise ConfigError("--prompt: every prompt must encode to at least one token")
         result = generate(
-            loaded.module(), prompts, max_new_tokens=args.max_new_tokens,
-            sampling=Sampling(args.temperature, args.top_k, args.top_p),
-            stop_sequences=[tokenizer.encode(stop) for stop in args.stop],
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
+            loaded.module(), prompts, max_new_tokens=args.max_new_tokens, sampling=sampling_from_args(args),
+            stop_strings=args.stop, token_texts=token_texts(tokenizer.backend) if args.stop else None,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=None, seed=args.seed,
             compute_dtype=jnp.bfloat16 if args.precision == "bf16" else jnp.float32,
         )  # fmt: skip
     except (ConfigError, ValueError) as error:
@@ -73,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         ends = [completion.index(stop) + len(stop) for stop in args.stop if stop in completion]
         print(text + completion[: min(ends, default=len(completion))])
     total = sum(len(t) for t in result.tokens)
-    print(f"{total} tokens in {result.seconds:.3f} s ({result.tokens_per_second:.1f} tokens/s; "
-          f"compiled in {result.compile_seconds:.1f} s)", file=sys.stderr)
+    print(f"{total} token{'s' if total != 1 else ''} in {result.seconds:.3f} s "
+          f"({result.tokens_per_second:.1f} tokens/s; compiled in {result.compile_seconds:.1f} s)", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
 """KV-cache decoding for MPT: one compiled program runs the prefill and a ``lax.while_loop`` of
-single-token steps, with greedy, temperature, top-k and top-p sampling, EOS and stop sequences.
+single-token steps, with greedy, temperature, top-k and top-p sampling (as transformers' warpers
+compute them), EOS ids, stop token sequences and stop strings.
 
 Prompts of different lengths are padded on the left or the right; every token carries its
 position in its own sequence (-1 for padding), so ALiBi distances and learned positions are
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import operator
 import time
 from typing import Sequence
 
@@ -30,8 +33,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
         if not 0.0 < self.top_p <= 1.0:
@@ -40,8 +43,9 @@ class Sampling:
 
 @dataclasses.dataclass
 class Generation:
-    """What ``generate`` returns: per prompt, the new tokens (ending with the EOS or stop sequence
-    that ended it, if any), whether it stopped early, and timings."""
+    """What ``generate`` returns: per prompt, the new tokens (ending with the EOS, stop sequence or
+    the token completing a stop string that ended it, if any), whether it ended so rather than at
+    ``max_new_tokens``, and timings."""
 
     tokens: list[list[int]]
     stopped: list[bool]
@@ -72,24 +76,38 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_token_id: int, padding_
     return ids, positions
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Next tokens ``[batch]`` from float32 logits ``[batch, vocab]``."""
+def warp_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The float32 logits ``[batch, vocab]`` that sampling draws from (up to a constant per row):
+    divided by the temperature, then top-k (tokens below the k-th largest value removed, ties
+    kept), then top-p (tokens removed, least likely first, while the removed mass stays <= 1 - p:
+    what is left is the smallest set of most likely tokens whose mass reaches p, never empty; of
+    equal logits the lower id is removed first). Removed tokens are -inf. These are transformers' ``TemperatureLogitsWarper``,
+    ``TopKLogitsWarper`` and ``TopPLogitsWarper``, in the order ``generate`` applies them.
+    Temperature 0 (greedy) returns the logits unchanged."""
+    logits = logits.astype(jnp.float32)
     if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / jnp.float32(sampling.temperature)
-    blocked = jnp.finfo(jnp.float32).min
+        return logits
+    # from the largest logit down, so that a tiny temperature sends the others to -inf, never to +inf
+    temperature = np.float32(max(sampling.temperature, np.finfo(np.float32).tiny))
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if sampling.top_k:
         kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, blocked, logits)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # the smallest set of most likely tokens whose mass reaches top_p (always at least one)
-        keep = mass_before < jnp.float32(sampling.top_p)
-        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, blocked, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        order = jnp.argsort(logits, axis=-1, stable=True)  # ascending, equal logits in id order
+        mass = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
+        remove = (mass <= jnp.float32(1.0 - sampling.top_p)).at[:, -1].set(False)
+        remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)  # back to id order
+        logits = jnp.where(remove, -jnp.inf, logits)
+    return logits
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next tokens ``[batch]`` from float32 logits ``[batch, vocab]``: the argmax at temperature 0,
+    else a draw from ``warp_logits``."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, warp_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
 def stop_table(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
@@ -102,8 +120,46 @@ def stop_table(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
     return table
 
 
-def _decode_program(graphdef, params, input_ids, positions, stops, rng, *, max_new_tokens: int, sampling: Sampling,
-                    eos_token_id: int | None, pad_token_id: int, compute_dtype, return_logits: bool):
+def stop_string_table(stop_strings: Sequence[str], token_texts: Sequence[str], vocab_size: int) -> np.ndarray:
+    """Stop strings as automata over token ids: int32 ``[n, vocab_size, longest + 1]``, where
+    ``[i, token, state]`` is the state after the text of ``token`` follows a text in ``state``. A
+    state counts the characters of stop string ``i`` that the text so far ends with (Knuth-Morris-
+    Pratt); reaching the string's length means the text contains it, wherever the token boundaries
+    fall. Ids without a text (beyond ``token_texts``, special tokens as "") leave the state as is."""
+    longest = max((len(s) for s in stop_strings), default=0)
+    table = np.zeros((len(stop_strings), vocab_size, longest + 1), np.int32)
+    for row, stop in enumerate(stop_strings):
+        fail = [0] * len(stop)  # longest proper prefix of stop[: q + 1] that is also its suffix
+        for q in range(1, len(stop)):
+            k = fail[q - 1]
+            while k and stop[q] != stop[k]:
+                k = fail[k - 1]
+            fail[q] = k + (stop[q] == stop[k])
+        chars = set(stop)
+        table[row] = np.arange(longest + 1)  # no text: the state stays
+        for token in range(min(vocab_size, len(token_texts))):
+            text = token_texts[token]
+            if not text:
+                continue
+            if chars.isdisjoint(text):
+                table[row, token, : len(stop)] = 0
+                continue
+            for start in range(len(stop)):
+                q = start
+                for char in text:
+                    while q and stop[q] != char:
+                        q = fail[q - 1]
+                    q += stop[q] == char
+                    if q == len(stop):
+                        break
+                table[row, token, start] = q
+        table[row, :, len(stop) :] = len(stop)  # found stays found
+    return table
+
+
+def _decode_program(graphdef, params, input_ids, positions, stops, stop_strings, stop_lengths, rng, *,
+                    max_new_tokens: int, sampling: Sampling, eos_token_ids: tuple[int, ...], pad_token_id: int,
+                    compute_dtype, return_logits: bool):
     model = nnx.merge(graphdef, params)
     batch, prompt_len = input_ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens, compute_dtype)
@@ -115,35 +171,40 @@ def _decode_program(graphdef, params, input_ids, positions, stops, rng, *, max_n
     # generated tokens, after width-1 columns that match nothing (so a stop needs enough new tokens)
     history = jnp.full((batch, width - 1 + max_new_tokens), -2, jnp.int32)
     all_logits = jnp.zeros((batch, max_new_tokens if return_logits else 0, logits.shape[-1]), jnp.float32)
-    done = jnp.zeros((batch,), bool)
+    text_state = jnp.zeros((batch, stop_strings.shape[0]), jnp.int32)
+    ended = jnp.full((batch,), -1, jnp.int32)  # the step whose token ended each row
 
     def cond(carry):
-        step, done = carry[0], carry[5]
-        return (step < max_new_tokens) & ~jnp.all(done)
+        step, ended = carry[0], carry[5]
+        return (step < max_new_tokens) & ~jnp.all(ended >= 0)
 
     def body(carry):
-        step, cache, next_logits, next_position, history, done, all_logits, rng = carry
+        step, cache, next_logits, next_position, history, ended, text_state, all_logits, rng = carry
+        done = ended >= 0
         rng, key = jax.random.split(rng)
         token = jnp.where(done, pad_token_id, sample_logits(next_logits, key, sampling))
         history = jax.lax.dynamic_update_slice(history, token[:, None], (0, width - 1 + step))
         if return_logits:
             all_logits = jax.lax.dynamic_update_slice(all_logits, next_logits[:, None], (0, step, 0))
         hit = jnp.zeros_like(done)
-        if eos_token_id is not None:
-            hit = token == eos_token_id
+        for eos in eos_token_ids:
+            hit = hit | (token == eos)
         if stops.shape[0]:
             window = jax.lax.dynamic_slice(history, (0, step), (batch, width))
             matches = (stops[None] == window[:, None]) | (stops[None] < 0)
             hit = hit | jnp.any(jnp.all(matches, axis=-1), axis=-1)
-        done = done | hit
+        if stop_strings.shape[0]:
+            text_state = stop_strings[jnp.arange(stop_strings.shape[0])[None], token[:, None], text_state]
+            hit = hit | jnp.any(text_state >= stop_lengths[None], axis=-1)
+        ended = jnp.where(done | ~hit, ended, step)
         # finished rows write a masked slot, so they never disturb the others
-        position = jnp.where(done, -1, next_position)
+        position = jnp.where(ended >= 0, -1, next_position)
         logits, cache = model.decode(token[:, None], position[:, None], cache, compute_dtype=compute_dtype)
-        return step + 1, cache, logits[:, 0], next_position + 1, history, done, all_logits, rng
+        return step + 1, cache, logits[:, 0], next_position + 1, history, ended, text_state, all_logits, rng
 
-    carry = (jnp.int32(0), cache, next_logits, next_position, history, done, all_logits, rng)
-    step, _, _, _, history, done, all_logits, _ = jax.lax.while_loop(cond, body, carry)
-    return history[:, width - 1 :], step, done, all_logits
+    carry = (jnp.int32(0), cache, next_logits, next_position, history, ended, text_state, all_logits, rng)
+    step, _, _, _, history, ended, _, all_logits, _ = jax.lax.while_loop(cond, body, carry)
+    return history[:, width - 1 :], step, ended, all_logits
 
 
 @functools.lru_cache(maxsize=16)
@@ -159,29 +220,56 @@ def generate(
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
     stop_sequences: Sequence[Sequence[int]] = (),
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
+    stop_strings: Sequence[str] = (),
+    token_texts: Sequence[str] | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = 0,
     padding_side: str = "left",
     seed: int = 0,
     compute_dtype=jnp.float32,
     return_logits: bool = False,
     pad_to: int = 0,
 ) -> Generation:
-    """Continue each token-id prompt by up to ``max_new_tokens`` tokens (stopping at EOS or a stop sequence).
+    """Continue each prompt (a sequence of token ids; a 2-D array is one prompt per row) by up to
+    ``max_new_tokens`` tokens. A row ends with the token that is an EOS id (``eos_token_id``: one id
+    or several), completes a stop sequence of ids (``stop_sequences``), or completes a stop string
+    in the generated text (``stop_strings``, which need ``token_texts``: the text of each token id,
+    as ``jaxtrain.inference.cli.token_texts`` reads them from a tokenizer); the others go on.
 
-    The program is compiled once per batch size and padded prompt width: ``pad_to`` pads the
-    prompts to at least that many tokens, so calls whose prompts share a length bucket share it
-    (padding changes no output)."""
+    ``pad_token_id`` fills padding and finished rows (it is masked and never returned; None: 0).
+    The longest prompt plus ``max_new_tokens`` must fit the model's ``max_seq_len``. Seeds are
+    32-bit. The program is compiled once per batch size, padded prompt width and options: ``pad_to``
+    pads the prompts to at least that many tokens, so calls whose prompts share a length bucket
+    share it (padding changes no output). ``seconds`` times the compiled program alone."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    width = max(pad_to, *(len(p) for p in prompts)) if prompts else pad_to
-    if width + max_new_tokens > model.max_seq_len:
-        raise ValueError(f"prompt of {width} tokens + max_new_tokens={max_new_tokens} exceeds the "
+    vocab_size = model.wte.embedding.shape[0]
+    prompts = _token_lists(prompts, vocab_size)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's max_seq_len={model.max_seq_len}; shorten the prompt or ask for fewer tokens")
+    pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+    if not 0 <= pad_token_id < vocab_size:
+        raise ValueError(f"pad_token_id={pad_token_id} is outside the model's vocabulary (0..{vocab_size - 1})")
+    try:
+        eos = () if eos_token_id is None else (eos_token_id,) if np.ndim(eos_token_id) == 0 else tuple(eos_token_id)
+        eos = tuple(operator.index(e) for e in eos)
+    except TypeError:
+        raise ValueError(f"eos_token_id={eos_token_id!r}: give a token id, a sequence of them, or None") from None
+    if not 0 <= operator.index(seed) < 2**32:
+        raise ValueError(f"seed={seed} must be in [0, 2**32)")
+    if stop_strings and token_texts is None:
+        raise ValueError("stop_strings need token_texts, the text of each token id")
+    if any(not s for s in stop_strings):
+        raise ValueError("an empty stop string would end every row before its first token")
+    strings = (stop_string_table(stop_strings, token_texts, vocab_size) if stop_strings
+               else np.zeros((0, 1, 1), np.int32))
     input_ids, positions = pad_prompts(prompts, pad_token_id=pad_token_id, padding_side=padding_side, min_length=pad_to)
     graphdef, params = nnx.split(model)
-    args = (params, input_ids, positions, stop_table(stop_sequences), jax.random.key(seed))
-    static = (("max_new_tokens", max_new_tokens), ("sampling", sampling), ("eos_token_id", eos_token_id),
+    args = (params, input_ids, positions, stop_table(stop_sequences), strings,
+            np.asarray([len(s) for s in stop_strings], np.int32), jax.random.key(seed))
+    static = (("max_new_tokens", max_new_tokens), ("sampling", sampling), ("eos_token_ids", eos),
               ("pad_token_id", pad_token_id), ("compute_dtype", jnp.dtype(compute_dtype)),
               ("return_logits", return_logits))
     start = time.perf_counter()
@@ -189,28 +277,35 @@ def generate(
     program = _compiled(graphdef, treedef, tuple(_abstract(leaf) for leaf in leaves), static)
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    tokens, steps, done, all_logits = jax.device_get(program(*args))
+    tokens, steps, ended, all_logits = jax.device_get(program(*args))
     seconds = time.perf_counter() - start
-    results = []
-    for row in range(len(prompts)):
-        row_tokens = [int(t) for t in tokens[row, : int(steps)]]
-        if done[row]:
-            row_tokens = row_tokens[: _end_of(row_tokens, eos_token_id, stop_sequences)]
-        results.append(row_tokens)
-    return Generation(results, [bool(d) for d in done], np.asarray(all_logits) if return_logits else None,
+    results = [[int(t) for t in tokens[row, : int(ended[row]) + 1 if ended[row] >= 0 else int(steps)]]
+               for row in range(len(prompts))]
+    return Generation(results, [bool(e >= 0) for e in ended], np.asarray(all_logits) if return_logits else None,
                       compile_seconds, seconds)
+
+
+def _token_lists(prompts, vocab_size: int) -> list[list[int]]:
+    """Prompts as lists of ints, each id checked against the model's vocabulary."""
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) != 2:
+        raise ValueError(f"prompts: an array of prompts must be 2-D, not of shape {np.shape(prompts)}")
+    lists = []
+    for index, prompt in enumerate(prompts, 1):
+        if np.ndim(prompt) != 1:
+            raise ValueError("prompts: give one sequence of token ids per prompt")
+        ids = np.asarray(prompt)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {index}: token ids must be integers, not {ids.dtype}")
+        outside = ids[(ids < 0) | (ids >= vocab_size)]
+        if outside.size:
+            raise ValueError(f"prompt {index}: token id {int(outside[0])} is outside the model's vocabulary "
+                             f"(0..{vocab_size - 1})")
+        lists.append([int(t) for t in ids])
+    if not lists or any(not p for p in lists):
+        raise ValueError("every prompt needs at least one token")
+    return lists
 
 
 def _abstract(x):
     x = jnp.asarray(x) if isinstance(x, np.ndarray) else x
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-
-
-def _end_of(tokens: list[int], eos_token_id: int | None, stop_sequences: Sequence[Sequence[int]]) -> int:
-    """Length up to and including the first EOS or completed stop sequence."""
-    for end in range(1, len(tokens) + 1):
-        if eos_token_id is not None and tokens[end - 1] == eos_token_id:
-            return end
-        if any(len(s) and end >= len(s) and tokens[end - len(s) : end] == list(s) for s in stop_sequences):
-            return end
-    return len(tokens)

@@ -299,6 +299,11 @@ class RecoveryMixin:
         except Exception as err:  # noqa: BLE001 - a damaged meta item: Orbax names no error types
             failure = _reason(err)
         if failure is None:
+            if meta.get("weights_only") or "loader" not in meta:  # converted or imported weights
+                folder = self.checkpointer.folder
+                raise ConfigError(f"autoresume: the checkpoint at {folder}/{step} holds weights only (converted or "
+                                  f"saved outside training), no optimizer state or data position to resume from; "
+                                  f"start from its weights with load_path: {folder} and another save_folder")
             if check_config:
                 self._check_config(step, meta)
             try:

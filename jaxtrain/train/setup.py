@@ -161,6 +161,9 @@ def _loaded_data(cfg: Config, loaders: _InBackground):
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}); set model.vocab_size to at least {tokenizer.vocab_size}"
         )
+    for loader in (train_loader, eval_loader):
+        if loader is not None:
+            loader.vocab_size = cfg.model.vocab_size
     return train_loader, eval_loader, tokenizer
 
 
