@@ -9,7 +9,6 @@ token i + 1 (mod 16) by a wide margin. A character tokenizer maps "a".."m" to 0.
 import json
 import math
 import random
-import string
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -24,8 +23,9 @@ from jaxtrain.data.tokenizer import Tokenizer
 from jaxtrain.eval import ICLTask, evaluate_task, gauntlet_scores, load_tasks, normalize_answer, perplexity
 from jaxtrain.eval.cli import main as eval_main
 from jaxtrain.eval.icl import TaskResult, read_examples
-from jaxtrain.eval.perplexity import SpanScore, text_batches
+from jaxtrain.eval.perplexity import text_batches
 from jaxtrain.models import build_model
+from test_icl_prompts import text_tokenizer
 
 VOCAB, D_MODEL = 16, 32
 CHARS = "abcdefghijklm \n"
@@ -240,115 +240,6 @@ def test_normalize_answer_follows_foundry_rules():
     assert normalize_answer("An apple, a day") == "apple day"
 
 
-def text_tokenizer(*, prefix_space: bool = False, template: str | None = None) -> Tokenizer:
-    """Printable ASCII one character a token; with ``prefix_space`` " x" is one token for each letter
-    x (as in GPT-2's BPE); ``template`` adds special tokens to whole inputs (e.g. "<s> $A")."""
-    vocab = {ch: i for i, ch in enumerate([chr(c) for c in range(32, 127)] + ["\n"])}
-    merges = [(" ", ch) for ch in string.ascii_letters] if prefix_space else []
-    vocab.update({first + second: len(vocab) + i for i, (first, second) in enumerate(merges)})
-    vocab.update({"<|endoftext|>": len(vocab), "<s>": len(vocab) + 1})
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
-    backend.add_special_tokens(["<|endoftext|>", "<s>"])
-    backend.decoder = tokenizers.decoders.Fuse()
-    if template:
-        backend.post_processor = tokenizers.processors.TemplateProcessing(
-            single=template, special_tokens=[("<s>", vocab["<s>"]), ("<|endoftext|>", vocab["<|endoftext|>"])])
-    return Tokenizer(backend)
-
-
-class RecordingScorer:
-    """Stands in for SpanScorer: keeps the requests, scores every span as right."""
-
-    def __init__(self):
-        self.requests = []
-
-    def score(self, requests, **hooks):
-        self.requests += list(requests)
-        return [SpanScore(0.0, 1, True) for _ in requests]
-
-
-def scored_text(task, rows, shots, tok):
-    """(context, continuation) text of each request evaluate_task builds for ``rows``."""
-    scorer = RecordingScorer()
-    evaluate_task(SimpleNamespace(max_seq_len=512), tok, task, shots, examples=rows, scorer=scorer)
-    return [(tok.decode(tokens[:start]), tok.decode(tokens[start:])) for tokens, start in scorer.requests]
-
-
-def test_fewshot_examples_are_drawn_as_foundry_draws_them():
-    """Foundry samples once and swaps the example itself for one more draw, and writes the
-    demonstrations in the order of the set holding them (expected values from Foundry's own
-    get_fewshot_sample_idxs, seed 1234)."""
-    from jaxtrain.eval.icl import fewshot_indices
-
-    rng = random.Random(1234)
-    assert [list(fewshot_indices(5, 2, i, rng)) for i in range(5)] == [[3, 4], [0, 4], [0, 1], [0, 4], [0, 2]]
-    rng = random.Random(1234)
-    assert [list(fewshot_indices(10, 2, i, rng)) for i in range(10)] == [
-        [1, 7], [0, 9], [0, 1], [1, 5], [0, 3], [0, 9], [5, 7], [9, 2], [1, 2], [0, 1]]
-    rows = [{"context": f"c{i}", "continuation": f"a{i}"} for i in range(10)]
-    task = ICLTask("lm", "lm.jsonl", "language_modeling")
-    assert scored_text(task, rows, 2, text_tokenizer())[7] == ("c9 a9\nc2 a2\nc7", "a7")
-
-
-def test_language_modeling_prompt_is_foundrys():
-    """prompt_string, prelimiter (or its older name question_prelimiter), stripped fields, the
-    delimiter's trailing whitespace off the context, and one space before the continuation for a
-    tokenizer that spells " x" as one token."""
-    from jaxtrain.eval.icl import task_from_dict
-
-    rows = [{"context": " The cat ", "continuation": "sat "}, {"context": "A dog", "continuation": "ran"}]
-    task = task_from_dict({"label": "lm", "dataset_uri": "lm.jsonl", "icl_task_type": "language_modeling",
-                           "prompt_string": "Q", "example_delimiter": "\n\n", "continuation_delimiter": "\nA:\n",
-                           "question_prelimiter": "Say: "})
-    assert scored_text(task, rows, 1, text_tokenizer(prefix_space=True)) == [
-        ("Q\n\nSay: A dog\nA:\nran\n\nSay: The cat\nA:", " sat"),
-        ("Q\n\nSay: The cat\nA:\nsat\n\nSay: A dog\nA:", " ran")]
-    assert scored_text(task, rows, 0, text_tokenizer())[0] == ("Q\n\nSay: The cat\nA:", "sat")
-
-
-def test_multiple_choice_and_schema_prompts_are_foundrys():
-    mc = ICLTask("mc", "mc.jsonl", "multiple_choice", continuation_delimiter="\nAnswer: ")
-    row = [{"query": " Q? ", "choices": [" yes", "no ", "maybe"], "gold": 0}]  # choices are kept as written
-    assert scored_text(mc, row, 0, text_tokenizer(prefix_space=True)) == [
-        ("Q?\nAnswer:", " yes"), ("Q?\nAnswer:", " no "), ("Q?\nAnswer:", " maybe")]
-    assert [cont for _, cont in scored_text(mc, row, 0, text_tokenizer())] == [" yes", "no ", "maybe"]
-    # schema: with no preamble an option stands alone; after one, the delimiter (less its trailing
-    # whitespace) follows it
-    schema = ICLTask("s", "s.jsonl", "schema", continuation_delimiter=": ")
-    rows = [{"context_options": ["The cat", "A dog"], "continuation": "ran", "gold": 1},
-            {"context_options": ["Big", "Small"], "continuation": " won ", "gold": 0}]
-    tok = text_tokenizer(prefix_space=True)
-    assert scored_text(schema, rows, 0, tok) == [("The cat", " ran"), ("A dog", " ran"), ("Big", " won"),
-                                                  ("Small", " won")]
-    assert scored_text(schema, rows, 1, tok) == [
-        ("Big: won\nThe cat:", " ran"), ("Big: won\nA dog:", " ran"),
-        ("A dog: ran\nBig:", " won"), ("A dog: ran\nSmall:", " won")]
-
-
-def test_preamble_is_tokenized_on_its_own_with_special_tokens():
-    """The preamble gets the tokenizer's special tokens (a BOS; a final EOS dropped) and is not
-    merged with the context's first characters; context and continuation get none."""
-    task = ICLTask("lm", "lm.jsonl", "language_modeling", prompt_string="Q: ", example_delimiter="")
-    rows = [{"context": "The cat", "continuation": "sat"}]
-    for template, added in (("<s> $A", "<s>"), ("$A <|endoftext|>", None), (None, None)):
-        tok = text_tokenizer(prefix_space=True, template=template)
-        scorer = RecordingScorer()
-        evaluate_task(SimpleNamespace(max_seq_len=512), tok, task, 0, examples=rows, scorer=scorer)
-        head = ([tok.backend.token_to_id(added)] if added else []) + tok.encode("Q: ")
-        context = head + tok.encode("The cat")
-        assert scorer.requests == [(context + tok.encode(" sat"), len(context))]
-    assert tok.encode("Q: The cat") != tok.encode("Q: ") + tok.encode("The cat")  # one string merges " T"
-
-
-def test_a_long_context_loses_tokens_from_its_left():
-    task = ICLTask("lm", "lm.jsonl", "language_modeling", continuation_delimiter="")
-    tok = text_tokenizer()
-    scorer = RecordingScorer()
-    evaluate_task(SimpleNamespace(max_seq_len=8), tok, task, 0, scorer=scorer,
-                  examples=[{"context": "abcdefghij", "continuation": "xyz"}])
-    assert scorer.requests == [(tok.encode("fghijxyz"), 5)]
-
-
 def test_generation_has_no_stopping_strings_unless_given(tmp_path, skip_two_model, tokenizer):
     """With shift 2, "i" continues "km\nace...". Foundry generates as many tokens as the longest
     answer (5) and cuts at nothing by default, so "km ac" matches; "\n" cuts it when asked."""
@@ -407,69 +298,6 @@ def test_tasks_with_categories_are_scored_per_category(tmp_path, successor_model
     with pytest.raises(ConfigError, match=r"bad\.jsonl:2 has no field 'category' \(has_categories is set\)"):
         run_icl_suite(successor_model, tokenizer, [ICLTask("b", str(tmp_path / "bad.jsonl"), "multiple_choice",
                                                            has_categories=True)])
-
-
-def test_gauntlet_weightings_averages_and_baselines():
-    spec = {"categories": [
-        {"name": "one", "benchmarks": [{"name": "a", "num_fewshot": 0, "random_baseline": 0.25},
-                                       {"name": "b", "num_fewshot": 5, "random_baseline": 0.0}]},
-        {"name": "two", "benchmarks": [{"name": "c", "num_fewshot": 0, "random_baseline": 0.5}]}]}
-    # "a" scored 10 of its 40 examples: weights count the file's examples, as Foundry's benchmark sizes do
-    results = [TaskResult("a", "multiple_choice", 0, 0.5, 10, dataset_size=40),
-               TaskResult("b", "language_modeling", 5, 0.8, 30), TaskResult("c", "schema", 0, 0.1, 1)]
-    sample = gauntlet_scores(dict(spec, weighting="SAMPLE_SZ"), results)
-    assert sample["categories"]["one"] == pytest.approx((40 / 3 + 0.8 * 30) / 70)
-    log = gauntlet_scores(dict(spec, weighting="LOG_SAMPLE_SZ"), results)
-    assert log["categories"]["one"] == pytest.approx((math.log2(40) / 3 + 0.8 * math.log2(30))
-                                                     / (math.log2(40) + math.log2(30)))
-    assert log["categories"]["two"] == pytest.approx(-0.8)  # one example: weight max(log2(1), 1)
-    named = gauntlet_scores(dict(spec, averages={"core": ["two"]}), results)
-    assert named["averages"] == {"core": pytest.approx(-0.8)} and named["average"] == pytest.approx((17 / 30 - 0.8) / 2)
-    raw = gauntlet_scores(dict(spec, subtract_random_baseline=False, rescale_accuracy=False), results)
-    assert raw["categories"] == {"one": pytest.approx(0.65), "two": pytest.approx(0.1)}
-    for bad, message in (({"subtract_random_baseline": False}, "rescale_accuracy .* needs subtract_random_baseline"),
-                         ({"averages": {"one": ["two"]}}, "average 'one' has a category's name"),
-                         ({"averages": {"core": ["three"]}}, r"average 'core' lists \['three'\]")):
-        with pytest.raises(ConfigError, match=message):
-            gauntlet_scores(dict(spec, **bad), results)
-
-
-@pytest.mark.parametrize("kind, lines, message", [
-    ("multiple_choice", ['{"query": "a", "choices": ["b"], "gold": 0}', '{"query": "a", '],
-     r":2 is not valid JSON \(.*\); each line must be one JSON object"),
-    ("multiple_choice", ['["a", "b"]'], r":1: a line must be one JSON object with query, choices, gold"),
-    ("multiple_choice", ['{"query": "a", "choices": ["b"]}'], r":1 has no field 'gold' \(multiple_choice needs"),
-    ("multiple_choice", ['{"query": "a", "choices": ["b", "c"], "gold": 2}'],
-     r":1 field 'gold'=2 is not an index into its 2 choices \(0 to 1; gold counts from 0\)"),
-    ("schema", ['{"context_options": ["b", "c"], "continuation": "d", "gold": true}'], r":1 field 'gold'=true"),
-    ("multiple_choice", ['{"query": "a", "choices": "bc", "gold": 1}'],
-     r":1: field 'choices' must be a non-empty list of strings"),
-    ("language_modeling", ['{"context": 5, "continuation": "b"}'], r":1: field 'context' must be a string, got 5"),
-    ("generation_task_with_answers", ['{"context": "a", "answer": "b", "aliases": "c"}'],
-     r":1: field 'aliases' must be a list of strings"),
-    ("schema", ["", "  "], r": the task file has no examples; write one JSON object per line with context_options"),
-])
-def test_a_bad_task_file_is_one_line_naming_file_line_and_field(tmp_path, kind, lines, message):
-    path = tmp_path / "task.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ConfigError) as error:
-        read_examples(str(path), kind)
-    assert "\n" not in str(error.value) and str(error.value).startswith(str(path))
-    assert __import__("re").search(message, str(error.value)), str(error.value)
-
-
-def test_a_bad_task_entry_is_one_line(tmp_path):
-    from jaxtrain.eval.icl import task_from_dict
-
-    base = {"label": "t", "dataset_uri": "t.jsonl", "icl_task_type": "multiple_choice"}
-    for change, message in (({"icl_task_type": "code_evaluation"}, "icl_task_type='code_evaluation' is not one of"),
-                            ({"num_fewshot": "five"}, "num_fewshot='five' must be a whole number >= 0"),
-                            ({"num_fewshot": [0, -1]}, r"num_fewshot=\[0, -1\] must be"),
-                            ({"continuation_delimiter": 5}, "continuation_delimiter=5 must be a string"),
-                            ({"prelimiter": "Q: ", "question_prelimiter": "Q: "}, "give prelimiter or question_"),
-                            ({"early_stopping_criteria": "\n"}, "early_stopping_criteria=.* must be a list of")):
-        with pytest.raises(ConfigError, match=f"^tasks.yaml: {message}"):
-            task_from_dict(dict(base, **change), source="tasks.yaml")
 
 
 def test_each_finished_batch_is_reported(tmp_path, successor_model, tokenizer):

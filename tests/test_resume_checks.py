@@ -147,6 +147,7 @@ def test_a_setting_the_checkpoint_would_be_misread_under_is_refused(trained_run,
     line = error_line(result)
     assert line.startswith(f"error: autoresume: the checkpoint at {tmp_path}/checkpoints/2 was saved with"), line
     assert named in line and "back to the checkpoint's value" in line, line
+    assert "parameters;" not in result.stdout  # refused before the model is built and its step compiled
 
 
 def test_changed_hyperparameters_are_one_notice_and_the_run_continues(trained_run, tmp_path):
@@ -255,3 +256,4 @@ def test_a_weights_only_checkpoint_in_the_save_folder_is_one_line(trained_run, t
                     f"saved outside training), no optimizer state or data position to resume from; start from its "
                     f"weights with load_path: {tmp_path}/checkpoints and another save_folder"), line
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["0"]
+    assert "parameters;" not in result.stdout

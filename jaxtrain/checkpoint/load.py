@@ -114,7 +114,7 @@ def _check_parameters(where: str, model_cfg: ModelConfig, theirs: Any, ours: Any
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
+def quiet_orbax():
     """Orbax's warnings (it logs through absl's ``absl`` logger) off inside the block; errors still show."""
     logger = logging.getLogger("absl")
     level = logger.level
@@ -222,7 +222,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         root = fetch_checkpoint(folder, step)
     else:
         root = os.path.abspath(folder) if "://" not in folder else folder
-    with _quiet_orbax():  # Orbax warns that a read-only manager is read-only, on every load
+    with quiet_orbax():  # Orbax warns that a read-only manager is read-only, on every load
         manager = ocp.CheckpointManager(
             root, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
             item_names=("state", "meta"),

@@ -64,6 +64,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
     from jaxtrain.train.loop import Trainer
     from jaxtrain.train.memory_report import start_report
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
+    from jaxtrain.train.resume import check_resume_before_build
     from jaxtrain.train.setup import build_run
 
     cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))
@@ -93,6 +94,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
     parts = None
     try:
         callbacks = _callbacks(cfg)  # a mistake in the ICL tasks is reported before the model is built
+        check_resume_before_build(cfg)  # so is a config the newest checkpoint would be misread under
         parts = build_run(cfg, data_prefetch=data_prefetch)
         print(
             f"model: {parts.num_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "

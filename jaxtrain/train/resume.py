@@ -237,6 +237,66 @@ def _reason(err: BaseException) -> str:
     return error_line(err, limit=10_000).split(" See full TensorStore details")[0][:200]
 
 
+def _weights_only(meta: dict) -> bool:
+    """A checkpoint of converted or imported weights: no optimizer state or data position."""
+    return bool(meta.get("weights_only")) or "loader" not in meta
+
+
+def refuse_to_resume(cfg, folder: str, step: int, meta: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Raise ``ConfigError`` when the run ``cfg`` cannot resume from the checkpoint ``folder/step``
+    with this ``meta``: it holds weights only, or ``cfg`` changes a setting the checkpoint would be
+    misread under. Returns the other changed settings that change the numbers (key, old, new)."""
+    where = f"{folder}/{step}"
+    if _weights_only(meta):
+        raise ConfigError(f"autoresume: the checkpoint at {where} holds weights only (converted or saved outside "
+                          f"training), no optimizer state or data position to resume from; start from its weights "
+                          f"with load_path: {folder} and another save_folder")
+    stored = meta.get("config")
+    if not isinstance(stored, dict):
+        return []
+    stored, complete = _normalized(stored)
+    refused, noticed = compare_configs(stored, config_to_dict(cfg), both_have=not complete)
+    if refused:
+        items = few([f"{key}={_show(old)} (the config says {_show(new)})" for key, old, new, _ in refused], 4)
+        why = "; ".join(dict.fromkeys(_WHY[kind] for *_, kind in refused))
+        values = "it back to the checkpoint's value" if len(refused) == 1 else "them back to the checkpoint's values"
+        if any(kind == REFUSE_MODEL for *_, kind in refused):
+            todo = f"set {values}, or use another save_folder to start a new run"
+        else:
+            todo = f"set {values}, or start a new run from its weights: another save_folder and load_path: {folder}"
+        raise ConfigError(f"autoresume: the checkpoint at {where} was saved with {items}: {why}; {todo}")
+    return noticed
+
+
+def check_resume_before_build(cfg) -> None:
+    """Autoresume's refusals before the run is built (data, model, compiling): the newest step of
+    a local ``save_folder`` is compared with ``cfg`` (``refuse_to_resume``), so that resuming under
+    the wrong config fails in seconds, not after the compile. A step that cannot be read is left to
+    autoresume (which falls back past it); remote folders and multi-process runs are checked there."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from jaxtrain.checkpoint.load import quiet_orbax
+    from jaxtrain.checkpoint.remote import is_remote
+
+    folder = cfg.save_folder
+    if not (folder and cfg.autoresume) or is_remote(folder) or not os.path.isdir(folder) or jax.process_count() > 1:
+        return
+    try:
+        with quiet_orbax():
+            manager = ocp.CheckpointManager(
+                os.path.abspath(folder), item_names=("state", "meta"),
+                options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
+        steps = sorted(manager.all_steps())
+        meta = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] if steps else None
+    except Exception:  # noqa: BLE001 - unreadable: autoresume reports it and falls back
+        discard_abandoned_reads()
+        return
+    if isinstance(meta, dict):
+        refuse_to_resume(cfg, folder, steps[-1], dict(meta))
+
+
 class RecoveryMixin:
     """Methods of ``Trainer`` that read checkpoints back. Expects the Trainer's attributes."""
 
@@ -251,29 +311,15 @@ class RecoveryMixin:
         }
 
     def _check_config(self, step: int, meta: dict[str, Any]) -> None:
-        """Refuse (``ConfigError``) a config under which the checkpoint of ``step`` would be misread;
-        print one notice listing the other settings that differ and change the numbers."""
-        stored = meta.get("config")
-        if not isinstance(stored, dict):
-            return
-        stored, complete = _normalized(stored)
-        refused, noticed = compare_configs(stored, config_to_dict(self.cfg), both_have=not complete)
-        where = f"{self.checkpointer.folder}/{step}"
-        if refused:
-            items = few([f"{key}={_show(old)} (the config says {_show(new)})" for key, old, new, _ in refused], 4)
-            why = "; ".join(dict.fromkeys(_WHY[kind] for *_, kind in refused))
-            values = "it back to the checkpoint's value" if len(refused) == 1 else "them back to the checkpoint's values"
-            if any(kind == REFUSE_MODEL for *_, kind in refused):
-                todo = f"set {values}, or use another save_folder to start a new run"
-            else:
-                todo = (f"set {values}, or start a new run from its weights: another save_folder and "
-                        f"load_path: {self.checkpointer.folder}")
-            raise ConfigError(f"autoresume: the checkpoint at {where} was saved with {items}: {why}; {todo}")
+        """Refuse (``ConfigError``) a checkpoint holding weights only, or a config under which the
+        checkpoint of ``step`` would be misread; print one notice listing the other settings that
+        differ and change the numbers."""
+        noticed = refuse_to_resume(self.cfg, self.checkpointer.folder, step, meta)
         if noticed:
             items = ", ".join(f"{key} ({_show(old)} -> {_show(new)})" for key, old, new in noticed)
-            self.print(f"notice: autoresume: the config differs from the checkpoint at {where} in {items}; "
-                       f"training continues with the config's values, so this run will equal an uninterrupted run "
-                       f"of neither config")
+            self.print(f"notice: autoresume: the config differs from the checkpoint at {self.checkpointer.folder}/"
+                       f"{step} in {items}; training continues with the config's values, so this run will equal an "
+                       f"uninterrupted run of neither config")
 
     def _restore(self, step: int) -> None:
         with held_back_stderr():  # the tracebacks of reads abandoned when one fails
@@ -299,12 +345,7 @@ class RecoveryMixin:
         except Exception as err:  # noqa: BLE001 - a damaged meta item: Orbax names no error types
             failure = _reason(err)
         if failure is None:
-            if meta.get("weights_only") or "loader" not in meta:  # converted or imported weights
-                folder = self.checkpointer.folder
-                raise ConfigError(f"autoresume: the checkpoint at {folder}/{step} holds weights only (converted or "
-                                  f"saved outside training), no optimizer state or data position to resume from; "
-                                  f"start from its weights with load_path: {folder} and another save_folder")
-            if check_config:
+            if check_config or _weights_only(meta):
                 self._check_config(step, meta)
             try:
                 self._restore(step)
