@@ -19,7 +19,7 @@ from jaxtrain.data.finetune import (FinetuneOptions, build_rows, finetune_option
                                     tokenize_examples)
 from jaxtrain.data.tokenizer import Tokenizer
 from jaxtrain.models import build_model
-from jaxtrain.train.command import _error as trainer_error
+from test_input_errors import as_trainer_reports
 
 X = -100  # ignored label
 EOS = PAD = 15  # the character tokenizer's EOS, also its padding: a=0 b=1 ... m=12
@@ -39,14 +39,6 @@ def char_tokenizer() -> Tokenizer:
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
     backend.add_special_tokens(["<|endoftext|>"])
     return Tokenizer(backend)
-
-
-def as_trainer_reports(error: ConfigError, capsys) -> str:
-    """The one line `jaxtrain train` prints for a ConfigError (exit status 2, no traceback)."""
-    assert trainer_error(str(error)) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def write_lines(path, rows):
@@ -279,6 +271,10 @@ def test_chat_rows_through_build_loaders(tmp_path):
 
 
 @pytest.mark.parametrize("line,problem", [
+    (['{"prompt": "a", "response": "b"}', "{not json"], ":2 is not valid JSON"),
+    ('{"prompt": 3, "response": "b"}', ":1 field 'prompt' is int, not a string"),
+    ('{"prompt": "a", "response": ["b"]}', ":1 field 'response' is list, not a string"),
+    ('{"prompt": "a"}', ":1 has no field 'response'"),
     ('"prompt: a, response: b"', ":1 is a JSON string, not an object"),
     ('{"text": "a"}', ":1 has neither 'prompt'/'response' nor 'messages' ('text')"),
     ('{"turns": []}', ":1 has neither 'prompt'/'response' nor 'messages' ('turns') ('turns' holds Foundry's"),
@@ -293,7 +289,7 @@ def test_chat_rows_through_build_loaders(tmp_path):
     ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}', ":1 ends with a 'user' message"),
 ])
 def test_bad_line_is_one_line_naming_path_line_and_fix(line, problem, tmp_path, capsys):
-    path = write_lines(tmp_path / "ft.jsonl", [line])
+    path = write_lines(tmp_path / "ft.jsonl", [line] if isinstance(line, str) else line)
     with pytest.raises(ConfigError) as error:
         read_examples([str(path)])
     report = as_trainer_reports(error.value, capsys)

@@ -267,21 +267,6 @@ def test_stream_that_is_not_a_mapping(capsys):
 # ----------------------------------------------------------------------------- fine-tuning JSONL
 
 
-@pytest.mark.parametrize("lines,problem", [
-    (['{"prompt": "a", "response": "b"}', "{not json"], ":2 is not valid JSON"),
-    (['{"prompt": 3, "response": "b"}'], ":1 field 'prompt' is int, not a string"),
-    (['{"prompt": "a", "response": ["b"]}'], ":1 field 'response' is list, not a string"),
-    (['{"prompt": "a"}'], ":1 has no field 'response'"),
-])
-def test_finetune_bad_line_names_file_line_and_what_to_do(lines, problem, tmp_path, capsys):
-    path = tmp_path / "ft.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ConfigError) as error:
-        read_examples([str(path)])
-    line = as_trainer_reports(error.value, capsys)
-    assert line.startswith(f"error: {path}{problem}") and line.endswith("fix or remove that line")
-
-
 def test_finetune_line_that_is_not_utf8(tmp_path, capsys):
     path = tmp_path / "ft.jsonl"
     path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
