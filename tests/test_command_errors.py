@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from flax import nnx
 
 from jaxtrain.convert import save_model
@@ -237,3 +238,30 @@ def test_convert_that_cannot_write_its_output_is_one_line(ck, tmp_path, capsys, 
     monkeypatch.setattr("jaxtrain.convert.hf_mpt.SafetensorsWriter", disk_full)
     assert convert_main([str(ck), str(tmp_path / "hf"), "--to", "hf"]) == 2
     one_error(capsys, tmp_path / "hf" / "model.safetensors", "No space left on device", "convert again")
+
+
+# ----------------------------------------------------------------------------- credentials in configs
+
+
+def test_credentials_read_from_the_environment_are_never_printed(tmp_path, monkeypatch):
+    from jaxtrain.config import dump_yaml, load_config
+    from jaxtrain.config.interpolate import mask
+
+    secret, bucket = "hf_Zq8rT2wLmP4kX9", "team-bucket-7"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("DATA_BUCKET", bucket)
+    config = tmp_path / "run.yaml"
+    config.write_text("variables:\n  token: ${oc.env:HF_TOKEN}\n  bucket: ${oc.env:DATA_BUCKET}\n"
+                      "metadata:\n  hub: ${variables.token}\n  where: s3://${variables.bucket}/data\n")
+    secrets = []
+    cfg = load_config(str(config), secrets=secrets)
+    assert cfg.metadata["hub"] == secret  # the run itself has the value
+    shown = mask(dump_yaml(cfg), secrets)
+    assert secret not in shown and "hub: <hidden>" in shown and f"s3://{bucket}/data" in shown  # only credentials
+    assert yaml.safe_load(shown)["metadata"]["hub"] == "<hidden>"
+    # the train command prints what it was given masked, errors included
+    config.write_text("variables:\n  token: ${oc.env:HF_TOKEN}\nprecision: ${variables.token}\n")
+    result = subprocess.run([sys.executable, "-m", "jaxtrain.main", "--config", str(config)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_TOKEN=secret))
+    assert result.returncode == 2 and secret not in result.stdout + result.stderr, result.stderr
+    assert "precision: unknown name '<hidden>'" in result.stderr, result.stderr

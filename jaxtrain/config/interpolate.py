@@ -43,15 +43,31 @@ def escape(text: str) -> str:
     return text.replace("${", "\\${")
 
 
-def interpolate(doc: dict, where: Callable[[str], str]) -> dict:
-    """A copy of ``doc`` with every reference resolved. ``where(key)`` names the source of a key."""
-    return _Resolver(doc, where).resolve(doc, "", ())
+# Environment variables whose values are kept out of printed configs (``mask``).
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|PRIVATE", re.IGNORECASE)
+MASK = "<hidden>"  # a plain YAML scalar, so a masked config still parses
+
+
+def interpolate(doc: dict, where: Callable[[str], str], secrets: list[str] | None = None) -> dict:
+    """A copy of ``doc`` with every reference resolved. ``where(key)`` names the source of a key.
+    ``secrets``: collects the values read from environment variables named like credentials
+    (``SECRET_NAME``: ``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ...)."""
+    return _Resolver(doc, where, secrets).resolve(doc, "", ())
+
+
+def mask(text: str, secrets: list[str]) -> str:
+    """``text`` with every one of ``secrets`` (at least 4 characters long) replaced by ``MASK``."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, MASK)
+    return text
 
 
 class _Resolver:
-    def __init__(self, root: dict, where: Callable[[str], str]):
+    def __init__(self, root: dict, where: Callable[[str], str], secrets: list[str] | None = None):
         self.root = root
         self.where = where
+        self.secrets = secrets
 
     def resolve(self, node: Any, key: str, stack: tuple[str, ...]) -> Any:
         if isinstance(node, dict):
@@ -85,6 +101,8 @@ class _Resolver:
                     f"{self.where(key)}: {key}: environment variable {name.strip()!r} is not set; "
                     "set it or give a default as ${oc.env:NAME,default}"
                 )
+            if value is not None and self.secrets is not None and SECRET_NAME.search(name):
+                self.secrets.append(value)
             return value if value is not None else default.strip()
         if ":" in expr:
             raise ConfigError(

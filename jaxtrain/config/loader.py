@@ -48,16 +48,18 @@ class _Origin:
         return self.path or ("--set" if self.overridden else "config")
 
 
-def load_config(path: str | None, overrides: Sequence[str] = (), *, notices: list[str] | None = None) -> Config:
+def load_config(path: str | None, overrides: Sequence[str] = (), *, notices: list[str] | None = None,
+                secrets: list[str] | None = None) -> Config:
     """Read, override, interpolate, map, type and validate a config. ``path`` None: defaults.
     Notices (accepted Foundry keys with no meaning here) go to ``notices`` if given, else to the
-    log at WARNING."""
+    log at WARNING. ``secrets`` collects the values of credential-named environment variables the
+    config reads (``${oc.env:HF_TOKEN}``), to ``interpolate.mask`` wherever the config is shown."""
     doc = _read(path)
     overridden = apply_overrides(doc, overrides)
     where = _Origin(path, overridden)
     config_keys = {f.name for f in dataclasses.fields(Config)}
     foundry.hoist_legacy_variables(doc, config_keys, interpolate.references(doc), overridden)
-    doc = interpolate.interpolate(doc, where)
+    doc = interpolate.interpolate(doc, where, secrets)
     note = notices.append if notices is not None else logging.warning
     foundry.map_foundry(doc, note, where)
     cfg = _build(Config, doc, "", where)

@@ -8,6 +8,7 @@ import time
 from typing import Sequence
 
 from jaxtrain.config import ConfigError, dump_yaml, load_config
+from jaxtrain.config.interpolate import mask
 from jaxtrain.parallel.mesh import MeshError, build_mesh
 
 from jaxtrain.train.health import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
@@ -52,10 +53,11 @@ def train_command(config_path: str | None, overrides: Sequence[str] = (), *, dat
 def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> int:
     started = _process_start()
     notices: list[str] = []
+    secrets: list[str] = []  # values of credential-named environment variables: never printed
     try:
-        cfg = load_config(config_path, overrides, notices=notices)
+        cfg = load_config(config_path, overrides, notices=notices, secrets=secrets)
     except ConfigError as err:
-        return _error(str(err))
+        return _error(mask(str(err), secrets))
 
     import jax  # after the config is read, so a config error is reported without JAX start-up
 
@@ -78,8 +80,8 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
         return _error(str(err))
 
     for notice in notices:
-        print(f"notice: {notice}", flush=True)
-    resolved = dump_yaml(cfg)
+        print(f"notice: {mask(notice, secrets)}", flush=True)
+    resolved = mask(dump_yaml(cfg), secrets)  # printed and written beside the run (the checkpoint keeps the values)
     print("resolved config:\n" + resolved, flush=True)
     os.makedirs(cfg.run_folder, exist_ok=True)
     if jax.process_index() == 0:
