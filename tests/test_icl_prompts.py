@@ -188,3 +188,21 @@ def test_a_bad_task_entry_is_one_line(tmp_path):
                             ({"early_stopping_criteria": "\n"}, "early_stopping_criteria=.* must be a list of")):
         with pytest.raises(ConfigError, match=f"^tasks.yaml: {message}"):
             task_from_dict(dict(base, **change), source="tasks.yaml")
+
+
+def test_tasks_file_naming_another_tasks_file_and_gauntlet(tmp_path):
+    """Foundry's eval configs give icl_tasks and eval_gauntlet as paths to other YAML files."""
+    from jaxtrain.eval.icl import load_tasks
+
+    (tmp_path / "yamls").mkdir()
+    (tmp_path / "yamls" / "tasks.yaml").write_text(
+        "icl_tasks:\n- {label: lm, dataset_uri: lm.jsonl, icl_task_type: language_modeling}\n")
+    (tmp_path / "yamls" / "lm.jsonl").write_text('{"context": "a", "continuation": "b"}\n')
+    (tmp_path / "yamls" / "eval.yaml").write_text("icl_tasks: tasks.yaml\neval_gauntlet: gauntlet.yaml\n")
+    tasks, gauntlet = load_tasks(str(tmp_path / "yamls" / "eval.yaml"))
+    assert [task.label for task in tasks] == ["lm"] and tasks[0].dataset_uri == str(tmp_path / "yamls" / "lm.jsonl")
+    assert gauntlet == str(tmp_path / "yamls" / "gauntlet.yaml")
+    (tmp_path / "yamls" / "empty.yaml").write_text(
+        "icl_tasks:\n- {label: piqa, dataset_uri: '', icl_task_type: multiple_choice}\n")
+    with pytest.raises(ConfigError, match=r"task 'piqa': dataset_uri is empty; set it to the task's JSONL file"):
+        load_tasks(str(tmp_path / "yamls" / "empty.yaml"))

@@ -67,10 +67,13 @@ def test_linear_decay_with_warmup():
         np.testing.assert_allclose(float(lr(step)), 6e-4 * multiplier, rtol=1e-5, atol=1e-12, err_msg=f"step {step}")
 
 
-def test_constant_with_warmup():
-    lr = schedule_of(100, name="constant_with_warmup", t_warmup="10ba")
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_constant_with_warmup(alpha):
+    # Composer's ConstantWithWarmupScheduler(alpha): alpha * t / t_warmup while warming up, then alpha
+    lr = schedule_of(100, name="constant_with_warmup", t_warmup="10ba", alpha=alpha)
     for step, multiplier in {0: 0.0, 3: 0.3, 10: 1.0, 99: 1.0, 10_000: 1.0}.items():
-        np.testing.assert_allclose(float(lr(step)), 6e-4 * multiplier, rtol=1e-5, atol=1e-12, err_msg=f"step {step}")
+        np.testing.assert_allclose(float(lr(step)), 6e-4 * alpha * multiplier, rtol=1e-5, atol=1e-12,
+                                   err_msg=f"step {step}")
 
 
 def test_no_warmup_starts_at_peak():

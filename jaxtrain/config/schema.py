@@ -186,6 +186,7 @@ class SchedulerConfig:
     t_warmup: str = field("100ba", "warmup length (time string)")
     alpha_f: float = field(0.1, "final lr multiplier")
     alpha_i: float = field(1.0, "linear_decay_with_warmup: initial multiplier after warmup")
+    alpha: float = field(1.0, "constant_with_warmup: the multiplier after warmup")
     t_max: str = field("1dur", "schedule length (time string); default the whole run")
     scale_warmup: bool = field(False, "Composer key; warmup is not stretched by scale_schedule_ratio")
 

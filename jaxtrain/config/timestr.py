@@ -1,6 +1,8 @@
 """Composer-style time strings: "100ba", "2ep", "50000tok", "2Btok", "1_000sp", "0.1dur".
 
-A bare integer (``100`` or ``"100"``) means batches. Underscores between digits are allowed, and
+A bare integer (``100`` or ``"100"``) means batches here; in a config, the run's durations and
+intervals (``max_duration``, ``eval_interval``, ``save_interval``, ``console_log_interval``) given
+as bare integers count epochs, as Composer reads them (``jaxtrain.config.foundry``). Underscores between digits are allowed, and
 ``k``/``M``/``B``/``T`` before the unit multiply by 1e3/1e6/1e9/1e12 ("2Btok" is two billion
 tokens). ``dur`` is a fraction of the whole run; every other unit counts whole things.
 """

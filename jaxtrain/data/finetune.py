@@ -311,9 +311,10 @@ def finetune_rows(cfg, dataset, tokenizer, *, key: str) -> FinetuneRows:
         raise ConfigError(f"{key}.remote is set, but {SOURCE} reads local files only: unset it")
     options = finetune_options(dataset, key=key)
     pack = options.packing_ratio is not None
-    if pack and not cfg.model.attn_config.attn_uses_sequence_id:
-        raise ConfigError(f"{key}.packing_ratio is set, but model.attn_config.attn_uses_sequence_id is false, so "
-                          f"packed examples would attend to each other: set it to true, or unset packing_ratio")
+    if pack and not cfg.model.attn_config.attn_uses_sequence_id:  # as Foundry allows (it saves memory)
+        print(f"notice: {key}.packing_ratio is set and model.attn_config.attn_uses_sequence_id is false: packed "
+              f"examples attend to the ones before them in their row (set it to true to keep them apart)",
+              file=sys.stderr, flush=True)
     eos_token_id = dataset.eos_token_id if dataset.eos_token_id is not None else tokenizer.eos_token_id
     if eos_token_id is None:
         raise ConfigError(f"{key}.eos_token_id is unset and the tokenizer has no EOS token: set one of them")

@@ -140,7 +140,9 @@ def task_from_dict(entry, *, source: str | None = None, base_dir: str = ".") -> 
     stops = values.get("early_stopping_criteria")
     if stops is not None and (not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops)):
         raise ConfigError(f"{at}: early_stopping_criteria={stops!r} must be a list of strings, e.g. ['Question:']")
-    uri = os.path.expanduser(str(values["dataset_uri"]))
+    if not isinstance(values["dataset_uri"], str) or not values["dataset_uri"].strip():
+        raise ConfigError(f"{at}: task {entry['label']!r}: dataset_uri is empty; set it to the task's JSONL file")
+    uri = os.path.expanduser(values["dataset_uri"])
     if not os.path.isabs(uri) and not os.path.exists(uri) and os.path.exists(os.path.join(base_dir, uri)):
         uri = os.path.join(base_dir, uri)  # relative to the tasks file when not relative to the working folder
     values["dataset_uri"] = uri
@@ -156,10 +158,26 @@ def load_tasks(path: str) -> tuple[list[ICLTask], dict | None]:
         if "icl_tasks" not in document:
             raise ConfigError(f"{where(path, document)}: no 'icl_tasks' list in {path}")
         document = document["icl_tasks"]
+        if isinstance(document, str):  # a path to a tasks file, as Foundry's eval configs give it
+            tasks_path = _beside(document, path)
+            tasks, inner = load_tasks(tasks_path)
+            if isinstance(gauntlet, str):
+                gauntlet = _beside(gauntlet, path)
+            return tasks, inner if gauntlet is None else gauntlet
     if not isinstance(document, list) or not document:
-        raise ConfigError(f"{path}: icl_tasks must be a non-empty list of task mappings")
+        raise ConfigError(f"{path}: icl_tasks must be a non-empty list of task mappings (or a tasks file's path)")
     base_dir = os.path.dirname(os.path.abspath(path))
+    if isinstance(gauntlet, str):
+        gauntlet = _beside(gauntlet, path)
     return [task_from_dict(entry, source=path, base_dir=base_dir) for entry in document], gauntlet
+
+
+def _beside(name: str, source: str) -> str:
+    """``name`` as given if it exists (relative to the working folder), else relative to ``source``'s folder."""
+    name = os.path.expanduser(name)
+    if os.path.isabs(name) or os.path.exists(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(source)), name)
 
 
 def _check_example(example, path: str, line: int, task_type: str, *, require_category: bool) -> None:

@@ -62,7 +62,7 @@ def lr_multiplier(cfg: SchedulerConfig, *, t_warmup: int, t_max: int) -> optax.S
 
         return lambda step: _warmup_then(step, t_warmup, alpha_i, after)
     if cfg.name == "constant_with_warmup":
-        alpha = float(getattr(cfg, "alpha", 1.0))
+        alpha = float(cfg.alpha)
         return lambda step: _warmup_then(step, t_warmup, alpha, lambda t: jnp.full_like(t, alpha))
     raise ValueError(f"scheduler.name: unknown scheduler {cfg.name!r}; valid names: {', '.join(SCHEDULERS)}")
 
