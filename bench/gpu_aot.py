@@ -418,14 +418,13 @@ def _tpu_cost_estimate(compiled, hlo: str, cfg, batch: int, hardware) -> dict:
     time, FLOPs and bytes accessed), and the MFU that time would give. XLA counts a loop body
     once, so the figures cover the whole step only when no loop is left
     (``--set model.scan_unroll=<n_layers>``)."""
-    from jaxtrain.metrics.flops import mpt_flops_per_batch
-    from jaxtrain.models.mpt_config import mpt_param_count
+    from jaxtrain.metrics.flops import mpt_active_params, mpt_flops_per_batch
 
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     seconds = float(cost.get("optimal_seconds", 0.0))
     loops = len(re.findall(r"\swhile\(", hlo))
-    model_flops = mpt_flops_per_batch(mpt_param_count(cfg.model), cfg.model.n_layers, cfg.model.d_model,
+    model_flops = mpt_flops_per_batch(mpt_active_params(cfg.model), cfg.model.n_layers, cfg.model.d_model,
                                       cfg.max_seq_len, batch)  # fmt: skip
     estimate = {"xla_tflop": float(cost.get("flops", 0.0)) / 1e12, "xla_gb_accessed": float(cost.get("bytes accessed", 0.0)) / 1e9,
                 "xla_estimate_ms": seconds * 1e3, "loops_counted_once": loops}  # fmt: skip

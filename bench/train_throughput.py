@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from jaxtrain.config import load_config  # noqa: E402
 from jaxtrain.layers import fp8  # noqa: E402
-from jaxtrain.metrics.flops import mpt_flops_per_batch  # noqa: E402
+from jaxtrain.metrics.flops import mpt_active_params, mpt_flops_per_batch  # noqa: E402
 from jaxtrain.models.mpt_config import mpt_param_count  # noqa: E402
 from jaxtrain.parallel.mesh import axis_rules, batch_sharding, build_mesh  # noqa: E402
 from jaxtrain.train.optim import build_optimizer  # noqa: E402
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
         state = carried[0]
 
     n_params = mpt_param_count(model)
-    flops = mpt_flops_per_batch(n_params, model.n_layers, model.d_model, seq, batch)
+    flops = mpt_flops_per_batch(mpt_active_params(model), model.n_layers, model.d_model, seq, batch)
     median = statistics.median(step_times)
     tokens_per_s = batch * seq / median
     result = {

@@ -11,7 +11,14 @@ from tensorboardX.record_writer import masked_crc32c
 from tensorboardX.proto import event_pb2, summary_pb2
 
 from jaxtrain.metrics import tfevents
-from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, format_console_line
+from jaxtrain.metrics.loggers import (
+    ConsoleProgress,
+    JSONLLogger,
+    TensorBoardLogger,
+    append_jsonl,
+    format_console_line,
+    tensorboard_log_dir,
+)
 
 
 def read_tfrecords(path):
@@ -87,6 +94,8 @@ def test_event_encoding_matches_protobuf():
         assert tfevents._event(1234.5, step, summary=b"".join(tfevents._bytes_field(1, v) for v in values)) == expected
     first = event_pb2.Event(wall_time=1.0, step=0, file_version="brain.Event:2").SerializeToString()
     assert tfevents._event(1.0, 0, file_version="brain.Event:2") == first
+    start = event_pb2.Event(wall_time=1.0, step=5, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
+    assert tfevents._event(1.0, 5, session_start=True) == start.SerializeToString()
     assert tfevents.crc32c(b"123456789") == 0xE3069283 == tbx_crc32c(b"123456789")  # the CRC-32C check value
 
 
@@ -135,3 +144,109 @@ def test_console_live_bar():
     assert "5/10" in out and "loss=3.500" in out and "tok/s=2000" in out and "MFU=50.0%" in out
     assert "a message\n" in out
     assert not ConsoleProgress(10, 0, enabled=False, stream=FakeTerminal()).live
+
+
+def tensorboard_scalars(logdir):
+    """What TensorBoard shows for ``logdir``: its event files read in name order, and each
+    ``SessionLog.START`` after the first one discards every event seen before it at its step or
+    later (``plugin_event_accumulator._CheckForRestartAndMaybePurge``). {tag: [(step, value)]}."""
+    shown, seen_start = [], False
+    for path in sorted(logdir.iterdir()):
+        for event in read_tfrecords(path):
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                if seen_start:
+                    shown = [item for item in shown if item[0] < event.step]
+                seen_start = True
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    shown.append((event.step, value.tag, value.simple_value))
+    tags = {}
+    for step, tag, value in shown:
+        tags.setdefault(tag, []).append((step, value))
+    return tags
+
+
+def test_tensorboard_shows_a_resumed_run_once(tmp_path):
+    """A run logs steps 1-10, dies, and resumes from its step-5 checkpoint in a new process (a
+    new event file); later it rolls back from step 12 to a step-9 checkpoint within the process.
+    TensorBoard shows every step once, with the values of the run that went on."""
+    logdir = tmp_path / "tb"
+    first = TensorBoardLogger(logdir)
+    first.log_metrics(0, {"eval/loss": 11.0})
+    for step in range(1, 11):
+        first.log_metrics(step, {"train/loss": float(step)})
+    first.close()  # no clean shutdown needed: every event is already in the file
+    second = TensorBoardLogger(logdir)
+    for step in [*range(6, 13), *range(10, 15)]:
+        second.log_metrics(step, {"train/loss": 100.0 + step})
+    second.close()
+    expected = [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 15)]
+    got = tensorboard_scalars(logdir)
+    assert got["train/loss"] == expected and got["eval/loss"] == [(0, 11.0)]
+    try:  # TensorBoard's own reader, where it is installed
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return
+    accumulator = EventAccumulator(str(logdir))
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == expected
+
+
+def test_tensorboard_resume_point_given(tmp_path):
+    """A run that resumes at its last step (stopped before its final evaluation) names the first
+    step it will train, so its evaluation at the resume step hides nothing logged before it."""
+    logdir = tmp_path / "tb"
+    first = TensorBoardLogger(logdir)
+    for step in range(1, 5):
+        first.log_metrics(step, {"train/loss": float(step)})
+    first.close()
+    second = TensorBoardLogger(logdir, purge_step=5)
+    second.log_metrics(4, {"eval/loss": 2.0})
+    second.close()
+    got = tensorboard_scalars(logdir)
+    assert got["train/loss"] == [(s, float(s)) for s in range(1, 5)] and got["eval/loss"] == [(4, 2.0)]
+
+
+def test_jsonl_after_a_record_cut_short(tmp_path):
+    """A process killed in mid-write leaves half a line; the next run's records must not be glued
+    to it. Every line of the file parses as strict JSON and the whole records survive."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 5.0}\n{"step": 2, "train/lo')
+    logger = JSONLLogger(path)
+    logger.log_metrics(2, {"train/loss": 4.0})
+    logger.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in records] == [(1, 5.0), (2, 4.0)]
+    with open(path, "a") as f:  # killed again, then a supervisor records the restart
+        f.write('{"step": 3, "tra')
+    append_jsonl(path, {"step": 2, "incident": "restart"})
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records[-1] == {"step": 2, "incident": "restart"} and len(records) == 3
+
+
+def test_jsonl_is_strict_json_everywhere(tmp_path):
+    """No NaN or Infinity literal anywhere in a record (strict parsers reject them), nested values
+    and NumPy numbers included."""
+    import numpy as np
+
+    def reject(literal):
+        raise ValueError(f"non-standard JSON literal {literal}")
+
+    path = tmp_path / "metrics.jsonl"
+    logger = JSONLLogger(path)
+    logger.log_metrics(3, {"train/loss": float("nan"), "train/grad_norm": np.float32("inf")})
+    logger.log_record(3, {"incident": "nan", "losses": [1.0, float("nan")], "detail": {"norm": float("-inf")},
+                          "loss": np.float32(2.5), "step_count": np.int64(7)})
+    logger.close()
+    first, second = [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
+    assert first["train/loss"] is None and first["train/grad_norm"] is None
+    assert second["losses"] == [1.0, None] and second["detail"] == {"norm": None}
+    assert second["loss"] == 2.5 and second["step_count"] == 7
+
+
+def test_tensorboard_log_dir_as_composer_names_it():
+    """Composer's TensorboardLogger writes to ``{log_dir}/{run_name}``; without ``log_dir`` the
+    run's own folder keeps its event files."""
+    assert tensorboard_log_dir({"log_dir": "/mnt/tb"}, "runs/a", "a") == "/mnt/tb/a"
+    assert tensorboard_log_dir({}, "runs/a", "a") == "runs/a/tensorboard"
+    assert tensorboard_log_dir(None, "runs/a", "a") == "runs/a/tensorboard"

@@ -46,7 +46,9 @@ def test_get_hardware_unknown_lists_names():
         ("TPU v5p", "tpu", "tpu-v5p"),
         ("TPU v6 lite", "tpu", "tpu-v6e"),
         ("cpu", "cpu", "cpu"),
-        ("NVIDIA H100 PCIe", "gpu", None),  # a lower peak than the SXM part: not guessed
+        ("NVIDIA H100 PCIe", "gpu", "h100-pcie"),  # a lower peak than the SXM part
+        ("NVIDIA H100 NVL", "gpu", "h100-nvl"),
+        ("NVIDIA L40", "gpu", None),  # not the L40S
         ("NVIDIA GeForce RTX 4090", "gpu", None),
     ],
 )
@@ -152,3 +154,63 @@ def test_cpu_without_bf16_matrix_units_is_named(tmp_path):
     assert note(plain_x86.replace("avx2", "avx2 amx_bf16 amx_tile")) is None
     assert note("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n") is None  # Arm: not judged
     assert cpu_bf16_note(str(tmp_path / "missing")) is None
+
+
+def _small_gqa_model(tied):
+    from jaxtrain.config.schema import AttnConfig, ModelConfig
+
+    return ModelConfig(d_model=8, n_heads=4, n_layers=2, expansion_ratio=2, vocab_size=32, no_bias=True,
+                       tie_word_embeddings=tied,
+                       attn_config=AttnConfig(alibi=True, attn_type="grouped_query_attention", kv_n_heads=2))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_active_params_leave_out_an_untied_input_embedding(tied):
+    """LLM Foundry's ``mpt_get_active_params``: every parameter once, less ``wte`` when the output
+    head is a separate ``lm_head`` (a lookup table does no matmul). By hand, d_model 8, 4 heads with
+    2 key/value heads (Wqkv 8x16, out 8x8), MLP 8->16->8, two weight-only norms per block, 2 blocks,
+    norm_f, vocab 32: 2*(128+64+256+16) + 8 = 936 in the blocks and norm_f; plus one 32x8 matrix
+    (wte tied, or lm_head untied) = 1192."""
+    from jaxtrain.metrics.flops import mpt_active_params
+
+    n_params = mpt_active_params(_small_gqa_model(tied))
+    assert n_params == 1192
+    # 3 * B * (2 * N * seq + n_layers * 4 * d_model * seq^2) with N = 1192, seq 4, B 3
+    assert mpt_flops_per_batch(n_params, 2, 8, 4, 3) == 3 * 3 * (2 * 1192 * 4 + 2 * 4 * 8 * 16)
+
+
+def test_meter_resume_keeps_the_window_and_leaves_out_the_pause():
+    """Composer pauses its training clock while evaluating and keeps the window: steps ending at
+    1, 2, 3 s, an evaluation from 3 s to 10 s, a step ending at 11 s is at 4 s of training time, so
+    a 2-step window covers [2, 3, 4]: 2 batches in 2 s."""
+    meter = ThroughputMeter(window_size=2, peak_flops_per_device=10.0)
+    meter.start(0.0)
+    for t in (1.0, 2.0, 3.0):
+        meter.update(t, samples=4, tokens=40, flops=10.0)
+    meter.resume(10.0)
+    meter.update(11.0, samples=4, tokens=40, flops=10.0)
+    got = meter.metrics()
+    assert got["throughput/batches_per_sec"] == pytest.approx(1.0)
+    assert got["throughput/tokens_per_sec"] == pytest.approx(40.0)
+    assert got["throughput/device/mfu"] == pytest.approx(1.0)
+    assert meter.run_summary()["seconds"] == pytest.approx(4.0)  # the pause is left out of the run's mean too
+
+
+@pytest.mark.parametrize(
+    "kind, name, bf16, fp8",
+    [
+        # NVIDIA datasheets list tensor-core rates with sparsity; the dense rate is half.
+        ("NVIDIA H100 PCIe", "h100-pcie", 756.5e12, 1513e12),  # 1,513 / 3,026 TFLOP/s sparse
+        ("NVIDIA H100 NVL", "h100-nvl", 835.5e12, 1670.5e12),  # 1,671 / 3,341 sparse
+        ("NVIDIA H200 NVL", "h200-nvl", 835.5e12, 1670.5e12),  # 1,671 / 3,341 sparse
+        ("NVIDIA L4", "l4", 121e12, 242.5e12),  # 242 / 485 sparse
+        ("NVIDIA L40S", "l40s", 362.05e12, 733e12),  # 733 / 1,466 sparse
+    ],
+)
+def test_fp8_capable_gpus_have_their_dense_peaks(kind, name, bf16, fp8):
+    """Every GPU that runs amp_fp8 natively is in the table, with its own dense bf16 and fp8 peaks,
+    so MFU is not taken against a guessed CPU figure."""
+    found = detect_hardware(types.SimpleNamespace(device_kind=kind, platform="gpu"))
+    assert found is not None and found.name == name
+    assert found.peak_flops("amp_bf16") == pytest.approx(bf16, rel=2e-3)
+    assert found.peak_flops("amp_fp8") == pytest.approx(fp8, rel=2e-3)

@@ -7,14 +7,28 @@ its published tables; the meter follows Composer's ``SpeedMonitor`` windowing.
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxtrain.config.schema import ModelConfig
+
+
+def mpt_active_params(model: ModelConfig) -> int:
+    """LLM Foundry's ``n_active_params`` of an MPT model: every parameter once (a tied embedding
+    counted once), less the input embedding ``wte`` when ``tie_word_embeddings`` is false (a
+    lookup table does no matmul; the separate ``lm_head`` stays counted). This is the ``n_params``
+    that ``mpt_flops_per_batch`` takes."""
+    from jaxtrain.models.mpt_config import mpt_param_count
+
+    total = mpt_param_count(model)
+    return total if model.tie_word_embeddings else total - model.vocab_size * model.d_model
 
 
 def mpt_flops_per_batch(n_params: int, n_layers: int, d_model: int, seq_len: int, batch_size: int) -> float:
     """Model FLOPs of one training batch (forward + backward): ``3*B*(2*N*L + n_layers*4*d_model*L^2)``.
 
-    ``n_params`` is LLM Foundry's "active" count: every parameter once (a tied embedding counted
-    once), minus the input embedding ``wte`` when ``tie_word_embeddings`` is false (a lookup table
-    does no matmul; the separate ``lm_head`` stays counted). Padding is not discounted, and the
+    ``n_params`` is LLM Foundry's "active" count (``mpt_active_params``): every parameter once,
+    minus the input embedding ``wte`` when ``tie_word_embeddings`` is false. Padding is not discounted, and the
     backward pass is taken as twice the forward.
     """
     params_flops_per_seq = 2 * n_params * seq_len
@@ -37,7 +51,9 @@ class ThroughputMeter:
     compare the newest entry with the one ``window_size`` steps older, so the first steps (and
     the compile time they carry) fall out of the window. Like SpeedMonitor, ``metrics()`` is
     empty until ``window_size + 1`` steps have been seen, unless ``report_partial_window`` is set,
-    in which case any two or more steps give rates.
+    in which case any two or more steps give rates. Time spent between steps is left out either
+    by ``resume`` (the window keeps its steps, as SpeedMonitor's does across an evaluation) or by
+    ``start`` (a fresh window).
     """
 
     def __init__(
@@ -63,11 +79,12 @@ class ThroughputMeter:
         self._flops: collections.deque[float] = collections.deque(maxlen=maxlen)  # per step
         self._total_samples = 0
         self._total_tokens = 0
+        self._paused = 0.0  # seconds left out by resume(); the stamps above are wall time less this
         # Every timed step of the run (a step whose start the meter saw), windows restarted or not.
         self._run = {"steps": 0, "seconds": 0.0, "samples": 0, "tokens": 0, "flops": 0.0}
 
     def start(self, wall_time: float) -> None:
-        """Begin a fresh window at ``wall_time`` (after compilation or an evaluation, say).
+        """Begin a fresh window at ``wall_time`` (after compilation or a rollback, say).
 
         Earlier steps are dropped, so time spent outside training steps never enters a rate.
         """
@@ -75,23 +92,33 @@ class ThroughputMeter:
         self._samples.clear()
         self._tokens.clear()
         self._flops.clear()
-        self._wall_time.append(float(wall_time))
+        self._wall_time.append(float(wall_time) - self._paused)
         self._samples.append(self._total_samples)
         self._tokens.append(self._total_tokens)
         self._flops.append(0.0)
 
+    def resume(self, wall_time: float) -> None:
+        """Go on with the same window at ``wall_time``, leaving out the time since the last step
+        ended (an evaluation, say), as Composer pauses its training clock while it evaluates: the
+        window keeps its steps and no rate counts the pause. Without earlier steps, ``start``."""
+        if not self._wall_time:
+            self.start(wall_time)
+            return
+        self._paused += max(float(wall_time) - self._paused - self._wall_time[-1], 0.0)
+
     def update(self, wall_time: float, *, samples: int, tokens: int, flops: float = 0.0) -> None:
         """Record the end of one step: its time stamp and the step's global samples, tokens, FLOPs."""
+        wall_time = float(wall_time) - self._paused
         if self._wall_time:  # the step began at the previous stamp: it counts in the run's average
             run = self._run
             run["steps"] += 1
-            run["seconds"] += float(wall_time) - self._wall_time[-1]
+            run["seconds"] += wall_time - self._wall_time[-1]
             run["samples"] += int(samples)
             run["tokens"] += int(tokens)
             run["flops"] += float(flops)
         self._total_samples += int(samples)
         self._total_tokens += int(tokens)
-        self._wall_time.append(float(wall_time))
+        self._wall_time.append(wall_time)
         self._samples.append(self._total_samples)
         self._tokens.append(self._total_tokens)
         self._flops.append(float(flops))

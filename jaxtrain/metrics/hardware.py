@@ -68,9 +68,25 @@ HARDWARE: dict[str, Hardware] = {
         Hardware("h100", 989e12, 67e12, 80 * GIB, 11.06,
                  "NVIDIA H100 SXM5 80GB HBM3; dense bf16 989 and fp8 1979 TFLOP/s (twice that with sparsity)",
                  peak_fp8_flops=1979e12),
+        Hardware("h100-pcie", 756.5e12, 51e12, 80 * GIB, 4.50,
+                 "NVIDIA H100 PCIe 80GB; dense bf16 756.5 and fp8 1513 TFLOP/s (1513 / 3026 with sparsity); "
+                 "no AWS/GCP on-demand offer: the price is an approximate cloud list price",
+                 peak_fp8_flops=1513e12),
+        Hardware("h100-nvl", 835.5e12, 60e12, 94 * 10**9, 6.98,
+                 "NVIDIA H100 NVL 94GB; dense bf16 835.5 and fp8 1670.5 TFLOP/s (1671 / 3341 with sparsity); "
+                 "price: Azure NC H100 v5 on-demand per GPU", peak_fp8_flops=1670.5e12),
+        Hardware("l4", 121e12, 30.3e12, 24 * GIB, 0.71,
+                 "NVIDIA L4 24GB; dense bf16 121 and fp8 242.5 TFLOP/s (242 / 485 with sparsity); "
+                 "price: GCP g2-standard-4 on-demand", peak_fp8_flops=242.5e12),
+        Hardware("l40s", 362.05e12, 91.6e12, 48 * GIB, 1.86,
+                 "NVIDIA L40S 48GB; dense bf16 362 and fp8 733 TFLOP/s (733 / 1466 with sparsity); "
+                 "price: AWS g6e.xlarge on-demand", peak_fp8_flops=733e12),
         Hardware("h200", 989e12, 67e12, 141 * 10**9, 10.60,
                  "NVIDIA H200 SXM 141GB HBM3e; same compute as H100 SXM (about 790 TFLOP/s measured on matmuls)",
                  peak_fp8_flops=1979e12),
+        Hardware("h200-nvl", 835.5e12, 60e12, 141 * 10**9, 10.60,
+                 "NVIDIA H200 NVL 141GB HBM3e (PCIe card); dense bf16 835.5 and fp8 1670.5 TFLOP/s (1671 / 3341 "
+                 "with sparsity); price assumed equal to the SXM part's", peak_fp8_flops=1670.5e12),
         Hardware("b200", 2250e12, 80e12, 192 * 10**9, 14.24,
                  "NVIDIA B200 192GB HBM3e; dense bf16 (4.5 PFLOP/s is with sparsity)", peak_fp8_flops=4500e12),
         Hardware("tpu-v4", 275e12, 275e12, 32 * GIB, 3.22, "Google TPU v4 chip; " + _TPU_FP32),
@@ -118,12 +134,19 @@ def hardware_for_device_kind(device_kind: str, platform: str) -> Hardware | None
     if platform in ("gpu", "cuda", "rocm") or "nvidia" in kind:
         if "a100" in kind:
             return HARDWARE["a100-80gb" if "80gb" in kind else "a100-40gb"]
-        if "h100" in kind and "pcie" not in kind:  # the PCIe card has a lower peak (756 TFLOP/s)
-            return HARDWARE["h100"]
+        if "h100" in kind:  # three parts with three peaks; the SXM part's kind names its HBM3
+            if "nvl" in kind:
+                return HARDWARE["h100-nvl"]
+            return HARDWARE["h100-pcie" if "pcie" in kind or "hbm2e" in kind else "h100"]
         if "h200" in kind:
-            return HARDWARE["h200"]
+            return HARDWARE["h200-nvl" if "nvl" in kind else "h200"]
         if "b200" in kind:
             return HARDWARE["b200"]
+        words = kind.replace("-", " ").split()
+        if "l4" in words:
+            return HARDWARE["l4"]
+        if "l40s" in words:
+            return HARDWARE["l40s"]
         return None
     if platform == "tpu" or kind.startswith("tpu"):
         lite = "lite" in kind or kind.endswith("e")

@@ -52,20 +52,75 @@ def _console_fields(metrics: dict[str, Any]) -> dict[str, str]:
     return fields
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with NumPy/JAX scalars as Python numbers and every non-finite float as null, at any
+    depth, so the record is strict JSON (no NaN or Infinity literals)."""
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:  # a NumPy or JAX scalar
+        return _strict_json(value.item())
+    if hasattr(value, "tolist"):
+        return _strict_json(value.tolist())
+    return str(value)
+
+
+def _drop_partial_last_line(path: str) -> None:
+    """Cut a trailing record that a killed process left without its newline (it cannot be
+    parsed, and a record appended after it would be glued to it)."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            end = size
+            while end > 0:  # back to the last newline, a block at a time
+                start = max(end - 65536, 0)
+                f.seek(start)
+                block = f.read(end - start)
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(start + cut + 1)
+                    return
+                end = start
+            f.truncate(0)
+    except FileNotFoundError:
+        return
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record to a JSONL file as strict JSON, first cutting a partial last line."""
+    path = os.fspath(path)
+    _drop_partial_last_line(path)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
+
+
 class JSONLLogger:
-    """One JSON object per call, ``{"step": N, "time": unix_seconds, **metrics}``, flushed each line."""
+    """One JSON object per call, ``{"step": N, "time": unix_seconds, **metrics}``, flushed each line.
+
+    Records are strict JSON: a non-finite number (a NaN loss, say) is written as null. Opening an
+    existing file appends to it, after cutting a last line that a killed process left unfinished.
+    """
 
     def __init__(self, path: str | os.PathLike):
         os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         self.path = os.fspath(path)
+        _drop_partial_last_line(self.path)
         self._file: IO[str] | None = open(self.path, "a", encoding="utf-8")
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             raise RuntimeError(f"JSONLLogger({self.path!r}) is closed")
-        # Non-finite floats are written as null so every line stays strict JSON.
-        line = json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()})
-        self._file.write(line + "\n")
+        self._file.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -85,22 +140,54 @@ class JSONLLogger:
 
 
 class TensorBoardLogger:
-    """Scalars (and text) in a TensorBoard event file under ``logdir``."""
+    """Scalars (and text) in a TensorBoard event file under ``logdir``.
 
-    def __init__(self, logdir: str | os.PathLike):
+    A run that resumes from a checkpoint (a new process, so a new event file in the same
+    ``logdir``) or rolls back within a process logs some steps again. So that TensorBoard shows
+    each step once, with the values of the run that went on, the logger writes a
+    ``SessionLog.START`` event at ``purge_step`` when given (else at the first step passed to
+    ``log_metrics``) and again whenever a step lower than the last one logged comes; TensorBoard
+    drops what it read earlier at that step or later.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
         self.logdir = os.fspath(logdir)
         self._writer = EventFileWriter(self.logdir)
-        self._last_step = 0
+        self._started = False  # whether this writer's START event is written
+        self._last_step: int | None = None  # the last step logged
+        if purge_step is not None:
+            self.purge_from(purge_step)
+
+    def purge_from(self, step: int) -> None:
+        """Mark that this process logs ``step`` and later afresh: TensorBoard hides the events
+        logged before at ``step`` or later (by an earlier process or before a rollback). A run
+        that resumed from a checkpoint at step S calls it with S + 1 before logging anything."""
+        self._writer.write_session_start(int(step))
+        self._started = True
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._last_step = int(step)
-        self._writer.write(int(step), [scalar_value(name, _to_float(value)) for name, value in metrics.items()])
+        step = int(step)
+        if not self._started or (self._last_step is not None and step < self._last_step):
+            self.purge_from(step)
+        self._last_step = step
+        self._writer.write(step, [scalar_value(name, _to_float(value)) for name, value in metrics.items()])
 
     def log_text(self, msg: str) -> None:
-        self._writer.write(self._last_step, [text_value("log/text_summary", str(msg))])
+        step = 0 if self._last_step is None else self._last_step
+        self._writer.write(step, [text_value("log/text_summary", str(msg))])
 
     def close(self) -> None:
         self._writer.close()
+
+
+def tensorboard_log_dir(options: dict[str, Any] | None, run_folder: str, run_name: str) -> str:
+    """Where ``loggers.tensorboard`` writes: ``{log_dir}/{run_name}`` when the section sets
+    ``log_dir`` (as Composer's TensorboardLogger names the run's folder, so one ``tensorboard
+    --logdir`` shows every run), else ``{run_folder}/tensorboard``."""
+    log_dir = (options or {}).get("log_dir")
+    if log_dir:
+        return os.path.join(os.path.expanduser(os.fspath(log_dir)), run_name)
+    return os.path.join(run_folder, "tensorboard")
 
 
 def format_duration(seconds: float) -> str:

@@ -6,7 +6,8 @@ and ``summary.proto``). A record is ``[u64 length][u32 masked CRC32C of the leng
 encoded here by hand, fields in number order as protobuf itself writes them:
 
 - ``Event``: ``wall_time`` (1, double), ``step`` (2, int64), ``file_version`` (3, string; the
-  first record, ``"brain.Event:2"``), ``summary`` (5, ``Summary``).
+  first record, ``"brain.Event:2"``), ``summary`` (5, ``Summary``), ``session_log`` (7,
+  ``SessionLog`` with ``status`` (1) ``START`` = 1).
 - ``Summary.value`` (1, repeated ``Value``): ``tag`` (1), ``simple_value`` (2, float) for a scalar;
   for text, ``metadata`` (9: ``plugin_data`` (1) with ``plugin_name`` (1) ``"text"``) and
   ``tensor`` (8: ``TensorProto`` with ``dtype`` (1) ``DT_STRING`` = 7, ``tensor_shape`` (2) of one
@@ -23,6 +24,7 @@ import time
 
 EVENT_FILE_VERSION = "brain.Event:2"
 _DT_STRING = 7
+_SESSION_START = 1
 
 
 def _crc32c_table() -> list[int]:
@@ -79,7 +81,8 @@ def _bytes_field(field: int, data: bytes) -> bytes:
     return _key(field, 2) + _varint(len(data)) + data
 
 
-def _event(wall_time: float, step: int, *, file_version: str | None = None, summary: bytes | None = None) -> bytes:
+def _event(wall_time: float, step: int, *, file_version: str | None = None, summary: bytes | None = None,
+           session_start: bool = False) -> bytes:
     out = _key(1, 1) + struct.pack("<d", wall_time)
     if step:  # proto3: a field at its default value is left out
         out += _key(2, 0) + _varint(int(step))
@@ -87,6 +90,8 @@ def _event(wall_time: float, step: int, *, file_version: str | None = None, summ
         out += _bytes_field(3, file_version.encode())
     if summary is not None:
         out += _bytes_field(5, summary)
+    if session_start:
+        out += _bytes_field(7, _key(1, 0) + _varint(_SESSION_START))
     return out
 
 
@@ -130,6 +135,15 @@ class EventFileWriter:
             raise ValueError(f"{self.path} is closed")
         summary = b"".join(_bytes_field(1, value) for value in values)
         self._file.write(tfrecord(_event(time.time() if wall_time is None else wall_time, step, summary=summary)))
+        self._file.flush()
+
+    def write_session_start(self, step: int, wall_time: float | None = None) -> None:
+        """A ``SessionLog.START`` event at ``step``: TensorBoard then drops the events of this run
+        (its earlier files included) at ``step`` or later that it read before this one, as a
+        restarted writer's (``purge_step`` in tensorboardX)."""
+        if self._file is None:
+            raise ValueError(f"{self.path} is closed")
+        self._file.write(tfrecord(_event(time.time() if wall_time is None else wall_time, step, session_start=True)))
         self._file.flush()
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from jaxtrain.checkpoint.load import TOKENIZER_FILE
 from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
 from jaxtrain.checkpoint.remote import RemoteUploadError
 from jaxtrain.metrics.flops import ThroughputMeter
-from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger
+from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, tensorboard_log_dir
 from jaxtrain.parallel.mesh import global_batch_from_local
 from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
@@ -79,12 +79,13 @@ class Trainer(RecoveryMixin):
         self.is_primary = jax.process_index() == 0
         self.metrics_file = JSONLLogger(os.path.join(cfg.run_folder, "metrics.jsonl")) if self.is_primary else None
         self.tensorboard = (
-            TensorBoardLogger(os.path.join(cfg.run_folder, "tensorboard"))
+            TensorBoardLogger(tensorboard_log_dir(cfg.loggers.get("tensorboard"), cfg.run_folder, cfg.run_name))
             if "tensorboard" in cfg.loggers and self.is_primary
             else None
         )
         window = int((cfg.callbacks.get("speed_monitor") or {}).get("window_size", 10))
-        self.meter = ThroughputMeter(window_size=window, num_devices=jax.device_count())
+        self.meter = ThroughputMeter(window_size=window, num_devices=jax.device_count(),
+                                     peak_flops_per_device=parts.peak_flops_per_device)
         self._window_steps = 0  # the steps the last logged rates cover
         self.checkpointer = (
             Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep, faults=self.faults,
@@ -213,6 +214,7 @@ class Trainer(RecoveryMixin):
         if timed:
             self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
             metrics.update(self.meter.summary(self.parts.peak_flops_per_device))
+            metrics.update(self.meter.metrics())  # Composer's names (throughput/*, device/*), on full windows
             self._window_steps = self.meter.window_steps
         else:  # the first step carries the runtime's first-call set-up: the window starts at its end
             self.meter.start(now)
@@ -275,6 +277,8 @@ class Trainer(RecoveryMixin):
         cfg, parts = self.cfg, self.parts
         self.progress = None
         self.maybe_resume()
+        if self.tensorboard is not None and self.step > 0:  # TensorBoard hides what a crashed run logged after it
+            self.tensorboard.purge_from(self.step + 1)
         self.progress = ConsoleProgress(
             parts.total_batches, self.step, enabled=cfg.progress_bar and self.is_primary, log_every=self.log_every,
             lines=cfg.log_to_console,
@@ -392,7 +396,7 @@ class Trainer(RecoveryMixin):
             if self.eval_every and self.step % self.eval_every == 0:
                 loss = self.evaluate()  # watched; the next step counts from its end
                 first_eval = loss if first_eval is None else first_eval
-                self.meter.start(time.perf_counter())
+                self.meter.resume(time.perf_counter())  # the window goes on; the evaluation's time is left out
                 self._last_step_time = None
             if self.save_every and self.step % self.save_every == 0:
                 self.save()

@@ -85,6 +85,9 @@ def peak_flops(cfg: Config) -> tuple[float, str]:
     """Per-device dense peak FLOP/s for MFU, and where the figure came from."""
     if cfg.peak_flops_per_device:
         return float(cfg.peak_flops_per_device), "peak_flops_per_device from the config"
+    composer = (cfg.callbacks.get("speed_monitor") or {}).get("gpu_flops_available")
+    if composer:  # Composer's SpeedMonitor option, as Foundry configs set it
+        return float(composer), "callbacks.speed_monitor.gpu_flops_available from the config"
     hardware = detect_hardware()
     if hardware is None:
         device = jax.devices()[0]
@@ -317,10 +320,11 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         print(fp8.compiled_note(executable.as_text()), flush=True)
     if eval_compile is not None:
         eval_compile.result()  # its errors surface here
-    from jaxtrain.metrics.flops import mpt_flops_per_batch
+    from jaxtrain.metrics.flops import mpt_active_params, mpt_flops_per_batch
 
     num_params = mpt_param_count(model)
-    flops = mpt_flops_per_batch(num_params, model.n_layers, model.d_model, cfg.max_seq_len, cfg.global_train_batch_size)
+    flops = mpt_flops_per_batch(mpt_active_params(model), model.n_layers, model.d_model, cfg.max_seq_len,
+                                cfg.global_train_batch_size)
     peak, peak_source = peak_flops(cfg)
     return RunParts(
         cfg=cfg,

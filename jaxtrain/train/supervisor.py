@@ -24,6 +24,7 @@ import tempfile
 import time
 from typing import Sequence
 
+from jaxtrain.metrics.loggers import append_jsonl
 from jaxtrain.train.health import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_PREEMPTED, NO_RESTART
 
 STEP_FILE_ENV = "JAXTRAIN_SUPERVISOR_STEP_FILE"
@@ -191,5 +192,4 @@ def _record_restart(run_folder: str, step: int | None, code: int, attempt: int) 
     if step is None:  # it failed before reaching a step: the last one the run logged
         step = last_step(run_folder)
     record = {"step": step or 0, "time": time.time(), "incident": "restart", "exit": _describe(code), "attempt": attempt}
-    with open(os.path.join(run_folder, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_jsonl(os.path.join(run_folder, "metrics.jsonl"), record)  # after a line the child left cut short
