@@ -275,14 +275,14 @@ def check_resume_before_build(cfg) -> None:
     autoresume (which falls back past it); remote folders and multi-process runs are checked there."""
     import os
 
-    import orbax.checkpoint as ocp
-
-    from jaxtrain.checkpoint.load import quiet_orbax
     from jaxtrain.checkpoint.remote import is_remote
 
     folder = cfg.save_folder
     if not (folder and cfg.autoresume) or is_remote(folder) or not os.path.isdir(folder) or jax.process_count() > 1:
         return
+    import orbax.checkpoint as ocp  # only here: a new run's start-up imports it later, beside other work
+
+    from jaxtrain.checkpoint.load import quiet_orbax
     try:
         with quiet_orbax():
             manager = ocp.CheckpointManager(
