@@ -203,6 +203,16 @@ def _no_checkpoint_error(folder: str) -> ConfigError:
     return ConfigError(f"{folder}: no complete jaxtrain checkpoint found (expected numbered step folders)")
 
 
+def read_only_manager(root: str) -> ocp.CheckpointManager:
+    """An Orbax manager that lists and reads the steps of the checkpoint folder ``root`` (local or
+    staged), and writes nothing."""
+    with quiet_orbax():  # Orbax warns that a read-only manager is read-only, on every load
+        return ocp.CheckpointManager(
+            root, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+            item_names=("state", "meta"),
+        )
+
+
 def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None) -> LoadedModel:
     """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default).
 
@@ -222,11 +232,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         root = fetch_checkpoint(folder, step)
     else:
         root = os.path.abspath(folder) if "://" not in folder else folder
-    with quiet_orbax():  # Orbax warns that a read-only manager is read-only, on every load
-        manager = ocp.CheckpointManager(
-            root, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-            item_names=("state", "meta"),
-        )
+    manager = read_only_manager(root)
     try:
         steps = sorted(manager.all_steps())
         if not steps:

@@ -96,12 +96,16 @@ def _drop_partial_last_line(path: str) -> None:
         return
 
 
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(_strict_json(record), allow_nan=False) + "\n"
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append one record to a JSONL file as strict JSON, first cutting a partial last line."""
     path = os.fspath(path)
     _drop_partial_last_line(path)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
+        f.write(_json_line(record))
 
 
 class JSONLLogger:
@@ -120,7 +124,7 @@ class JSONLLogger:
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             raise RuntimeError(f"JSONLLogger({self.path!r}) is closed")
-        self._file.write(json.dumps(_strict_json(record), allow_nan=False) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -24,6 +24,7 @@ from jaxtrain.checkpoint.load import (
     few,
     held_back_stderr,
     load_checkpoint,
+    read_only_manager,
 )
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict, load_config_dict
@@ -280,14 +281,10 @@ def check_resume_before_build(cfg) -> None:
     folder = cfg.save_folder
     if not (folder and cfg.autoresume) or is_remote(folder) or not os.path.isdir(folder) or jax.process_count() > 1:
         return
-    import orbax.checkpoint as ocp  # only here: a new run's start-up imports it later, beside other work
+    import orbax.checkpoint as ocp
 
-    from jaxtrain.checkpoint.load import quiet_orbax
     try:
-        with quiet_orbax():
-            manager = ocp.CheckpointManager(
-                os.path.abspath(folder), item_names=("state", "meta"),
-                options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
+        manager = read_only_manager(os.path.abspath(folder))
         steps = sorted(manager.all_steps())
         meta = manager.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] if steps else None
     except Exception:  # noqa: BLE001 - unreadable: autoresume reports it and falls back

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtrain.config import Config, ConfigError, validate_for_devices
 from jaxtrain.config.timestr import parse_time, to_batches
@@ -164,8 +165,8 @@ def _loaded_data(cfg: Config, loaders: _InBackground):
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}); set model.vocab_size to at least {tokenizer.vocab_size}"
         )
-    for loader in (train_loader, eval_loader):
-        if loader is not None:
+    for loader in (train_loader, eval_loader):  # rows read as stored (pre-tokenized): check their ids
+        if loader is not None and not isinstance(loader.rows, np.ndarray):
             loader.vocab_size = cfg.model.vocab_size
     return train_loader, eval_loader, tokenizer
 
