@@ -298,15 +298,12 @@ def test_foundry_trainer_keys(tmp_path):
     assert notices == []
 
 
-def test_document_masking_needs_fine_tuning_rows(tmp_path):
-    text = "model: {attn_config: {attn_uses_sequence_id: true}}\ntrain_loader: {dataset: {local: /mds}}\n"
-    message = error_of(load_config, write(tmp_path, text))
-    assert message.endswith("model.attn_config.attn_uses_sequence_id: true masks attention between the documents "
-                            "packed in a row, but jaxtrain gives document ids to fine-tuning rows only (source "
-                            "finetune_jsonl), not to mds rows, so their documents would attend to each other; set "
-                            "it to false")
-    text = "model: {attn_config: {attn_uses_sequence_id: true}}\ntrain_loader: {dataset: {source: finetune_jsonl}}\n"
-    assert load_config(write(tmp_path, text)).model.attn_config.attn_uses_sequence_id is True
+def test_document_masking_on_text_rows_splits_at_the_configured_token(tmp_path):
+    text = ("model: {attn_config: {attn_uses_sequence_id: true}}\n"
+            "train_loader: {dataset: {local: /mds, bos_token_id: 1}}\n")
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.model.attn_config.attn_uses_sequence_id is True
+    assert cfg.train_loader.dataset.bos_token_id == 1 and "bos_token_id" not in cfg.train_loader.dataset.extra
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -39,7 +39,7 @@ STREAMING_OPTIONS = (
     "download_retry", "download_timeout", "validate_hash", "keep_zip", "epoch_size", "predownload",
     "cache_limit", "partition_algo", "num_canonical_nodes", "batch_size", "shuffle_algo",
     "shuffle_block_size", "sampling_method", "sampling_granularity", "batching_method",
-    "allow_unsafe_types", "replication", "stream_name", "stream_config", "bos_token_id",
+    "allow_unsafe_types", "replication", "stream_name", "stream_config",
     "token_encoding_type",
 )
 
@@ -204,7 +204,6 @@ def map_foundry(doc: dict, note: Note, where: Where) -> dict:
             doc[name] = _first_loader(doc[name], name, note)
         if isinstance(doc.get(name), dict):
             _map_loader(doc[name], name, note, where)
-    _check_sequence_ids(doc, where)
     if isinstance(doc.get("optimizer"), dict):
         _drop_keys(doc["optimizer"], "optimizer", _OPTIMIZER_KEYS, note, where)
     if isinstance(doc.get("loggers"), dict):
@@ -237,22 +236,6 @@ def _map_trainer_keys(doc: dict, note: Note, where: Where) -> None:
     if doc.get("load_path") and weights_only is not True:
         note("load_path: loads the weights only (a fresh optimizer and schedule from step 0, as Foundry's "
              "load_weights_only: true); to continue a run, set save_folder and autoresume: true")
-
-
-def _check_sequence_ids(doc: dict, where: Where) -> None:
-    """Refuse document masking where no rows carry document ids: jaxtrain gives sequence ids to
-    fine-tuning rows only, so packed text documents would attend to each other unnoticed."""
-    model, train = doc.get("model"), doc.get("train_loader")
-    attn = model.get("attn_config") if isinstance(model, dict) else None
-    if not isinstance(attn, dict) or attn.get("attn_uses_sequence_id") is not True:
-        return
-    dataset = train.get("dataset") if isinstance(train, dict) else None
-    source = dataset.get("source", "python_stdlib") if isinstance(dataset, dict) else "python_stdlib"
-    if source != "finetune_jsonl":
-        key = "model.attn_config.attn_uses_sequence_id"
-        raise ConfigError(f"{where(key)}: {key}: true masks attention between the documents packed in a row, but "
-                          f"jaxtrain gives document ids to fine-tuning rows only (source finetune_jsonl), not to "
-                          f"{source} rows, so their documents would attend to each other; set it to false")
 
 
 def _map_model(model: dict, note: Note, where: Where) -> None:

@@ -135,7 +135,10 @@ class DatasetConfig:
     shuffle: bool = field(True, "shuffle samples each epoch (deterministic in seed; extra.shuffle_algo, default py1e)")
     shuffle_seed: int | None = field(None, "seed for the shuffle; default the run seed")
     max_seq_len: int | None = field(None, "sequence length; default the run's max_seq_len")
-    eos_token_id: int | None = field(None, "EOS appended between documents; default the tokenizer's")
+    eos_token_id: int | None = field(None, "EOS appended between documents; default the tokenizer's. With "
+                                           "model.attn_config.attn_uses_sequence_id, each one ends a document")
+    bos_token_id: int | None = field(None, "with model.attn_config.attn_uses_sequence_id: each one starts a "
+                                           "document instead (documents that begin with BOS)")
     holdout_fraction: float = field(0.05, "python_stdlib: fraction of files held out, by path hash")
     max_files: int | None = field(None, "python_stdlib/text: cap on files read (quick runs)")
     text_field: str = field("text", "jsonl: the field holding the document")

@@ -113,6 +113,7 @@ def validate(cfg: Config, where: Where) -> None:
                 fail(f"{name}.dataset.source", f"{loader.dataset.source!r} under the finetuning loader: set it to "
                      "finetune_jsonl (or the loader's name to text)")
             probability(f"{name}.dataset.holdout_fraction", loader.dataset.holdout_fraction)
+            _check_document_tokens(name, loader.dataset, model, fail)
             if loader.dataset.source != "finetune_jsonl":
                 for option, default in FINETUNE_OPTIONS.items():
                     if getattr(loader.dataset, option) != default:
@@ -205,3 +206,18 @@ def _get(cfg: Config, dotted: str):
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
+
+
+def _check_document_tokens(name: str, dataset, model, fail) -> None:
+    """The token ids that mark documents: valid ids, and one boundary token, as LLM Foundry's text loader asks."""
+    for option in ("eos_token_id", "bos_token_id"):
+        value = getattr(dataset, option)
+        if value is not None and not 0 <= value < model.vocab_size:
+            fail(f"{name}.dataset.{option}", f"{value} is not a token id of a vocabulary of {model.vocab_size}")
+    if dataset.bos_token_id is None or not model.attn_config.attn_uses_sequence_id:
+        return
+    if dataset.source == "finetune_jsonl":
+        fail(f"{name}.dataset.bos_token_id", "fine-tuning rows carry their examples' ids already: remove it")
+    if dataset.eos_token_id is not None:
+        fail(f"{name}.dataset.bos_token_id", f"and eos_token_id ({dataset.eos_token_id}) both mark document "
+             "boundaries: keep eos_token_id if documents end with EOS, bos_token_id if they begin with BOS")

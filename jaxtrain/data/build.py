@@ -75,6 +75,20 @@ def _split_rows(rows) -> tuple[np.ndarray, dict]:
     return rows.input_ids, {"labels": labels, "sequence_id": rows.sequence_id}
 
 
+def _document_separator(cfg, dataset, tokenizer: Tokenizer, key: str) -> dict:
+    """BatchLoader's ``separator`` for packed text rows when the model keeps attention within each
+    document (``attn_uses_sequence_id``): the BOS that starts documents, else the EOS that ends them."""
+    if not cfg.model.attn_config.attn_uses_sequence_id or dataset.source == "finetune_jsonl":
+        return {}
+    if dataset.bos_token_id is not None:
+        return {"separator": (dataset.bos_token_id, True)}
+    eos_token_id = dataset.eos_token_id if dataset.eos_token_id is not None else tokenizer.eos_token_id
+    if eos_token_id is None:
+        raise ConfigError(f"{key}: model.attn_config.attn_uses_sequence_id needs the token between documents, and "
+                          f"the tokenizer has no EOS: set {key}.eos_token_id (or bos_token_id if documents begin with BOS)")
+    return {"separator": (eos_token_id, False)}
+
+
 def _stream_shards(datasets) -> list[np.ndarray]:
     """Each dataset's shard sizes (one stream per dataset), empty shards left out as the rows leave them."""
     return [np.array([int(entry["samples"]) for entry in mds.shards if int(entry["samples"])], np.int64)
@@ -180,7 +194,7 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
                                process_index=process_index, process_count=process_count,
                                pad_token_id=_pad_id(tokenizer), order=train_order(train_dataset, streams, seed=seed),
                                num_workers=num_workers, prefetch_factor=loader_cfg.prefetch_factor,
-                               **train_extra)
+                               **train_extra, **_document_separator(cfg, train_dataset, tokenizer, key))
     if cfg.eval_loader is None:
         return train_loader, None, tokenizer
     eval_dataset = cfg.eval_loader.dataset
@@ -199,5 +213,6 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
         raise ConfigError(f"eval_loader.dataset: {eval_name} has too few tokens for one sequence: add data")
     eval_loader = BatchLoader(eval_rows, global_batch_size=None, shuffle=False, process_index=process_index,
                               process_count=process_count, pad_token_id=_pad_id(tokenizer),
-                              name="eval_loader", **eval_extra)
+                              name="eval_loader", **eval_extra,
+                              **_document_separator(cfg, eval_dataset, tokenizer, "eval_loader.dataset"))
     return train_loader, eval_loader, tokenizer

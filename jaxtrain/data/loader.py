@@ -54,13 +54,30 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.argsort(scores, kind="stable")
 
 
+def document_ids(input_ids: np.ndarray, separator: int, *, starts_documents: bool) -> np.ndarray:
+    """int32 document ids of packed rows ``[batch, length]``, as LLM Foundry's text loader derives them.
+
+    Ids count the ``separator`` tokens seen along each row: a separator that ends a document (EOS,
+    ``starts_documents`` false) still belongs to the document before it; one that starts a
+    document (BOS) belongs to the new one. Attention is then kept within equal ids.
+    """
+    count = np.cumsum(input_ids == separator, axis=1, dtype=np.int32)
+    if starts_documents:
+        return count
+    ids = np.zeros_like(count)
+    ids[:, 1:] = count[:, :-1]
+    return ids
+
+
 class BatchLoader:
     """Batches of packed rows for one process: an endless shuffled stream, or one ordered pass.
 
     Iterating (``next(loader)``) yields ``{"input_ids": int32[local_batch, max_seq_len]}`` forever,
     epoch after epoch, dropping each epoch's last incomplete global batch. ``batches(n)`` is one
     in-order pass over every row for evaluation (see its doc). Given ``labels`` and
-    ``sequence_id`` (same shape as ``rows``), batches carry the matching rows of them too.
+    ``sequence_id`` (same shape as ``rows``), batches carry the matching rows of them too. Given
+    ``separator`` instead, ``(token id, starts_documents)``, batches carry the ``sequence_id``
+    ``document_ids`` derives from each row's tokens (documents packed into text rows).
 
     ``order`` is the epoch order (a ``SampleOrder`` over the rows' shards and streams); without
     it the rows form one stream of pseudo-shards shuffled with ``py1e`` under ``seed`` (or kept in
@@ -71,14 +88,18 @@ class BatchLoader:
     def __init__(self, rows: np.ndarray, *, global_batch_size: int | None, seed: int = 0, shuffle: bool = True,
                  process_index: int = 0, process_count: int = 1, pad_token_id: int = 0, name: str = "train_loader",
                  labels: np.ndarray | None = None, sequence_id: np.ndarray | None = None,
-                 order: SampleOrder | None = None, num_workers: int = 0, prefetch_factor: int | None = None):
+                 separator: tuple[int, bool] | None = None, order: SampleOrder | None = None,
+                 num_workers: int = 0, prefetch_factor: int | None = None):
         if rows.ndim != 2:
             raise ValueError(f"{name}: rows must be [num_rows, max_seq_len], got shape {rows.shape}")
         for extra, extra_name in ((labels, "labels"), (sequence_id, "sequence_id")):
             if extra is not None and extra.shape != rows.shape:
                 raise ValueError(f"{name}: {extra_name} shape {extra.shape} differs from rows shape {rows.shape}")
+        if separator is not None and sequence_id is not None:
+            raise ValueError(f"{name}: rows with sequence ids take no document separator")
         self.labels = labels
         self.sequence_id = sequence_id
+        self.separator = separator
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
         self.rows = rows
@@ -222,7 +243,13 @@ class BatchLoader:
             batch["labels"] = np.asarray(self.labels[indices], dtype=np.int32)
         if self.sequence_id is not None:
             batch["sequence_id"] = np.asarray(self.sequence_id[indices], dtype=np.int32)
+        self._add_document_ids(batch)
         return batch
+
+    def _add_document_ids(self, batch: dict[str, np.ndarray]) -> None:
+        if self.separator is not None:
+            token_id, starts_documents = self.separator
+            batch["sequence_id"] = document_ids(batch["input_ids"], token_id, starts_documents=starts_documents)
 
     def _check_ids(self, ids: np.ndarray, rows: np.ndarray) -> None:
         if self.vocab_size is None or not ids.size:
@@ -318,4 +345,5 @@ class BatchLoader:
             if self.sequence_id is not None:
                 batch["sequence_id"] = np.zeros((local, self.max_seq_len), dtype=np.int32)
                 batch["sequence_id"][: len(real)] = self.sequence_id[start : start + len(real)]
+            self._add_document_ids(batch)
             yield batch

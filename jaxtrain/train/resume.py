@@ -95,6 +95,7 @@ RESUME_KEYS: dict[str, str | Rule] = {
     "train_loader.dataset.remote": NOTICE,  # the same data in another bucket (see _dataset_local)
     "train_loader.dataset.target_prompts": NOTICE,  # fine-tuning labels; the rows stay the same
     "train_loader.dataset.target_responses": NOTICE,
+    "train_loader.dataset.bos_token_id": NOTICE,  # where documents start: attention masks, same rows
     "train_loader.dataset.decoder_only_format": IGNORE,  # only true is accepted
     "train_loader.dataset.allow_pad_trimming": IGNORE,  # no effect
     "train_loader.dataset.shuffle": IGNORE,  # stored in the loader state, which wins
