@@ -252,6 +252,17 @@ def test_generation_has_no_stopping_strings_unless_given(tmp_path, skip_two_mode
     assert evaluate_task(skip_two_model, tokenizer, stopped, 0).accuracy == 0.0
 
 
+def test_generation_is_cut_at_matches_of_the_stopping_criteria_as_a_regular_expression(tmp_path, skip_two_model,
+                                                                                         tokenizer):
+    """The output "km\nac" holds no "a." but the regular expression a. matches "ac": as in Foundry
+    the answer is cut to "km\n", which no longer starts with "km ac"; escaped, it is not cut."""
+    path = write_jsonl(tmp_path / "g.jsonl", [{"context": "i", "answer": "km ac"}])
+    for stops, accuracy in ((["a."], 0.0), ([r"a\."], 1.0), (["x", "c|m"], 0.0)):
+        task = ICLTask("gen", path, "generation_task_with_answers", continuation_delimiter="",
+                       early_stopping_criteria=stops)
+        assert evaluate_task(skip_two_model, tokenizer, task, 0).accuracy == accuracy, stops
+
+
 def test_generation_with_a_chain_of_thought(tmp_path, successor_model, tokenizer):
     """The answer is read after the last cot_delimiter: "a" continues "bcdefghijklm \n", so after
     "d" comes "efghijklm" (right for "efg", wrong for "bcd"); with no "d" the whole output counts."""

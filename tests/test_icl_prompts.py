@@ -206,3 +206,100 @@ def test_tasks_file_naming_another_tasks_file_and_gauntlet(tmp_path):
         "icl_tasks:\n- {label: piqa, dataset_uri: '', icl_task_type: multiple_choice}\n")
     with pytest.raises(ConfigError, match=r"task 'piqa': dataset_uri is empty; set it to the task's JSONL file"):
         load_tasks(str(tmp_path / "yamls" / "empty.yaml"))
+
+
+# ----------------------------------------------------------------------------- generated answers, cut
+
+# The reference: LLM Foundry's cleaning of a generated answer, copied from
+# InContextLearningGenerationExactMatchAccuracy (llmfoundry/eval/metrics/nlp.py; Copyright 2024
+# MosaicML LLM Foundry authors, Apache License 2.0), folded into one function.
+def foundry_normalize_answer(answer: str):
+    def remove_articles(text: str) -> str:
+        return re.sub(r'\b(a|an|the)\b', ' ', text)
+
+    def white_space_fix(text: str) -> str:
+        return ' '.join(text.split())
+
+    def handle_punc(text: str) -> str:
+        exclude = set(string.punctuation + ''.join([u'‘', u'’', u'´', u'`']))
+        return ''.join(ch if ch not in exclude else ' ' for ch in text)
+
+    def lower(text: str) -> str:
+        return text.lower()
+
+    def replace_underscore(text: str) -> str:
+        return text.replace('_', ' ')
+
+    return white_space_fix(remove_articles(handle_punc(lower(replace_underscore(answer))))).strip()
+
+
+def foundry_correct(sample_output, sample_labels, stopping_criteria, cot_delimiter='', do_normalization=True):
+    final_answer = sample_output
+    if stopping_criteria is not None and len(stopping_criteria) > 0:
+        final_answer = re.split('|'.join(stopping_criteria), final_answer)[0]
+    if cot_delimiter is not None and len(cot_delimiter) > 0:
+        final_answer = final_answer.split(cot_delimiter)[-1]
+    if do_normalization:
+        cleaned_final_answer = foundry_normalize_answer(final_answer)
+        cleaned_sample_labels = {foundry_normalize_answer(label) for label in sample_labels}
+    else:
+        cleaned_final_answer = final_answer.strip()
+        cleaned_sample_labels = {sample_label.strip() for sample_label in sample_labels}
+    return any(cleaned_final_answer.startswith(label) for label in cleaned_sample_labels)
+
+
+def literal_correct(output, answers, stops, cot_delimiter='', do_normalization=True):
+    """The same cleaning with the stop strings matched literally (what a regex-escaped join gives)."""
+    return foundry_correct(output, answers, [re.escape(stop) for stop in stops], cot_delimiter, do_normalization)
+
+
+# (output, answers, early_stopping_criteria, cot_delimiter, do_normalization); the first five are
+# cases where a literal cut and Foundry's regular expression disagree.
+CUT_CASES = [
+    ("Paris. France", ["Paris"], ["."], "", True),  # "." matches any character: nothing is left
+    ("Paris. France", ["Paris"], ["Q:", "."], "", True),  # one alternative of the joined pattern
+    ("A so Rome\n\nB so Paris", ["Rome"], [r"\n\n"], " so ", True),  # backslash-n is a newline in a regex
+    ("5 $ 6", ["5 6"], ["$"], "", True),  # "$" is the end of the text, not a dollar sign
+    ("ParisFrance", ["Paris"], ["s?F"], "", False),  # "?" makes the "s" optional: "sF" is cut
+    ("Paris. France", ["Paris"], [r"\."], "", False),  # an escaped full stop is a literal one
+    ("Paris\n\nQ: where", ["paris"], ["\n\n", "Q:"], "", True),  # no special characters: both agree
+    ("x so y Q: so z", ["y"], ["Q:"], " so ", True),  # cut first, then read after the last cot_delimiter
+    ("  Paris  ", [" Paris"], [], "", False),  # no criteria: nothing cut, both sides stripped
+]
+
+
+@pytest.mark.parametrize("output, answers, stops, cot, normalize", CUT_CASES)
+def test_generated_answers_are_cut_as_foundrys_regular_expression(output, answers, stops, cot, normalize):
+    from jaxtrain.eval.icl import generation_correct
+
+    expected = foundry_correct(output, answers, stops, cot, normalize)
+    assert generation_correct(output, answers, stopping_criteria=stops, cot_delimiter=cot,
+                              do_normalization=normalize) == expected
+
+
+def test_the_cut_cases_include_ones_where_a_literal_cut_differs():
+    differ = [case for case in CUT_CASES if foundry_correct(*case) != literal_correct(*case)]
+    assert len(differ) == 5 and differ == CUT_CASES[:5]
+
+
+def test_stopping_criteria_that_are_no_regular_expression_are_one_line_naming_task_and_key(tmp_path):
+    from jaxtrain.eval.gauntlet import ICLEvalCallback
+    from jaxtrain.eval.icl import task_from_dict
+
+    base = {"label": "qa", "dataset_uri": "qa.jsonl", "icl_task_type": "generation_task_with_answers"}
+    for stops, message in ((["(Q:"], r"early_stopping_criteria=\['\(Q:'\] is not a valid regular expression once "
+                                     r"joined with '\|' \(.+\); answers are cut at its matches as in LLM Foundry"),
+                           (["Q:", ""], r"early_stopping_criteria=\['Q:', ''\] has an empty string, which would cut "
+                                        r"every generated answer to nothing: remove it")):
+        with pytest.raises(ConfigError, match=f"^tasks.yaml: task 'qa': {message}") as error:
+            task_from_dict(dict(base, early_stopping_criteria=stops), source="tasks.yaml")
+        assert "\n" not in str(error.value)
+    # Foundry compiles the joined pattern only: entries that are no pattern alone may form one
+    assert task_from_dict(dict(base, early_stopping_criteria=["Q(", ")"])).early_stopping_criteria == ["Q(", ")"]
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"context": "a", "answer": "b"}\n')
+    task = ICLTask("qa", str(path), "generation_task_with_answers", early_stopping_criteria=["[A"])
+    with pytest.raises(ConfigError, match=r"^task 'qa': early_stopping_criteria=\['\[A'\] is not a valid"):
+        evaluate_task(SimpleNamespace(max_seq_len=8), text_tokenizer(), task, 0)
+    with pytest.raises(ConfigError, match=r"^icl_tasks: task 'qa': early_stopping_criteria=\['\[A'\] is not a valid"):
+        ICLEvalCallback([task])

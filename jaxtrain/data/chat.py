@@ -7,25 +7,29 @@ assistant message adds after that. Prompt and response are tokenized separately,
 tokenizer's own special tokens (the template writes those).
 
 The template is, in this order: ``tokenizer.kwargs.chat_template`` (a Jinja template, the key
-Hugging Face's ``from_pretrained`` takes), the ``chat_template`` of the ``tokenizer_config.json``
-(or ``chat_template.jinja``) beside a local tokenizer, else ``DEFAULT_CHAT_TEMPLATE``, the
-ChatML template LLM Foundry falls back to when a tokenizer has none::
+Hugging Face's ``from_pretrained`` takes); beside the tokenizer's ``tokenizer.json`` (a local one,
+or the one downloaded for a Hub name, which brings these files along), a ``chat_template.jinja``,
+else the ``chat_template`` of ``tokenizer_config.json`` (transformers' precedence); else
+``DEFAULT_CHAT_TEMPLATE``, the ChatML template LLM Foundry falls back to when a tokenizer has none::
 
     <|im_start|>user\\nWhat is 2+2?<|im_end|>\\n<|im_start|>assistant\\n4<|im_end|>\\n
 
 The default is rendered without Jinja; any other template needs the ``jinja2`` package and is
-run in a sandbox with the globals Hugging Face gives templates (``raise_exception``,
-``strftime_now``, ``tojson``, the special tokens) plus Foundry's ``date_string``.
+run in a sandbox as transformers runs it (``raise_exception``, ``strftime_now``, ``tojson``,
+``{% generation %}`` blocks, the special tokens, ``tools`` and ``documents`` set to none) plus
+Foundry's ``date_string``.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
 
 from jaxtrain.config.schema import ConfigError
+from jaxtrain.data.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, config_token, read_tokenizer_config, token_text
 
 ROLES = ("user", "assistant", "system", "tool")
 Messages = tuple[tuple[str, str], ...]  # (role, content) pairs
@@ -110,7 +114,8 @@ class ChatTemplate:
             return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                               sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[_generation_block(), loopcontrols])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -121,7 +126,8 @@ class ChatTemplate:
         extra = dict(special_tokens or {}, date_string=datetime.datetime.now().strftime("%d %b %Y"))
 
         def render(messages: list[dict], add_generation_prompt: bool) -> str:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+            return template.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **extra)
 
         return cls(render, origin)
 
@@ -132,6 +138,27 @@ class ChatTemplate:
         except Exception as error:  # noqa: BLE001 - a template may raise anything; name the line and the template
             raise ConfigError(f"{where}: {self.origin} failed on this conversation "
                               f"({type(error).__name__}: {error}): fix the line or the template") from None
+
+
+@functools.cache
+def _generation_block() -> type:
+    """A Jinja extension for transformers' ``{% generation %}...{% endgeneration %}`` tag (it marks
+    the assistant's text for masks): the block renders as its content."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_content"), [], [], body).set_lineno(lineno)
+
+        def _content(self, caller) -> str:
+            return caller()
+
+    return GenerationBlock
 
 
 def chat_turns(messages: Messages, template: ChatTemplate, where: str) -> list[tuple[str, str]]:
@@ -152,28 +179,29 @@ def chat_turns(messages: Messages, template: ChatTemplate, where: str) -> list[t
 
 
 def chat_template(tokenizer_cfg, tokenizer=None) -> ChatTemplate:
-    """The template for a ``TokenizerConfig`` (see the module doc for the order)."""
-    source = (tokenizer_cfg.kwargs or {}).get("chat_template")
-    if source is not None:
-        return _template_value(source, "tokenizer.kwargs.chat_template", _special_tokens({}, tokenizer))
+    """The template for a ``TokenizerConfig`` (see the module doc for the order); for a Hub name,
+    ``tokenizer`` (as ``load_tokenizer`` returns it) tells where its files were downloaded."""
     name = os.path.expanduser(tokenizer_cfg.name or "")
     folder = name if os.path.isdir(name) else os.path.dirname(name) if name.endswith(".json") else None
+    if folder is None:  # a Hub name: the folder its files were downloaded to
+        folder = getattr(tokenizer, "files_dir", None)
+    config = read_tokenizer_config(folder)
+    source = (tokenizer_cfg.kwargs or {}).get("chat_template")
+    if source is not None:
+        return _template_value(source, "tokenizer.kwargs.chat_template", _special_tokens(config, tokenizer))
     if folder is not None:
-        config_path = os.path.join(folder, "tokenizer_config.json")
-        config = {}
-        if os.path.isfile(config_path):
+        config_path = os.path.join(folder, CONFIG_FILE)
+        jinja_path = os.path.join(folder, CHAT_TEMPLATE_FILE)
+        if os.path.isfile(jinja_path):  # transformers lets it override the config's template
             try:
-                with open(config_path, encoding="utf-8") as handle:
-                    config = json.load(handle)
-            except (OSError, ValueError) as error:
-                raise ConfigError(f"{config_path} is not readable JSON ({error}): fix or remove it") from None
-        jinja_path = os.path.join(folder, "chat_template.jinja")
-        if isinstance(config, dict) and config.get("chat_template") is not None:
+                with open(jinja_path, encoding="utf-8") as handle:
+                    source = handle.read()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"{jinja_path} is not readable UTF-8 text ({error}): fix or remove it") from None
+            return ChatTemplate.from_jinja(source, jinja_path, _special_tokens(config, tokenizer))
+        if config.get("chat_template") is not None:
             return _template_value(config["chat_template"], f"{config_path} chat_template",
                                    _special_tokens(config, tokenizer))
-        if os.path.isfile(jinja_path):
-            with open(jinja_path, encoding="utf-8") as handle:
-                return ChatTemplate.from_jinja(handle.read(), jinja_path, _special_tokens(config, tokenizer))
     return ChatTemplate.default()
 
 
@@ -189,14 +217,18 @@ def _template_value(value, origin: str, special_tokens: dict) -> ChatTemplate:
 
 
 def _special_tokens(config: dict, tokenizer) -> dict:
-    """The special-token strings a template may use, from a tokenizer_config.json or the tokenizer."""
+    """The special-token strings a template may use, from a tokenizer_config.json (as transformers'
+    ``special_tokens_map`` gives them) or the tokenizer."""
     tokens = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(name) if isinstance(config, dict) else None
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            tokens[name] = value
+    for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        token = config_token(config, name)
+        if token is not None:
+            tokens[name] = token
+    listed = config.get("additional_special_tokens")
+    if isinstance(listed, list):
+        additional = [token for token in map(token_text, listed) if token is not None]
+        if additional:
+            tokens["additional_special_tokens"] = additional
     for name, token_id in (("eos_token", getattr(tokenizer, "eos_token_id", None)),
                            ("pad_token", getattr(tokenizer, "pad_token_id", None))):
         if name not in tokens and token_id is not None:

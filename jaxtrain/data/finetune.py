@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator
 
@@ -326,10 +325,9 @@ def finetune_rows(cfg, dataset, tokenizer, *, key: str) -> FinetuneRows:
     if any(example.messages for example in examples):
         template = chat_template(cfg.tokenizer, tokenizer)
         name = cfg.tokenizer.name
-        if template.origin == ChatTemplate.default().origin and name != "bpe:default" and not os.path.exists(
-                os.path.expanduser(name)):
-            print(f"{key}: chat examples use the default ChatML template: jaxtrain reads only tokenizer.json "
-                  f"from the Hub, not {name}'s own chat template; set tokenizer.kwargs.chat_template to use it",
+        if template.origin == ChatTemplate.default().origin and name != "bpe:default":
+            print(f"{key}: tokenizer {name} has no chat template (in tokenizer_config.json or chat_template.jinja): "
+                  f"chat examples use the default ChatML template; set tokenizer.kwargs.chat_template for another",
                   file=sys.stderr, flush=True)
     tokenized = tokenize_examples(tokenizer, examples, template)
     stitched = [stitch_turns(turns, eos_token_id, options) for turns in tokenized]

@@ -6,12 +6,21 @@ both EOS and padding. The default vocabulary is 8192: on the ~8 MB stdlib corpus
 3.9 bytes per token, while keeping the embedding small for the small models the corpus can
 train (8192 x 512 is 4M parameters) and every token seen often enough to learn. It is a
 multiple of 128, so ``model.vocab_size: 8192`` needs no padding.
+
+A Hub name is downloaded with ``huggingface_hub`` into its cache: ``tokenizer.json``, and beside
+it, where the repo has them, ``tokenizer_config.json`` and ``chat_template.jinja`` (the chat
+template, see ``jaxtrain.data.chat``). A ``tokenizer_config.json`` beside a local or downloaded
+``tokenizer.json`` names the EOS and padding tokens, as transformers reads it, unless
+``tokenizer.kwargs`` does; without either, the first of a few common names in the vocabulary is
+taken (padding: else the EOS).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import socket
 from collections.abc import Callable, Iterable, Iterator
 
@@ -30,13 +39,22 @@ _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "[SEP]")
 _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
 _HUB_HOST = ("huggingface.co", 443)
 _HUB_TIMEOUT_S = 3.0
+# Files of a Hub tokenizer: tokenizer.json is required; the others are read where the repo has them.
+HUB_TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+HUB_OPTIONAL_FILES = (CONFIG_FILE, CHAT_TEMPLATE_FILE)
 
 
 class Tokenizer:
     """A ``tokenizers.Tokenizer`` with the ids a language-model loader needs."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, eos_token: str | None = None, pad_token: str | None = None):
+    def __init__(self, backend: tokenizers.Tokenizer, *, eos_token: str | None = None, pad_token: str | None = None,
+                 files_dir: str | None = None):
         self.backend = backend
+        # the folder it was read from (a local one or the Hub download's), which may also hold its
+        # tokenizer_config.json and chat_template.jinja; None for a tokenizer built in memory
+        self.files_dir = files_dir
         self.eos_token_id = self._token_id(eos_token, _EOS_CANDIDATES, "eos_token")
         pad_token_id = self._token_id(pad_token, _PAD_CANDIDATES, "pad_token")
         self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
@@ -117,8 +135,9 @@ def load_tokenizer(cfg, *, cache_dir: str, train_texts: Callable[[], Iterable[st
     ``bpe:default`` needs ``train_texts`` and caches its result under ``cache_dir``, keyed by
     ``train_fingerprint`` (or, when that is not given, a hash of the training texts) and the
     vocabulary size. Recognised ``cfg.kwargs``: ``vocab_size`` and ``train_max_chars`` (bpe:default;
-    the caller caps ``train_texts`` with ``capped_texts``), ``eos_token`` and ``pad_token``; other
-    keys (e.g. Foundry's ``model_max_length``) are accepted and unused.
+    the caller caps ``train_texts`` with ``capped_texts``), ``eos_token`` and ``pad_token`` (else
+    those a ``tokenizer_config.json`` beside the tokenizer.json declares); other keys (e.g.
+    Foundry's ``model_max_length``) are accepted and unused.
     """
     kwargs = dict(cfg.kwargs or {})
     special = {"eos_token": kwargs.get("eos_token"), "pad_token": kwargs.get("pad_token")}
@@ -129,8 +148,50 @@ def load_tokenizer(cfg, *, cache_dir: str, train_texts: Callable[[], Iterable[st
         vocab_size = int(kwargs.get("vocab_size", DEFAULT_VOCAB_SIZE))
         return Tokenizer(_trained_bpe(vocab_size, cache_dir, train_texts, train_fingerprint), eos_token=EOS_TOKEN)
     if _looks_like_path(name):
-        return Tokenizer(read_tokenizer_file(os.path.expanduser(name), what=f"tokenizer.name={name!r}"), **special)
-    return Tokenizer(_hub_tokenizer(name), **special)
+        path = os.path.expanduser(name)
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    else:
+        folder = hub_tokenizer_files(name)
+        path = os.path.join(folder, HUB_TOKENIZER_FILE)
+    backend = read_tokenizer_file(path, what=f"tokenizer.name={name!r}")
+    config = read_tokenizer_config(folder)
+    for key in special:
+        token = config_token(config, key)
+        if special[key] is None and token is not None:
+            if backend.token_to_id(token) is None:
+                raise ConfigError(f"{os.path.join(folder, CONFIG_FILE)}: {key}={token!r} is not in the vocabulary of "
+                                  f"its tokenizer.json; set tokenizer.kwargs.{key} to a token that is")
+            special[key] = token
+    return Tokenizer(backend, files_dir=folder, **special)
+
+
+def read_tokenizer_config(folder: str | None) -> dict:
+    """The ``tokenizer_config.json`` in ``folder`` ({} when there is none); a file that is not a JSON
+    object is a one-line ``ConfigError``."""
+    path = os.path.join(folder, CONFIG_FILE) if folder is not None else None
+    if path is None or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is not readable JSON ({error_line(error)}): fix or remove it") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds a JSON {type(config).__name__}, not an object: fix or remove it")
+    return config
+
+
+def config_token(config: dict, key: str) -> str | None:
+    """The special token ``key`` (e.g. ``eos_token``) of a tokenizer_config.json (see ``token_text``)."""
+    return token_text(config.get(key))
+
+
+def token_text(value: object) -> str | None:
+    """A special token as a tokenizer_config.json writes it: a string, or the ``content`` of an
+    AddedToken mapping; None when unset or empty."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def read_tokenizer_file(path: str, *, what: str) -> tokenizers.Tokenizer:
@@ -152,18 +213,55 @@ def _looks_like_path(name: str) -> bool:
     return name.endswith(".json") or name.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(name))
 
 
-def _hub_tokenizer(name: str) -> tokenizers.Tokenizer:
-    advice = f"download {name}'s tokenizer.json on a machine with network access and set tokenizer.name to its local path"
+def hub_tokenizer_files(name: str) -> str:
+    """The folder of the Hub repo ``name``'s tokenizer files, downloaded (or found up to date) in the
+    Hugging Face cache: ``tokenizer.json`` and whichever of ``HUB_OPTIONAL_FILES`` the repo has, all
+    of the commit ``tokenizer.json`` came from. ``HF_HUB_OFFLINE``, an unreachable Hub (found within
+    a few seconds) or a failed download is a one-line ``ConfigError``; a missing optional file is not."""
+    advice = (f"download {name}'s {HUB_TOKENIZER_FILE} (with its {' and '.join(HUB_OPTIONAL_FILES)}, where it has "
+              f"them) on a machine with network access and set tokenizer.name to the local path of their folder")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ConfigError(f"tokenizer.name={name!r} is a Hub name but HF_HUB_OFFLINE is set: {advice}")
     try:
         socket.create_connection(_HUB_HOST, timeout=_HUB_TIMEOUT_S).close()
     except OSError:
         raise ConfigError(f"tokenizer.name={name!r} is a Hub name but huggingface.co is unreachable: {advice}") from None
+    path = _hub_download(name, HUB_TOKENIZER_FILE, None, advice)
+    if path is None:
+        raise ConfigError(f"tokenizer.name={name!r}: the Hub repo has no {HUB_TOKENIZER_FILE}; give a repo or a "
+                          f"local path that has one")
+    folder = os.path.dirname(path)
+    # the cache keeps each commit's files in a folder named by its hash: fetch the others from that commit
+    commit = os.path.basename(folder)
+    revision = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+    for filename in HUB_OPTIONAL_FILES:
+        _hub_download(name, filename, revision, advice)
+    return folder
+
+
+def _hub_download(name: str, filename: str, revision: str | None, advice: str) -> str | None:
+    """The cached path of ``filename`` from Hub repo ``name`` at ``revision`` (None: its main branch),
+    downloaded when not cached or out of date, as ``tokenizers.Tokenizer.from_pretrained`` fetches
+    ``tokenizer.json``; None when the repo has no such file; any other failure is a one-line
+    ``ConfigError``."""
     try:
-        return tokenizers.Tokenizer.from_pretrained(name)
-    except Exception as error:
-        raise ConfigError(f"tokenizer.name={name!r}: could not fetch it from the Hub ({error}); {advice}") from None
+        import huggingface_hub
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    except ImportError:
+        raise ConfigError(f"tokenizer.name={name!r} is a Hub name, which needs the huggingface_hub package: "
+                          f"pip install huggingface_hub, or {advice}") from None
+    if revision is not None:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id=name, filename=filename, revision=revision)
+        if cached is not None and not isinstance(cached, str):  # the cache remembers the commit has no such file
+            return None
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=name, filename=filename, revision=revision)
+    except Exception as error:  # noqa: BLE001 - HTTP, repository, authentication and file-system failures alike
+        # LocalEntryNotFoundError (also an EntryNotFoundError): the connection failed, nothing cached
+        if isinstance(error, EntryNotFoundError) and not isinstance(error, LocalEntryNotFoundError):
+            return None
+        raise ConfigError(f"tokenizer.name={name!r}: could not fetch {filename} from the Hub "
+                          f"({error_line(error)}); {advice}") from None
 
 
 def _trained_bpe(vocab_size: int, cache_dir: str, train_texts: Callable[[], Iterable[str]] | None,

@@ -179,7 +179,7 @@ class ICLEvalCallback(Callback):
 
     def __init__(self, tasks, *, gauntlet=None, batch_size: int = 8, max_len: int | None = None,
                  subset_num_batches: int | None = None):
-        from jaxtrain.eval.icl import ICLTask, load_tasks, read_examples, task_from_dict
+        from jaxtrain.eval.icl import ICLTask, load_tasks, read_examples, stopping_pattern, task_from_dict
 
         self.gauntlet_source = gauntlet if isinstance(gauntlet, str) else None
         if isinstance(tasks, str):
@@ -196,6 +196,8 @@ class ICLEvalCallback(Callback):
         # file, a bad example or a benchmark no task evaluates stops the run before it trains.
         planned = []
         for task in self.tasks:
+            if task.icl_task_type == "generation_task_with_answers":
+                stopping_pattern(task.early_stopping_criteria, where=f"icl_tasks: task {task.label!r}")
             try:
                 examples = read_examples(task.dataset_uri, task.icl_task_type, require_category=task.has_categories)
             except ConfigError as err:

@@ -8,9 +8,11 @@ Task types and their metric (accuracy):
 - ``schema`` (``context_options``, ``continuation``, ``gold``): the context under which the
   continuation has the lowest mean per-token loss.
 - ``generation_task_with_answers`` (``context``, ``answer``, optional ``aliases`` and
-  ``chain_of_thought``): the greedy generation, cut at the first ``early_stopping_criteria``
-  string (none by default), then after the last ``cot_delimiter``, and normalised, starts with
-  the normalised answer or an alias.
+  ``chain_of_thought``): the greedy generation, cut before the first match of the
+  ``early_stopping_criteria`` (none by default), then after the last ``cot_delimiter``, and
+  normalised, starts with the normalised answer or an alias. As in Foundry, the criteria are
+  joined with ``|`` into one regular expression, so their special characters are regex syntax
+  (``"."`` matches any character: escape it as ``"\\."`` to cut at a full stop).
 
 Prompts are built as Foundry builds them (``jaxtrain.eval.prompts``). A task with
 ``has_categories`` is scored per value of its examples' ``category`` field, each category on its
@@ -140,6 +142,7 @@ def task_from_dict(entry, *, source: str | None = None, base_dir: str = ".") -> 
     stops = values.get("early_stopping_criteria")
     if stops is not None and (not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops)):
         raise ConfigError(f"{at}: early_stopping_criteria={stops!r} must be a list of strings, e.g. ['Question:']")
+    stopping_pattern(stops, where=f"{at}: task {entry['label']!r}")
     if not isinstance(values["dataset_uri"], str) or not values["dataset_uri"].strip():
         raise ConfigError(f"{at}: task {entry['label']!r}: dataset_uri is empty; set it to the task's JSONL file")
     uri = os.path.expanduser(values["dataset_uri"])
@@ -264,13 +267,31 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def stopping_pattern(criteria: Sequence[str] | None, *, where: str) -> re.Pattern[str] | None:
+    """The regular expression that cuts generated answers: ``criteria`` joined with ``|`` as Foundry
+    joins them (None when there are none). An empty entry, which would cut every answer to nothing,
+    or a pattern that is not a valid regular expression is a one-line ``ConfigError`` after ``where``."""
+    if not criteria:
+        return None
+    if any(stop == "" for stop in criteria):
+        raise ConfigError(f"{where}: early_stopping_criteria={list(criteria)!r} has an empty string, which would "
+                          f"cut every generated answer to nothing: remove it")
+    try:
+        return re.compile("|".join(criteria))
+    except re.error as error:
+        raise ConfigError(f"{where}: early_stopping_criteria={list(criteria)!r} is not a valid regular expression "
+                          f"once joined with '|' ({error}); answers are cut at its matches as in LLM Foundry, so "
+                          f"escape the special characters of a literal string (e.g. '\\(' for '(')") from None
+
+
 def generation_correct(output: str, answers: Sequence[str], *, stopping_criteria: Sequence[str] = (),
                        do_normalization: bool = True, cot_delimiter: str = "") -> bool:
-    """Whether ``output``, cut at the first stopping string and then after the last ``cot_delimiter``,
-    starts with one of ``answers`` (both normalised, or only stripped without ``do_normalization``)."""
-    criteria = [re.escape(stop) for stop in stopping_criteria if stop]
-    if criteria:
-        output = re.split("|".join(criteria), output)[0]
+    """Whether ``output``, cut before the first match of ``stopping_criteria`` (joined with ``|``
+    into one regular expression, as LLM Foundry's ``re.split`` joins them) and then after the last
+    ``cot_delimiter``, starts with one of ``answers`` (both normalised, or only stripped without
+    ``do_normalization``). Check the criteria with ``stopping_pattern`` first."""
+    if stopping_criteria:
+        output = re.split("|".join(stopping_criteria), output)[0]
     if cot_delimiter:
         output = output.split(cot_delimiter)[-1]
     clean = normalize_answer if do_normalization else str.strip
@@ -318,6 +339,8 @@ def evaluate_task(model, tokenizer, task: ICLTask, num_fewshot: int, *, examples
     pass. ``on_batch()`` is called after each batch has finished computing, ``on_compile()``
     before a batch whose program shape this process has not run yet (it compiles first).
     ``examples`` are scored as one set: ``run_icl_suite`` splits a ``has_categories`` task."""
+    if task.icl_task_type == "generation_task_with_answers":
+        stopping_pattern(task.early_stopping_criteria, where=f"task {task.label!r}")
     raw = read_examples(task.dataset_uri, task.icl_task_type) if examples is None else examples
     examples = [prompts.stripped(example) for example in raw] if task.strip_dataset else raw
     max_len = min(task.max_seq_len or max_len or model.max_seq_len, model.max_seq_len)
