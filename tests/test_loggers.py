@@ -2,7 +2,10 @@
 
 import io
 import json
+import os
+import shutil
 import struct
+import time
 
 import pytest
 from tensorboardX import summary as tbx_summary
@@ -16,9 +19,12 @@ from jaxtrain.metrics.loggers import (
     JSONLLogger,
     TensorBoardLogger,
     append_jsonl,
+    drop_records_after,
     format_console_line,
     tensorboard_log_dir,
 )
+from jaxtrain.tempfiles import temp_path
+from jaxtrain.train.summary import is_out_of_lineage
 
 
 def read_tfrecords(path):
@@ -222,6 +228,88 @@ def test_jsonl_after_a_record_cut_short(tmp_path):
     append_jsonl(path, {"step": 2, "incident": "restart"})
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[-1] == {"step": 2, "incident": "restart"} and len(records) == 3
+
+
+def write_records(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_jsonl_drops_the_steps_after_a_resume_point(tmp_path):
+    """Records of steps after the resume point go; text lines, records of earlier steps and the
+    incidents of processes that did not survive (a restart, a hang) stay, in their order."""
+    path = tmp_path / "metrics.jsonl"
+    text = {"time": 1.0, "text": "started"}
+    restart = {"step": 6, "incident": "restart", "attempt": 2}
+    records = [text, *({"step": s, "train/loss": float(s)} for s in range(1, 7)),
+               {"step": 5, "incident": "nonfinite"}, {"step": 6, "incident": "hang"}, restart]
+    write_records(path, records)
+    with open(path, "a") as f:
+        f.write("not a record\n")
+    assert drop_records_after(path, 6, keep=is_out_of_lineage) == 0  # nothing after step 6: left as it was
+    assert drop_records_after(path, 3, keep=is_out_of_lineage) == 4
+    lines = path.read_text().splitlines()
+    assert lines[-1] == "not a record"
+    assert [json.loads(line) for line in lines[:-1]] == [
+        text, *({"step": s, "train/loss": float(s)} for s in range(1, 4)), {"step": 6, "incident": "hang"}, restart]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    assert drop_records_after(tmp_path / "missing.jsonl", 3) == 0
+
+
+def test_jsonl_rewrite_cut_short_loses_nothing(tmp_path, monkeypatch):
+    """The file is rewritten under another name and renamed into place: a process killed before
+    the rename leaves the whole file, and the next rewrite removes what it left beside it."""
+    path = tmp_path / "metrics.jsonl"
+    write_records(path, [{"step": s, "train/loss": float(s)} for s in range(1, 11)])
+    before = path.read_bytes()
+    leftover = temp_path(str(path)).replace(f"-{os.getpid()}-", "-999999-")  # another process's, killed
+    shutil.copyfile(path, leftover)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            drop_records_after(path, 5)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # its own temporary file and the leftover
+    logger = JSONLLogger(path)
+    logger.log_metrics(11, {"train/loss": 11.0})
+    assert logger.drop_after(5) == 6
+    logger.log_metrics(6, {"train/loss": 60.0})  # appended to the rewritten file
+    logger.close()
+    assert [(r["step"], r["train/loss"]) for r in map(json.loads, path.read_text().splitlines())] == [
+        *((s, float(s)) for s in range(1, 6)), (6, 60.0)]
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    """A run of 10 steps dies after step 10 before saving it and resumes from its checkpoint at
+    step 5: metrics.jsonl then holds steps 1-10 once each, 6-10 as the resumed run logged them
+    (the same numbers: the run is deterministic), token totals as the uninterrupted run's, and
+    what the supervisor and the killed process left (a restart record, half a line)."""
+    from test_token_accounting import finetune_config, fit, train_records
+
+    cfg = finetune_config(tmp_path, max_duration="10ba", save_interval="5ba", autoresume=True,
+                          save_folder=str(tmp_path / "checkpoints"))
+    parts, first, before = fit(cfg)
+    shutil.rmtree(tmp_path / "checkpoints" / "10")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    restart = {"step": 10, "time": time.time(), "incident": "restart", "exit": "killed by SIGKILL", "attempt": 1}
+    append_jsonl(metrics, restart)
+    with open(metrics, "a") as f:
+        f.write('{"step": 11, "train/lo')  # a record cut short
+    resumed_at = time.time()
+    _, resumed, after = fit(cfg, parts)
+    steps = [record["step"] for record in after if "train/loss" in record]
+    assert steps == list(range(1, 11))
+    old, new = train_records(before), train_records(after)
+    assert [new[step] for step in range(1, 6)] == [old[step] for step in range(1, 6)]
+    for step in range(6, 11):
+        assert new[step]["time"] >= resumed_at
+        for key in ("train/loss", "train/time/token"):
+            assert new[step][key] == old[step][key], (step, key)
+    assert restart in after
+    assert resumed.tokens == first.tokens and resumed.incidents == {"restart": 1}
 
 
 def test_jsonl_is_strict_json_everywhere(tmp_path):

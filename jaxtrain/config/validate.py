@@ -55,6 +55,9 @@ def validate(cfg: Config, where: Where) -> None:
             raise ConfigError(f"{where(key)}: {e}") from None
         if key == "max_duration" and time.unit == "dur":
             fail(key, f"{value!r} is a fraction of the run itself; give it in ba, ep, tok or sp")
+        if time.unit == "tok" and cfg.train_loader.dataset.source == "finetune_jsonl":
+            fail(key, f"{value!r} counts tokens, but fine-tuning batches (train_loader.dataset.source finetune_jsonl) "
+                 "hold a varying number of them once padding is left out: give it in ba or ep")
 
     model, attn = cfg.model, cfg.model.attn_config
     one_of("model.name", model.name, MODEL_NAMES)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 from jaxtrain.metrics.tfevents import EventFileWriter, scalar_value, text_value
+from jaxtrain.tempfiles import temp_marker, temp_path
 
 # Names the console looks for, in order: the train loop's short names, then Composer's.
 LOSS_KEYS = ("loss", "train/loss", "loss/train/total")
@@ -96,6 +99,95 @@ def _drop_partial_last_line(path: str) -> None:
         return
 
 
+def _beyond(line: bytes, step: int, keep: Callable[[dict], bool] | None) -> bool:
+    """Whether the JSONL ``line`` is a record of a step after ``step`` that ``keep`` does not keep."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not a record: left as it is
+        return False
+    at = record.get("step") if isinstance(record, dict) else None
+    if type(at) is not int:  # no step (a text line), or not a number of one
+        return False
+    return at > step and not (keep is not None and keep(record))
+
+
+def _remove_leftovers(path: str) -> None:
+    """Remove the temporary files that a process killed while rewriting ``path`` left beside it."""
+    folder, name = os.path.split(os.path.abspath(path))
+    # temp_path's names for this file, by any process: "<name>.tmp-<pid>-<nanoseconds>"
+    pattern = re.compile(re.escape(name) + re.escape(temp_marker(0)).replace("0", r"\d+") + r"\d+")
+    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+        if pattern.fullmatch(entry):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+def _sync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the system allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def drop_records_after(path: str | os.PathLike, step: int, *, keep: Callable[[dict], bool] | None = None) -> int:
+    """Remove from a JSONL file the records of steps after ``step`` (``keep(record)`` true: kept)
+    and return how many. Records without a step and lines that are no record stay.
+
+    The file is rewritten beside itself and renamed into place, so a process killed meanwhile
+    leaves it whole; what such a process left under a temporary name is removed by the next call.
+    Nothing is written when no record goes."""
+    path = os.fspath(path)
+    _remove_leftovers(path)
+    _drop_partial_last_line(path)
+    try:
+        source = open(path, "rb")
+    except FileNotFoundError:
+        return 0
+    with source:
+        first = 0  # the offset of the first record to drop; the bytes before it are copied as they are
+        for line in source:
+            if _beyond(line, step, keep):
+                break
+            first += len(line)
+        else:
+            return 0
+        target = temp_path(path)
+        dropped = 0
+        try:
+            with open(target, "wb") as out:
+                source.seek(0)
+                left = first
+                while left:
+                    chunk = source.read(min(left, 1 << 20))
+                    out.write(chunk)
+                    left -= len(chunk)
+                for line in source:
+                    if _beyond(line, step, keep):
+                        dropped += 1
+                    else:
+                        out.write(line)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(target, path)
+            _sync_folder(os.path.dirname(os.path.abspath(path)))
+        except BaseException:
+            try:
+                os.remove(target)
+            except OSError:
+                pass
+            raise
+    return dropped
+
+
 def _json_line(record: dict[str, Any]) -> str:
     return json.dumps(_strict_json(record), allow_nan=False) + "\n"
 
@@ -112,7 +204,8 @@ class JSONLLogger:
     """One JSON object per call, ``{"step": N, "time": unix_seconds, **metrics}``, flushed each line.
 
     Records are strict JSON: a non-finite number (a NaN loss, say) is written as null. Opening an
-    existing file appends to it, after cutting a last line that a killed process left unfinished.
+    existing file appends to it, after cutting a last line that a killed process left unfinished;
+    a run resuming from a checkpoint first removes what was logged past it (``drop_after``).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -136,6 +229,18 @@ class JSONLLogger:
 
     def log_text(self, msg: str) -> None:
         self._write({"time": time.time(), "text": str(msg)})
+
+    def drop_after(self, step: int, *, keep: Callable[[dict], bool] | None = None) -> int:
+        """Remove the records of steps after ``step`` (``drop_records_after``), as a run that
+        resumes from a checkpoint at ``step`` does before logging: the steps it replays are then
+        in the file once, with their new values. Returns how many records went."""
+        if self._file is None:
+            raise RuntimeError(f"JSONLLogger({self.path!r}) is closed")
+        self._file.close()  # the rename replaces the file: append to the new one
+        try:
+            return drop_records_after(self.path, step, keep=keep)
+        finally:
+            self._file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         if self._file is not None:

@@ -4,6 +4,11 @@ Host work (logging, checkpoints, callbacks) happens around the compiled step. A 
 are fetched one step late, after the next step has been dispatched, so the device never waits
 for the host.
 
+Tokens are counted as LLM Foundry counts them (``jaxtrain.metrics.tokens``): padding left out,
+from each batch on the host before it goes to the device. They give the logged token rates and
+the run's token total (``train/time/token``, Composer's timestamp), which checkpoints keep; MFU
+takes the padded length, as Foundry's FLOPs do.
+
 Stopping: SIGINT/SIGTERM end the run after the current step with a checkpoint. In a multi-process
 run every process must save the same step, so SIGTERM goes through JAX's preemption service
 instead of a Python handler: the runtime's own SIGTERM handler tells the coordination service,
@@ -31,13 +36,14 @@ from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
 from jaxtrain.checkpoint.remote import RemoteUploadError
 from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, tensorboard_log_dir
+from jaxtrain.metrics.tokens import TrainTokens
 from jaxtrain.parallel.mesh import global_batch_from_local
 from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
 from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.setup import RunParts, eval_batch_size, interval_batches
 from jaxtrain.train.supervisor import ReachedStep
-from jaxtrain.train.summary import FitResult, out_of_lineage_incidents
+from jaxtrain.train.summary import FitResult, is_out_of_lineage, out_of_lineage_incidents
 
 
 class Trainer(RecoveryMixin):
@@ -51,6 +57,8 @@ class Trainer(RecoveryMixin):
         self.state = parts.state
         self.events = EventBus(callbacks)
         self.step = 0
+        self.tokens = 0  # tokens trained on through self.step, padding left out (checkpoints keep it)
+        self.train_tokens = TrainTokens(parts.train_loader, self.cfg.global_train_batch_size * self.cfg.max_seq_len)
         self.last_metrics: dict[str, float] = {}
         self.eval_history: list[tuple[int, float]] = []
         self._stop_signal: int | None = None
@@ -117,6 +125,16 @@ class Trainer(RecoveryMixin):
             return
         os.makedirs(self.checkpointer.folder, exist_ok=True)
         self.parts.tokenizer.save(os.path.join(self.checkpointer.folder, TOKENIZER_FILE))
+
+    def _meta(self) -> dict[str, Any]:
+        return {**super()._meta(), "tokens": self.tokens}
+
+    def _restore(self, step: int) -> None:
+        super()._restore(step)
+        stored = self._restored_meta.get("tokens")
+        # A checkpoint saved before the count was kept: every position of every batch, as counted then.
+        self.tokens = int(stored) if stored is not None else (
+            self.step * self.cfg.global_train_batch_size * self.cfg.max_seq_len)
 
     def save(self, *, force: bool = False) -> None:
         if self.checkpointer is None:
@@ -203,13 +221,15 @@ class Trainer(RecoveryMixin):
         if self.metrics_file is not None:
             self.metrics_file.log_record(record["step"], {k: v for k, v in record.items() if k != "step"})
 
-    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], done_at: float | None, tokens: int, *,
-                      timed: bool = True) -> str:
+    def _on_step_done(self, step: int, device_metrics: dict[str, jax.Array], done_at: float | None, tokens: int,
+                      tokens_total: int, *, timed: bool = True) -> str:
         """Log one finished step and return the health action: "ok", "rollback" or "stop".
 
         ``done_at``: when the step was seen finished as its call returned (``None``: it ran
-        asynchronously, and it has finished once its metrics arrive here)."""
+        asynchronously, and it has finished once its metrics arrive here). ``tokens``: the
+        step's batch's tokens, padding left out; ``tokens_total``: the run's through this step."""
         metrics = {key: float(value) for key, value in jax.device_get(device_metrics).items()}
+        metrics["time/token"] = tokens_total
         now = time.perf_counter() if done_at is None else done_at
         if timed:
             self.meter.update(now, tokens=tokens, flops=self.parts.flops_per_batch, samples=self.cfg.global_train_batch_size)
@@ -277,8 +297,11 @@ class Trainer(RecoveryMixin):
         cfg, parts = self.cfg, self.parts
         self.progress = None
         self.maybe_resume()
-        if self.tensorboard is not None and self.step > 0:  # TensorBoard hides what a crashed run logged after it
-            self.tensorboard.purge_from(self.step + 1)
+        if self.step > 0:  # resumed: what a crashed run logged past this step is logged again from here
+            if self.metrics_file is not None:
+                self.metrics_file.drop_after(self.step, keep=is_out_of_lineage)
+            if self.tensorboard is not None:  # TensorBoard hides it
+                self.tensorboard.purge_from(self.step + 1)
         self.progress = ConsoleProgress(
             parts.total_batches, self.step, enabled=cfg.progress_bar and self.is_primary, log_every=self.log_every,
             lines=cfg.log_to_console,
@@ -324,6 +347,7 @@ class Trainer(RecoveryMixin):
         run_rates = self.meter.run_summary(self.parts.peak_flops_per_device)
         return FitResult(
             step=self.step,
+            tokens=self.tokens,
             interrupted=interrupted,
             stop_signal=signal.Signals(self._stop_signal).name if interrupted else None,
             stopped_unhealthy=self.stopped_unhealthy,
@@ -353,14 +377,15 @@ class Trainer(RecoveryMixin):
 
     def _train_until_done(self, first_eval: float | None, start_wall: float) -> float | None:
         cfg, parts = self.cfg, self.parts
-        tokens_per_batch = cfg.global_train_batch_size * cfg.max_seq_len
-        pending: tuple[int, Any] | None = None
+        pending: tuple[int, Any, float | None, int, int] | None = None  # _on_step_done's arguments
         loader_iter = iter(parts.train_loader)
         control_sharding = parts.state_shardings.step
         while self.step < parts.total_batches and self._stop_signal is None and self.stopped_unhealthy is None:
             self.events.fire(Event.BATCH_START, self)
             waited = time.perf_counter()
-            batch = global_batch_from_local(self._next_batch(loader_iter), parts.mesh)
+            local = self._next_batch(loader_iter)
+            tokens = self.train_tokens.count(local, self.positions[self.step + 1])
+            batch = global_batch_from_local(local, parts.mesh)
             self._data_wait = time.perf_counter() - waited
             self._reached(self.step + 1)
             if parts.with_control:
@@ -376,16 +401,17 @@ class Trainer(RecoveryMixin):
             done_at = time.perf_counter() if jax.tree.leaves(metrics)[0].is_ready() else None
             self.faults.during_step(self.step + 1)
             self.step += 1
+            self.tokens += tokens
             actions = []
             if pending is not None:
-                actions.append((pending[0], self._on_step_done(*pending, tokens_per_batch)))
-            pending = (self.step, metrics, done_at)
+                actions.append((pending[0], self._on_step_done(*pending)))
+            pending = (self.step, metrics, done_at, tokens, self.tokens)
             if self.seconds_to_first_step is None or self.eval_every and self.step % self.eval_every == 0:
                 first_step = self.seconds_to_first_step is None
                 if first_step:
                     jax.block_until_ready(metrics)
                     self.seconds_to_first_step = time.perf_counter() - (self.started or start_wall)
-                actions.append((pending[0], self._on_step_done(*pending, tokens_per_batch, timed=not first_step)))
+                actions.append((pending[0], self._on_step_done(*pending, timed=not first_step)))
                 pending = None
             bad = [step for step, action in actions if action != "ok"]
             if bad:
@@ -406,7 +432,7 @@ class Trainer(RecoveryMixin):
             if self.preemption_sync and self._stop_signal is None and reached_preemption_sync_point(self.step):
                 self._stop_signal = signal.SIGTERM
         if pending is not None:
-            action = self._on_step_done(*pending, tokens_per_batch)
+            action = self._on_step_done(*pending)
             if action != "ok":
                 self._handle_unhealthy([pending[0]], {pending[0]: action})
         return first_eval

@@ -64,6 +64,8 @@ class RunParts:
 
 
 def time_to_batches(cfg: Config, value: str, key: str, *, batches_per_epoch: int, total_batches: int | None) -> int:
+    """A time string in batches; a time in tokens counts ``global_train_batch_size * max_seq_len``
+    tokens per batch (validation refuses it on fine-tuning data)."""
     tokens_per_batch = cfg.global_train_batch_size * cfg.max_seq_len
     return to_batches(
         parse_time(value, key=key),

@@ -26,6 +26,18 @@ class FitResult:
     mean_tokens_per_second: float | None = None
     mean_mfu: float | None = None
     timed_steps: int = 0
+    # tokens trained on through ``step``, padding left out, over the whole run (resumed parts included)
+    tokens: int = 0
+
+
+# Incidents recorded in metrics.jsonl by processes whose state did not survive (no checkpoint holds them).
+OUT_OF_LINEAGE = ("restart", "hang")
+
+
+def is_out_of_lineage(record: dict) -> bool:
+    """Whether a metrics.jsonl record is an ``OUT_OF_LINEAGE`` incident: a resumed run keeps it
+    whatever its step, as no replayed step records it again."""
+    return record.get("incident") in OUT_OF_LINEAGE
 
 
 def out_of_lineage_incidents(metrics_path: str) -> list[str]:
@@ -36,11 +48,11 @@ def out_of_lineage_incidents(metrics_path: str) -> list[str]:
     with open(metrics_path) as f:
         for line in f:
             try:
-                kind = json.loads(line).get("incident")
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if kind in ("restart", "hang"):
-                kinds.append(kind)
+            if isinstance(record, dict) and is_out_of_lineage(record):
+                kinds.append(record["incident"])
     return kinds
 
 
@@ -67,7 +79,7 @@ def format_summary(result, total_seconds: float) -> str:
                   else f"first step done {result.seconds_to_first_step:.1f}s after start")
     lines = [
         status,
-        f"  steps: {result.step}",
+        f"  steps: {result.step} ({result.tokens:,} tokens)",
         f"  wall time: {total_seconds:.1f}s ({first_step})",
         f"  final train loss: {fmt(result.train_loss, '.4f')}",
         f"  held-out loss: {fmt(result.first_eval_loss, '.4f')} (first) -> {fmt(result.eval_loss, '.4f')} (final)",
