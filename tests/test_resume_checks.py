@@ -201,6 +201,13 @@ def test_every_setting_has_an_explicit_resume_class():
     assert classes(health__spike_window=5) == {"health.spike_window": REFUSE_STATE}
     assert classes(algorithms__gradient_clipping={"clipping_type": "norm", "clipping_threshold": 1.0}) == {
         "algorithms.gradient_clipping": REFUSE_STATE}
+    assert classes(algorithms__ema={"half_life": "10ba"}) == {"algorithms.ema": REFUSE_STATE}  # one more tree
+    with_ema = json.loads(json.dumps(base))
+    with_ema["algorithms"]["ema"] = {"half_life": "10ba", "smoothing": None, "ema_start": "0.0dur",
+                                     "update_interval": None}
+    changed = json.loads(json.dumps(with_ema))
+    changed["algorithms"]["ema"]["half_life"] = "20ba"
+    assert compare_configs(with_ema, changed) == ([], [("algorithms.ema.half_life", "10ba", "20ba")])
     assert classes(optimizer__name="adamw") == {"optimizer.name": NOTICE}
     assert classes(optimizer__lr=1.0, precision="fp32", global_train_batch_size=3, scheduler__alpha_f=0.5) == {
         "optimizer.lr": NOTICE, "precision": NOTICE, "global_train_batch_size": NOTICE, "scheduler.alpha_f": NOTICE}

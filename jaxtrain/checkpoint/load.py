@@ -32,6 +32,7 @@ class LoadedModel:
     step: int
     tokenizer_path: str | None
     meta: dict
+    averaged: bool = False  # the run kept a moving average of its weights (algorithms.ema): these are it
 
     def module(self) -> nnx.Module:
         """The NNX module holding these parameters."""
@@ -265,9 +266,13 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
             raise damaged("its meta item holds no model config")
         try:
-            model_cfg = load_config_dict(meta["config"]).model
+            run_cfg = load_config_dict(meta["config"])
         except ConfigError as error:
             raise damaged(f"the config in its meta item is invalid: {error}") from None
+        model_cfg = run_cfg.model
+        # a run with a moving average of its weights is evaluated and exported with the average,
+        # as Composer's checkpoints hold it as the model's weights
+        averaged = run_cfg.algorithms.ema is not None and not meta.get("weights_only")
         _, abstract_params = abstract_model(model_cfg)
         if like is not None:
             _check_parameters(step_folder, model_cfg, abstract_params, like, shapes=True)
@@ -277,8 +282,9 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         if shardings is None:
             device = jax.local_devices()[0]
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract_params)
+        item = "ema" if averaged else "params"
         target = {
-            "params": jax.tree.map(
+            item: jax.tree.map(
                 lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings
             )
         }
@@ -306,7 +312,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
             raise damaged("its state item cannot be read")
     finally:
         manager.close()
-    params = restored["params"]
+    params = restored[item]
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,
@@ -314,4 +320,5 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         step=step,
         tokenizer_path=tokenizer_path if os.path.exists(tokenizer_path) else None,
         meta=dict(meta),
+        averaged=averaged,
     )

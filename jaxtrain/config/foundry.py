@@ -211,7 +211,7 @@ def map_foundry(doc: dict, note: Note, where: Where) -> dict:
     if isinstance(doc.get("callbacks"), dict):
         _keep_known(doc["callbacks"], "callbacks", CALLBACKS, note)
     if isinstance(doc.get("algorithms"), dict):
-        _keep_known(doc["algorithms"], "algorithms", ("gradient_clipping",), note, typo_is_error=True)
+        _keep_known(doc["algorithms"], "algorithms", ("gradient_clipping", "ema"), note, typo_is_error=True)
     return doc
 
 

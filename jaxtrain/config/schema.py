@@ -203,10 +203,23 @@ class GradientClippingConfig:
 
 
 @dataclasses.dataclass
+class EMAConfig:
+    """Composer's ``algorithms.ema``: an exponential moving average of the weights, which evaluation,
+    generation and export use (training goes on with the trained weights)."""
+
+    half_life: str | None = field(None, "half life of the average's terms (ba or ep); default 1000ba "
+                                        "unless smoothing is given")
+    smoothing: float | None = field(None, "weight the average keeps at each update, in (0, 1); instead of half_life")
+    ema_start: str = field("0.0dur", "training done before the average starts (dur, ba or ep)")
+    update_interval: str | None = field(None, "period of the updates; default 1 in half_life's unit (1ba with smoothing)")
+
+
+@dataclasses.dataclass
 class AlgorithmsConfig:
     """Composer's ``algorithms`` section."""
 
     gradient_clipping: GradientClippingConfig | None = field(None, "clip gradients")
+    ema: EMAConfig | None = field(None, "keep a moving average of the weights for evaluation and export")
 
 
 @dataclasses.dataclass

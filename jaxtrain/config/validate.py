@@ -164,6 +164,12 @@ def validate(cfg: Config, where: Where) -> None:
     if clip is not None:
         one_of("algorithms.gradient_clipping.clipping_type", clip.clipping_type, CLIPPING_TYPES)
         positive("algorithms.gradient_clipping.clipping_threshold", clip.clipping_threshold)
+    from jaxtrain.algorithms.ema import check_ema  # here: it reads the schema this package defines
+
+    try:
+        check_ema(cfg.algorithms.ema)
+    except ConfigError as e:
+        raise ConfigError(f"{where('algorithms.ema')}: {e}") from None
 
     par = cfg.parallelism
     for axis in ("data", "fsdp", "tensor"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from jaxtrain.algorithms.ema import evaluation_params
 from jaxtrain.config import ConfigError
 from jaxtrain.eval.icl import TaskResult, read_yaml, where
 from jaxtrain.train.events import Callback, Event
@@ -215,7 +216,7 @@ class ICLEvalCallback(Callback):
             return
         from jaxtrain.train.step import COMPUTE_DTYPES
 
-        model = loop.parts.model_def.merge(loop.state.params)
+        model = loop.parts.model_def.merge(evaluation_params(loop.state))
         # The loop fires EVAL_END with its watchdog paused; each finished batch is progress that
         # arms it, and it is paused again before a batch whose program compiles first.
         watchdog = getattr(loop, "watchdog", None)

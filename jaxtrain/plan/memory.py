@@ -77,11 +77,12 @@ class MemoryEstimate:
     per_device_batch: int
     max_microbatch: int  # the largest microbatch that fits (0: not even one sequence)
     remat: str
+    ema_bytes: float = 0.0  # the moving average of the weights (algorithms.ema), fp32
 
     @property
     def total_bytes(self) -> float:
-        return (self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.working_weights_bytes
-                + self.activations_bytes + self.batch_bytes)
+        return (self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.ema_bytes
+                + self.working_weights_bytes + self.activations_bytes + self.batch_bytes)
 
     @property
     def usable_bytes(self) -> float:
@@ -188,6 +189,7 @@ def estimate_memory(
     n_params: int | None = None,
     usable_fraction: float = 0.9,
     fused_attention: bool | str | None = None,
+    ema: bool = False,
 ) -> MemoryEstimate:
     """Bytes per device of one training step of an MPT model (see the module docstring).
 
@@ -197,7 +199,8 @@ def estimate_memory(
     ``microbatch`` is sequences per device per forward/backward; gradients are accumulated (an
     extra fp32 gradient buffer) when it is smaller than the per-device batch ``global_batch /
     (data * fsdp)``. ``usable_fraction`` of the device memory is counted as available, leaving
-    room for the runtime, collectives' buffers and fragmentation.
+    room for the runtime, collectives' buffers and fragmentation. ``ema``: the state also keeps a
+    moving average of the weights (one more fp32 copy, sharded like them).
     """
     data, fsdp, tensor = _mesh(mesh_shape)
     batch_shards = data * fsdp
@@ -217,6 +220,7 @@ def estimate_memory(
     accumulating = microbatch < per_device_batch
     grads_bytes = params_bytes * (2 if accumulating else 1)  # + the accumulator
     optimizer_bytes = params_bytes * OPTIMIZER_STATE_COPIES[optimizer]
+    ema_bytes = params_bytes if ema else 0.0
     embed_params = model_cfg.vocab_size * model_cfg.d_model * (1 if model_cfg.tie_word_embeddings else 2)
     layer_params = (n_params - embed_params) / model_cfg.n_layers
     working = n_params * c / state_shards if c != 4 else 0.0  # compute-dtype copy of the weights
@@ -234,7 +238,7 @@ def estimate_memory(
         )
 
     batch_bytes = 2 * 4.0 * per_device_batch * seq_len  # int32 inputs and targets
-    fixed = params_bytes + optimizer_bytes + working + batch_bytes
+    fixed = params_bytes + optimizer_bytes + ema_bytes + working + batch_bytes
     per_sequence = acts(remat, 1)
     hardware_bytes = float(hardware.memory_bytes) if hardware is not None else float("inf")
     usable = hardware_bytes * usable_fraction
@@ -261,6 +265,7 @@ def estimate_memory(
         per_device_batch=per_device_batch,
         max_microbatch=max_microbatch,
         remat=remat,
+        ema_bytes=ema_bytes,
     )
 
 
@@ -272,6 +277,7 @@ def format_memory(estimate: MemoryEstimate) -> str:
         ("parameters (fp32)", estimate.params_bytes),
         (f"gradients (fp32{accumulator})", estimate.grads_bytes),
         ("optimizer state (fp32)", estimate.optimizer_bytes),
+        *([("moving average of the weights (fp32)", estimate.ema_bytes)] if estimate.ema_bytes else []),
         ("working weights (compute dtype, gathered)", estimate.working_weights_bytes),
         (f"activations (microbatch {estimate.microbatch}, remat={estimate.remat})", estimate.activations_bytes),
         ("batch (token ids)", estimate.batch_bytes),

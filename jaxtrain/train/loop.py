@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental.multihost_utils import reached_preemption_sync_point
 
 from jaxtrain.checkpoint.load import TOKENIZER_FILE
+from jaxtrain.algorithms.ema import evaluation_params
 from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
 from jaxtrain.checkpoint.remote import RemoteUploadError
 from jaxtrain.metrics.flops import ThroughputMeter
@@ -169,7 +170,7 @@ class Trainer(RecoveryMixin):
             batch = global_batch_from_local(local, self.parts.mesh)
             if not self._eval_compiled:
                 self._compile_eval_step(batch)
-            outs.append(self.parts.eval_step(self.state.params, batch))
+            outs.append(self.parts.eval_step(evaluation_params(self.state), batch))
             if index == 0:
                 self.faults.during_eval(self.step)
             if len(outs) > 1:  # one batch in flight; the one before it has finished
@@ -195,7 +196,7 @@ class Trainer(RecoveryMixin):
         lower = getattr(self.parts.eval_step, "lower", None)
         if lower is not None:
             with self.watchdog.paused():
-                lower(self.state.params, batch).compile()
+                lower(evaluation_params(self.state), batch).compile()
             self.watchdog.beat()  # the batches from here on are watched, even in the first evaluation
         self._eval_compiled = True
 

@@ -25,7 +25,7 @@ class MemoryReport:
     """Bytes per device at start-up; None where a figure is not available."""
 
     params_bytes: int
-    optimizer_bytes: int
+    optimizer_bytes: int  # with the moving average of the weights (algorithms.ema), if kept
     microbatch: int
     remat: str
     activations_bytes: float | None  # estimate for one microbatch
@@ -33,6 +33,7 @@ class MemoryReport:
     step_temp_bytes: int | None
     capacity_bytes: int | None
     capacity_source: str
+    averaged: bool = False  # optimizer_bytes holds the moving average of the weights too
 
 
 def device_bytes(tree: Any, device: Any = None) -> int:
@@ -63,6 +64,7 @@ def memory_report(parts: Any) -> MemoryReport:
             optimizer=cfg.optimizer.name,
             n_params=parts.num_params,
             fused_attention=fused_attention_kind(cfg.model, COMPUTE_DTYPES[cfg.precision]),
+            ema=parts.state.ema is not None,
         )
         activations = estimate.activations_bytes
     except ValueError:  # a setting the planner does not model
@@ -71,7 +73,7 @@ def memory_report(parts: Any) -> MemoryReport:
     capacity, source = device_capacity()
     return MemoryReport(
         params_bytes=device_bytes(parts.state.params),
-        optimizer_bytes=device_bytes(parts.state.opt_state),
+        optimizer_bytes=device_bytes(parts.state.opt_state) + device_bytes(parts.state.ema),
         microbatch=parts.device_train_microbatch,
         remat=parts.remat,
         activations_bytes=activations,
@@ -79,6 +81,7 @@ def memory_report(parts: Any) -> MemoryReport:
         step_temp_bytes=None if memory is None else int(memory.temp_size_in_bytes),
         capacity_bytes=capacity,
         capacity_source=source,
+        averaged=parts.state.ema is not None,
     )
 
 
@@ -108,7 +111,8 @@ def format_memory_report(report: MemoryReport) -> str:
             capacity += f", {100 * report.step_bytes / report.capacity_bytes:.0f}% used by the step"
     return "\n".join([
         f"memory per device: parameters {format_bytes(report.params_bytes)}, "
-        f"optimizer state {format_bytes(report.optimizer_bytes)} (measured)",
+        f"optimizer state{' and moving average' if report.averaged else ''} "
+        f"{format_bytes(report.optimizer_bytes)} (measured)",
         f"  activations ~{format_bytes(report.activations_bytes)} for microbatch {report.microbatch} "
         f"(estimate, remat {report.remat})",
         f"  {compiled}; {capacity}",

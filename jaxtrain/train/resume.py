@@ -53,9 +53,10 @@ def _optimizer_name(key: str, old: Any, new: Any, stored: dict, current: dict) -
     return REFUSE_STATE if "decoupled_lionw" in (old, new) else NOTICE
 
 
-def _gradient_clipping(key: str, old: Any, new: Any, stored: dict, current: dict) -> str:
-    """Clipping on or off changes the optimizer state's structure; its type and threshold do not."""
-    return REFUSE_STATE if key == "algorithms.gradient_clipping" else NOTICE
+def _switched_on_or_off(key: str, old: Any, new: Any, stored: dict, current: dict) -> str:
+    """Gradient clipping or the weights' moving average on or off changes the train state's
+    structure; their settings do not."""
+    return REFUSE_STATE if key in ("algorithms.gradient_clipping", "algorithms.ema") else NOTICE
 
 
 def _dataset_local(key: str, old: Any, new: Any, stored: dict, current: dict) -> str:
@@ -125,7 +126,8 @@ RESUME_KEYS: dict[str, str | Rule] = {
     # -- the train state's structure
     "health.spike_window": REFUSE_STATE,  # the state holds that many recent losses
     "optimizer.name": _optimizer_name,
-    "algorithms.gradient_clipping": _gradient_clipping,
+    "algorithms.gradient_clipping": _switched_on_or_off,
+    "algorithms.ema": _switched_on_or_off,
     # -- hyperparameters and numerics: allowed, and listed in the notice
     "optimizer": NOTICE,
     "scheduler": NOTICE,
@@ -429,4 +431,7 @@ class RecoveryMixin:
         except ConfigError as err:
             raise ConfigError(f"load_path: {err}") from None
         self.state = self.state.replace(params=loaded.params)
-        self.print(f"loaded weights from {path} (step {loaded.step}); optimizer state is fresh")
+        if self.state.ema is not None:  # the average starts from the loaded weights too
+            self.state = self.state.replace(ema=jax.tree.map(lambda p: p.copy(), loaded.params))
+        averaged = " (their moving average)" if loaded.averaged else ""
+        self.print(f"loaded weights{averaged} from {path} (step {loaded.step}); optimizer state is fresh")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtrain.algorithms.ema import ema_plan
 from jaxtrain.config import Config, ConfigError, validate_for_devices
 from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
@@ -175,7 +176,8 @@ def _loaded_data(cfg: Config, loaders: _InBackground):
 
 def _train_state(cfg: Config, tx, mesh, rules):
     try:
-        return create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window)
+        return create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window,
+                                  ema=cfg.algorithms.ema is not None)
     except MeshError as err:
         raise ConfigError(str(err)) from None
 
@@ -226,6 +228,8 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         state_parts = _train_state(cfg, planned[2], mesh, rules)
     total_batches, schedule, tx = planned
     state, model_def, state_shardings = state_parts
+    ema = None if cfg.algorithms.ema is None else ema_plan(
+        cfg.algorithms.ema, batches_per_epoch=train_loader.batches_per_epoch, total_batches=total_batches)
 
     compute_dtype = COMPUTE_DTYPES[cfg.precision]
     fp8_products = cfg.precision in FP8_PRECISIONS
@@ -250,7 +254,7 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
             model_defs[remat] = dataclasses.replace(model_def, graphdef=graphdef)
         train_step = make_train_step(
             model_defs[remat], tx, schedule, compute_dtype=compute_dtype, num_microbatches=num_microbatches,
-            z_loss=model.z_loss, use_dropout=use_dropout, health=health, fp8_products=fp8_products,
+            z_loss=model.z_loss, use_dropout=use_dropout, health=health, fp8_products=fp8_products, ema=ema,
         )
         return compile_train_step(
             train_step, state_shardings, shard_batch, control_sharding=replicated(mesh) if with_control else None,
@@ -293,7 +297,7 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
                     model, global_batch=cfg.global_train_batch_size, microbatch=microbatch, seq_len=cfg.max_seq_len,
                     precision=cfg.precision, mesh_shape=dict(mesh.shape), remat=remat,
                     optimizer=cfg.optimizer.name, n_params=mpt_param_count(model),
-                    fused_attention=fused_attention_kind(model, compute_dtype),
+                    fused_attention=fused_attention_kind(model, compute_dtype), ema=ema is not None,
                 ).total_bytes  # fmt: skip
             except ValueError:  # a setting the planner does not model
                 return None

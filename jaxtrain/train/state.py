@@ -12,6 +12,7 @@ from flax import linen as nn
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain.algorithms.ema import init_ema
 from jaxtrain.models import build_model
 from jaxtrain.parallel.layout import check_param_shardings
 from jaxtrain.parallel.mesh import logical_shardings
@@ -33,6 +34,7 @@ class TrainState:
     loss_window: jax.Array  # float32[spike_window]: losses of recent applied steps (spike rule)
     window_count: jax.Array  # int32 scalar: losses recorded in loss_window so far
     lr_scale: jax.Array  # float32 scalar: multiplies every update (cut after a rollback)
+    ema: Any = None  # algorithms.ema: the moving average of the parameters (float32), else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +76,14 @@ def create_train_state(
     mesh: Mesh,
     rules: Any,
     spike_window: int = 100,
+    ema: bool = False,
 ) -> tuple[TrainState, ModelDef, Any]:
-    """Initialise parameters directly into their shardings and the optimizer state beside them.
+    """Initialise parameters directly into their shardings and the optimizer state beside them
+    (and, with ``ema``, the moving average of the parameters: a copy of them).
 
     Returns (state, model_def, state_shardings).
     """
-    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window)
+    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window, ema)
     # One program builds the whole state (parameters, optimizer state, counters) in place on its
     # devices: each separately jitted piece would be one more XLA compile before the first step.
     options = llvm_options(mesh.devices.flat[0].platform) or None
@@ -89,18 +93,19 @@ def create_train_state(
 
 
 def abstract_train_state(
-    model_cfg: Any, tx: optax.GradientTransformation, *, mesh: Mesh, rules: Any, spike_window: int = 100
+    model_cfg: Any, tx: optax.GradientTransformation, *, mesh: Mesh, rules: Any, spike_window: int = 100,
+    ema: bool = False,
 ) -> tuple[TrainState, ModelDef, Any]:
     """``create_train_state`` without allocating anything: the state as sharded
     ``jax.ShapeDtypeStruct``s, for compiling ahead of time (e.g. for devices this process lacks)."""
-    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window)
+    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window, ema)
     shapes = jax.eval_shape(init_state, jax.random.key(0))
     state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                          shapes, state_shardings)  # fmt: skip
     return state, model_def, state_shardings
 
 
-def _state_plan(model_cfg, tx, mesh, rules, spike_window):
+def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False):
     """(init_state(key) -> TrainState, the state's shardings, the ModelDef)."""
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
@@ -120,11 +125,13 @@ def _state_plan(model_cfg, tx, mesh, rules, spike_window):
             loss_window=jnp.zeros((spike_window,), jnp.float32),
             window_count=jnp.zeros((), jnp.int32),
             lr_scale=jnp.ones((), jnp.float32),
+            ema=init_ema(params) if ema else None,
         )
 
     state_shardings = TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
         loss_window=replicated, window_count=replicated, lr_scale=replicated,
+        ema=param_shardings if ema else None,
     )  # fmt: skip
     return init_state, state_shardings, ModelDef(graphdef, param_shardings, logical_specs, mesh, tuple(rules))
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtrain.algorithms.ema import EMAPlan, update_ema
 from jaxtrain.layers import fp8, lm_loss
 from jaxtrain.parallel.platform import llvm_options
 from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
@@ -63,6 +64,7 @@ def make_train_step(
     use_dropout: bool = False,
     health: HealthRules = HealthRules(),
     fp8_products: bool = False,
+    ema: EMAPlan | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """Build ``train_step(state, batch) -> (state, metrics)``.
 
@@ -72,6 +74,9 @@ def make_train_step(
 
     With ``fp8_products`` the transformer blocks' linear layers take their products in fp8
     (``jaxtrain.layers.fp8``); everything else runs in ``compute_dtype``.
+
+    With ``ema`` (``algorithms.ema``'s schedule), the state's moving average of the parameters
+    is updated after each applied step (``jaxtrain.algorithms.ema``).
 
     An optional ``control`` float32[2] = [loss multiplier, force skip] lets the host rehearse
     failures (a NaN or spike multiplier) and reproduce another run's skipped steps.
@@ -151,11 +156,12 @@ def make_train_step(
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             opt_state = keep_if_skipped(opt_state, state.opt_state)
         updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
-        params = optax.apply_updates(state.params, updates)
+        params = keep_if_skipped(optax.apply_updates(state.params, updates), state.params)
         window_index = state.window_count % state.loss_window.shape[0]
         new_state = state.replace(
             step=state.step + 1,
-            params=keep_if_skipped(params, state.params),
+            params=params,
+            ema=state.ema if ema is None else update_ema(ema, state.ema, params, state.step + 1, apply),
             opt_state=opt_state,
             loss_window=jnp.where(apply, state.loss_window.at[window_index].set(loss), state.loss_window),
             window_count=state.window_count + apply.astype(jnp.int32),
