@@ -191,3 +191,33 @@ def test_special_tokens_of_tokenizer_config_json_that_are_wrong_are_one_line(tmp
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"tokenizer_config.json is not readable JSON \(.*\): fix or remove it$"):
         load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=None)
+
+
+def test_a_saved_tokenizer_keeps_its_special_tokens_and_chat_template(hub, tmp_path):
+    """What training saves beside its checkpoints (and export copies) reads back with the EOS,
+    padding and chat template it trained with, in jaxtrain and in transformers."""
+    from jaxtrain.data.tokenizer import tokenizer_from_file
+
+    cfg = TokenizerConfig(name="org/jinja-template", kwargs={"eos_token": "<s>"})  # an override wins over the repo's
+    tokenizer = load_tokenizer(cfg, cache_dir=str(tmp_path / "cache"), train_texts=None)
+    written = tokenizer.save(str(tmp_path / "checkpoints" / "tokenizer.json"))
+    assert sorted(Path(path).name for path in written) == ["chat_template.jinja", "tokenizer.json",
+                                                           "tokenizer_config.json"]
+    again = tokenizer_from_file(written[0], what="the checkpoint's tokenizer")
+    assert (again.eos_token_id, again.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert tokenizer.backend.id_to_token(again.eos_token_id) == "<s>"
+    source = chat_template(cfg, tokenizer)
+    saved = chat_template(TokenizerConfig(name=written[0]), again)
+    turns = [(role, content) for role, content in MESSAGES]
+    assert chat_turns(turns, saved, "t") == chat_turns(turns, source, "t")
+    from conftest import REFERENCE_PYTHON
+
+    if not Path(REFERENCE_PYTHON).is_file():
+        pytest.skip("the transformers half needs .venv-ref; jaxtrain's half passed")
+    import subprocess
+
+    probe = ("import sys, transformers; t = transformers.AutoTokenizer.from_pretrained(sys.argv[1]); "
+             "print(t.eos_token, t.pad_token, t.chat_template is not None)")
+    shown = subprocess.run([REFERENCE_PYTHON, "-c", probe, str(tmp_path / "checkpoints")], capture_output=True,
+                           text=True, timeout=120, check=True).stdout.split()
+    assert shown == ["<s>", tokenizer.backend.id_to_token(tokenizer.pad_token_id), "True"]

@@ -21,8 +21,8 @@ from flax import nnx
 from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
 from jaxtrain.config import ConfigError, load_config_dict
 from jaxtrain.config.schema import ModelConfig, error_line
+from jaxtrain.data.tokenizer import TOKENIZER_FILE
 
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclasses.dataclass
@@ -43,12 +43,12 @@ class LoadedModel:
 
     def tokenizer(self):
         """The ``jaxtrain.data.Tokenizer`` saved beside the checkpoint (``ConfigError`` if none is)."""
-        from jaxtrain.data.tokenizer import Tokenizer, read_tokenizer_file
+        from jaxtrain.data.tokenizer import tokenizer_from_file
 
         if self.tokenizer_path is None:
             raise ConfigError("no tokenizer.json beside the checkpoint; read one with "
                               "jaxtrain.data.tokenizer.load_tokenizer")
-        return Tokenizer(read_tokenizer_file(self.tokenizer_path, what="the checkpoint's tokenizer"))
+        return tokenizer_from_file(self.tokenizer_path, what="the checkpoint's tokenizer")
 
 
 class ParameterMismatch(ConfigError):

@@ -47,9 +47,9 @@ from typing import Any, Protocol
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.mds.writer import is_remote
 from jaxtrain.data.remote import ObjectStore, describe_error, download_with_retry
+from jaxtrain.data.tokenizer import TOKENIZER_FILES
 
 UPLOADED_MARKER = "_JAXTRAIN_UPLOADED"
-TOKENIZER_FILE = "tokenizer.json"
 DOWNLOAD_RETRY = 2
 UPLOAD_RETRY = 2
 UPLOAD_RETRY_BASE_SECONDS = 0.5  # doubles after each failed attempt
@@ -395,7 +395,8 @@ def fetch_checkpoint(url: str, step: int | None) -> str:
         raise ConfigError(f"{url}: step {step} is not a complete checkpoint there; complete steps: "
                           f"{', '.join(map(str, complete))}")
     steps.download(step)
-    if TOKENIZER_FILE in steps.store.list():
-        download_with_retry(steps.store, TOKENIZER_FILE, os.path.join(steps.staging, TOKENIZER_FILE),
-                            retries=DOWNLOAD_RETRY, what=url)
+    listed = steps.store.list()
+    for name in TOKENIZER_FILES:
+        if name in listed:
+            download_with_retry(steps.store, name, os.path.join(steps.staging, name), retries=DOWNLOAD_RETRY, what=url)
     return steps.staging

@@ -27,9 +27,9 @@ import numpy as np
 from jaxtrain.config import Config, ConfigError, config_to_dict
 from jaxtrain.config.schema import AttnConfig, FFNConfig, InitConfig, ModelConfig
 from jaxtrain.convert.safetensors_io import SafetensorsWriter, open_safetensors_folder, parse_size
+from jaxtrain.data.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 FOUNDRY_PREFIX = "model."
 _ATTN_KEYS = ("attn_type", "attn_pdrop", "clip_qkv", "qk_ln", "softmax_scale", "alibi", "alibi_bias_max",
               "prefix_lm", "attn_uses_sequence_id", "sliding_window_size", "rope")
@@ -309,7 +309,15 @@ def save_model(folder: str, model_cfg: ModelConfig, params: dict, *, source: dic
     checkpointer.save(step, weights, meta, force=True)
     checkpointer.close()
     if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(folder, TOKENIZER_FILE))
+        copy_tokenizer(os.path.dirname(os.path.abspath(tokenizer_path)), folder)
+
+
+def copy_tokenizer(src: str, dst: str) -> None:
+    """Copy the tokenizer files of folder ``src`` (``tokenizer.json`` and, where present, its
+    ``tokenizer_config.json`` and ``chat_template.jinja``) into folder ``dst``."""
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 # ----------------------------------------------------------------------------- export
@@ -354,5 +362,5 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
     with open(os.path.join(dst, CONFIG_FILE), "w", encoding="utf-8") as handle:
         json.dump(hf_config_from_model(model_cfg, torch_dtype=dtype), handle, indent=2)
     if loaded.tokenizer_path:
-        shutil.copyfile(loaded.tokenizer_path, os.path.join(dst, TOKENIZER_FILE))
+        copy_tokenizer(os.path.dirname(loaded.tokenizer_path), dst)
     return model_cfg

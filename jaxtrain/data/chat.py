@@ -218,7 +218,9 @@ def _template_value(value, origin: str, special_tokens: dict) -> ChatTemplate:
 
 def _special_tokens(config: dict, tokenizer) -> dict:
     """The special-token strings a template may use, from a tokenizer_config.json (as transformers'
-    ``special_tokens_map`` gives them) or the tokenizer."""
+    ``special_tokens_map`` gives them) or the tokenizer. The tokenizer's EOS wins: it is the
+    config's unless ``tokenizer.kwargs.eos_token`` overrides it, as a keyword argument of
+    transformers' ``from_pretrained`` overrides it."""
     tokens = {}
     for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
         token = config_token(config, name)
@@ -231,6 +233,6 @@ def _special_tokens(config: dict, tokenizer) -> dict:
             tokens["additional_special_tokens"] = additional
     for name, token_id in (("eos_token", getattr(tokenizer, "eos_token_id", None)),
                            ("pad_token", getattr(tokenizer, "pad_token_id", None))):
-        if name not in tokens and token_id is not None:
+        if (name == "eos_token" or name not in tokens) and token_id is not None:
             tokens[name] = tokenizer.backend.id_to_token(token_id)
     return tokens

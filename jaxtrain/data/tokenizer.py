@@ -40,10 +40,11 @@ _PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
 _HUB_HOST = ("huggingface.co", 443)
 _HUB_TIMEOUT_S = 3.0
 # Files of a Hub tokenizer: tokenizer.json is required; the others are read where the repo has them.
-HUB_TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 HUB_OPTIONAL_FILES = (CONFIG_FILE, CHAT_TEMPLATE_FILE)
+TOKENIZER_FILES = (TOKENIZER_FILE, *HUB_OPTIONAL_FILES)  # what a checkpoint keeps beside its steps
 
 
 class Tokenizer:
@@ -91,11 +92,31 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def save(self, path: str) -> None:
-        """Write ``tokenizer.json`` (loadable again by passing its path as ``tokenizer.name``)."""
+    def special_tokens(self) -> dict[str, str]:
+        """The EOS and padding tokens' texts, as a ``tokenizer_config.json`` names them."""
+        ids = {"eos_token": self.eos_token_id, "pad_token": self.pad_token_id}
+        return {key: self.backend.id_to_token(i) for key, i in ids.items() if i is not None}
+
+    def save(self, path: str) -> list[str]:
+        """Write ``tokenizer.json`` and, beside it, a ``tokenizer_config.json`` naming its EOS and
+        padding tokens (with the rest of the config it was read with, e.g. its chat template) and
+        the ``chat_template.jinja`` it was read with, if any: loadable again, with the same special
+        tokens, by jaxtrain (its path as ``tokenizer.name``) and by transformers' ``AutoTokenizer``.
+        Returns the paths written."""
         if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
+            path = os.path.join(path, TOKENIZER_FILE)
+        folder = os.path.dirname(os.path.abspath(path))
         _atomic_write(path, self.backend.to_str())
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **read_tokenizer_config(self.files_dir),
+                  **self.special_tokens()}
+        written = [path, os.path.join(folder, CONFIG_FILE)]
+        _atomic_write(written[1], json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        template = os.path.join(self.files_dir, CHAT_TEMPLATE_FILE) if self.files_dir else None
+        if template and os.path.isfile(template) and os.path.abspath(self.files_dir) != folder:
+            with open(template, encoding="utf-8") as handle:
+                _atomic_write(os.path.join(folder, CHAT_TEMPLATE_FILE), handle.read())
+            written.append(os.path.join(folder, CHAT_TEMPLATE_FILE))
+        return written
 
 
 def batch_ids(backend: tokenizers.Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -149,12 +170,20 @@ def load_tokenizer(cfg, *, cache_dir: str, train_texts: Callable[[], Iterable[st
         return Tokenizer(_trained_bpe(vocab_size, cache_dir, train_texts, train_fingerprint), eos_token=EOS_TOKEN)
     if _looks_like_path(name):
         path = os.path.expanduser(name)
-        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     else:
-        folder = hub_tokenizer_files(name)
-        path = os.path.join(folder, HUB_TOKENIZER_FILE)
-    backend = read_tokenizer_file(path, what=f"tokenizer.name={name!r}")
+        path = os.path.join(hub_tokenizer_files(name), TOKENIZER_FILE)
+    return tokenizer_from_file(path, what=f"tokenizer.name={name!r}", **special)
+
+
+def tokenizer_from_file(path: str, *, what: str, eos_token: str | None = None,
+                        pad_token: str | None = None) -> Tokenizer:
+    """The tokenizer in ``path`` (a tokenizer.json, or the folder holding one), with the EOS and
+    padding tokens given, else those the ``tokenizer_config.json`` beside it names (as
+    transformers reads them), else the first of a few common names in its vocabulary."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    backend = read_tokenizer_file(path, what=what)
     config = read_tokenizer_config(folder)
+    special = {"eos_token": eos_token, "pad_token": pad_token}
     for key in special:
         token = config_token(config, key)
         if special[key] is None and token is not None:
@@ -218,7 +247,7 @@ def hub_tokenizer_files(name: str) -> str:
     Hugging Face cache: ``tokenizer.json`` and whichever of ``HUB_OPTIONAL_FILES`` the repo has, all
     of the commit ``tokenizer.json`` came from. ``HF_HUB_OFFLINE``, an unreachable Hub (found within
     a few seconds) or a failed download is a one-line ``ConfigError``; a missing optional file is not."""
-    advice = (f"download {name}'s {HUB_TOKENIZER_FILE} (with its {' and '.join(HUB_OPTIONAL_FILES)}, where it has "
+    advice = (f"download {name}'s {TOKENIZER_FILE} (with its {' and '.join(HUB_OPTIONAL_FILES)}, where it has "
               f"them) on a machine with network access and set tokenizer.name to the local path of their folder")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ConfigError(f"tokenizer.name={name!r} is a Hub name but HF_HUB_OFFLINE is set: {advice}")
@@ -226,9 +255,9 @@ def hub_tokenizer_files(name: str) -> str:
         socket.create_connection(_HUB_HOST, timeout=_HUB_TIMEOUT_S).close()
     except OSError:
         raise ConfigError(f"tokenizer.name={name!r} is a Hub name but huggingface.co is unreachable: {advice}") from None
-    path = _hub_download(name, HUB_TOKENIZER_FILE, None, advice)
+    path = _hub_download(name, TOKENIZER_FILE, None, advice)
     if path is None:
-        raise ConfigError(f"tokenizer.name={name!r}: the Hub repo has no {HUB_TOKENIZER_FILE}; give a repo or a "
+        raise ConfigError(f"tokenizer.name={name!r}: the Hub repo has no {TOKENIZER_FILE}; give a repo or a "
                           f"local path that has one")
     folder = os.path.dirname(path)
     # the cache keeps each commit's files in a folder named by its hash: fetch the others from that commit

@@ -77,18 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from jaxtrain.checkpoint.load import load_checkpoint
-    from jaxtrain.data.tokenizer import Tokenizer, read_tokenizer_file
+    from jaxtrain.data.tokenizer import tokenizer_from_file
     from jaxtrain.inference.generate import generate
 
     try:
         check_args(args)
-        given_tokenizer = (read_tokenizer_file(args.tokenizer, what="--tokenizer") if args.tokenizer
+        given_tokenizer = (tokenizer_from_file(args.tokenizer, what="--tokenizer") if args.tokenizer
                            else None)  # before the slow load
         loaded = load_checkpoint(args.checkpoint, args.step)
         if given_tokenizer is None and loaded.tokenizer_path is None:
             raise ConfigError(f"{args.checkpoint}: no tokenizer.json beside the checkpoint; pass --tokenizer PATH")
-        tokenizer = Tokenizer(given_tokenizer if given_tokenizer is not None
-                              else read_tokenizer_file(loaded.tokenizer_path, what="the checkpoint's tokenizer"))
+        tokenizer = given_tokenizer if given_tokenizer is not None else loaded.tokenizer()
         prompts = [tokenizer.encode(text) for text in args.prompt]
         if any(not p for p in prompts):
             raise ConfigError("--prompt: every prompt must encode to at least one token")

@@ -31,7 +31,7 @@ import jax
 from absl import logging
 from jax.experimental.multihost_utils import reached_preemption_sync_point
 
-from jaxtrain.checkpoint.load import TOKENIZER_FILE
+from jaxtrain.data.tokenizer import TOKENIZER_FILE
 from jaxtrain.algorithms.ema import evaluation_params
 from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
 from jaxtrain.checkpoint.remote import RemoteUploadError
@@ -116,13 +116,13 @@ class Trainer(RecoveryMixin):
         if self.checkpointer is None or jax.process_index() != 0:
             return
         if self.checkpointer.remote is not None:  # written into the staging folder, then uploaded
-            path = os.path.join(self.checkpointer.remote.staging, TOKENIZER_FILE)
-            self.parts.tokenizer.save(path)
-            try:
-                self.checkpointer.remote.upload_file(path, TOKENIZER_FILE)
-            except RemoteUploadError as err:
-                raise CheckpointSaveError(f"{self.checkpointer.folder}/{TOKENIZER_FILE} could not be saved ({err}); "
-                                          "check the storage endpoint, credentials and network") from err
+            for path in self.parts.tokenizer.save(os.path.join(self.checkpointer.remote.staging, TOKENIZER_FILE)):
+                name = os.path.basename(path)
+                try:
+                    self.checkpointer.remote.upload_file(path, name)
+                except RemoteUploadError as err:
+                    raise CheckpointSaveError(f"{self.checkpointer.folder}/{name} could not be saved ({err}); "
+                                              "check the storage endpoint, credentials and network") from err
             return
         os.makedirs(self.checkpointer.folder, exist_ok=True)
         self.parts.tokenizer.save(os.path.join(self.checkpointer.folder, TOKENIZER_FILE))
