@@ -96,7 +96,7 @@ def test_readme_quickstart_command_trains_and_loss_falls(tmp_path):
     assert "(mean of 23 steps; compiling and evaluating left out)" in result.stdout
     assert "held-out loss" in result.stdout and "MFU" in result.stdout
     assert (tmp_path / "run" / "config.yaml").exists()
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "24", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "24", "tokenizer.json", "tokenizer_config.json"]
     assert list((tmp_path / "run" / "tensorboard").iterdir())
 
     # load_path: a new run starts from these weights with a fresh optimizer.

@@ -123,5 +123,7 @@ def update_ema(plan: EMAPlan, ema: Any, params: Any, steps_done: jax.Array, appl
 
 
 def evaluation_params(state: Any) -> Any:
-    """The weights a train state is evaluated with: its moving average when it keeps one."""
-    return state.params if state.ema is None else state.ema
+    """The weights a train state is evaluated with: its moving average when it keeps one (a state
+    without the field, e.g. a research loop's own, is evaluated with its ``params``)."""
+    ema = getattr(state, "ema", None)
+    return state.params if ema is None else ema
