@@ -150,3 +150,38 @@ def test_evaluation_checkpoints_and_resumption_keep_the_average(tmp_path):
     logged = [record["eval/loss"] for record in records if "eval/loss" in record][-1]
     assert logged == pytest.approx(held_out_loss(trainer.state.ema), rel=1e-6)
     assert abs(logged - held_out_loss(trainer.state.params)) > 1e-4
+
+
+def test_a_checkpoint_written_before_the_state_had_an_average_restores(tmp_path):
+    """Checkpoints hold the state's fields by name, without the average when there is none: one
+    written when the state had no ``ema`` field (saved as that dataclass) restores as it was."""
+    import jax
+    from flax import struct
+
+    from jaxtrain.checkpoint.manager import Checkpointer, abstract_like
+    from jaxtrain.train.state import TrainState, checkpoint_items
+
+    @struct.dataclass
+    class EarlierTrainState:  # the fields, in order, of the state before the average
+        step: jax.Array
+        params: dict
+        opt_state: tuple
+        rng: jax.Array
+        loss_window: jax.Array
+        window_count: jax.Array
+        lr_scale: jax.Array
+
+    earlier = EarlierTrainState(step=jnp.int32(7), params={"w": jnp.arange(4.0)}, opt_state=(jnp.ones(4),),
+                                rng=jnp.zeros(2, jnp.uint32), loss_window=jnp.zeros(3), window_count=jnp.int32(2),
+                                lr_scale=jnp.float32(0.5))
+    saving = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    saving.save(7, earlier, {"note": "earlier"}, force=True)
+    saving.close()
+    like = TrainState(**{name: jax.tree.map(jnp.zeros_like, value) for name, value in vars(earlier).items()})
+    assert like.ema is None and "ema" not in checkpoint_items(like)
+    reading = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    items, meta = reading.restore(7, abstract_like(checkpoint_items(like)))
+    reading.close()
+    restored = TrainState(**items)
+    assert meta["note"] == "earlier" and int(restored.step) == 7 and float(restored.lr_scale) == 0.5
+    np.testing.assert_array_equal(restored.params["w"], np.arange(4.0))

@@ -31,10 +31,10 @@ import jax
 from absl import logging
 from jax.experimental.multihost_utils import reached_preemption_sync_point
 
-from jaxtrain.data.tokenizer import TOKENIZER_FILE
 from jaxtrain.algorithms.ema import evaluation_params
 from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
 from jaxtrain.checkpoint.remote import RemoteUploadError
+from jaxtrain.data.tokenizer import TOKENIZER_FILE
 from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, tensorboard_log_dir
 from jaxtrain.metrics.tokens import TrainTokens
@@ -43,6 +43,7 @@ from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
 from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.setup import RunParts, eval_batch_size, interval_batches
+from jaxtrain.train.state import checkpoint_items
 from jaxtrain.train.supervisor import ReachedStep
 from jaxtrain.train.summary import FitResult, is_out_of_lineage, out_of_lineage_incidents
 
@@ -144,7 +145,7 @@ class Trainer(RecoveryMixin):
         # as the checkpoint is large and the storage slow (minutes for a large model), not a
         # step's time; its own failures end in retries and CheckpointSaveError.
         with self.watchdog.paused():
-            saved = self.checkpointer.save(self.step, self.state, self._meta(), force=force)
+            saved = self.checkpointer.save(self.step, checkpoint_items(self.state), self._meta(), force=force)
         if saved:
             self.events.fire(Event.CHECKPOINT, self)
 

@@ -29,6 +29,7 @@ from jaxtrain.checkpoint.load import (
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict, load_config_dict
 from jaxtrain.config.schema import error_line
+from jaxtrain.train.state import TrainState, checkpoint_items
 
 # ----------------------------------------------------------------------------- resume settings
 
@@ -323,14 +324,14 @@ class RecoveryMixin:
 
     def _restore(self, step: int) -> None:
         with held_back_stderr():  # the tracebacks of reads abandoned when one fails
-            state, meta = self.checkpointer.restore(step, abstract_like(self.state))
+            items, meta = self.checkpointer.restore(step, abstract_like(checkpoint_items(self.state)))
         try:
             self.parts.train_loader.load_state_dict(meta["loader"])
         except ValueError as err:  # the data changed since (the config did not say so)
             raise ConfigError(f"autoresume: the checkpoint at {self.checkpointer.folder}/{step} does not fit the "
                               f"data: {err}; restore the data it was trained on, or start a new run from its weights: "
                               f"another save_folder and load_path: {self.checkpointer.folder}") from None
-        self.state = state
+        self.state = TrainState(**items)
         self._restored_meta = meta
         self.eval_history = [tuple(item) for item in meta.get("eval_history", [])]
         self.skip_positions |= {tuple(p) for p in meta.get("skip_positions", [])}

@@ -37,6 +37,14 @@ class TrainState:
     ema: Any = None  # algorithms.ema: the moving average of the parameters (float32), else None
 
 
+def checkpoint_items(state: TrainState) -> dict[str, Any]:
+    """The state as checkpoints hold it: its fields by name, leaving out those it does not keep
+    (``ema`` None), so a checkpoint of a run without them has the same items whichever jaxtrain
+    version wrote it."""
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+            if getattr(state, field.name) is not None}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelDef:
     """The static half of the model: its NNX graph definition and parameter shardings."""
