@@ -243,7 +243,7 @@ def test_summary_says_when_no_step_was_trained():
     assert "  wall time: 3.0s (no step trained)" in format_summary(result, 3.0).splitlines()
     trained = dataclasses.replace(result, seconds_to_first_step=5.34, train_loss=5.0)
     assert "  wall time: 9.0s (first step done 5.3s after start)" in format_summary(trained, 9.0).splitlines()
-    assert "  throughput: n/a tokens/s, MFU n/a%" in format_summary(trained, 9.0).splitlines()
+    assert "  throughput: n/a tokens/s, MFU n/a" in format_summary(trained, 9.0).splitlines()
     timed = dataclasses.replace(trained, tokens_per_second=9000.0, mfu=0.25, window_steps=10,
                                 mean_tokens_per_second=14512.4, mean_mfu=0.318, timed_steps=148)
     assert format_summary(timed, 9.0).splitlines()[-2:] == [

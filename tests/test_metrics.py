@@ -214,3 +214,21 @@ def test_fp8_capable_gpus_have_their_dense_peaks(kind, name, bf16, fp8):
     assert found is not None and found.name == name
     assert found.peak_flops("amp_bf16") == pytest.approx(bf16, rel=2e-3)
     assert found.peak_flops("amp_fp8") == pytest.approx(fp8, rel=2e-3)
+
+
+def test_an_unknown_accelerator_reports_no_mfu_unless_its_peak_is_given(monkeypatch):
+    """As Composer's SpeedMonitor logs no MFU without a peak: no made-up figure for a device the
+    hardware table lacks, and the configured peak when there is one."""
+    import jaxtrain.train.setup as setup
+    from jaxtrain.config import load_config_dict
+
+    monkeypatch.setattr(setup, "detect_hardware", lambda: None)
+    peak, source = setup.peak_flops(load_config_dict({}))
+    assert peak is None and source.endswith("so MFU is not reported: set peak_flops_per_device to its dense peak "
+                                            "FLOP/s for the run's precision")
+    assert setup.peak_flops(load_config_dict({"peak_flops_per_device": 2e15}))[0] == 2e15
+    meter = ThroughputMeter(window_size=1, peak_flops_per_device=peak)
+    meter.update(0.0, tokens=10, flops=100.0, samples=1)
+    meter.update(1.0, tokens=10, flops=100.0, samples=1)
+    assert meter.metrics()["throughput/tokens_per_sec"] == 10 and "throughput/device/mfu" not in meter.metrics()
+    assert "mfu" not in meter.summary() and meter.summary()["tokens_per_second"] == 10

@@ -62,8 +62,11 @@ def main(argv: list[str]) -> int:
     from jaxtrain.metrics.hardware import detect_hardware
     from jaxtrain.parallel.mesh import global_batch_from_local
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
-    from jaxtrain.train.setup import build_run
+    from jaxtrain.train.setup import build_run, peak_flops
 
+    peak, peak_source = peak_flops(cfg)
+    if peak is None:
+        return _error(peak_source)
     hardware = hardware or detect_hardware()
     total = 1 + args.warmup + args.steps
     # The run folder only holds the data cache (tokenizer, packed rows), shared with training runs.

@@ -55,7 +55,7 @@ class RunParts:
     total_batches: int
     num_params: int
     flops_per_batch: float
-    peak_flops_per_device: float
+    peak_flops_per_device: float | None  # None: an unknown accelerator, no MFU
     peak_source: str
     batch_sharding: Any
     with_control: bool
@@ -85,8 +85,9 @@ def microbatch_count(cfg: Config, data_parallel: int) -> int:
     return max(1, per_device // int(micro))
 
 
-def peak_flops(cfg: Config) -> tuple[float, str]:
-    """Per-device dense peak FLOP/s for MFU, and where the figure came from."""
+def peak_flops(cfg: Config) -> tuple[float | None, str]:
+    """Per-device dense peak FLOP/s for MFU, and where the figure came from; None on an
+    accelerator the hardware table lacks (no MFU is reported, as Composer reports none there)."""
     if cfg.peak_flops_per_device:
         return float(cfg.peak_flops_per_device), "peak_flops_per_device from the config"
     composer = (cfg.callbacks.get("speed_monitor") or {}).get("gpu_flops_available")
@@ -95,7 +96,8 @@ def peak_flops(cfg: Config) -> tuple[float, str]:
     hardware = detect_hardware()
     if hardware is None:
         device = jax.devices()[0]
-        return 330e9, f"unknown device {device.device_kind!r}: assumed 330 GFLOP/s; set peak_flops_per_device"
+        return None, (f"unknown device {device.device_kind!r}, so MFU is not reported: set peak_flops_per_device to "
+                      f"its dense peak FLOP/s for the run's precision")
     peak, kind = hardware.peak_flops(cfg.precision), hardware.peak_kind(cfg.precision)
     return float(peak), f"{hardware.name} {kind} peak ({hardware.notes})"
 

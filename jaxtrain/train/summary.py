@@ -66,7 +66,7 @@ def format_summary(result, total_seconds: float) -> str:
         return "n/a" if value is None else format(value, spec)
 
     def rate(tokens_per_second, mfu):
-        return f"{fmt(tokens_per_second, ',.0f')} tokens/s, MFU {fmt(None if mfu is None else 100 * mfu, '.2f')}%"
+        return f"{fmt(tokens_per_second, ',.0f')} tokens/s, MFU {'n/a' if mfu is None else f'{100 * mfu:.2f}%'}"
 
     if result.stopped_unhealthy:
         status = f"stopped: {result.stopped_unhealthy}"
