@@ -264,3 +264,37 @@ def test_a_weights_only_checkpoint_in_the_save_folder_is_one_line(trained_run, t
                     f"weights with load_path: {tmp_path}/checkpoints and another save_folder"), line
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["0"]
     assert "parameters;" not in result.stdout
+
+
+def test_a_tokenizer_file_moved_elsewhere_resumes_and_another_one_is_refused(tmp_path):
+    """tokenizer.name changes when the data folder holding it moves: the same tokenizer (its
+    fingerprint and special tokens, as the checkpoint's meta records them) resumes; another does not."""
+    import tokenizers
+
+    from jaxtrain.config import ConfigError, load_config_dict
+    from jaxtrain.data.tokenizer import Tokenizer
+    from jaxtrain.train.resume import refuse_to_resume, tokenizer_record
+
+    def save(folder: Path, vocab: dict) -> Path:
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+        backend.add_special_tokens(["<|endoftext|>"])
+        return Path(Tokenizer(backend).save(str(folder / "tokenizer.json"))[0])
+
+    vocab = {"a": 0, "b": 1, "<|endoftext|>": 2}
+    trained_with = save(tmp_path / "data", vocab)
+    cfg = load_config_dict({"tokenizer": {"name": str(trained_with)}})
+    meta = {"config": config_to_dict(cfg), "loader": {"epoch": 0, "sample_in_epoch": 0},
+            "tokenizer": tokenizer_record(Tokenizer(tokenizers.Tokenizer.from_file(str(trained_with))))}
+    moved = save(tmp_path / "moved" / "data", vocab)
+    assert refuse_to_resume(load_config_dict({"tokenizer": {"name": str(moved)}}), "ck", 3, meta) == []
+    other = save(tmp_path / "other", {"a": 0, "c": 1, "<|endoftext|>": 2})
+    with pytest.raises(ConfigError, match=r"autoresume: the checkpoint at ck/3 was saved with tokenizer.name="):
+        refuse_to_resume(load_config_dict({"tokenizer": {"name": str(other)}}), "ck", 3, meta)
+    # the same file read with another EOS makes other rows
+    with pytest.raises(ConfigError, match="tokenizer.name="):
+        refuse_to_resume(load_config_dict({"tokenizer": {"name": str(moved), "kwargs": {"eos_token": "a"}}}),
+                         "ck", 3, dict(meta, config=config_to_dict(load_config_dict(
+                             {"tokenizer": {"name": str(trained_with), "kwargs": {"eos_token": "a"}}}))))
+    meta.pop("tokenizer")  # a checkpoint that does not record its tokenizer: a new path is refused
+    with pytest.raises(ConfigError, match="tokenizer.name="):
+        refuse_to_resume(load_config_dict({"tokenizer": {"name": str(moved)}}), "ck", 3, meta)

@@ -14,6 +14,7 @@ those steps again; when none can be restored, nothing is moved.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable
 
 import jax
@@ -247,6 +248,28 @@ def _weights_only(meta: dict) -> bool:
     return bool(meta.get("weights_only")) or "loader" not in meta
 
 
+def tokenizer_record(tokenizer) -> dict[str, str]:
+    """What a checkpoint's meta keeps of the run's tokenizer: its fingerprint and special tokens."""
+    return {"fingerprint": tokenizer.fingerprint, **tokenizer.special_tokens()}
+
+
+def _tokenizer_moved(cfg, meta: dict[str, Any]) -> bool:
+    """Whether ``tokenizer.name`` names a file that is the tokenizer the checkpoint was trained with
+    (its fingerprint and special tokens), moved or copied elsewhere: the rows are then the same."""
+    from jaxtrain.data.tokenizer import tokenizer_from_file
+
+    record, name = meta.get("tokenizer"), cfg.tokenizer.name
+    if not isinstance(record, dict) or not os.path.exists(os.path.expanduser(name)):
+        return False
+    kwargs = cfg.tokenizer.kwargs or {}
+    try:
+        tokenizer = tokenizer_from_file(os.path.expanduser(name), what="tokenizer.name",
+                                        eos_token=kwargs.get("eos_token"), pad_token=kwargs.get("pad_token"))
+    except ConfigError:
+        return False
+    return tokenizer_record(tokenizer) == record
+
+
 def refuse_to_resume(cfg, folder: str, step: int, meta: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Raise ``ConfigError`` when the run ``cfg`` cannot resume from the checkpoint ``folder/step``
     with this ``meta``: it holds weights only, or ``cfg`` changes a setting the checkpoint would be
@@ -261,6 +284,8 @@ def refuse_to_resume(cfg, folder: str, step: int, meta: dict[str, Any]) -> list[
         return []
     stored, complete = _normalized(stored)
     refused, noticed = compare_configs(stored, config_to_dict(cfg), both_have=not complete)
+    if any(key == "tokenizer.name" for key, *_ in refused) and _tokenizer_moved(cfg, meta):
+        refused = [item for item in refused if item[0] != "tokenizer.name"]  # the same tokenizer elsewhere
     if refused:
         items = few([f"{key}={_show(old)} (the config says {_show(new)})" for key, old, new, _ in refused], 4)
         why = "; ".join(dict.fromkeys(_WHY[kind] for *_, kind in refused))
@@ -278,8 +303,6 @@ def check_resume_before_build(cfg) -> None:
     a local ``save_folder`` is compared with ``cfg`` (``refuse_to_resume``), so that resuming under
     the wrong config fails in seconds, not after the compile. A step that cannot be read is left to
     autoresume (which falls back past it); remote folders and multi-process runs are checked there."""
-    import os
-
     from jaxtrain.checkpoint.remote import is_remote
 
     folder = cfg.save_folder
