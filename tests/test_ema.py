@@ -138,7 +138,7 @@ def test_evaluation_checkpoints_and_resumption_keep_the_average(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), trainer.state.ema, uninterrupted)
     loaded = load_checkpoint(f"{tmp_path}/checkpoints")
     assert loaded.averaged and loaded.step == 6
-    from jaxtrain.train.resume import tokenizer_record
+    from jaxtrain.train.resume_settings import tokenizer_record
 
     assert loaded.meta["tokenizer"] == tokenizer_record(parts.tokenizer)  # what a moved tokenizer is checked against
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),

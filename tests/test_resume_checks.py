@@ -176,7 +176,7 @@ def _leaf_keys(doc: dict, prefix: str = "") -> list[str]:
 
 
 def test_every_setting_has_an_explicit_resume_class():
-    from jaxtrain.train.resume import IGNORE, NOTICE, REFUSE_DATA, REFUSE_MODEL, REFUSE_STATE, RESUME_KEYS, compare_configs
+    from jaxtrain.train.resume_settings import IGNORE, NOTICE, REFUSE_DATA, REFUSE_MODEL, REFUSE_STATE, RESUME_KEYS, compare_configs
 
     for key in _leaf_keys(config_to_dict(Config())):
         parts = key.split(".")
@@ -273,7 +273,7 @@ def test_a_tokenizer_file_moved_elsewhere_resumes_and_another_one_is_refused(tmp
 
     from jaxtrain.config import ConfigError, load_config_dict
     from jaxtrain.data.tokenizer import Tokenizer
-    from jaxtrain.train.resume import refuse_to_resume, tokenizer_record
+    from jaxtrain.train.resume_settings import refuse_to_resume, tokenizer_record
 
     def save(folder: Path, vocab: dict) -> Path:
         backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))

@@ -66,7 +66,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
     from jaxtrain.train.loop import Trainer
     from jaxtrain.train.memory_report import start_report
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
-    from jaxtrain.train.resume import check_resume_before_build
+    from jaxtrain.train.resume_settings import check_resume_before_build
     from jaxtrain.train.setup import build_run
 
     cfg = expand_run_paths(cfg, resolve_run_name(cfg, config_path))

@@ -41,7 +41,8 @@ from jaxtrain.metrics.tokens import TrainTokens
 from jaxtrain.parallel.mesh import global_batch_from_local
 from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
-from jaxtrain.train.resume import RecoveryMixin, tokenizer_record
+from jaxtrain.train.resume import RecoveryMixin
+from jaxtrain.train.resume_settings import tokenizer_record
 from jaxtrain.train.setup import RunParts, eval_batch_size, interval_batches
 from jaxtrain.train.state import checkpoint_items
 from jaxtrain.train.supervisor import ReachedStep
