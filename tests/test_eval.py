@@ -431,7 +431,7 @@ def test_cli_end_to_end(tmp_path, successor_model, tokenizer, capsys):
     assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", str(tmp_path / "tasks.yaml"),
                       "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results["tasks"][0]["accuracy"] == 0.5
+    assert results["tasks"][0]["accuracy"] == 0.5 and results["weights"] == "trained"
     assert results["gauntlet"]["average"] == pytest.approx((0.5 - 0.25) / 0.75)
     assert "gauntlet/average" in capsys.readouterr().out
 

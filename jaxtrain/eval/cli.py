@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = given_tokenizer if given_tokenizer is not None else loaded.tokenizer()
         model = loaded.module()
         compute_dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
-        results: dict = {"checkpoint": args.checkpoint, "step": loaded.step}
+        results: dict = {"checkpoint": args.checkpoint, "step": loaded.step,
+                         "weights": "moving average (algorithms.ema)" if loaded.averaged else "trained"}
         if args.perplexity_data:
             results["perplexity"] = _perplexity(args, model, tokenizer, compute_dtype)
         if tasks:
