@@ -83,3 +83,14 @@ def test_one_boundary_token_and_a_valid_id():
                                           r"vocabulary of 512"):
         load_config_dict({**base, "eval_loader": {"dataset": {"bos_token_id": 512}}})
     assert load_config_dict({**base, "train_loader": {"dataset": {"bos_token_id": 1}}}).train_loader.dataset.bos_token_id == 1
+
+
+def test_perplexity_batches_split_documents_as_training_does():
+    from jaxtrain.eval.perplexity import text_batches
+
+    documents = [[1, 2, 3], [4, 5], [6, 7, 8, 1]]
+    batch = next(text_batches(documents, seq_len=6, batch_size=2, eos_token_id=E, separate_documents=True))
+    np.testing.assert_array_equal(batch["input_ids"], [[1, 2, 3, E, 4, 5], [E, 6, 7, 8, 1, E]])
+    np.testing.assert_array_equal(batch["sequence_id"], document_ids(batch["input_ids"], E, starts_documents=False))
+    assert batch["sequence_id"].tolist() == [[0, 0, 0, 0, 1, 1], [0, 1, 1, 1, 1, 1]]
+    assert "sequence_id" not in next(text_batches(documents, seq_len=6, batch_size=2, eos_token_id=E))

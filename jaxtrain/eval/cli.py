@@ -74,7 +74,8 @@ def _perplexity(args, model, tokenizer, compute_dtype) -> dict:
     seq_len = min(args.seq_len or model.max_seq_len, model.max_seq_len)
     batches = text_batches((tokenizer.encode(text) for text in texts()), seq_len=seq_len,
                            batch_size=args.batch_size, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id or 0)
+                           pad_token_id=tokenizer.pad_token_id or 0,
+                           separate_documents=bool(getattr(model, "attn_uses_sequence_id", False)))
     return perplexity(model, batches, compute_dtype=compute_dtype)
 
 

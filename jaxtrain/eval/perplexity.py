@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtrain.data.loader import document_ids
 from jaxtrain.layers.lm_loss import fused_for_evaluation
 from jaxtrain.train.loss import IGNORE_INDEX, shift_labels
 
@@ -143,11 +144,13 @@ class SpanScorer:
 
 
 def text_batches(token_lists: Iterable[Sequence[int]], *, seq_len: int, batch_size: int, eos_token_id: int | None,
-                 pad_token_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                 pad_token_id: int = 0, separate_documents: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Documents joined (each followed by ``eos_token_id``) and cut into rows of ``seq_len``.
 
     Yields ``{"input_ids", "labels"}`` int32 ``[batch_size, seq_len]``; the last row and the last
     batch are padded with labels ``IGNORE_INDEX``. Labels are unshifted (the loss shifts them).
+    ``separate_documents`` (a model trained with ``attn_uses_sequence_id``) adds each row's
+    ``sequence_id``, split after each EOS as the training loader splits it.
     """
     stream: list[int] = []
     for tokens in token_lists:
@@ -162,7 +165,10 @@ def text_batches(token_lists: Iterable[Sequence[int]], *, seq_len: int, batch_si
         for index, row in enumerate(rows[start : start + batch_size]):
             input_ids[index, : len(row)] = row
             labels[index, : len(row)] = row
-        yield {"input_ids": input_ids, "labels": labels}
+        batch = {"input_ids": input_ids, "labels": labels}
+        if separate_documents and eos_token_id is not None:
+            batch["sequence_id"] = document_ids(input_ids, eos_token_id, starts_documents=False)
+        yield batch
 
 
 def perplexity(model: nnx.Module, batches: Iterable[dict[str, np.ndarray]], *, compute_dtype=jnp.float32) -> dict:
