@@ -304,6 +304,13 @@ def test_document_masking_on_text_rows_splits_at_the_configured_token(tmp_path):
     cfg = load_config(write(tmp_path, text))
     assert cfg.model.attn_config.attn_uses_sequence_id is True
     assert cfg.train_loader.dataset.bos_token_id == 1 and "bos_token_id" not in cfg.train_loader.dataset.extra
+    # Foundry's leave for an id other than the tokenizer's: jaxtrain takes the ids as given
+    text = ("train_loader: {dataset: {local: /mds, eos_token_id: 0, override_eos_token_id_mismatch_error: true}}\n"
+            "algorithms: {ema: {half_life: 100ba}}\n")
+    cfg = load_config(write(tmp_path, text), notices=(notices := []))
+    assert cfg.train_loader.dataset.eos_token_id == 0 and cfg.algorithms.ema.half_life == "100ba"
+    assert notices == ["train_loader.dataset.override_eos_token_id_mismatch_error: jaxtrain uses eos_token_id / "
+                       "bos_token_id as given; ignored"]
 
 
 @pytest.mark.parametrize("text, expected", [

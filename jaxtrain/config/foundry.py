@@ -339,6 +339,10 @@ def _map_loader(loader: dict, name: str, note: Note, where: Where) -> None:
         return
     if "source" not in dataset and (dataset.get("local") or dataset.get("remote") or dataset.get("streams")):
         dataset["source"] = "mds"
+    for key in ("override_eos_token_id_mismatch_error", "override_bos_token_id_mismatch_error"):
+        if key in dataset:  # Foundry's leave to differ from the tokenizer's id: jaxtrain takes the ids as given
+            dataset.pop(key)
+            note(f"{name}.dataset.{key}: jaxtrain uses eos_token_id / bos_token_id as given; ignored")
     kept = [key for key in dataset if key in STREAMING_OPTIONS]
     if kept:
         extra = dataset.get("extra") or {}
