@@ -232,6 +232,21 @@ def test_memory_cli(capsys):
     assert "remat=auto -> full," in capsys.readouterr().out.splitlines()[0]
 
 
+def test_memory_counts_the_moving_average_of_the_weights(tmp_path, capsys):
+    cfg = ModelConfig(d_model=1024, n_heads=8, n_layers=4, vocab_size=50432)
+    plain, averaged = (estimate_memory(cfg, global_batch=8, microbatch=2, seq_len=512, mesh_shape={"fsdp": 4},
+                                       optimizer="adam", ema=ema) for ema in (False, True))
+    assert averaged.ema_bytes == plain.params_bytes and averaged.total_bytes == plain.total_bytes + plain.params_bytes
+    config = tmp_path / "ema.yaml"
+    import yaml
+
+    preset = yaml.safe_load((PRESET_DIR / "1b.yaml").read_text())
+    preset["algorithms"]["ema"] = {"half_life": "1000ba"}
+    config.write_text(yaml.safe_dump(preset))
+    assert main(["--config", str(config), "--hardware", "h200", "--devices", "1", "--memory"]) == 0
+    assert "moving average of the weights (fp32)" in capsys.readouterr().out
+
+
 def _xla_train_step_bytes(cfg: ModelConfig, batch: int, seq_len: int, compute_dtype) -> int:
     """Peak bytes of a jitted forward + backward + Adam step, from XLA's compiled memory analysis."""
     abstract = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))

@@ -328,7 +328,7 @@ def _plan_memory(args, hardware, presets) -> str:
     optimizer = args.optimizer or ("lion" if "lion" in cfg.optimizer.name else "adam")
     remat = args.remat or cfg.model.remat
     common = dict(global_batch=global_batch, seq_len=args.seq_len or cfg.max_seq_len, precision=cfg.precision,
-                  optimizer=optimizer, hardware=hardware)
+                  optimizer=optimizer, hardware=hardware, ema=cfg.algorithms.ema is not None)
 
     def estimate_for(mesh_shape: dict, micro: int):
         # remat auto: the least recompute that fits, as the trainer settles it (there by XLA's figures)
