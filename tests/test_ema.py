@@ -153,6 +153,12 @@ def test_evaluation_checkpoints_and_resumption_keep_the_average(tmp_path):
     logged = [record["eval/loss"] for record in records if "eval/loss" in record][-1]
     assert logged == pytest.approx(held_out_loss(trainer.state.ema), rel=1e-6)
     assert abs(logged - held_out_loss(trainer.state.params)) > 1e-4
+    # load_path: a new run starts from the average (the checkpoint's weights, as Composer saves
+    # them), and its own average starts there too
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.load_weights(f"{tmp_path}/checkpoints")
+    for tree in (trainer.state.params, trainer.state.ema):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), tree, loaded.params)
 
 
 def test_a_checkpoint_written_before_the_state_had_an_average_restores(tmp_path):
