@@ -82,35 +82,7 @@ def _tiny_run(tmp_path, *overrides):
         "algorithms.ema.half_life=2ba", "algorithms.ema.ema_start=3ba", *overrides])
 
 
-def test_the_train_step_keeps_the_average_of_the_weights_it_makes(tmp_path):
-    import contextlib
-    import io
-
-    import jax
-
-    from jaxtrain.parallel.mesh import global_batch_from_local
-    from jaxtrain.train.setup import build_run
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        run = build_run(_tiny_run(tmp_path))
-    state, batches = run.state, iter(run.train_loader)
-    smoothing = 2.0 ** -0.5  # one update per batch, half life 2 batches
-    expected = None
-    for step in range(1, 7):
-        state, _ = run.train_step(state, global_batch_from_local(next(batches), run.mesh))
-        params = jax.tree.map(np.asarray, state.params)
-        if step <= 3:  # the average starts at batch 3 as a copy of the weights
-            expected = params
-        else:
-            expected = jax.tree.map(lambda e, p: smoothing * e + (1 - smoothing) * p, expected, params)
-        jax.tree.map(lambda got, want: np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7),
-                     state.ema, expected)
-    run.train_loader.close()
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.ema, params))
-    assert max(moved) > 0  # the average lags the weights
-
-
-def test_evaluation_checkpoints_and_resumption_keep_the_average(tmp_path):
+def test_training_keeps_evaluates_saves_and_resumes_the_average(tmp_path):
     import contextlib
     import io
     import json
@@ -120,15 +92,40 @@ def test_evaluation_checkpoints_and_resumption_keep_the_average(tmp_path):
 
     from jaxtrain.checkpoint.load import load_checkpoint
     from jaxtrain.parallel.mesh import global_batch_from_local
+    from jaxtrain.train.events import Callback, Event
     from jaxtrain.train.loop import Trainer
     from jaxtrain.train.setup import build_run, eval_batch_size
+
+    def copy(state):  # copied out before the next step takes (donates) the state's buffers
+        return jax.tree.map(lambda a: np.array(a, copy=True), (state.params, state.ema))
+
+    class Record(Callback):  # the weights and the average before each step
+        def __init__(self):
+            self.seen = {}
+
+        def run_event(self, event, loop):
+            if event == Event.BATCH_START:
+                self.seen[int(loop.state.step)] = copy(loop.state)
 
     cfg = _tiny_run(tmp_path, "save_interval=3ba")
     with contextlib.redirect_stdout(out := io.StringIO()):
         parts = build_run(cfg)
-        trainer = Trainer(parts)
+        record = Record()
+        trainer = Trainer(parts, callbacks=[record])
         trainer.fit()
         uninterrupted = jax.tree.map(np.asarray, trainer.state.ema)
+        record.seen[6] = copy(trainer.state)
+    # the step's average: a copy of the weights up to batch 3, where it starts, then one update
+    # per batch with a half life of 2 batches
+    assert sorted(record.seen) == list(range(7))
+    smoothing, expected = 2.0 ** -0.5, None
+    for step in range(1, 7):
+        params, ema = record.seen[step]
+        expected = params if step <= 3 else jax.tree.map(lambda e, p: smoothing * e + (1 - smoothing) * p,
+                                                         expected, params)
+        jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7), ema, expected)
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), *record.seen[6]))) > 0
+    with contextlib.redirect_stdout(out):
         # killed before step 6 was saved: the same command resumes from step 3 and ends with the same average
         shutil.rmtree(tmp_path / "checkpoints" / "6")
         trainer = Trainer(parts)

@@ -79,6 +79,11 @@ def test_readme_quickstart_command_trains_and_loss_falls(tmp_path):
     rates = {record["step"]: record["train/tokens_per_second"] for record in records
              if "train/tokens_per_second" in record}
     assert sorted(rates) == list(range(2, 25))
+    # packed text rows: every position is a token (8 rows of 64 per batch), in the total and the rates
+    train = {record["step"]: record for record in records if "train/loss" in record}
+    assert [train[step]["train/time/token"] for step in range(1, 25)] == [512 * step for step in range(1, 25)]
+    assert all(train[step]["train/tokens_per_second"] / train[step]["train/batches_per_second"] == pytest.approx(512)
+               for step in range(2, 25))
     median = sorted(rates.values())[len(rates) // 2]
     assert max(rates.values()) < 3 * median, rates
     icl = {record["step"]: record["icl/mc/0-shot"] for record in records if "icl/mc/0-shot" in record}
