@@ -17,6 +17,13 @@ def temp_marker(pid: int) -> str:
     return f".tmp-{pid}-"
 
 
+def is_temp_of(name: str, entry: str) -> bool:
+    """Whether the file name ``entry`` is a ``temp_path`` of the file named ``name``, by any process."""
+    rest = entry[len(name):] if entry.startswith(name + ".tmp-") else ""
+    pid, _, stamp = rest[len(".tmp-"):].partition("-")
+    return pid.isdigit() and stamp.isdigit()
+
+
 def temp_path(path: str, suffix: str = "") -> str:
     """A temporary name beside ``path``, unique to this process and moment; ``suffix`` is kept
     last (``np.save`` adds ``.npy`` to a name without it)."""

@@ -74,6 +74,23 @@ def streaming_python() -> str:
     return REFERENCE_PYTHON
 
 
+@pytest.fixture(scope="session")
+def run_streaming(streaming_python, tmp_path_factory):
+    """``run_streaming(args, **subprocess_kwargs)``: ``streaming_python`` with ``args``, one at a time
+    across the session's test processes. Streaming names its shared memory by the lowest free
+    prefix, so two of its processes starting at once can claim the same one and fail."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the session's test processes
+
+    def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+        with open(root / "streaming.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            return subprocess.run([streaming_python, *args], **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
 def _moto_s3_server():
     moto_server = pytest.importorskip("moto.server")

@@ -328,7 +328,7 @@ print(json.dumps({"local": [{k: plain(v) for k, v in local[i].items()} for i in 
 """
 
 
-def test_streaming_reads_what_jaxtrain_writes(tmp_path, streaming_python):
+def test_streaming_reads_what_jaxtrain_writes(tmp_path, run_streaming):
     from PIL import Image
     columns = {"i8": "int8", "u64": "uint64", "f16": "float16", "f64": "float64", "n": "int", "s": "str", "b": "bytes",
                "j": "json", "any": "ndarray", "typed": "ndarray:float32", "fixed": "ndarray:int16:2,2",
@@ -351,7 +351,7 @@ def test_streaming_reads_what_jaxtrain_writes(tmp_path, streaming_python):
             writer.write({"tokens": np.arange(8, dtype=np.int32) + 8 * row})
     script = tmp_path / "read.py"
     script.write_text(READ_WITH_STREAMING)
-    result = subprocess.run([streaming_python, str(script), FIXTURES, everything, tokens], capture_output=True,
+    result = run_streaming([str(script), FIXTURES, everything, tokens], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     read = json.loads(result.stdout.strip().splitlines()[-1])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 
 import numpy as np
@@ -103,14 +102,20 @@ def streams(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(streams, streaming_python):
-    job = {"shuffles": SHUFFLE_CASES, "samplings": SAMPLING_CASES,
-           "datasets": [{"streams": [[path, weights] for path, weights in zip(streams, case["weights"])],
-                         "options": case["options"], "epochs": 2} for case in DATASET_CASES]}
-    result = subprocess.run([streaming_python, "-c", REFERENCE_SCRIPT, FIXTURES], input=json.dumps(job),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def reference(run_streaming, once_per_session):
+    """Streaming's orders, computed once for the session's test processes."""
+
+    def compute(folder):
+        streams = [_write_stream(folder / "a", 0, 37), _write_stream(folder / "b", 1, 23, size_limit=300)]
+        job = {"shuffles": SHUFFLE_CASES, "samplings": SAMPLING_CASES,
+               "datasets": [{"streams": [[path, weights] for path, weights in zip(streams, case["weights"])],
+                             "options": case["options"], "epochs": 2} for case in DATASET_CASES]}
+        result = run_streaming(["-c", REFERENCE_SCRIPT, FIXTURES], input=json.dumps(job),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return once_per_session("streaming_order_reference", compute)
 
 
 # ----------------------------------------------------------------------------- equality with Streaming

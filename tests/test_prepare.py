@@ -141,14 +141,14 @@ def test_cli_writes_and_reports_errors_in_one_line(jsonl, tmp_path, capsys):
     assert "tfds:no_such_dataset_here" in capsys.readouterr().err
 
 
-def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path, streaming_python):
+def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path, run_streaming):
     out = tmp_path / "out"
     _prepare([jsonl], out, tmp_path, compression="zstd", hashes=["sha1"], size_limit=300)
     script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from reference_streaming import import_streaming; "
               "import_streaming(); from streaming import StreamingDataset; "
               "d = StreamingDataset(local=sys.argv[2], split='train', validate_hash='sha1', batch_size=1); "
               "print(json.dumps([d[i]['tokens'].tolist() for i in range(len(d))]))")
-    result = subprocess.run([streaming_python, "-c", script, FIXTURES, str(out)], capture_output=True, text=True, timeout=300)
+    result = run_streaming(["-c", script, FIXTURES, str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ours = MDSDataset(str(out), "train")
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [ours[i]["tokens"].tolist() for i in range(len(ours))]

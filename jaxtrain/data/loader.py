@@ -227,11 +227,16 @@ class BatchLoader:
         self._epoch, self._sample_in_epoch = self._after(position)
         return batch
 
+    def global_batch_rows(self, position: tuple[int, int]) -> np.ndarray:
+        """The row indices of the whole global batch drawn at ``position`` ((epoch, sample_in_epoch),
+        as ``state_dict`` gives it; an epoch's incomplete last batch is skipped, as drawing does)."""
+        epoch, sample_in_epoch = self._rolled(*position)
+        return self.order(epoch)[sample_in_epoch : sample_in_epoch + self._global()]
+
     def _batch_at(self, position: tuple[int, int]) -> dict[str, np.ndarray]:
         """This process's slice of the global batch at ``position`` (runs on a worker when prefetching)."""
-        epoch, sample_in_epoch = position
-        start = sample_in_epoch + self.process_index * self.local_batch_size
-        indices = self.order(epoch)[start : start + self.local_batch_size]
+        start = self.process_index * self.local_batch_size
+        indices = self.global_batch_rows(position)[start : start + self.local_batch_size]
         prefetch = getattr(self.rows, "prefetch", None)
         if prefetch is not None:  # streamed rows: fetch the next batches' shards while this one trains
             ahead_epoch, ahead_sample = self._after(position)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 from jaxtrain.metrics.tfevents import EventFileWriter, scalar_value, text_value
-from jaxtrain.tempfiles import temp_marker, temp_path
+from jaxtrain.tempfiles import is_temp_of, temp_path
 
 # Names the console looks for, in order: the train loop's short names, then Composer's.
 LOSS_KEYS = ("loss", "train/loss", "loss/train/total")
@@ -114,10 +113,8 @@ def _beyond(line: bytes, step: int, keep: Callable[[dict], bool] | None) -> bool
 def _remove_leftovers(path: str) -> None:
     """Remove the temporary files that a process killed while rewriting ``path`` left beside it."""
     folder, name = os.path.split(os.path.abspath(path))
-    # temp_path's names for this file, by any process: "<name>.tmp-<pid>-<nanoseconds>"
-    pattern = re.compile(re.escape(name) + re.escape(temp_marker(0)).replace("0", r"\d+") + r"\d+")
     for entry in os.listdir(folder) if os.path.isdir(folder) else ():
-        if pattern.fullmatch(entry):
+        if is_temp_of(name, entry):
             try:
                 os.remove(os.path.join(folder, entry))
             except OSError:
@@ -149,43 +146,28 @@ def drop_records_after(path: str | os.PathLike, step: int, *, keep: Callable[[di
     _remove_leftovers(path)
     _drop_partial_last_line(path)
     try:
-        source = open(path, "rb")
+        with open(path, "rb") as source:
+            lines = source.readlines()
     except FileNotFoundError:
         return 0
-    with source:
-        first = 0  # the offset of the first record to drop; the bytes before it are copied as they are
-        for line in source:
-            if _beyond(line, step, keep):
-                break
-            first += len(line)
-        else:
-            return 0
-        target = temp_path(path)
-        dropped = 0
+    kept = [line for line in lines if not _beyond(line, step, keep)]
+    if len(kept) == len(lines):
+        return 0
+    target = temp_path(path)
+    try:
+        with open(target, "wb") as out:
+            out.writelines(kept)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(target, path)
+        _sync_folder(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
         try:
-            with open(target, "wb") as out:
-                source.seek(0)
-                left = first
-                while left:
-                    chunk = source.read(min(left, 1 << 20))
-                    out.write(chunk)
-                    left -= len(chunk)
-                for line in source:
-                    if _beyond(line, step, keep):
-                        dropped += 1
-                    else:
-                        out.write(line)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(target, path)
-            _sync_folder(os.path.dirname(os.path.abspath(path)))
-        except BaseException:
-            try:
-                os.remove(target)
-            except OSError:
-                pass
-            raise
-    return dropped
+            os.remove(target)
+        except OSError:
+            pass
+        raise
+    return len(lines) - len(kept)
 
 
 def _json_line(record: dict[str, Any]) -> str:

@@ -69,8 +69,4 @@ class TrainTokens:
             return batch_tokens(local_batch)
         if self._rows is None:
             self._rows = row_tokens(loader.labels, loader.sequence_id)
-        epoch, sample = position
-        size = int(loader.global_batch_size)
-        if sample + size > loader.epoch_size:  # the epoch's last incomplete batch is dropped
-            epoch, sample = epoch + 1, 0
-        return int(self._rows[loader.order(epoch)[sample : sample + size]].sum())
+        return int(self._rows[loader.global_batch_rows(position)].sum())
