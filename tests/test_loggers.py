@@ -311,6 +311,17 @@ def test_resumed_run_logs_each_step_once(tmp_path):
     assert restart in after
     assert resumed.tokens == first.tokens and resumed.incidents == {"restart": 1}
 
+    # A crash before the first checkpoint: the run starts again at step 0 and logs each step once.
+    shutil.rmtree(tmp_path / "checkpoints")
+    early = {**restart, "step": 0, "attempt": 2}
+    append_jsonl(metrics, early)
+    _, again, records = fit(cfg)  # new parts: the first run donated the initial state
+    steps = [record["step"] for record in records if "train/loss" in record]
+    assert steps == list(range(1, 11))
+    assert [train_records(records)[step]["train/loss"] for step in steps] == [old[step]["train/loss"] for step in steps]
+    assert restart in records and early in records
+    assert again.incidents == {"restart": 2}
+
 
 def test_jsonl_is_strict_json_everywhere(tmp_path):
     """No NaN or Infinity literal anywhere in a record (strict parsers reject them), nested values

@@ -300,11 +300,16 @@ class Trainer(RecoveryMixin):
         cfg, parts = self.cfg, self.parts
         self.progress = None
         self.maybe_resume()
-        if self.step > 0:  # resumed: what a crashed run logged past this step is logged again from here
-            if self.metrics_file is not None:
-                self.metrics_file.drop_after(self.step, keep=is_out_of_lineage)
-            if self.tensorboard is not None:  # TensorBoard hides it
-                self.tensorboard.purge_from(self.step + 1)
+        # What an earlier process of this run logged past the step it starts from (a crash after the
+        # last checkpoint, or before the first) is logged again from here; its restarts and hangs stay.
+        if self.metrics_file is not None:
+            # a fresh start logs step 0 too (an evaluation first); a resumed run's checkpoint step is logged
+            dropped = self.metrics_file.drop_after(self.step if self.step > 0 else -1, keep=is_out_of_lineage)
+            if dropped and self.step == 0:
+                self.print(f"notice: {self.metrics_file.path}: removed {dropped} records an earlier run logged "
+                           f"(this run starts at step 0 and logs its steps anew)")
+        if self.step > 0 and self.tensorboard is not None:  # TensorBoard hides it
+            self.tensorboard.purge_from(self.step + 1)
         self.progress = ConsoleProgress(
             parts.total_batches, self.step, enabled=cfg.progress_bar and self.is_primary, log_every=self.log_every,
             lines=cfg.log_to_console,
@@ -448,6 +453,8 @@ class Trainer(RecoveryMixin):
             window = sorted(set(range(bad_steps[0] - span + 1, bad_steps[0] + 1)) | set(bad_steps))
             window = [step for step in window if step >= 1]
             if self.checkpointer is not None and self.rollback(window):
+                if self.metrics_file is not None:  # the steps replayed from here are logged once, anew
+                    self.metrics_file.drop_after(self.step, keep=_is_incident)
                 self.record_incident("rollback", to_step=self.step, skipped_steps=window)
                 self.meter.start(time.perf_counter())
                 self._last_step_time = None
@@ -457,6 +464,12 @@ class Trainer(RecoveryMixin):
             self.stopped_unhealthy = f"health policy stopped the run at step {bad_steps[0]} (see incidents in metrics.jsonl)"
         self.record_incident("stop", step=bad_steps[0], reason=self.stopped_unhealthy)
         return False
+
+
+def _is_incident(record: dict) -> bool:
+    """A metrics.jsonl record of an incident: a rollback keeps those of the steps it undoes, as
+    the steps it skips are not logged again."""
+    return "incident" in record
 
 
 def _data_position(loader_state: dict) -> tuple[int, int]:
