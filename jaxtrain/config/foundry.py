@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from jaxtrain.config.peft import PEFT_NO_EFFECT, PEFT_OFF_VALUES
 from jaxtrain.config.schema import ConfigError, ModelConfig
 
 Note = Callable[[str], None]
@@ -242,10 +243,13 @@ def _map_model(model: dict, note: Note, where: Where) -> None:
     name = model.get("name", "mpt_causal_lm")
     if name != "mpt_causal_lm" and (str(name).startswith("hf_") or "pretrained_model_name_or_path" in model):
         source = model.get("pretrained_model_name_or_path")
+        lora = "; model.peft_config trains LoRA adapters on them as it would there" if "peft_config" in model else ""
         raise ConfigError(f"{where('model.name')}: model.name: {name!r}"
                           f"{f' ({source})' if source else ''} is a Hugging Face model, which jaxtrain does not build: "
                           f"it trains MPT (mpt_causal_lm); for MPT weights, `jaxtrain convert` a local copy, set "
-                          f"load_path to the result and give the model's shape under model")
+                          f"load_path to the result and give the model's shape under model{lora}")
+    if isinstance(model.get("peft_config"), dict):
+        _map_peft(model["peft_config"], where)
     _drop_keys(model, "model", _MODEL_KEYS, note, where)
     d_model, n_heads = model.get("d_model", ModelConfig.d_model), model.get("n_heads", ModelConfig.n_heads)
     if "head_dim" in model:
@@ -299,6 +303,18 @@ def _map_model(model: dict, note: Note, where: Where) -> None:
         if hidden is not None and isinstance(d_model, int) and hidden == d_model * ratio:
             ffn.pop("ffn_hidden_size")
         _drop_keys(ffn, "model.ffn_config", _FFN_KEYS, note, where)
+
+
+def _map_peft(peft: dict, where: Where) -> None:
+    """PEFT ``LoraConfig`` keys beyond jaxtrain's schema: those without effect here are dropped, and
+    those asking for what jaxtrain's LoRA does not implement are refused."""
+    for key in [key for key in peft if key in PEFT_NO_EFFECT]:
+        peft.pop(key)
+    for key in [key for key in peft if key in PEFT_OFF_VALUES]:
+        value = peft.pop(key)
+        if value not in PEFT_OFF_VALUES[key]:
+            raise ConfigError(f"{where(f'model.peft_config.{key}')}: model.peft_config.{key}: {value!r} is not "
+                              f"supported by jaxtrain's LoRA; remove the key")
 
 
 def _drop_keys(section: dict, prefix: str, table: dict, note: Note, where: Where) -> None:

@@ -75,6 +75,25 @@ class InitConfig:
 
 
 @dataclasses.dataclass
+class PeftConfig:
+    """LoRA adapters (Hugging Face PEFT's ``LoraConfig``, as LLM Foundry's ``model.peft_config``):
+    the model's weights stay frozen and each targeted linear layer learns ``B·A`` of rank ``r``."""
+
+    peft_type: str = field("LORA", "only LORA")
+    task_type: str = field("CAUSAL_LM", "only CAUSAL_LM")
+    r: int = field(8, "rank of the adapters")
+    lora_alpha: float = field(8, "scale: outputs of B·A are multiplied by lora_alpha / r")
+    lora_dropout: float = field(0.0, "dropout on the adapters' input")
+    target_modules: list | str = field(factory=lambda: ["Wqkv"], doc="layers given adapters: names among Wqkv, "
+                                       "out_proj, up_proj, gate_proj, down_proj (or all-linear), or a regular "
+                                       "expression matched against the full module name")
+    use_rslora: bool = field(False, "rank-stabilised LoRA: scale lora_alpha / sqrt(r)")
+    init_lora_weights: bool | str = field(True, "A's initialisation: true (Kaiming-uniform) or gaussian; B is zero")
+    bias: str = field("none", "only none (no bias is trained)")
+    fan_in_fan_out: bool = field(False, "only false")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """An MPT causal language model (LLM Foundry's ``model`` section). Defaults are LLM Foundry's
     MPTConfig defaults, so a Foundry YAML builds the same model here."""
@@ -109,6 +128,7 @@ class ModelConfig:
     fused_loss: bool = field(False, "output head + cross-entropy in sequence chunks, never holding the float32 "
                                     "logits (saves batch x seq x vocab x 4 bytes; recomputes the head once)")
     z_loss: float = field(0.0, "coefficient of the z-loss (log Z)^2 added to the loss")
+    peft_config: PeftConfig | None = field(None, "LoRA fine-tuning: train low-rank adapters, keep the weights frozen")
 
 
 # ----------------------------------------------------------------------------- data

@@ -9,6 +9,7 @@ from jaxtrain.config import schema
 from jaxtrain.parallel.shape import MeshError, mesh_shape
 from jaxtrain.config.schema import Config, ConfigError
 from jaxtrain.config.timestr import parse_time
+from jaxtrain.config.peft import check_peft_config
 
 Where = Callable[[str], str]
 
@@ -92,6 +93,7 @@ def validate(cfg: Config, where: Where) -> None:
     probability("model.emb_pdrop", model.emb_pdrop)
     probability("model.resid_pdrop", model.resid_pdrop)
     one_of("model.ffn_config.ffn_type", model.ffn_config.ffn_type, FFN_TYPES)
+    check_peft_config(model, fail)
     one_of("model.norm_type", model.norm_type, NORM_TYPES)
     one_of("model.remat", model.remat, REMAT_CHOICES)
     if model.scan_unroll != "auto" and not (isinstance(model.scan_unroll, int) and not isinstance(model.scan_unroll, bool)

@@ -16,10 +16,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("src", help="Hugging Face MPT folder (--to jaxtrain) or jaxtrain checkpoint folder (--to hf)")
     parser.add_argument("dst", help="new output folder")
-    parser.add_argument("--to", choices=("jaxtrain", "hf"), default="jaxtrain", help="output format (default jaxtrain)")
-    parser.add_argument("--step", type=int, default=None, help="--to hf: checkpoint step (default the newest)")
+    parser.add_argument("--to", choices=("jaxtrain", "hf", "peft"), default="jaxtrain",
+                        help="output format (default jaxtrain); hf merges LoRA adapters into the weights, peft writes "
+                             "a checkpoint's LoRA adapters alone as a PEFT adapter folder")
+    parser.add_argument("--adapter", default=None,
+                        help="--to jaxtrain: a PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) "
+                             "for the model in SRC; the checkpoint keeps it as LoRA adapters")
+    parser.add_argument("--step", type=int, default=None, help="--to hf/peft: checkpoint step (default the newest)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="--to hf: tensor dtype (default the dtype the weights were imported in, else float32)")
+                        help="--to hf/peft: tensor dtype (default the dtype the weights were imported in, else float32)")
     parser.add_argument("--max-shard-size", default="5GB", help="--to hf: largest safetensors file (default 5GB)")
     parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                         help="--to jaxtrain: store blocks unrolled (blocks/0..n-1) instead of stacked")
@@ -31,10 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     from jaxtrain.convert.hf_mpt import export_hf, import_hf, transformers_mpt_gaps
 
     try:
+        if args.adapter is not None and args.to != "jaxtrain":
+            raise ConfigError(f"--adapter {args.adapter}: it is read with --to jaxtrain (the base model in SRC)")
         if args.to == "jaxtrain":
-            cfg = import_hf(args.src, args.dst, scan_layers=args.scan_layers)
+            cfg = import_hf(args.src, args.dst, scan_layers=args.scan_layers, adapter=args.adapter)
+            adapters = f", LoRA adapters of rank {cfg.peft_config.r}" if cfg.peft_config is not None else ""
             print(f"wrote jaxtrain checkpoint {args.dst} (step 0): MPT d_model={cfg.d_model} "
-                  f"n_layers={cfg.n_layers} vocab={cfg.vocab_size}, {'stacked' if cfg.scan_layers else 'unrolled'} blocks")
+                  f"n_layers={cfg.n_layers} vocab={cfg.vocab_size}, {'stacked' if cfg.scan_layers else 'unrolled'} "
+                  f"blocks{adapters}")
+        elif args.to == "peft":
+            export_hf(args.src, args.dst, step=args.step, dtype=args.dtype, adapter_only=True)
+            print(f"wrote PEFT adapter folder {args.dst} (for the Hugging Face MPT model the adapters were trained on)")
         else:
             cfg = export_hf(args.src, args.dst, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
             print(f"wrote Hugging Face MPT folder {args.dst}")

@@ -237,8 +237,9 @@ def read_json(path: str) -> Any:
         raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
 
 
-def import_hf(src: str, dst: str, *, scan_layers: bool = True) -> ModelConfig:
-    """Convert the Hugging Face MPT folder ``src`` into a jaxtrain checkpoint folder ``dst`` (step 0).
+def import_hf(src: str, dst: str, *, scan_layers: bool = True, adapter: str | None = None) -> ModelConfig:
+    """Convert the Hugging Face MPT folder ``src`` into a jaxtrain checkpoint folder ``dst`` (step 0),
+    with the PEFT LoRA adapter in folder ``adapter`` when given (``jaxtrain.convert.peft_lora``).
 
     Tensors are read one at a time into float32 parameter buffers; nothing else is held.
     """
@@ -282,6 +283,11 @@ def import_hf(src: str, dst: str, *, scan_layers: bool = True) -> ModelConfig:
             del tensor, value
     tokenizer = os.path.join(src, TOKENIZER_FILE)
     source = {"format": "hf_mpt", "path": os.path.abspath(src), "dtype": "/".join(sorted(dtypes))}
+    if adapter is not None:
+        from jaxtrain.convert.peft_lora import import_adapter
+
+        model_cfg = import_adapter(adapter, model_cfg, buffers)
+        source["adapter"] = os.path.abspath(adapter)
     save_model(dst, model_cfg, buffers, source=source, tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None)
     return model_cfg
 
@@ -324,9 +330,11 @@ def copy_tokenizer(src: str, dst: str) -> None:
 
 
 def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None = None,
-              max_shard_size: str | int = "5GB") -> ModelConfig:
+              max_shard_size: str | int = "5GB", adapter_only: bool = False) -> ModelConfig:
     """Write the jaxtrain checkpoint ``src`` as a Hugging Face MPT folder ``dst``; returns its model
     config (``transformers_mpt_gaps`` of it says what transformers' own MPT would not compute).
+    LoRA adapters are merged into the weights; with ``adapter_only``, ``dst`` is a PEFT adapter
+    folder holding them alone (``jaxtrain.convert.peft_lora``).
 
     ``dtype`` defaults to the dtype the weights were imported in (float32 for trained models).
     """
@@ -346,10 +354,30 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
     np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}.get(dtype)
     if np_dtype is None:
         raise ConfigError(f"--dtype {dtype}: use float32, bfloat16 or float16")
-    os.makedirs(dst, exist_ok=True)
     from flax import nnx
 
-    params = nnx.to_pure_dict(loaded.params)
+    from jaxtrain.layers import lora
+
+    if adapter_only:
+        from jaxtrain.convert.peft_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_entries
+
+        if model_cfg.peft_config is None:
+            raise ConfigError(f"{src}: the checkpoint has no LoRA adapters (its model has no peft_config); "
+                              "export it with --to hf")
+        os.makedirs(dst, exist_ok=True)
+        SafetensorsWriter(dst, np.dtype(np_dtype), 0).write_single(
+            ADAPTER_WEIGHTS, adapter_entries(model_cfg, nnx.to_pure_dict(loaded.params), np_dtype))
+        base = loaded.meta.get("source", {}).get("path") if loaded.meta.get("weights_only") else None
+        with open(os.path.join(dst, ADAPTER_CONFIG), "w", encoding="utf-8") as handle:
+            json.dump(adapter_config(model_cfg, base_model=base), handle, indent=2)
+        if loaded.tokenizer_path:
+            copy_tokenizer(os.path.dirname(loaded.tokenizer_path), dst)
+        return model_cfg
+    os.makedirs(dst, exist_ok=True)
+    params = loaded.params
+    if model_cfg.peft_config is not None:  # the adapters merged in, as PEFT's merge_and_unload does
+        params, model_cfg = lora.merge_adapters(params, model_cfg), lora.without_adapters(model_cfg)
+    params = nnx.to_pure_dict(params)
     entries = []
     for path, index, name, transpose, hf_shape in tensor_plan(model_cfg):
 

@@ -150,6 +150,11 @@ class SafetensorsWriter:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
         return names
 
+    def write_single(self, name: str, entries: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]) -> str:
+        """Write every entry into the one file ``name`` (e.g. a PEFT adapter's, never sharded)."""
+        self._write_file(os.path.join(self.folder, name), entries)
+        return name
+
     def _write_file(self, path: str, entries: list) -> int:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0

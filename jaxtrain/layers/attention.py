@@ -211,7 +211,10 @@ class MPTAttention(nnx.Module):
         out_std: float,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
+        adapters: dict | None = None,
     ):
+        """``adapters``: ``{"Wqkv" | "out_proj": LoraSpec}`` for the layers that take LoRA adapters."""
+        adapters = adapters or {}
         self.n_heads = n_heads
         self.kv_n_heads = kv_n_heads
         self.head_dim = d_model // n_heads
@@ -221,7 +224,7 @@ class MPTAttention(nnx.Module):
         kv_width = kv_n_heads * self.head_dim
         self.Wqkv = Dense(
             d_model, d_model + 2 * kv_width, use_bias=use_bias, kernel_std=in_std,
-            axes=("embed", "heads"), rngs=rngs, param_dtype=param_dtype,
+            axes=("embed", "heads"), rngs=rngs, param_dtype=param_dtype, lora=adapters.get("Wqkv"),
         )  # fmt: skip
         if qk_ln:
             norm = dict(norm_type=norm_type, eps=norm_eps, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
@@ -231,7 +234,7 @@ class MPTAttention(nnx.Module):
             self.q_ln = self.k_ln = None
         self.out_proj = Dense(
             d_model, d_model, use_bias=use_bias, kernel_std=out_std,
-            axes=("heads", "embed"), rngs=rngs, param_dtype=param_dtype,
+            axes=("heads", "embed"), rngs=rngs, param_dtype=param_dtype, lora=adapters.get("out_proj"),
         )  # fmt: skip
 
     def __call__(
@@ -244,8 +247,10 @@ class MPTAttention(nnx.Module):
         dropout_rng: jax.Array | None = None,
         cache: KVCache | None = None,
         positions: jax.Array | None = None,
+        lora_rng: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype.
+        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype;
+        ``lora_rng`` draws the adapters' input dropout.
 
         With ``cache`` (decoding): the new keys/values are written at ``cache.index`` with
         ``positions [batch, length]`` (-1 marks padding), queries attend to the whole cache, and
@@ -253,7 +258,10 @@ class MPTAttention(nnx.Module):
         """
         batch, length, d_model = x.shape
         kv_width = self.kv_n_heads * self.head_dim
-        plain = self.Wqkv.bias is None and self.clip_qkv is None
+        plain = self.Wqkv.bias is None and self.clip_qkv is None and self.Wqkv.lora_a is None
+        qkv_rng = out_rng = None
+        if lora_rng is not None:
+            qkv_rng, out_rng = jax.random.split(lora_rng)
         if plain and not fp8.enabled() and not cpu_kernels.use_cpu_kernels(compute_dtype):
             # three products with column slices of Wqkv: splitting one product's output copies Q,
             # K and V out of it (the H200-compiled 1B step moved 16 GB a step doing so). Not in
@@ -263,7 +271,7 @@ class MPTAttention(nnx.Module):
             q, k, v = (jnp.einsum("...i,io->...o", xc, w)
                        for w in jnp.split(kernel, [d_model, d_model + kv_width], axis=-1))
         else:
-            qkv = self.Wqkv(x, compute_dtype=compute_dtype)
+            qkv = self.Wqkv(x, compute_dtype=compute_dtype, lora_rng=qkv_rng)
             if self.clip_qkv is not None:
                 qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
             q, k, v = jnp.split(qkv, [d_model, d_model + kv_width], axis=-1)
@@ -284,4 +292,4 @@ class MPTAttention(nnx.Module):
             scale=self.softmax_scale, slopes=slopes, sequence_id=sequence_id,
             dropout_rate=self.attn_pdrop, dropout_rng=dropout_rng, compute_dtype=compute_dtype,
         )  # fmt: skip
-        return self.out_proj(out.reshape(batch, length, d_model), compute_dtype=compute_dtype)
+        return self.out_proj(out.reshape(batch, length, d_model), compute_dtype=compute_dtype, lora_rng=out_rng)

@@ -15,6 +15,8 @@ from flax import nnx
 
 from jaxtrain.config.schema import ConfigError, InitConfig
 from jaxtrain.layers import cpu_kernels, fp8
+from jaxtrain.layers import lora as lora_lib
+from jaxtrain.layers.dropout import dropout
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -87,16 +89,43 @@ class Dense(nnx.Module):
         axes: tuple[str | None, str | None],
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
+        lora: lora_lib.LoraSpec | None = None,
     ):
         kernel_init = annotated(normal_init(kernel_std), axes)
-        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        kernel_key = rngs.params()
+        self.kernel = nnx.Param(kernel_init(kernel_key, (in_features, out_features), param_dtype))
         if use_bias:
             bias_init = annotated(jax.nn.initializers.zeros, (axes[1],))
             self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
         else:
             self.bias = None
+        # LoRA (``jaxtrain.layers.lora``): the adapter's A [in, r] and B [r, out], B zero at first.
+        # A's key derives from the kernel's without drawing from ``rngs``, so a model with adapters
+        # has the same weights as the one without.
+        if lora is not None:
+            a_init = annotated(lora_lib.init_a(lora, in_features), (axes[0], None))
+            b_init = annotated(jax.nn.initializers.zeros, (None, axes[1]))
+            self.lora_a = nnx.LoRAParam(a_init(jax.random.fold_in(kernel_key, 1), (in_features, lora.r), param_dtype))
+            self.lora_b = nnx.LoRAParam(b_init(kernel_key, (lora.r, out_features), param_dtype))
+            self.lora_scaling, self.lora_dropout = lora.scaling, lora.dropout
+        else:
+            self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
+    def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None) -> jax.Array:
+        """``x [..., in]`` -> ``[..., out]`` in the compute dtype; ``lora_rng`` draws the adapter's
+        input dropout (none without it)."""
+        y = self._product(x, compute_dtype)
+        if self.lora_a is None:
+            return y
+        return y + self.adapter(x, compute_dtype=compute_dtype, lora_rng=lora_rng)
+
+    def adapter(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None) -> jax.Array:
+        """The adapter's term ``scaling · (dropout(x)·A)·B`` in the compute dtype, as PEFT adds it."""
+        h = dropout(x, self.lora_dropout, lora_rng)
+        h = _plain_product(_plain_product(h, self.lora_a[...], compute_dtype), self.lora_b[...], compute_dtype)
+        return h * jnp.asarray(self.lora_scaling, compute_dtype)
+
+    def _product(self, x: jax.Array, compute_dtype) -> jax.Array:
         if fp8.enabled():  # amp_fp8: the product in fp8, rounded once to the compute dtype
             y = fp8.dot(x.astype(compute_dtype), self.kernel[...].astype(compute_dtype))
             if self.bias is None:
@@ -119,3 +148,10 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(compute_dtype)
+
+
+def _plain_product(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """``x @ w`` in the compute dtype, float32-accumulated (the CPU's kernel where it applies)."""
+    if cpu_kernels.use_cpu_kernels(compute_dtype):
+        return cpu_kernels.dense(x, w, compute_dtype, out_dtype=compute_dtype)
+    return jnp.einsum("...i,io->...o", x.astype(compute_dtype), w.astype(compute_dtype))

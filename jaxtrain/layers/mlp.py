@@ -90,20 +90,29 @@ class MPTFFN(nnx.Module):
         down_std: float,
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
+        adapters: dict | None = None,
     ):
+        """``adapters``: ``{"up_proj" | "gate_proj" | "down_proj": LoraSpec}`` (LoRA adapters)."""
+        adapters = adapters or {}
         self.activation = activation
         dense = functools.partial(Dense, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
-        self.up_proj = dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp"))
-        self.gate_proj = dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp")) if glu else None
-        self.down_proj = dense(hidden, d_model, kernel_std=down_std, axes=("mlp", "embed"))
+        self.up_proj = dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp"), lora=adapters.get("up_proj"))
+        self.gate_proj = (dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp"),
+                                lora=adapters.get("gate_proj")) if glu else None)
+        self.down_proj = dense(hidden, d_model, kernel_std=down_std, axes=("mlp", "embed"),
+                               lora=adapters.get("down_proj"))
 
-    def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
-        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype."""
-        hidden = self.up_proj(x, compute_dtype=compute_dtype)
+    def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None) -> jax.Array:
+        """``[batch, length, d_model]`` -> ``[batch, length, d_model]`` in the compute dtype;
+        ``lora_rng`` draws the adapters' input dropout."""
+        up_rng = gate_rng = down_rng = None
+        if lora_rng is not None:
+            up_rng, gate_rng, down_rng = jax.random.split(lora_rng, 3)
+        hidden = self.up_proj(x, compute_dtype=compute_dtype, lora_rng=up_rng)
         if self.gate_proj is not None:
-            gate = self.gate_proj(x, compute_dtype=compute_dtype)
+            gate = self.gate_proj(x, compute_dtype=compute_dtype, lora_rng=gate_rng)
             hidden = self.activation(gate) * hidden
         else:
             hidden = self.activation(hidden)
         hidden = constrain(hidden, ("batch", "length", "act_mlp"))
-        return self.down_proj(hidden, compute_dtype=compute_dtype)
+        return self.down_proj(hidden, compute_dtype=compute_dtype, lora_rng=down_rng)

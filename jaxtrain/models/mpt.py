@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import ModelConfig
-from jaxtrain.layers import cpu_kernels, lm_loss
+from jaxtrain.layers import cpu_kernels, lm_loss, lora
 from jaxtrain.layers.attention import KVCache, MPTAttention, alibi_slopes
 from jaxtrain.layers.dropout import dropout
 from jaxtrain.layers.embed import Embed
@@ -61,6 +61,8 @@ class MPTBlock(nnx.Module):
             LayerNorm, norm_type=cfg.norm_type, eps=cfg.norm_eps, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype
         )
         self.resid_pdrop = cfg.resid_pdrop
+        self.lora_dropout = lora.uses_dropout(cfg)
+        adapters = lora.adapter_specs(cfg)
         self.norm_1 = norm(d_model)
         kv = kv_heads(cfg)
         self.attn = MPTAttention(
@@ -78,6 +80,7 @@ class MPTBlock(nnx.Module):
             out_std=std(fan_in=d_model, fan_out=d_model, divisor=divisor),
             rngs=rngs,
             param_dtype=param_dtype,
+            adapters={name: spec for name, spec in adapters.items() if name in lora.ATTENTION_MODULES},
         )
         self.norm_2 = norm(d_model)
         self.ffn = MPTFFN(
@@ -90,25 +93,29 @@ class MPTBlock(nnx.Module):
             down_std=std(fan_in=hidden, fan_out=d_model, divisor=divisor),
             rngs=rngs,
             param_dtype=param_dtype,
+            adapters={name: spec for name, spec in adapters.items() if name in lora.FFN_MODULES},
         )
 
     def __call__(
         self, x, *, slopes, sequence_id=None, compute_dtype=jnp.float32, dropout_rng=None, cache=None, positions=None
     ):
         """``x [batch, length, d_model]`` float32 -> same; with a ``KVCache``, ``(x, updated cache)``."""
-        attn_rng = resid_attn_rng = resid_ffn_rng = None
+        attn_rng = resid_attn_rng = resid_ffn_rng = attn_lora_rng = ffn_lora_rng = None
         if dropout_rng is not None:
             attn_rng, resid_attn_rng, resid_ffn_rng = jax.random.split(dropout_rng, 3)
+            if self.lora_dropout:  # the adapters' input dropout, from keys of their own
+                attn_lora_rng, ffn_lora_rng = jax.random.split(jax.random.fold_in(dropout_rng, 3))
         h = self.norm_1(x, compute_dtype=compute_dtype)
         if cache is not None:
             h, cache = self.attn(h, slopes=slopes, compute_dtype=compute_dtype, cache=cache, positions=positions)
             x = x + h.astype(jnp.float32)
             x = x + self.ffn(self.norm_2(x, compute_dtype=compute_dtype), compute_dtype=compute_dtype).astype(jnp.float32)
             return x, cache
-        h = self.attn(h, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype, dropout_rng=attn_rng)
+        h = self.attn(h, slopes=slopes, sequence_id=sequence_id, compute_dtype=compute_dtype, dropout_rng=attn_rng,
+                      lora_rng=attn_lora_rng)
         x = x + dropout(h, self.resid_pdrop, resid_attn_rng).astype(jnp.float32)
         h = self.norm_2(x, compute_dtype=compute_dtype)
-        h = self.ffn(h, compute_dtype=compute_dtype)
+        h = self.ffn(h, compute_dtype=compute_dtype, lora_rng=ffn_lora_rng)
         x = x + dropout(h, self.resid_pdrop, resid_ffn_rng).astype(jnp.float32)
         return constrain(x, ("batch", "length", "act_embed"))
 

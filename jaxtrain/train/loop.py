@@ -63,6 +63,7 @@ class Trainer(RecoveryMixin):
         self.tokens = 0  # tokens trained on through self.step, padding left out (checkpoints keep it)
         self.train_tokens = TrainTokens(parts.train_loader, self.cfg.global_train_batch_size * self.cfg.max_seq_len)
         self.last_metrics: dict[str, float] = {}
+        self.progress: ConsoleProgress | None = None  # while fitting
         self.eval_history: list[tuple[int, float]] = []
         self._stop_signal: int | None = None
         self._data_wait = 0.0

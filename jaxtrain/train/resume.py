@@ -11,6 +11,7 @@ when none can be restored, nothing is moved.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from jaxtrain.checkpoint.load import (
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.config.schema import error_line
+from jaxtrain.layers import lora
 from jaxtrain.train.resume_settings import (
     REFUSE_MODEL,
     config_differences,
@@ -34,6 +36,19 @@ from jaxtrain.train.resume_settings import (
     show_value,
 )
 from jaxtrain.train.state import TrainState, checkpoint_items
+
+
+def _only_adapters(names: list[str]) -> bool:
+    """Whether parameter ``names`` (``ParameterMismatch``'s) are all LoRA adapters' (and some)."""
+    return bool(names) and all(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for name in names)
+
+
+def _merged(loaded, ours):
+    """``loaded`` (a checkpoint with adapters) with its adapters merged into its weights, placed
+    as the parameters ``ours`` are."""
+    params = lora.merge_adapters(loaded.params, loaded.model_cfg)
+    params = jax.tree.map(lambda value, like: jax.device_put(value, like.sharding), params, ours)
+    return dataclasses.replace(loaded, params=params)
 
 
 def _reason(err: BaseException) -> str:
@@ -128,6 +143,9 @@ class RecoveryMixin:
         if latest is None:
             if self.cfg.load_path:
                 self.load_weights(self.cfg.load_path)
+            elif self.cfg.model.peft_config is not None:
+                self.print("notice: model.peft_config without load_path: the LoRA adapters train on randomly "
+                           "initialised weights, which stay frozen; set load_path to the weights to adapt")
             return
         if not self.cfg.autoresume:
             if self.cfg.save_overwrite:
@@ -160,9 +178,24 @@ class RecoveryMixin:
         return True
 
     def load_weights(self, path: str) -> None:
-        """Start from the parameters of another run's checkpoint (the optimizer starts fresh)."""
+        """Start from the parameters of another run's checkpoint (the optimizer starts fresh).
+
+        A model with LoRA adapters (``model.peft_config``) takes a checkpoint without them as its
+        frozen weights, its adapters starting fresh; a model without adapters takes a checkpoint's
+        adapters merged into its weights."""
+        ours = self.state.params
+        fresh_adapters = None
         try:
-            loaded = load_checkpoint(path, like=abstract_like(self.state.params))
+            try:
+                loaded = load_checkpoint(path, like=abstract_like(ours))
+            except ParameterMismatch as err:
+                if _only_adapters(err.missing) and not err.extra and not err.shapes:  # a model to adapt
+                    fresh_adapters, frozen = lora.split_trainable(ours)
+                    loaded = load_checkpoint(path, like=abstract_like(frozen))
+                elif _only_adapters(err.extra) and not err.missing and not err.shapes:  # adapters to merge in
+                    loaded = _merged(load_checkpoint(path), ours)
+                else:
+                    raise
         except ParameterMismatch as err:
             ours = config_to_dict(self.cfg.model)
             theirs = config_to_dict(err.model_cfg)
@@ -174,8 +207,16 @@ class RecoveryMixin:
                               f"checkpoint's") from None
         except ConfigError as err:
             raise ConfigError(f"load_path: {err}") from None
-        self.state = self.state.replace(params=loaded.params)
+        params = loaded.params if fresh_adapters is None else lora.merge_trainable(fresh_adapters, loaded.params)
+        self.state = self.state.replace(params=params)
         if self.state.ema is not None:  # the average starts from the loaded weights too
-            self.state = self.state.replace(ema=jax.tree.map(lambda p: p.copy(), loaded.params))
+            self.state = self.state.replace(ema=jax.tree.map(lambda p: p.copy(), params))
         averaged = " (their moving average)" if loaded.averaged else ""
-        self.print(f"loaded weights{averaged} from {path} (step {loaded.step}); optimizer state is fresh")
+        adapters = ""
+        if fresh_adapters is not None:
+            adapters = "; they stay frozen and LoRA adapters train on them"
+        elif loaded.model_cfg.peft_config is not None and lora.has_adapters(params):
+            adapters = " with their LoRA adapters"
+        elif loaded.model_cfg.peft_config is not None:
+            adapters = " with their LoRA adapters merged into them"
+        self.print(f"loaded weights{averaged} from {path} (step {loaded.step}){adapters}; optimizer state is fresh")

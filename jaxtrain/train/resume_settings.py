@@ -67,6 +67,9 @@ RESUME_KEYS: dict[str, str | Rule] = {
     "model.remat": NOTICE,  # recompute: the same math, compiled differently
     "model.scan_unroll": NOTICE,
     "model.init_config": IGNORE,  # initialisation only: a resumed run restores its weights
+    "model.peft_config": REFUSE_MODEL,  # the adapters: on or off, where, their rank and scale
+    "model.peft_config.lora_dropout": NOTICE,  # dropout
+    "model.peft_config.init_lora_weights": IGNORE,  # initialisation only
     "model.init_device": IGNORE,  # Foundry keys without effect here
     "model.use_cache": IGNORE,
     "model.loss_fn": IGNORE,

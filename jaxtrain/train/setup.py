@@ -19,7 +19,7 @@ from jaxtrain.config.timestr import parse_time, to_batches
 from jaxtrain.data import build_loaders
 from jaxtrain.metrics.hardware import cpu_bf16_note, detect_hardware
 from jaxtrain.models.mpt_config import mpt_param_count
-from jaxtrain.layers import fp8
+from jaxtrain.layers import fp8, lora
 from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.parallel.layout import check_model_for_mesh
 from jaxtrain.parallel.mesh import (
@@ -237,7 +237,7 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
     fp8_products = cfg.precision in FP8_PRECISIONS
     options = compiler_options(cfg.precision, devices[0].platform)
     model = cfg.model
-    use_dropout = max(model.emb_pdrop, model.resid_pdrop, model.attn_config.attn_pdrop) > 0
+    use_dropout = max(model.emb_pdrop, model.resid_pdrop, model.attn_config.attn_pdrop) > 0 or lora.uses_dropout(model)
     health = HealthRules(
         detect_spikes=cfg.health.spike_policy != "none",
         skip_spikes=cfg.health.spike_policy != "none",

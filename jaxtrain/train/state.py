@@ -13,6 +13,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.algorithms.ema import init_ema
+from jaxtrain.layers import lora
 from jaxtrain.models import build_model
 from jaxtrain.parallel.layout import check_param_shardings
 from jaxtrain.parallel.mesh import logical_shardings
@@ -120,7 +121,9 @@ def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False):
     param_shardings = logical_shardings(logical_specs, mesh, rules)
     check_param_shardings(abstract_params, param_shardings, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = _opt_state_shardings(tx, abstract_params, param_shardings, replicated)
+    # With LoRA adapters only they train: the optimizer's state covers them alone
+    opt_shardings = _opt_state_shardings(tx, trainable_params(abstract_params), trainable_params(param_shardings),
+                                         replicated)
 
     def init_state(key: jax.Array) -> TrainState:
         init_key, dropout_key = jax.random.split(key)
@@ -128,7 +131,7 @@ def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False):
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=tx.init(params),
+            opt_state=tx.init(trainable_params(params)),
             rng=jax.random.key_data(dropout_key),
             loss_window=jnp.zeros((spike_window,), jnp.float32),
             window_count=jnp.zeros((), jnp.int32),
@@ -159,6 +162,12 @@ def _opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
 
     jax.eval_shape(trace, abstract_params)
     return found[0]
+
+
+def trainable_params(params: Any) -> Any:
+    """The parameters training updates: all of them, or with LoRA adapters (``jaxtrain.layers.lora``)
+    the adapters alone."""
+    return lora.split_trainable(params)[0] if lora.has_adapters(params) else params
 
 
 def count_params(params: Any) -> int:

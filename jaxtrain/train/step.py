@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtrain.algorithms.ema import EMAPlan, update_ema
-from jaxtrain.layers import fp8, lm_loss
+from jaxtrain.layers import fp8, lm_loss, lora
 from jaxtrain.parallel.platform import llvm_options
 from jaxtrain.train.loss import IGNORE_INDEX, batch_targets
 from jaxtrain.train.optim import gates_skipped_steps, select_tree
@@ -82,7 +82,8 @@ def make_train_step(
     failures (a NaN or spike multiplier) and reproduce another run's skipped steps.
     """
 
-    def microbatch_loss(params, inputs, targets, sequence_id, dropout_rng, total_tokens, multiplier):
+    def microbatch_loss(trained, frozen, inputs, targets, sequence_id, dropout_rng, total_tokens, multiplier):
+        params = trained if frozen is None else lora.merge_trainable(trained, frozen)
         with fp8.products(fp8_products):
             loss_sum, z_sum, _ = model_def.apply(
                 params,
@@ -106,10 +107,12 @@ def make_train_step(
         total_tokens = jnp.maximum((targets != IGNORE_INDEX).sum().astype(jnp.float32), 1.0)
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         multiplier = control[0] if control is not None else jnp.float32(1.0)
+        # With LoRA adapters only they train: no gradient of a frozen weight is computed.
+        trained, frozen = lora.split_trainable(state.params) if lora.has_adapters(state.params) else (state.params, None)
 
         if num_microbatches == 1:
             (_, loss_sum), grads = grad_fn(
-                state.params, inputs, targets, sequence_id, step_rng, total_tokens, multiplier
+                trained, frozen, inputs, targets, sequence_id, step_rng, total_tokens, multiplier
             )
         else:
             micro = {
@@ -124,12 +127,12 @@ def make_train_step(
                 grads_acc, loss_acc = carry
                 rng = jax.random.fold_in(step_rng, mb["index"])
                 (_, loss_sum), grads = grad_fn(
-                    state.params, mb["inputs"], mb["targets"], mb.get("sequence_id"), rng, total_tokens, multiplier
+                    trained, frozen, mb["inputs"], mb["targets"], mb.get("sequence_id"), rng, total_tokens, multiplier
                 )
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
                 return (grads_acc, loss_acc + loss_sum), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, trained)
             (grads, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
 
         grad_norm = optax.tree.norm(grads)
@@ -151,12 +154,14 @@ def make_train_step(
         if gates_skipped_steps(tx, state.opt_state):
             # the optimizer keeps its own state on a skipped step: its parameter update can then
             # read the moments it wrote, not recompute them from overwritten ones
-            updates, opt_state = tx.update(grads, state.opt_state, state.params, apply=apply)
+            updates, opt_state = tx.update(grads, state.opt_state, trained, apply=apply)
         else:
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, trained)
             opt_state = keep_if_skipped(opt_state, state.opt_state)
         updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
-        params = keep_if_skipped(optax.apply_updates(state.params, updates), state.params)
+        params = keep_if_skipped(optax.apply_updates(trained, updates), trained)
+        if frozen is not None:
+            params = lora.merge_trainable(params, frozen)
         window_index = state.window_count % state.loss_window.shape[0]
         new_state = state.replace(
             step=state.step + 1,

@@ -1,0 +1,113 @@
+"""LoRA adapters, as Hugging Face PEFT defines them (LLM Foundry's ``model.peft_config``).
+
+A targeted linear layer computes ``y = x·W + scaling · (dropout(x)·A)·B`` with ``A [in, r]`` and
+``B [r, out]`` (PEFT stores their transposes, ``lora_A.weight [r, in]`` and ``lora_B.weight
+[out, r]``), ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``B``
+starts at zero, so training starts from the model as it was; ``A`` starts Kaiming-uniform as
+PEFT's ``init_lora_weights=True`` (``U(±1/sqrt(in))``) or ``N(0, 1/r)`` with ``gaussian``.
+Only the adapters train: the model's own weights are frozen, so neither their gradients nor
+optimizer moments are ever computed or kept.
+
+Which layers take adapters, and the config's checks: ``jaxtrain.config.peft``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.config.peft import (  # noqa: F401 - the settings' names, re-exported beside the adapters
+    ATTENTION_MODULES,
+    FFN_MODULES,
+    full_name,
+    scaling,
+    targeted_modules,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """The adapter of one linear layer: rank, output scale, input dropout and A's initialisation."""
+
+    r: int
+    scaling: float
+    dropout: float
+    init: bool | str = True
+
+
+def adapter_specs(model_cfg: Any) -> dict[str, LoraSpec]:
+    """``{module name: LoraSpec}`` for each layer of a block that takes an adapter ({} without LoRA)."""
+    peft = getattr(model_cfg, "peft_config", None)
+    if peft is None:
+        return {}
+    spec = LoraSpec(r=int(peft.r), scaling=scaling(peft), dropout=float(peft.lora_dropout),
+                    init="gaussian" if peft.init_lora_weights == "gaussian" else True)
+    return {name: spec for name in targeted_modules(model_cfg)}
+
+
+def uses_dropout(model_cfg: Any) -> bool:
+    peft = getattr(model_cfg, "peft_config", None)
+    return peft is not None and peft.lora_dropout > 0
+
+
+def init_a(spec: LoraSpec, in_features: int) -> Callable:
+    """PEFT's initialiser of ``A`` (stored ``[in, r]``): Kaiming-uniform with a = sqrt(5) over
+    fan-in ``in`` (bound 1/sqrt(in)), or ``N(0, 1/r)`` with ``gaussian``."""
+
+    def init(key, shape, dtype=jnp.float32):
+        if spec.init == "gaussian":
+            return (jax.random.normal(key, shape, jnp.float32) / spec.r).astype(dtype)
+        bound = 1.0 / math.sqrt(in_features)
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+def is_adapter(path: tuple, value: Any = None) -> bool:
+    """An NNX filter: the adapters' parameters (``lora_a``, ``lora_b``), the ones LoRA trains."""
+    return any(str(getattr(key, "key", key)) in ("lora_a", "lora_b") for key in path)
+
+
+def split_trainable(params: Any) -> tuple[Any, Any]:
+    """(the adapters, the frozen rest) of a parameter state with adapters."""
+    return nnx.split_state(params, is_adapter, ...)
+
+
+def merge_trainable(adapters: Any, frozen: Any) -> Any:
+    return nnx.merge_state(adapters, frozen)
+
+
+def has_adapters(params: Any) -> bool:
+    return any(is_adapter(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def without_adapters(model_cfg: Any) -> Any:
+    """``model_cfg`` with no ``peft_config``: the model that merged weights are for."""
+    return dataclasses.replace(model_cfg, peft_config=None)
+
+
+def merge_adapters(params: Any, model_cfg: Any) -> Any:
+    """The parameters of ``without_adapters(model_cfg)``: each adapted kernel ``W + scaling·A·B``
+    (float32 products, stored in the kernel's dtype), as PEFT's ``merge_and_unload`` computes it."""
+    scale = scaling(model_cfg.peft_config)
+    adapters, frozen = split_trainable(params)
+    merged = nnx.to_pure_dict(frozen)
+
+    def walk(node: dict, target: dict) -> None:
+        for key, value in node.items():
+            if key == "lora_a":
+                kernel = target["kernel"]
+                delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(node["lora_a"], jnp.float32),
+                                   jnp.asarray(node["lora_b"], jnp.float32))
+                target["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
+            elif isinstance(value, dict):
+                walk(value, target[key])
+
+    walk(nnx.to_pure_dict(adapters), merged)
+    nnx.replace_by_pure_dict(frozen, merged)
+    return frozen
