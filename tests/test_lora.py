@@ -27,9 +27,12 @@ from safetensors.numpy import load_file
 from jaxtrain.checkpoint.load import load_checkpoint
 from jaxtrain.config import ConfigError, ParallelismConfig, load_config_dict
 from jaxtrain.config.schema import PeftConfig
+from jaxtrain.convert.cli import main as convert_main
 from jaxtrain.convert.hf_mpt import export_hf, import_hf
 from jaxtrain.convert.peft_lora import tensor_name
 from jaxtrain.layers import lora
+from jaxtrain.layers.linear import Dense
+from jaxtrain.models import build_model
 from jaxtrain.parallel.logical import DEFAULT_RULES
 from jaxtrain.parallel.mesh import batch_sharding, build_mesh
 from jaxtrain.train.loop import Trainer
@@ -49,7 +52,10 @@ CASES = {"adapter": "lora_logits", "adapter_rslora": "rslora_logits"}
 def imported(tmp_path: Path, case: str = "adapter", *, scan_layers: bool = True):
     """The fixture's base model with a PEFT adapter, converted into a jaxtrain checkpoint and read back."""
     folder = tmp_path / f"{case}-{scan_layers}"
-    import_hf(str(BASE), str(folder), scan_layers=scan_layers, adapter=str(FIXTURE / case))
+    argv = [str(BASE), str(folder), "--adapter", str(FIXTURE / case)] + ([] if scan_layers else ["--no-scan-layers"])
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert convert_main(argv) == 0
+    assert "LoRA adapters of rank 4" in out.getvalue()
     return folder, load_checkpoint(str(folder))
 
 
@@ -91,7 +97,8 @@ def test_the_loss_and_its_adapter_gradients_are_pefts(tmp_path):
 
 def test_exports_are_pefts_adapter_and_merged_model(tmp_path):
     folder, _ = imported(tmp_path)
-    export_hf(str(folder), str(tmp_path / "peft"), adapter_only=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert convert_main([str(folder), str(tmp_path / "peft"), "--to", "peft"]) == 0
     export_hf(str(folder), str(tmp_path / "hf"))
     # the adapter round-trips bit for bit, and the merged weights are PEFT's merge_and_unload
     ours, theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), load_file(
@@ -162,21 +169,16 @@ def test_only_the_adapters_train_and_the_optimizer_keeps_nothing_else():
 
 
 def test_adapter_dropout_draws_from_its_key_and_is_off_without_one():
-    model_cfg = tiny(lora_dropout=0.5, target_modules=["up_proj"])
-    model = nnx.merge(*nnx.split(__import__("jaxtrain.models", fromlist=["build_model"]).build_model(
-        model_cfg, rngs=nnx.Rngs(0))))
-    dense = model.blocks.ffn.up_proj
-    layer = nnx.merge(*nnx.split(dense))
-    # one layer of the stacked blocks, with a non-zero B so the adapter's term shows
-    layer.kernel = nnx.Param(dense.kernel[...][0])
-    layer.lora_a = nnx.LoRAParam(dense.lora_a[...][0])
-    layer.lora_b = nnx.LoRAParam(jnp.ones_like(dense.lora_b[...][0]))
+    spec = lora.LoraSpec(r=4, scaling=2.0, dropout=0.5)
+    layer = Dense(32, 16, use_bias=False, kernel_std=0.1, axes=("embed", "mlp"), rngs=nnx.Rngs(0), lora=spec)
+    layer.lora_b = nnx.LoRAParam(jnp.ones((4, 16)))  # so the adapter's term shows
     x = jnp.ones((2, 3, 32))
     plain = layer.adapter(x)
-    np.testing.assert_array_equal(plain, layer.adapter(x))
+    np.testing.assert_allclose(plain, 2.0 * (x @ layer.lora_a[...]) @ layer.lora_b[...], rtol=1e-6)
     first, second = layer.adapter(x, lora_rng=jax.random.key(1)), layer.adapter(x, lora_rng=jax.random.key(2))
     assert not np.allclose(first, plain) and not np.allclose(first, second)
     np.testing.assert_array_equal(first, layer.adapter(x, lora_rng=jax.random.key(1)))
+    np.testing.assert_allclose(layer(x), x @ layer.kernel[...] + plain, rtol=1e-6)
 
 
 def run_config(tmp_path: Path, base: Path, **run):
@@ -277,3 +279,17 @@ def test_foundry_peft_keys_without_effect_are_accepted_and_others_refused(tmp_pa
     path.write_text(path.read_text() + "    use_dora: true\n")
     with pytest.raises(ConfigError, match=r"model.peft_config.use_dora: True is not supported by jaxtrain's LoRA"):
         load_config(str(path))
+
+
+def test_the_memory_estimate_counts_gradients_and_moments_of_the_adapters_alone():
+    from jaxtrain.plan.memory import estimate_memory
+
+    model_cfg = tiny(r=8)
+    common = dict(global_batch=8, microbatch=8, seq_len=16, mesh_shape={"data": 1}, optimizer="adam")
+    adapted = estimate_memory(model_cfg, **common)
+    full = estimate_memory(lora.without_adapters(model_cfg), **common)
+    adapters = lora.adapter_param_count(model_cfg)
+    params = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
+    assert adapters == count_params(lora.split_trainable(params)[0]) > 0
+    assert adapted.params_bytes == full.params_bytes + 4 * adapters
+    assert adapted.grads_bytes == 4 * adapters and adapted.optimizer_bytes == 2 * 4 * adapters

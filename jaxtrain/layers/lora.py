@@ -111,3 +111,18 @@ def merge_adapters(params: Any, model_cfg: Any) -> Any:
     walk(nnx.to_pure_dict(adapters), merged)
     nnx.replace_by_pure_dict(frozen, merged)
     return frozen
+
+
+def adapter_param_count(model_cfg: Any) -> int:
+    """Parameters of ``model_cfg``'s adapters: ``r·(in + out)`` per adapted layer and block (0 without)."""
+    from jaxtrain.layers.mlp import ffn_hidden_size
+    from jaxtrain.models.mpt_config import kv_heads
+
+    if getattr(model_cfg, "peft_config", None) is None:
+        return 0
+    d = model_cfg.d_model
+    hidden = ffn_hidden_size(d, model_cfg.expansion_ratio)
+    shapes = {"Wqkv": (d, d + 2 * kv_heads(model_cfg) * (d // model_cfg.n_heads)), "out_proj": (d, d),
+              "up_proj": (d, hidden), "gate_proj": (d, hidden), "down_proj": (hidden, d)}
+    r = int(model_cfg.peft_config.r)
+    return model_cfg.n_layers * sum(r * sum(shapes[name]) for name in targeted_modules(model_cfg))

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.layers.gpu_kernels import BIAS_BYTES_LIMIT
+from jaxtrain.layers.lora import adapter_param_count
 from jaxtrain.metrics.hardware import Hardware
 from jaxtrain.models.mpt_config import kv_heads, mpt_param_count
 
@@ -200,7 +201,8 @@ def estimate_memory(
     extra fp32 gradient buffer) when it is smaller than the per-device batch ``global_batch /
     (data * fsdp)``. ``usable_fraction`` of the device memory is counted as available, leaving
     room for the runtime, collectives' buffers and fragmentation. ``ema``: the state also keeps a
-    moving average of the weights (one more fp32 copy, sharded like them).
+    moving average of the weights (one more fp32 copy, sharded like them). With LoRA adapters
+    (``model.peft_config``), gradients and optimizer moments are the adapters' alone.
     """
     data, fsdp, tensor = _mesh(mesh_shape)
     batch_shards = data * fsdp
@@ -216,10 +218,13 @@ def estimate_memory(
     c = _compute_bytes(precision)
     state_shards = fsdp * tensor
 
-    params_bytes = 4.0 * n_params / state_shards
+    # With LoRA adapters (model.peft_config) only they have gradients and optimizer moments
+    adapters = adapter_param_count(model_cfg)
+    params_bytes = 4.0 * (n_params + adapters) / state_shards
+    trained_bytes = 4.0 * adapters / state_shards if adapters else params_bytes
     accumulating = microbatch < per_device_batch
-    grads_bytes = params_bytes * (2 if accumulating else 1)  # + the accumulator
-    optimizer_bytes = params_bytes * OPTIMIZER_STATE_COPIES[optimizer]
+    grads_bytes = trained_bytes * (2 if accumulating else 1)  # + the accumulator
+    optimizer_bytes = trained_bytes * OPTIMIZER_STATE_COPIES[optimizer]
     ema_bytes = params_bytes if ema else 0.0
     embed_params = model_cfg.vocab_size * model_cfg.d_model * (1 if model_cfg.tie_word_embeddings else 2)
     layer_params = (n_params - embed_params) / model_cfg.n_layers
@@ -244,9 +249,9 @@ def estimate_memory(
     usable = hardware_bytes * usable_fraction
     # Accumulation (one more gradient buffer) applies below the per-device batch.
     max_microbatch = per_device_batch if hardware is None else 0
-    if hardware is not None and usable > fixed + 2 * params_bytes + per_sequence:
-        max_microbatch = int((usable - fixed - 2 * params_bytes) // per_sequence)
-    if usable >= fixed + params_bytes + per_sequence * per_device_batch:
+    if hardware is not None and usable > fixed + 2 * trained_bytes + per_sequence:
+        max_microbatch = int((usable - fixed - 2 * trained_bytes) // per_sequence)
+    if usable >= fixed + trained_bytes + per_sequence * per_device_batch:
         max_microbatch = max(max_microbatch, per_device_batch)
     max_microbatch = min(max_microbatch, per_device_batch)
 
@@ -272,7 +277,7 @@ def estimate_memory(
 def format_memory(estimate: MemoryEstimate) -> str:
     """A short per-device report of an estimate."""
     gib = 2.0**30
-    accumulator = ", + accumulator" if estimate.grads_bytes > estimate.params_bytes else ""
+    accumulator = ", + accumulator" if estimate.microbatch < estimate.per_device_batch else ""
     rows = [
         ("parameters (fp32)", estimate.params_bytes),
         (f"gradients (fp32{accumulator})", estimate.grads_bytes),
