@@ -285,11 +285,49 @@ def test_the_memory_estimate_counts_gradients_and_moments_of_the_adapters_alone(
     from jaxtrain.plan.memory import estimate_memory
 
     model_cfg = tiny(r=8)
-    common = dict(global_batch=8, microbatch=8, seq_len=16, mesh_shape={"data": 1}, optimizer="adam")
+    common = dict(global_batch=8, microbatch=8, seq_len=16, mesh_shape={"data": 1}, optimizer="adam",
+                  precision="amp_bf16", ema=True)
     adapted = estimate_memory(model_cfg, **common)
     full = estimate_memory(lora.without_adapters(model_cfg), **common)
     adapters = lora.adapter_param_count(model_cfg)
     params = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[1]
     assert adapters == count_params(lora.split_trainable(params)[0]) > 0
-    assert adapted.params_bytes == full.params_bytes + 4 * adapters
+    # frozen weights in bf16 (no working copy), adapters in fp32; the rest is the adapters' alone
+    assert adapted.params_bytes == full.params_bytes / 2 + 4 * adapters and adapted.working_weights_bytes == 0
     assert adapted.grads_bytes == 4 * adapters and adapted.optimizer_bytes == 2 * 4 * adapters
+    assert adapted.ema_bytes == 4 * adapters
+
+
+def test_in_bf16_the_frozen_weights_are_kept_in_bf16_and_the_average_is_the_adapters():
+    """amp_bf16: frozen weights stored in bf16 (they are only read in it), adapters, their moments and
+    their moving average in float32; evaluation takes the average's adapters with the frozen weights."""
+    from jaxtrain.algorithms.ema import EMAPlan, evaluation_params
+
+    model_cfg = tiny()
+    mesh = build_mesh(ParallelismConfig())
+    tx = optax.adamw(1e-2)
+    state, model_def, shardings = create_train_state(model_cfg, tx, seed=0, mesh=mesh, rules=DEFAULT_RULES, ema=True,
+                                                     frozen_dtype=jnp.bfloat16)
+    adapters, frozen = lora.split_trainable(state.params)
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
+    assert count_params(state.ema) == count_params(adapters)
+    step = compile_train_step(make_train_step(model_def, tx, lambda count: jnp.asarray(1e-2), compute_dtype=jnp.bfloat16,
+                                              ema=EMAPlan(smoothing=0.5, start=0, every=1)),
+                              shardings, batch_sharding(mesh))
+    frozen_before = [np.asarray(x) for x in jax.tree.leaves(frozen)]
+    batch = {"input_ids": jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 16), dtype=np.int32))}
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    adapters, frozen = lora.split_trainable(state.params)
+    for before, after in zip(frozen_before, jax.tree.leaves(frozen)):
+        np.testing.assert_array_equal(before, np.asarray(after))
+    evaluated = evaluation_params(state)
+    averaged, evaluated_frozen = lora.split_trainable(evaluated)
+    for ours, theirs in zip(jax.tree.leaves(averaged), jax.tree.leaves(state.ema)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(adapters)))
+    for before, after in zip(frozen_before, jax.tree.leaves(evaluated_frozen)):
+        np.testing.assert_array_equal(before, np.asarray(after))

@@ -124,6 +124,11 @@ def update_ema(plan: EMAPlan, ema: Any, params: Any, steps_done: jax.Array, appl
 
 def evaluation_params(state: Any) -> Any:
     """The weights a train state is evaluated with: its moving average when it keeps one (a state
-    without the field, e.g. a research loop's own, is evaluated with its ``params``)."""
+    without the field, e.g. a research loop's own, is evaluated with its ``params``). With LoRA
+    adapters the average is the adapters' (the rest never changes), taken with the frozen weights."""
+    from jaxtrain.layers import lora
+
     ema = getattr(state, "ema", None)
-    return state.params if ema is None else ema
+    if ema is None:
+        return state.params
+    return lora.merge_trainable(ema, lora.split_trainable(state.params)[1]) if lora.has_adapters(state.params) else ema

@@ -22,6 +22,7 @@ from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
 from jaxtrain.config import ConfigError, load_config_dict
 from jaxtrain.config.schema import ModelConfig, error_line
 from jaxtrain.data.tokenizer import TOKENIZER_FILE
+from jaxtrain.layers import lora
 
 
 
@@ -222,8 +223,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
 
     ``shardings``: a tree of shardings like the checkpoint's parameters to read them into (default
     the first local device). ``like``: the parameters of the model they are for (arrays or
-    ``ShapeDtypeStruct``s with shardings): read into its shardings, after checking that names and
-    shapes agree. A tree that does not fit raises ``ParameterMismatch`` before anything is read.
+    ``ShapeDtypeStruct``s with shardings): read into its shardings and dtypes, after checking that
+    names and shapes agree. A tree that does not fit raises ``ParameterMismatch`` before anything is read.
     """
     from jaxtrain.train.state import abstract_model
 
@@ -277,17 +278,18 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         if like is not None:
             _check_parameters(step_folder, model_cfg, abstract_params, like, shapes=True)
             shardings = jax.tree.map(lambda x: x.sharding, like)
+            # read in the dtypes of ``like`` (a LoRA model's frozen weights are kept in the compute dtype)
+            abstract_params = jax.tree.map(lambda x, l: jax.ShapeDtypeStruct(x.shape, l.dtype), abstract_params, like)
         elif shardings is not None:
             _check_parameters(step_folder, model_cfg, abstract_params, shardings, shapes=False)
         if shardings is None:
             device = jax.local_devices()[0]
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract_params)
         item = "ema" if averaged else "params"
-        target = {
-            item: jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings
-            )
-        }
+        placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+        target = {item: placed}
+        if averaged and lora.has_adapters(placed):  # the average is the adapters'; the frozen weights are read too
+            target = {"params": placed, "ema": lora.split_trainable(placed)[0]}
         # Only the parameters are read; the optimizer state stays on disk.
         unreadable = None
         try:
@@ -297,7 +299,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
                     args=ocp.args.Composite(
                         state=ocp.args.PyTreeRestore(
                             item=target,
-                            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+                            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
+                                                      target),
                             partial_restore=True,
                         )
                     ),
@@ -313,6 +316,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     finally:
         manager.close()
     params = restored[item]
+    if "params" in target and "ema" in target:
+        params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,

@@ -66,7 +66,8 @@ def adapter_config(model_cfg: Any, *, base_model: str | None = None) -> dict:
     """``adapter_config.json`` for ``model_cfg``'s adapters, naming the adapted layers outright."""
     peft = model_cfg.peft_config
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(peft.r), "lora_alpha": peft.lora_alpha,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(peft.r),
+        "lora_alpha": int(peft.lora_alpha) if float(peft.lora_alpha).is_integer() else float(peft.lora_alpha),
         "lora_dropout": float(peft.lora_dropout), "target_modules": list(lora.targeted_modules(model_cfg)),
         "use_rslora": bool(peft.use_rslora), "init_lora_weights": peft.init_lora_weights, "bias": "none",
         "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,

@@ -82,6 +82,12 @@ def merge_trainable(adapters: Any, frozen: Any) -> Any:
     return nnx.merge_state(adapters, frozen)
 
 
+def cast_frozen(params: Any, dtype: Any) -> Any:
+    """``params`` with the frozen weights in ``dtype`` (the adapters as they are)."""
+    adapters, frozen = split_trainable(params)
+    return merge_trainable(adapters, jax.tree.map(lambda x: x.astype(dtype), frozen))
+
+
 def has_adapters(params: Any) -> bool:
     return any(is_adapter(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 

@@ -202,7 +202,8 @@ def estimate_memory(
     (data * fsdp)``. ``usable_fraction`` of the device memory is counted as available, leaving
     room for the runtime, collectives' buffers and fragmentation. ``ema``: the state also keeps a
     moving average of the weights (one more fp32 copy, sharded like them). With LoRA adapters
-    (``model.peft_config``), gradients and optimizer moments are the adapters' alone.
+    (``model.peft_config``), gradients and optimizer moments are the adapters' alone, and the
+    frozen weights are kept in the compute dtype (no working copy).
     """
     data, fsdp, tensor = _mesh(mesh_shape)
     batch_shards = data * fsdp
@@ -218,17 +219,18 @@ def estimate_memory(
     c = _compute_bytes(precision)
     state_shards = fsdp * tensor
 
-    # With LoRA adapters (model.peft_config) only they have gradients and optimizer moments
+    # With LoRA adapters (model.peft_config) only they have gradients and optimizer moments, and the
+    # frozen weights are kept in the compute dtype
     adapters = adapter_param_count(model_cfg)
-    params_bytes = 4.0 * (n_params + adapters) / state_shards
+    params_bytes = ((c if adapters else 4.0) * n_params + 4.0 * adapters) / state_shards
     trained_bytes = 4.0 * adapters / state_shards if adapters else params_bytes
     accumulating = microbatch < per_device_batch
     grads_bytes = trained_bytes * (2 if accumulating else 1)  # + the accumulator
     optimizer_bytes = trained_bytes * OPTIMIZER_STATE_COPIES[optimizer]
-    ema_bytes = params_bytes if ema else 0.0
+    ema_bytes = trained_bytes if ema else 0.0  # an fp32 average of what trains
     embed_params = model_cfg.vocab_size * model_cfg.d_model * (1 if model_cfg.tie_word_embeddings else 2)
     layer_params = (n_params - embed_params) / model_cfg.n_layers
-    working = n_params * c / state_shards if c != 4 else 0.0  # compute-dtype copy of the weights
+    working = n_params * c / state_shards if c != 4 and not adapters else 0.0  # compute-dtype copy of the weights
     if fsdp > 1:
         working += 2 * layer_params * c / tensor  # gathered weights of the current and next block
 
@@ -279,7 +281,7 @@ def format_memory(estimate: MemoryEstimate) -> str:
     gib = 2.0**30
     accumulator = ", + accumulator" if estimate.microbatch < estimate.per_device_batch else ""
     rows = [
-        ("parameters (fp32)", estimate.params_bytes),
+        ("parameters", estimate.params_bytes),
         (f"gradients (fp32{accumulator})", estimate.grads_bytes),
         ("optimizer state (fp32)", estimate.optimizer_bytes),
         *([("moving average of the weights (fp32)", estimate.ema_bytes)] if estimate.ema_bytes else []),

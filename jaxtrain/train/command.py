@@ -99,7 +99,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
         check_resume_before_build(cfg)  # so is a config the newest checkpoint would be misread under
         parts = build_run(cfg, data_prefetch=data_prefetch)
         print(
-            f"model: {parts.num_params / 1e6:.2f}M parameters; {jax.device_count()} device(s) "
+            f"model: {parts.num_params / 1e6:.2f}M parameters{_adapters(cfg)}; {jax.device_count()} device(s) "
             f"({jax.devices()[0].platform}); mesh {dict(parts.mesh.shape)}; {parts.total_batches} steps of "
             f"{cfg.global_train_batch_size} x {cfg.max_seq_len} tokens; MFU peak: {parts.peak_source}",
             flush=True,
@@ -134,3 +134,12 @@ def _callbacks(cfg) -> list:
 
     return [ICLEvalCallback(cfg.icl_tasks, gauntlet=cfg.eval_gauntlet, max_len=cfg.icl_seq_len,
                             subset_num_batches=cfg.icl_subset_num_batches)]
+
+
+def _adapters(cfg) -> str:
+    """What trains of a LoRA model: ", training 0.26M in LoRA adapters (rank 8)"; "" without."""
+    from jaxtrain.layers.lora import adapter_param_count
+
+    if cfg.model.peft_config is None:
+        return ""
+    return f", training {adapter_param_count(cfg.model) / 1e6:.2f}M in LoRA adapters (rank {cfg.model.peft_config.r})"

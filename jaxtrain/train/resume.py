@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 
+from jaxtrain.algorithms.ema import init_ema
 from jaxtrain.checkpoint.load import (
     ParameterMismatch,
     discard_abandoned_reads,
@@ -35,7 +36,7 @@ from jaxtrain.train.resume_settings import (
     refuse_to_resume,
     show_value,
 )
-from jaxtrain.train.state import TrainState, checkpoint_items
+from jaxtrain.train.state import TrainState, checkpoint_items, trainable_params
 
 
 def _only_adapters(names: list[str]) -> bool:
@@ -210,7 +211,7 @@ class RecoveryMixin:
         params = loaded.params if fresh_adapters is None else lora.merge_trainable(fresh_adapters, loaded.params)
         self.state = self.state.replace(params=params)
         if self.state.ema is not None:  # the average starts from the loaded weights too
-            self.state = self.state.replace(ema=jax.tree.map(lambda p: p.copy(), params))
+            self.state = self.state.replace(ema=init_ema(trainable_params(params)))
         averaged = " (their moving average)" if loaded.averaged else ""
         adapters = ""
         if fresh_adapters is not None:

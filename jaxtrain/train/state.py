@@ -86,13 +86,16 @@ def create_train_state(
     rules: Any,
     spike_window: int = 100,
     ema: bool = False,
+    frozen_dtype: Any = jnp.float32,
 ) -> tuple[TrainState, ModelDef, Any]:
     """Initialise parameters directly into their shardings and the optimizer state beside them
-    (and, with ``ema``, the moving average of the parameters: a copy of them).
+    (and, with ``ema``, the moving average of the parameters: a copy of them). A model with LoRA
+    adapters keeps its frozen weights in ``frozen_dtype`` (the run's compute dtype: they are only
+    ever read in it), its adapters in float32.
 
     Returns (state, model_def, state_shardings).
     """
-    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window, ema)
+    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window, ema, frozen_dtype)
     # One program builds the whole state (parameters, optimizer state, counters) in place on its
     # devices: each separately jitted piece would be one more XLA compile before the first step.
     options = llvm_options(mesh.devices.flat[0].platform) or None
@@ -103,18 +106,18 @@ def create_train_state(
 
 def abstract_train_state(
     model_cfg: Any, tx: optax.GradientTransformation, *, mesh: Mesh, rules: Any, spike_window: int = 100,
-    ema: bool = False,
+    ema: bool = False, frozen_dtype: Any = jnp.float32,
 ) -> tuple[TrainState, ModelDef, Any]:
     """``create_train_state`` without allocating anything: the state as sharded
     ``jax.ShapeDtypeStruct``s, for compiling ahead of time (e.g. for devices this process lacks)."""
-    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window, ema)
+    init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window, ema, frozen_dtype)
     shapes = jax.eval_shape(init_state, jax.random.key(0))
     state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                          shapes, state_shardings)  # fmt: skip
     return state, model_def, state_shardings
 
 
-def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False):
+def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False, frozen_dtype=jnp.float32):
     """(init_state(key) -> TrainState, the state's shardings, the ModelDef)."""
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
@@ -128,6 +131,8 @@ def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False):
     def init_state(key: jax.Array) -> TrainState:
         init_key, dropout_key = jax.random.split(key)
         params = nnx.split(build_model(model_cfg, rngs=nnx.Rngs(params=init_key)), nnx.Param)[1]
+        if lora.has_adapters(params):
+            params = lora.cast_frozen(params, frozen_dtype)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -136,13 +141,13 @@ def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False):
             loss_window=jnp.zeros((spike_window,), jnp.float32),
             window_count=jnp.zeros((), jnp.int32),
             lr_scale=jnp.ones((), jnp.float32),
-            ema=init_ema(params) if ema else None,
+            ema=init_ema(trainable_params(params)) if ema else None,  # the average of what trains
         )
 
     state_shardings = TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
         loss_window=replicated, window_count=replicated, lr_scale=replicated,
-        ema=param_shardings if ema else None,
+        ema=trainable_params(param_shardings) if ema else None,
     )  # fmt: skip
     return init_state, state_shardings, ModelDef(graphdef, param_shardings, logical_specs, mesh, tuple(rules))
 

@@ -159,14 +159,13 @@ def make_train_step(
             updates, opt_state = tx.update(grads, state.opt_state, trained)
             opt_state = keep_if_skipped(opt_state, state.opt_state)
         updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
-        params = keep_if_skipped(optax.apply_updates(trained, updates), trained)
-        if frozen is not None:
-            params = lora.merge_trainable(params, frozen)
+        trained = keep_if_skipped(optax.apply_updates(trained, updates), trained)
+        params = trained if frozen is None else lora.merge_trainable(trained, frozen)
         window_index = state.window_count % state.loss_window.shape[0]
         new_state = state.replace(
             step=state.step + 1,
             params=params,
-            ema=state.ema if ema is None else update_ema(ema, state.ema, params, state.step + 1, apply),
+            ema=state.ema if ema is None else update_ema(ema, state.ema, trained, state.step + 1, apply),
             opt_state=opt_state,
             loss_window=jnp.where(apply, state.loss_window.at[window_index].set(loss), state.loss_window),
             window_count=state.window_count + apply.astype(jnp.int32),
