@@ -183,12 +183,34 @@ def test_foundry_mixture_of_experts_is_one_line():
 def test_foundry_hugging_face_models_are_one_line():
     message = foundry("foundry_mpt_7b_dolly_sft.yaml", expect_error=True)
     assert "model.name: 'hf_causal_lm' (mosaicml/mpt-7b) is a Hugging Face model" in message
-    assert "`jaxtrain convert` a local copy, set load_path" in message
+    assert "set pretrained_model_name_or_path to a local folder holding its config.json and safetensors" in message
     mpt = "model={name: mpt_causal_lm, d_model: 64, n_heads: 2, n_layers: 1}"
     message = foundry("foundry_mpt_7b_dolly_sft.yaml", [mpt], expect_error=True)
     assert message.endswith("train_loader.dataset.hf_name: 'mosaicml/dolly_hhrlhf' is not a local path; jaxtrain "
                             "downloads no datasets: save it as JSONL (prompt/response or messages) and set "
                             "train_loader.dataset.local")
+
+
+def test_foundry_hf_causal_lm_on_a_local_mpt_folder_builds_it_and_starts_from_its_weights(tmp_path):
+    """Foundry's SFT YAML with the model downloaded to a folder: its config.json, changed by
+    config_overrides, is the model; its weights are load_path; peft_config makes it LoRA."""
+    folder = os.path.join(os.path.dirname(FIXTURES), "hf_mpt", "mha")
+    data = tmp_path / "dolly.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    local = [f"model.pretrained_model_name_or_path={folder}", f"train_loader.dataset.hf_name={data}",
+             f"eval_loader.dataset.hf_name={data}"]
+    cfg, notices = foundry("foundry_mpt_7b_dolly_sft.yaml", local)
+    model = cfg.model
+    assert (model.name, model.d_model, model.n_heads, model.n_layers, model.vocab_size) == ("mpt_causal_lm", 32, 4, 2, 128)
+    assert model.max_seq_len == 2048 and model.attn_config.alibi and not model.attn_config.attn_uses_sequence_id
+    assert cfg.load_path == folder and model.peft_config is None
+    assert f"jaxtrain builds the MPT that {folder}/config.json describes and starts from its weights" in " ".join(notices)
+    cfg, _ = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.peft_config={r: 4, target_modules: [Wqkv]}"])
+    assert cfg.model.peft_config.r == 4 and cfg.model.peft_config.target_modules == ["Wqkv"]
+    message = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.load_in_8bit=true"], expect_error=True)
+    assert "model.load_in_8bit: True: 8-bit weights are not supported" in message
+    message = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.d_model=64"], expect_error=True)
+    assert "model.d_model: not a key of Foundry's hf_causal_lm model" in message and "config_overrides" in message
 
 
 def test_foundry_7b_dolly_sft_with_local_data(tmp_path):

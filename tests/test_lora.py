@@ -28,7 +28,7 @@ from jaxtrain.checkpoint.load import load_checkpoint
 from jaxtrain.config import ConfigError, ParallelismConfig, load_config_dict
 from jaxtrain.config.schema import PeftConfig
 from jaxtrain.convert.cli import main as convert_main
-from jaxtrain.convert.hf_mpt import export_hf, import_hf
+from jaxtrain.convert.hf_mpt import export_hf, read_hf
 from jaxtrain.convert.peft_lora import tensor_name
 from jaxtrain.layers import lora
 from jaxtrain.layers.linear import Dense
@@ -187,7 +187,7 @@ def run_config(tmp_path: Path, base: Path, **run):
     data = write_lines(tmp_path / "ft.jsonl", [{"prompt": p, "response": r} for p, r in
                                                [("ab", "cd"), ("efg", "h"), ("abc", "defg"), ("k", "lm")] * 4])
     char_tokenizer().save(str(tmp_path / "tokenizer.json"))
-    model = dataclasses.asdict(load_checkpoint(str(base)).model_cfg)
+    model = dataclasses.asdict(read_hf(str(base))[0])
     model["peft_config"] = {"r": 4, "lora_alpha": 8, "target_modules": ["Wqkv", "up_proj"]}
     return load_config_dict({
         "max_seq_len": 16, "global_train_batch_size": 4, "device_train_microbatch_size": 4, "precision": "fp32",
@@ -211,9 +211,8 @@ def fit(cfg, parts=None):
 
 
 def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp_path):
-    base = tmp_path / "base"
-    import_hf(str(BASE), str(base))
-    cfg = run_config(tmp_path, base)
+    """load_path is the Hugging Face folder itself; its weights stay as they were, bit for bit."""
+    cfg = run_config(tmp_path, BASE)
     parts, trainer, result, printed = fit(cfg)
     assert "LoRA adapters train on them" in printed
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -224,7 +223,8 @@ def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp
     # the frozen weights are the loaded model's, bit for bit
     saved = load_checkpoint(str(tmp_path / "checkpoints"))
     adapters, frozen = lora.split_trainable(saved.params)
-    for ours, theirs in zip(jax.tree.leaves(frozen), jax.tree.leaves(load_checkpoint(str(base)).params)):
+    _, hf_weights, _ = read_hf(str(BASE))
+    for ours, theirs in zip(jax.tree.leaves(nnx.to_pure_dict(frozen)), jax.tree.leaves(hf_weights)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     # killed after its last save but one: the resumed run ends with the same adapters
     import shutil

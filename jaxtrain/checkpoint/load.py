@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -327,3 +328,22 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         meta=dict(meta),
         averaged=averaged,
     )
+
+
+def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> LoadedModel:
+    """The weights of the Hugging Face MPT folder ``folder`` (``config.json`` and safetensors), read
+    into the shardings and dtypes of ``like`` after checking that names and shapes agree (else
+    ``ParameterMismatch``), as ``load_checkpoint`` reads a jaxtrain checkpoint. The tensors pass
+    through host memory in float32, one at a time."""
+    from jaxtrain.convert.hf_mpt import read_hf
+    from jaxtrain.train.state import abstract_model
+
+    model_cfg, buffers, dtypes = read_hf(folder, scan_layers=scan_layers)
+    _, abstract_params = abstract_model(model_cfg)
+    _check_parameters(folder, model_cfg, abstract_params, like, shapes=True)
+    nnx.replace_by_pure_dict(abstract_params, buffers)
+    params = jax.tree.map(lambda value, l: jax.device_put(np.asarray(value, l.dtype), l.sharding), abstract_params, like)
+    tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
+    return LoadedModel(model_cfg=model_cfg, params=params, step=0,
+                       tokenizer_path=tokenizer_path if os.path.exists(tokenizer_path) else None,
+                       meta={"source": {"format": "hf_mpt", "path": os.path.abspath(folder), "dtype": "/".join(sorted(dtypes))}})

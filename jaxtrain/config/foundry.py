@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from jaxtrain.config.foundry_hf import local_folder, map_hf_model
 from jaxtrain.config.peft import PEFT_NO_EFFECT, PEFT_OFF_VALUES
 from jaxtrain.config.schema import ConfigError, ModelConfig
 
@@ -199,6 +200,9 @@ def map_foundry(doc: dict, note: Note, where: Where) -> dict:
         if name in doc:
             doc["eval_loader"] = doc.pop(name)
     if isinstance(doc.get("model"), dict):
+        folder = local_folder(doc["model"]) if doc["model"].get("name", "mpt_causal_lm") != "mpt_causal_lm" else None
+        if folder is not None:  # Foundry's hf_causal_lm on a local MPT folder
+            map_hf_model(doc, folder, note, where)
         _map_model(doc["model"], note, where)
     for name in ("train_loader", "eval_loader"):
         if isinstance(doc.get(name), list):
@@ -243,11 +247,11 @@ def _map_model(model: dict, note: Note, where: Where) -> None:
     name = model.get("name", "mpt_causal_lm")
     if name != "mpt_causal_lm" and (str(name).startswith("hf_") or "pretrained_model_name_or_path" in model):
         source = model.get("pretrained_model_name_or_path")
-        lora = "; model.peft_config trains LoRA adapters on them as it would there" if "peft_config" in model else ""
+        lora = " (model.peft_config then trains LoRA adapters on them)" if "peft_config" in model else ""
         raise ConfigError(f"{where('model.name')}: model.name: {name!r}"
                           f"{f' ({source})' if source else ''} is a Hugging Face model, which jaxtrain does not build: "
-                          f"it trains MPT (mpt_causal_lm); for MPT weights, `jaxtrain convert` a local copy, set "
-                          f"load_path to the result and give the model's shape under model{lora}")
+                          f"it trains MPT (mpt_causal_lm); for MPT weights, set pretrained_model_name_or_path to a "
+                          f"local folder holding its config.json and safetensors{lora}")
     if isinstance(model.get("peft_config"), dict):
         _map_peft(model["peft_config"], where)
     _drop_keys(model, "model", _MODEL_KEYS, note, where)

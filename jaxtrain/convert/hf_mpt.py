@@ -43,9 +43,9 @@ _UNSUPPORTED_ATTN_OFF = {"qk_gn": (False,), "attn_logit_softcapping": (None,)}
 # ----------------------------------------------------------------------------- configs
 
 
-def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True) -> ModelConfig:
-    """A ``ModelConfig`` from a MosaicML-format ``config.json`` (``source`` names the file in errors)."""
-    from jaxtrain.models.mpt_config import validate_mpt_config
+def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True, validate: bool = True) -> ModelConfig:
+    """A ``ModelConfig`` from a MosaicML-format ``config.json`` (``source`` names the file in errors);
+    ``validate``: check it as the model would (imports JAX; a config being read leaves that to later)."""
 
     model_type = hf.get("model_type")
     if model_type != "mpt":
@@ -86,6 +86,10 @@ def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True) -> 
     )  # fmt: skip
     if float(cfg.expansion_ratio).is_integer():
         cfg.expansion_ratio = int(cfg.expansion_ratio)
+    if not validate:
+        return cfg
+    from jaxtrain.models.mpt_config import validate_mpt_config
+
     try:
         validate_mpt_config(cfg)
     except ValueError as error:
@@ -237,16 +241,18 @@ def read_json(path: str) -> Any:
         raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
 
 
-def import_hf(src: str, dst: str, *, scan_layers: bool = True, adapter: str | None = None) -> ModelConfig:
-    """Convert the Hugging Face MPT folder ``src`` into a jaxtrain checkpoint folder ``dst`` (step 0),
-    with the PEFT LoRA adapter in folder ``adapter`` when given (``jaxtrain.convert.peft_lora``).
+def is_hf_folder(path: str) -> bool:
+    """Whether ``path`` is a local Hugging Face model folder (a ``config.json`` beside safetensors)."""
+    return ("://" not in str(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+            and any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in os.listdir(path)))
 
-    Tensors are read one at a time into float32 parameter buffers; nothing else is held.
-    """
+
+def read_hf(src: str, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, set[str]]:
+    """(model config, pure dict of float32 parameter arrays, the tensors' dtypes) of the Hugging Face
+    MPT folder ``src``; tensors are read one at a time into the parameter buffers."""
     config_path = os.path.join(src, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ConfigError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MPT folder")
-    check_new_folder(dst)  # before the tensors are read
     hf = read_json(config_path)
     if not isinstance(hf, dict):
         raise ConfigError(f"{config_path}: holds a JSON {type(hf).__name__}, not an object of model settings")
@@ -281,6 +287,16 @@ def import_hf(src: str, dst: str, *, scan_layers: bool = True, adapter: str | No
                     _set(buffers, path, np.empty((model_cfg.n_layers, *value.shape), np.float32))
                 _get(buffers, path)[index] = value
             del tensor, value
+    return model_cfg, buffers, dtypes
+
+
+def import_hf(src: str, dst: str, *, scan_layers: bool = True, adapter: str | None = None) -> ModelConfig:
+    """Convert the Hugging Face MPT folder ``src`` into a jaxtrain checkpoint folder ``dst`` (step 0),
+    with the PEFT LoRA adapter in folder ``adapter`` when given (``jaxtrain.convert.peft_lora``)."""
+    if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
+        raise ConfigError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MPT folder")
+    check_new_folder(dst)  # before the tensors are read
+    model_cfg, buffers, dtypes = read_hf(src, scan_layers=scan_layers)
     tokenizer = os.path.join(src, TOKENIZER_FILE)
     source = {"format": "hf_mpt", "path": os.path.abspath(src), "dtype": "/".join(sorted(dtypes))}
     if adapter is not None:

@@ -75,7 +75,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
         check_model_config(cfg.model)
         if cfg.load_path and "://" not in cfg.load_path and not os.path.isdir(cfg.load_path):
             raise ConfigError(f"load_path: {cfg.load_path}: no such folder; give a checkpoint folder (a run's "
-                              f"save_folder, or one that jaxtrain convert wrote)")
+                              f"save_folder, or one that jaxtrain convert wrote) or a Hugging Face MPT folder")
     except (ConfigError, MeshError) as err:
         return _error(str(err))
 

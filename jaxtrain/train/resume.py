@@ -23,10 +23,12 @@ from jaxtrain.checkpoint.load import (
     few,
     held_back_stderr,
     load_checkpoint,
+    load_hf_weights,
 )
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.config.schema import error_line
+from jaxtrain.convert.hf_mpt import is_hf_folder
 from jaxtrain.layers import lora
 from jaxtrain.train.resume_settings import (
     REFUSE_MODEL,
@@ -186,13 +188,20 @@ class RecoveryMixin:
         adapters merged into its weights."""
         ours = self.state.params
         fresh_adapters = None
+        if is_hf_folder(path):  # a Hugging Face MPT folder, read as it is
+            def load(like=None):
+                return load_hf_weights(path, like=like if like is not None else abstract_like(ours),
+                                       scan_layers=self.cfg.model.scan_layers)
+        else:
+            def load(like=None):
+                return load_checkpoint(path, like=like)
         try:
             try:
-                loaded = load_checkpoint(path, like=abstract_like(ours))
+                loaded = load(like=abstract_like(ours))
             except ParameterMismatch as err:
                 if _only_adapters(err.missing) and not err.extra and not err.shapes:  # a model to adapt
                     fresh_adapters, frozen = lora.split_trainable(ours)
-                    loaded = load_checkpoint(path, like=abstract_like(frozen))
+                    loaded = load(like=abstract_like(frozen))
                 elif _only_adapters(err.extra) and not err.missing and not err.shapes:  # adapters to merge in
                     loaded = _merged(load_checkpoint(path), ours)
                 else:
