@@ -78,6 +78,9 @@ def make_train_step(
     With ``ema`` (``algorithms.ema``'s schedule), the state's moving average of the parameters
     is updated after each applied step (``jaxtrain.algorithms.ema``).
 
+    A model with LoRA adapters (``jaxtrain.layers.lora``) trains them alone: the gradient, the
+    optimizer and the average cover the adapters, and the frozen weights pass through unchanged.
+
     An optional ``control`` float32[2] = [loss multiplier, force skip] lets the host rehearse
     failures (a NaN or spike multiplier) and reproduce another run's skipped steps.
     """
