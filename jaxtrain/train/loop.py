@@ -20,7 +20,6 @@ that step's checkpoint and exiting 143.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -28,10 +27,8 @@ import time
 from typing import Any
 
 import jax
-from absl import logging
 from jax.experimental.multihost_utils import reached_preemption_sync_point
 
-from jaxtrain.algorithms.ema import evaluation_params
 from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
 from jaxtrain.checkpoint.remote import RemoteUploadError
 from jaxtrain.data.tokenizer import TOKENIZER_FILE
@@ -39,17 +36,18 @@ from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, tensorboard_log_dir
 from jaxtrain.metrics.tokens import TrainTokens
 from jaxtrain.parallel.mesh import global_batch_from_local
+from jaxtrain.train.evaluation import EvaluationMixin
 from jaxtrain.train.events import Event, EventBus
 from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, control_array, install_stop_handlers
 from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.resume_settings import tokenizer_record
-from jaxtrain.train.setup import RunParts, eval_batch_size, interval_batches
+from jaxtrain.train.setup import RunParts, interval_batches
 from jaxtrain.train.state import checkpoint_items
 from jaxtrain.train.supervisor import ReachedStep
 from jaxtrain.train.summary import FitResult, is_out_of_lineage, out_of_lineage_incidents
 
 
-class Trainer(RecoveryMixin):
+class Trainer(EvaluationMixin, RecoveryMixin):
     """Runs a built ``RunParts`` to ``max_duration``, resuming from ``save_folder`` if asked."""
 
     def __init__(self, parts: RunParts, *, callbacks: list | None = None, started: float | None = None):
@@ -150,58 +148,6 @@ class Trainer(RecoveryMixin):
             saved = self.checkpointer.save(self.step, checkpoint_items(self.state), self._meta(), force=force)
         if saved:
             self.events.fire(Event.CHECKPOINT, self)
-
-    # ------------------------------------------------------------------ eval
-
-    def evaluate(self) -> float | None:
-        """The held-out loss. The watchdog watches it as it watches steps: each finished batch is
-        progress. Compiling the eval step (its first use in this process) is not watched, as the
-        first step is not. The EVAL_START/EVAL_END callbacks run with the watchdog paused; one that
-        reports progress arms it (ICL scoring beats after each finished batch and pauses it again
-        before a batch whose program compiles first)."""
-        loader = self.parts.eval_loader
-        if loader is None:
-            return None
-        with self.watchdog.paused():
-            self.events.fire(Event.EVAL_START, self)
-        batch_size = eval_batch_size(self.cfg)
-        limit = self.cfg.eval_subset_num_batches
-        outs = []
-        for index, local in enumerate(loader.batches(batch_size)):
-            if 0 <= limit <= index:
-                break
-            batch = global_batch_from_local(local, self.parts.mesh)
-            if not self._eval_compiled:
-                self._compile_eval_step(batch)
-            outs.append(self.parts.eval_step(evaluation_params(self.state), batch))
-            if index == 0:
-                self.faults.during_eval(self.step)
-            if len(outs) > 1:  # one batch in flight; the one before it has finished
-                jax.block_until_ready(outs[-2])
-                self.watchdog.beat()
-        if not outs:
-            return None
-        # summed on the host once all batches are done (adding on the device compiles one more program)
-        outs = jax.device_get(outs)
-        self.watchdog.beat()
-        loss_sum = math.fsum(float(out["loss_sum"]) for out in outs)
-        loss = loss_sum / max(math.fsum(float(out["tokens"]) for out in outs), 1.0)
-        self.eval_history.append((self.step, loss))
-        record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-        self._write_metrics(record)
-        self.print(f"step {self.step}: held-out loss {loss:.4f}, perplexity {record['eval/perplexity']:.2f}")
-        with self.watchdog.paused():
-            self.events.fire(Event.EVAL_END, self)
-        return loss
-
-    def _compile_eval_step(self, batch: dict[str, jax.Array]) -> None:
-        """Compile the eval step with the watchdog paused; its calls then find it compiled."""
-        lower = getattr(self.parts.eval_step, "lower", None)
-        if lower is not None:
-            with self.watchdog.paused():
-                lower(evaluation_params(self.state), batch).compile()
-            self.watchdog.beat()  # the batches from here on are watched, even in the first evaluation
-        self._eval_compiled = True
 
     # ------------------------------------------------------------------ logging
 
@@ -445,32 +391,6 @@ class Trainer(RecoveryMixin):
             if action != "ok":
                 self._handle_unhealthy([pending[0]], {pending[0]: action})
         return first_eval
-
-    def _handle_unhealthy(self, bad_steps: list[int], actions: dict[int, str]) -> bool:
-        """Roll back or stop after bad steps. Returns True to keep training."""
-        if "stop" not in actions.values():
-            # A spike rollback skips the run of spiky batches that triggered it; a NaN, its own batch.
-            span = self.cfg.health.spike_patience if self.incidents and self.incidents[-1]["incident"] == "spike" else 1
-            window = sorted(set(range(bad_steps[0] - span + 1, bad_steps[0] + 1)) | set(bad_steps))
-            window = [step for step in window if step >= 1]
-            if self.checkpointer is not None and self.rollback(window):
-                if self.metrics_file is not None:  # the steps replayed from here are logged once, anew
-                    self.metrics_file.drop_after(self.step, keep=_is_incident)
-                self.record_incident("rollback", to_step=self.step, skipped_steps=window)
-                self.meter.start(time.perf_counter())
-                self._last_step_time = None
-                return True
-            self.stopped_unhealthy = f"rollback needed at step {bad_steps[0]} but no checkpoint to roll back to"
-        else:
-            self.stopped_unhealthy = f"health policy stopped the run at step {bad_steps[0]} (see incidents in metrics.jsonl)"
-        self.record_incident("stop", step=bad_steps[0], reason=self.stopped_unhealthy)
-        return False
-
-
-def _is_incident(record: dict) -> bool:
-    """A metrics.jsonl record of an incident: a rollback keeps those of the steps it undoes, as
-    the steps it skips are not logged again."""
-    return "incident" in record
 
 
 def _data_position(loader_state: dict) -> tuple[int, int]:

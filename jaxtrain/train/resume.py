@@ -1,5 +1,5 @@
 """Checkpoint-side recovery for the Trainer: autoresume with fallback past unreadable
-checkpoints, rollback after a bad step, and starting from another run's weights.
+checkpoints, rollback (or a stop) after a bad step, and starting from another run's weights.
 
 Autoresume first compares the config stored in the checkpoint with the run's
 (``jaxtrain.train.resume_settings``): a setting under which the checkpoint would be misread is
@@ -12,6 +12,7 @@ when none can be restored, nothing is moved.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -39,6 +40,12 @@ from jaxtrain.train.resume_settings import (
     show_value,
 )
 from jaxtrain.train.state import TrainState, checkpoint_items, trainable_params
+
+
+def _is_incident(record: dict) -> bool:
+    """A metrics.jsonl record of an incident: a rollback keeps those of the steps it undoes, as
+    the steps it skips are not logged again."""
+    return "incident" in record
 
 
 def _only_adapters(names: list[str]) -> bool:
@@ -179,6 +186,26 @@ class RecoveryMixin:
         self.state = self.state.replace(lr_scale=jax.device_put(jax.numpy.float32(lr_scale), self.state.lr_scale.sharding))
         self.print(f"rolled back to step {restored}; batches of steps {bad_steps} will be skipped; lr scale {lr_scale:g}")
         return True
+
+    def _handle_unhealthy(self, bad_steps: list[int], actions: dict[int, str]) -> bool:
+        """Roll back or stop after bad steps. Returns True to keep training."""
+        if "stop" not in actions.values():
+            # A spike rollback skips the run of spiky batches that triggered it; a NaN, its own batch.
+            span = self.cfg.health.spike_patience if self.incidents and self.incidents[-1]["incident"] == "spike" else 1
+            window = sorted(set(range(bad_steps[0] - span + 1, bad_steps[0] + 1)) | set(bad_steps))
+            window = [step for step in window if step >= 1]
+            if self.checkpointer is not None and self.rollback(window):
+                if self.metrics_file is not None:  # the steps replayed from here are logged once, anew
+                    self.metrics_file.drop_after(self.step, keep=_is_incident)
+                self.record_incident("rollback", to_step=self.step, skipped_steps=window)
+                self.meter.start(time.perf_counter())
+                self._last_step_time = None
+                return True
+            self.stopped_unhealthy = f"rollback needed at step {bad_steps[0]} but no checkpoint to roll back to"
+        else:
+            self.stopped_unhealthy = f"health policy stopped the run at step {bad_steps[0]} (see incidents in metrics.jsonl)"
+        self.record_incident("stop", step=bad_steps[0], reason=self.stopped_unhealthy)
+        return False
 
     def load_weights(self, path: str) -> None:
         """Start from the parameters of another run's checkpoint (the optimizer starts fresh).
