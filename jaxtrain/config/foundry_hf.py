@@ -42,7 +42,7 @@ def map_hf_model(doc: dict, folder: str, note: Note, where: Where) -> None:
     """Replace ``doc["model"]`` (an ``hf_causal_lm`` section naming the local folder ``folder``) by the
     MPT its ``config.json`` describes, and start from its weights (``load_path``) when pretrained."""
     from jaxtrain.config.loader import config_to_dict
-    from jaxtrain.convert.hf_mpt import CONFIG_FILE, model_config_from_hf, read_json
+    from jaxtrain.convert.hf_mpt import CONFIG_FILE, model_config_from_hf, read_json_object
 
     model = doc["model"]
     for key, why in REFUSED.items():
@@ -55,9 +55,7 @@ def map_hf_model(doc: dict, folder: str, note: Note, where: Where) -> None:
                           f"model (a model built from {folder}/{CONFIG_FILE}); remove it or set it under "
                           f"config_overrides")
     path = os.path.join(folder, CONFIG_FILE)
-    hf = read_json(path)
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{path}: holds a JSON {type(hf).__name__}, not an object of model settings")
+    hf = read_json_object(folder, CONFIG_FILE, expected="a Hugging Face MPT folder", what="model settings")
     overrides = model.get("config_overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where('model.config_overrides')}: model.config_overrides: expected a mapping of "

@@ -241,6 +241,18 @@ def read_json(path: str) -> Any:
         raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
 
 
+def read_json_object(folder: str, name: str, *, expected: str, what: str) -> dict:
+    """The JSON object in ``folder/name``; ``ConfigError`` when the file is missing (``folder`` was
+    to be ``expected``), is not JSON, or holds no object (of ``what``)."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{folder}: no {name}; expected {expected}")
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(value).__name__}, not an object of {what}")
+    return value
+
+
 def is_hf_folder(path: str) -> bool:
     """Whether ``path`` is a local Hugging Face model folder (a ``config.json`` beside safetensors)."""
     return ("://" not in str(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
@@ -250,13 +262,8 @@ def is_hf_folder(path: str) -> bool:
 def read_hf(src: str, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, set[str]]:
     """(model config, pure dict of float32 parameter arrays, the tensors' dtypes) of the Hugging Face
     MPT folder ``src``; tensors are read one at a time into the parameter buffers."""
-    config_path = os.path.join(src, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise ConfigError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MPT folder")
-    hf = read_json(config_path)
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{config_path}: holds a JSON {type(hf).__name__}, not an object of model settings")
-    model_cfg = model_config_from_hf(hf, source=config_path, scan_layers=scan_layers)
+    hf = read_json_object(src, CONFIG_FILE, expected="a Hugging Face MPT folder", what="model settings")
+    model_cfg = model_config_from_hf(hf, source=os.path.join(src, CONFIG_FILE), scan_layers=scan_layers)
     with open_safetensors_folder(src) as tensors:
         prefix = FOUNDRY_PREFIX if tensors.names and all(n.startswith(FOUNDRY_PREFIX) for n in tensors.names) else ""
         plan = tensor_plan(model_cfg)

@@ -38,14 +38,10 @@ def tensor_name(block: int, module: str, which: str) -> str:
 def peft_config_from_adapter(folder: str) -> PeftConfig:
     """The ``model.peft_config`` of the PEFT adapter folder ``folder``; ``ConfigError`` naming the
     file and setting when it is not a LoRA adapter jaxtrain can load."""
-    from jaxtrain.convert.hf_mpt import read_json
+    from jaxtrain.convert.hf_mpt import read_json_object
 
     path = os.path.join(folder, ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{folder}: no {ADAPTER_CONFIG}; expected a PEFT adapter folder")
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: holds a JSON {type(config).__name__}, not an object of adapter settings")
+    config = read_json_object(folder, ADAPTER_CONFIG, expected="a PEFT adapter folder", what="adapter settings")
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise ConfigError(f"{path}: peft_type {config.get('peft_type')!r}; jaxtrain loads LORA adapters only")
     for key, off in _UNSUPPORTED.items():
