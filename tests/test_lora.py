@@ -1,7 +1,8 @@
 """LoRA fine-tuning (``model.peft_config``) against Hugging Face PEFT.
 
 The reference is PEFT 0.21 itself on transformers' MptForCausalLM: ``tests/fixtures/lora`` holds
-two PEFT adapters for the tiny model ``tests/fixtures/hf_mpt/mha`` (plain and rank-stabilised) and what PEFT computed with them
+two PEFT adapters for the tiny model ``tests/fixtures/hf_mpt/mha`` (plain and rank-stabilised) and
+what PEFT computed with them
 (logits, the loss's gradients of the adapters, the merged weights); ``make_reference.py`` there
 rebuilds them. ``check_export.py`` loads jaxtrain's exports with PEFT and transformers live when
 the reference environment (.venv-ref) has PEFT.
@@ -312,9 +313,9 @@ def test_in_bf16_the_frozen_weights_are_kept_in_bf16_and_the_average_is_the_adap
     assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
     assert count_params(state.ema) == count_params(adapters)
-    step = compile_train_step(make_train_step(model_def, tx, lambda count: jnp.asarray(1e-2), compute_dtype=jnp.bfloat16,
-                                              ema=EMAPlan(smoothing=0.5, start=0, every=1)),
-                              shardings, batch_sharding(mesh))
+    train_step = make_train_step(model_def, tx, lambda count: jnp.asarray(1e-2), compute_dtype=jnp.bfloat16,
+                                 ema=EMAPlan(smoothing=0.5, start=0, every=1))
+    step = compile_train_step(train_step, shardings, batch_sharding(mesh))
     frozen_before = [np.asarray(x) for x in jax.tree.leaves(frozen)]
     batch = {"input_ids": jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(4, 16), dtype=np.int32))}
     for _ in range(2):

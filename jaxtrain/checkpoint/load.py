@@ -287,7 +287,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
             device = jax.local_devices()[0]
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract_params)
         item = "ema" if averaged else "params"
-        placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+        placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
+                              shardings)
         target = {item: placed}
         if averaged and lora.has_adapters(placed):  # the average is the adapters'; the frozen weights are read too
             target = {"params": placed, "ema": lora.split_trainable(placed)[0]}
@@ -300,8 +301,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
                     args=ocp.args.Composite(
                         state=ocp.args.PyTreeRestore(
                             item=target,
-                            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
-                                                      target),
+                            restore_args=jax.tree.map(
+                                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target),
                             partial_restore=True,
                         )
                     ),
@@ -342,8 +343,9 @@ def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> Load
     _, abstract_params = abstract_model(model_cfg)
     _check_parameters(folder, model_cfg, abstract_params, like, shapes=True)
     nnx.replace_by_pure_dict(abstract_params, buffers)
-    params = jax.tree.map(lambda value, l: jax.device_put(np.asarray(value, l.dtype), l.sharding), abstract_params, like)
+    params = jax.tree.map(lambda value, l: jax.device_put(np.asarray(value, l.dtype), l.sharding),
+                          abstract_params, like)
     tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
+    source = {"format": "hf_mpt", "path": os.path.abspath(folder), "dtype": "/".join(sorted(dtypes))}
     return LoadedModel(model_cfg=model_cfg, params=params, step=0,
-                       tokenizer_path=tokenizer_path if os.path.exists(tokenizer_path) else None,
-                       meta={"source": {"format": "hf_mpt", "path": os.path.abspath(folder), "dtype": "/".join(sorted(dtypes))}})
+                       tokenizer_path=tokenizer_path if os.path.exists(tokenizer_path) else None, meta={"source": source})

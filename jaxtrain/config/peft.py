@@ -32,7 +32,6 @@ PEFT_NO_EFFECT = ("inference_mode", "revision", "base_model_name_or_path", "peft
                   "megatron_core", "qalora_group_size", "ensure_weight_tying")
 
 
-
 def module_names(model_cfg: Any) -> list[str]:
     """The linear layers of one block that can take adapters, by their Hugging Face names."""
     glu = model_cfg.ffn_config.ffn_type == "mptglu"
@@ -73,11 +72,12 @@ def targeted_modules(model_cfg: Any) -> tuple[str, ...]:
         for t in target:
             if not any(_matches([t], full_name(0, name)) for name in names):
                 close = difflib.get_close_matches(t.rsplit(".", 1)[-1], names, n=1, cutoff=0.8)
-                hint = f"did you mean '{close[0]}'?" if close else f"MPT's linear layers are {', '.join(names)}"
+                layers = ", ".join(names)
+                hint = f"did you mean '{close[0]}'?" if close else f"MPT's linear layers are {layers}"
                 if t.rsplit(".", 1)[-1] in _SEPARATE_QKV:
-                    hint = f"MPT projects queries, keys and values in one layer, Wqkv; its linear layers are {', '.join(names)}"
+                    hint = f"MPT projects queries, keys and values in one layer, Wqkv; its linear layers are {layers}"
                 elif t == "gate_proj":
-                    hint = f"gate_proj exists with model.ffn_config.ffn_type: mptglu; the model's linear layers are {', '.join(names)}"
+                    hint = f"gate_proj exists with model.ffn_config.ffn_type: mptglu; the model's linear layers are {layers}"
                 raise ValueError(f"{t!r} names no layer of the model; {hint}")
     chosen = tuple(name for name in names if _matches(target, full_name(0, name)))
     for block in range(1, model_cfg.n_layers):
@@ -111,7 +111,7 @@ def check_peft_config(model_cfg: Any, fail: Callable[[str, str], None]) -> None:
         fail(f"{key}.bias", f"{peft.bias!r} is not supported; only none (biases stay frozen)")
     if peft.fan_in_fan_out:
         fail(f"{key}.fan_in_fan_out", "only false is supported (MPT's layers are Linear)")
-    if peft.init_lora_weights not in INITS or isinstance(peft.init_lora_weights, int) and peft.init_lora_weights != 1:
+    if peft.init_lora_weights not in INITS:
         fail(f"{key}.init_lora_weights", f"{peft.init_lora_weights!r} is not supported; use true or gaussian")
     try:
         targeted_modules(model_cfg)

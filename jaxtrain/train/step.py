@@ -111,7 +111,8 @@ def make_train_step(
         step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         multiplier = control[0] if control is not None else jnp.float32(1.0)
         # With LoRA adapters only they train: no gradient of a frozen weight is computed.
-        trained, frozen = lora.split_trainable(state.params) if lora.has_adapters(state.params) else (state.params, None)
+        trained, frozen = (lora.split_trainable(state.params) if lora.has_adapters(state.params)
+                           else (state.params, None))
 
         if num_microbatches == 1:
             (_, loss_sum), grads = grad_fn(
