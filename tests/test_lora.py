@@ -65,6 +65,9 @@ def test_adapters_give_the_logits_peft_gives(tmp_path, case, scan_layers):
     _, loaded = imported(tmp_path, case, scan_layers=scan_layers)
     logits = loaded.module()(jnp.asarray(REF["input_ids"]))
     np.testing.assert_allclose(np.asarray(logits), REF[CASES[case]], atol=2e-5, rtol=0)
+    merged = loaded.merged()  # what generate and eval run: the adapters merged into the weights
+    assert merged.model_cfg.peft_config is None and not lora.has_adapters(merged.params)
+    np.testing.assert_allclose(np.asarray(merged.module()(jnp.asarray(REF["input_ids"]))), REF[CASES[case]], atol=2e-5)
     # the adapters matter: without them the logits are the base model's
     merged_away = nnx.merge(abstract_model(lora.without_adapters(loaded.model_cfg))[0],
                             lora.split_trainable(loaded.params)[1])

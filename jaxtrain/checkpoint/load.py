@@ -43,6 +43,14 @@ class LoadedModel:
         graphdef, _ = abstract_model(self.model_cfg)
         return nnx.merge(graphdef, self.params)
 
+    def merged(self) -> LoadedModel:
+        """These weights with their LoRA adapters merged in, for the model without adapters (one
+        product per layer instead of three, as generation and evaluation want); itself without."""
+        if self.model_cfg.peft_config is None:
+            return self
+        return dataclasses.replace(self, model_cfg=lora.without_adapters(self.model_cfg),
+                                   params=lora.merge_adapters(self.params, self.model_cfg))
+
     def tokenizer(self):
         """The ``jaxtrain.data.Tokenizer`` saved beside the checkpoint (``ConfigError`` if none is)."""
         from jaxtrain.data.tokenizer import tokenizer_from_file

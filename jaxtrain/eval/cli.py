@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if given_tokenizer is None and loaded.tokenizer_path is None:
             raise ConfigError(f"{args.checkpoint}: no tokenizer.json beside the checkpoint; pass --tokenizer PATH")
         tokenizer = given_tokenizer if given_tokenizer is not None else loaded.tokenizer()
-        model = loaded.module()
+        model = loaded.merged().module()
         compute_dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
         results: dict = {"checkpoint": args.checkpoint, "step": loaded.step,
                          "weights": "moving average (algorithms.ema)" if loaded.averaged else "trained"}

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(not p for p in prompts):
             raise ConfigError("--prompt: every prompt must encode to at least one token")
         result = generate(
-            loaded.module(), prompts, max_new_tokens=args.max_new_tokens, sampling=sampling_from_args(args),
+            loaded.merged().module(), prompts, max_new_tokens=args.max_new_tokens, sampling=sampling_from_args(args),
             stop_strings=args.stop, token_texts=token_texts(tokenizer.backend) if args.stop else None,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=None, seed=args.seed,
             compute_dtype=jnp.bfloat16 if args.precision == "bf16" else jnp.float32,
