@@ -335,3 +335,26 @@ def test_in_bf16_the_frozen_weights_are_kept_in_bf16_and_the_average_is_the_adap
                    for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(adapters)))
     for before, after in zip(frozen_before, jax.tree.leaves(evaluated_frozen)):
         np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_accelerators_three_query_key_value_products_take_the_adapter_too():
+    """On GPUs and TPUs Wqkv runs as three products with column slices of its kernel; with an
+    adapter, B is sliced the same way. Traced for a GPU (float32: XLA's attention, which runs
+    here), the attention equals the CPU's one-product path."""
+    from jaxtrain.layers.attention import MPTAttention
+    from jaxtrain.parallel import platform
+
+    spec = lora.LoraSpec(r=4, scaling=2.0, dropout=0.0)
+    attn = MPTAttention(d_model=32, n_heads=4, kv_n_heads=2, use_bias=False, clip_qkv=None, qk_ln=False,
+                        norm_type="layernorm", norm_eps=1e-5, softmax_scale=None, attn_pdrop=0.0, in_std=0.1,
+                        out_std=0.1, rngs=nnx.Rngs(0), adapters={"Wqkv": spec})
+    attn.Wqkv.lora_b = nnx.LoRAParam(0.1 * jax.random.normal(jax.random.key(1), attn.Wqkv.lora_b[...].shape))
+    x = jax.random.normal(jax.random.key(2), (2, 8, 32))
+    slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625])
+    cpu = attn(x, slopes=slopes)
+    with platform.compiling_for("gpu"):
+        sliced = attn(x, slopes=slopes)
+    np.testing.assert_allclose(np.asarray(sliced), np.asarray(cpu), atol=2e-5)
+    attn.Wqkv.lora_b = nnx.LoRAParam(jnp.zeros_like(attn.Wqkv.lora_b[...]))
+    with platform.compiling_for("gpu"):  # and the adapter's term is in it: without it the output differs
+        assert not np.allclose(np.asarray(attn(x, slopes=slopes)), np.asarray(sliced), atol=1e-3)

@@ -258,7 +258,7 @@ class MPTAttention(nnx.Module):
         """
         batch, length, d_model = x.shape
         kv_width = self.kv_n_heads * self.head_dim
-        plain = self.Wqkv.bias is None and self.clip_qkv is None and self.Wqkv.lora_a is None
+        plain = self.Wqkv.bias is None and self.clip_qkv is None
         qkv_rng = out_rng = None
         if lora_rng is not None:
             qkv_rng, out_rng = jax.random.split(lora_rng)
@@ -266,10 +266,15 @@ class MPTAttention(nnx.Module):
             # three products with column slices of Wqkv: splitting one product's output copies Q,
             # K and V out of it (the H200-compiled 1B step moved 16 GB a step doing so). Not in
             # fp8, where XLA would merge the slices' products back into a bf16 one (fp8.dot).
+            # A LoRA adapter adds its term the same way: (dropout(x)·A) times column slices of B.
+            splits = [d_model, d_model + kv_width]
             kernel = self.Wqkv.kernel[...].astype(compute_dtype)
             xc = x.astype(compute_dtype)
-            q, k, v = (jnp.einsum("...i,io->...o", xc, w)
-                       for w in jnp.split(kernel, [d_model, d_model + kv_width], axis=-1))
+            q, k, v = (jnp.einsum("...i,io->...o", xc, w) for w in jnp.split(kernel, splits, axis=-1))
+            if self.Wqkv.lora_a is not None:
+                h = self.Wqkv.adapter_input(x, compute_dtype=compute_dtype, lora_rng=qkv_rng)
+                q, k, v = (part + self.Wqkv.adapter_output(h, b, compute_dtype=compute_dtype)
+                           for part, b in zip((q, k, v), jnp.split(self.Wqkv.lora_b[...], splits, axis=-1)))
         else:
             qkv = self.Wqkv(x, compute_dtype=compute_dtype, lora_rng=qkv_rng)
             if self.clip_qkv is not None:

@@ -121,9 +121,16 @@ class Dense(nnx.Module):
 
     def adapter(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None) -> jax.Array:
         """The adapter's term ``scaling · (dropout(x)·A)·B`` in the compute dtype, as PEFT adds it."""
-        h = dropout(x, self.lora_dropout, lora_rng)
-        h = _plain_product(_plain_product(h, self.lora_a[...], compute_dtype), self.lora_b[...], compute_dtype)
-        return h * jnp.asarray(self.lora_scaling, compute_dtype)
+        h = self.adapter_input(x, compute_dtype=compute_dtype, lora_rng=lora_rng)
+        return self.adapter_output(h, self.lora_b[...], compute_dtype=compute_dtype)
+
+    def adapter_input(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None):
+        """``dropout(x)·A`` ``[..., r]``: the adapter's first product."""
+        return _plain_product(dropout(x, self.lora_dropout, lora_rng), self.lora_a[...], compute_dtype)
+
+    def adapter_output(self, h: jax.Array, b: jax.Array, *, compute_dtype=jnp.float32) -> jax.Array:
+        """``scaling · h·b`` for ``h`` from ``adapter_input`` and ``b`` B or columns of it."""
+        return _plain_product(h, b, compute_dtype) * jnp.asarray(self.lora_scaling, compute_dtype)
 
     def _product(self, x: jax.Array, compute_dtype) -> jax.Array:
         if fp8.enabled():  # amp_fp8: the product in fp8, rounded once to the compute dtype
