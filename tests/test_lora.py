@@ -230,6 +230,10 @@ def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp
     _, hf_weights, _ = read_hf(str(BASE))
     for ours, theirs in zip(jax.tree.leaves(nnx.to_pure_dict(frozen)), jax.tree.leaves(hf_weights)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    # its PEFT export names that folder as the model the adapters apply to
+    export_hf(str(tmp_path / "checkpoints"), str(tmp_path / "peft"), adapter_only=True)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(BASE) and config["target_modules"] == ["Wqkv", "up_proj"]
     # killed after its last save but one: the resumed run ends with the same adapters
     import shutil
 

@@ -390,7 +390,12 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
         os.makedirs(dst, exist_ok=True)
         SafetensorsWriter(dst, np.dtype(np_dtype), 0).write_single(
             ADAPTER_WEIGHTS, adapter_entries(model_cfg, nnx.to_pure_dict(loaded.params), np_dtype))
+        # the Hugging Face model the adapters apply to, where the checkpoint says: the folder a
+        # converted checkpoint came from, or the run's load_path when that was such a folder
         base = loaded.meta.get("source", {}).get("path") if loaded.meta.get("weights_only") else None
+        load_path = (loaded.meta.get("config") or {}).get("load_path")
+        if base is None and isinstance(load_path, str) and os.path.isdir(load_path) and is_hf_folder(load_path):
+            base = os.path.abspath(load_path)
         with open(os.path.join(dst, ADAPTER_CONFIG), "w", encoding="utf-8") as handle:
             json.dump(adapter_config(model_cfg, base_model=base), handle, indent=2)
         if loaded.tokenizer_path:
