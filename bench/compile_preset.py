@@ -2,6 +2,7 @@
 abstract shapes only (no parameter is allocated), and print how long it takes.
 
     python bench/compile_preset.py --config configs/mpt/7b.yaml --devices 8 --fsdp 8
+    python bench/compile_preset.py --set model.peft_config.r=16 --set model.peft_config.target_modules=all-linear
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--fsdp", type=int, default=8)
     parser.add_argument("--tensor", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,7 +34,8 @@ def main() -> None:
     from jaxtrain.train.state import abstract_train_state
     from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_train_step
 
-    cfg = load_config(args.config, [f"parallelism.data=-1", f"parallelism.fsdp={args.fsdp}", f"parallelism.tensor={args.tensor}"])
+    cfg = load_config(args.config, [f"parallelism.data=-1", f"parallelism.fsdp={args.fsdp}",
+                                    f"parallelism.tensor={args.tensor}", *args.set])
     mesh = build_mesh(cfg.parallelism)
     rules = axis_rules(cfg.parallelism)
     started = time.perf_counter()
@@ -40,7 +43,8 @@ def main() -> None:
                               to_batches=lambda value: 1000 if value.endswith("dur") else 100)
     tx = build_optimizer(cfg.optimizer, schedule, clipping=cfg.algorithms.gradient_clipping)
     state, model_def, shardings = abstract_train_state(cfg.model, tx, mesh=mesh, rules=rules,
-                                                       spike_window=cfg.health.spike_window)
+                                                       spike_window=cfg.health.spike_window,
+                                                       frozen_dtype=COMPUTE_DTYPES[cfg.precision])
     per_device = cfg.global_train_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     micro = cfg.device_train_microbatch_size if isinstance(cfg.device_train_microbatch_size, int) else per_device
     step = make_train_step(model_def, tx, schedule, compute_dtype=COMPUTE_DTYPES[cfg.precision],
