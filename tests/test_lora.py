@@ -215,9 +215,13 @@ def fit(cfg, parts=None):
 
 
 def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp_path):
-    """load_path is the Hugging Face folder itself; its weights stay as they were, bit for bit."""
-    cfg = run_config(tmp_path, BASE)
+    """load_path is the Hugging Face folder itself; its weights stay as they were, bit for bit. The
+    run keeps a moving average of the adapters, which its checkpoints are read with."""
+    cfg = run_config(tmp_path, BASE, algorithms={"ema": {"smoothing": 0.5}})
     parts, trainer, result, printed = fit(cfg)
+    trained = [np.asarray(x) for x in jax.tree.leaves(lora.split_trainable(trainer.state.params)[0])]
+    average = [np.asarray(x) for x in jax.tree.leaves(trainer.state.ema)]
+    assert len(average) == len(trained) and not all(np.array_equal(a, t) for a, t in zip(average, trained))
     assert "LoRA adapters train on them" in printed
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -227,6 +231,9 @@ def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp
     # the frozen weights are the loaded model's, bit for bit
     saved = load_checkpoint(str(tmp_path / "checkpoints"))
     adapters, frozen = lora.split_trainable(saved.params)
+    assert saved.averaged
+    for ours, theirs in zip(jax.tree.leaves(adapters), average):  # read with the average of the adapters
+        np.testing.assert_array_equal(np.asarray(ours), theirs)
     _, hf_weights, _ = read_hf(str(BASE))
     for ours, theirs in zip(jax.tree.leaves(nnx.to_pure_dict(frozen)), jax.tree.leaves(hf_weights)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
@@ -240,8 +247,10 @@ def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp
     shutil.rmtree(tmp_path / "checkpoints" / "6")
     _, again, _, printed = fit(cfg, parts)
     assert "resumed from" in printed
-    for ours, theirs in zip(jax.tree.leaves(lora.split_trainable(again.state.params)[0]), jax.tree.leaves(adapters)):
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    for ours, theirs in zip(jax.tree.leaves(lora.split_trainable(again.state.params)[0]), trained):
+        np.testing.assert_array_equal(np.asarray(ours), theirs)
+    for ours, theirs in zip(jax.tree.leaves(again.state.ema), average):
+        np.testing.assert_array_equal(np.asarray(ours), theirs)
     # a model without adapters starting from this checkpoint gets them merged into its weights
     plain = dataclasses.replace(cfg, model=lora.without_adapters(cfg.model), load_path=str(tmp_path / "checkpoints"),
                                 save_folder=None, run_folder=str(tmp_path / "plain"))
