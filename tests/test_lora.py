@@ -371,3 +371,18 @@ def test_accelerators_three_query_key_value_products_take_the_adapter_too():
     attn.Wqkv.lora_b = nnx.LoRAParam(jnp.zeros_like(attn.Wqkv.lora_b[...]))
     with platform.compiling_for("gpu"):  # and the adapter's term is in it: without it the output differs
         assert not np.allclose(np.asarray(attn(x, slopes=slopes)), np.asarray(sliced), atol=1e-3)
+
+
+def test_a_model_of_another_shape_is_refused_in_one_line_naming_its_shape(tmp_path):
+    """LoRA on a load_path whose model differs: the error names the shape, not the adapters."""
+    cfg = run_config(tmp_path, BASE)
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=3), save_folder=None)
+    parts = build_run(other)
+    try:
+        with pytest.raises(ConfigError) as error:
+            Trainer(parts).load_weights(str(BASE))
+    finally:
+        parts.train_loader.close()
+    message = str(error.value)
+    assert message.startswith(f"load_path: {BASE}") and "model.n_layers=2 (the config says 3)" in message
+    assert "peft_config" not in message and "lora" not in message and "\n" not in message

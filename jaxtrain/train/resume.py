@@ -226,7 +226,7 @@ class RecoveryMixin:
             try:
                 loaded = load(like=abstract_like(ours))
             except ParameterMismatch as err:
-                if _only_adapters(err.missing) and not err.extra and not err.shapes:  # a model to adapt
+                if _only_adapters(err.missing) and not err.extra:  # a model to adapt (or, not fitting, said so)
                     fresh_adapters, frozen = lora.split_trainable(ours)
                     loaded = load(like=abstract_like(frozen))
                 elif _only_adapters(err.extra) and not err.missing and not err.shapes:  # adapters to merge in
@@ -238,7 +238,7 @@ class RecoveryMixin:
             theirs = config_to_dict(err.model_cfg)
             keys = [f"model.{key}={show_value(old)} (the config says {show_value(new)})"
                     for key, old, new in config_differences(theirs, ours)
-                    if key_class(f"model.{key}") == REFUSE_MODEL]
+                    if key_class(f"model.{key}") == REFUSE_MODEL and not key.startswith("peft_config")]
             differ = f"; the checkpoint's model has {few(keys, 4)}" if keys else ""
             raise ConfigError(f"load_path: {path}: {err.detail()}{differ}; make the model section match the "
                               f"checkpoint's") from None
