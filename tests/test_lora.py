@@ -386,3 +386,31 @@ def test_a_model_of_another_shape_is_refused_in_one_line_naming_its_shape(tmp_pa
     message = str(error.value)
     assert message.startswith(f"load_path: {BASE}") and "model.n_layers=2 (the config says 3)" in message
     assert "peft_config" not in message and "lora" not in message and "\n" not in message
+
+
+def test_the_example_config_fine_tunes_a_hugging_face_folder(tmp_path):
+    """configs/finetune/lora.yaml, as the README runs it, on a copy of the fixture model with a
+    character tokenizer beside it: Foundry's hf_causal_lm section on a local folder, LoRA on every
+    linear layer, the folder's weights frozen."""
+    import shutil
+    import sys
+
+    from test_finetune import char_tokenizer, write_lines
+
+    model = tmp_path / "model"
+    shutil.copytree(BASE, model)
+    char_tokenizer().save(str(model / "tokenizer.json"))
+    data = write_lines(tmp_path / "train.jsonl", [{"prompt": p, "response": r}
+                                                  for p, r in [("ab", "cd"), ("efg", "h"), ("k", "lm")] * 8])
+    run = subprocess.run(
+        [sys.executable, "-m", "jaxtrain.main", "--config", "configs/finetune/lora.yaml",
+         "--set", f"variables.model={model}", "--set", f"variables.data={data}", "--set", "variables.max_seq_len=32",
+         "--set", "max_duration=3ba", "--set", "global_train_batch_size=4", "--set", f"run_folder={tmp_path / 'run'}",
+         "--set", f"save_folder={tmp_path / 'checkpoints'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"jaxtrain builds the MPT that {model}/config.json describes and starts from its weights" in run.stdout
+    assert "training 0.02M in LoRA adapters (rank 16)" in run.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 3
+    saved = load_checkpoint(str(tmp_path / "checkpoints"))
+    assert saved.model_cfg.peft_config.target_modules == "all-linear" and lora.has_adapters(saved.params)

@@ -18,6 +18,7 @@ README = (ROOT / "README.md").read_text()
 COVERED = {
     "python3.12 -m venv .venv": ".ci/run (creates the environment and installs the project)",
     "python -m jaxtrain.main --config configs/quickstart.yaml": "test_end_to_end.py::test_readme_quickstart_command_trains_and_loss_falls",
+    "python -m jaxtrain.main --config configs/finetune/lora.yaml": "test_lora.py::test_the_example_config_fine_tunes_a_hugging_face_folder",
     "python -m pytest": ".ci/run",
     "python -m jaxtrain.main --help_config": "test_readme.py::test_help_config",
     "jaxtrain data prepare": "test_prepare.py::test_cli_writes_and_reports_errors_in_one_line",
