@@ -42,7 +42,8 @@ def map_hf_model(doc: dict, folder: str, note: Note, where: Where) -> None:
     """Replace ``doc["model"]`` (an ``hf_causal_lm`` section naming the local folder ``folder``) by the
     MPT its ``config.json`` describes, and start from its weights (``load_path``) when pretrained."""
     from jaxtrain.config.loader import config_to_dict
-    from jaxtrain.convert.hf_mpt import CONFIG_FILE, model_config_from_hf, read_json_object
+    from jaxtrain.convert.folders import CONFIG_FILE, read_json_object
+    from jaxtrain.convert.hf_mpt import model_config_from_hf
 
     model = doc["model"]
     for key, why in REFUSED.items():

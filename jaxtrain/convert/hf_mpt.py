@@ -26,10 +26,10 @@ import numpy as np
 
 from jaxtrain.config import Config, ConfigError, config_to_dict
 from jaxtrain.config.schema import AttnConfig, FFNConfig, InitConfig, ModelConfig
+from jaxtrain.convert.folders import CONFIG_FILE, check_new_folder, is_hf_folder, read_json_object
 from jaxtrain.convert.safetensors_io import SafetensorsWriter, open_safetensors_folder, parse_size
 from jaxtrain.data.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 
-CONFIG_FILE = "config.json"
 FOUNDRY_PREFIX = "model."
 _ATTN_KEYS = ("attn_type", "attn_pdrop", "clip_qkv", "qk_ln", "softmax_scale", "alibi", "alibi_bias_max",
               "prefix_lm", "attn_uses_sequence_id", "sliding_window_size", "rope")
@@ -212,51 +212,6 @@ def _get(tree: Any, path: tuple) -> Any:
 
 
 # ----------------------------------------------------------------------------- import
-
-
-def check_new_folder(folder: str) -> None:
-    """Refuse an output ``folder`` that is an existing file, a non-empty folder, or under a file."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ConfigError(f"{folder}: output exists and is not a folder; choose a new folder")
-    if os.path.isdir(folder) and os.listdir(folder):
-        raise ConfigError(f"{folder}: output folder is not empty; choose a new folder")
-    parent = os.path.dirname(os.path.abspath(folder))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"{folder}: {parent} is a file, not a folder; choose an output folder elsewhere")
-
-
-def read_json(path: str) -> Any:
-    """The JSON in ``path``; ``ConfigError`` naming the file, line and column when it is not JSON."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
-                          "fix or download the file again") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file; fix or download the file again") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
-
-
-def read_json_object(folder: str, name: str, *, expected: str, what: str) -> dict:
-    """The JSON object in ``folder/name``; ``ConfigError`` when the file is missing (``folder`` was
-    to be ``expected``), is not JSON, or holds no object (of ``what``)."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{folder}: no {name}; expected {expected}")
-    value = read_json(path)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: holds a JSON {type(value).__name__}, not an object of {what}")
-    return value
-
-
-def is_hf_folder(path: str) -> bool:
-    """Whether ``path`` is a local Hugging Face model folder (a ``config.json`` beside safetensors)."""
-    return ("://" not in str(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
-            and any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in os.listdir(path)))
 
 
 def read_hf(src: str, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, set[str]]:

@@ -38,7 +38,7 @@ def tensor_name(block: int, module: str, which: str) -> str:
 def peft_config_from_adapter(folder: str) -> PeftConfig:
     """The ``model.peft_config`` of the PEFT adapter folder ``folder``; ``ConfigError`` naming the
     file and setting when it is not a LoRA adapter jaxtrain can load."""
-    from jaxtrain.convert.hf_mpt import read_json_object
+    from jaxtrain.convert.folders import read_json_object
 
     path = os.path.join(folder, ADAPTER_CONFIG)
     config = read_json_object(folder, ADAPTER_CONFIG, expected="a PEFT adapter folder", what="adapter settings")

@@ -29,7 +29,7 @@ from jaxtrain.checkpoint.load import (
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.config.schema import error_line
-from jaxtrain.convert.hf_mpt import is_hf_folder
+from jaxtrain.convert.folders import is_hf_folder
 from jaxtrain.layers import lora
 from jaxtrain.train.resume_settings import (
     REFUSE_MODEL,
