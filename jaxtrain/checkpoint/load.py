@@ -344,12 +344,14 @@ def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> Load
     into the shardings and dtypes of ``like`` after checking that names and shapes agree (else
     ``ParameterMismatch``), as ``load_checkpoint`` reads a jaxtrain checkpoint. The tensors pass
     through host memory in float32, one at a time."""
-    from jaxtrain.convert.hf_mpt import read_hf
+    from jaxtrain.convert.hf_mpt import hf_model_config, read_hf
     from jaxtrain.train.state import abstract_model
 
+    # names and shapes are checked from config.json, before any tensor is read
+    described = hf_model_config(folder, scan_layers=scan_layers)
+    _, abstract_params = abstract_model(described)
+    _check_parameters(folder, described, abstract_params, like, shapes=True)
     model_cfg, buffers, dtypes = read_hf(folder, scan_layers=scan_layers)
-    _, abstract_params = abstract_model(model_cfg)
-    _check_parameters(folder, model_cfg, abstract_params, like, shapes=True)
     nnx.replace_by_pure_dict(abstract_params, buffers)
     params = jax.tree.map(lambda value, l: jax.device_put(np.asarray(value, l.dtype), l.sharding),
                           abstract_params, like)

@@ -214,11 +214,16 @@ def _get(tree: Any, path: tuple) -> Any:
 # ----------------------------------------------------------------------------- import
 
 
+def hf_model_config(src: str, *, scan_layers: bool = True) -> ModelConfig:
+    """The model config of the Hugging Face MPT folder ``src``, from its ``config.json`` alone."""
+    hf = read_json_object(src, CONFIG_FILE, expected="a Hugging Face MPT folder", what="model settings")
+    return model_config_from_hf(hf, source=os.path.join(src, CONFIG_FILE), scan_layers=scan_layers)
+
+
 def read_hf(src: str, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, set[str]]:
     """(model config, pure dict of float32 parameter arrays, the tensors' dtypes) of the Hugging Face
     MPT folder ``src``; tensors are read one at a time into the parameter buffers."""
-    hf = read_json_object(src, CONFIG_FILE, expected="a Hugging Face MPT folder", what="model settings")
-    model_cfg = model_config_from_hf(hf, source=os.path.join(src, CONFIG_FILE), scan_layers=scan_layers)
+    model_cfg = hf_model_config(src, scan_layers=scan_layers)
     with open_safetensors_folder(src) as tensors:
         prefix = FOUNDRY_PREFIX if tensors.names and all(n.startswith(FOUNDRY_PREFIX) for n in tensors.names) else ""
         plan = tensor_plan(model_cfg)

@@ -30,13 +30,14 @@ class EvaluationMixin:
         batch_size = eval_batch_size(self.cfg)
         limit = self.cfg.eval_subset_num_batches
         outs = []
+        params = evaluation_params(self.state)  # the average's adapters joined to the weights once, not per batch
         for index, local in enumerate(loader.batches(batch_size)):
             if 0 <= limit <= index:
                 break
             batch = global_batch_from_local(local, self.parts.mesh)
             if not self._eval_compiled:
                 self._compile_eval_step(batch)
-            outs.append(self.parts.eval_step(evaluation_params(self.state), batch))
+            outs.append(self.parts.eval_step(params, batch))
             if index == 0:
                 self.faults.during_eval(self.step)
             if len(outs) > 1:  # one batch in flight; the one before it has finished
