@@ -108,6 +108,53 @@ def test_sharded_folder_with_foundry_prefix(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(sharded.params), nnx.to_pure_dict(plain.params))
 
 
+SHARDED_LOAD = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
+from jaxtrain.checkpoint.load import load_hf_weights
+from jaxtrain.convert import hf_mpt
+from jaxtrain.convert.safetensors_io import SafetensorsFolder
+from jaxtrain.train.state import abstract_model
+
+folder = sys.argv[1]
+_, full, _ = hf_mpt.read_hf(folder)  # the whole model in float32, the reference
+mesh = jax.make_mesh((2, 2), ("a", "b"))
+spec = lambda x: P("b", *[None] * (x.ndim - 2), "a") if x.ndim >= 2 else P()
+_, abstract = abstract_model(hf_mpt.hf_model_config(folder))
+like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec(x))),
+                    abstract)
+reads = []
+part = SafetensorsFolder.get_slice
+SafetensorsFolder.get_slice = lambda self, name, index: reads.append(part(self, name, index)) or reads[-1]
+SafetensorsFolder.get = None  # no whole tensor is read
+loaded = load_hf_weights(folder, like=like)
+ours, wanted = nnx.to_pure_dict(loaded.params), nnx.to_pure_dict(like)
+for (path, got), want, value in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(wanted),
+                                    jax.tree.leaves(full)):
+    assert got.dtype == jnp.bfloat16 and got.sharding == want.sharding, path
+    assert np.array_equal(np.asarray(got), value.astype(jnp.bfloat16)), path
+    if got.ndim >= 2:  # a quarter of each tensor per device: no device's part is a whole tensor
+        assert {s.data.size for s in got.addressable_shards} == {got.size // 4}, path
+print(sum(r.size for r in reads), sum(x.size for x in jax.tree.leaves(full)), max(r.size for r in reads),
+      max(x.size for x in jax.tree.leaves(full)) // 4)
+"""
+
+
+def test_hugging_face_weights_load_part_by_part_into_shardings_and_dtypes(tmp_path):
+    """A Hugging Face folder as load_path on a 2x2 mesh in bf16: each device's part is read from the
+    files straight into bf16 (equal to the float32 values cast), every element is read once, and no
+    read is a whole matrix."""
+    from conftest import cpu_devices_env
+
+    out = subprocess.run([sys.executable, "-c", SHARDED_LOAD, str(FIXTURES / "untied")], env=cpu_devices_env(4),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    read, total, largest_read, largest_part = map(int, out.stdout.split())
+    assert read == total and largest_read == largest_part
+
+
 def test_bfloat16_round_trip_keeps_dtype(tmp_path):
     convert(FIXTURES / "mha", tmp_path)
     export_hf(str(tmp_path / "ckpt"), str(tmp_path / "bf16"), dtype="bfloat16")

@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -342,19 +341,18 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
 def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> LoadedModel:
     """The weights of the Hugging Face MPT folder ``folder`` (``config.json`` and safetensors), read
     into the shardings and dtypes of ``like`` after checking that names and shapes agree (else
-    ``ParameterMismatch``), as ``load_checkpoint`` reads a jaxtrain checkpoint. The tensors pass
-    through host memory in float32, one at a time."""
-    from jaxtrain.convert.hf_mpt import hf_model_config, read_hf
+    ``ParameterMismatch``), as ``load_checkpoint`` reads a jaxtrain checkpoint. Each process reads
+    only the parts of each tensor its devices hold, straight into the target dtype."""
+    from jaxtrain.convert.hf_mpt import hf_model_config, read_hf_sharded
     from jaxtrain.train.state import abstract_model
 
     # names and shapes are checked from config.json, before any tensor is read
     described = hf_model_config(folder, scan_layers=scan_layers)
     _, abstract_params = abstract_model(described)
     _check_parameters(folder, described, abstract_params, like, shapes=True)
-    model_cfg, buffers, dtypes = read_hf(folder, scan_layers=scan_layers)
-    nnx.replace_by_pure_dict(abstract_params, buffers)
-    params = jax.tree.map(lambda value, l: jax.device_put(np.asarray(value, l.dtype), l.sharding),
-                          abstract_params, like)
+    model_cfg, arrays, dtypes = read_hf_sharded(folder, nnx.to_pure_dict(like), scan_layers=scan_layers)
+    params = jax.tree.map(lambda x: x, like)
+    nnx.replace_by_pure_dict(params, arrays)
     tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
     source = {"format": "hf_mpt", "path": os.path.abspath(folder), "dtype": "/".join(sorted(dtypes))}
     return LoadedModel(model_cfg=model_cfg, params=params, step=0,

@@ -220,31 +220,40 @@ def hf_model_config(src: str, *, scan_layers: bool = True) -> ModelConfig:
     return model_config_from_hf(hf, source=os.path.join(src, CONFIG_FILE), scan_layers=scan_layers)
 
 
+def _checked_plan(src: str, tensors, model_cfg: ModelConfig) -> tuple[str, list]:
+    """(name prefix, ``tensor_plan``) of the open folder ``tensors`` after checking, from the files'
+    headers alone, that it holds exactly the tensors ``model_cfg`` has, in their shapes."""
+    prefix = FOUNDRY_PREFIX if tensors.names and all(n.startswith(FOUNDRY_PREFIX) for n in tensors.names) else ""
+    plan = tensor_plan(model_cfg)
+    wanted = {name for *_, name, _, _ in plan}
+    present = {name[len(prefix):] for name in tensors.names}
+    missing = sorted(wanted - present)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(f"{src}: missing tensors {', '.join(prefix + m for m in missing[:3])}{more} "
+                          f"(config.json describes {model_cfg.n_layers} layers, no_bias={model_cfg.no_bias})")
+    unexpected = sorted(present - wanted - ({"lm_head.weight"} if model_cfg.tie_word_embeddings else set()))
+    if unexpected:
+        raise ConfigError(f"{src}: tensor {prefix + unexpected[0]} is not part of the model config.json describes "
+                          f"({len(unexpected)} unexpected); check no_bias, qk_ln, ffn_type and tie_word_embeddings")
+    for *_, name, _, hf_shape in plan:
+        shape = tensors.shape(prefix + name)
+        if shape != hf_shape:
+            raise ConfigError(f"{tensors.file_of(prefix + name)}: tensor {prefix + name} has shape "
+                              f"{list(shape)}, config.json implies {list(hf_shape)}")
+    return prefix, plan
+
+
 def read_hf(src: str, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, set[str]]:
     """(model config, pure dict of float32 parameter arrays, the tensors' dtypes) of the Hugging Face
     MPT folder ``src``; tensors are read one at a time into the parameter buffers."""
     model_cfg = hf_model_config(src, scan_layers=scan_layers)
     with open_safetensors_folder(src) as tensors:
-        prefix = FOUNDRY_PREFIX if tensors.names and all(n.startswith(FOUNDRY_PREFIX) for n in tensors.names) else ""
-        plan = tensor_plan(model_cfg)
-        wanted = {name for *_, name, _, _ in plan}
-        present = {name[len(prefix):] for name in tensors.names}
-        missing = sorted(wanted - present)
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise ConfigError(f"{src}: missing tensors {', '.join(prefix + m for m in missing[:3])}{more} "
-                              f"(config.json describes {model_cfg.n_layers} layers, no_bias={model_cfg.no_bias})")
-        unexpected = sorted(present - wanted - ({"lm_head.weight"} if model_cfg.tie_word_embeddings else set()))
-        if unexpected:
-            raise ConfigError(f"{src}: tensor {prefix + unexpected[0]} is not part of the model config.json describes "
-                              f"({len(unexpected)} unexpected); check no_bias, qk_ln, ffn_type and tie_word_embeddings")
+        prefix, plan = _checked_plan(src, tensors, model_cfg)
         buffers: dict = {}
         dtypes = set()
-        for path, index, name, transpose, hf_shape in plan:
+        for path, index, name, transpose, _ in plan:
             tensor = tensors.get(prefix + name)
-            if tuple(tensor.shape) != hf_shape:
-                raise ConfigError(f"{tensors.file_of(prefix + name)}: tensor {prefix + name} has shape "
-                                  f"{list(tensor.shape)}, config.json implies {list(hf_shape)}")
             dtypes.add(str(tensor.dtype))
             value = np.asarray(tensor.T if transpose else tensor, np.float32)
             if index is None:
@@ -255,6 +264,57 @@ def read_hf(src: str, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, s
                 _get(buffers, path)[index] = value
             del tensor, value
     return model_cfg, buffers, dtypes
+
+
+def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, set[str]]:
+    """(model config, pure dict of ``jax.Array``, the tensors' dtypes) of the Hugging Face MPT folder
+    ``src``, each parameter laid out as the ``jax.ShapeDtypeStruct`` at its path in ``like`` (a pure
+    dict) says: sharding and dtype. Each process reads only the parts of each tensor its own devices
+    hold, straight from the files, so host memory holds at most one parameter's local part at a time
+    (not the model in float32). Values equal ``read_hf``'s cast to the target dtype."""
+    import jax
+
+    model_cfg = hf_model_config(src, scan_layers=scan_layers)
+    with open_safetensors_folder(src) as tensors:
+        prefix, plan = _checked_plan(src, tensors, model_cfg)
+        by_leaf: dict[tuple, list] = {}
+        for path, index, name, transpose, _ in plan:
+            by_leaf.setdefault(path, []).append((index, prefix + name, transpose))
+        params: dict = {}
+        dtypes: set[str] = set()
+        for path, entries in by_leaf.items():
+            target = _get(like, path)
+            part = _part_reader(tensors, entries, target.dtype, dtypes)
+            _set(params, path, jax.make_array_from_callback(target.shape, target.sharding, part))
+    return model_cfg, params, dtypes
+
+
+def _part_reader(tensors, entries: list[tuple[int | None, str, bool]], dtype: Any, dtypes: set[str]):
+    """The callback of ``jax.make_array_from_callback`` for one parameter: ``entries`` are its HF
+    tensors (one, or one per layer of a stacked leaf, by layer index). A part asked for twice (a
+    replicated parameter) is read once."""
+    stacked = entries[0][0] is not None
+    names = [(name, transpose) for _, name, transpose in sorted(entries, key=lambda e: e[0] or 0)]
+    cache: dict = {}
+
+    def read(name: str, transpose: bool, index: tuple[slice, ...]) -> np.ndarray:
+        value = tensors.get_slice(name, index[::-1] if transpose else index)
+        dtypes.add(str(value.dtype))
+        return value.T if transpose else value
+
+    def part(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in cache:
+            cache.clear()
+            if stacked:
+                layers = names[index[0]]
+                value = np.stack([np.asarray(read(n, t, index[1:]), np.float32) for n, t in layers])
+            else:
+                value = np.asarray(read(*names[0], index), np.float32)
+            cache[key] = np.asarray(value, dtype)
+        return cache[key]
+
+    return part
 
 
 def import_hf(src: str, dst: str, *, scan_layers: bool = True, adapter: str | None = None) -> ModelConfig:

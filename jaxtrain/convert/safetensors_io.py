@@ -63,6 +63,26 @@ class SafetensorsFolder:
         except (SafetensorError, OSError) as error:
             raise _unreadable(path, error, f"tensor {name}") from None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``, from its file's header (no tensor bytes are read)."""
+        from safetensors import SafetensorError
+
+        path = self._file_of[name]
+        try:
+            return tuple(self._handles[path].get_slice(name).get_shape())
+        except (SafetensorError, OSError) as error:
+            raise _unreadable(path, error, f"tensor {name}") from None
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The part ``index`` (one slice per dimension) of tensor ``name``; only its bytes are read."""
+        from safetensors import SafetensorError
+
+        path = self._file_of[name]
+        try:
+            return self._handles[path].get_slice(name)[index]
+        except (SafetensorError, OSError) as error:
+            raise _unreadable(path, error, f"tensor {name}") from None
+
     def close(self) -> None:
         self._stack.close()
 
