@@ -207,6 +207,10 @@ def test_foundry_hf_causal_lm_on_a_local_mpt_folder_builds_it_and_starts_from_it
     assert f"jaxtrain builds the MPT that {folder}/config.json describes and starts from its weights" in " ".join(notices)
     cfg, _ = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.peft_config={r: 4, target_modules: [Wqkv]}"])
     assert cfg.model.peft_config.r == 4 and cfg.model.peft_config.target_modules == ["Wqkv"]
+    assert cfg.save_frozen_weights is None  # Composer's should_save_peft_only: true, adapters-only checkpoints
+    lora = [*local, "model.peft_config={r: 4, target_modules: [Wqkv]}", "model.should_save_peft_only=false"]
+    cfg, notices = foundry("foundry_mpt_7b_dolly_sft.yaml", lora)
+    assert cfg.save_frozen_weights is True and any("save_frozen_weights: true" in line for line in notices)
     message = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.load_in_8bit=true"], expect_error=True)
     assert "model.load_in_8bit: True: 8-bit weights are not supported" in message
     message = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.d_model=64"], expect_error=True)

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxtrain.checkpoint.frozen import RECORD_KEY, read_frozen
 from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
 from jaxtrain.config import ConfigError, load_config_dict
 from jaxtrain.config.schema import ModelConfig, error_line
@@ -297,7 +298,10 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
                               shardings)
         target = {item: placed}
-        if averaged and lora.has_adapters(placed):  # the average is the adapters'; the frozen weights are read too
+        frozen_record = meta.get(RECORD_KEY)
+        if frozen_record is not None:  # adapters only: the frozen weights are read from where the run read them
+            target = {item: lora.split_trainable(placed)[0]}
+        elif averaged and lora.has_adapters(placed):  # the average is the adapters'; the frozen weights are read too
             target = {"params": placed, "ema": lora.split_trainable(placed)[0]}
         # Only the parameters are read; the optimizer state stays on disk.
         unreadable = None
@@ -325,7 +329,11 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     finally:
         manager.close()
     params = restored[item]
-    if "params" in target and "ema" in target:
+    if frozen_record is not None:
+        frozen = read_frozen(frozen_record, lora.split_trainable(placed)[1], scan_layers=model_cfg.scan_layers,
+                             where=step_folder)
+        params = lora.merge_trainable(params, frozen)
+    elif "params" in target and "ema" in target:
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(

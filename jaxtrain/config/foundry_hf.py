@@ -20,8 +20,10 @@ Where = Callable[[str], str]
 
 # keys of Foundry's hf_causal_lm section that change nothing jaxtrain computes
 NO_EFFECT = ("trust_remote_code", "use_auth_token", "use_flash_attention_2", "init_device", "use_train_metrics",
-             "additional_train_metrics", "additional_eval_metrics", "should_save_peft_only", "attn_implementation",
-             "allow_embedding_resizing")
+             "additional_train_metrics", "additional_eval_metrics", "attn_implementation", "allow_embedding_resizing")
+# Composer checkpoints of a PEFT model hold the adapters alone unless this is false (Foundry's default
+# true); jaxtrain's LoRA checkpoints leave the frozen weights out likewise (save_frozen_weights).
+SAVE_PEFT_ONLY = "should_save_peft_only"
 # jaxtrain's own model keys, kept as the section gives them
 KEPT = ("peft_config", "remat", "scan_layers", "scan_unroll", "fused_loss", "z_loss")
 REFUSED = {"load_in_8bit": "8-bit weights are not supported (a LoRA model keeps its frozen weights in bf16)",
@@ -49,7 +51,8 @@ def map_hf_model(doc: dict, folder: str, note: Note, where: Where) -> None:
     for key, why in REFUSED.items():
         if model.get(key):
             raise ConfigError(f"{where(f'model.{key}')}: model.{key}: {model[key]!r}: {why}")
-    known = {"name", "pretrained_model_name_or_path", "pretrained", "config_overrides", *NO_EFFECT, *KEPT, *REFUSED}
+    known = {"name", "pretrained_model_name_or_path", "pretrained", "config_overrides", SAVE_PEFT_ONLY, *NO_EFFECT,
+             *KEPT, *REFUSED}
     unknown = sorted(set(model) - known)
     if unknown:
         raise ConfigError(f"{where(f'model.{unknown[0]}')}: model.{unknown[0]}: not a key of Foundry's hf_causal_lm "
@@ -68,6 +71,9 @@ def map_hf_model(doc: dict, folder: str, note: Note, where: Where) -> None:
     built.update({key: model[key] for key in KEPT if key in model})
     pretrained = model.get("pretrained", True)
     doc["model"] = built
+    if model.get(SAVE_PEFT_ONLY, True) is False and model.get("peft_config") and "save_frozen_weights" not in doc:
+        doc["save_frozen_weights"] = True
+        note(f"model.{SAVE_PEFT_ONLY}: false: checkpoints hold the frozen weights too (save_frozen_weights: true)")
     weights = ""
     if pretrained and not doc.get("load_path"):
         doc["load_path"] = folder

@@ -42,7 +42,6 @@ from jaxtrain.train.health import FaultInjector, HealthMonitor, Watchdog, contro
 from jaxtrain.train.resume import RecoveryMixin
 from jaxtrain.train.resume_settings import tokenizer_record
 from jaxtrain.train.setup import RunParts, interval_batches
-from jaxtrain.train.state import checkpoint_items
 from jaxtrain.train.supervisor import ReachedStep
 from jaxtrain.train.summary import FitResult, is_out_of_lineage, out_of_lineage_incidents
 
@@ -145,7 +144,7 @@ class Trainer(EvaluationMixin, RecoveryMixin):
         # as the checkpoint is large and the storage slow (minutes for a large model), not a
         # step's time; its own failures end in retries and CheckpointSaveError.
         with self.watchdog.paused():
-            saved = self.checkpointer.save(self.step, checkpoint_items(self.state), self._meta(), force=force)
+            saved = self.checkpointer.save(self.step, self.checkpoint_items(), self._meta(), force=force)
         if saved:
             self.events.fire(Event.CHECKPOINT, self)
 

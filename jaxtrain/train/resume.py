@@ -26,6 +26,7 @@ from jaxtrain.checkpoint.load import (
     load_checkpoint,
     load_hf_weights,
 )
+from jaxtrain.checkpoint.frozen import RECORD_KEY, frozen_record, is_local_weights, read_frozen
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.config.schema import error_line
@@ -69,8 +70,23 @@ def _reason(err: BaseException) -> str:
 class RecoveryMixin:
     """Methods of ``Trainer`` that read checkpoints back. Expects the Trainer's attributes."""
 
+    # The frozen weights' record (``jaxtrain.checkpoint.frozen``) of a LoRA run that read them from
+    # a local folder: set when they are loaded from load_path or a checkpoint's record.
+    frozen_record: dict[str, Any] | None = None
+
+    def saves_adapters_only(self) -> bool:
+        """Whether checkpoints leave the frozen weights out, recording where they are instead."""
+        return self.frozen_record is not None and self.cfg.save_frozen_weights is not True
+
+    def checkpoint_items(self) -> dict[str, Any]:
+        """The train state as this run's checkpoints hold it."""
+        items = checkpoint_items(self.state)
+        if self.saves_adapters_only():
+            items["params"] = lora.split_trainable(items["params"])[0]
+        return items
+
     def _meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "loader": self.parts.train_loader.state_dict(),
             "config": config_to_dict(self.cfg),
             "layout": {"scan_layers": bool(self.cfg.model.scan_layers), "n_layers": self.cfg.model.n_layers},
@@ -78,6 +94,9 @@ class RecoveryMixin:
             "skip_positions": sorted(self.skip_positions),
             "incidents": self.incidents,
         }
+        if self.saves_adapters_only():
+            meta[RECORD_KEY] = self.frozen_record
+        return meta
 
     def _check_config(self, step: int, meta: dict[str, Any]) -> None:
         """Refuse (``ConfigError``) a checkpoint holding weights only, or a config under which the
@@ -91,8 +110,18 @@ class RecoveryMixin:
                        f"uninterrupted run of neither config")
 
     def _restore(self, step: int) -> None:
+        items = checkpoint_items(self.state)
+        record = self.checkpointer.restore_meta(step).get(RECORD_KEY)
+        if record is not None:  # the adapters only: the frozen weights are read from where the run read them
+            items["params"], frozen = lora.split_trainable(items["params"])
+            if record != self.frozen_record:  # not those already here (a rollback keeps them)
+                frozen = read_frozen(record, abstract_like(frozen), scan_layers=self.cfg.model.scan_layers,
+                                     where=f"autoresume: {self.checkpointer.folder}/{step}")
         with held_back_stderr():  # the tracebacks of reads abandoned when one fails
-            items, meta = self.checkpointer.restore(step, abstract_like(checkpoint_items(self.state)))
+            items, meta = self.checkpointer.restore(step, abstract_like(items))
+        if record is not None:
+            items["params"] = lora.merge_trainable(items["params"], frozen)
+            self.frozen_record = record
         try:
             self.parts.train_loader.load_state_dict(meta["loader"])
         except ValueError as err:  # the data changed since (the config did not say so)
@@ -246,6 +275,8 @@ class RecoveryMixin:
             raise ConfigError(f"load_path: {err}") from None
         params = loaded.params if fresh_adapters is None else lora.merge_trainable(fresh_adapters, loaded.params)
         self.state = self.state.replace(params=params)
+        if self.cfg.model.peft_config is not None and is_local_weights(path):  # read back from there
+            self.frozen_record = frozen_record(path, None if is_hf_folder(path) else loaded.step)
         if self.state.ema is not None:  # the average starts from the loaded weights too
             self.state = self.state.replace(ema=init_ema(trainable_params(params)))
         averaged = " (their moving average)" if loaded.averaged else ""
@@ -256,4 +287,6 @@ class RecoveryMixin:
             adapters = " with their LoRA adapters"
         elif loaded.model_cfg.peft_config is not None:
             adapters = " with their LoRA adapters merged into them"
-        self.print(f"loaded weights{averaged} from {path} (step {loaded.step}){adapters}; optimizer state is fresh")
+        kept = ("; checkpoints hold the adapters and read the frozen weights back from there (save_frozen_weights)"
+                if self.saves_adapters_only() else "")
+        self.print(f"loaded weights{averaged} from {path} (step {loaded.step}){adapters}; optimizer state is fresh{kept}")

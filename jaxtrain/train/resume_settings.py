@@ -139,6 +139,7 @@ RESUME_KEYS: dict[str, str | Rule] = {
     "save_overwrite": IGNORE,
     "autoresume": IGNORE,
     "load_path": IGNORE,  # a resumed run continues from its checkpoint, not from load_path
+    "save_frozen_weights": IGNORE,  # a checkpoint says itself whether it holds them
     "console_log_interval": IGNORE,
     "progress_bar": IGNORE,
     "log_to_console": IGNORE,

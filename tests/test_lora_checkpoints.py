@@ -1,0 +1,131 @@
+"""LoRA checkpoints without the frozen weights (``save_frozen_weights``).
+
+A LoRA run that read its frozen weights from a local folder saves only what it trains (adapters,
+their moments and average, the data position) with a fingerprinted record of that folder; every
+reader of the checkpoint reads the frozen weights back from there and gets what a checkpoint
+holding them would give, bit for bit. A folder changed or gone since is refused in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxtrain.checkpoint.load import load_checkpoint
+from jaxtrain.config import ConfigError, load_config_dict
+from jaxtrain.layers import lora
+from jaxtrain.train.loop import Trainer
+from test_lora import BASE, fit, run_config
+
+
+def saved_names(folder: Path, step: int) -> list[str]:
+    """The parameter names a checkpoint step holds, from its state item's metadata."""
+    tree = ocp.PyTreeCheckpointer().metadata(str(folder / str(step) / "state")).item_metadata["params"]
+    names = [".".join(str(getattr(key, "key", key)) for key in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(dict(tree))[0]]
+    return [name.removesuffix(".value") for name in names]
+
+
+def leaves(params) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_checkpoints_hold_the_adapters_and_read_the_frozen_weights_back(tmp_path):
+    """Two runs, adapters-only (the default) and save_frozen_weights: true, through a NaN rollback
+    and a resume, train the same adapters; their checkpoints read back the same weights."""
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    (tmp_path / "small").mkdir()
+    (tmp_path / "full").mkdir()
+    health = {"nan_policy": "rollback"}
+    faults = {"nan_at_steps": [5]}
+    small = run_config(tmp_path / "small", base, health=health, faults=faults)
+    full = run_config(tmp_path / "full", base, health=health, faults=faults, save_frozen_weights=True)
+    _, trainer, _, printed = fit(small)
+    assert "checkpoints hold the adapters and read the frozen weights back from there" in printed
+    assert "rolled back to step 3" in printed
+    _, reference, _, _ = fit(full)
+    for ours, theirs in zip(leaves(trainer.state.params), leaves(reference.state.params)):
+        np.testing.assert_array_equal(ours, theirs)
+
+    small_ckpt, full_ckpt = tmp_path / "small" / "checkpoints", tmp_path / "full" / "checkpoints"
+    names = saved_names(small_ckpt, 6)
+    assert names and all(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for name in names)
+    assert any(name.endswith("kernel") for name in saved_names(full_ckpt, 6))
+    meta = json.loads((small_ckpt / "6" / "meta" / "metadata").read_text())
+    assert meta["frozen_weights"]["path"] == str(base) and meta["frozen_weights"]["step"] is None
+    assert "frozen_weights" not in json.loads((full_ckpt / "6" / "meta" / "metadata").read_text())
+    # what generate, eval and convert read: the same weights both ways
+    for ours, theirs in zip(leaves(load_checkpoint(str(small_ckpt)).params),
+                            leaves(load_checkpoint(str(full_ckpt)).params)):
+        np.testing.assert_array_equal(ours, theirs)
+
+    # a resume in a fresh trainer (its frozen weights random until read back) ends where it did
+    shutil.rmtree(small_ckpt / "6")
+    _, again, _, printed = fit(small)
+    assert "resumed from" in printed
+    for ours, theirs in zip(leaves(again.state.params), leaves(trainer.state.params)):
+        np.testing.assert_array_equal(ours, theirs)
+
+    # another LoRA run starting from this checkpoint reads through its record too, and records it
+    chained = dataclasses.replace(small, load_path=str(small_ckpt), save_folder=str(tmp_path / "chained" / "ckpt"),
+                                  run_folder=str(tmp_path / "chained" / "run"), autoresume=False)
+    _, follower, _, _ = fit(dataclasses.replace(chained, max_duration="1ba", save_interval="1ba"))
+    record = json.loads((tmp_path / "chained" / "ckpt" / "1" / "meta" / "metadata").read_text())["frozen_weights"]
+    assert record["path"] == str(small_ckpt) and record["step"] == 6
+    frozen = lora.split_trainable(follower.state.params)[1]
+    for ours, theirs in zip(leaves(frozen), leaves(lora.split_trainable(trainer.state.params)[1])):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_frozen_weights_changed_or_gone_are_refused_in_one_line(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    cfg = run_config(tmp_path, base, max_duration="3ba")
+    fit(cfg)
+    checkpoints = tmp_path / "checkpoints"
+    # the weights file re-saved with other values (a retrained model) under the same name
+    tensors = load_file(str(base / "model.safetensors"))
+    save_file({name: value * 1.01 for name, value in tensors.items()}, str(base / "model.safetensors"))
+    for read in (lambda: load_checkpoint(str(checkpoints)),
+                 lambda: Trainer.restore_newest_readable(_trainer(dataclasses.replace(cfg, max_duration="6ba")),
+                                                         check_config=True)):
+        with pytest.raises(ConfigError) as err:
+            read()
+        message = str(err.value)
+        assert "\n" not in message and f"{base}, have changed since it was saved (model.safetensors differs)" in message
+        assert "holds LoRA adapters only" in message and str(checkpoints / "3") in message
+    shutil.rmtree(base)
+    with pytest.raises(ConfigError, match="the frozen weights they adapt, .* are not there; restore them there"):
+        load_checkpoint(str(checkpoints))
+
+
+def _trainer(cfg):
+    from jaxtrain.train.setup import build_run
+
+    parts = build_run(cfg)
+    parts.train_loader.close()
+    return Trainer(parts)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"load_path": "s3://bucket/mpt-7b"}, "save_frozen_weights: false needs load_path to be a local folder"),
+    ({"peft": False}, "save_frozen_weights: only a LoRA run (model.peft_config) has frozen weights"),
+])
+def test_leaving_out_frozen_weights_that_cannot_be_read_back_is_refused(tmp_path, settings, message):
+    cfg = dataclasses.asdict(run_config(tmp_path, BASE))
+    cfg["save_frozen_weights"] = False
+    if settings.pop("peft", True) is False:
+        cfg["model"]["peft_config"] = None
+    cfg.update(settings)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config_dict(cfg)
