@@ -27,6 +27,38 @@ def bench_module(name: str):
         sys.path.remove(str(ROOT / "bench"))
 
 
+def test_bench_counts_the_tokens_of_padded_rows_as_training_does(tmp_path, capsys, monkeypatch):
+    """Prompt/response rows padded to the sequence length: tokens/s counts the tokens, as the
+    training log does, and the padded rate is every position's."""
+    from jaxtrain.data.loader import BatchLoader
+    from jaxtrain.metrics.tokens import batch_tokens
+    from jaxtrain.train.bench import main as bench_main
+
+    rows = [{"prompt": f"What is {a} plus {b}?\n", "response": f"{a + b}"} for a in range(20) for b in range(10)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    drawn = []
+    draw = BatchLoader.__next__
+
+    def recorded(self):  # the batches the steps train on, to count their tokens here
+        batch = draw(self)
+        drawn.append(batch_tokens(batch))
+        return batch
+
+    monkeypatch.setattr(BatchLoader, "__next__", recorded)
+    sets = [*TINY, f"run_folder={tmp_path}/run", "train_loader.dataset.source=finetune_jsonl",
+            f"train_loader.dataset.local={tmp_path / 'pairs.jsonl'}", "eval_loader=null"]
+    argv = ["--config", str(ROOT / "configs/quickstart.yaml"), "--steps", "3", "--warmup", "1",
+            "--out", str(tmp_path / "bench.json")]
+    assert bench_main(argv + [arg for item in sets for arg in ("--set", item)]) == 0
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    positions = bench["global_batch"] * bench["seq_len"]
+    assert bench["padded_tokens_per_second"] == pytest.approx(positions / bench["step_seconds_median"], rel=1e-9)
+    timed = drawn[2:5]  # after the compiling step and the warm-up step
+    assert bench["tokens_per_second"] == pytest.approx(sum(timed) / 3 / bench["step_seconds_median"], rel=1e-9)
+    assert 0 < sum(timed) < positions  # the rows are mostly padding
+    assert "% of the positions are padding" in capsys.readouterr().out
+
+
 def test_bench_writes_a_file_the_planner_reads(tmp_path):
     jaxtrain = shutil.which("jaxtrain", path=str(Path(sys.executable).parent))
     args = [jaxtrain, "bench", "--config", str(ROOT / "configs/quickstart.yaml"), "--steps", "3", "--out", str(tmp_path / "bench.json")]

@@ -60,6 +60,7 @@ def main(argv: list[str]) -> int:
 
     from jaxtrain.metrics.flops import mfu
     from jaxtrain.metrics.hardware import detect_hardware
+    from jaxtrain.metrics.tokens import TrainTokens
     from jaxtrain.parallel.mesh import global_batch_from_local
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
     from jaxtrain.train.setup import build_run, peak_flops
@@ -79,11 +80,17 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         return _error(str(err))
     loader = iter(parts.train_loader)
+    positions = cfg.global_train_batch_size * cfg.max_seq_len
+    counter = TrainTokens(parts.train_loader, positions)
     state = parts.state
     compile_started = time.perf_counter()
-    times = []
+    times, tokens = [], []
     for index in range(total):
-        batch = global_batch_from_local(next(loader), parts.mesh)
+        loader_state = parts.train_loader.state_dict()
+        local = next(loader)
+        if index > args.warmup:  # padding left out, as training counts its tokens
+            tokens.append(counter.count(local, (int(loader_state["epoch"]), int(loader_state["sample_in_epoch"]))))
+        batch = global_batch_from_local(local, parts.mesh)
         started = time.perf_counter()
         state, metrics = parts.train_step(state, batch)
         jax.block_until_ready(metrics["loss"])
@@ -94,13 +101,14 @@ def main(argv: list[str]) -> int:
     step_seconds = statistics.median(times)
     memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
     devices = jax.device_count()
-    tokens_per_second = cfg.global_train_batch_size * cfg.max_seq_len / step_seconds
+    tokens_per_second = statistics.mean(tokens) / step_seconds
     flops_per_second_per_device = parts.flops_per_batch / step_seconds / devices
     result = {
         "mfu": mfu(flops_per_second_per_device, parts.peak_flops_per_device),
         "hardware": hardware.name if hardware else "unknown",
         "tokens_per_second_per_device": tokens_per_second / devices,
         "tokens_per_second": tokens_per_second,
+        "padded_tokens_per_second": positions / step_seconds,  # every position of every row
         "model_flops_per_second_per_device": flops_per_second_per_device,
         "peak_flops_per_device": parts.peak_flops_per_device,
         "peak_source": parts.peak_source,
@@ -124,7 +132,9 @@ def main(argv: list[str]) -> int:
         print(json.dumps(result, indent=2))
         return _error(f"--out {args.out}: cannot write it ({err.strerror or err}); the result is printed above "
                       f"as JSON: save it to a file for jaxtrain plan --mfu from:FILE")
-    print(f"{tokens_per_second:,.0f} tokens/s ({result['tokens_per_second_per_device']:,.0f} per device), "
+    padding = (f" ({100 * (1 - tokens_per_second / result['padded_tokens_per_second']):.0f}% of the positions are "
+               f"padding)" if result["padded_tokens_per_second"] > tokens_per_second * 1.0005 else "")
+    print(f"{tokens_per_second:,.0f} tokens/s ({result['tokens_per_second_per_device']:,.0f} per device){padding}, "
           f"MFU {100 * result['mfu']:.2f}% of {parts.peak_flops_per_device:.3g} FLOP/s ({parts.peak_source}); "
           f"median step {1000 * step_seconds:.1f} ms, compile {compile_seconds:.1f} s; wrote {args.out}")
     if result["peak_bytes_in_use"] is not None:
