@@ -90,7 +90,8 @@ def test_a_hub_tokenizer_fetches_its_config_and_template_beside_its_tokenizer_js
                                                                 "tokenizer_config.json"]
     assert hub.calls == [("org/jinja-template", "tokenizer.json", None),
                          ("org/jinja-template", "tokenizer_config.json", COMMIT),
-                         ("org/jinja-template", "chat_template.jinja", COMMIT)]
+                         ("org/jinja-template", "chat_template.jinja", COMMIT),
+                         ("org/jinja-template", "special_tokens_map.json", COMMIT)]
     _, bare = hub_tokenizer("org/no-template", tmp_path)
     assert sorted(path.name for path in Path(bare.files_dir).iterdir()) == ["tokenizer.json"]
     assert bare.eos_token_id == bare.backend.token_to_id("</s>")  # no config: the first known EOS name
@@ -190,6 +191,38 @@ def test_special_tokens_of_tokenizer_config_json_that_are_wrong_are_one_line(tmp
     assert loaded.eos_token_id == loaded.backend.token_to_id("<|end|>")
     (folder / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"tokenizer_config.json is not readable JSON \(.*\): fix or remove it$"):
+        load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=None)
+
+
+def test_special_tokens_map_json_overrides_the_config_as_transformers_reads_it(tmp_path):
+    """A special_tokens_map.json beside the tokenizer names the special tokens over what
+    tokenizer_config.json says, as transformers' AutoTokenizer reads them (checked live)."""
+    import subprocess
+
+    from conftest import REFERENCE_PYTHON
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "tokenizer.json", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "eos_token": "</s>", "bos_token": "<s>"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|end|>", "pad_token": {"content": "<|tool|>", "lstrip": False, "special": True}}))
+    cfg = TokenizerConfig(name=str(folder))
+    tokenizer = load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=None)
+    ours = {"eos": tokenizer.backend.id_to_token(tokenizer.eos_token_id),
+            "pad": tokenizer.backend.id_to_token(tokenizer.pad_token_id)}
+    assert ours == {"eos": "<|end|>", "pad": "<|tool|>"}
+    assert chat_template(TokenizerConfig(name=str(folder), kwargs={"chat_template": "{{ bos_token }}{{ eos_token }}"}),
+                         tokenizer).render(MESSAGES[:2]) == "<s><|end|>"
+    if Path(REFERENCE_PYTHON).exists():
+        script = ("import json, sys; from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+                  "print(json.dumps({'eos': t.eos_token, 'pad': t.pad_token}))")
+        run = subprocess.run([REFERENCE_PYTHON, "-c", script, str(folder)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.loads(run.stdout.strip().splitlines()[-1]) == ours
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(ConfigError, match=r"special_tokens_map.json: eos_token='<\|im_end\|>' is not in the vocabulary"):
         load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=None)
 
 

@@ -43,6 +43,11 @@ _HUB_TIMEOUT_S = 3.0
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+# read into the tokenizer's config, never kept beside a checkpoint: what the config saved there
+# says (with tokenizer.kwargs applied) would be overridden by it, as transformers reads it
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+                      "additional_special_tokens")
 HUB_OPTIONAL_FILES = (CONFIG_FILE, CHAT_TEMPLATE_FILE)
 TOKENIZER_FILES = (TOKENIZER_FILE, *HUB_OPTIONAL_FILES)  # what a checkpoint keeps beside its steps
 
@@ -188,17 +193,28 @@ def tokenizer_from_file(path: str, *, what: str, eos_token: str | None = None,
         token = config_token(config, key)
         if special[key] is None and token is not None:
             if backend.token_to_id(token) is None:
-                raise ConfigError(f"{os.path.join(folder, CONFIG_FILE)}: {key}={token!r} is not in the vocabulary of "
-                                  f"its tokenizer.json; set tokenizer.kwargs.{key} to a token that is")
+                mapped = os.path.join(folder, SPECIAL_TOKENS_MAP_FILE)
+                named_in = mapped if config_token(_json_object(mapped), key) == token else os.path.join(folder, CONFIG_FILE)
+                raise ConfigError(f"{named_in}: {key}={token!r} is not in the vocabulary of its tokenizer.json; set "
+                                  f"tokenizer.kwargs.{key} to a token that is")
             special[key] = token
     return Tokenizer(backend, files_dir=folder, **special)
 
 
 def read_tokenizer_config(folder: str | None) -> dict:
-    """The ``tokenizer_config.json`` in ``folder`` ({} when there is none); a file that is not a JSON
-    object is a one-line ``ConfigError``."""
-    path = os.path.join(folder, CONFIG_FILE) if folder is not None else None
-    if path is None or not os.path.isfile(path):
+    """The ``tokenizer_config.json`` in ``folder`` ({} when there is none), its special tokens
+    replaced by those a ``special_tokens_map.json`` beside it names, as transformers'
+    ``AutoTokenizer`` reads them; a file that is not a JSON object is a one-line ``ConfigError``."""
+    if folder is None:
+        return {}
+    config = _json_object(os.path.join(folder, CONFIG_FILE))
+    mapped = _json_object(os.path.join(folder, SPECIAL_TOKENS_MAP_FILE))
+    return {**config, **{key: value for key, value in mapped.items() if key in SPECIAL_TOKEN_KEYS}}
+
+
+def _json_object(path: str) -> dict:
+    """The JSON object in ``path``, {} when there is no such file."""
+    if not os.path.isfile(path):
         return {}
     try:
         with open(path, encoding="utf-8") as handle:
@@ -263,7 +279,7 @@ def hub_tokenizer_files(name: str) -> str:
     # the cache keeps each commit's files in a folder named by its hash: fetch the others from that commit
     commit = os.path.basename(folder)
     revision = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
-    for filename in HUB_OPTIONAL_FILES:
+    for filename in (*HUB_OPTIONAL_FILES, SPECIAL_TOKENS_MAP_FILE):
         _hub_download(name, filename, revision, advice)
     return folder
 
