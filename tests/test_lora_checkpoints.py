@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxtrain.checkpoint.load import load_checkpoint
 from jaxtrain.config import ConfigError, load_config_dict
+from jaxtrain.convert.hf_mpt import export_hf
 from jaxtrain.layers import lora
 from jaxtrain.train.loop import Trainer
 from test_lora import BASE, fit, run_config
@@ -107,6 +108,10 @@ def test_frozen_weights_changed_or_gone_are_refused_in_one_line(tmp_path):
     shutil.rmtree(base)
     with pytest.raises(ConfigError, match="the frozen weights they adapt, .* are not there; restore them there"):
         load_checkpoint(str(checkpoints))
+    # the adapters alone need no frozen weights: a PEFT export still works
+    export_hf(str(checkpoints), str(tmp_path / "peft"), adapter_only=True)
+    adapter = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert len(adapter) == 2 * 2 * 2 and all("lora_" in name for name in adapter)  # 2 blocks, Wqkv and up_proj, A and B
 
 
 def _trainer(cfg):

@@ -224,7 +224,8 @@ def read_only_manager(root: str) -> ocp.CheckpointManager:
         )
 
 
-def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None) -> LoadedModel:
+def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None,
+                    frozen_weights: bool = True) -> LoadedModel:
     """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default).
 
     A missing folder or step and an incomplete or damaged step raise ``ConfigError`` naming the
@@ -234,6 +235,9 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     the first local device). ``like``: the parameters of the model they are for (arrays or
     ``ShapeDtypeStruct``s with shardings): read into its shardings and dtypes, after checking that
     names and shapes agree. A tree that does not fit raises ``ParameterMismatch`` before anything is read.
+
+    A LoRA checkpoint saved without its frozen weights (``jaxtrain.checkpoint.frozen``) reads them
+    from where its run read them; with ``frozen_weights=False`` the parameters are its adapters alone.
     """
     from jaxtrain.train.state import abstract_model
 
@@ -329,7 +333,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     finally:
         manager.close()
     params = restored[item]
-    if frozen_record is not None:
+    if frozen_record is not None and frozen_weights:
         frozen = read_frozen(frozen_record, lora.split_trainable(placed)[1], scan_layers=model_cfg.scan_layers,
                              where=step_folder)
         params = lora.merge_trainable(params, frozen)

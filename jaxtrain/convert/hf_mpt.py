@@ -386,7 +386,7 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
     from jaxtrain.checkpoint.load import load_checkpoint
 
     check_new_folder(dst)  # before the checkpoint is read
-    loaded = load_checkpoint(src, step)
+    loaded = load_checkpoint(src, step, frozen_weights=not adapter_only)  # adapters: not the weights they adapt
     model_cfg = loaded.model_cfg
     layout = loaded.meta.get("layout", {})
     if layout and bool(layout.get("scan_layers")) != bool(model_cfg.scan_layers):
