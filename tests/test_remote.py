@@ -378,3 +378,53 @@ def test_pruning_old_remote_steps_that_fails_warns_and_keeps_training(s3, tmp_pa
     steps.sync([2, 3], keep=2)  # step 1 should go, but the bucket refuses: a warning, not a crash
     assert steps.complete_steps() == [1, 2, 3]
     assert f"could not delete older checkpoints from s3://{BUCKET}/run/ckpt (PermissionError: AccessDenied" in capsys.readouterr().err
+
+
+def test_a_hugging_face_folder_in_a_bucket_is_a_load_path(s3, tmp_path):
+    """LoRA on a Hugging Face MPT folder in a bucket: its weights are downloaded into a temporary
+    folder and read as the local folder's are; the checkpoints keep the frozen weights (a bucket
+    cannot be fingerprinted as a local folder is)."""
+    import jax
+    from flax import nnx
+
+    from jaxtrain.checkpoint.load import load_checkpoint
+    from jaxtrain.convert.hf_mpt import read_hf
+    from jaxtrain.layers import lora
+    from test_lora import BASE, fit, run_config
+
+    _upload(s3, str(BASE), "models/mpt")
+    s3.put_object(Bucket=BUCKET, Key="models/mpt/pytorch_model.bin", Body=b"not fetched")
+    cfg = run_config(tmp_path, BASE, load_path=f"s3://{BUCKET}/models/mpt", max_duration="2ba", save_interval="2ba")
+    _, trainer, _, printed = fit(cfg)
+    assert f"downloading 2 files of s3://{BUCKET}/models/mpt into " in printed
+    assert f"loaded weights from s3://{BUCKET}/models/mpt (step 0); they stay frozen" in printed
+    _, hf_weights, _ = read_hf(str(BASE))
+    frozen = lora.split_trainable(trainer.state.params)[1]
+    for ours, theirs in zip(jax.tree.leaves(nnx.to_pure_dict(frozen)), jax.tree.leaves(hf_weights)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    meta = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert "frozen_weights" not in meta
+    saved = lora.split_trainable(load_checkpoint(str(tmp_path / "checkpoints")).params)[1]
+    for ours, theirs in zip(jax.tree.leaves(saved), jax.tree.leaves(frozen)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_a_sharded_hugging_face_folder_fetches_the_shards_its_index_lists(s3, tmp_path):
+    from safetensors.numpy import load_file
+
+    from jaxtrain.convert.remote_hf import fetch_hf_folder, remote_hf_files
+    from jaxtrain.convert.safetensors_io import SafetensorsWriter
+    from test_lora import BASE
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    original = load_file(str(BASE / "model.safetensors"))
+    entries = [(name, t.shape, lambda t=t: t) for name, t in sorted(original.items())]
+    shards = SafetensorsWriter(str(folder), np.dtype(np.float32), 40_000).write(entries)
+    (folder / "config.json").write_bytes((BASE / "config.json").read_bytes())
+    (folder / "stray.safetensors").write_bytes((BASE / "model.safetensors").read_bytes())
+    _upload(s3, str(folder), "sharded")
+    assert remote_hf_files(f"s3://{BUCKET}/sharded") == ["config.json", "model.safetensors.index.json"]
+    local = fetch_hf_folder(f"s3://{BUCKET}/sharded", print_fn=lambda line: None)
+    assert sorted(os.listdir(local)) == sorted(["config.json", "model.safetensors.index.json", *shards])
+    assert remote_hf_files(f"s3://{BUCKET}/nothing-here") is None

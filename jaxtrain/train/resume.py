@@ -31,6 +31,7 @@ from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.config.schema import error_line
 from jaxtrain.convert.folders import is_hf_folder
+from jaxtrain.convert.remote_hf import fetch_hf_folder, remote_hf_files
 from jaxtrain.layers import lora
 from jaxtrain.train.resume_settings import (
     REFUSE_MODEL,
@@ -244,9 +245,13 @@ class RecoveryMixin:
         adapters merged into its weights."""
         ours = self.state.params
         fresh_adapters = None
-        if is_hf_folder(path):  # a Hugging Face MPT folder, read as it is
+        hf_folder = path if is_hf_folder(path) else None
+        if "://" in path:  # in object storage: a Hugging Face folder is downloaded, a checkpoint staged
+            files = remote_hf_files(path)
+            hf_folder = fetch_hf_folder(path, files, print_fn=self.print) if files is not None else None
+        if hf_folder is not None:  # a Hugging Face MPT folder, read as it is
             def load(like=None):
-                return load_hf_weights(path, like=like if like is not None else abstract_like(ours),
+                return load_hf_weights(hf_folder, like=like if like is not None else abstract_like(ours),
                                        scan_layers=self.cfg.model.scan_layers)
         else:
             def load(like=None):

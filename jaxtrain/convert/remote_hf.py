@@ -1,0 +1,77 @@
+"""A Hugging Face MPT folder in object storage (``s3://``, ``gs://``, ...) as ``load_path``.
+
+The folder's ``config.json``, safetensors files (with their index) and tokenizer files are
+downloaded into a temporary folder, read from there as a local folder is, and deleted when the
+process exits: nothing is kept locally. Other files (PyTorch pickles, README, ...) are not
+fetched.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+from jaxtrain.config import ConfigError
+from jaxtrain.convert.folders import CONFIG_FILE, read_json_object
+from jaxtrain.convert.safetensors_io import INDEX_FILE, SINGLE_FILE
+from jaxtrain.data.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILES
+
+_FETCHED = (CONFIG_FILE, INDEX_FILE, *TOKENIZER_FILES, SPECIAL_TOKENS_MAP_FILE)
+_DOWNLOAD_RETRIES = 3
+
+
+def _wanted(names: list[str]) -> list[str]:
+    """The files of a listing that reading the model needs (top-level only): the weights are the
+    shards ``model.safetensors.index.json`` lists (fetched first), or ``model.safetensors``, or
+    every safetensors file, as a local folder's are found."""
+    names = [name for name in names if "/" not in name]
+    weights = [name for name in names if name.endswith(".safetensors")]
+    if INDEX_FILE not in names and SINGLE_FILE in weights:
+        weights = [SINGLE_FILE]
+    elif INDEX_FILE in names:
+        weights = []  # read from the index once it is here
+    return [name for name in names if name in _FETCHED] + weights
+
+
+def remote_hf_files(url: str) -> list[str] | None:
+    """The files to fetch of the Hugging Face folder at ``url``, or None when ``url`` holds no
+    ``config.json`` beside safetensors weights (e.g. a jaxtrain checkpoint folder)."""
+    from jaxtrain.data.remote import ObjectStore
+
+    names = ObjectStore(url).list()
+    wanted = _wanted(names)
+    if CONFIG_FILE not in wanted or not (INDEX_FILE in wanted or any(name.endswith(".safetensors") for name in wanted)):
+        return None
+    return wanted
+
+
+def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print) -> str:
+    """Download the Hugging Face folder at ``url`` (``files``: ``remote_hf_files(url)``) into a
+    temporary local folder, removed when the process exits; returns that folder."""
+    from jaxtrain.data.remote import ObjectStore, download_with_retry
+
+    files = files if files is not None else remote_hf_files(url)
+    if files is None:
+        raise ConfigError(f"{url}: no {CONFIG_FILE} beside safetensors weights there; expected a Hugging Face MPT "
+                          f"folder")
+    store = ObjectStore(url)
+    local = tempfile.mkdtemp(prefix="jaxtrain-hf-")
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    print_fn(f"downloading {len(files)} files of {url} into {local} (removed when the run ends)")
+    try:
+        for name in files:
+            download_with_retry(store, name, os.path.join(local, name), retries=_DOWNLOAD_RETRIES, what=url)
+        if INDEX_FILE in files:  # the shards it lists
+            index = read_json_object(local, INDEX_FILE, expected="a safetensors index", what="weight files")
+            shards = sorted(set((index.get("weight_map") or {}).values()))
+            if not shards or any("/" in name or not name.endswith(".safetensors") for name in shards):
+                raise ConfigError(f"{store.where(INDEX_FILE)}: its weight_map lists no safetensors files of the folder")
+            print_fn(f"downloading the {len(shards)} weight files {url}/{INDEX_FILE} lists")
+            for name in shards:
+                download_with_retry(store, name, os.path.join(local, name), retries=_DOWNLOAD_RETRIES, what=url)
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
+    return local
