@@ -123,7 +123,7 @@ def _trainer(cfg):
 
 
 @pytest.mark.parametrize("settings,message", [
-    ({"load_path": "s3://bucket/mpt-7b"}, "save_frozen_weights: false needs load_path to be a local folder"),
+    ({"load_path": None}, "save_frozen_weights: false needs load_path (a Hugging Face folder or a jaxtrain checkpoint)"),
     ({"peft": False}, "save_frozen_weights: only a LoRA run (model.peft_config) has frozen weights"),
 ])
 def test_leaving_out_frozen_weights_that_cannot_be_read_back_is_refused(tmp_path, settings, message):

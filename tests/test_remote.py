@@ -382,8 +382,9 @@ def test_pruning_old_remote_steps_that_fails_warns_and_keeps_training(s3, tmp_pa
 
 def test_a_hugging_face_folder_in_a_bucket_is_a_load_path(s3, tmp_path):
     """LoRA on a Hugging Face MPT folder in a bucket: its weights are downloaded into a temporary
-    folder and read as the local folder's are; the checkpoints keep the frozen weights (a bucket
-    cannot be fingerprinted as a local folder is)."""
+    folder and read as the local folder's are. The checkpoints record the folder with its objects'
+    sizes and ETags instead of holding the frozen weights, read them back from the bucket, and
+    refuse a folder uploaded again since."""
     import jax
     from flax import nnx
 
@@ -402,11 +403,16 @@ def test_a_hugging_face_folder_in_a_bucket_is_a_load_path(s3, tmp_path):
     frozen = lora.split_trainable(trainer.state.params)[1]
     for ours, theirs in zip(jax.tree.leaves(nnx.to_pure_dict(frozen)), jax.tree.leaves(hf_weights)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
-    meta = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())
-    assert "frozen_weights" not in meta
+    record = json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text())["frozen_weights"]
+    assert record["path"] == f"s3://{BUCKET}/models/mpt" and record["step"] is None
+    assert sorted(record["fingerprint"]) == ["config.json", "model.safetensors", "reference.safetensors"]
     saved = lora.split_trainable(load_checkpoint(str(tmp_path / "checkpoints")).params)[1]
     for ours, theirs in zip(jax.tree.leaves(saved), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    s3.upload_file(str(BASE / "reference.safetensors"), BUCKET, "models/mpt/model.safetensors")
+    with pytest.raises(ConfigError, match=r"s3://jaxtrain-test/models/mpt, have changed since it was saved "
+                                          r"\(model.safetensors differs\)"):
+        load_checkpoint(str(tmp_path / "checkpoints"))
 
 
 def test_a_sharded_hugging_face_folder_fetches_the_shards_its_index_lists(s3, tmp_path):

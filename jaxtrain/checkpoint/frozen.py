@@ -2,17 +2,19 @@
 
 A LoRA run (``model.peft_config``) trains small adapters on weights that never change, read once
 from ``load_path``. Saving those weights in every checkpoint costs their full size each time
-(about 13 GB for MPT-7B in bf16, 140 GB for 70B) for nothing the run does not already have on
-disk, so by default such a run's checkpoints hold the adapters, their optimizer state and average
-and the data position, plus a record of where the frozen weights came from: the folder, the step
-of a jaxtrain checkpoint, and a fingerprint of its files. Whatever reads the checkpoint (autoresume,
-rollback, ``load_path`` of another run, ``generate``, ``eval``, ``convert``) reads the frozen
-weights back from that folder, after checking the fingerprint: a folder whose files have changed
-since is refused in one line, as the adapters were trained on other weights.
+(about 13 GB for MPT-7B in bf16, 140 GB for 70B) for nothing the run cannot read again where it
+read them, so by default such a run's checkpoints hold the adapters, their optimizer state and
+average and the data position, plus a record of where the frozen weights came from: the folder
+(local or in a bucket), the step of a jaxtrain checkpoint, and a fingerprint of its files.
+Whatever reads the checkpoint (autoresume, rollback, ``load_path`` of another run, ``generate``,
+``eval``, ``convert``) reads the frozen weights back from that folder, after checking the
+fingerprint: a folder whose files have changed since is refused in one line, as the adapters
+were trained on other weights.
 
-The fingerprint of each weight file is its size and a SHA-256 over its first and last 64 KiB and
-16 spaced 4 KiB blocks: a re-saved or retrained model differs in all of them, and taking it costs
-milliseconds however large the model is.
+The fingerprint of each local weight file is its size and a SHA-256 over its first and last
+64 KiB and 16 spaced 4 KiB blocks: a re-saved or retrained model differs in all of them, and
+taking it costs milliseconds however large the model is. In a bucket it is each file's size and
+the version the store keeps of it (S3's ETag), from one listing.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ _BLOCK = 4096
 _BLOCKS = 16
 
 
-def is_local_weights(path: str | None) -> bool:
-    """Whether ``path`` is a local folder whose files can be fingerprinted (not a remote URL)."""
-    return bool(path) and "://" not in str(path) and os.path.isdir(str(path))
+def _remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def can_record(path: str | None) -> bool:
+    """Whether weights read from ``path`` can be read again from a record: a local folder or a URL."""
+    return bool(path) and (_remote(path) or os.path.isdir(str(path)))
 
 
 def _weight_files(folder: str, step: int | None) -> list[str]:
@@ -63,13 +69,21 @@ def _file_digest(path: str) -> str:
 
 def fingerprint(folder: str, step: int | None) -> dict[str, str]:
     """``{file: "size:digest"}`` for the weight files of ``folder`` (``step``: a jaxtrain checkpoint's)."""
+    if _remote(folder):
+        from jaxtrain.data.remote import ObjectStore
+
+        described = ObjectStore(folder).describe("" if step is None else str(step))
+        if step is None:
+            described = {name: version for name, version in described.items() if "/" not in name and (
+                name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"))}
+        return described
     return {name: _file_digest(os.path.join(folder, name)) for name in _weight_files(folder, step)}
 
 
 def frozen_record(path: str, step: int | None) -> dict[str, Any]:
     """What a checkpoint without the frozen weights records of where they are: ``path`` (a Hugging
     Face folder when ``step`` is None, else a jaxtrain checkpoint folder and its step)."""
-    folder = os.path.abspath(path)
+    folder = str(path).rstrip("/") if _remote(path) else os.path.abspath(path)
     return {"path": folder, "step": step, "fingerprint": fingerprint(folder, step)}
 
 
@@ -80,10 +94,11 @@ def check_record(record: dict[str, Any], where: str) -> None:
     place = folder if step is None else f"{folder} (step {step})"
     todo = ("restore them there, or, if they moved, link or copy them back to that path; a checkpoint of "
             "this run saved with save_frozen_weights: true holds them itself")
-    if not os.path.isdir(folder if step is None else os.path.join(folder, str(step))):
+    now = fingerprint(folder, step) if _remote(folder) or os.path.isdir(
+        folder if step is None else os.path.join(folder, str(step))) else {}
+    if not now:
         raise ConfigError(f"{where}: holds LoRA adapters only; the frozen weights they adapt, {place}, are not "
                           f"there; {todo}")
-    now = fingerprint(folder, step)
     saved = record.get("fingerprint", {})
     changed = sorted(name for name in set(now) | set(saved) if now.get(name) != saved.get(name))
     if changed:
@@ -104,7 +119,12 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
 
     check_record(record, where)
     if record.get("step") is None:
-        return load_hf_weights(record["path"], like=like, scan_layers=scan_layers).params
+        folder = record["path"]
+        if _remote(folder):
+            from jaxtrain.convert.remote_hf import fetch_hf_folder
+
+            folder = fetch_hf_folder(folder, print_fn=lambda line: None)
+        return load_hf_weights(folder, like=like, scan_layers=scan_layers).params
     try:
         return load_checkpoint(record["path"], record["step"], like=like).params
     except ParameterMismatch:  # a LoRA checkpoint: its adapters were trained on, its frozen weights are these

@@ -321,9 +321,9 @@ class Config:
     autoresume: bool = field(False, "continue from the newest checkpoint in save_folder")
     load_path: str | None = field(None, "start from these weights (fresh optimizer)")
     save_frozen_weights: bool | None = field(
-        None, "LoRA runs (model.peft_config): also save the frozen weights in every checkpoint. Default: only when "
-              "load_path is not a local folder; otherwise checkpoints hold the adapters and a fingerprinted record "
-              "of load_path, from which the frozen weights are read back")
+        None, "LoRA runs (model.peft_config): also save the frozen weights in every checkpoint. Default: only "
+              "without load_path; with it, checkpoints hold the adapters and a fingerprinted record of load_path "
+              "(a local folder or one in a bucket), from which the frozen weights are read back")
     run_folder: str = field("runs/{run_name}", "folder for logs, the resolved config and the data cache")
     console_log_interval: str = field("1ba", "console/metrics logging period")
     progress_bar: bool = field(True, "live progress bar on the console")

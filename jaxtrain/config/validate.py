@@ -98,10 +98,9 @@ def validate(cfg: Config, where: Where) -> None:
         if model.peft_config is None:
             fail("save_frozen_weights", "only a LoRA run (model.peft_config) has frozen weights to leave out; "
                                         "remove the key")
-        if not cfg.load_path or "://" in cfg.load_path:
-            fail("save_frozen_weights", "false needs load_path to be a local folder (a Hugging Face folder or a "
-                                        "jaxtrain checkpoint) to read the frozen weights back from; remove the key "
-                                        "to save them")
+        if not cfg.load_path:
+            fail("save_frozen_weights", "false needs load_path (a Hugging Face folder or a jaxtrain checkpoint) to "
+                                        "read the frozen weights back from; without it they are random and saved")
     one_of("model.norm_type", model.norm_type, NORM_TYPES)
     one_of("model.remat", model.remat, REMAT_CHOICES)
     if model.scan_unroll != "auto" and not (isinstance(model.scan_unroll, int) and not isinstance(model.scan_unroll, bool)

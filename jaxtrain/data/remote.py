@@ -127,6 +127,31 @@ class ObjectStore:
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(name[strip:] for name in names)
 
+    def describe(self, under: str = "") -> dict[str, str]:
+        """``{name: "size:version"}`` of every file under ``under`` (names relative to the prefix), the
+        version being what the store keeps to tell one upload from another (S3's ETag, GCS's etag
+        or generation, else a modification time): a file written again differs."""
+        base = self._key(under).rstrip("/")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        described = {}
+        try:
+            if self.scheme == "s3":
+                for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                               Prefix=f"{base}/" if base else ""):
+                    for item in page.get("Contents", []):
+                        described[item["Key"][strip:]] = f"{item['Size']}:{item.get('ETag', '').strip(chr(34))}"
+            else:
+                self._fs.invalidate_cache()
+                found = self._fs.find(base, detail=True) if self._fs.exists(base) else {}
+                for name, info in found.items():
+                    version = next((info[key] for key in ("ETag", "etag", "md5Hash", "generation", "mtime",
+                                                          "LastModified", "created") if info.get(key)), "")
+                    described[name[strip:]] = f"{info.get('size')}:{version}"
+        except Exception as error:  # noqa: BLE001 - credentials, network, throttling: each store its own types
+            raise ConfigError(f"cannot list {self.where(under) if under else self.url} ({describe_error(error)}); "
+                              f"check the URL, the endpoint and credentials") from None
+        return described
+
     def delete(self, names: list[str]) -> None:
         if self.scheme == "s3":
             for start in range(0, len(names), 1000):

@@ -26,7 +26,7 @@ from jaxtrain.checkpoint.load import (
     load_checkpoint,
     load_hf_weights,
 )
-from jaxtrain.checkpoint.frozen import RECORD_KEY, frozen_record, is_local_weights, read_frozen
+from jaxtrain.checkpoint.frozen import RECORD_KEY, can_record, frozen_record, read_frozen
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.config.schema import error_line
@@ -280,8 +280,8 @@ class RecoveryMixin:
             raise ConfigError(f"load_path: {err}") from None
         params = loaded.params if fresh_adapters is None else lora.merge_trainable(fresh_adapters, loaded.params)
         self.state = self.state.replace(params=params)
-        if self.cfg.model.peft_config is not None and is_local_weights(path):  # read back from there
-            self.frozen_record = frozen_record(path, None if is_hf_folder(path) else loaded.step)
+        if self.cfg.model.peft_config is not None and can_record(path):  # read back from there
+            self.frozen_record = frozen_record(path, None if hf_folder is not None else loaded.step)
         if self.state.ema is not None:  # the average starts from the loaded weights too
             self.state = self.state.replace(ema=init_ema(trainable_params(params)))
         averaged = " (their moving average)" if loaded.averaged else ""
