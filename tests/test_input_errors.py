@@ -94,7 +94,20 @@ def test_bench_keeps_its_result_when_out_goes_away_during_the_run(tmp_path, monk
         shutil.rmtree(out.parent, ignore_errors=True)
         return state, {"loss": jnp.float32(2.5)}
 
-    parts = types.SimpleNamespace(train_loader=iter(range(100)), state=None, train_step=train_step, mesh=None,
+    class Loader:  # batches of packed rows, as far as counting their tokens goes
+        drawn = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.drawn += 1
+            return self.drawn
+
+        def state_dict(self):
+            return {"epoch": 0, "sample_in_epoch": self.drawn}
+
+    parts = types.SimpleNamespace(train_loader=Loader(), state=None, train_step=train_step, mesh=None,
                                   flops_per_batch=1e9, peak_flops_per_device=1e12, peak_source="test",
                                   num_params=10)
     monkeypatch.setattr(setup, "build_run", lambda cfg, **kwargs: parts)
