@@ -292,7 +292,8 @@ def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True) -> tuple[
 def _part_reader(tensors, entries: list[tuple[int | None, str, bool]], dtype: Any, dtypes: set[str]):
     """The callback of ``jax.make_array_from_callback`` for one parameter: ``entries`` are its HF
     tensors (one, or one per layer of a stacked leaf, by layer index). A part asked for twice (a
-    replicated parameter) is read once."""
+    replicated parameter) is read once. Values are cast as through float32 (exactly so: only a
+    float16 to bfloat16 cast takes that detour), one layer's part at a time."""
     stacked = entries[0][0] is not None
     names = [(name, transpose) for _, name, transpose in sorted(entries, key=lambda e: e[0] or 0)]
     cache: dict = {}
@@ -302,16 +303,27 @@ def _part_reader(tensors, entries: list[tuple[int | None, str, bool]], dtype: An
         dtypes.add(str(value.dtype))
         return value.T if transpose else value
 
+    def cast(value: np.ndarray) -> np.ndarray:  # as through float32, one layer's part at a time
+        if value.dtype == dtype:
+            return value
+        if np.float32 in (value.dtype, dtype):
+            return value.astype(dtype)
+        return value.astype(np.float32).astype(dtype)
+
     def part(index: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in cache:
             cache.clear()
-            if stacked:
+            if stacked:  # filled layer by layer: no second copy of the stacked part
                 layers = names[index[0]]
-                value = np.stack([np.asarray(read(n, t, index[1:]), np.float32) for n, t in layers])
+                first = cast(read(*layers[0], index[1:]))
+                value = np.empty((len(layers), *first.shape), dtype)
+                value[0] = first
+                for row, (name, transpose) in enumerate(layers[1:], 1):
+                    value[row] = cast(read(name, transpose, index[1:]))
             else:
-                value = np.asarray(read(*names[0], index), np.float32)
-            cache[key] = np.asarray(value, dtype)
+                value = cast(read(*names[0], index))
+            cache[key] = value
         return cache[key]
 
     return part
