@@ -1,7 +1,8 @@
 """Model FLOPs per batch, MFU, and a sliding-window throughput meter.
 
 FLOPs follow LLM Foundry's ``ComposerMPTCausalLM.flops_per_batch`` so MFU figures compare with
-its published tables; the meter follows Composer's ``SpeedMonitor`` windowing.
+its published tables (LoRA, which Foundry reports no MFU for, leaves out the frozen weights'
+gradients, which are not computed); the meter follows Composer's ``SpeedMonitor`` windowing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,32 @@ def mpt_flops_per_batch(n_params: int, n_layers: int, d_model: int, seq_len: int
     params_flops_per_seq = 2 * n_params * seq_len
     attn_flops_per_seq = n_layers * 2 * 2 * d_model * seq_len**2
     return float(3 * batch_size * (params_flops_per_seq + attn_flops_per_seq))
+
+
+def lora_flops_per_batch(n_params: int, n_adapter_params: int, n_layers: int, d_model: int, seq_len: int,
+                         batch_size: int) -> float:
+    """Model FLOPs of one LoRA training batch: ``B*((4*N + 6*A)*L + 3*n_layers*4*d_model*L^2)``.
+
+    The frozen weights (``n_params``, counted as ``mpt_flops_per_batch`` counts them) take part in
+    the forward pass and the gradient of their inputs (2 FLOPs per parameter and token each) but
+    have no weight gradient; the ``n_adapter_params`` adapter parameters have all three; attention
+    is as in ``mpt_flops_per_batch``. Foundry's formula (6 per parameter) would count the frozen
+    weights' gradients that are never computed, half as much again."""
+    params_flops_per_seq = (4 * n_params + 6 * n_adapter_params) * seq_len
+    attn_flops_per_seq = 3 * n_layers * 2 * 2 * d_model * seq_len**2
+    return float(batch_size * (params_flops_per_seq + attn_flops_per_seq))
+
+
+def training_flops_per_batch(model: ModelConfig, seq_len: int, batch_size: int) -> float:
+    """Model FLOPs of one training batch of ``model``: Foundry's formula, or with LoRA adapters
+    (``model.peft_config``) ``lora_flops_per_batch``."""
+    from jaxtrain.layers.lora import adapter_param_count
+
+    active = mpt_active_params(model)
+    if getattr(model, "peft_config", None) is None:
+        return mpt_flops_per_batch(active, model.n_layers, model.d_model, seq_len, batch_size)
+    return lora_flops_per_batch(active, adapter_param_count(model), model.n_layers, model.d_model, seq_len,
+                                batch_size)
 
 
 def mfu(flops_per_second_per_device: float, peak: float) -> float:

@@ -329,11 +329,10 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         print(fp8.compiled_note(executable.as_text()), flush=True)
     if eval_compile is not None:
         eval_compile.result()  # its errors surface here
-    from jaxtrain.metrics.flops import mpt_active_params, mpt_flops_per_batch
+    from jaxtrain.metrics.flops import training_flops_per_batch
 
     num_params = mpt_param_count(model)
-    flops = mpt_flops_per_batch(mpt_active_params(model), model.n_layers, model.d_model, cfg.max_seq_len,
-                                cfg.global_train_batch_size)
+    flops = training_flops_per_batch(model, cfg.max_seq_len, cfg.global_train_batch_size)
     peak, peak_source = peak_flops(cfg)
     return RunParts(
         cfg=cfg,
