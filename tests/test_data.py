@@ -247,6 +247,11 @@ def test_eval_batches_cover_the_split_in_order_with_padding_ignored():
     np.testing.assert_array_equal(inputs[real], _rows())
     np.testing.assert_array_equal(labels[real], _rows())
     assert (inputs[~real] == 7).all() and (labels[~real] == IGNORE_INDEX).all()
+    # drop_last (Composer's eval dataloader with it): the incomplete last global batch is left out
+    assert loaders[0].num_batches(8, drop_last=True) == 2
+    kept = [list(loader.batches(8, drop_last=True)) for loader in loaders]
+    inputs = np.concatenate([np.concatenate([a["input_ids"], b["input_ids"]]) for a, b in zip(*kept)])
+    np.testing.assert_array_equal(inputs, _rows()[:16])
 
 
 def _config(train: DatasetConfig, eval_dataset: DatasetConfig | None = None, **kwargs) -> Config:
@@ -353,3 +358,41 @@ def test_a_token_id_outside_the_models_vocabulary_names_its_row():
     rows[11, 2] = -1
     with pytest.raises(ConfigError, match="row 11 holds token id -1"):
         list(loader.batches(8))
+
+
+def test_eval_loader_drop_last_leaves_out_the_incomplete_batch_in_training_runs(tmp_path):
+    """eval_loader.drop_last: true evaluates the full batches only, as Composer's eval dataloader
+    does with it; by default every held-out row is scored. A split too small for one full batch is
+    a one-line error before anything trains."""
+    import contextlib
+    import io
+
+    from jaxtrain.config import load_config
+    from jaxtrain.train.loop import Trainer
+    from jaxtrain.train.setup import build_run, eval_batch_size
+    from test_end_to_end import ROOT, TINY
+
+    def evaluated(*overrides):
+        cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
+            *TINY, "max_duration=1ba", "eval_subset_num_batches=-1", "save_folder=null", "log_to_console=false",
+            f"run_folder={tmp_path}/run", *overrides])
+        parts = build_run(cfg)
+        calls = []
+        step = parts.eval_step
+        parts.eval_step = lambda *args: calls.append(1) or step(*args)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                loss = Trainer(parts).evaluate()
+        finally:
+            parts.train_loader.close()
+        return loss, len(calls), parts.eval_loader.num_sequences, eval_batch_size(cfg)
+
+    _, _, rows, _ = evaluated("device_eval_batch_size=7")
+    size = next(size for size in (7, 6, 5) if rows % size)  # a last batch that is incomplete
+    every, batches, rows, _ = evaluated(f"device_eval_batch_size={size}")
+    assert batches == rows // size + 1
+    kept, kept_batches, _, _ = evaluated(f"device_eval_batch_size={size}", "eval_loader.drop_last=true")
+    assert kept_batches == rows // size and kept != every
+    with pytest.raises(ConfigError, match=r"eval_loader.drop_last: true leaves no batch to evaluate: the held-out "
+                                          rf"split has {rows} sequences, fewer than one eval batch of 100000"):
+        evaluated("eval_loader.drop_last=true", "device_eval_batch_size=100000")

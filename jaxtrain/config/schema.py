@@ -178,7 +178,9 @@ class LoaderConfig:
 
     name: str = field("text", "loader kind; 'text' is Foundry's causal-LM loader")
     dataset: DatasetConfig = field(factory=DatasetConfig, doc="what to read")
-    drop_last: bool = field(True, "drop the last incomplete batch")
+    drop_last: bool | None = field(None, "drop the last incomplete batch: train_loader always does (false is "
+                                         "refused); eval_loader by default scores every row, the last batch "
+                                         "padded, and with true leaves the incomplete one out, as Composer does")
     num_workers: int | None = field(None, "threads gathering the next training batches ahead; 0: none; default 1 "
                                           "(0 for remote streams, which predownload shards on their own)")
     prefetch_factor: int | None = field(None, "training batches each worker keeps ready; default 2")

@@ -158,7 +158,7 @@ def build_loaders(cfg, *, cache_dir: str, process_index: int = 0,
     batch size: iterate it with ``batches(batch_size)``.
     """
     train_dataset = cfg.train_loader.dataset
-    if not cfg.train_loader.drop_last:
+    if cfg.train_loader.drop_last is False:
         raise ConfigError("train_loader.drop_last=false is not supported: training batches have a fixed shape; set it to true")
     key = "train_loader.dataset"
     seed = cfg.seed if train_dataset.shuffle_seed is None else train_dataset.shuffle_seed

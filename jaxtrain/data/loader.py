@@ -323,22 +323,23 @@ class BatchLoader:
         self._drop_pending()
         self._epoch, self._sample_in_epoch = self._rolled(epoch, sample_in_epoch)
 
-    def num_batches(self, batch_size: int) -> int:
-        """How many batches ``batches(batch_size)`` yields (the last one may be padded)."""
-        return -(-self.num_sequences // batch_size)
+    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
+        """How many batches ``batches(batch_size, drop_last=...)`` yields (the last one may be padded)."""
+        return self.num_sequences // batch_size if drop_last else -(-self.num_sequences // batch_size)
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int, *, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """One in-order pass over every row, ``batch_size`` rows per global batch, this process's slice.
 
         Yields ``{"input_ids": int32[local, max_seq_len], "labels": int32[local, max_seq_len]}``
         with ``local = batch_size / process_count``. ``labels`` are the input ids (shifted by the
         loss, as in LLM Foundry); the last global batch is filled up with rows of ``pad_token_id``
         whose labels are all ``IGNORE_INDEX`` (-100), so they add nothing to the loss or the token
-        count. Every batch has the same shape, so one compiled step serves all.
+        count. Every batch has the same shape, so one compiled step serves all. ``drop_last``: the
+        last global batch is left out instead when it would be incomplete.
         """
         self._check_batch_size(batch_size, f"{self.name} eval batch size")
         local = batch_size // self.process_count
-        for global_start in range(0, self.num_sequences, batch_size):
+        for global_start in range(0, self.num_batches(batch_size, drop_last=drop_last) * batch_size, batch_size):
             start = global_start + self.process_index * local
             real = self.rows[start : min(start + local, self.num_sequences)]
             self._check_ids(np.asarray(real), np.arange(start, start + len(real)))

@@ -31,7 +31,7 @@ class EvaluationMixin:
         limit = self.cfg.eval_subset_num_batches
         outs = []
         params = evaluation_params(self.state)  # the average's adapters joined to the weights once, not per batch
-        for index, local in enumerate(loader.batches(batch_size)):
+        for index, local in enumerate(loader.batches(batch_size, drop_last=bool(self.cfg.eval_loader.drop_last))):
             if 0 <= limit <= index:
                 break
             batch = global_batch_from_local(local, self.parts.mesh)

@@ -173,6 +173,11 @@ def _loaded_data(cfg: Config, loaders: _InBackground):
     for loader in (train_loader, eval_loader):  # rows read as stored (pre-tokenized): check their ids
         if loader is not None and not isinstance(loader.rows, np.ndarray):
             loader.vocab_size = cfg.model.vocab_size
+    batch_size = eval_batch_size(cfg)
+    if eval_loader is not None and cfg.eval_loader.drop_last and eval_loader.num_batches(batch_size, drop_last=True) == 0:
+        raise ConfigError(f"eval_loader.drop_last: true leaves no batch to evaluate: the held-out split has "
+                          f"{eval_loader.num_sequences} sequences, fewer than one eval batch of {batch_size} "
+                          f"(device_eval_batch_size x devices); set it to false or lower device_eval_batch_size")
     return train_loader, eval_loader, tokenizer
 
 
