@@ -73,7 +73,7 @@ def test_checkpoints_hold_the_adapters_and_read_the_frozen_weights_back(tmp_path
     # a resume in a fresh trainer (its frozen weights random until read back) ends where it did
     shutil.rmtree(small_ckpt / "6")
     _, again, _, printed = fit(small)
-    assert "resumed from" in printed
+    assert f"resumed from {small_ckpt} at step 3 (the frozen weights read back from {base})" in printed
     for ours, theirs in zip(leaves(again.state.params), leaves(trainer.state.params)):
         np.testing.assert_array_equal(ours, theirs)
 

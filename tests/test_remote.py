@@ -389,7 +389,7 @@ def test_a_hugging_face_folder_in_a_bucket_is_a_load_path(s3, tmp_path):
     from flax import nnx
 
     from jaxtrain.checkpoint.load import load_checkpoint
-    from jaxtrain.convert.hf_mpt import read_hf
+    from jaxtrain.convert.hf_mpt import export_hf, read_hf
     from jaxtrain.layers import lora
     from test_lora import BASE, fit, run_config
 
@@ -409,6 +409,9 @@ def test_a_hugging_face_folder_in_a_bucket_is_a_load_path(s3, tmp_path):
     saved = lora.split_trainable(load_checkpoint(str(tmp_path / "checkpoints")).params)[1]
     for ours, theirs in zip(jax.tree.leaves(saved), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    export_hf(str(tmp_path / "checkpoints"), str(tmp_path / "peft"), adapter_only=True)  # names the bucket's folder
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == f"s3://{BUCKET}/models/mpt"
     s3.upload_file(str(BASE / "reference.safetensors"), BUCKET, "models/mpt/model.safetensors")
     with pytest.raises(ConfigError, match=r"s3://jaxtrain-test/models/mpt, have changed since it was saved "
                                           r"\(model.safetensors differs\)"):

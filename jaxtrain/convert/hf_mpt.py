@@ -426,6 +426,9 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
         # converted checkpoint came from, or the run's load_path when that was such a folder
         base = loaded.meta.get("source", {}).get("path") if loaded.meta.get("weights_only") else None
         load_path = (loaded.meta.get("config") or {}).get("load_path")
+        record = loaded.meta.get("frozen_weights") or {}
+        if base is None and record.get("path") and record.get("step") is None:  # read back from that folder
+            base = record["path"]
         if base is None and isinstance(load_path, str) and os.path.isdir(load_path) and is_hf_folder(load_path):
             base = os.path.abspath(load_path)
         with open(os.path.join(dst, ADAPTER_CONFIG), "w", encoding="utf-8") as handle:

@@ -201,7 +201,10 @@ class RecoveryMixin:
                 f"they are left as they are: if they are damaged, set save_folder to another folder to start over"
             )
         self.incidents = list(self._restored_meta.get("incidents", [])) + self.incidents
-        self.print(f"resumed from {self.checkpointer.folder} at step {self.step}")
+        frozen = "" if self.frozen_record is None else (
+            f" (the frozen weights read back from {self.frozen_record['path']}"
+            + (")" if self.frozen_record.get("step") is None else f", step {self.frozen_record['step']})"))
+        self.print(f"resumed from {self.checkpointer.folder} at step {self.step}{frozen}")
 
     def rollback(self, bad_steps: list[int]) -> bool:
         """Go back to the newest checkpoint before ``bad_steps[0]`` and never train on the data
