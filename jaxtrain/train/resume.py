@@ -72,7 +72,8 @@ class RecoveryMixin:
     """Methods of ``Trainer`` that read checkpoints back. Expects the Trainer's attributes."""
 
     # The frozen weights' record (``jaxtrain.checkpoint.frozen``) of a LoRA run that read them from
-    # a local folder: set when they are loaded from load_path or a checkpoint's record.
+    # load_path (a local folder or one in a bucket): set once they are loaded from load_path or from
+    # a checkpoint's record, so the weights in memory are the ones it names.
     frozen_record: dict[str, Any] | None = None
 
     def saves_adapters_only(self) -> bool:
