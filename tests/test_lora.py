@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "lora"
 BASE = ROOT / "tests" / "fixtures" / "hf_mpt" / "mha"
 REF = load_file(str(FIXTURE / "reference.safetensors"))
-CASES = {"adapter": "lora_logits", "adapter_rslora": "rslora_logits"}
+CASES = {"adapter": "lora_logits", "adapter_rslora": "rslora_logits", "adapter_patterns": "patterns_logits"}
 
 
 def imported(tmp_path: Path, case: str = "adapter", *, scan_layers: bool = True):
@@ -60,7 +60,8 @@ def imported(tmp_path: Path, case: str = "adapter", *, scan_layers: bool = True)
     return folder, load_checkpoint(str(folder))
 
 
-@pytest.mark.parametrize("case,scan_layers", [("adapter", True), ("adapter_rslora", True), ("adapter", False)])
+@pytest.mark.parametrize("case,scan_layers", [("adapter", True), ("adapter_rslora", True), ("adapter", False),
+                                             ("adapter_patterns", True)])
 def test_adapters_give_the_logits_peft_gives(tmp_path, case, scan_layers):
     _, loaded = imported(tmp_path, case, scan_layers=scan_layers)
     logits = loaded.module()(jnp.asarray(REF["input_ids"]))
@@ -72,6 +73,23 @@ def test_adapters_give_the_logits_peft_gives(tmp_path, case, scan_layers):
     merged_away = nnx.merge(abstract_model(lora.without_adapters(loaded.model_cfg))[0],
                             lora.split_trainable(loaded.params)[1])
     np.testing.assert_allclose(np.asarray(merged_away(jnp.asarray(REF["input_ids"]))), REF["base_logits"], atol=2e-5)
+
+
+def test_ranks_and_alphas_per_layer_are_pefts_and_export_as_they_came(tmp_path):
+    """rank_pattern and alpha_pattern: each layer's rank and scale as PEFT gives them (the logits are
+    checked above); the adapter exports bit for bit with the same patterns."""
+    folder, loaded = imported(tmp_path, "adapter_patterns")
+    cfg = loaded.model_cfg
+    assert {name: (lora.module_rank(cfg, name), lora.module_scaling(cfg, name)) for name in lora.targeted_modules(cfg)} \
+        == {"Wqkv": (2, 4.0), "up_proj": (4, 4.0), "down_proj": (6, 8 / 6)}
+    assert lora.adapter_param_count(cfg) == 2 * (2 * (32 + 96) + 4 * (32 + 128) + 6 * (128 + 32))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert convert_main([str(folder), str(tmp_path / "peft"), "--to", "peft"]) == 0
+    ours, theirs = (load_file(str(path / "adapter_model.safetensors"))
+                    for path in (tmp_path / "peft", FIXTURE / "adapter_patterns"))
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"Wqkv": 2, r"ffn\.down_proj": 6} and config["alpha_pattern"] == {"up_proj": 16}
 
 
 def test_the_loss_and_its_adapter_gradients_are_pefts(tmp_path):
@@ -277,6 +295,9 @@ def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp
     ({"bias": "all"}, "model.peft_config.bias: 'all' is not supported"),
     ({"peft_type": "IA3"}, "jaxtrain trains LORA adapters"),
     ({"init_lora_weights": "pissa"}, "model.peft_config.init_lora_weights: 'pissa' is not supported"),
+    ({"rank_pattern": {r"blocks\.0\.attn\.Wqkv": 2}}, "model.peft_config.rank_pattern: "
+                                                       r"'blocks\.0\.attn\.Wqkv' selects Wqkv in block 0 but not in block 1"),
+    ({"alpha_pattern": {"up_proj": 0}}, "model.peft_config.alpha_pattern: 'up_proj': expected a positive number, got 0"),
 ])
 def test_settings_jaxtrain_cannot_run_as_peft_would_are_one_line(peft, message):
     with pytest.raises(ConfigError) as error:

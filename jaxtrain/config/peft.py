@@ -22,7 +22,7 @@ INITS = (True, "gaussian")
 _SEPARATE_QKV = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv_proj", "query_key_value", "c_attn")
 # PEFT LoraConfig settings jaxtrain's LoRA does not implement, and the values meaning "off"
 PEFT_OFF_VALUES = {"use_dora": (False, None), "modules_to_save": (None, []), "layers_to_transform": (None, []),
-                   "rank_pattern": (None, {}), "alpha_pattern": (None, {}), "lora_bias": (False, None),
+                   "lora_bias": (False, None),
                    "target_parameters": (None, []), "trainable_token_indices": (None, []),
                    "layer_replication": (None, []), "use_qalora": (False, None), "exclude_modules": (None, []),
                    "layers_pattern": (None, []), "loftq_config": (None, {}), "eva_config": (None, {}),
@@ -50,6 +50,44 @@ def _matches(target: list | str, name: str) -> bool:
             return True
         return re.fullmatch(target, name) is not None
     return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _pattern_key(patterns: dict, name: str) -> Any:
+    """The first key of ``patterns`` matching the module ``name`` as PEFT matches them (the
+    whole key a regular expression for the end of the name, after a dot), or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+def _per_layer(model_cfg: Any, module: str, patterns: dict, default: Any) -> Any:
+    """``patterns``' value for ``module`` (else ``default``), the same in every block (``ValueError`` if not)."""
+    chosen = _pattern_key(patterns, full_name(0, module))
+    for block in range(1, model_cfg.n_layers):
+        here = _pattern_key(patterns, full_name(block, module))
+        if here != chosen:
+            if here is None or chosen is None:
+                key, of, not_of = (chosen, 0, block) if here is None else (here, block, 0)
+                what = f"'{key}' selects {module} in block {of} but not in block {not_of}"
+            else:
+                what = f"'{chosen}' selects {module} in block 0 and '{here}' in block {block}"
+            raise ValueError(f"{what}; jaxtrain gives every block the same adapters: name the layer instead")
+    return default if chosen is None else patterns[chosen]
+
+
+def module_rank(model_cfg: Any, module: str) -> int:
+    """The rank of ``module``'s adapters: ``rank_pattern``'s, else ``r``."""
+    peft = model_cfg.peft_config
+    return int(_per_layer(model_cfg, module, peft.rank_pattern or {}, peft.r))
+
+
+def module_scaling(model_cfg: Any, module: str) -> float:
+    """``module``'s adapter scale, from its rank and ``alpha_pattern``'s alpha (else ``lora_alpha``)."""
+    peft = model_cfg.peft_config
+    alpha = float(_per_layer(model_cfg, module, peft.alpha_pattern or {}, peft.lora_alpha))
+    r = module_rank(model_cfg, module)
+    return alpha / (math.sqrt(r) if peft.use_rslora else r)
 
 
 def targeted_modules(model_cfg: Any) -> tuple[str, ...]:
@@ -114,9 +152,26 @@ def check_peft_config(model_cfg: Any, fail: Callable[[str, str], None]) -> None:
     if peft.init_lora_weights not in INITS:
         fail(f"{key}.init_lora_weights", f"{peft.init_lora_weights!r} is not supported; use true or gaussian")
     try:
-        targeted_modules(model_cfg)
+        chosen = targeted_modules(model_cfg)
     except ValueError as err:
         fail(f"{key}.target_modules", str(err))
+    for name, pattern in (("rank_pattern", peft.rank_pattern), ("alpha_pattern", peft.alpha_pattern)):
+        if not isinstance(pattern, dict):
+            fail(f"{key}.{name}", f"expected a mapping of module name patterns to values, got {pattern!r}")
+        for pattern_key, value in pattern.items():
+            try:
+                re.compile(str(pattern_key))
+            except re.error as err:
+                fail(f"{key}.{name}", f"{pattern_key!r} is not a regular expression ({err})")
+            whole = name == "rank_pattern"
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value <= 0:
+                fail(f"{key}.{name}", f"{pattern_key!r}: expected a {'whole number >= 1' if whole else 'positive number'}"
+                                      f", got {value!r}")
+        try:
+            for module in chosen:
+                (module_rank if name == "rank_pattern" else module_scaling)(model_cfg, module)
+        except ValueError as err:
+            fail(f"{key}.{name}", str(err))
 
 
 def scaling(peft: Any) -> float:

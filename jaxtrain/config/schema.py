@@ -88,6 +88,10 @@ class PeftConfig:
                                        "out_proj, up_proj, gate_proj, down_proj (or all-linear), or a regular "
                                        "expression matched against the full module name")
     use_rslora: bool = field(False, "rank-stabilised LoRA: scale lora_alpha / sqrt(r)")
+    rank_pattern: dict = field(factory=dict, doc="ranks other than r, by layer: {pattern: rank}, each pattern a "
+                               "regular expression matched against the end of a module's name (PEFT's rule)")
+    alpha_pattern: dict = field(factory=dict, doc="lora_alpha values other than lora_alpha, by layer, matched as "
+                                "rank_pattern is")
     init_lora_weights: bool | str = field(True, "A's initialisation: true (Kaiming-uniform) or gaussian; B is zero")
     bias: str = field("none", "only none (no bias is trained)")
     fan_in_fan_out: bool = field(False, "only false")

@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--adapter {args.adapter}: it is read with --to jaxtrain (the base model in SRC)")
         if args.to == "jaxtrain":
             cfg = import_hf(args.src, args.dst, scan_layers=args.scan_layers, adapter=args.adapter)
-            adapters = f", LoRA adapters of rank {cfg.peft_config.r}" if cfg.peft_config is not None else ""
+            adapters = ""
+            if cfg.peft_config is not None:
+                from jaxtrain.layers.lora import rank_text
+
+                adapters = f", LoRA adapters of {rank_text(cfg)}"
             print(f"wrote jaxtrain checkpoint {args.dst} (step 0): MPT d_model={cfg.d_model} "
                   f"n_layers={cfg.n_layers} vocab={cfg.vocab_size}, {'stacked' if cfg.scan_layers else 'unrolled'} "
                   f"blocks{adapters}")

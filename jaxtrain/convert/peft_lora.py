@@ -55,6 +55,7 @@ def peft_config_from_adapter(folder: str) -> PeftConfig:
         lora_dropout=float(config.get("lora_dropout") or 0.0),
         target_modules=sorted(target) if isinstance(target, list) else target,
         use_rslora=bool(config.get("use_rslora", False)), init_lora_weights="gaussian" if init == "gaussian" else True,
+        rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
     )
 
 
@@ -67,6 +68,7 @@ def adapter_config(model_cfg: Any, *, base_model: str | None = None) -> dict:
         "lora_dropout": float(peft.lora_dropout), "target_modules": list(lora.targeted_modules(model_cfg)),
         "use_rslora": bool(peft.use_rslora), "init_lora_weights": peft.init_lora_weights, "bias": "none",
         "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
+        "rank_pattern": dict(peft.rank_pattern or {}), "alpha_pattern": dict(peft.alpha_pattern or {}),
         "base_model_name_or_path": base_model,
     }
 
@@ -124,7 +126,8 @@ def import_adapter(folder: str, model_cfg: Any, params: dict) -> Any:
         for module in lora.targeted_modules(adapted):
             node, row = _adapter_node(params, model_cfg, block, module)
             in_features, out_features = np.shape(node["kernel"])[-2:]
-            for which, key, shape in (("A", "lora_a", (peft.r, in_features)), ("B", "lora_b", (out_features, peft.r))):
+            r = lora.module_rank(adapted, module)
+            for which, key, shape in (("A", "lora_a", (r, in_features)), ("B", "lora_b", (out_features, r))):
                 name = tensor_name(block, module, which)
                 wanted.add(name)
                 if name not in tensors:

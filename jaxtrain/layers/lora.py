@@ -25,6 +25,8 @@ from jaxtrain.config.peft import (  # noqa: F401 - the settings' names, re-expor
     ATTENTION_MODULES,
     FFN_MODULES,
     full_name,
+    module_rank,
+    module_scaling,
     scaling,
     targeted_modules,
 )
@@ -45,9 +47,10 @@ def adapter_specs(model_cfg: Any) -> dict[str, LoraSpec]:
     peft = getattr(model_cfg, "peft_config", None)
     if peft is None:
         return {}
-    spec = LoraSpec(r=int(peft.r), scaling=scaling(peft), dropout=float(peft.lora_dropout),
-                    init="gaussian" if peft.init_lora_weights == "gaussian" else True)
-    return {name: spec for name in targeted_modules(model_cfg)}
+    init = "gaussian" if peft.init_lora_weights == "gaussian" else True
+    return {name: LoraSpec(r=module_rank(model_cfg, name), scaling=module_scaling(model_cfg, name),
+                           dropout=float(peft.lora_dropout), init=init)
+            for name in targeted_modules(model_cfg)}
 
 
 def uses_dropout(model_cfg: Any) -> bool:
@@ -100,27 +103,36 @@ def without_adapters(model_cfg: Any) -> Any:
 def merge_adapters(params: Any, model_cfg: Any) -> Any:
     """The parameters of ``without_adapters(model_cfg)``: each adapted kernel ``W + scaling·A·B``
     (float32 products, stored in the kernel's dtype), as PEFT's ``merge_and_unload`` computes it."""
-    scale = scaling(model_cfg.peft_config)
     adapters, frozen = split_trainable(params)
     merged = nnx.to_pure_dict(frozen)
 
-    def walk(node: dict, target: dict) -> None:
+    def walk(node: dict, target: dict, module: str | None) -> None:
         for key, value in node.items():
             if key == "lora_a":
+                scale = module_scaling(model_cfg, module)
                 kernel = target["kernel"]
                 delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(node["lora_a"], jnp.float32),
                                    jnp.asarray(node["lora_b"], jnp.float32))
                 target["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
             elif isinstance(value, dict):
-                walk(value, target[key])
+                walk(value, target[key], str(key))
 
-    walk(nnx.to_pure_dict(adapters), merged)
+    walk(nnx.to_pure_dict(adapters), merged, None)
     nnx.replace_by_pure_dict(frozen, merged)
     return frozen
 
 
+def rank_text(model_cfg: Any) -> str:
+    """``rank 8``, or with ranks per layer ``rank 8 (Wqkv 2, down_proj 6)``."""
+    r = int(model_cfg.peft_config.r)
+    others = [f"{name} {module_rank(model_cfg, name)}" for name in targeted_modules(model_cfg)
+              if module_rank(model_cfg, name) != r]
+    return f"rank {r}" + (f" ({', '.join(others)})" if others else "")
+
+
 def adapter_param_count(model_cfg: Any) -> int:
-    """Parameters of ``model_cfg``'s adapters: ``r·(in + out)`` per adapted layer and block (0 without)."""
+    """Parameters of ``model_cfg``'s adapters: ``r·(in + out)`` per adapted layer (its own rank) and
+    block (0 without)."""
     from jaxtrain.layers.mlp import ffn_hidden_size
     from jaxtrain.models.mpt_config import kv_heads
 
@@ -130,5 +142,5 @@ def adapter_param_count(model_cfg: Any) -> int:
     hidden = ffn_hidden_size(d, model_cfg.expansion_ratio)
     shapes = {"Wqkv": (d, d + 2 * kv_heads(model_cfg) * (d // model_cfg.n_heads)), "out_proj": (d, d),
               "up_proj": (d, hidden), "gate_proj": (d, hidden), "down_proj": (hidden, d)}
-    r = int(model_cfg.peft_config.r)
-    return model_cfg.n_layers * sum(r * sum(shapes[name]) for name in targeted_modules(model_cfg))
+    return model_cfg.n_layers * sum(module_rank(model_cfg, name) * sum(shapes[name])
+                                    for name in targeted_modules(model_cfg))
