@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "lora"
 BASE = ROOT / "tests" / "fixtures" / "hf_mpt" / "mha"
 REF = load_file(str(FIXTURE / "reference.safetensors"))
-CASES = {"adapter": "lora_logits", "adapter_rslora": "rslora_logits", "adapter_patterns": "patterns_logits"}
+CASES = {"adapter": "lora_logits", "adapter_rslora": "rslora_logits", "adapter_patterns": "patterns_logits",
+         "adapter_dora": "dora_logits"}
 
 
 def imported(tmp_path: Path, case: str = "adapter", *, scan_layers: bool = True):
@@ -61,7 +62,8 @@ def imported(tmp_path: Path, case: str = "adapter", *, scan_layers: bool = True)
 
 
 @pytest.mark.parametrize("case,scan_layers", [("adapter", True), ("adapter_rslora", True), ("adapter", False),
-                                             ("adapter_patterns", True)])
+                                             ("adapter_patterns", True), ("adapter_dora", True),
+                                             ("adapter_dora", False)])
 def test_adapters_give_the_logits_peft_gives(tmp_path, case, scan_layers):
     _, loaded = imported(tmp_path, case, scan_layers=scan_layers)
     logits = loaded.module()(jnp.asarray(REF["input_ids"]))
@@ -92,8 +94,10 @@ def test_ranks_and_alphas_per_layer_are_pefts_and_export_as_they_came(tmp_path):
     assert config["rank_pattern"] == {"Wqkv": 2, r"ffn\.down_proj": 6} and config["alpha_pattern"] == {"up_proj": 16}
 
 
-def test_the_loss_and_its_adapter_gradients_are_pefts(tmp_path):
-    _, loaded = imported(tmp_path)
+@pytest.mark.parametrize("case,prefix", [("adapter", ""), ("adapter_dora", "dora_")])
+def test_the_loss_and_its_adapter_gradients_are_pefts(tmp_path, case, prefix):
+    """The loss and the gradient of every adapter tensor (DoRA's magnitudes too) equal PEFT's."""
+    _, loaded = imported(tmp_path, case)
     graphdef, _ = abstract_model(loaded.model_cfg)
     adapters, frozen = lora.split_trainable(loaded.params)
     ids = jnp.asarray(REF["input_ids"])
@@ -104,37 +108,43 @@ def test_the_loss_and_its_adapter_gradients_are_pefts(tmp_path):
         return loss_sum / count
 
     value, grads = jax.value_and_grad(loss)(adapters)
-    np.testing.assert_allclose(float(value), float(REF["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(value), float(REF[f"{prefix}loss"]), rtol=1e-6)
     grads = nnx.to_pure_dict(grads)
     compared = 0
+    tensors = [("A", "lora_a"), ("B", "lora_b")] + ([("magnitude", "lora_magnitude")] if prefix else [])
     for block in range(2):
         for module in lora.targeted_modules(loaded.model_cfg):
             part = "attn" if module in lora.ATTENTION_MODULES else "ffn"
-            for which, key in (("A", "lora_a"), ("B", "lora_b")):
+            for which, key in tensors:
                 ours = np.asarray(grads["blocks"][part][module][key][block]).T
-                np.testing.assert_allclose(ours, REF[f"grad/{tensor_name(block, module, which)}"], atol=2e-6, rtol=1e-4)
+                expected = REF[f"{prefix}grad/{tensor_name(block, module, which)}"]
+                np.testing.assert_allclose(ours, expected, atol=2e-6, rtol=1e-4)
                 compared += 1
-    assert compared == 16
+    assert compared == 8 * len(tensors)
 
 
-def test_exports_are_pefts_adapter_and_merged_model(tmp_path):
-    folder, _ = imported(tmp_path)
+@pytest.mark.parametrize("case,prefix", [("adapter", ""), ("adapter_dora", "dora_")])
+def test_exports_are_pefts_adapter_and_merged_model(tmp_path, case, prefix):
+    folder, _ = imported(tmp_path, case)
     with contextlib.redirect_stdout(io.StringIO()):
         assert convert_main([str(folder), str(tmp_path / "peft"), "--to", "peft"]) == 0
     export_hf(str(folder), str(tmp_path / "hf"))
     # the adapter round-trips bit for bit, and the merged weights are PEFT's merge_and_unload
     ours, theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), load_file(
-        str(FIXTURE / "adapter" / "adapter_model.safetensors"))
+        str(FIXTURE / case / "adapter_model.safetensors"))
     assert sorted(ours) == sorted(theirs)
     for name in theirs:
         np.testing.assert_array_equal(ours[name], theirs[name])
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and sorted(config["target_modules"]) == [
-        "Wqkv", "down_proj", "out_proj", "up_proj"]
+        "Wqkv", "down_proj", "out_proj", "up_proj"] and config["use_dora"] == bool(prefix)
     merged = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    compared = 0
     for key, value in REF.items():
-        if key.startswith("merged/"):
-            np.testing.assert_allclose(merged[key.removeprefix("merged/")], value, atol=1e-6)
+        if key.startswith(f"{prefix}merged/"):
+            np.testing.assert_allclose(merged[key.removeprefix(f"{prefix}merged/")], value, atol=1e-6)
+            compared += 1
+    assert compared == 8
     assert not any("lora" in name for name in merged)
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert "peft_config" not in json.dumps(hf_config)
@@ -148,8 +158,8 @@ def test_exports_are_pefts_adapter_and_merged_model(tmp_path):
         pytest.skip("the live PEFT check needs peft in .venv-ref; jaxtrain's half passed")
     assert run.returncode == 0, run.stderr[-2000:]
     live = json.loads(run.stdout)
-    np.testing.assert_allclose(live["adapter_logits"], REF["lora_logits"], atol=1e-5)
-    np.testing.assert_allclose(live["merged_logits"], REF["lora_logits"], atol=1e-5)
+    np.testing.assert_allclose(live["adapter_logits"], REF[CASES[case]], atol=1e-5)
+    np.testing.assert_allclose(live["merged_logits"], REF[CASES[case]], atol=1e-5)
 
 
 def tiny(**peft) -> object:
@@ -285,6 +295,26 @@ def test_lora_run_adapts_a_model_resumes_exactly_and_merges_into_a_plain_one(tmp
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
+def test_dora_starts_from_the_loaded_weights_and_trains(tmp_path):
+    """DoRA on a Hugging Face load_path: each magnitude starts at its loaded column's norm, as PEFT
+    starts it, so the first loss is the base model's (the plain LoRA run's); then the loss falls."""
+    (tmp_path / "plain").mkdir()
+    plain = run_config(tmp_path / "plain", BASE, max_duration="4ba", save_folder=None)
+    peft = dict(plain.model.peft_config.__dict__, use_dora=True)
+    dora = dataclasses.replace(plain, run_folder=str(tmp_path / "dora"),
+                               model=dataclasses.replace(plain.model, peft_config=PeftConfig(**peft)))
+    losses = {}
+    for name, cfg in (("plain", plain), ("dora", dora)):
+        parts, trainer, _, _ = fit(cfg)
+        records = [json.loads(line) for line in (Path(cfg.run_folder) / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["train/loss"] for r in records if "train/loss" in r]
+    assert losses["dora"][0] == pytest.approx(losses["plain"][0], rel=1e-6) and losses["dora"][-1] < losses["dora"][0]
+    assert losses["dora"][1:] != pytest.approx(losses["plain"][1:], rel=1e-4)  # the magnitudes train too
+    params = nnx.to_pure_dict(trainer.state.params)["blocks"]["attn"]["Wqkv"]
+    assert params["lora_magnitude"].shape == (2, 96)
+    assert lora.adapter_param_count(dora.model) == lora.adapter_param_count(plain.model) + 2 * (96 + 128)
+
+
 @pytest.mark.parametrize("peft,message", [
     ({"target_modules": ["q_proj", "v_proj"]}, "MPT projects queries, keys and values in one layer, Wqkv"),
     ({"target_modules": ["up_poj"]}, "did you mean 'up_proj'?"),
@@ -315,7 +345,9 @@ def test_foundry_peft_keys_without_effect_are_accepted_and_others_refused(tmp_pa
     cfg = load_config(str(path))
     assert cfg.model.peft_config == PeftConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["Wqkv"])
     path.write_text(path.read_text() + "    use_dora: true\n")
-    with pytest.raises(ConfigError, match=r"model.peft_config.use_dora: True is not supported by jaxtrain's LoRA"):
+    assert load_config(str(path)).model.peft_config.use_dora
+    path.write_text(path.read_text() + "    layers_to_transform: [0]\n")
+    with pytest.raises(ConfigError, match=r"model.peft_config.layers_to_transform: \[0\] is not supported by jaxtrain's LoRA"):
         load_config(str(path))
 
 
@@ -392,6 +424,16 @@ def test_accelerators_three_query_key_value_products_take_the_adapter_too():
     attn.Wqkv.lora_b = nnx.LoRAParam(jnp.zeros_like(attn.Wqkv.lora_b[...]))
     with platform.compiling_for("gpu"):  # and the adapter's term is in it: without it the output differs
         assert not np.allclose(np.asarray(attn(x, slopes=slopes)), np.asarray(sliced), atol=1e-3)
+    # DoRA's magnitudes scale whole output columns: Wqkv runs as one product there, as on the CPU
+    dora = MPTAttention(d_model=32, n_heads=4, kv_n_heads=2, use_bias=False, clip_qkv=None, qk_ln=False,
+                        norm_type="layernorm", norm_eps=1e-5, softmax_scale=None, attn_pdrop=0.0, in_std=0.1,
+                        out_std=0.1, rngs=nnx.Rngs(0), adapters={"Wqkv": dataclasses.replace(spec, dora=True)})
+    dora.Wqkv.lora_b = nnx.LoRAParam(0.1 * jax.random.normal(jax.random.key(1), dora.Wqkv.lora_b[...].shape))
+    dora.Wqkv.lora_magnitude = nnx.LoRAParam(dora.Wqkv.lora_magnitude[...] * 1.5)
+    cpu = dora(x, slopes=slopes)
+    with platform.compiling_for("gpu"):
+        np.testing.assert_allclose(np.asarray(dora(x, slopes=slopes)), np.asarray(cpu), atol=2e-5)
+    assert not np.allclose(np.asarray(cpu), np.asarray(sliced), atol=1e-3)
 
 
 def test_a_model_of_another_shape_is_refused_in_one_line_naming_its_shape(tmp_path):

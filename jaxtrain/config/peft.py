@@ -21,7 +21,7 @@ FFN_MODULES = ("up_proj", "gate_proj", "down_proj")
 INITS = (True, "gaussian")
 _SEPARATE_QKV = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "qkv_proj", "query_key_value", "c_attn")
 # PEFT LoraConfig settings jaxtrain's LoRA does not implement, and the values meaning "off"
-PEFT_OFF_VALUES = {"use_dora": (False, None), "modules_to_save": (None, []), "layers_to_transform": (None, []),
+PEFT_OFF_VALUES = {"modules_to_save": (None, []), "layers_to_transform": (None, []),
                    "lora_bias": (False, None),
                    "target_parameters": (None, []), "trainable_token_indices": (None, []),
                    "layer_replication": (None, []), "use_qalora": (False, None), "exclude_modules": (None, []),

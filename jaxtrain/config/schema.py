@@ -88,6 +88,8 @@ class PeftConfig:
                                        "out_proj, up_proj, gate_proj, down_proj (or all-linear), or a regular "
                                        "expression matched against the full module name")
     use_rslora: bool = field(False, "rank-stabilised LoRA: scale lora_alpha / sqrt(r)")
+    use_dora: bool = field(False, "DoRA: each adapted layer's output columns rescaled to a learned magnitude, "
+                                  "as PEFT computes it (the column norms of W + scaling·A·B held constant)")
     rank_pattern: dict = field(factory=dict, doc="ranks other than r, by layer: {pattern: rank}, each pattern a "
                                "regular expression matched against the end of a module's name (PEFT's rule)")
     alpha_pattern: dict = field(factory=dict, doc="lora_alpha values other than lora_alpha, by layer, matched as "

@@ -31,8 +31,17 @@ _UNSUPPORTED = {**PEFT_OFF_VALUES, "bias": ("none", None), "fan_in_fan_out": (Fa
 
 
 def tensor_name(block: int, module: str, which: str) -> str:
-    """The PEFT name of block ``block``'s ``module`` adapter matrix ``which`` (``A`` or ``B``)."""
+    """The PEFT name of block ``block``'s ``module`` adapter tensor ``which``: ``A`` or ``B``, or
+    ``magnitude`` (DoRA's, a vector)."""
+    if which == "magnitude":
+        return f"{PEFT_PREFIX}{lora.full_name(block, module)}.lora_magnitude_vector"
     return f"{PEFT_PREFIX}{lora.full_name(block, module)}.lora_{which}.weight"
+
+
+def _tensors_of(model_cfg: Any) -> list[tuple[str, str]]:
+    """``(which, parameter name)`` of each adapter tensor of a layer."""
+    dora = bool(model_cfg.peft_config.use_dora)
+    return [("A", "lora_a"), ("B", "lora_b")] + ([("magnitude", "lora_magnitude")] if dora else [])
 
 
 def peft_config_from_adapter(folder: str) -> PeftConfig:
@@ -56,6 +65,7 @@ def peft_config_from_adapter(folder: str) -> PeftConfig:
         target_modules=sorted(target) if isinstance(target, list) else target,
         use_rslora=bool(config.get("use_rslora", False)), init_lora_weights="gaussian" if init == "gaussian" else True,
         rank_pattern=dict(config.get("rank_pattern") or {}), alpha_pattern=dict(config.get("alpha_pattern") or {}),
+        use_dora=bool(config.get("use_dora") or False),
     )
 
 
@@ -69,7 +79,7 @@ def adapter_config(model_cfg: Any, *, base_model: str | None = None) -> dict:
         "use_rslora": bool(peft.use_rslora), "init_lora_weights": peft.init_lora_weights, "bias": "none",
         "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
         "rank_pattern": dict(peft.rank_pattern or {}), "alpha_pattern": dict(peft.alpha_pattern or {}),
-        "base_model_name_or_path": base_model,
+        "use_dora": bool(peft.use_dora), "base_model_name_or_path": base_model,
     }
 
 
@@ -87,12 +97,13 @@ def adapter_entries(model_cfg: Any, params: dict, np_dtype: Any) -> list[tuple[s
     for block in range(model_cfg.n_layers):
         for module in lora.targeted_modules(model_cfg):
             node, row = _adapter_node(params, model_cfg, block, module)
-            for which, key in (("A", "lora_a"), ("B", "lora_b")):
+            for which, key in _tensors_of(model_cfg):
                 def tensor(node=node, key=key, row=row):
                     value = np.asarray(node[key] if row is None else node[key][row])
-                    return np.ascontiguousarray(value.T.astype(np_dtype))
+                    return np.ascontiguousarray(value.T.astype(np_dtype))  # a vector stays as it is
 
-                shape = tuple(np.shape(node[key])[-2:][::-1])
+                ndim = 1 if key == "lora_magnitude" else 2
+                shape = tuple(np.shape(node[key])[-ndim:][::-1])
                 entries.append((tensor_name(block, module, which), shape, tensor))
     return entries
 
@@ -127,7 +138,9 @@ def import_adapter(folder: str, model_cfg: Any, params: dict) -> Any:
             node, row = _adapter_node(params, model_cfg, block, module)
             in_features, out_features = np.shape(node["kernel"])[-2:]
             r = lora.module_rank(adapted, module)
-            for which, key, shape in (("A", "lora_a", (r, in_features)), ("B", "lora_b", (out_features, r))):
+            shapes = {"lora_a": (r, in_features), "lora_b": (out_features, r), "lora_magnitude": (out_features,)}
+            for which, key in _tensors_of(adapted):
+                shape = shapes[key]
                 name = tensor_name(block, module, which)
                 wanted.add(name)
                 if name not in tensors:

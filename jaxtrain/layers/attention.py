@@ -258,7 +258,7 @@ class MPTAttention(nnx.Module):
         """
         batch, length, d_model = x.shape
         kv_width = self.kv_n_heads * self.head_dim
-        plain = self.Wqkv.bias is None and self.clip_qkv is None
+        plain = self.Wqkv.bias is None and self.clip_qkv is None and getattr(self.Wqkv, "lora_magnitude", None) is None
         qkv_rng = out_rng = None
         if lora_rng is not None:
             qkv_rng, out_rng = jax.random.split(lora_rng)

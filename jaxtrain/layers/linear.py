@@ -108,8 +108,12 @@ class Dense(nnx.Module):
             self.lora_a = nnx.LoRAParam(a_init(jax.random.fold_in(kernel_key, 1), (in_features, lora.r), param_dtype))
             self.lora_b = nnx.LoRAParam(b_init(kernel_key, (lora.r, out_features), param_dtype))
             self.lora_scaling, self.lora_dropout = lora.scaling, lora.dropout
+            # DoRA's magnitude [out]: the column norms of W + scaling·A·B, those of W while B is zero
+            kernel = self.kernel[...]
+            m_init = annotated(lambda key, shape, dtype: lora_lib.column_norms(kernel).astype(dtype), (axes[1],))
+            self.lora_magnitude = nnx.LoRAParam(m_init(kernel_key, (out_features,), param_dtype)) if lora.dora else None
         else:
-            self.lora_a = self.lora_b = None
+            self.lora_a = self.lora_b = self.lora_magnitude = None
 
     def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None) -> jax.Array:
         """``x [..., in]`` -> ``[..., out]`` in the compute dtype; ``lora_rng`` draws the adapter's
@@ -117,7 +121,27 @@ class Dense(nnx.Module):
         y = self._product(x, compute_dtype)
         if self.lora_a is None:
             return y
+        if self.lora_magnitude is not None:
+            return y + self.dora_term(x, y, compute_dtype=compute_dtype, lora_rng=lora_rng)
         return y + self.adapter(x, compute_dtype=compute_dtype, lora_rng=lora_rng)
+
+    def dora_term(self, x: jax.Array, y: jax.Array, *, compute_dtype=jnp.float32,
+                  lora_rng: jax.Array | None = None) -> jax.Array:
+        """DoRA's term, added to ``y = x·W (+ bias)`` as PEFT adds it: ``(g - 1)·(x'·W) + g·scaling·(x'·A)·B``
+        with ``x' = dropout(x)`` and ``g = magnitude / ||W + scaling·A·B||`` per output column, the
+        norm held constant (no gradient flows through it). Without dropout ``x'·W`` is ``y`` less
+        the bias; with it, one more product."""
+        a, b = self.lora_a[...], self.lora_b[...]
+        merged = self.kernel[...].astype(jnp.float32) + self.lora_scaling * (
+            a.astype(jnp.float32) @ b.astype(jnp.float32))
+        g = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(lora_lib.column_norms(merged))
+        if lora_rng is not None and self.lora_dropout > 0:
+            x = dropout(x, self.lora_dropout, lora_rng)
+            base = _plain_product(x, self.kernel[...], compute_dtype).astype(jnp.float32)
+        else:
+            base = y.astype(jnp.float32) - (0.0 if self.bias is None else self.bias[...].astype(jnp.float32))
+        update = _plain_product(_plain_product(x, a, compute_dtype), b, compute_dtype).astype(jnp.float32)
+        return ((g - 1) * base + g * self.lora_scaling * update).astype(compute_dtype)
 
     def adapter(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None) -> jax.Array:
         """The adapter's term ``scaling · (dropout(x)·A)·B`` in the compute dtype, as PEFT adds it."""

@@ -8,6 +8,10 @@ PEFT's ``init_lora_weights=True`` (``U(±1/sqrt(in))``) or ``N(0, 1/r)`` with ``
 Only the adapters train: the model's own weights are frozen, so neither their gradients nor
 optimizer moments are ever computed or kept.
 
+DoRA (``use_dora``) adds a magnitude per output column, ``m [out]``, starting at the column norms
+of ``W``: the layer computes ``g·(x·W + scaling·(x·A)·B)`` with ``g = m / ||W + scaling·A·B||``
+per column, the norm held constant in the gradient, as PEFT does (``Dense.dora_term``).
+
 Which layers take adapters, and the config's checks: ``jaxtrain.config.peft``.
 """
 
@@ -32,6 +36,9 @@ from jaxtrain.config.peft import (  # noqa: F401 - the settings' names, re-expor
 )
 
 
+ADAPTER_NAMES = ("lora_a", "lora_b", "lora_magnitude")  # the parameters LoRA trains
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """The adapter of one linear layer: rank, output scale, input dropout and A's initialisation."""
@@ -40,6 +47,7 @@ class LoraSpec:
     scaling: float
     dropout: float
     init: bool | str = True
+    dora: bool = False  # a magnitude per output column (``Dense.lora_magnitude``)
 
 
 def adapter_specs(model_cfg: Any) -> dict[str, LoraSpec]:
@@ -49,8 +57,13 @@ def adapter_specs(model_cfg: Any) -> dict[str, LoraSpec]:
         return {}
     init = "gaussian" if peft.init_lora_weights == "gaussian" else True
     return {name: LoraSpec(r=module_rank(model_cfg, name), scaling=module_scaling(model_cfg, name),
-                           dropout=float(peft.lora_dropout), init=init)
+                           dropout=float(peft.lora_dropout), init=init, dora=bool(peft.use_dora))
             for name in targeted_modules(model_cfg)}
+
+
+def column_norms(kernel: jax.Array) -> jax.Array:
+    """The L2 norm of each output column of ``kernel [..., in, out]``, in float32 (DoRA's)."""
+    return jnp.linalg.norm(kernel.astype(jnp.float32), axis=-2)
 
 
 def uses_dropout(model_cfg: Any) -> bool:
@@ -72,8 +85,9 @@ def init_a(spec: LoraSpec, in_features: int) -> Callable:
 
 
 def is_adapter(path: tuple, value: Any = None) -> bool:
-    """An NNX filter: the adapters' parameters (``lora_a``, ``lora_b``), the ones LoRA trains."""
-    return any(str(getattr(key, "key", key)) in ("lora_a", "lora_b") for key in path)
+    """An NNX filter: the adapters' parameters (``lora_a``, ``lora_b``, DoRA's ``lora_magnitude``),
+    the ones LoRA trains."""
+    return any(str(getattr(key, "key", key)) in ADAPTER_NAMES for key in path)
 
 
 def split_trainable(params: Any) -> tuple[Any, Any]:
@@ -102,7 +116,8 @@ def without_adapters(model_cfg: Any) -> Any:
 
 def merge_adapters(params: Any, model_cfg: Any) -> Any:
     """The parameters of ``without_adapters(model_cfg)``: each adapted kernel ``W + scaling·A·B``
-    (float32 products, stored in the kernel's dtype), as PEFT's ``merge_and_unload`` computes it."""
+    (with DoRA, each column of it times ``magnitude / its norm``; float32 products, stored in the
+    kernel's dtype), as PEFT's ``merge_and_unload`` computes it."""
     adapters, frozen = split_trainable(params)
     merged = nnx.to_pure_dict(frozen)
 
@@ -113,13 +128,37 @@ def merge_adapters(params: Any, model_cfg: Any) -> Any:
                 kernel = target["kernel"]
                 delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(node["lora_a"], jnp.float32),
                                    jnp.asarray(node["lora_b"], jnp.float32))
-                target["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
+                weight = jnp.asarray(kernel, jnp.float32) + scale * delta
+                if "lora_magnitude" in node:  # DoRA: each column rescaled to its magnitude
+                    magnitude = jnp.asarray(node["lora_magnitude"], jnp.float32)
+                    weight = weight * (magnitude / column_norms(weight))[..., None, :]
+                target["kernel"] = weight.astype(kernel.dtype)
             elif isinstance(value, dict):
                 walk(value, target[key], str(key))
 
     walk(nnx.to_pure_dict(adapters), merged, None)
     nnx.replace_by_pure_dict(frozen, merged)
     return frozen
+
+
+def start_magnitudes(params: Any, model_cfg: Any) -> Any:
+    """``params`` with each DoRA magnitude set to the column norms of its layer's ``W + scaling·A·B``,
+    as PEFT starts it: for adapters trained on weights other than those they were made with."""
+    adapters, frozen = split_trainable(params)
+    weights, values = nnx.to_pure_dict(frozen), nnx.to_pure_dict(adapters)
+
+    def walk(node: dict, weight: dict, module: str | None) -> None:
+        for key, value in node.items():
+            if key == "lora_magnitude":
+                merged = jnp.asarray(weight["kernel"], jnp.float32) + module_scaling(model_cfg, module) * jnp.einsum(
+                    "...ir,...ro->...io", jnp.asarray(node["lora_a"], jnp.float32), jnp.asarray(node["lora_b"], jnp.float32))
+                node[key] = jax.device_put(column_norms(merged).astype(value.dtype), value.sharding)
+            elif isinstance(value, dict):
+                walk(value, weight[key], str(key))
+
+    walk(values, weights, None)
+    nnx.replace_by_pure_dict(adapters, values)
+    return merge_trainable(adapters, frozen)
 
 
 def rank_text(model_cfg: Any) -> str:
@@ -142,5 +181,6 @@ def adapter_param_count(model_cfg: Any) -> int:
     hidden = ffn_hidden_size(d, model_cfg.expansion_ratio)
     shapes = {"Wqkv": (d, d + 2 * kv_heads(model_cfg) * (d // model_cfg.n_heads)), "out_proj": (d, d),
               "up_proj": (d, hidden), "gate_proj": (d, hidden), "down_proj": (hidden, d)}
-    return model_cfg.n_layers * sum(module_rank(model_cfg, name) * sum(shapes[name])
+    magnitudes = bool(getattr(model_cfg.peft_config, "use_dora", False))
+    return model_cfg.n_layers * sum(module_rank(model_cfg, name) * sum(shapes[name]) + magnitudes * shapes[name][1]
                                     for name in targeted_modules(model_cfg))

@@ -52,7 +52,7 @@ def _is_incident(record: dict) -> bool:
 
 def _only_adapters(names: list[str]) -> bool:
     """Whether parameter ``names`` (``ParameterMismatch``'s) are all LoRA adapters' (and some)."""
-    return bool(names) and all(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for name in names)
+    return bool(names) and all(name.rsplit(".", 1)[-1] in lora.ADAPTER_NAMES for name in names)
 
 
 def _merged(loaded, ours):
@@ -283,6 +283,8 @@ class RecoveryMixin:
         except ConfigError as err:
             raise ConfigError(f"load_path: {err}") from None
         params = loaded.params if fresh_adapters is None else lora.merge_trainable(fresh_adapters, loaded.params)
+        if fresh_adapters is not None and self.cfg.model.peft_config.use_dora:  # DoRA starts from these weights' norms
+            params = lora.start_magnitudes(params, self.cfg.model)
         self.state = self.state.replace(params=params)
         if self.cfg.model.peft_config is not None and can_record(path):  # read back from there
             self.frozen_record = frozen_record(path, None if hf_folder is not None else loaded.step)
