@@ -213,6 +213,28 @@ def test_adapter_dropout_draws_from_its_key_and_is_off_without_one():
     np.testing.assert_allclose(layer(x), x @ layer.kernel[...] + plain, rtol=1e-6)
 
 
+def test_dora_with_dropout_applies_it_to_both_of_its_products_as_peft_does():
+    """PEFT's DoRA in training with dropout: y = x·W + (g - 1)·(x'·W) + g·s·(x'·A)·B, x' = dropout(x),
+    g = m / ||W + s·A·B|| per column (the dropped input's extra product instead of reusing x·W)."""
+    from jaxtrain.layers.dropout import dropout
+
+    spec = lora.LoraSpec(r=4, scaling=2.0, dropout=0.5, dora=True)
+    layer = Dense(32, 16, use_bias=True, kernel_std=0.1, axes=("embed", "mlp"), rngs=nnx.Rngs(0), lora=spec)
+    layer.lora_b = nnx.LoRAParam(0.1 * jax.random.normal(jax.random.key(3), (4, 16)))
+    layer.bias = nnx.Param(jnp.full((16,), 0.3))
+    x = jax.random.normal(jax.random.key(4), (2, 3, 32))
+    w, a, b, m = (np.asarray(v[...], np.float64) for v in (layer.kernel, layer.lora_a, layer.lora_b, layer.lora_magnitude))
+    np.testing.assert_allclose(m, np.linalg.norm(w, axis=0), rtol=1e-6)  # it starts at W's column norms
+    layer.lora_magnitude = nnx.LoRAParam(jnp.asarray(m * 1.3, jnp.float32))
+    g = 1.3 * m / np.linalg.norm(w + 2.0 * a @ b, axis=0)
+    dropped = np.asarray(dropout(x, 0.5, jax.random.key(5)), np.float64)
+    xs = np.asarray(x, np.float64)
+    expected = xs @ w + 0.3 + (g - 1) * (dropped @ w) + g * 2.0 * ((dropped @ a) @ b)
+    np.testing.assert_allclose(layer(x, lora_rng=jax.random.key(5)), expected, rtol=2e-5, atol=2e-6)
+    no_dropout = g * (xs @ w + 2.0 * (xs @ a) @ b) + 0.3  # without it, (g - 1)·x·W + x·W = g·x·W
+    np.testing.assert_allclose(layer(x), no_dropout, rtol=2e-5, atol=2e-6)
+
+
 def run_config(tmp_path: Path, base: Path, **run):
     from test_finetune import char_tokenizer, write_lines
 
