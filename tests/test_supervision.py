@@ -41,8 +41,8 @@ class Loader:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
-    def batches(self, batch_size):
-        for index, batch in enumerate(self.loader.batches(batch_size)):
+    def batches(self, batch_size, **kwargs):
+        for index, batch in enumerate(self.loader.batches(batch_size, **kwargs)):
             if SPEC.get("hang_at_batch") == index:
                 hang(f"reading eval batch {index}")
             time.sleep(SPEC.get("slow_batch", 0))
