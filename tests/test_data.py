@@ -365,6 +365,7 @@ def test_eval_loader_drop_last_leaves_out_the_incomplete_batch_in_training_runs(
     does with it; by default every held-out row is scored. A split too small for one full batch is
     a one-line error before anything trains."""
     import contextlib
+    import dataclasses
     import io
 
     from jaxtrain.config import load_config
@@ -372,27 +373,28 @@ def test_eval_loader_drop_last_leaves_out_the_incomplete_batch_in_training_runs(
     from jaxtrain.train.setup import build_run, eval_batch_size
     from test_end_to_end import ROOT, TINY
 
-    def evaluated(*overrides):
-        cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
+    def config(*overrides):
+        return load_config(str(ROOT / "configs" / "quickstart.yaml"), [
             *TINY, "max_duration=1ba", "eval_subset_num_batches=-1", "save_folder=null", "log_to_console=false",
-            f"run_folder={tmp_path}/run", *overrides])
-        parts = build_run(cfg)
-        calls = []
-        step = parts.eval_step
-        parts.eval_step = lambda *args: calls.append(1) or step(*args)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                loss = Trainer(parts).evaluate()
-        finally:
-            parts.train_loader.close()
-        return loss, len(calls), parts.eval_loader.num_sequences, eval_batch_size(cfg)
+            "device_eval_batch_size=7", f"run_folder={tmp_path}/run", *overrides])
 
-    _, _, rows, _ = evaluated("device_eval_batch_size=7")
-    size = next(size for size in (7, 6, 5) if rows % size)  # a last batch that is incomplete
-    every, batches, rows, _ = evaluated(f"device_eval_batch_size={size}")
-    assert batches == rows // size + 1
-    kept, kept_batches, _, _ = evaluated(f"device_eval_batch_size={size}", "eval_loader.drop_last=true")
-    assert kept_batches == rows // size and kept != every
+    parts = build_run(config())
+    calls = []
+    step = parts.eval_step
+    parts.eval_step = lambda *args: calls.append(1) or step(*args)
+    rows, size = parts.eval_loader.num_sequences, eval_batch_size(parts.cfg)
+    losses = []
+    try:
+        for drop_last in (None, True):
+            cfg = dataclasses.replace(parts.cfg, eval_loader=dataclasses.replace(parts.cfg.eval_loader,
+                                                                                 drop_last=drop_last))
+            calls.clear()
+            with contextlib.redirect_stdout(io.StringIO()):
+                losses.append(Trainer(dataclasses.replace(parts, cfg=cfg)).evaluate())
+            assert len(calls) == (rows // size if drop_last else -(-rows // size))
+    finally:
+        parts.train_loader.close()
+    assert (losses[0] != losses[1]) == bool(rows % size)  # the last batch's rows count only by default
     with pytest.raises(ConfigError, match=r"eval_loader.drop_last: true leaves no batch to evaluate: the held-out "
                                           rf"split has {rows} sequences, fewer than one eval batch of 100000"):
-        evaluated("eval_loader.drop_last=true", "device_eval_batch_size=100000")
+        build_run(config("eval_loader.drop_last=true", "device_eval_batch_size=100000"))
