@@ -355,7 +355,8 @@ def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> Load
     into the shardings and dtypes of ``like`` after checking that names and shapes agree (else
     ``ParameterMismatch``), as ``load_checkpoint`` reads a jaxtrain checkpoint. Each process reads
     only the parts of each tensor its devices hold, straight into the target dtype."""
-    from jaxtrain.convert.hf_mpt import hf_model_config, read_hf_sharded
+    from jaxtrain.convert.hf_mpt import hf_model_config
+    from jaxtrain.convert.hf_parts import read_hf_sharded
     from jaxtrain.train.state import abstract_model
 
     # names and shapes are checked from config.json, before any tensor is read
