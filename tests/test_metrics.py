@@ -78,11 +78,12 @@ def test_flops_per_batch_by_hand():
     assert mpt_flops_per_batch(n_params=1000, n_layers=2, d_model=8, seq_len=4, batch_size=3) == 81216.0
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_training_flops_match_what_xla_counts_in_the_compiled_step(lora):
+@pytest.mark.parametrize("peft", [None, {}, {"use_dora": True, "lora_dropout": 0.1}], ids=["full", "lora", "dora"])
+def test_training_flops_match_what_xla_counts_in_the_compiled_step(peft):
     """The FLOPs MFU is counted with are those of the compiled train step (XLA's cost analysis):
     Foundry's formula for training every weight; for LoRA, none for the frozen weights' gradients,
-    which Foundry's formula would count (42 % over here)."""
+    which Foundry's formula would count (42 % over here); for DoRA with dropout, its second product
+    of each adapted layer (of the dropped input) too."""
     import dataclasses
 
     import jax
@@ -100,20 +101,22 @@ def test_training_flops_match_what_xla_counts_in_the_compiled_step(lora):
     batch, seq = 4, 128
     model = ModelConfig(d_model=256, n_heads=4, n_layers=4, max_seq_len=seq, vocab_size=4096,
                         attn_config=AttnConfig(), scan_layers=False)
-    if lora:
-        model = dataclasses.replace(model, peft_config=PeftConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    if peft is not None:
+        model = dataclasses.replace(model, peft_config=PeftConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                                  **peft))
     mesh = build_mesh(ParallelismConfig(), jax.devices()[:1])
     tx = optax.adamw(1e-3)
     state, model_def, shardings = create_train_state(model, tx, seed=0, mesh=mesh, rules=DEFAULT_RULES)
-    step = compile_train_step(make_train_step(model_def, tx, lambda count: jnp.asarray(1e-3)), shardings,
-                              batch_sharding(mesh))
+    step = compile_train_step(make_train_step(model_def, tx, lambda count: jnp.asarray(1e-3),
+                                              use_dropout=bool(peft and peft.get("lora_dropout"))),
+                              shardings, batch_sharding(mesh))
     cost = step.lower(state, {"input_ids": jnp.zeros((batch, seq), jnp.int32)}).compile().cost_analysis()
     counted = (cost[0] if isinstance(cost, list) else cost)["flops"]
     ours = training_flops_per_batch(model, seq, batch)
     assert ours == pytest.approx(counted, rel=0.02)
     foundry = mpt_flops_per_batch(mpt_active_params(model), model.n_layers, model.d_model, seq, batch)
-    assert (foundry == ours) != lora
-    if lora:
+    assert (foundry == ours) == (peft is None)
+    if peft == {}:
         assert foundry / counted > 1.35
 
 

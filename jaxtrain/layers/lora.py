@@ -169,18 +169,31 @@ def rank_text(model_cfg: Any) -> str:
     return f"rank {r}" + (f" ({', '.join(others)})" if others else "")
 
 
-def adapter_param_count(model_cfg: Any) -> int:
-    """Parameters of ``model_cfg``'s adapters: ``r·(in + out)`` per adapted layer (its own rank) and
-    block (0 without)."""
+def _layer_shapes(model_cfg: Any) -> dict[str, tuple[int, int]]:
+    """``{module: (in, out)}`` of the linear layers of one block."""
     from jaxtrain.layers.mlp import ffn_hidden_size
     from jaxtrain.models.mpt_config import kv_heads
 
-    if getattr(model_cfg, "peft_config", None) is None:
-        return 0
     d = model_cfg.d_model
     hidden = ffn_hidden_size(d, model_cfg.expansion_ratio)
-    shapes = {"Wqkv": (d, d + 2 * kv_heads(model_cfg) * (d // model_cfg.n_heads)), "out_proj": (d, d),
-              "up_proj": (d, hidden), "gate_proj": (d, hidden), "down_proj": (hidden, d)}
+    return {"Wqkv": (d, d + 2 * kv_heads(model_cfg) * (d // model_cfg.n_heads)), "out_proj": (d, d),
+            "up_proj": (d, hidden), "gate_proj": (d, hidden), "down_proj": (hidden, d)}
+
+
+def adapted_weight_count(model_cfg: Any) -> int:
+    """Weights of the layers that take adapters, over all blocks (0 without LoRA)."""
+    if getattr(model_cfg, "peft_config", None) is None:
+        return 0
+    shapes = _layer_shapes(model_cfg)
+    return model_cfg.n_layers * sum(shapes[name][0] * shapes[name][1] for name in targeted_modules(model_cfg))
+
+
+def adapter_param_count(model_cfg: Any) -> int:
+    """Parameters of ``model_cfg``'s adapters: ``r·(in + out)`` per adapted layer (its own rank) and
+    block (0 without)."""
+    if getattr(model_cfg, "peft_config", None) is None:
+        return 0
+    shapes = _layer_shapes(model_cfg)
     magnitudes = bool(getattr(model_cfg.peft_config, "use_dora", False))
     return model_cfg.n_layers * sum(module_rank(model_cfg, name) * sum(shapes[name]) + magnitudes * shapes[name][1]
                                     for name in targeted_modules(model_cfg))

@@ -53,14 +53,19 @@ def lora_flops_per_batch(n_params: int, n_adapter_params: int, n_layers: int, d_
 
 def training_flops_per_batch(model: ModelConfig, seq_len: int, batch_size: int) -> float:
     """Model FLOPs of one training batch of ``model``: Foundry's formula, or with LoRA adapters
-    (``model.peft_config``) ``lora_flops_per_batch``."""
-    from jaxtrain.layers.lora import adapter_param_count
+    (``model.peft_config``) ``lora_flops_per_batch``, plus, for DoRA with dropout, the adapted
+    layers' second product (of the dropped input) forward and back."""
+    from jaxtrain.layers.lora import adapted_weight_count, adapter_param_count
 
     active = mpt_active_params(model)
-    if getattr(model, "peft_config", None) is None:
+    peft = getattr(model, "peft_config", None)
+    if peft is None:
         return mpt_flops_per_batch(active, model.n_layers, model.d_model, seq_len, batch_size)
-    return lora_flops_per_batch(active, adapter_param_count(model), model.n_layers, model.d_model, seq_len,
-                                batch_size)
+    flops = lora_flops_per_batch(active, adapter_param_count(model), model.n_layers, model.d_model, seq_len,
+                                 batch_size)
+    if peft.use_dora and peft.lora_dropout > 0:  # DoRA's product of the dropped input and W, and its gradient
+        flops += 4.0 * adapted_weight_count(model) * seq_len * batch_size
+    return flops
 
 
 def mfu(flops_per_second_per_device: float, peak: float) -> float:
