@@ -40,12 +40,16 @@ def can_record(path: str | None) -> bool:
     return bool(path) and (_remote(path) or os.path.isdir(str(path)))
 
 
+def _is_hf_weight_file(name: str) -> bool:
+    """Whether ``name`` (relative to a Hugging Face folder) is one its weights are read from."""
+    return "/" not in name and (name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"))
+
+
 def _weight_files(folder: str, step: int | None) -> list[str]:
     """The files the weights are read from, relative to ``folder``: a Hugging Face folder's
     ``config.json`` and safetensors files, or every file of a jaxtrain checkpoint's ``step``."""
     if step is None:
-        return sorted(name for name in os.listdir(folder)
-                      if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"))
+        return sorted(name for name in os.listdir(folder) if _is_hf_weight_file(name))
     root = os.path.join(folder, str(step))
     files = []
     for where, _, names in os.walk(root):
@@ -74,8 +78,7 @@ def fingerprint(folder: str, step: int | None) -> dict[str, str]:
 
         described = ObjectStore(folder).describe("" if step is None else str(step))
         if step is None:
-            described = {name: version for name, version in described.items() if "/" not in name and (
-                name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"))}
+            described = {name: version for name, version in described.items() if _is_hf_weight_file(name)}
         return described
     return {name: _file_digest(os.path.join(folder, name)) for name in _weight_files(folder, step)}
 

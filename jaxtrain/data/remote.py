@@ -105,9 +105,16 @@ class ObjectStore:
     def list(self, under: str = "", *, retries: int = 2) -> list[str]:
         """Names (relative to the prefix) of every file under ``under``; a listing that still fails
         after ``retries`` further attempts (0.5 s, 1 s, ... apart) is a one-line ``ConfigError``."""
+        return sorted(self.describe(under, retries=retries))
+
+    def describe(self, under: str = "", *, retries: int = 2) -> dict[str, str]:
+        """``{name: "size:version"}`` of every file under ``under`` (names relative to the prefix), the
+        version being what the store keeps to tell one upload from another (S3's ETag, GCS's etag
+        or generation, else a modification time): a file written again differs. Failures are
+        retried and reported as ``list``'s are."""
         for attempt in range(retries + 1):
             try:
-                return self._list(under)
+                return self._describe(under)
             except Exception as error:  # noqa: BLE001 - credentials, network, throttling: each store its own types
                 if attempt == retries or _not_transient(error):
                     raise ConfigError(f"cannot list {self.where(under) if under else self.url} ({describe_error(error)}); "
@@ -115,41 +122,22 @@ class ObjectStore:
                 time.sleep(RETRY_BASE_SECONDS * 2 ** attempt)
         raise AssertionError("unreachable")
 
-    def _list(self, under: str) -> list[str]:
-        base = self._key(under).rstrip("/")
-        if self.scheme == "s3":
-            names, pages = [], self._s3.get_paginator("list_objects_v2")
-            for page in pages.paginate(Bucket=self.bucket, Prefix=f"{base}/" if base else ""):
-                names += [item["Key"] for item in page.get("Contents", [])]
-        else:
-            self._fs.invalidate_cache()
-            names = self._fs.find(base) if self._fs.exists(base) else []
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(name[strip:] for name in names)
-
-    def describe(self, under: str = "") -> dict[str, str]:
-        """``{name: "size:version"}`` of every file under ``under`` (names relative to the prefix), the
-        version being what the store keeps to tell one upload from another (S3's ETag, GCS's etag
-        or generation, else a modification time): a file written again differs."""
+    def _describe(self, under: str) -> dict[str, str]:
         base = self._key(under).rstrip("/")
         strip = len(self.prefix) + 1 if self.prefix else 0
         described = {}
-        try:
-            if self.scheme == "s3":
-                for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                               Prefix=f"{base}/" if base else ""):
-                    for item in page.get("Contents", []):
-                        described[item["Key"][strip:]] = f"{item['Size']}:{item.get('ETag', '').strip(chr(34))}"
-            else:
-                self._fs.invalidate_cache()
-                found = self._fs.find(base, detail=True) if self._fs.exists(base) else {}
-                for name, info in found.items():
-                    version = next((info[key] for key in ("ETag", "etag", "md5Hash", "generation", "mtime",
-                                                          "LastModified", "created") if info.get(key)), "")
-                    described[name[strip:]] = f"{info.get('size')}:{version}"
-        except Exception as error:  # noqa: BLE001 - credentials, network, throttling: each store its own types
-            raise ConfigError(f"cannot list {self.where(under) if under else self.url} ({describe_error(error)}); "
-                              f"check the URL, the endpoint and credentials") from None
+        if self.scheme == "s3":
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{base}/" if base else "")
+            for page in pages:
+                for item in page.get("Contents", []):
+                    described[item["Key"][strip:]] = f"{item['Size']}:{item.get('ETag', '').strip(chr(34))}"
+        else:
+            self._fs.invalidate_cache()
+            found = self._fs.find(base, detail=True) if self._fs.exists(base) else {}
+            for name, info in found.items():
+                version = next((info[key] for key in ("ETag", "etag", "md5Hash", "generation", "mtime",
+                                                      "LastModified", "created") if info.get(key)), "")
+                described[name[strip:]] = f"{info.get('size')}:{version}"
         return described
 
     def delete(self, names: list[str]) -> None:

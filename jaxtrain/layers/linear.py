@@ -132,8 +132,7 @@ class Dense(nnx.Module):
         norm held constant (no gradient flows through it). Without dropout ``x'·W`` is ``y`` less
         the bias; with it, one more product."""
         a, b = self.lora_a[...], self.lora_b[...]
-        merged = self.kernel[...].astype(jnp.float32) + self.lora_scaling * (
-            a.astype(jnp.float32) @ b.astype(jnp.float32))
+        merged = lora_lib.adapted_weight(self.kernel[...], a, b, self.lora_scaling)
         g = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(lora_lib.column_norms(merged))
         if lora_rng is not None and self.lora_dropout > 0:
             x = dropout(x, self.lora_dropout, lora_rng)

@@ -61,6 +61,12 @@ def adapter_specs(model_cfg: Any) -> dict[str, LoraSpec]:
             for name in targeted_modules(model_cfg)}
 
 
+def adapted_weight(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``W + scale·A·B`` in float32, for ``kernel [..., in, out]``, ``a [..., in, r]``, ``b [..., r, out]``."""
+    return jnp.asarray(kernel, jnp.float32) + scale * jnp.einsum(
+        "...ir,...ro->...io", jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+
+
 def column_norms(kernel: jax.Array) -> jax.Array:
     """The L2 norm of each output column of ``kernel [..., in, out]``, in float32 (DoRA's)."""
     return jnp.linalg.norm(kernel.astype(jnp.float32), axis=-2)
@@ -124,11 +130,8 @@ def merge_adapters(params: Any, model_cfg: Any) -> Any:
     def walk(node: dict, target: dict, module: str | None) -> None:
         for key, value in node.items():
             if key == "lora_a":
-                scale = module_scaling(model_cfg, module)
                 kernel = target["kernel"]
-                delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(node["lora_a"], jnp.float32),
-                                   jnp.asarray(node["lora_b"], jnp.float32))
-                weight = jnp.asarray(kernel, jnp.float32) + scale * delta
+                weight = adapted_weight(kernel, node["lora_a"], node["lora_b"], module_scaling(model_cfg, module))
                 if "lora_magnitude" in node:  # DoRA: each column rescaled to its magnitude
                     magnitude = jnp.asarray(node["lora_magnitude"], jnp.float32)
                     weight = weight * (magnitude / column_norms(weight))[..., None, :]
@@ -150,8 +153,7 @@ def start_magnitudes(params: Any, model_cfg: Any) -> Any:
     def walk(node: dict, weight: dict, module: str | None) -> None:
         for key, value in node.items():
             if key == "lora_magnitude":
-                merged = jnp.asarray(weight["kernel"], jnp.float32) + module_scaling(model_cfg, module) * jnp.einsum(
-                    "...ir,...ro->...io", jnp.asarray(node["lora_a"], jnp.float32), jnp.asarray(node["lora_b"], jnp.float32))
+                merged = adapted_weight(weight["kernel"], node["lora_a"], node["lora_b"], module_scaling(model_cfg, module))
                 node[key] = jax.device_put(column_norms(merged).astype(value.dtype), value.sharding)
             elif isinstance(value, dict):
                 walk(value, weight[key], str(key))

@@ -45,6 +45,12 @@ def batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
     return int(np.asarray(batch["input_ids"]).size)
 
 
+def data_position(loader_state: Mapping) -> tuple[int, int]:
+    """(epoch, sample in epoch) of a loader's ``state_dict()``: where its next batch is in the data
+    order (the order's parameters are fixed per run); what ``TrainTokens.count`` takes."""
+    return int(loader_state["epoch"]), int(loader_state["sample_in_epoch"])
+
+
 class TrainTokens:
     """The non-padding tokens of each global training batch of a ``BatchLoader``, counted on the host.
 

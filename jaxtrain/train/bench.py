@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
 
     from jaxtrain.metrics.flops import mfu
     from jaxtrain.metrics.hardware import detect_hardware
-    from jaxtrain.metrics.tokens import TrainTokens
+    from jaxtrain.metrics.tokens import TrainTokens, data_position
     from jaxtrain.parallel.mesh import global_batch_from_local
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
     from jaxtrain.train.setup import build_run, peak_flops
@@ -86,10 +86,10 @@ def main(argv: list[str]) -> int:
     compile_started = time.perf_counter()
     times, tokens = [], []
     for index in range(total):
-        loader_state = parts.train_loader.state_dict()
+        position = data_position(parts.train_loader.state_dict())
         local = next(loader)
         if index > args.warmup:  # padding left out, as training counts its tokens
-            tokens.append(counter.count(local, (int(loader_state["epoch"]), int(loader_state["sample_in_epoch"]))))
+            tokens.append(counter.count(local, position))
         batch = global_batch_from_local(local, parts.mesh)
         started = time.perf_counter()
         state, metrics = parts.train_step(state, batch)

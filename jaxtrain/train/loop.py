@@ -34,7 +34,7 @@ from jaxtrain.checkpoint.remote import RemoteUploadError
 from jaxtrain.data.tokenizer import TOKENIZER_FILE
 from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, tensorboard_log_dir
-from jaxtrain.metrics.tokens import TrainTokens
+from jaxtrain.metrics.tokens import TrainTokens, data_position
 from jaxtrain.parallel.mesh import global_batch_from_local
 from jaxtrain.train.evaluation import EvaluationMixin
 from jaxtrain.train.events import Event, EventBus
@@ -322,7 +322,7 @@ class Trainer(EvaluationMixin, RecoveryMixin):
     def _next_batch(self, loader_iter) -> dict[str, Any]:
         """The next training batch, passing over data positions marked to be skipped."""
         loader = self.parts.train_loader
-        while (position := _data_position(loader.state_dict())) in self.skip_positions:
+        while (position := data_position(loader.state_dict())) in self.skip_positions:
             next(loader_iter)
             self.print(f"skipping the batch at data position {position} (it caused a rollback)")
         self.positions[self.step + 1] = position
@@ -390,11 +390,6 @@ class Trainer(EvaluationMixin, RecoveryMixin):
             if action != "ok":
                 self._handle_unhealthy([pending[0]], {pending[0]: action})
         return first_eval
-
-
-def _data_position(loader_state: dict) -> tuple[int, int]:
-    """(epoch, sample in epoch): where a batch is in the data order (the order's parameters are fixed per run)."""
-    return int(loader_state["epoch"]), int(loader_state["sample_in_epoch"])
 
 
 def _preemption_service_running() -> bool:
