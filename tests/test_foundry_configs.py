@@ -211,8 +211,12 @@ def test_foundry_hf_causal_lm_on_a_local_mpt_folder_builds_it_and_starts_from_it
     lora = [*local, "model.peft_config={r: 4, target_modules: [Wqkv]}", "model.should_save_peft_only=false"]
     cfg, notices = foundry("foundry_mpt_7b_dolly_sft.yaml", lora)
     assert cfg.save_frozen_weights is True and any("save_frozen_weights: true" in line for line in notices)
+    # 8-bit frozen weights: int8 with a scale per column, for a LoRA run only
+    cfg, notices = foundry("foundry_mpt_7b_dolly_sft.yaml", [*lora, "model.load_in_8bit=true"])
+    assert cfg.model.quantize_frozen == "int8" and any("quantize_frozen: int8" in line for line in notices)
     message = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.load_in_8bit=true"], expect_error=True)
-    assert "model.load_in_8bit: True: 8-bit weights are not supported" in message
+    assert "model.load_in_8bit: true: only a LoRA run (model.peft_config) keeps frozen weights in 8 bits" in message
+    assert "\n" not in message
     message = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.d_model=64"], expect_error=True)
     assert "model.d_model: not a key of Foundry's hf_causal_lm model" in message and "config_overrides" in message
 

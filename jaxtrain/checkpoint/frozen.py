@@ -118,7 +118,7 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
     import jax
 
     from jaxtrain.checkpoint.load import ParameterMismatch, load_checkpoint, load_hf_weights
-    from jaxtrain.layers import lora
+    from jaxtrain.layers import lora, quant
 
     check_record(record, where)
     if record.get("step") is None:
@@ -132,4 +132,6 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
         return load_checkpoint(record["path"], record["step"], like=like).params
     except ParameterMismatch:  # a LoRA checkpoint: its adapters were trained on, its frozen weights are these
         frozen = lora.split_trainable(load_checkpoint(record["path"], record["step"]).params)[1]
+        if quant.is_quantized(like) and not quant.is_quantized(frozen):
+            return quant.quantize_like(frozen, like)
         return jax.tree.map(lambda x, l: jax.device_put(x.astype(l.dtype), l.sharding), frozen, like)

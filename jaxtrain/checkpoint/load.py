@@ -23,7 +23,7 @@ from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
 from jaxtrain.config import ConfigError, load_config_dict
 from jaxtrain.config.schema import ModelConfig, error_line
 from jaxtrain.data.tokenizer import TOKENIZER_FILE
-from jaxtrain.layers import lora
+from jaxtrain.layers import lora, quant
 
 
 
@@ -288,6 +288,9 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         # as Composer's checkpoints hold it as the model's weights
         averaged = run_cfg.algorithms.ema is not None and not meta.get("weights_only")
         _, abstract_params = abstract_model(model_cfg)
+        quantize_into = None
+        if like is not None and quant.is_quantized(like) and not quant.is_quantized(abstract_params):
+            quantize_into, like = like, quant.float_like(like)  # float weights for int8 frozen weights
         if like is not None:
             _check_parameters(step_folder, model_cfg, abstract_params, like, shapes=True)
             shardings = jax.tree.map(lambda x: x.sharding, like)
@@ -339,6 +342,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         params = lora.merge_trainable(params, frozen)
     elif "params" in target and "ema" in target:
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
+    if quantize_into is not None:
+        params = quant.quantize_like(params, quantize_into)
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,
@@ -355,15 +360,31 @@ def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> Load
     into the shardings and dtypes of ``like`` after checking that names and shapes agree (else
     ``ParameterMismatch``), as ``load_checkpoint`` reads a jaxtrain checkpoint. Each process reads
     only the parts of each tensor its devices hold, straight into the target dtype."""
-    from jaxtrain.convert.hf_mpt import hf_model_config
+    from jaxtrain.convert.hf_mpt import _get, _set, hf_model_config
     from jaxtrain.convert.hf_parts import read_hf_sharded
     from jaxtrain.train.state import abstract_model
 
     # names and shapes are checked from config.json, before any tensor is read
     described = hf_model_config(folder, scan_layers=scan_layers)
     _, abstract_params = abstract_model(described)
-    _check_parameters(folder, described, abstract_params, like, shapes=True)
-    model_cfg, arrays, dtypes = read_hf_sharded(folder, nnx.to_pure_dict(like), scan_layers=scan_layers)
+    quantized = quant.is_quantized(like)  # int8 frozen weights: each kernel quantized as it is read
+    target = quant.float_like(like) if quantized else like
+    _check_parameters(folder, described, abstract_params, target, shapes=True)
+    finish, scales = None, {}
+    if quantized:
+        pure_like = nnx.to_pure_dict(like)
+
+        def finish(path: tuple, value: jax.Array) -> jax.Array:
+            layer = _get(pure_like, path[:-1])
+            if path[-1] != "kernel" or quant.SCALE not in layer:
+                return value
+            q, scales[path[:-1] + (quant.SCALE,)] = quant.quantize_array(value, layer["kernel"], layer[quant.SCALE])
+            return q
+
+    model_cfg, arrays, dtypes = read_hf_sharded(folder, nnx.to_pure_dict(target), scan_layers=scan_layers,
+                                                finish=finish)
+    for path, scale in scales.items():
+        _set(arrays, path, scale)
     params = jax.tree.map(lambda x: x, like)
     nnx.replace_by_pure_dict(params, arrays)
     tokenizer_path = os.path.join(folder, TOKENIZER_FILE)

@@ -26,8 +26,9 @@ NO_EFFECT = ("trust_remote_code", "use_auth_token", "use_flash_attention_2", "in
 SAVE_PEFT_ONLY = "should_save_peft_only"
 # jaxtrain's own model keys, kept as the section gives them
 KEPT = ("peft_config", "remat", "scan_layers", "scan_unroll", "fused_loss", "z_loss")
-REFUSED = {"load_in_8bit": "8-bit weights are not supported (a LoRA model keeps its frozen weights in bf16)",
-           "pretrained_lora_id_or_path": "convert the model with its adapter (jaxtrain convert FOLDER DIR --adapter "
+# transformers' bitsandbytes 8-bit frozen weights; jaxtrain's are int8 with a scale per column (quantize_frozen)
+LOAD_IN_8BIT = "load_in_8bit"
+REFUSED = {"pretrained_lora_id_or_path": "convert the model with its adapter (jaxtrain convert FOLDER DIR --adapter "
                                          "ADAPTER) and set load_path to DIR, with the adapter's peft_config"}
 
 
@@ -51,8 +52,8 @@ def map_hf_model(doc: dict, folder: str, note: Note, where: Where) -> None:
     for key, why in REFUSED.items():
         if model.get(key):
             raise ConfigError(f"{where(f'model.{key}')}: model.{key}: {model[key]!r}: {why}")
-    known = {"name", "pretrained_model_name_or_path", "pretrained", "config_overrides", SAVE_PEFT_ONLY, *NO_EFFECT,
-             *KEPT, *REFUSED}
+    known = {"name", "pretrained_model_name_or_path", "pretrained", "config_overrides", SAVE_PEFT_ONLY, LOAD_IN_8BIT,
+             *NO_EFFECT, *KEPT, *REFUSED}
     unknown = sorted(set(model) - known)
     if unknown:
         raise ConfigError(f"{where(f'model.{unknown[0]}')}: model.{unknown[0]}: not a key of Foundry's hf_causal_lm "
@@ -74,6 +75,13 @@ def map_hf_model(doc: dict, folder: str, note: Note, where: Where) -> None:
     if model.get(SAVE_PEFT_ONLY, True) is False and model.get("peft_config") and "save_frozen_weights" not in doc:
         doc["save_frozen_weights"] = True
         note(f"model.{SAVE_PEFT_ONLY}: false: checkpoints hold the frozen weights too (save_frozen_weights: true)")
+    if model.get(LOAD_IN_8BIT):
+        if not model.get("peft_config"):
+            raise ConfigError(f"{where(f'model.{LOAD_IN_8BIT}')}: model.{LOAD_IN_8BIT}: true: only a LoRA run "
+                              f"(model.peft_config) keeps frozen weights in 8 bits; remove the key or add a peft_config")
+        built["quantize_frozen"] = "int8"
+        note(f"model.{LOAD_IN_8BIT}: true: the blocks' frozen weights are kept in int8 with a scale per column "
+             f"(quantize_frozen: int8; bitsandbytes' LLM.int8() differs in the last digits)")
     weights = ""
     if pretrained and not doc.get("load_path"):
         doc["load_path"] = folder

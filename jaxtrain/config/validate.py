@@ -94,6 +94,12 @@ def validate(cfg: Config, where: Where) -> None:
     probability("model.resid_pdrop", model.resid_pdrop)
     one_of("model.ffn_config.ffn_type", model.ffn_config.ffn_type, FFN_TYPES)
     check_peft_config(model, fail)
+    if model.quantize_frozen is not None:
+        if model.quantize_frozen != "int8":
+            fail("model.quantize_frozen", f"{model.quantize_frozen!r} is not supported; use int8 or null")
+        if model.peft_config is None:
+            fail("model.quantize_frozen", "only a LoRA run (model.peft_config) has frozen weights to quantize; "
+                                          "remove the key or add a peft_config")
     if cfg.save_frozen_weights is False:
         if model.peft_config is None:
             fail("save_frozen_weights", "only a LoRA run (model.peft_config) has frozen weights to leave out; "

@@ -8,7 +8,7 @@ checks are ``jaxtrain.convert.hf_mpt``'s.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,12 +17,16 @@ from jaxtrain.convert.hf_mpt import _checked_plan, _get, _set, hf_model_config
 from jaxtrain.convert.safetensors_io import open_safetensors_folder
 
 
-def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True) -> tuple[ModelConfig, dict, set[str]]:
+def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True,
+                    finish: Callable[[tuple, Any], Any] | None = None) -> tuple[ModelConfig, dict, set[str]]:
     """(model config, pure dict of ``jax.Array``, the tensors' dtypes) of the Hugging Face MPT folder
     ``src``, each parameter laid out as the ``jax.ShapeDtypeStruct`` at its path in ``like`` (a pure
     dict) says: sharding and dtype. Each process reads only the parts of each tensor its own devices
     hold, straight from the files, so host memory holds at most one parameter's local part at a time
-    (not the model in float32). Values equal ``read_hf``'s cast to the target dtype."""
+    (not the model in float32). Values equal ``read_hf``'s cast to the target dtype.
+
+    ``finish(path, array)``, if given, turns each parameter as it is read into what is kept at its
+    path (int8 frozen weights are quantized there, so the float model is never whole on the device)."""
     import jax
 
     model_cfg = hf_model_config(src, scan_layers=scan_layers)
@@ -36,7 +40,8 @@ def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True) -> tuple[
         for path, entries in by_leaf.items():
             target = _get(like, path)
             part = _part_reader(tensors, entries, target.dtype, dtypes)
-            _set(params, path, jax.make_array_from_callback(target.shape, target.sharding, part))
+            value = jax.make_array_from_callback(target.shape, target.sharding, part)
+            _set(params, path, value if finish is None else finish(path, value))
     return model_cfg, params, dtypes
 
 

@@ -212,8 +212,10 @@ class MPTAttention(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         adapters: dict | None = None,
+        quantize: bool = False,
     ):
-        """``adapters``: ``{"Wqkv" | "out_proj": LoraSpec}`` for the layers that take LoRA adapters."""
+        """``adapters``: ``{"Wqkv" | "out_proj": LoraSpec}`` for the layers that take LoRA adapters;
+        ``quantize``: int8 kernels (``jaxtrain.layers.quant``)."""
         adapters = adapters or {}
         self.n_heads = n_heads
         self.kv_n_heads = kv_n_heads
@@ -224,7 +226,7 @@ class MPTAttention(nnx.Module):
         kv_width = kv_n_heads * self.head_dim
         self.Wqkv = Dense(
             d_model, d_model + 2 * kv_width, use_bias=use_bias, kernel_std=in_std,
-            axes=("embed", "heads"), rngs=rngs, param_dtype=param_dtype, lora=adapters.get("Wqkv"),
+            axes=("embed", "heads"), rngs=rngs, param_dtype=param_dtype, lora=adapters.get("Wqkv"), quantize=quantize,
         )  # fmt: skip
         if qk_ln:
             norm = dict(norm_type=norm_type, eps=norm_eps, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
@@ -235,6 +237,7 @@ class MPTAttention(nnx.Module):
         self.out_proj = Dense(
             d_model, d_model, use_bias=use_bias, kernel_std=out_std,
             axes=("heads", "embed"), rngs=rngs, param_dtype=param_dtype, lora=adapters.get("out_proj"),
+            quantize=quantize,
         )  # fmt: skip
 
     def __call__(
@@ -268,9 +271,9 @@ class MPTAttention(nnx.Module):
             # fp8, where XLA would merge the slices' products back into a bf16 one (fp8.dot).
             # A LoRA adapter adds its term the same way: (dropout(x)·A) times column slices of B.
             splits = [d_model, d_model + kv_width]
-            kernel = self.Wqkv.kernel[...].astype(compute_dtype)
-            xc = x.astype(compute_dtype)
-            q, k, v = (jnp.einsum("...i,io->...o", xc, w) for w in jnp.split(kernel, splits, axis=-1))
+            q, k, v = self.Wqkv.with_weight(
+                lambda xc, kernel: [jnp.einsum("...i,io->...o", xc, w) for w in jnp.split(kernel, splits, axis=-1)],
+                x.astype(compute_dtype), compute_dtype)
             if self.Wqkv.lora_a is not None:
                 h = self.Wqkv.adapter_input(x, compute_dtype=compute_dtype, lora_rng=qkv_rng)
                 q, k, v = (part + self.Wqkv.adapter_output(h, b, compute_dtype=compute_dtype)

@@ -7,14 +7,14 @@ transpose). Matmuls run in the compute dtype and accumulate in float32.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.config.schema import ConfigError, InitConfig
-from jaxtrain.layers import cpu_kernels, fp8
+from jaxtrain.layers import cpu_kernels, fp8, quant
 from jaxtrain.layers import lora as lora_lib
 from jaxtrain.layers.dropout import dropout
 
@@ -77,7 +77,11 @@ def weight_std(init_config: InitConfig, *, fan_in: int, fan_out: int, divisor: f
 
 
 class Dense(nnx.Module):
-    """``y = x @ kernel (+ bias)``; kernel ``[in, out]``, output in the compute dtype."""
+    """``y = x @ kernel (+ bias)``; kernel ``[in, out]``, output in the compute dtype.
+
+    With ``quantize`` (a LoRA run's frozen weights, ``jaxtrain.layers.quant``) the kernel is int8
+    with a float32 scale per output column, ``kernel_scale [out]``, and is read as their product.
+    """
 
     def __init__(
         self,
@@ -90,10 +94,17 @@ class Dense(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         lora: lora_lib.LoraSpec | None = None,
+        quantize: bool = False,
     ):
         kernel_init = annotated(normal_init(kernel_std), axes)
         kernel_key = rngs.params()
         self.kernel = nnx.Param(kernel_init(kernel_key, (in_features, out_features), param_dtype))
+        if quantize:  # the same weights, stored as int8 and a scale per column
+            q, scale = quant.quantize(self.kernel[...])
+            self.kernel = nnx.Param(annotated(lambda *_: q, axes)(kernel_key, q.shape, q.dtype))
+            self.kernel_scale = nnx.Param(annotated(lambda *_: scale, (axes[1],))(kernel_key, scale.shape, scale.dtype))
+        else:
+            self.kernel_scale = None
         if use_bias:
             bias_init = annotated(jax.nn.initializers.zeros, (axes[1],))
             self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
@@ -109,11 +120,19 @@ class Dense(nnx.Module):
             self.lora_b = nnx.LoRAParam(b_init(kernel_key, (lora.r, out_features), param_dtype))
             self.lora_scaling, self.lora_dropout = lora.scaling, lora.dropout
             # DoRA's magnitude [out]: the column norms of W + scaling·A·B, those of W while B is zero
-            kernel = self.kernel[...]
+            kernel = self.weight()
             m_init = annotated(lambda key, shape, dtype: lora_lib.column_norms(kernel).astype(dtype), (axes[1],))
             self.lora_magnitude = nnx.LoRAParam(m_init(kernel_key, (out_features,), param_dtype)) if lora.dora else None
         else:
             self.lora_a = self.lora_b = self.lora_magnitude = None
+
+    def weight(self, dtype=None) -> jax.Array:
+        """The kernel ``[in, out]`` (an int8 one read back as ``q·scale``), in ``dtype`` (default: as
+        stored; float32 for an int8 kernel)."""
+        if self.kernel_scale is not None:
+            return quant.dequantize(self.kernel[...], self.kernel_scale[...], dtype or jnp.float32)
+        kernel = self.kernel[...]
+        return kernel if dtype is None else kernel.astype(dtype)
 
     def __call__(self, x: jax.Array, *, compute_dtype=jnp.float32, lora_rng: jax.Array | None = None) -> jax.Array:
         """``x [..., in]`` -> ``[..., out]`` in the compute dtype; ``lora_rng`` draws the adapter's
@@ -132,11 +151,12 @@ class Dense(nnx.Module):
         norm held constant (no gradient flows through it). Without dropout ``x'·W`` is ``y`` less
         the bias; with it, one more product."""
         a, b = self.lora_a[...], self.lora_b[...]
-        merged = lora_lib.adapted_weight(self.kernel[...], a, b, self.lora_scaling)
+        merged = lora_lib.adapted_weight(self.weight(), a, b, self.lora_scaling)
         g = self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(lora_lib.column_norms(merged))
         if lora_rng is not None and self.lora_dropout > 0:
             x = dropout(x, self.lora_dropout, lora_rng)
-            base = _plain_product(x, self.kernel[...], compute_dtype).astype(jnp.float32)
+            base = self.with_weight(lambda x, kernel: _plain_product(x, kernel, compute_dtype), x,
+                                    compute_dtype).astype(jnp.float32)
         else:
             base = y.astype(jnp.float32) - (0.0 if self.bias is None else self.bias[...].astype(jnp.float32))
         update = _plain_product(_plain_product(x, a, compute_dtype), b, compute_dtype).astype(jnp.float32)
@@ -155,26 +175,33 @@ class Dense(nnx.Module):
         """``scaling · h·b`` for ``h`` from ``adapter_input`` and ``b`` B or columns of it."""
         return _plain_product(h, b, compute_dtype) * jnp.asarray(self.lora_scaling, compute_dtype)
 
+    def with_weight(self, fn: Callable, x: jax.Array, compute_dtype) -> Any:
+        """``fn(x, kernel in the compute dtype)``. An int8 kernel is read back inside a rematerialised
+        function, so the backward pass keeps ``q`` and its scale and reads the kernel back again,
+        rather than keeping the float kernel of every layer (the float model) until then."""
+        if self.kernel_scale is None:
+            return fn(x, self.weight(compute_dtype))
+        read = jax.checkpoint(lambda x, q, scale: fn(x, quant.dequantize(q, scale, compute_dtype)))
+        return read(x, self.kernel[...], self.kernel_scale[...])
+
     def _product(self, x: jax.Array, compute_dtype) -> jax.Array:
+        return self.with_weight(lambda x, kernel: self._product_of(x, kernel, compute_dtype), x, compute_dtype)
+
+    def _product_of(self, x: jax.Array, kernel: jax.Array, compute_dtype) -> jax.Array:
         if fp8.enabled():  # amp_fp8: the product in fp8, rounded once to the compute dtype
-            y = fp8.dot(x.astype(compute_dtype), self.kernel[...].astype(compute_dtype))
+            y = fp8.dot(x.astype(compute_dtype), kernel)
             if self.bias is None:
                 return y
         elif cpu_kernels.use_cpu_kernels(compute_dtype):
             if self.bias is None:
-                return cpu_kernels.dense(x, self.kernel[...], compute_dtype, out_dtype=compute_dtype)
-            y = cpu_kernels.dense(x, self.kernel[...], compute_dtype)
+                return cpu_kernels.dense(x, kernel, compute_dtype, out_dtype=compute_dtype)
+            y = cpu_kernels.dense(x, kernel, compute_dtype)
         elif self.bias is None:
             # the product is accumulated in float32 and rounded once; asking for a float32 result
             # and casting after would make that float32 tensor what remat policies save
-            return jnp.einsum("...i,io->...o", x.astype(compute_dtype), self.kernel[...].astype(compute_dtype))
+            return jnp.einsum("...i,io->...o", x.astype(compute_dtype), kernel)
         else:
-            y = jnp.einsum(
-                "...i,io->...o",
-                x.astype(compute_dtype),
-                self.kernel[...].astype(compute_dtype),
-                preferred_element_type=jnp.float32,
-            )
+            y = jnp.einsum("...i,io->...o", x.astype(compute_dtype), kernel, preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(compute_dtype)

@@ -106,9 +106,17 @@ def merge_trainable(adapters: Any, frozen: Any) -> Any:
 
 
 def cast_frozen(params: Any, dtype: Any) -> Any:
-    """``params`` with the frozen weights in ``dtype`` (the adapters as they are)."""
+    """``params`` with the frozen weights in ``dtype`` (the adapters, int8 kernels and their scales
+    as they are)."""
+    from jaxtrain.layers.quant import SCALE
+
     adapters, frozen = split_trainable(params)
-    return merge_trainable(adapters, jax.tree.map(lambda x: x.astype(dtype), frozen))
+
+    def cast(path, x):
+        keep = x.dtype == jnp.int8 or any(str(getattr(key, "key", key)) == SCALE for key in path)
+        return x if keep else x.astype(dtype)
+
+    return merge_trainable(adapters, jax.tree_util.tree_map_with_path(cast, frozen))
 
 
 def has_adapters(params: Any) -> bool:
@@ -116,15 +124,19 @@ def has_adapters(params: Any) -> bool:
 
 
 def without_adapters(model_cfg: Any) -> Any:
-    """``model_cfg`` with no ``peft_config``: the model that merged weights are for."""
-    return dataclasses.replace(model_cfg, peft_config=None)
+    """``model_cfg`` with no ``peft_config`` (nor int8 frozen weights): the model that merged weights are for."""
+    return dataclasses.replace(model_cfg, peft_config=None, quantize_frozen=None)
 
 
 def merge_adapters(params: Any, model_cfg: Any) -> Any:
     """The parameters of ``without_adapters(model_cfg)``: each adapted kernel ``W + scaling·A·B``
     (with DoRA, each column of it times ``magnitude / its norm``; float32 products, stored in the
-    kernel's dtype), as PEFT's ``merge_and_unload`` computes it."""
+    kernel's dtype), as PEFT's ``merge_and_unload`` computes it. Int8 kernels are read back in the
+    dtype of the other frozen weights first (``jaxtrain.layers.quant``)."""
+    from jaxtrain.layers.quant import dequantized
+
     adapters, frozen = split_trainable(params)
+    frozen = dequantized(frozen)
     merged = nnx.to_pure_dict(frozen)
 
     def walk(node: dict, target: dict, module: str | None) -> None:
@@ -147,8 +159,10 @@ def merge_adapters(params: Any, model_cfg: Any) -> Any:
 def start_magnitudes(params: Any, model_cfg: Any) -> Any:
     """``params`` with each DoRA magnitude set to the column norms of its layer's ``W + scaling·A·B``,
     as PEFT starts it: for adapters trained on weights other than those they were made with."""
+    from jaxtrain.layers.quant import dequantized
+
     adapters, frozen = split_trainable(params)
-    weights, values = nnx.to_pure_dict(frozen), nnx.to_pure_dict(adapters)
+    weights, values = nnx.to_pure_dict(dequantized(frozen, jnp.float32)), nnx.to_pure_dict(adapters)
 
     def walk(node: dict, weight: dict, module: str | None) -> None:
         for key, value in node.items():

@@ -91,11 +91,13 @@ class MPTFFN(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         adapters: dict | None = None,
+        quantize: bool = False,
     ):
-        """``adapters``: ``{"up_proj" | "gate_proj" | "down_proj": LoraSpec}`` (LoRA adapters)."""
+        """``adapters``: ``{"up_proj" | "gate_proj" | "down_proj": LoraSpec}`` (LoRA adapters);
+        ``quantize``: int8 kernels (``jaxtrain.layers.quant``)."""
         adapters = adapters or {}
         self.activation = activation
-        dense = functools.partial(Dense, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype)
+        dense = functools.partial(Dense, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype, quantize=quantize)
         self.up_proj = dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp"), lora=adapters.get("up_proj"))
         self.gate_proj = (dense(d_model, hidden, kernel_std=in_std, axes=("embed", "mlp"),
                                 lora=adapters.get("gate_proj")) if glu else None)

@@ -63,6 +63,7 @@ class MPTBlock(nnx.Module):
         self.resid_pdrop = cfg.resid_pdrop
         self.lora_dropout = lora.uses_dropout(cfg)
         adapters = lora.adapter_specs(cfg)
+        quantized = cfg.quantize_frozen is not None  # int8 frozen weights (jaxtrain.layers.quant)
         self.norm_1 = norm(d_model)
         kv = kv_heads(cfg)
         self.attn = MPTAttention(
@@ -81,6 +82,7 @@ class MPTBlock(nnx.Module):
             rngs=rngs,
             param_dtype=param_dtype,
             adapters={name: spec for name, spec in adapters.items() if name in lora.ATTENTION_MODULES},
+            quantize=quantized,
         )
         self.norm_2 = norm(d_model)
         self.ffn = MPTFFN(
@@ -94,6 +96,7 @@ class MPTBlock(nnx.Module):
             rngs=rngs,
             param_dtype=param_dtype,
             adapters={name: spec for name, spec in adapters.items() if name in lora.FFN_MODULES},
+            quantize=quantized,
         )
 
     def __call__(

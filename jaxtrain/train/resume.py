@@ -32,7 +32,7 @@ from jaxtrain.config import ConfigError, config_to_dict
 from jaxtrain.config.schema import error_line
 from jaxtrain.convert.folders import is_hf_folder
 from jaxtrain.convert.remote_hf import fetch_hf_folder, remote_hf_files
-from jaxtrain.layers import lora
+from jaxtrain.layers import lora, quant
 from jaxtrain.train.resume_settings import (
     REFUSE_MODEL,
     config_differences,
@@ -51,15 +51,17 @@ def _is_incident(record: dict) -> bool:
 
 
 def _only_adapters(names: list[str]) -> bool:
-    """Whether parameter ``names`` (``ParameterMismatch``'s) are all LoRA adapters' (and some)."""
-    return bool(names) and all(name.rsplit(".", 1)[-1] in lora.ADAPTER_NAMES for name in names)
+    """Whether parameter ``names`` (``ParameterMismatch``'s) are all LoRA adapters' (and some), or
+    the scales of their int8 frozen weights."""
+    return (any(name.rsplit(".", 1)[-1] in lora.ADAPTER_NAMES for name in names)
+            and all(name.rsplit(".", 1)[-1] in (*lora.ADAPTER_NAMES, quant.SCALE) for name in names))
 
 
 def _merged(loaded, ours):
     """``loaded`` (a checkpoint with adapters) with its adapters merged into its weights, placed
     as the parameters ``ours`` are."""
     params = lora.merge_adapters(loaded.params, loaded.model_cfg)
-    params = jax.tree.map(lambda value, like: jax.device_put(value, like.sharding), params, ours)
+    params = jax.tree.map(lambda value, like: jax.device_put(value.astype(like.dtype), like.sharding), params, ours)
     return dataclasses.replace(loaded, params=params)
 
 

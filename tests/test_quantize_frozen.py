@@ -1,0 +1,172 @@
+"""LoRA on int8 frozen weights (``model.quantize_frozen: int8``).
+
+The blocks' linear weights are kept as int8 with a float32 scale per output column, quantized as
+they are loaded; the adapters train on ``q·scale``. Checked here: the rounding bound, that the
+backward pass keeps the int8 weights (not a float copy), that a run loads, trains, resumes
+exactly and merges into a plain float model, and what the planner counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals
+
+from jaxtrain.checkpoint.load import load_checkpoint, param_names
+from jaxtrain.config import ConfigError, load_config_dict
+from jaxtrain.convert.hf_mpt import read_hf
+from jaxtrain.layers import lora, quant
+from jaxtrain.layers.linear import Dense
+from jaxtrain.plan.memory import estimate_memory
+from jaxtrain.train.state import abstract_model
+from test_lora import BASE, fit, run_config
+from test_lora_checkpoints import leaves, saved_names
+
+
+def test_int8_kernels_read_back_within_half_a_step():
+    w = np.asarray(jax.random.normal(jax.random.key(0), (3, 64, 24)), np.float32) * np.linspace(0.01, 5, 24)
+    w[1, :, 5] = 0.0  # a column of zeros
+    w[2, 7, 3] = -40.0  # an outlier sets its column's step
+    q, scale = quant.quantize(jnp.asarray(w))
+    assert q.dtype == jnp.int8 and scale.dtype == jnp.float32 and scale.shape == (3, 24)
+    q, scale = np.asarray(q), np.asarray(scale)
+    np.testing.assert_array_equal(np.abs(q).max(axis=1)[w.any(axis=1)], 127)  # each column uses the full range
+    assert q[1, :, 5].tolist() == [0] * 64 and scale[1, 5] == 1.0
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=1).clip(min=0) / 127 + (~w.any(axis=1)), rtol=1e-7)
+    error = np.abs(np.asarray(quant.dequantize(q, scale)) - w)
+    assert np.all(error <= scale[:, None, :] / 2 * (1 + 1e-6))
+    assert quant.dequantize(q, scale, jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_the_backward_pass_keeps_the_int8_weights_not_a_float_copy():
+    """The kernel is read back inside a rematerialised function: what the forward pass leaves for
+    the backward pass is ``q`` and its scale, not the ``[in, out]`` float kernel."""
+    spec = lora.LoraSpec(r=2, scaling=1.0, dropout=0.0)
+    for quantize in (False, True):
+        layer = Dense(64, 48, use_bias=True, kernel_std=0.02, axes=(None, None), rngs=nnx.Rngs(0), lora=spec,
+                      quantize=quantize)
+        graph, adapters, rest = nnx.split(layer, nnx.LoRAParam, ...)
+
+        def loss(adapters, x):
+            return nnx.merge(graph, adapters, rest)(x, compute_dtype=jnp.bfloat16).astype(jnp.float32).sum()
+
+        kept = [(aval.shape, str(aval.dtype)) for aval, _ in saved_residuals(loss, adapters, jnp.ones((4, 64),
+                                                                                                     jnp.bfloat16))]
+        floats = [shape for shape, dtype in kept if shape == (64, 48) and dtype != "int8"]
+        if quantize:
+            assert ((64, 48), "int8") in kept and ((48,), "float32") in kept and not floats
+        else:
+            assert floats  # without quantization the (frozen) kernel itself is what is kept
+
+
+def _quantized(cfg):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize_frozen="int8"))
+
+
+def _losses(run_folder) -> list[float]:
+    records = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+def test_lora_on_int8_weights_loads_trains_resumes_and_merges(tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(BASE, base)
+    for name in ("float", "int8", "full"):
+        (tmp_path / name).mkdir()
+    plain = run_config(tmp_path / "float", base)
+    small = _quantized(run_config(tmp_path / "int8", base))
+    full = _quantized(run_config(tmp_path / "full", base, save_frozen_weights=True))
+    _, reference, _, _ = fit(plain)
+    _, trainer, _, printed = fit(small)
+    from jaxtrain.train.command import _adapters  # what the command's "model:" line says of the run
+
+    assert _adapters(small).endswith("(rank 4; frozen weights in int8)")
+
+    # the frozen kernels are the Hugging Face weights quantized, bit for bit; the rest as loaded
+    params = trainer.state.params
+    kernels = {name: leaf for name, leaf in param_names(params).items() if name.endswith(".kernel")}
+    assert {str(leaf.dtype) for name, leaf in kernels.items() if name.startswith("blocks.")} == {"int8"}
+    hf = read_hf(str(base))[1]
+    for module in ("Wqkv", "out_proj"):
+        q, scale = quant.quantize(hf["blocks"]["attn"][module]["kernel"])
+        layer = nnx.to_pure_dict(params)["blocks"]["attn"][module]
+        np.testing.assert_array_equal(np.asarray(layer["kernel"]), np.asarray(q))
+        np.testing.assert_array_equal(np.asarray(layer[quant.SCALE]), np.asarray(scale))
+    assert str(param_names(params)["wte.embedding"].dtype) == "float32"  # fp32 run: the rest as it was
+
+    # training on q·scale follows training on the float weights closely, and learns
+    ours, theirs = _losses(tmp_path / "int8" / "run"), _losses(tmp_path / "float" / "run")
+    assert len(ours) == 6 and ours[-1] < ours[0]
+    np.testing.assert_allclose(ours, theirs, rtol=2e-2)
+    assert ours != theirs
+
+    # checkpoints hold the adapters alone; a resume reads and quantizes the weights again, exactly
+    checkpoints = tmp_path / "int8" / "checkpoints"
+    assert all(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for name in saved_names(checkpoints, 6))
+    shutil.rmtree(checkpoints / "6")
+    _, again, _, printed = fit(small)
+    assert "resumed from" in printed and "at step 3 (the frozen weights read back from" in printed
+    for a, b in zip(leaves(again.state.params), leaves(trainer.state.params)):
+        np.testing.assert_array_equal(a, b)
+
+    # with save_frozen_weights the checkpoint holds the int8 kernels and scales themselves
+    _, kept, _, _ = fit(full)
+    names = saved_names(tmp_path / "full" / "checkpoints", 6)
+    assert "blocks.attn.Wqkv.kernel_scale" in names
+    from_record = load_checkpoint(str(checkpoints))
+    from_itself = load_checkpoint(str(tmp_path / "full" / "checkpoints"))
+    assert quant.is_quantized(from_record.params) and quant.is_quantized(from_itself.params)
+    for a, b in zip(leaves(from_record.params), leaves(from_itself.params)):
+        np.testing.assert_array_equal(a, b)
+
+    # merged (what generate, eval and convert run): a float model without adapters or scales,
+    # giving the logits of the adapted int8 model
+    merged = from_record.merged()
+    assert merged.model_cfg.quantize_frozen is None and merged.model_cfg.peft_config is None
+    assert not quant.is_quantized(merged.params) and not lora.has_adapters(merged.params)
+    tokens = jnp.asarray([[1, 5, 9, 2, 7, 3]])
+    np.testing.assert_allclose(np.asarray(merged.module()(tokens)), np.asarray(from_record.module()(tokens)),
+                               atol=1e-4, rtol=0)
+
+    # a full fine-tune may start from it: the adapters merged, the kernels float32 again
+    follow = dataclasses.replace(plain, model=lora.without_adapters(plain.model), load_path=str(checkpoints),
+                                 save_folder=str(tmp_path / "follow" / "ckpt"), run_folder=str(tmp_path / "follow" / "run"),
+                                 max_duration="1ba", autoresume=False)
+    _, follower, _, printed = fit(follow)
+    assert "with their LoRA adapters merged into them" in printed
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(follower.state.params)} == {"float32"}
+
+
+def test_quantize_frozen_needs_a_lora_run_and_int8():
+    model = dataclasses.asdict(read_hf(str(BASE))[0])
+    for extra, expected in (({"quantize_frozen": "int8"}, "model.quantize_frozen: only a LoRA run (model.peft_config)"),
+                            ({"quantize_frozen": "int4", "peft_config": {"r": 2}},
+                             "model.quantize_frozen: 'int4' is not supported; use int8 or null")):
+        with pytest.raises(ConfigError) as err:
+            load_config_dict({"model": {**model, **extra}, "max_seq_len": 16})
+        assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_planner_counts_int8_weights_and_their_scales():
+    """The estimate's parameter bytes are the parameter tree's: int8 kernels, float32 scales and
+    adapters, the rest (embedding, norms) in the compute dtype."""
+    model = dataclasses.replace(read_hf(str(BASE))[0], peft_config=load_config_dict(
+        {"model": {"peft_config": {"r": 4, "target_modules": "all-linear"}}}).model.peft_config)
+    common = dict(global_batch=2, microbatch=2, seq_len=16, precision="amp_bf16", mesh_shape={"data": 1})
+    estimates = {}
+    for quantize in (None, "int8"):
+        cfg = dataclasses.replace(model, quantize_frozen=quantize)
+        names = param_names(abstract_model(cfg)[1])
+        # adapters and scales float32, kernels int8, the rest bf16 (as lora.cast_frozen keeps them)
+        exact = sum(leaf.size * (4 if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b", quant.SCALE) else
+                                 1 if leaf.dtype == jnp.int8 else 2) for name, leaf in names.items())
+        estimates[quantize] = estimate_memory(cfg, **common).params_bytes
+        assert estimates[quantize] == exact, quantize
+    assert estimates["int8"] < estimates[None]
