@@ -271,9 +271,11 @@ class MPTAttention(nnx.Module):
             # fp8, where XLA would merge the slices' products back into a bf16 one (fp8.dot).
             # A LoRA adapter adds its term the same way: (dropout(x)·A) times column slices of B.
             splits = [d_model, d_model + kv_width]
-            q, k, v = self.Wqkv.with_weight(
-                lambda xc, kernel: [jnp.einsum("...i,io->...o", xc, w) for w in jnp.split(kernel, splits, axis=-1)],
-                x.astype(compute_dtype), compute_dtype)
+            def products(xc, kernel):
+                kernel = kernel.astype(compute_dtype)
+                return [jnp.einsum("...i,io->...o", xc, w) for w in jnp.split(kernel, splits, axis=-1)]
+
+            q, k, v = self.Wqkv.with_weight(products, x.astype(compute_dtype), compute_dtype)
             if self.Wqkv.lora_a is not None:
                 h = self.Wqkv.adapter_input(x, compute_dtype=compute_dtype, lora_rng=qkv_rng)
                 q, k, v = (part + self.Wqkv.adapter_output(h, b, compute_dtype=compute_dtype)

@@ -176,11 +176,12 @@ class Dense(nnx.Module):
         return _plain_product(h, b, compute_dtype) * jnp.asarray(self.lora_scaling, compute_dtype)
 
     def with_weight(self, fn: Callable, x: jax.Array, compute_dtype) -> Any:
-        """``fn(x, kernel in the compute dtype)``. An int8 kernel is read back inside a rematerialised
-        function, so the backward pass keeps ``q`` and its scale and reads the kernel back again,
-        rather than keeping the float kernel of every layer (the float model) until then."""
+        """``fn(x, kernel)``, the kernel as stored or, int8, read back in the compute dtype. That
+        read is inside a rematerialised function, so the backward pass keeps ``q`` and its scale
+        and reads the kernel back again, rather than keeping the float kernel of every layer (the
+        float model) until then."""
         if self.kernel_scale is None:
-            return fn(x, self.weight(compute_dtype))
+            return fn(x, self.kernel[...])
         read = jax.checkpoint(lambda x, q, scale: fn(x, quant.dequantize(q, scale, compute_dtype)))
         return read(x, self.kernel[...], self.kernel_scale[...])
 
@@ -189,7 +190,7 @@ class Dense(nnx.Module):
 
     def _product_of(self, x: jax.Array, kernel: jax.Array, compute_dtype) -> jax.Array:
         if fp8.enabled():  # amp_fp8: the product in fp8, rounded once to the compute dtype
-            y = fp8.dot(x.astype(compute_dtype), kernel)
+            y = fp8.dot(x.astype(compute_dtype), kernel.astype(compute_dtype))
             if self.bias is None:
                 return y
         elif cpu_kernels.use_cpu_kernels(compute_dtype):
@@ -199,9 +200,10 @@ class Dense(nnx.Module):
         elif self.bias is None:
             # the product is accumulated in float32 and rounded once; asking for a float32 result
             # and casting after would make that float32 tensor what remat policies save
-            return jnp.einsum("...i,io->...o", x.astype(compute_dtype), kernel)
+            return jnp.einsum("...i,io->...o", x.astype(compute_dtype), kernel.astype(compute_dtype))
         else:
-            y = jnp.einsum("...i,io->...o", x.astype(compute_dtype), kernel, preferred_element_type=jnp.float32)
+            y = jnp.einsum("...i,io->...o", x.astype(compute_dtype), kernel.astype(compute_dtype),
+                           preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(compute_dtype)
