@@ -66,6 +66,33 @@ def test_the_backward_pass_keeps_the_int8_weights_not_a_float_copy():
             assert floats  # without quantization the (frozen) kernel itself is what is kept
 
 
+@pytest.mark.parametrize("dora,dropout", [(False, 0.0), (True, 0.0), (True, 0.5)])
+def test_an_int8_layer_computes_what_its_float_layer_computes_on_q_times_scale(dora, dropout):
+    """LoRA and DoRA (with and without dropout's second product), with a bias: the int8 layer's
+    output and adapter gradients are the float layer's whose kernel is ``q·scale``."""
+    spec = lora.LoraSpec(r=3, scaling=2.0, dropout=dropout, dora=dora)
+    make = lambda quantize: Dense(32, 24, use_bias=True, kernel_std=0.3, axes=(None, None), rngs=nnx.Rngs(1),
+                                  lora=spec, quantize=quantize)  # noqa: E731
+    ours, theirs = make(True), make(False)
+    theirs.kernel[...] = ours.weight()
+    # trained adapters, so that B and the magnitudes are not their starting values
+    ours.lora_b[...] = theirs.lora_b[...] = jax.random.normal(jax.random.key(2), ours.lora_b[...].shape) * 0.1
+    if dora:
+        ours.lora_magnitude[...] = theirs.lora_magnitude[...] = ours.lora_magnitude[...] * 1.1
+    x = jax.random.normal(jax.random.key(3), (2, 5, 32))
+    rng = jax.random.key(4) if dropout else None
+
+    def run(layer):
+        graph, adapters, rest = nnx.split(layer, nnx.LoRAParam, ...)
+        loss = lambda a: (nnx.merge(graph, a, rest)(x, lora_rng=rng) ** 2).sum()  # noqa: E731
+        return jax.value_and_grad(loss)(adapters)
+
+    (ours_loss, ours_grads), (theirs_loss, theirs_grads) = run(ours), run(theirs)
+    np.testing.assert_allclose(ours_loss, theirs_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(theirs_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _quantized(cfg):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize_frozen="int8"))
 
