@@ -11,8 +11,9 @@ bf16.
 
 Every linear layer of the blocks is quantized (whether it has an adapter or not); the embedding,
 the output head, the norms, the biases and the adapters stay as they were. Weights are quantized
-as they are loaded (``load_path``): a Hugging Face folder one stacked parameter at a time, so the
-device never holds the float model whole.
+as they are loaded (``load_path``): from a Hugging Face folder one stacked parameter at a time,
+so the device never holds the float model whole; from a jaxtrain checkpoint the float weights are
+read whole first, then quantized one kernel at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-CHOICES = ("int8",)
 SCALE = "kernel_scale"  # the scale's name, beside its layer's ``kernel``
 _LEVELS = 127.0
 
