@@ -1,9 +1,10 @@
-"""LoRA on int8 frozen weights (``model.quantize_frozen: int8``).
+"""LoRA on quantized frozen weights (``model.quantize_frozen: int8 | nf4``).
 
-The blocks' linear weights are kept as int8 with a float32 scale per output column, quantized as
-they are loaded; the adapters train on ``q·scale``. Checked here: the rounding bound, that the
-backward pass keeps the int8 weights (not a float copy), that a run loads, trains, resumes
-exactly and merges into a plain float model, and what the planner counts.
+The blocks' linear weights are kept as int8 with a float32 scale per output column, or as
+QLoRA's NF4 codes with a scale per block of 64, quantized as they are loaded; the adapters train
+on the float weights they stand for. Checked here: the rounding bound, NF4 against bitsandbytes,
+that the backward pass keeps the quantized weights (not a float copy), that a run loads, trains,
+resumes exactly and merges into a plain float model, and what the planner counts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from jaxtrain.layers import lora, quant
 from jaxtrain.layers.linear import Dense
 from jaxtrain.plan.memory import estimate_memory
 from jaxtrain.train.state import abstract_model
+from conftest import REFERENCE_PYTHON
 from test_lora import BASE, fit, run_config
 from test_lora_checkpoints import leaves, saved_names
 
@@ -45,11 +48,49 @@ def test_int8_kernels_read_back_within_half_a_step():
     assert quant.dequantize(q, scale, jnp.bfloat16).dtype == jnp.bfloat16
 
 
-def test_the_backward_pass_keeps_the_int8_weights_not_a_float_copy():
+BNB_NF4 = """
+import sys, numpy as np, torch, bitsandbytes.functional as F
+w = np.load(sys.argv[1])  # [in, out], jaxtrain's layout; torch's Linear weight is its transpose
+q, state = F.quantize_4bit(torch.from_numpy(np.ascontiguousarray(w.T)), blocksize=64, quant_type="nf4")
+np.savez(sys.argv[2], packed=q.numpy().reshape(w.shape[1], -1).T, absmax=state.absmax.numpy().reshape(w.shape[1], -1).T,
+         dequantized=F.dequantize_4bit(q, state).numpy().T)
+"""
+
+
+def test_nf4_codes_scales_and_values_are_bitsandbytes(tmp_path):
+    """``quantize(w, "nf4")`` gives bitsandbytes' ``quantize_4bit(quant_type="nf4", blocksize=64)``
+    bit for bit: the packed codes, the block scales and the values read back (a block of zeros too)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((192, 24)) * np.linspace(0.01, 3, 24)).astype(np.float32)
+    w[64:128, 5] = 0.0
+    w[3, 7] = 30.0  # an outlier coarsens its own block only
+    q, scale = quant.quantize(jnp.asarray(w), "nf4")
+    assert (q.dtype, q.shape, scale.shape) == (jnp.uint8, (96, 24), (3, 24))
+    back = np.asarray(quant.dequantize(q, scale))
+    assert back[64:128, 5].tolist() == [0.0] * 64 and np.asarray(scale)[1, 5] == 0.0
+    levels = np.asarray(quant.NF4_LEVELS, np.float32)
+    for block in range(3):  # each value is the level nearest to it, times its block's scale
+        rows = slice(64 * block, 64 * block + 64)
+        normalized = w[rows] / np.where(np.abs(w[rows]).max(0) > 0, np.abs(w[rows]).max(0), 1)
+        nearest = levels[np.abs(normalized[..., None] - levels).argmin(-1)]
+        np.testing.assert_allclose(back[rows], nearest * np.abs(w[rows]).max(0), rtol=1e-6)
+    if not shutil.which(REFERENCE_PYTHON) or subprocess.run(
+            [REFERENCE_PYTHON, "-c", "import bitsandbytes"], capture_output=True).returncode:
+        pytest.skip(f"bitsandbytes is not installed in {REFERENCE_PYTHON} (built by .ci/reference-env)")
+    np.save(tmp_path / "w.npy", w)
+    subprocess.run([REFERENCE_PYTHON, "-c", BNB_NF4, str(tmp_path / "w.npy"), str(tmp_path / "ref.npz")], check=True,
+                   capture_output=True)
+    ref = np.load(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(np.asarray(q), ref["packed"])
+    np.testing.assert_array_equal(np.asarray(scale), ref["absmax"])
+    np.testing.assert_array_equal(back, ref["dequantized"])
+
+
+def test_the_backward_pass_keeps_the_quantized_weights_not_a_float_copy():
     """The kernel is read back inside a rematerialised function: what the forward pass leaves for
-    the backward pass is ``q`` and its scale, not the ``[in, out]`` float kernel."""
+    the backward pass is ``q`` and its scales, not the ``[in, out]`` float kernel."""
     spec = lora.LoraSpec(r=2, scaling=1.0, dropout=0.0)
-    for quantize in (False, True):
+    for quantize in (None, "int8", "nf4"):
         layer = Dense(64, 48, use_bias=True, kernel_std=0.02, axes=(None, None), rngs=nnx.Rngs(0), lora=spec,
                       quantize=quantize)
         graph, adapters, rest = nnx.split(layer, nnx.LoRAParam, ...)
@@ -60,20 +101,23 @@ def test_the_backward_pass_keeps_the_int8_weights_not_a_float_copy():
         kept = [(aval.shape, str(aval.dtype)) for aval, _ in saved_residuals(loss, adapters, jnp.ones((4, 64),
                                                                                                      jnp.bfloat16))]
         floats = [shape for shape, dtype in kept if shape == (64, 48) and dtype != "int8"]
-        if quantize:
+        if quantize == "int8":
             assert ((64, 48), "int8") in kept and ((48,), "float32") in kept and not floats
+        elif quantize == "nf4":
+            assert ((32, 48), "uint8") in kept and ((1, 48), "float32") in kept and not floats
         else:
             assert floats  # without quantization the (frozen) kernel itself is what is kept
 
 
-@pytest.mark.parametrize("dora,dropout", [(False, 0.0), (True, 0.0), (True, 0.5)])
-def test_an_int8_layer_computes_what_its_float_layer_computes_on_q_times_scale(dora, dropout):
-    """LoRA and DoRA (with and without dropout's second product), with a bias: the int8 layer's
-    output and adapter gradients are the float layer's whose kernel is ``q·scale``."""
+@pytest.mark.parametrize("kind,dora,dropout", [("int8", False, 0.0), ("int8", True, 0.0), ("int8", True, 0.5),
+                                               ("nf4", False, 0.0), ("nf4", True, 0.5)])
+def test_a_quantized_layer_computes_what_its_float_layer_computes_on_the_weights_read_back(kind, dora, dropout):
+    """LoRA and DoRA (with and without dropout's second product), with a bias: the quantized
+    layer's output and adapter gradients are the float layer's whose kernel is the one read back."""
     spec = lora.LoraSpec(r=3, scaling=2.0, dropout=dropout, dora=dora)
     make = lambda quantize: Dense(32, 24, use_bias=True, kernel_std=0.3, axes=(None, None), rngs=nnx.Rngs(1),
                                   lora=spec, quantize=quantize)  # noqa: E731
-    ours, theirs = make(True), make(False)
+    ours, theirs = make(kind), make(None)
     theirs.kernel[...] = ours.weight()
     # trained adapters, so that B and the magnitudes are not their starting values
     ours.lora_b[...] = theirs.lora_b[...] = jax.random.normal(jax.random.key(2), ours.lora_b[...].shape) * 0.1
@@ -93,8 +137,8 @@ def test_an_int8_layer_computes_what_its_float_layer_computes_on_q_times_scale(d
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def _quantized(cfg):
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize_frozen="int8"))
+def _quantized(cfg, kind="int8"):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize_frozen=kind))
 
 
 def _losses(run_folder) -> list[float]:
@@ -102,10 +146,10 @@ def _losses(run_folder) -> list[float]:
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-def test_lora_on_int8_weights_loads_trains_resumes_and_merges(tmp_path):
+def test_lora_on_quantized_weights_loads_trains_resumes_and_merges(tmp_path):
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
-    for name in ("float", "int8", "full"):
+    for name in ("float", "int8", "full", "nf4"):
         (tmp_path / name).mkdir()
     plain = run_config(tmp_path / "float", base)
     small = _quantized(run_config(tmp_path / "int8", base))
@@ -133,6 +177,15 @@ def test_lora_on_int8_weights_loads_trains_resumes_and_merges(tmp_path):
     assert len(ours) == 6 and ours[-1] < ours[0]
     np.testing.assert_allclose(ours, theirs, rtol=2e-2)
     assert ours != theirs
+    # so does training on NF4 codes, less closely (16 levels per block of 32 rows in this model)
+    _, four, _, _ = fit(_quantized(run_config(tmp_path / "nf4", base, save_folder=None), "nf4"))
+    layer = nnx.to_pure_dict(four.state.params)["blocks"]["ffn"]["up_proj"]
+    q, scale = quant.quantize(hf["blocks"]["ffn"]["up_proj"]["kernel"], "nf4")
+    np.testing.assert_array_equal(np.asarray(layer["kernel"]), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(layer[quant.SCALE]), np.asarray(scale))
+    nf4 = _losses(tmp_path / "nf4" / "run")
+    assert nf4[-1] < nf4[0]
+    np.testing.assert_allclose(nf4, theirs, rtol=5e-2)
 
     # checkpoints hold the adapters alone; a resume reads and quantizes the weights again, exactly
     checkpoints = tmp_path / "int8" / "checkpoints"
@@ -171,29 +224,32 @@ def test_lora_on_int8_weights_loads_trains_resumes_and_merges(tmp_path):
     assert {str(leaf.dtype) for leaf in jax.tree.leaves(follower.state.params)} == {"float32"}
 
 
-def test_quantize_frozen_needs_a_lora_run_and_int8():
+def test_quantize_frozen_needs_a_lora_run_and_a_known_format():
     model = dataclasses.asdict(read_hf(str(BASE))[0])
     for extra, expected in (({"quantize_frozen": "int8"}, "model.quantize_frozen: only a LoRA run (model.peft_config)"),
                             ({"quantize_frozen": "int4", "peft_config": {"r": 2}},
-                             "model.quantize_frozen: 'int4' is not supported; use int8 or null")):
+                             "model.quantize_frozen: 'int4' is not supported; use int8, nf4 or null"),
+                            ({"quantize_frozen": "nf4", "peft_config": {"r": 2}, "d_model": 33, "n_heads": 3},
+                             "model.quantize_frozen: nf4 packs two input rows to a byte: d_model 33")):
         with pytest.raises(ConfigError) as err:
             load_config_dict({"model": {**model, **extra}, "max_seq_len": 16})
         assert expected in str(err.value) and "\n" not in str(err.value)
 
 
-def test_the_planner_counts_int8_weights_and_their_scales():
-    """The estimate's parameter bytes are the parameter tree's: int8 kernels, float32 scales and
-    adapters, the rest (embedding, norms) in the compute dtype."""
+def test_the_planner_counts_quantized_weights_and_their_scales():
+    """The estimate's parameter bytes are the parameter tree's: int8 or packed nf4 kernels, float32
+    scales and adapters, the rest (embedding, norms) in the compute dtype."""
     model = dataclasses.replace(read_hf(str(BASE))[0], peft_config=load_config_dict(
         {"model": {"peft_config": {"r": 4, "target_modules": "all-linear"}}}).model.peft_config)
     common = dict(global_batch=2, microbatch=2, seq_len=16, precision="amp_bf16", mesh_shape={"data": 1})
     estimates = {}
-    for quantize in (None, "int8"):
+    for quantize in (None, "int8", "nf4"):
         cfg = dataclasses.replace(model, quantize_frozen=quantize)
         names = param_names(abstract_model(cfg)[1])
-        # adapters and scales float32, kernels int8, the rest bf16 (as lora.cast_frozen keeps them)
+        # adapters and scales float32, kernels a byte per int8 or per two nf4 codes, the rest bf16
+        # (as lora.cast_frozen keeps them)
         exact = sum(leaf.size * (4 if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b", quant.SCALE) else
-                                 1 if leaf.dtype == jnp.int8 else 2) for name, leaf in names.items())
+                                 1 if leaf.dtype in (jnp.int8, jnp.uint8) else 2) for name, leaf in names.items())
         estimates[quantize] = estimate_memory(cfg, **common).params_bytes
         assert estimates[quantize] == exact, quantize
-    assert estimates["int8"] < estimates[None]
+    assert estimates["nf4"] < estimates["int8"] < estimates[None]

@@ -290,7 +290,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         _, abstract_params = abstract_model(model_cfg)
         quantize_into = None
         if like is not None and quant.is_quantized(like) and not quant.is_quantized(abstract_params):
-            quantize_into, like = like, quant.float_like(like)  # float weights for int8 frozen weights
+            quantize_into, like = like, quant.float_like(like)  # float weights for quantized frozen weights
         if like is not None:
             _check_parameters(step_folder, model_cfg, abstract_params, like, shapes=True)
             shardings = jax.tree.map(lambda x: x.sharding, like)
@@ -367,7 +367,7 @@ def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> Load
     # names and shapes are checked from config.json, before any tensor is read
     described = hf_model_config(folder, scan_layers=scan_layers)
     _, abstract_params = abstract_model(described)
-    quantized = quant.is_quantized(like)  # int8 frozen weights: each kernel quantized as it is read
+    quantized = quant.is_quantized(like)  # quantized frozen weights: each kernel quantized as it is read
     target = quant.float_like(like) if quantized else like
     _check_parameters(folder, described, abstract_params, target, shapes=True)
     finish, scales = None, {}

@@ -135,8 +135,9 @@ class ModelConfig:
                                     "logits (saves batch x seq x vocab x 4 bytes; recomputes the head once)")
     z_loss: float = field(0.0, "coefficient of the z-loss (log Z)^2 added to the loss")
     peft_config: PeftConfig | None = field(None, "LoRA fine-tuning: train low-rank adapters, keep the weights frozen")
-    quantize_frozen: str | None = field(None, "LoRA runs: keep the blocks' frozen linear weights in int8 (one float32 "
-                                              "scale per output column; half of bf16's memory), or null")
+    quantize_frozen: str | None = field(None, "LoRA runs: keep the blocks' frozen linear weights in int8 (a float32 "
+                                              "scale per output column; half of bf16's memory) or nf4 (QLoRA's "
+                                              "4-bit NormalFloat, blocks of 64; about 28 % of bf16's), or null")
 
 
 # ----------------------------------------------------------------------------- data

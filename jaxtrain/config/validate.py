@@ -95,8 +95,12 @@ def validate(cfg: Config, where: Where) -> None:
     one_of("model.ffn_config.ffn_type", model.ffn_config.ffn_type, FFN_TYPES)
     check_peft_config(model, fail)
     if model.quantize_frozen is not None:
-        if model.quantize_frozen != "int8":
-            fail("model.quantize_frozen", f"{model.quantize_frozen!r} is not supported; use int8 or null")
+        if model.quantize_frozen not in ("int8", "nf4"):
+            fail("model.quantize_frozen", f"{model.quantize_frozen!r} is not supported; use int8, nf4 or null")
+        widths = {model.d_model, model.d_model * model.expansion_ratio}
+        if model.quantize_frozen == "nf4" and any(width % 2 for width in widths):
+            fail("model.quantize_frozen", f"nf4 packs two input rows to a byte: d_model {model.d_model} and the "
+                                          f"MLP width must be even; use int8")
         if model.peft_config is None:
             fail("model.quantize_frozen", "only a LoRA run (model.peft_config) has frozen weights to quantize; "
                                           "remove the key or add a peft_config")

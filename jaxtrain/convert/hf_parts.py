@@ -26,7 +26,7 @@ def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True,
     (not the model in float32). Values equal ``read_hf``'s cast to the target dtype.
 
     ``finish(path, array)``, if given, turns each parameter as it is read into what is kept at its
-    path (int8 frozen weights are quantized there, so the float model is never whole on the device)."""
+    path (quantized frozen weights are quantized there, so the float model is never whole on the device)."""
     import jax
 
     model_cfg = hf_model_config(src, scan_layers=scan_layers)

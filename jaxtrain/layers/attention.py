@@ -212,10 +212,10 @@ class MPTAttention(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         adapters: dict | None = None,
-        quantize: bool = False,
+        quantize: str | None = None,
     ):
         """``adapters``: ``{"Wqkv" | "out_proj": LoraSpec}`` for the layers that take LoRA adapters;
-        ``quantize``: int8 kernels (``jaxtrain.layers.quant``)."""
+        ``quantize``: the kernels' format, int8 or nf4 (``jaxtrain.layers.quant``)."""
         adapters = adapters or {}
         self.n_heads = n_heads
         self.kv_n_heads = kv_n_heads

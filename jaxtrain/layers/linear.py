@@ -79,8 +79,9 @@ def weight_std(init_config: InitConfig, *, fan_in: int, fan_out: int, divisor: f
 class Dense(nnx.Module):
     """``y = x @ kernel (+ bias)``; kernel ``[in, out]``, output in the compute dtype.
 
-    With ``quantize`` (a LoRA run's frozen weights, ``jaxtrain.layers.quant``) the kernel is int8
-    with a float32 scale per output column, ``kernel_scale [out]``, and is read as their product.
+    With ``quantize`` (``"int8"`` or ``"nf4"``: a LoRA run's frozen weights, ``jaxtrain.layers.quant``)
+    the kernel is stored in that format beside its float32 scales, ``kernel_scale``, and read back
+    as the float kernel they stand for.
     """
 
     def __init__(
@@ -94,15 +95,16 @@ class Dense(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         lora: lora_lib.LoraSpec | None = None,
-        quantize: bool = False,
+        quantize: str | None = None,
     ):
         kernel_init = annotated(normal_init(kernel_std), axes)
         kernel_key = rngs.params()
         self.kernel = nnx.Param(kernel_init(kernel_key, (in_features, out_features), param_dtype))
-        if quantize:  # the same weights, stored as int8 and a scale per column
-            q, scale = quant.quantize(self.kernel[...])
+        if quantize:  # the same weights, stored in 8 or 4 bits with float32 scales
+            q, scale = quant.quantize(self.kernel[...], quantize)
             self.kernel = nnx.Param(annotated(lambda *_: q, axes)(kernel_key, q.shape, q.dtype))
-            self.kernel_scale = nnx.Param(annotated(lambda *_: scale, (axes[1],))(kernel_key, scale.shape, scale.dtype))
+            scale_axes = (None, axes[1]) if scale.ndim == 2 else (axes[1],)  # nf4: [blocks, out]
+            self.kernel_scale = nnx.Param(annotated(lambda *_: scale, scale_axes)(kernel_key, scale.shape, scale.dtype))
         else:
             self.kernel_scale = None
         if use_bias:
@@ -127,8 +129,8 @@ class Dense(nnx.Module):
             self.lora_a = self.lora_b = self.lora_magnitude = None
 
     def weight(self, dtype=None) -> jax.Array:
-        """The kernel ``[in, out]`` (an int8 one read back as ``q·scale``), in ``dtype`` (default: as
-        stored; float32 for an int8 kernel)."""
+        """The kernel ``[in, out]`` (a quantized one read back as float), in ``dtype`` (default: as
+        stored; float32 for a quantized kernel)."""
         if self.kernel_scale is not None:
             return quant.dequantize(self.kernel[...], self.kernel_scale[...], dtype or jnp.float32)
         kernel = self.kernel[...]
@@ -176,8 +178,8 @@ class Dense(nnx.Module):
         return _plain_product(h, b, compute_dtype) * jnp.asarray(self.lora_scaling, compute_dtype)
 
     def with_weight(self, fn: Callable, x: jax.Array, compute_dtype) -> Any:
-        """``fn(x, kernel)``, the kernel as stored or, int8, read back in the compute dtype. That
-        read is inside a rematerialised function, so the backward pass keeps ``q`` and its scale
+        """``fn(x, kernel)``, the kernel as stored or, quantized, read back in the compute dtype. That
+        read is inside a rematerialised function, so the backward pass keeps ``q`` and its scales
         and reads the kernel back again, rather than keeping the float kernel of every layer (the
         float model) until then."""
         if self.kernel_scale is None:

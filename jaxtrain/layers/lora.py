@@ -106,14 +106,14 @@ def merge_trainable(adapters: Any, frozen: Any) -> Any:
 
 
 def cast_frozen(params: Any, dtype: Any) -> Any:
-    """``params`` with the frozen weights in ``dtype`` (the adapters, int8 kernels and their scales
-    as they are)."""
+    """``params`` with the frozen weights in ``dtype`` (the adapters, quantized kernels and their
+    scales as they are)."""
     from jaxtrain.layers.quant import SCALE
 
     adapters, frozen = split_trainable(params)
 
     def cast(path, x):
-        keep = x.dtype == jnp.int8 or any(str(getattr(key, "key", key)) == SCALE for key in path)
+        keep = jnp.issubdtype(x.dtype, jnp.integer) or any(str(getattr(key, "key", key)) == SCALE for key in path)
         return x if keep else x.astype(dtype)
 
     return merge_trainable(adapters, jax.tree_util.tree_map_with_path(cast, frozen))

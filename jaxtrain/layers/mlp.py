@@ -91,10 +91,10 @@ class MPTFFN(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         adapters: dict | None = None,
-        quantize: bool = False,
+        quantize: str | None = None,
     ):
         """``adapters``: ``{"up_proj" | "gate_proj" | "down_proj": LoraSpec}`` (LoRA adapters);
-        ``quantize``: int8 kernels (``jaxtrain.layers.quant``)."""
+        ``quantize``: the kernels' format, int8 or nf4 (``jaxtrain.layers.quant``)."""
         adapters = adapters or {}
         self.activation = activation
         dense = functools.partial(Dense, use_bias=use_bias, rngs=rngs, param_dtype=param_dtype, quantize=quantize)

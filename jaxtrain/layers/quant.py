@@ -1,23 +1,33 @@
-"""Frozen weights in int8 (``model.quantize_frozen: int8``), for LoRA runs.
+"""Frozen weights in 8 or 4 bits (``model.quantize_frozen: int8 | nf4``), for LoRA runs.
 
-A LoRA run never updates its model's own weights, so they need only be read: stored as int8 with
-one float32 scale per output column (``kernel_scale [out]``, the column's largest magnitude / 127,
-values rounded to nearest) they take half the memory of bf16 and a quarter of float32. Each step
-reads a block's kernels back as ``q·scale`` in the compute dtype, one layer at a time, and the
-adapters train on that as on the float weights. This is weight-only, per-column absmax int8: it is
-not bitsandbytes' LLM.int8() (which keeps outlier columns in float16 and multiplies in int8), so a
-run differs from Foundry's ``load_in_8bit`` in the last digits of its losses, as that differs from
-bf16.
+A LoRA run never updates its model's own weights, so they need only be read. Two formats:
 
-Every linear layer of the blocks is quantized (whether it has an adapter or not); the embedding,
-the output head, the norms, the biases and the adapters stay as they were. Weights are quantized
-as they are loaded (``load_path``): from a Hugging Face folder one stacked parameter at a time,
-so the device never holds the float model whole; from a jaxtrain checkpoint the float weights are
-read whole first, then quantized one kernel at a time.
+- ``int8``: int8 with one float32 scale per output column (``kernel_scale [out]``, the column's
+  largest magnitude / 127, values rounded to nearest): half the memory of bf16. Weight-only,
+  per-column absmax; not bitsandbytes' LLM.int8() (which keeps outlier columns in float16 and
+  multiplies in int8), so a run differs from Foundry's ``load_in_8bit`` in the last digits of its
+  losses, as that differs from bf16.
+- ``nf4``: QLoRA's 4-bit NormalFloat, as bitsandbytes' ``quantize_4bit(quant_type="nf4")``
+  computes it: each block of 64 consecutive input rows of a column (fewer where the width is not
+  a multiple of 64) is divided by its largest magnitude (float32 ``kernel_scale [in/64, out]``)
+  and each value replaced by the nearest of the 16 NF4 levels, two 4-bit codes to a byte
+  (``kernel`` uint8 ``[in/2, out]``, rows 2i and 2i+1 in the high and low nibble): a little over
+  a quarter of bf16's memory. Codes and scales equal bitsandbytes' (tested); there is no double
+  quantization of the scales (0.5 bits per weight rather than 0.127).
+
+Each step reads a block's kernels back as float in the compute dtype, one layer at a time, and the
+adapters train on that as on the float weights. Every linear layer of the blocks is quantized
+(whether it has an adapter or not); the embedding, the output head, the norms, the biases and the
+adapters stay as they were. Weights are quantized as they are loaded (``load_path``): from a
+Hugging Face folder one stacked parameter at a time, so the device never holds the float model
+whole; from a jaxtrain checkpoint the float weights are read whole first, then quantized one
+kernel at a time.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import jax
@@ -25,22 +35,64 @@ import jax.numpy as jnp
 from flax import nnx
 
 SCALE = "kernel_scale"  # the scale's name, beside its layer's ``kernel``
+FORMATS = ("int8", "nf4")
 _LEVELS = 127.0
+NF4_BLOCK = 64
+# the 16 NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
 
 
-def quantize(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(int8 ``q``, float32 ``scale``) with ``q·scale ≈ w`` for ``w [..., in, out]``: one scale per
-    output column, its largest magnitude / 127 (1 for a column of zeros), values rounded to nearest."""
+def nf4_block(in_features: int) -> int:
+    """Input rows per NF4 scale: 64, or the largest power of two dividing a width that 64 does not."""
+    return math.gcd(in_features, NF4_BLOCK)
+
+
+def quantize(w: jax.Array, kind: str = "int8") -> tuple[jax.Array, jax.Array]:
+    """(``q``, float32 ``scale``) of ``w [..., in, out]`` in the format ``kind`` (see the module):
+    int8 ``q [..., in, out]`` with ``scale [..., out]``, or nf4 ``q`` uint8 ``[..., in/2, out]``
+    with ``scale [..., in/block, out]``."""
     w = jnp.asarray(w, jnp.float32)
+    if kind == "nf4":
+        return _quantize_nf4(w)
     amax = jnp.max(jnp.abs(w), axis=-2)
     scale = jnp.where(amax > 0, amax / _LEVELS, 1.0)
     q = jnp.clip(jnp.round(w / scale[..., None, :]), -_LEVELS, _LEVELS).astype(jnp.int8)
     return q, scale
 
 
+def _quantize_nf4(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    *lead, rows, cols = w.shape
+    block = nf4_block(rows)
+    blocks = w.reshape(*lead, rows // block, block, cols)
+    amax = jnp.max(jnp.abs(blocks), axis=-2)
+    normalized = blocks / jnp.where(amax > 0, amax, 1.0)[..., None, :]
+    levels = jnp.asarray(NF4_LEVELS, jnp.float32)
+    # the nearest level: the count of midpoints between levels that the value lies above
+    codes = jnp.searchsorted((levels[1:] + levels[:-1]) / 2, normalized.reshape(-1), side="left")
+    codes = codes.astype(jnp.uint8).reshape(*lead, rows, cols)
+    return (codes[..., 0::2, :] << 4) | codes[..., 1::2, :], amax
+
+
 def dequantize(q: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """``q·scale`` (``q [..., in, out]`` int8, ``scale [..., out]``) in ``dtype``."""
+    """The float kernel ``[..., in, out]`` that ``q`` and ``scale`` (``quantize``'s) stand for, in
+    ``dtype``; the format is told by ``q``'s dtype (int8 or uint8, nf4)."""
+    if q.dtype == jnp.uint8:
+        *lead, half, cols = q.shape
+        codes = jnp.stack([q >> 4, q & 15], axis=-2).reshape(*lead, 2 * half, cols)
+        values = jnp.asarray(NF4_LEVELS, jnp.float32)[codes.astype(jnp.int32)]
+        blocks = values.reshape(*lead, scale.shape[-2], -1, cols) * scale.astype(jnp.float32)[..., None, :]
+        return blocks.reshape(*lead, 2 * half, cols).astype(dtype)
     return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None, :]).astype(dtype)
+
+
+def float_shape(q_shape: tuple[int, ...], q_dtype: Any) -> tuple[int, ...]:
+    """The shape of the float kernel a quantized kernel of ``q_shape`` and ``q_dtype`` stands for."""
+    if q_dtype == jnp.uint8:
+        return (*q_shape[:-2], 2 * q_shape[-2], q_shape[-1])
+    return tuple(q_shape)
 
 
 def _scaled(flat: Any) -> set[tuple]:
@@ -64,7 +116,8 @@ def float_like(like: Any, dtype: Any = jnp.float32) -> Any:
             continue
         if path[:-1] in scaled and path[-1] == "kernel":
             kernel = variable.get_value()
-            variable = variable.replace(jax.ShapeDtypeStruct(kernel.shape, dtype, sharding=getattr(kernel, "sharding", None)))
+            variable = variable.replace(jax.ShapeDtypeStruct(float_shape(kernel.shape, kernel.dtype), dtype,
+                                                             sharding=getattr(kernel, "sharding", None)))
         items.append((path, variable))
     return nnx.from_flat_state(items)
 
@@ -84,8 +137,7 @@ def quantize_like(params: Any, like: Any) -> Any:
         target, value = variable.get_value(), source[path].get_value()
         if path[:-1] in scaled and path[-1] == "kernel":
             scale_var = scales[path[:-1] + (SCALE,)]
-            shardings = (getattr(target, "sharding", None), getattr(scale_var.get_value(), "sharding", None))
-            q, scale = _quantize_jit(shardings)(value)
+            q, scale = quantize_array(value, target, scale_var.get_value())
             items += [(path, variable.replace(q)), (path[:-1] + (SCALE,), scale_var.replace(scale))]
         else:
             items.append((path, variable.replace(value if value.dtype == target.dtype else value.astype(target.dtype))))
@@ -93,17 +145,18 @@ def quantize_like(params: Any, like: Any) -> Any:
 
 
 def quantize_array(value: jax.Array, kernel: Any, scale: Any) -> tuple[jax.Array, jax.Array]:
-    """``quantize(value)`` placed as the ``ShapeDtypeStruct``s (or arrays) ``kernel`` and ``scale`` are."""
-    return _quantize_jit((getattr(kernel, "sharding", None), getattr(scale, "sharding", None)))(value)
+    """``quantize(value)`` in the format of ``kernel`` (an array or ``ShapeDtypeStruct``: int8 or
+    uint8), placed as ``kernel`` and ``scale`` are."""
+    kind = "nf4" if kernel.dtype == jnp.uint8 else "int8"
+    shardings = (getattr(kernel, "sharding", None), getattr(scale, "sharding", None))
+    key = (kind, shardings)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(functools.partial(quantize, kind=kind),
+                               out_shardings=shardings if None not in shardings else None)
+    return _JITTED[key](value)
 
 
 _JITTED: dict = {}
-
-
-def _quantize_jit(shardings: tuple):
-    if shardings not in _JITTED:
-        _JITTED[shardings] = jax.jit(quantize, out_shardings=shardings if None not in shardings else None)
-    return _JITTED[shardings]
 
 
 def dequantized(params: Any, dtype: Any = None) -> Any:
@@ -127,13 +180,18 @@ def dequantized(params: Any, dtype: Any = None) -> Any:
     return nnx.from_flat_state(items)
 
 
-def quantized_weight_count(model_cfg: Any) -> tuple[int, int]:
-    """(int8 weights, their float32 scales) of ``model_cfg`` over all blocks; (0, 0) without
-    ``quantize_frozen``."""
-    if getattr(model_cfg, "quantize_frozen", None) is None:
-        return 0, 0
+def frozen_weight_bytes(model_cfg: Any) -> tuple[int, float]:
+    """(quantized weights, their bytes with their scales) of ``model_cfg`` over all blocks; (0, 0)
+    without ``quantize_frozen``."""
+    kind = getattr(model_cfg, "quantize_frozen", None)
+    if kind is None:
+        return 0, 0.0
     from jaxtrain.config.peft import module_names
     from jaxtrain.layers.lora import _layer_shapes
 
-    shapes = [_layer_shapes(model_cfg)[name] for name in module_names(model_cfg)]
-    return (model_cfg.n_layers * sum(i * o for i, o in shapes), model_cfg.n_layers * sum(o for _, o in shapes))
+    count, size = 0, 0.0
+    for name in module_names(model_cfg):
+        rows, cols = _layer_shapes(model_cfg)[name]
+        count += rows * cols
+        size += rows * cols / 2 + 4 * cols * rows // nf4_block(rows) if kind == "nf4" else rows * cols + 4 * cols
+    return model_cfg.n_layers * count, model_cfg.n_layers * size

@@ -63,7 +63,7 @@ class MPTBlock(nnx.Module):
         self.resid_pdrop = cfg.resid_pdrop
         self.lora_dropout = lora.uses_dropout(cfg)
         adapters = lora.adapter_specs(cfg)
-        quantized = cfg.quantize_frozen is not None  # int8 frozen weights (jaxtrain.layers.quant)
+        quantized = cfg.quantize_frozen  # int8 or nf4 frozen weights (jaxtrain.layers.quant)
         self.norm_1 = norm(d_model)
         kv = kv_heads(cfg)
         self.attn = MPTAttention(

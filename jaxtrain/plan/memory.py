@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jaxtrain.layers.attention import fused_attention_kind
 from jaxtrain.layers.gpu_kernels import BIAS_BYTES_LIMIT
 from jaxtrain.layers.lora import adapter_param_count
-from jaxtrain.layers.quant import quantized_weight_count
+from jaxtrain.layers.quant import frozen_weight_bytes
 from jaxtrain.metrics.hardware import Hardware
 from jaxtrain.models.mpt_config import kv_heads, mpt_param_count
 
@@ -205,7 +205,7 @@ def estimate_memory(
     moving average of the weights (one more fp32 copy, sharded like them). With LoRA adapters
     (``model.peft_config``), gradients and optimizer moments are the adapters' alone, and the
     frozen weights are kept in the compute dtype (no working copy), or with ``quantize_frozen`` the
-    blocks' linear weights in int8.
+    blocks' linear weights in int8 or nf4.
     """
     data, fsdp, tensor = _mesh(mesh_shape)
     batch_shards = data * fsdp
@@ -222,11 +222,10 @@ def estimate_memory(
     state_shards = fsdp * tensor
 
     # With LoRA adapters (model.peft_config) only they have gradients and optimizer moments, and the
-    # frozen weights are kept in the compute dtype (or int8)
+    # frozen weights are kept in the compute dtype (or int8/nf4)
     adapters = adapter_param_count(model_cfg)
-    int8_weights, scales = quantized_weight_count(model_cfg)  # model.quantize_frozen: 1 byte and a scale each
-    params_bytes = ((c if adapters else 4.0) * (n_params - int8_weights) + int8_weights + 4.0 * (scales + adapters)
-                    ) / state_shards
+    quantized, quantized_bytes = frozen_weight_bytes(model_cfg)  # model.quantize_frozen: int8 or nf4, with scales
+    params_bytes = ((c if adapters else 4.0) * (n_params - quantized) + quantized_bytes + 4.0 * adapters) / state_shards
     trained_bytes = 4.0 * adapters / state_shards if adapters else params_bytes
     accumulating = microbatch < per_device_batch
     grads_bytes = trained_bytes * (2 if accumulating else 1)  # + the accumulator

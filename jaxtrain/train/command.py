@@ -137,11 +137,11 @@ def _callbacks(cfg) -> list:
 
 
 def _adapters(cfg) -> str:
-    """What trains of a LoRA model: ", training 0.26M in LoRA adapters (rank 8)" (with int8 frozen
-    weights, "(rank 8; frozen weights in int8)"); "" without."""
+    """What trains of a LoRA model: ", training 0.26M in LoRA adapters (rank 8)" (with quantized
+    frozen weights, "(rank 8; frozen weights in int8)"); "" without."""
     from jaxtrain.layers.lora import adapter_param_count, rank_text
 
     if cfg.model.peft_config is None:
         return ""
-    frozen = "; frozen weights in int8" if cfg.model.quantize_frozen == "int8" else ""
+    frozen = f"; frozen weights in {cfg.model.quantize_frozen}" if cfg.model.quantize_frozen else ""
     return f", training {adapter_param_count(cfg.model) / 1e6:.2f}M in LoRA adapters ({rank_text(cfg.model)}{frozen})"

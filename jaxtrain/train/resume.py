@@ -52,7 +52,7 @@ def _is_incident(record: dict) -> bool:
 
 def _only_adapters(names: list[str]) -> bool:
     """Whether parameter ``names`` (``ParameterMismatch``'s) are all LoRA adapters' (and some), or
-    the scales of their int8 frozen weights."""
+    the scales of their quantized frozen weights."""
     return (any(name.rsplit(".", 1)[-1] in lora.ADAPTER_NAMES for name in names)
             and all(name.rsplit(".", 1)[-1] in (*lora.ADAPTER_NAMES, quant.SCALE) for name in names))
 

@@ -1,10 +1,10 @@
-"""What int8 frozen weights (``model.quantize_frozen: int8``) save and cost in a LoRA run.
+"""What quantized frozen weights (``model.quantize_frozen: int8 | nf4``) save and cost in a LoRA run.
 
-    python bench/int8_lora.py                    # the quickstart widened to about 110M parameters
-    python bench/int8_lora.py --set model.n_layers=4
+    python bench/quantized_lora.py                    # the quickstart widened to about 110M parameters
+    python bench/quantized_lora.py --set model.n_layers=4
 
 For the quickstart model (with the --set overrides), rank-8 adapters on every linear layer,
-amp_bf16, batch 4 x 128, with the frozen weights in bf16 and in int8: the bytes of the
+amp_bf16, batch 4 x 128, with the frozen weights in bf16, int8 and nf4: the bytes of the
 parameters on the device, XLA's compiled memory for the train step (arguments and temporaries),
 and the median step time over alternating rounds. Then ``jaxtrain plan``'s parameter bytes for
 the 7b and 70b presets with the same adapters, both ways.
@@ -58,8 +58,8 @@ def main() -> None:
 
     sets = LORA + (WIDE if args.set is None else args.set)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    built, times = {}, {"bf16": [], "int8": []}
-    for name, quantize in (("bf16", "null"), ("int8", "int8")):
+    built, times = {}, {"bf16": [], "int8": [], "nf4": []}
+    for name, quantize in (("bf16", "null"), ("int8", "int8"), ("nf4", "nf4")):
         cfg = load_config(os.path.join(root, "configs/quickstart.yaml"), sets + [f"model.quantize_frozen={quantize}"])
         state, batch, compiled = build(cfg)
         memory = compiled.memory_analysis()
@@ -84,12 +84,12 @@ def main() -> None:
         median = statistics.median(seconds)
         print(f"{name}: median step {median * 1e3:.0f} ms ({tokens / median:,.0f} tokens/s) over {args.rounds} rounds")
     for preset in ("7b", "70b"):
-        for quantize in ("null", "int8"):
+        for quantize in ("null", "int8", "nf4"):
             cfg = load_config(os.path.join(root, f"configs/mpt/{preset}.yaml"),
                               [LORA[0], f"model.quantize_frozen={quantize}"])
             estimate = estimate_memory(cfg.model, global_batch=1, microbatch=1, seq_len=2048,
                                        mesh_shape={"data": 1}, precision="amp_bf16")
-            print(f"{preset} with rank-8 adapters, frozen weights {'bf16' if quantize == 'null' else 'int8'}: "
+            print(f"{preset} with rank-8 adapters, frozen weights {'bf16' if quantize == 'null' else quantize}: "
                   f"parameters {estimate.params_bytes / 2**30:.1f} GiB", flush=True)
 
 
