@@ -143,7 +143,8 @@ def discard_abandoned_reads(timeout: float = 30.0) -> None:
     read fails, leaving the others running in TensorStore. Each of them prints a traceback when it
     finishes (its loop is closed) and again when it is collected, some at exit, burying the error
     message. Here they finish while stderr, unraisable-exception reports and asyncio's log are
-    silenced (only on this error path, for at most ``timeout`` seconds).
+    silenced (only on this error path, for at most ``timeout`` seconds), and the failures of those
+    that finished are marked as seen, so that collecting them later reports nothing.
     """
     import asyncio
     import gc
@@ -152,8 +153,14 @@ def discard_abandoned_reads(timeout: float = 30.0) -> None:
     import time
 
     def abandoned() -> int:
-        return sum(1 for obj in gc.get_objects()
-                   if isinstance(obj, asyncio.Task) and not obj.done() and obj.get_loop().is_closed())
+        running = 0
+        for obj in gc.get_objects():
+            if isinstance(obj, asyncio.Future) and obj.get_loop().is_closed():
+                if not obj.done():
+                    running += 1
+                elif not obj.cancelled():
+                    obj.exception()  # retrieved: not reported when it is collected later, e.g. at exit
+        return running
 
     stderr, unraisablehook = sys.stderr, sys.unraisablehook
     asyncio_logger = logging.getLogger("asyncio")
