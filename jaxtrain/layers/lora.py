@@ -185,7 +185,7 @@ def rank_text(model_cfg: Any) -> str:
     return f"rank {r}" + (f" ({', '.join(others)})" if others else "")
 
 
-def _layer_shapes(model_cfg: Any) -> dict[str, tuple[int, int]]:
+def layer_shapes(model_cfg: Any) -> dict[str, tuple[int, int]]:
     """``{module: (in, out)}`` of the linear layers of one block."""
     from jaxtrain.layers.mlp import ffn_hidden_size
     from jaxtrain.models.mpt_config import kv_heads
@@ -200,7 +200,7 @@ def adapted_weight_count(model_cfg: Any) -> int:
     """Weights of the layers that take adapters, over all blocks (0 without LoRA)."""
     if getattr(model_cfg, "peft_config", None) is None:
         return 0
-    shapes = _layer_shapes(model_cfg)
+    shapes = layer_shapes(model_cfg)
     return model_cfg.n_layers * sum(shapes[name][0] * shapes[name][1] for name in targeted_modules(model_cfg))
 
 
@@ -209,7 +209,7 @@ def adapter_param_count(model_cfg: Any) -> int:
     block (0 without)."""
     if getattr(model_cfg, "peft_config", None) is None:
         return 0
-    shapes = _layer_shapes(model_cfg)
+    shapes = layer_shapes(model_cfg)
     magnitudes = bool(getattr(model_cfg.peft_config, "use_dora", False))
     return model_cfg.n_layers * sum(module_rank(model_cfg, name) * sum(shapes[name]) + magnitudes * shapes[name][1]
                                     for name in targeted_modules(model_cfg))

@@ -101,13 +101,13 @@ def _scaled(flat: Any) -> set[tuple]:
 
 
 def is_quantized(params: Any) -> bool:
-    """Whether a parameter state (arrays or ``ShapeDtypeStruct``s) holds int8 kernels with scales."""
+    """Whether a parameter state (arrays or ``ShapeDtypeStruct``s) holds quantized kernels with scales."""
     return bool(_scaled(nnx.to_flat_state(params)))
 
 
 def float_like(like: Any, dtype: Any = jnp.float32) -> Any:
     """``like`` (a quantized parameter state of ``ShapeDtypeStruct``s) as the float parameters it is
-    made from: each int8 kernel a ``dtype`` kernel of the same sharding, its scale left out."""
+    made from: each quantized kernel a ``dtype`` kernel of the same sharding, its scales left out."""
     flat = nnx.to_flat_state(like)
     scaled = _scaled(flat)
     items = []
@@ -160,7 +160,7 @@ _JITTED: dict = {}
 
 
 def dequantized(params: Any, dtype: Any = None) -> Any:
-    """``params`` with each int8 kernel read back as ``q·scale`` in ``dtype`` and its scale left
+    """``params`` with each quantized kernel read back as float in ``dtype`` and its scales left
     out: the float parameters of the same model without ``quantize_frozen``. By default ``dtype``
     is that of the other frozen weights (the run's compute dtype, as its embedding is kept)."""
     flat = nnx.to_flat_state(params)
@@ -187,11 +187,11 @@ def frozen_weight_bytes(model_cfg: Any) -> tuple[int, float]:
     if kind is None:
         return 0, 0.0
     from jaxtrain.config.peft import module_names
-    from jaxtrain.layers.lora import _layer_shapes
+    from jaxtrain.layers.lora import layer_shapes
 
     count, size = 0, 0.0
     for name in module_names(model_cfg):
-        rows, cols = _layer_shapes(model_cfg)[name]
+        rows, cols = layer_shapes(model_cfg)[name]
         count += rows * cols
         size += rows * cols / 2 + 4 * cols * rows // nf4_block(rows) if kind == "nf4" else rows * cols + 4 * cols
     return model_cfg.n_layers * count, model_cfg.n_layers * size

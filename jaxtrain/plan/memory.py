@@ -236,6 +236,8 @@ def estimate_memory(
     working = n_params * c / state_shards if c != 4 and not adapters else 0.0  # compute-dtype copy of the weights
     if fsdp > 1:
         working += 2 * layer_params * c / tensor  # gathered weights of the current and next block
+    if quantized:  # a block's quantized weights read back in the compute dtype for its products
+        working += quantized / model_cfg.n_layers * c / tensor
 
     if fused_attention is None:
         fused_attention = "" if hardware is None else fused_attention_kind(
