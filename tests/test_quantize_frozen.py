@@ -146,7 +146,7 @@ def _losses(run_folder) -> list[float]:
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-def test_lora_on_quantized_weights_loads_trains_resumes_and_merges(tmp_path):
+def test_lora_on_quantized_weights_loads_trains_resumes_and_merges(tmp_path, monkeypatch):
     base = tmp_path / "base"
     shutil.copytree(BASE, base)
     for name in ("float", "int8", "full", "nf4"):
@@ -222,6 +222,21 @@ def test_lora_on_quantized_weights_loads_trains_resumes_and_merges(tmp_path):
     _, follower, _, printed = fit(follow)
     assert "with their LoRA adapters merged into them" in printed
     assert {str(leaf.dtype) for leaf in jax.tree.leaves(follower.state.params)} == {"float32"}
+
+    # and NF4 LoRA may start from that float checkpoint: each kernel read alone and quantized
+    again = _quantized(dataclasses.replace(small, load_path=str(tmp_path / "follow" / "ckpt"), max_duration="1ba",
+                                           save_folder=None, run_folder=str(tmp_path / "again")), "nf4")
+    quantized_as_read = []
+    original = quant.quantize_like
+    monkeypatch.setattr(quant, "quantize_like", lambda params, like, read_kernel=None: (
+        quantized_as_read.append(read_kernel is not None) or original(params, like, read_kernel=read_kernel)))
+    _, adapted, _, _ = fit(again)
+    assert quantized_as_read == [True]
+    float_weights = nnx.to_pure_dict(load_checkpoint(str(tmp_path / "follow" / "ckpt")).params)["blocks"]["ffn"]
+    layer = nnx.to_pure_dict(adapted.state.params)["blocks"]["ffn"]["down_proj"]
+    q, scale = quant.quantize(float_weights["down_proj"]["kernel"], "nf4")
+    np.testing.assert_array_equal(np.asarray(layer["kernel"]), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(layer[quant.SCALE]), np.asarray(scale))
 
 
 def test_quantize_frozen_needs_a_lora_run_and_a_known_format():

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -317,29 +317,20 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
             target = {item: lora.split_trainable(placed)[0]}
         elif averaged and lora.has_adapters(placed):  # the average is the adapters'; the frozen weights are read too
             target = {"params": placed, "ema": lora.split_trainable(placed)[0]}
+        read_kernel = None
+        if quantize_into is not None and frozen_record is None:
+            # quantized as they are read: the others first, then each kernel alone (never the float model whole)
+            kernel_paths = {path + ("kernel",) for path in quant.quantized_layers(quantize_into)}
+            weights = "params" if "params" in target else item  # where the frozen weights are read from
+            flat = dict(nnx.to_flat_state(target[weights]))
+            target[weights] = nnx.from_flat_state([(path, v) for path, v in flat.items() if path not in kernel_paths])
+
+            def read_kernel(path: tuple) -> jax.Array:
+                with contextlib.closing(read_only_manager(root)) as kernels:
+                    one = _restore_state(kernels, step, {weights: nnx.from_flat_state([(path, flat[path])])}, damaged)
+                return dict(nnx.to_flat_state(one[weights]))[path].get_value()
         # Only the parameters are read; the optimizer state stays on disk.
-        unreadable = None
-        try:
-            with held_back_stderr():
-                restored = manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.PyTreeRestore(
-                            item=target,
-                            restore_args=jax.tree.map(
-                                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), target),
-                            partial_restore=True,
-                        )
-                    ),
-                )["state"]
-        except (jax.errors.JaxRuntimeError, MemoryError):
-            raise  # the device (e.g. out of memory), not the checkpoint
-        except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise bare Exception for unreadable arrays
-            unreadable = error_line(error)
-        if unreadable is not None:  # outside the except block: the error's traceback holds the abandoned reads
-            logging.getLogger(__name__).debug("reading %s failed: %s", step_folder, unreadable)
-            discard_abandoned_reads()
-            raise damaged("its state item cannot be read")
+        restored = _restore_state(manager, step, target, damaged)
     finally:
         manager.close()
     params = restored[item]
@@ -350,7 +341,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     elif "params" in target and "ema" in target:
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
     if quantize_into is not None:
-        params = quant.quantize_like(params, quantize_into)
+        params = quant.quantize_like(params, quantize_into, read_kernel=read_kernel)
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,
@@ -360,6 +351,32 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         meta=dict(meta),
         averaged=averaged,
     )
+
+
+def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, damaged: Callable) -> dict:
+    """The ``target`` parts of a step's state item (``damaged(what)``, a ``ConfigError``, if unreadable)."""
+    unreadable = None
+    try:
+        with held_back_stderr():
+            return manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
+                                                  target),
+                        partial_restore=True,
+                    )
+                ),
+            )["state"]
+    except (jax.errors.JaxRuntimeError, MemoryError):
+        raise  # the device (e.g. out of memory), not the checkpoint
+    except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise bare Exception for unreadable arrays
+        unreadable = error_line(error)
+    # outside the except block: the error's traceback holds the abandoned reads
+    logging.getLogger(__name__).debug("reading a checkpoint's state failed: %s", unreadable)
+    discard_abandoned_reads()
+    raise damaged("its state item cannot be read")
 
 
 def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> LoadedModel:

@@ -18,17 +18,16 @@ A LoRA run never updates its model's own weights, so they need only be read. Two
 Each step reads a block's kernels back as float in the compute dtype, one layer at a time, and the
 adapters train on that as on the float weights. Every linear layer of the blocks is quantized
 (whether it has an adapter or not); the embedding, the output head, the norms, the biases and the
-adapters stay as they were. Weights are quantized as they are loaded (``load_path``): from a
-Hugging Face folder one stacked parameter at a time, so the device never holds the float model
-whole; from a jaxtrain checkpoint the float weights are read whole first, then quantized one
-kernel at a time.
+adapters stay as they were. Weights are quantized as they are loaded (``load_path``), one
+stacked kernel at a time, each read in float32 and dropped once quantized, from a Hugging Face
+folder or a jaxtrain checkpoint alike: the device never holds the float model whole.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -122,10 +121,16 @@ def float_like(like: Any, dtype: Any = jnp.float32) -> Any:
     return nnx.from_flat_state(items)
 
 
-def quantize_like(params: Any, like: Any) -> Any:
+def quantized_layers(params: Any) -> set[tuple]:
+    """The paths of the layers of a parameter state whose kernels are quantized."""
+    return _scaled(nnx.to_flat_state(params))
+
+
+def quantize_like(params: Any, like: Any, *, read_kernel: Callable[[tuple], jax.Array] | None = None) -> Any:
     """Float parameters ``params`` quantized into the structure, dtypes and shardings of ``like``
     (a quantized state of arrays or ``ShapeDtypeStruct``s), one kernel at a time; the other
-    leaves cast to ``like``'s dtypes."""
+    leaves cast to ``like``'s dtypes. With ``read_kernel(path)``, the float kernels are not in
+    ``params`` but read one at a time, each dropped once it is quantized."""
     source = dict(nnx.to_flat_state(params))
     flat = nnx.to_flat_state(like)
     scaled = _scaled(flat)
@@ -134,7 +139,11 @@ def quantize_like(params: Any, like: Any) -> Any:
     for path, variable in flat:
         if path[-1] == SCALE and path[:-1] in scaled:
             continue
-        target, value = variable.get_value(), source[path].get_value()
+        target = variable.get_value()
+        if path[:-1] in scaled and path[-1] == "kernel" and read_kernel is not None:
+            value = read_kernel(path)
+        else:
+            value = source[path].get_value()
         if path[:-1] in scaled and path[-1] == "kernel":
             scale_var = scales[path[:-1] + (SCALE,)]
             q, scale = quantize_array(value, target, scale_var.get_value())
