@@ -9,7 +9,9 @@ resumes exactly and merges into a plain float model, and what the planner counts
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import shutil
 import subprocess
@@ -206,9 +208,18 @@ def test_lora_on_quantized_weights_loads_trains_resumes_and_merges(tmp_path, mon
     for a, b in zip(leaves(from_record.params), leaves(from_itself.params)):
         np.testing.assert_array_equal(a, b)
 
-    # merged (what generate, eval and convert run): a float model without adapters or scales,
-    # giving the logits of the adapted int8 model
-    merged = from_record.merged()
+    # generate and eval run the quantized model as it is (merging would make it the float model);
+    # generation works on it
+    assert from_record.merged() is from_record
+    from jaxtrain.inference.cli import main as generate_main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert generate_main(["--checkpoint", str(checkpoints), "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+    assert out.getvalue().strip()
+    # merged (what convert exports): a float model without adapters or scales, giving the logits of
+    # the adapted int8 model
+    merged = dataclasses.replace(from_record, params=lora.merge_adapters(from_record.params, from_record.model_cfg),
+                                 model_cfg=lora.without_adapters(from_record.model_cfg))
     assert merged.model_cfg.quantize_frozen is None and merged.model_cfg.peft_config is None
     assert not quant.is_quantized(merged.params) and not lora.has_adapters(merged.params)
     tokens = jnp.asarray([[1, 5, 9, 2, 7, 3]])

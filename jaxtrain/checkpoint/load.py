@@ -45,8 +45,10 @@ class LoadedModel:
 
     def merged(self) -> LoadedModel:
         """These weights with their LoRA adapters merged in, for the model without adapters (one
-        product per layer instead of three, as generation and evaluation want); itself without."""
-        if self.model_cfg.peft_config is None:
+        product per layer instead of three, as generation and evaluation want); itself without,
+        and itself with quantized frozen weights (``quantize_frozen``), which merging would turn
+        back into the float model generation may have no room for."""
+        if self.model_cfg.peft_config is None or self.model_cfg.quantize_frozen is not None:
             return self
         return dataclasses.replace(self, model_cfg=lora.without_adapters(self.model_cfg),
                                    params=lora.merge_adapters(self.params, self.model_cfg))
