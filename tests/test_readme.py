@@ -35,7 +35,7 @@ COVERED = {
     "jaxtrain eval --checkpoint": "test_eval.py::test_cli_end_to_end",
     "jaxtrain plan --budget-usd 50000 --hardware h100": "test_readme.py::test_plan_budget_command",
     "jaxtrain plan --config configs/mpt/7b.yaml": "test_plan.py::test_memory_cli",
-    "jaxtrain plan --memory": "test_plan.py::test_memory_cli; with LoRA, test_lora.py::test_the_memory_estimate_counts_gradients_and_moments_of_the_adapters_alone",
+    "jaxtrain plan --memory": "test_plan.py::test_memory_cli; with LoRA, test_lora.py::test_the_memory_estimate_counts_gradients_and_moments_of_the_adapters_alone; quantized, test_quantize_frozen.py::test_the_planner_counts_quantized_weights_and_their_scales",
     "jaxtrain bench --config": "test_bench_command.py::test_bench_writes_a_file_the_planner_reads",
     "jaxtrain plan --budget-usd 50000 --hardware cpu --mfu from:": "test_bench_command.py::test_bench_writes_a_file_the_planner_reads",
 }
