@@ -8,6 +8,7 @@ The device count must be fixed before JAX starts, so the layouts run in one chil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from conftest import cpu_devices_env
 # Pure data parallelism over 8 devices is the layout of the two-process runs in test_multihost.
 LAYOUTS = {"single": (1, 1, 1), "fsdp": (1, 8, 1), "tensor": (2, 1, 4), "mixed": (2, 2, 2)}
 FP8_LAYOUTS = ("single", "mixed")  # also trained in amp_fp8 (bf16 compute, fp8 layer products)
+NF4_LAYOUTS = ("single", "mixed")  # also trained as LoRA on NF4 frozen weights (quantize_frozen: nf4)
 STEPS = 4
 VOCAB = 128
 
@@ -31,6 +33,7 @@ def _train_layouts() -> dict:
     import numpy as np
     import optax
 
+    from jaxtrain.config import load_config_dict
     from jaxtrain.config.schema import AttnConfig, ModelConfig, ParallelismConfig
     from jaxtrain.parallel.layout import describe_shardings
     from jaxtrain.parallel.logical import DEFAULT_RULES
@@ -43,15 +46,21 @@ def _train_layouts() -> dict:
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, VOCAB, size=(16, 16), dtype=np.int32) for _ in range(STEPS)]
     report = {}
-    runs = [(name, False) for name in LAYOUTS] + [(name, True) for name in FP8_LAYOUTS]
-    for name, fp8 in runs:
+    peft = load_config_dict({"model": {"peft_config": {"r": 4, "target_modules": "all-linear"}}}).model.peft_config
+    qlora_cfg = dataclasses.replace(model_cfg, peft_config=peft, quantize_frozen="nf4")
+    runs = ([(name, "") for name in LAYOUTS] + [(name, "fp8") for name in FP8_LAYOUTS]
+            + [(name, "nf4") for name in NF4_LAYOUTS])
+    for name, variant in runs:
+        fp8 = variant == "fp8"
         data, fsdp, tensor = LAYOUTS[name]
         tx = optax.adamw(3e-3, weight_decay=0.1)
         devices = jax.devices()[: data * fsdp * tensor]
         mesh = build_mesh(ParallelismConfig(data=data, fsdp=fsdp, tensor=tensor), devices)
-        state, model_def, shardings = create_train_state(model_cfg, tx, seed=0, mesh=mesh, rules=DEFAULT_RULES)
+        state, model_def, shardings = create_train_state(qlora_cfg if variant == "nf4" else model_cfg, tx, seed=0,
+                                                         mesh=mesh, rules=DEFAULT_RULES)
         wqkv = state.params["blocks"]["attn"]["Wqkv"]["kernel"]
-        moment = state.opt_state[0].mu["blocks"]["attn"]["Wqkv"]["kernel"]
+        mu = state.opt_state[0].mu["blocks"]["attn"]["Wqkv"]
+        moment = mu["lora_a" if variant == "nf4" else "kernel"]  # LoRA: the adapters' moments alone
         entry = {
             "wqkv_spec": [axis for axis in wqkv.sharding.spec],
             "wqkv_shard_shape": list(wqkv.addressable_shards[0].data.shape),
@@ -71,7 +80,7 @@ def _train_layouts() -> dict:
             state, metrics = step(state, batch)
             entry["losses"].append(float(metrics["loss"]))
             entry["grad_norms"].append(float(metrics["grad_norm"]))
-        report[f"{name}-fp8" if fp8 else name] = entry
+        report[f"{name}-{variant}" if variant else name] = entry
     return report
 
 
@@ -109,6 +118,16 @@ def test_fp8_products_give_the_same_losses_sharded(layouts):
     assert mixed["losses"] == pytest.approx(reference["losses"], rel=5e-3)
     assert mixed["grad_norms"] == pytest.approx(reference["grad_norms"], rel=2e-2)
     assert reference["losses"] != pytest.approx(layouts["single"]["losses"], rel=1e-5)  # fp8 is in effect
+
+
+def test_lora_on_nf4_weights_gives_the_same_losses_sharded(layouts):
+    """NF4 codes and scales are sharded as the kernels they stand for (the packed input rows over
+    fsdp, the columns over tensor); each device reads back its part: the losses are one device's."""
+    reference, mixed = layouts["single-nf4"], layouts["mixed-nf4"]
+    assert reference["losses"][-1] < reference["losses"][0]
+    assert mixed["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert mixed["wqkv_spec"] == [None, "fsdp", "tensor"] and mixed["wqkv_shard_shape"] == [2, 8, 48]
+    assert reference["losses"] != pytest.approx(layouts["single"]["losses"], rel=1e-3)  # LoRA on nf4 weights
 
 
 def test_wqkv_kernel_is_sharded_as_the_rules_say(layouts):
