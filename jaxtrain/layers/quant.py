@@ -12,8 +12,10 @@ A LoRA run never updates its model's own weights, so they need only be read. Two
   a multiple of 64) is divided by its largest magnitude (float32 ``kernel_scale [in/64, out]``)
   and each value replaced by the nearest of the 16 NF4 levels, two 4-bit codes to a byte
   (``kernel`` uint8 ``[in/2, out]``, rows 2i and 2i+1 in the high and low nibble): a little over
-  a quarter of bf16's memory. Codes and scales equal bitsandbytes' (tested); there is no double
-  quantization of the scales (0.5 bits per weight rather than 0.127).
+  a quarter of bf16's memory. Where the input width is a multiple of 64 (every MPT preset) the
+  codes and scales equal bitsandbytes' (tested); bitsandbytes' blocks of other widths run on
+  into the next column, these stop at its end. There is no double quantization of the scales
+  (0.5 bits per weight rather than 0.127).
 
 Each step reads a block's kernels back as float in the compute dtype, one layer at a time, and the
 adapters train on that as on the float weights. Every linear layer of the blocks is quantized
