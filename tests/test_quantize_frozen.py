@@ -262,6 +262,20 @@ def test_quantize_frozen_needs_a_lora_run_and_a_known_format():
         assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_hugging_face_folder_stored_quantized_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "bnb"
+    shutil.copytree(BASE, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as err:
+        read_hf(str(folder))
+    message = str(err.value)
+    assert "\n" not in message and str(folder / "config.json") in message
+    assert "quantization_config (bitsandbytes): its weights are stored quantized" in message
+    assert "model.quantize_frozen" in message
+
+
 def test_the_planner_counts_quantized_weights_and_their_scales():
     """The estimate's parameter bytes are the parameter tree's: int8 or packed nf4 kernels, float32
     scales and adapters, the rest (embedding, norms) in the compute dtype."""

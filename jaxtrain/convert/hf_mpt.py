@@ -61,6 +61,11 @@ def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True, val
     for key, off in _UNSUPPORTED_ATTN_OFF.items():
         if attn_hf.get(key, off[0]) not in off:
             raise ConfigError(f"{source}: attn_config.{key}={attn_hf[key]!r} is not supported by jaxtrain")
+    if hf.get("quantization_config"):  # stored quantized (bitsandbytes, GPTQ, ...): not float weights
+        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) else "?"
+        raise ConfigError(f"{source}: quantization_config ({method}): its weights are stored quantized and jaxtrain "
+                          f"reads float ones; use the unquantized model, and model.quantize_frozen (int8 or nf4) "
+                          f"to keep a LoRA run's frozen weights quantized")
     fc_type = hf.get("fc_type", "torch")
     if (fc_type.get("name") if isinstance(fc_type, dict) else fc_type) != "torch":
         raise ConfigError(f"{source}: fc_type={fc_type!r} is not supported; only torch Linear layers convert")
