@@ -4,11 +4,19 @@ The folder's ``config.json``, safetensors files (with their index) and tokenizer
 downloaded into a temporary folder, read from there as a local folder is, and deleted when the
 process exits: nothing is kept locally. Other files (PyTorch pickles, README, ...) are not
 fetched.
+
+With a weights cache (the ``weights_cache`` setting, or ``JAXTRAIN_WEIGHTS_CACHE`` for the
+commands that read checkpoints) the download is kept there instead, in a folder named after the
+URL and the versions (size and ETag) of the folder's files: a later run, a restart, or a resume
+that reads a LoRA run's frozen weights back reads it from disk, and a file uploaded again since
+is a new version, downloaded anew. Nothing is ever removed from the cache.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +28,22 @@ from jaxtrain.data.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILES
 
 _FETCHED = (CONFIG_FILE, INDEX_FILE, *TOKENIZER_FILES, SPECIAL_TOKENS_MAP_FILE)
 _DOWNLOAD_RETRIES = 3
+CACHE_ENV = "JAXTRAIN_WEIGHTS_CACHE"
+_COMPLETE = ".complete"  # written last into a cached folder: what lacks it is not used
+_cache_folder: str | None = None
+
+
+def set_weights_cache(folder: str | None) -> None:
+    """Keep Hugging Face folders downloaded from buckets in ``folder`` (None: the environment's
+    ``JAXTRAIN_WEIGHTS_CACHE``, else nothing is kept)."""
+    global _cache_folder
+    _cache_folder = os.path.abspath(os.path.expanduser(folder)) if folder else None
+
+
+def weights_cache() -> str | None:
+    """The weights cache in effect: ``set_weights_cache``'s, else ``JAXTRAIN_WEIGHTS_CACHE``'s, else None."""
+    folder = _cache_folder or os.environ.get(CACHE_ENV) or None
+    return os.path.abspath(os.path.expanduser(folder)) if folder else None
 
 
 def _wanted(names: list[str]) -> list[str]:
@@ -49,7 +73,8 @@ def remote_hf_files(url: str) -> list[str] | None:
 
 def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print) -> str:
     """Download the Hugging Face folder at ``url`` (``files``: ``remote_hf_files(url)``) into a
-    temporary local folder, removed when the process exits; returns that folder."""
+    temporary local folder, removed when the process exits, or into the weights cache (read from
+    there when it holds the same versions of the folder's files); returns that folder."""
     from jaxtrain.data.remote import ObjectStore, download_with_retry
 
     files = files if files is not None else remote_hf_files(url)
@@ -57,9 +82,22 @@ def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print)
         raise ConfigError(f"{url}: no {CONFIG_FILE} beside safetensors weights there; expected a Hugging Face MPT "
                           f"folder")
     store = ObjectStore(url)
-    local = tempfile.mkdtemp(prefix="jaxtrain-hf-")
-    atexit.register(shutil.rmtree, local, ignore_errors=True)
-    print_fn(f"downloading {len(files)} files of {url} into {local} (removed when the run ends)")
+    cache = weights_cache()
+    if cache is not None:
+        versions = {name: version for name, version in store.describe().items()
+                    if "/" not in name and (name in _FETCHED or name.endswith(".safetensors"))}
+        key = hashlib.sha256(json.dumps([url.rstrip("/"), sorted(versions.items())]).encode()).hexdigest()[:20]
+        cached = os.path.join(cache, key)
+        if os.path.isfile(os.path.join(cached, _COMPLETE)):
+            print_fn(f"reading {url} from the weights cache, {cached} (the same versions of its files)")
+            return cached
+        os.makedirs(cache, exist_ok=True)
+        local = tempfile.mkdtemp(prefix=f"{key}.partial-", dir=cache)
+        print_fn(f"downloading {len(files)} files of {url} into the weights cache, {cached}")
+    else:
+        local = tempfile.mkdtemp(prefix="jaxtrain-hf-")
+        atexit.register(shutil.rmtree, local, ignore_errors=True)
+        print_fn(f"downloading {len(files)} files of {url} into {local} (removed when the run ends)")
     try:
         for name in files:
             download_with_retry(store, name, os.path.join(local, name), retries=_DOWNLOAD_RETRIES, what=url)
@@ -74,4 +112,14 @@ def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print)
     except BaseException:
         shutil.rmtree(local, ignore_errors=True)
         raise
-    return local
+    if cache is None:
+        return local
+    with open(os.path.join(local, _COMPLETE), "w") as handle:
+        handle.write(url + "\n")
+    try:
+        os.rename(local, cached)  # whole or not at all; another process may have put it there first
+    except OSError:
+        shutil.rmtree(local, ignore_errors=True)
+        if not os.path.isfile(os.path.join(cached, _COMPLETE)):
+            raise
+    return cached
