@@ -439,15 +439,15 @@ def test_a_sharded_hugging_face_folder_fetches_the_shards_its_index_lists(s3, tm
     assert remote_hf_files(f"s3://{BUCKET}/nothing-here") is None
 
 
-def test_the_weights_cache_keeps_a_bucket_folder_for_later_runs_and_resumes(s3, tmp_path, monkeypatch):
-    """With weights_cache a Hugging Face folder downloaded from a bucket is kept under the versions
+def test_the_download_cache_keeps_a_bucket_folder_for_later_runs_and_resumes(s3, tmp_path, monkeypatch):
+    """With download_cache a Hugging Face folder downloaded from a bucket is kept under the versions
     of its files: a second run and a resume (reading a LoRA run's frozen weights back) download
     nothing; a file uploaded again is a new version, downloaded anew into a folder of its own."""
     import dataclasses
 
     import jax
 
-    from jaxtrain.convert.remote_hf import CACHE_ENV, set_weights_cache
+    from jaxtrain.convert.remote_hf import CACHE_ENV, set_download_cache
     from jaxtrain.layers import lora
     from test_lora import BASE, fit, run_config
 
@@ -457,11 +457,11 @@ def test_the_weights_cache_keeps_a_bucket_folder_for_later_runs_and_resumes(s3, 
     url = f"s3://{BUCKET}/models/cached"
     for name in ("one", "two", "three"):
         (tmp_path / name).mkdir()
-    first = run_config(tmp_path / "one", BASE, load_path=url, weights_cache=str(cache), max_duration="2ba",
+    first = run_config(tmp_path / "one", BASE, load_path=url, download_cache=str(cache), max_duration="2ba",
                        save_interval="2ba")
     counts = _count_downloads(monkeypatch)
     _, trainer, _, printed = fit(first)
-    assert f"downloading 2 files of {url} into the weights cache, {cache}" in printed
+    assert f"downloading 2 files of {url} into the download cache, {cache}" in printed
     assert counts["model.safetensors"] == 1
     [kept] = [name for name in os.listdir(cache) if ".partial-" not in name]
     assert {"config.json", "model.safetensors", ".complete"} <= set(os.listdir(cache / kept))
@@ -476,21 +476,21 @@ def test_the_weights_cache_keeps_a_bucket_folder_for_later_runs_and_resumes(s3, 
 
     # the same bytes uploaded again are the same version (S3's ETag is their MD5): still cached
     s3.upload_file(str(BASE / "model.safetensors"), BUCKET, "models/cached/model.safetensors")
-    _, _, _, printed = fit(run_config(tmp_path / "two", BASE, load_path=url, weights_cache=str(cache),
+    _, _, _, printed = fit(run_config(tmp_path / "two", BASE, load_path=url, download_cache=str(cache),
                                       max_duration="1ba", save_folder=None))
-    assert f"reading {url} from the weights cache, {cache / kept}" in printed and counts["model.safetensors"] == 1
+    assert f"reading {url} from the download cache, {cache / kept}" in printed and counts["model.safetensors"] == 1
     # other weights (a retrained model) are another version, downloaded anew into a folder of their own
     from safetensors.numpy import load_file, save_file
 
     save_file({name: value * 1.01 for name, value in load_file(str(BASE / "model.safetensors")).items()},
               str(tmp_path / "retrained.safetensors"))
     s3.upload_file(str(tmp_path / "retrained.safetensors"), BUCKET, "models/cached/model.safetensors")
-    _, _, _, printed = fit(run_config(tmp_path / "two", BASE, load_path=url, weights_cache=str(cache),
+    _, _, _, printed = fit(run_config(tmp_path / "two", BASE, load_path=url, download_cache=str(cache),
                                       max_duration="1ba", save_folder=None))
-    assert "into the weights cache" in printed and counts["model.safetensors"] == 2
+    assert "into the download cache" in printed and counts["model.safetensors"] == 2
     assert len([name for name in os.listdir(cache) if ".partial-" not in name]) == 2
 
     # without the setting nothing is kept (the run resets what an earlier run of the process set)
     _, _, _, printed = fit(run_config(tmp_path / "three", BASE, load_path=url, max_duration="1ba", save_folder=None))
     assert "(removed when the run ends)" in printed and counts["model.safetensors"] == 3
-    set_weights_cache(None)
+    set_download_cache(None)

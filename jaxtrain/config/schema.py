@@ -335,7 +335,7 @@ class Config:
         None, "LoRA runs (model.peft_config): also save the frozen weights in every checkpoint. Default: only "
               "without load_path; with it, checkpoints hold the adapters and a fingerprinted record of load_path "
               "(a local folder or one in a bucket), from which the frozen weights are read back")
-    weights_cache: str | None = field(
+    download_cache: str | None = field(
         None, "local folder keeping Hugging Face weights downloaded from a bucket (load_path, and a LoRA run's "
               "frozen weights read back on resume) under the versions of their files, for later runs and "
               "restarts; default none: each download is removed when the run ends")

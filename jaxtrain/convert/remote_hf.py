@@ -5,7 +5,7 @@ downloaded into a temporary folder, read from there as a local folder is, and de
 process exits: nothing is kept locally. Other files (PyTorch pickles, README, ...) are not
 fetched.
 
-With a weights cache (the ``weights_cache`` setting, or ``JAXTRAIN_WEIGHTS_CACHE`` for the
+With a download cache (the ``download_cache`` setting, or ``JAXTRAIN_DOWNLOAD_CACHE`` for the
 commands that read checkpoints) the download is kept there instead, in a folder named after the
 URL and the versions (size and ETag) of the folder's files: a later run, a restart, or a resume
 that reads a LoRA run's frozen weights back reads it from disk, and a file uploaded again since
@@ -28,20 +28,20 @@ from jaxtrain.data.tokenizer import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_FILES
 
 _FETCHED = (CONFIG_FILE, INDEX_FILE, *TOKENIZER_FILES, SPECIAL_TOKENS_MAP_FILE)
 _DOWNLOAD_RETRIES = 3
-CACHE_ENV = "JAXTRAIN_WEIGHTS_CACHE"
+CACHE_ENV = "JAXTRAIN_DOWNLOAD_CACHE"
 _COMPLETE = ".complete"  # written last into a cached folder: what lacks it is not used
 _cache_folder: str | None = None
 
 
-def set_weights_cache(folder: str | None) -> None:
+def set_download_cache(folder: str | None) -> None:
     """Keep Hugging Face folders downloaded from buckets in ``folder`` (None: the environment's
-    ``JAXTRAIN_WEIGHTS_CACHE``, else nothing is kept)."""
+    ``JAXTRAIN_DOWNLOAD_CACHE``, else nothing is kept)."""
     global _cache_folder
     _cache_folder = os.path.abspath(os.path.expanduser(folder)) if folder else None
 
 
-def weights_cache() -> str | None:
-    """The weights cache in effect: ``set_weights_cache``'s, else ``JAXTRAIN_WEIGHTS_CACHE``'s, else None."""
+def download_cache() -> str | None:
+    """The download cache in effect: ``set_download_cache``'s, else ``JAXTRAIN_DOWNLOAD_CACHE``'s, else None."""
     folder = _cache_folder or os.environ.get(CACHE_ENV) or None
     return os.path.abspath(os.path.expanduser(folder)) if folder else None
 
@@ -73,7 +73,7 @@ def remote_hf_files(url: str) -> list[str] | None:
 
 def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print) -> str:
     """Download the Hugging Face folder at ``url`` (``files``: ``remote_hf_files(url)``) into a
-    temporary local folder, removed when the process exits, or into the weights cache (read from
+    temporary local folder, removed when the process exits, or into the download cache (read from
     there when it holds the same versions of the folder's files); returns that folder."""
     from jaxtrain.data.remote import ObjectStore, download_with_retry
 
@@ -82,18 +82,18 @@ def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print)
         raise ConfigError(f"{url}: no {CONFIG_FILE} beside safetensors weights there; expected a Hugging Face MPT "
                           f"folder")
     store = ObjectStore(url)
-    cache = weights_cache()
+    cache = download_cache()
     if cache is not None:
         versions = {name: version for name, version in store.describe().items()
                     if "/" not in name and (name in _FETCHED or name.endswith(".safetensors"))}
         key = hashlib.sha256(json.dumps([url.rstrip("/"), sorted(versions.items())]).encode()).hexdigest()[:20]
         cached = os.path.join(cache, key)
         if os.path.isfile(os.path.join(cached, _COMPLETE)):
-            print_fn(f"reading {url} from the weights cache, {cached} (the same versions of its files)")
+            print_fn(f"reading {url} from the download cache, {cached} (the same versions of its files)")
             return cached
         os.makedirs(cache, exist_ok=True)
         local = tempfile.mkdtemp(prefix=f"{key}.partial-", dir=cache)
-        print_fn(f"downloading {len(files)} files of {url} into the weights cache, {cached}")
+        print_fn(f"downloading {len(files)} files of {url} into the download cache, {cached}")
     else:
         local = tempfile.mkdtemp(prefix="jaxtrain-hf-")
         atexit.register(shutil.rmtree, local, ignore_errors=True)

@@ -140,7 +140,7 @@ RESUME_KEYS: dict[str, str | Rule] = {
     "autoresume": IGNORE,
     "load_path": IGNORE,  # a resumed run continues from its checkpoint, not from load_path
     "save_frozen_weights": IGNORE,  # a checkpoint says itself whether it holds them
-    "weights_cache": IGNORE,  # where downloads are kept, not what they are
+    "download_cache": IGNORE,  # where downloads are kept, not what they are
     "console_log_interval": IGNORE,
     "progress_bar": IGNORE,
     "log_to_console": IGNORE,

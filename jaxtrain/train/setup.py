@@ -215,9 +215,9 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
     if devices[0].platform == "cpu" and cfg.precision != "fp32" and (note := cpu_bf16_note()):
         print(f"warning: {note}", flush=True)
     rules = axis_rules(cfg.parallelism)
-    from jaxtrain.convert.remote_hf import set_weights_cache
+    from jaxtrain.convert.remote_hf import set_download_cache
 
-    set_weights_cache(cfg.weights_cache)  # where downloads of Hugging Face weights from buckets are kept (or not)
+    set_download_cache(cfg.download_cache)  # where downloads of Hugging Face weights from buckets are kept (or not)
 
     cache_dir = data_cache_dir(cfg)
     # The data (tokenizer training, packing) is built on a thread while the model state is
