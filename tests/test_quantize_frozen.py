@@ -293,3 +293,48 @@ def test_the_planner_counts_quantized_weights_and_their_scales():
         estimates[quantize] = estimate_memory(cfg, **common).params_bytes
         assert estimates[quantize] == exact, quantize
     assert estimates["nf4"] < estimates["int8"] < estimates[None]
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_a_lora_model_to_load_is_built_without_float_temporaries(quantize):
+    """With load_path the frozen weights are replaced right after the state is built, so its
+    linear layers start as zeros (quantized: the codes of zeros) instead of drawn: the program
+    that builds the state holds no float copies of the stacked kernels (drawing and quantizing
+    them took 60 GiB of temporaries for MPT-7B in bf16 and 168 GiB in nf4)."""
+    import optax
+
+    from jaxtrain.config.schema import ModelConfig
+    from jaxtrain.parallel.logical import DEFAULT_RULES
+    from jaxtrain.parallel.mesh import build_mesh
+    from jaxtrain.config.schema import ParallelismConfig
+    from jaxtrain.train import state as train_state
+
+    peft = load_config_dict({"model": {"peft_config": {"r": 4, "target_modules": "all-linear"}}}).model.peft_config
+    cfg = ModelConfig(d_model=512, n_heads=8, n_layers=4, vocab_size=1024, max_seq_len=64, peft_config=peft,
+                      quantize_frozen=quantize)
+    mesh = build_mesh(ParallelismConfig(data=1))
+    temps, params = {}, {}
+    for loaded in (False, True):
+        init, shardings, _ = train_state._state_plan(cfg, optax.adamw(1e-3), mesh, DEFAULT_RULES, 100,
+                                                     frozen_dtype=jnp.bfloat16, frozen_loaded=loaded)
+        temps[loaded] = jax.jit(init, out_shardings=shardings).lower(jax.random.key(0)).compile(
+            ).memory_analysis().temp_size_in_bytes
+        params[loaded] = jax.eval_shape(init, jax.random.key(0)).params
+    kernels = 4 * (512 * 1536 + 512 * 512 + 2 * 512 * 2048) * 2  # the blocks' kernels in bf16
+    # drawn: several float copies of the kernels at once (here 5x and, quantized, 14x their bf16
+    # size); as placeholders, less than half of one (the embedding's draw, the adapters')
+    assert temps[True] < kernels / 2 and temps[False] > 4 * kernels
+    # the same parameters, dtypes and shardings either way
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), params[True]) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                                    params[False])
+    # the adapters are drawn as before: A from the kernels' keys, B zero
+    built = {loaded: jax.jit(train_state._state_plan(cfg, optax.adamw(1e-3), mesh, DEFAULT_RULES, 100,
+                                                     frozen_dtype=jnp.bfloat16, frozen_loaded=loaded)[0])(
+        jax.random.key(0)).params for loaded in (False, True)}
+    for a, b in zip(jax.tree.leaves(lora.split_trainable(built[True])[0]),
+                    jax.tree.leaves(lora.split_trainable(built[False])[0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    frozen = lora.split_trainable(built[True])[1]
+    read_back = quant.dequantized(frozen, jnp.float32) if quantize else frozen
+    kernel = nnx.to_pure_dict(read_back)["blocks"]["ffn"]["up_proj"]["kernel"]
+    assert not np.asarray(kernel, np.float32).any()  # zeros, read back as zeros

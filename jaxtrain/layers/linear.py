@@ -6,8 +6,10 @@ transpose). Matmuls run in the compute dtype and accumulate in float32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,22 @@ def weight_std(init_config: InitConfig, *, fan_in: int, fan_out: int, divisor: f
     return std / divisor
 
 
+_PLACEHOLDER_DTYPE: contextvars.ContextVar = contextvars.ContextVar("frozen_placeholder_dtype", default=None)
+
+
+@contextlib.contextmanager
+def frozen_placeholders(dtype: Any) -> Iterator[None]:
+    """Inside the block, the ``Dense`` layers built hold zeros in ``dtype`` (quantized: the codes of
+    zeros and unit scales), not drawn weights: for a LoRA model whose frozen weights are loaded right
+    after, so that building it on its devices takes no float temporaries (drawing and then
+    quantizing a stacked kernel holds several float copies of it at once)."""
+    token = _PLACEHOLDER_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _PLACEHOLDER_DTYPE.reset(token)
+
+
 class Dense(nnx.Module):
     """``y = x @ kernel (+ bias)``; kernel ``[in, out]``, output in the compute dtype.
 
@@ -97,15 +115,20 @@ class Dense(nnx.Module):
         lora: lora_lib.LoraSpec | None = None,
         quantize: str | None = None,
     ):
-        kernel_init = annotated(normal_init(kernel_std), axes)
         kernel_key = rngs.params()
-        self.kernel = nnx.Param(kernel_init(kernel_key, (in_features, out_features), param_dtype))
-        if quantize:  # the same weights, stored in 8 or 4 bits with float32 scales
-            q, scale = quant.quantize(self.kernel[...], quantize)
+        placeholder = _PLACEHOLDER_DTYPE.get()  # frozen weights loaded right after: not drawn
+        shape = (in_features, out_features)
+        if quantize:  # stored in 8 or 4 bits with float32 scales
+            if placeholder is not None:
+                q, scale = quant.placeholder(shape, quantize)
+            else:
+                q, scale = quant.quantize(normal_init(kernel_std)(kernel_key, shape, param_dtype), quantize)
             self.kernel = nnx.Param(annotated(lambda *_: q, axes)(kernel_key, q.shape, q.dtype))
             scale_axes = (None, axes[1]) if scale.ndim == 2 else (axes[1],)  # nf4: [blocks, out]
             self.kernel_scale = nnx.Param(annotated(lambda *_: scale, scale_axes)(kernel_key, scale.shape, scale.dtype))
         else:
+            kernel_init = normal_init(kernel_std) if placeholder is None else jax.nn.initializers.zeros
+            self.kernel = nnx.Param(annotated(kernel_init, axes)(kernel_key, shape, placeholder or param_dtype))
             self.kernel_scale = None
         if use_bias:
             bias_init = annotated(jax.nn.initializers.zeros, (axes[1],))

@@ -77,6 +77,14 @@ def _quantize_nf4(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (codes[..., 0::2, :] << 4) | codes[..., 1::2, :], amax
 
 
+def placeholder(shape: tuple[int, int], kind: str) -> tuple[jax.Array, jax.Array]:
+    """The codes of zeros and unit scales, in ``quantize``'s shapes for a ``shape`` kernel: a
+    stand-in for weights loaded later, made without a float kernel."""
+    shapes = jax.eval_shape(lambda w: quantize(w, kind), jax.ShapeDtypeStruct(shape, jnp.float32))
+    zero = NF4_LEVELS.index(0.0) * 0x11 if kind == "nf4" else 0  # nf4: the level 0.0 in both nibbles
+    return jnp.full(shapes[0].shape, zero, shapes[0].dtype), jnp.ones(shapes[1].shape, shapes[1].dtype)
+
+
 def dequantize(q: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     """The float kernel ``[..., in, out]`` that ``q`` and ``scale`` (``quantize``'s) stand for, in
     ``dtype``; the format is told by ``q``'s dtype (int8 or uint8, nf4)."""
