@@ -386,31 +386,18 @@ def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> Load
     into the shardings and dtypes of ``like`` after checking that names and shapes agree (else
     ``ParameterMismatch``), as ``load_checkpoint`` reads a jaxtrain checkpoint. Each process reads
     only the parts of each tensor its devices hold, straight into the target dtype."""
-    from jaxtrain.convert.hf_mpt import _get, _set, hf_model_config
+    from jaxtrain.convert.hf_mpt import hf_model_config
     from jaxtrain.convert.hf_parts import read_hf_sharded
     from jaxtrain.train.state import abstract_model
 
     # names and shapes are checked from config.json, before any tensor is read
     described = hf_model_config(folder, scan_layers=scan_layers)
     _, abstract_params = abstract_model(described)
-    quantized = quant.is_quantized(like)  # quantized frozen weights: each kernel quantized as it is read
+    quantized = quant.is_quantized(like)  # quantized frozen weights: each kernel quantized as it is read, by layer
     target = quant.float_like(like) if quantized else like
     _check_parameters(folder, described, abstract_params, target, shapes=True)
-    finish, scales = None, {}
-    if quantized:
-        pure_like = nnx.to_pure_dict(like)
-
-        def finish(path: tuple, value: jax.Array) -> jax.Array:
-            layer = _get(pure_like, path[:-1])
-            if path[-1] != "kernel" or quant.SCALE not in layer:
-                return value
-            q, scales[path[:-1] + (quant.SCALE,)] = quant.quantize_array(value, layer["kernel"], layer[quant.SCALE])
-            return q
-
     model_cfg, arrays, dtypes = read_hf_sharded(folder, nnx.to_pure_dict(target), scan_layers=scan_layers,
-                                                finish=finish)
-    for path, scale in scales.items():
-        _set(arrays, path, scale)
+                                                quantize_into=nnx.to_pure_dict(like) if quantized else None)
     params = jax.tree.map(lambda x: x, like)
     nnx.replace_by_pure_dict(params, arrays)
     tokenizer_path = os.path.join(folder, TOKENIZER_FILE)

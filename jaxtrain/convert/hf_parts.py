@@ -8,25 +8,28 @@ checks are ``jaxtrain.convert.hf_mpt``'s.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from jaxtrain.config.schema import ModelConfig
 from jaxtrain.convert.hf_mpt import _checked_plan, _get, _set, hf_model_config
 from jaxtrain.convert.safetensors_io import open_safetensors_folder
+from jaxtrain.layers.quant import SCALE
 
 
 def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True,
-                    finish: Callable[[tuple, Any], Any] | None = None) -> tuple[ModelConfig, dict, set[str]]:
+                    quantize_into: dict | None = None) -> tuple[ModelConfig, dict, set[str]]:
     """(model config, pure dict of ``jax.Array``, the tensors' dtypes) of the Hugging Face MPT folder
     ``src``, each parameter laid out as the ``jax.ShapeDtypeStruct`` at its path in ``like`` (a pure
     dict) says: sharding and dtype. Each process reads only the parts of each tensor its own devices
     hold, straight from the files, so host memory holds at most one parameter's local part at a time
     (not the model in float32). Values equal ``read_hf``'s cast to the target dtype.
 
-    ``finish(path, array)``, if given, turns each parameter as it is read into what is kept at its
-    path (quantized frozen weights are quantized there, so the float model is never whole on the device)."""
+    ``quantize_into`` (a pure dict of ``ShapeDtypeStruct``s of the quantized parameters,
+    ``jaxtrain.layers.quant``): each kernel it quantizes is read one layer at a time, in float32,
+    and quantized into its place before the next layer is read, its scales set beside it; the
+    device never holds more than one layer's float kernel."""
     import jax
 
     model_cfg = hf_model_config(src, scan_layers=scan_layers)
@@ -39,10 +42,63 @@ def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True,
         dtypes: set[str] = set()
         for path, entries in by_leaf.items():
             target = _get(like, path)
+            layer = _get(quantize_into, path[:-1]) if quantize_into is not None and path[-1] == "kernel" else {}
+            if SCALE in layer:
+                q, scale = _read_quantized(tensors, entries, target, layer["kernel"], layer[SCALE], dtypes)
+                _set(params, path, q)
+                _set(params, path[:-1] + (SCALE,), scale)
+                continue
             part = _part_reader(tensors, entries, target.dtype, dtypes)
-            value = jax.make_array_from_callback(target.shape, target.sharding, part)
-            _set(params, path, value if finish is None else finish(path, value))
+            _set(params, path, jax.make_array_from_callback(target.shape, target.sharding, part))
     return model_cfg, params, dtypes
+
+
+def _layer_sharding(sharding: Any) -> Any:
+    """``sharding`` (of a stacked ``[layers, ...]`` array) for one layer of it."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not isinstance(sharding, NamedSharding):  # one device's: the same for any shape
+        return sharding
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def _read_quantized(tensors, entries: list, target: Any, kernel: Any, scale: Any, dtypes: set[str]):
+    """(codes, scales) of one kernel (``entries`` as for ``_part_reader``; ``target`` its float
+    ``ShapeDtypeStruct``, ``kernel`` and ``scale`` the quantized ones), a stacked kernel one layer
+    at a time: each layer read in float32, quantized, and written into the stacked arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtrain.layers import quant
+
+    if entries[0][0] is None:  # one tensor
+        value = jax.make_array_from_callback(target.shape, target.sharding,
+                                             _part_reader(tensors, entries, np.float32, dtypes))
+        return quant.quantize_array(value, kernel, scale)
+    stacks = [jax.jit(lambda like=like: jnp.zeros(like.shape, like.dtype), out_shardings=like.sharding)()
+              for like in (kernel, scale)]
+    layer_target = _layer_sharding(target.sharding)
+    layer_kernel, layer_scale = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_layer_sharding(x.sharding))
+                                 for x in (kernel, scale))
+    for row, entry in enumerate(sorted(entries, key=lambda e: e[0])):
+        value = jax.make_array_from_callback(target.shape[1:], layer_target,
+                                             _part_reader(tensors, [(None, *entry[1:])], np.float32, dtypes))
+        for i, part in enumerate(quant.quantize_array(value, layer_kernel, layer_scale)):
+            stacks[i] = _put_layer(stacks[i].sharding)(stacks[i], part, row)
+    return tuple(stacks)
+
+
+_PUT: dict = {}
+
+
+def _put_layer(sharding: Any):
+    """``put(stack, layer, row)``: ``stack`` with ``layer`` at ``row``, in place (``stack`` donated)."""
+    import jax
+
+    if sharding not in _PUT:
+        _PUT[sharding] = jax.jit(lambda stack, layer, row: jax.lax.dynamic_update_index_in_dim(stack, layer, row, 0),
+                                 donate_argnums=0, out_shardings=sharding)
+    return _PUT[sharding]
 
 
 def _part_reader(tensors, entries: list[tuple[int | None, str, bool]], dtype: Any, dtypes: set[str]):

@@ -20,9 +20,11 @@ A LoRA run never updates its model's own weights, so they need only be read. Two
 Each step reads a block's kernels back as float in the compute dtype, one layer at a time, and the
 adapters train on that as on the float weights. Every linear layer of the blocks is quantized
 (whether it has an adapter or not); the embedding, the output head, the norms, the biases and the
-adapters stay as they were. Weights are quantized as they are loaded (``load_path``), one
-stacked kernel at a time, each read in float32 and dropped once quantized, from a Hugging Face
-folder or a jaxtrain checkpoint alike: the device never holds the float model whole.
+adapters stay as they were. Weights are quantized as they are loaded (``load_path``), each read
+in float32 and dropped once quantized: from a Hugging Face folder one layer at a time (the
+device holds one layer's float kernel at most), from a jaxtrain checkpoint one stacked kernel at
+a time (all layers of one kernel: shard it over devices for the largest models). A model whose
+frozen weights are loaded starts as placeholders (``frozen_placeholders``), never drawn.
 """
 
 from __future__ import annotations
