@@ -6,7 +6,9 @@
 Writes a bf16 Hugging Face folder of a randomly initialised MPT (vocab 8192), then reads it into
 bf16 parameters on the CPU device in fresh processes, two ways, alternating: ``load_hf_weights``
 (each device's part of each tensor, straight into the target dtype) and the whole model into
-float32 host arrays first (``read_hf``, what ``convert`` does) followed by placing it. Prints each
+float32 host arrays first (``read_hf``, what ``convert`` does) followed by placing it; and into
+int8 and nf4 frozen weights (``model.quantize_frozen``: each layer's kernel read in float32 and
+quantized in turn, the rest bf16). Prints each
 process's peak resident memory (VmHWM, reset before reading; Linux) above what it held before
 reading, and the seconds the read took. The peak includes the file pages both ways map in.
 """
@@ -41,6 +43,16 @@ with open("/proc/self/clear_refs", "w") as f:  # the peak (VmHWM) starts again f
 before = status("VmRSS")
 start = time.perf_counter()
 if way == "parts":
+    params = load_hf_weights(folder, like=like).params
+elif way in ("int8", "nf4"):  # quantized frozen weights, each layer's kernels read and quantized in turn
+    import dataclasses
+    from jaxtrain.layers import quant
+    _, abstract = abstract_model(dataclasses.replace(hf_model_config(folder), quantize_frozen=way))
+    def placed(path, variable):  # codes as they are, scales float32, the rest bf16
+        x = variable.get_value()
+        dtype = x.dtype if path[-1] == quant.SCALE or not jnp.issubdtype(x.dtype, jnp.floating) else jnp.bfloat16
+        return path, variable.replace(jax.ShapeDtypeStruct(x.shape, dtype, sharding=device))
+    like = nnx.from_flat_state([placed(p, v) for p, v in nnx.to_flat_state(abstract)])
     params = load_hf_weights(folder, like=like).params
 else:
     _, buffers, _ = read_hf(folder)
@@ -78,7 +90,7 @@ def main() -> None:
         files = sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors"))
         print(f"{count / 1e6:.1f}M parameters; safetensors {files / 1e6:.0f} MB (bf16); bf16 parameters "
               f"{2 * count / 1e6:.0f} MB, float32 {4 * count / 1e6:.0f} MB")
-        results: dict[str, list[dict]] = {"parts": [], "float32 first": []}
+        results: dict[str, list[dict]] = {"parts": [], "float32 first": [], "int8": [], "nf4": []}
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         for _ in range(args.rounds):
             for way in results:
