@@ -214,6 +214,8 @@ def test_foundry_hf_causal_lm_on_a_local_mpt_folder_builds_it_and_starts_from_it
     # 8-bit frozen weights: int8 with a scale per column, for a LoRA run only
     cfg, notices = foundry("foundry_mpt_7b_dolly_sft.yaml", [*lora, "model.load_in_8bit=true"])
     assert cfg.model.quantize_frozen == "int8" and any("quantize_frozen: int8" in line for line in notices)
+    cfg, _ = foundry("foundry_mpt_7b_dolly_sft.yaml", [*lora, "model.quantize_frozen=nf4"])  # jaxtrain's own key
+    assert cfg.model.quantize_frozen == "nf4"
     message = foundry("foundry_mpt_7b_dolly_sft.yaml", [*local, "model.load_in_8bit=true"], expect_error=True)
     assert "model.load_in_8bit: true: only a LoRA run (model.peft_config) keeps frozen weights in 8 bits" in message
     assert "\n" not in message

@@ -25,7 +25,7 @@ NO_EFFECT = ("trust_remote_code", "use_auth_token", "use_flash_attention_2", "in
 # true); jaxtrain's LoRA checkpoints leave the frozen weights out likewise (save_frozen_weights).
 SAVE_PEFT_ONLY = "should_save_peft_only"
 # jaxtrain's own model keys, kept as the section gives them
-KEPT = ("peft_config", "remat", "scan_layers", "scan_unroll", "fused_loss", "z_loss")
+KEPT = ("peft_config", "quantize_frozen", "remat", "scan_layers", "scan_unroll", "fused_loss", "z_loss")
 # transformers' bitsandbytes 8-bit frozen weights; jaxtrain's are int8 with a scale per column (quantize_frozen)
 LOAD_IN_8BIT = "load_in_8bit"
 REFUSED = {"pretrained_lora_id_or_path": "convert the model with its adapter (jaxtrain convert FOLDER DIR --adapter "
