@@ -15,7 +15,7 @@ import numpy as np
 from jaxtrain.config.schema import ModelConfig
 from jaxtrain.convert.hf_mpt import _checked_plan, _get, _set, hf_model_config
 from jaxtrain.convert.safetensors_io import open_safetensors_folder
-from jaxtrain.layers.quant import SCALE
+from jaxtrain.layers import quant
 
 
 def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True,
@@ -43,10 +43,10 @@ def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True,
         for path, entries in by_leaf.items():
             target = _get(like, path)
             layer = _get(quantize_into, path[:-1]) if quantize_into is not None and path[-1] == "kernel" else {}
-            if SCALE in layer:
-                q, scale = _read_quantized(tensors, entries, target, layer["kernel"], layer[SCALE], dtypes)
+            if quant.SCALE in layer:
+                q, scale = _read_quantized(tensors, entries, target, layer["kernel"], layer[quant.SCALE], dtypes)
                 _set(params, path, q)
-                _set(params, path[:-1] + (SCALE,), scale)
+                _set(params, path[:-1] + (quant.SCALE,), scale)
                 continue
             part = _part_reader(tensors, entries, target.dtype, dtypes)
             _set(params, path, jax.make_array_from_callback(target.shape, target.sharding, part))
@@ -68,8 +68,6 @@ def _read_quantized(tensors, entries: list, target: Any, kernel: Any, scale: Any
     at a time: each layer read in float32, quantized, and written into the stacked arrays."""
     import jax
     import jax.numpy as jnp
-
-    from jaxtrain.layers import quant
 
     if entries[0][0] is None:  # one tensor
         value = jax.make_array_from_callback(target.shape, target.sharding,
