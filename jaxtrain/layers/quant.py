@@ -38,7 +38,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 SCALE = "kernel_scale"  # the scale's name, beside its layer's ``kernel``
-FORMATS = ("int8", "nf4")
 _LEVELS = 127.0
 NF4_BLOCK = 64
 # the 16 NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0
