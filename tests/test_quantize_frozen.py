@@ -316,7 +316,7 @@ def test_a_lora_model_to_load_is_built_without_float_temporaries(quantize):
     temps, params = {}, {}
     for loaded in (False, True):
         init, shardings, _ = train_state._state_plan(cfg, optax.adamw(1e-3), mesh, DEFAULT_RULES, 100,
-                                                     frozen_dtype=jnp.bfloat16, frozen_loaded=loaded)
+                                                     frozen_dtype=jnp.bfloat16, weights_loaded=loaded)
         temps[loaded] = jax.jit(init, out_shardings=shardings).lower(jax.random.key(0)).compile(
             ).memory_analysis().temp_size_in_bytes
         params[loaded] = jax.eval_shape(init, jax.random.key(0)).params
@@ -329,7 +329,7 @@ def test_a_lora_model_to_load_is_built_without_float_temporaries(quantize):
                                                                                     params[False])
     # the adapters are drawn as before: A from the kernels' keys, B zero
     built = {loaded: jax.jit(train_state._state_plan(cfg, optax.adamw(1e-3), mesh, DEFAULT_RULES, 100,
-                                                     frozen_dtype=jnp.bfloat16, frozen_loaded=loaded)[0])(
+                                                     frozen_dtype=jnp.bfloat16, weights_loaded=loaded)[0])(
         jax.random.key(0)).params for loaded in (False, True)}
     for a, b in zip(jax.tree.leaves(lora.split_trainable(built[True])[0]),
                     jax.tree.leaves(lora.split_trainable(built[False])[0])):

@@ -298,3 +298,56 @@ def test_a_tokenizer_file_moved_elsewhere_resumes_and_another_one_is_refused(tmp
     meta.pop("tokenizer")  # a checkpoint that does not record its tokenizer: a new path is refused
     with pytest.raises(ConfigError, match="tokenizer.name="):
         refuse_to_resume(load_config_dict({"tokenizer": {"name": str(moved)}}), "ck", 3, meta)
+
+
+def test_a_run_with_load_path_builds_placeholders_and_takes_every_weight(trained_run, tmp_path):
+    """The weights of a run with load_path are replaced right after its state is built, so its
+    linear layers and embeddings start as zeros instead of drawn: the program that builds the
+    state holds no float copies of the stacked kernels, and after loading every parameter equals
+    the checkpoint's (none is left a placeholder)."""
+    import contextlib
+    import io
+
+    import optax
+    from flax import nnx
+
+    from jaxtrain.config import load_config
+    from jaxtrain.config.schema import ParallelismConfig
+    from jaxtrain.parallel.logical import DEFAULT_RULES
+    from jaxtrain.parallel.mesh import build_mesh
+    from jaxtrain.train import state as train_state
+    from jaxtrain.train.loop import Trainer
+    from jaxtrain.train.setup import build_run
+
+    # the programs that build the state, drawn and as placeholders, of a model wide enough that
+    # its kernels dominate
+    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"),
+                      ["model.d_model=512", "model.n_heads=8", "model.n_layers=4", "model.vocab_size=1024"]).model
+    mesh = build_mesh(ParallelismConfig(data=1))
+    temps, shapes = {}, {}
+    for loaded in (False, True):
+        init, shardings, _ = train_state._state_plan(cfg, optax.adamw(1e-3), mesh, DEFAULT_RULES, 100,
+                                                     weights_loaded=loaded)
+        temps[loaded] = jax.jit(init, out_shardings=shardings).lower(jax.random.key(0)).compile(
+            ).memory_analysis().temp_size_in_bytes
+        shapes[loaded] = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(init, jax.random.key(0)))
+    kernels = 4 * 4 * (512 * 1536 + 512 * 512 + 2 * 512 * 2048)  # the blocks' kernels in float32
+    assert temps[True] < kernels / 8 < kernels < temps[False]
+    assert shapes[True] == shapes[False]  # the same state, dtypes and all
+
+    run_cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
+        *TINY, "max_duration=1ba", "eval_interval=0", f"run_folder={tmp_path}/run",
+        f"save_folder={tmp_path}/checkpoints", f"load_path={trained_run}/checkpoints", "log_to_console=false"])
+    with contextlib.redirect_stdout(out := io.StringIO()):
+        parts = build_run(run_cfg)
+        built = nnx.to_pure_dict(parts.state.params)
+        trainer = Trainer(parts)
+        trainer.maybe_resume()
+    parts.train_loader.close()
+    assert "loaded weights from" in out.getvalue()
+    assert not np.asarray(built["wte"]["embedding"]).any()
+    assert not any(np.asarray(leaf).any() for leaf in jax.tree.leaves(built["blocks"]["ffn"]))
+    loaded = load_checkpoint(f"{trained_run}/checkpoints")
+    assert loaded.step == 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 trainer.state.params, loaded.params)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtrain.layers import lm_loss
-from jaxtrain.layers.linear import annotated, normal_init
+from jaxtrain.layers.linear import annotated, normal_init, placeholder_dtype
 
 
 class Embed(nnx.Module):
@@ -23,7 +23,8 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
     ):
-        init = annotated(normal_init(std), axes)
+        placeholder = placeholder_dtype(param_dtype)  # loaded right after: zeros, not drawn
+        init = annotated(normal_init(std) if placeholder is None else jax.nn.initializers.zeros, axes)
         self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:

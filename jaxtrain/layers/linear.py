@@ -78,20 +78,32 @@ def weight_std(init_config: InitConfig, *, fan_in: int, fan_out: int, divisor: f
     return std / divisor
 
 
-_PLACEHOLDER_DTYPE: contextvars.ContextVar = contextvars.ContextVar("frozen_placeholder_dtype", default=None)
+_PLACEHOLDERS: contextvars.ContextVar = contextvars.ContextVar("loaded_weight_placeholders", default=None)
+_PARAM_DTYPE = object()  # placeholders in each parameter's own dtype
 
 
 @contextlib.contextmanager
-def frozen_placeholders(dtype: Any) -> Iterator[None]:
-    """Inside the block, the ``Dense`` layers built hold zeros in ``dtype`` (quantized: the codes of
-    zeros and unit scales), not drawn weights: for a LoRA model whose frozen weights are loaded right
-    after, so that building it on its devices takes no float temporaries (drawing and then
-    quantizing a stacked kernel holds several float copies of it at once)."""
-    token = _PLACEHOLDER_DTYPE.set(dtype)
+def loaded_placeholders(dtype: Any = None) -> Iterator[None]:
+    """Inside the block, the ``Dense`` and ``Embed`` layers built hold zeros, not drawn weights:
+    for a model whose weights are loaded right after (``load_path``), so that building it on its
+    devices draws nothing and takes no float temporaries (drawing a stacked kernel holds several
+    float copies of it at once; quantizing it after, more).
+
+    ``dtype``: the kernels' dtype (a LoRA model's frozen weights are kept in the compute dtype),
+    or None for each layer's parameter dtype. Quantized kernels hold the codes of zeros and unit
+    scales. LoRA adapters are drawn as always."""
+    token = _PLACEHOLDERS.set(_PARAM_DTYPE if dtype is None else dtype)
     try:
         yield
     finally:
-        _PLACEHOLDER_DTYPE.reset(token)
+        _PLACEHOLDERS.reset(token)
+
+
+def placeholder_dtype(param_dtype: Any) -> Any:
+    """The dtype a layer's loaded weights start in as placeholders (``loaded_placeholders``), or
+    None when they are drawn."""
+    dtype = _PLACEHOLDERS.get()
+    return param_dtype if dtype is _PARAM_DTYPE else dtype
 
 
 class Dense(nnx.Module):
@@ -116,7 +128,7 @@ class Dense(nnx.Module):
         quantize: str | None = None,
     ):
         kernel_key = rngs.params()
-        placeholder = _PLACEHOLDER_DTYPE.get()  # frozen weights loaded right after: not drawn
+        placeholder = placeholder_dtype(param_dtype)  # weights loaded right after: not drawn
         shape = (in_features, out_features)
         if quantize:  # stored in 8 or 4 bits with float32 scales
             if placeholder is not None:

@@ -24,7 +24,7 @@ adapters stay as they were. Weights are quantized as they are loaded (``load_pat
 in float32 and dropped once quantized: from a Hugging Face folder one layer at a time (the
 device holds one layer's float kernel at most), from a jaxtrain checkpoint one stacked kernel at
 a time (all layers of one kernel: shard it over devices for the largest models). A model whose
-frozen weights are loaded starts as placeholders (``frozen_placeholders``), never drawn.
+frozen weights are loaded starts as placeholders (``linear.loaded_placeholders``), never drawn.
 """
 
 from __future__ import annotations

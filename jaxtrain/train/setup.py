@@ -185,7 +185,7 @@ def _train_state(cfg: Config, tx, mesh, rules):
     try:
         return create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window,
                                   ema=cfg.algorithms.ema is not None, frozen_dtype=COMPUTE_DTYPES[cfg.precision],
-                                  frozen_loaded=bool(cfg.load_path))
+                                  weights_loaded=bool(cfg.load_path))
     except MeshError as err:
         raise ConfigError(str(err)) from None
 

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.algorithms.ema import init_ema
 from jaxtrain.layers import lora
-from jaxtrain.layers.linear import frozen_placeholders
+from jaxtrain.layers.linear import loaded_placeholders
 from jaxtrain.models import build_model
 from jaxtrain.parallel.layout import check_param_shardings
 from jaxtrain.parallel.mesh import logical_shardings
@@ -89,19 +89,20 @@ def create_train_state(
     spike_window: int = 100,
     ema: bool = False,
     frozen_dtype: Any = jnp.float32,
-    frozen_loaded: bool = False,
+    weights_loaded: bool = False,
 ) -> tuple[TrainState, ModelDef, Any]:
     """Initialise parameters directly into their shardings and the optimizer state beside them
     (and, with ``ema``, the moving average of the parameters: a copy of them). A model with LoRA
     adapters keeps its frozen weights in ``frozen_dtype`` (the run's compute dtype: they are only
-    ever read in it), its adapters in float32. ``frozen_loaded``: the frozen weights are loaded
-    right after (``load_path``), so its linear layers start as zeros rather than drawn (drawing a
-    7B model's in one program holds tens of GB of float temporaries).
+    ever read in it), its adapters in float32. ``weights_loaded``: the weights are loaded right
+    after (``load_path``; a LoRA model's adapters may start fresh), so its linear layers and
+    embeddings start as zeros rather than drawn (drawing a 7B model's in one program holds tens of
+    GB of float temporaries, and takes most of the building's time on a CPU).
 
     Returns (state, model_def, state_shardings).
     """
     init_state, state_shardings, model_def = _state_plan(model_cfg, tx, mesh, rules, spike_window, ema, frozen_dtype,
-                                                         frozen_loaded)
+                                                         weights_loaded)
     # One program builds the whole state (parameters, optimizer state, counters) in place on its
     # devices: each separately jitted piece would be one more XLA compile before the first step.
     options = llvm_options(mesh.devices.flat[0].platform) or None
@@ -123,7 +124,7 @@ def abstract_train_state(
     return state, model_def, state_shardings
 
 
-def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False, frozen_dtype=jnp.float32, frozen_loaded=False):
+def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False, frozen_dtype=jnp.float32, weights_loaded=False):
     """(init_state(key) -> TrainState, the state's shardings, the ModelDef)."""
     graphdef, abstract_params = abstract_model(model_cfg)
     logical_specs = nnx.get_partition_spec(abstract_params)
@@ -136,8 +137,8 @@ def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False, frozen_dtyp
 
     def init_state(key: jax.Array) -> TrainState:
         init_key, dropout_key = jax.random.split(key)
-        placeholders = frozen_loaded and getattr(model_cfg, "peft_config", None) is not None
-        with frozen_placeholders(frozen_dtype) if placeholders else contextlib.nullcontext():
+        adapted = getattr(model_cfg, "peft_config", None) is not None  # frozen weights in frozen_dtype
+        with loaded_placeholders(frozen_dtype if adapted else None) if weights_loaded else contextlib.nullcontext():
             params = nnx.split(build_model(model_cfg, rngs=nnx.Rngs(params=init_key)), nnx.Param)[1]
         if lora.has_adapters(params):
             params = lora.cast_frozen(params, frozen_dtype)
