@@ -300,11 +300,11 @@ def test_a_tokenizer_file_moved_elsewhere_resumes_and_another_one_is_refused(tmp
         refuse_to_resume(load_config_dict({"tokenizer": {"name": str(moved)}}), "ck", 3, meta)
 
 
-def test_a_run_with_load_path_builds_placeholders_and_takes_every_weight(trained_run, tmp_path):
-    """The weights of a run with load_path are replaced right after its state is built, so its
-    linear layers and embeddings start as zeros instead of drawn: the program that builds the
-    state holds no float copies of the stacked kernels, and after loading every parameter equals
-    the checkpoint's (none is left a placeholder)."""
+def test_a_run_with_load_path_or_resuming_builds_placeholders_and_takes_every_weight(trained_run, tmp_path):
+    """The weights of a run with load_path (or resuming from its save folder) are replaced right
+    after its state is built, so its linear layers and embeddings start as zeros instead of
+    drawn: the program that builds the state holds no float copies of the stacked kernels, and
+    after loading every parameter equals the checkpoint's (none is left a placeholder)."""
     import contextlib
     import io
 
@@ -349,5 +349,24 @@ def test_a_run_with_load_path_builds_placeholders_and_takes_every_weight(trained
     assert not any(np.asarray(leaf).any() for leaf in jax.tree.leaves(built["blocks"]["ffn"]))
     loaded = load_checkpoint(f"{trained_run}/checkpoints")
     assert loaded.step == 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 trainer.state.params, loaded.params)
+
+    # so does a run that resumes from its save folder (autoresume), and it takes the checkpoint's
+    # weights; without autoresume (the run would start over) they are drawn
+    resumed = copy_of(trained_run, tmp_path / "resumed")
+    for autoresume in (False, True):
+        run_cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
+            *TINY, "max_duration=3ba", "eval_interval=0", f"run_folder={resumed}/run", "log_to_console=false",
+            f"save_folder={resumed}/checkpoints", f"autoresume={str(autoresume).lower()}", "save_overwrite=true"])
+        with contextlib.redirect_stdout(out := io.StringIO()):
+            parts = build_run(run_cfg)
+            built = nnx.to_pure_dict(parts.state.params)
+            if autoresume:
+                trainer = Trainer(parts)
+                trainer.maybe_resume()
+        parts.train_loader.close()
+        assert np.asarray(built["wte"]["embedding"]).any() != autoresume
+    assert "resumed from" in out.getvalue() and trainer.step == 2
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  trainer.state.params, loaded.params)

@@ -55,6 +55,14 @@ def _as_path(folder: str) -> str:
     return folder if "://" in folder else os.path.abspath(folder)
 
 
+def holds_local_checkpoint(folder: str | None) -> bool:
+    """Whether ``folder`` is a local folder holding a finished checkpoint step (a listing, nothing
+    read; a folder in a bucket answers False)."""
+    if not folder or is_remote(folder) or not os.path.isdir(folder):
+        return False
+    return ocp.path.step.any_checkpoint_step(folder) is not None
+
+
 class _NoPrimaryHostNotice(std_logging.Filter):
     """Orbax warns on every save that it skips size logging when every process writes its own copy."""
 

@@ -181,11 +181,21 @@ def _loaded_data(cfg: Config, loaders: _InBackground):
     return train_loader, eval_loader, tokenizer
 
 
+def _weights_loaded(cfg: Config) -> bool:
+    """Whether every weight the run builds is replaced before its first step: by load_path's, or
+    by a checkpoint's when the run resumes from its (local) save folder; then the state is built
+    with zeros in their place rather than drawn weights (``create_train_state``). A resume that
+    finds no readable checkpoint there stops with an error rather than training on them."""
+    from jaxtrain.checkpoint.manager import holds_local_checkpoint
+
+    return bool(cfg.load_path) or (cfg.autoresume and holds_local_checkpoint(cfg.save_folder))
+
+
 def _train_state(cfg: Config, tx, mesh, rules):
     try:
         return create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window,
                                   ema=cfg.algorithms.ema is not None, frozen_dtype=COMPUTE_DTYPES[cfg.precision],
-                                  weights_loaded=bool(cfg.load_path))
+                                  weights_loaded=_weights_loaded(cfg))
     except MeshError as err:
         raise ConfigError(str(err)) from None
 
