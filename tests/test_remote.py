@@ -460,8 +460,27 @@ def test_the_download_cache_keeps_a_bucket_folder_for_later_runs_and_resumes(s3,
     first = run_config(tmp_path / "one", BASE, load_path=url, download_cache=str(cache), max_duration="2ba",
                        save_interval="2ba")
     counts = _count_downloads(monkeypatch)
+    # downloads cut off before: one by a process of this host that is gone (killed), one by a live
+    # process, one by another host's process (its liveness unknown here)
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    left = {f"a.partial-{gone}@{host}-x1": False, f"b.partial-{os.getpid()}@{host}-x2": True,
+            f"c.partial-{gone}@elsewhere.example-x3": True}
+    for name in left:
+        (cache / name).mkdir(parents=True)
+        (cache / name / "model.safetensors").write_bytes(b"\0" * 100)
     _, trainer, _, printed = fit(first)
     assert f"downloading 2 files of {url} into the download cache, {cache}" in printed
+    assert {name: (cache / name).exists() for name in left} == left
+    assert f"removed {cache / next(iter(left))}, an unfinished download of a process that is gone" in printed
+    for name in left:
+        shutil.rmtree(cache / name, ignore_errors=True)
     assert counts["model.safetensors"] == 1
     [kept] = [name for name in os.listdir(cache) if ".partial-" not in name]
     assert {"config.json", "model.safetensors", ".complete"} <= set(os.listdir(cache / kept))

@@ -9,7 +9,9 @@ With a download cache (the ``download_cache`` setting, or ``JAXTRAIN_DOWNLOAD_CA
 commands that read checkpoints) the download is kept there instead, in a folder named after the
 URL and the versions (size and ETag) of the folder's files: a later run, a restart, or a resume
 that reads a LoRA run's frozen weights back reads it from disk, and a file uploaded again since
-is a new version, downloaded anew. Nothing is ever removed from the cache.
+is a new version, downloaded anew. A download in progress is written to a ``<key>.partial-<pid>@<host>-*``
+folder and renamed into place once whole; a download cut off by a killed process is removed by the
+next download into the cache on that host. Nothing else is ever removed from the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 from jaxtrain.config import ConfigError
@@ -44,6 +47,36 @@ def download_cache() -> str | None:
     """The download cache in effect: ``set_download_cache``'s, else ``JAXTRAIN_DOWNLOAD_CACHE``'s, else None."""
     folder = _cache_folder or os.environ.get(CACHE_ENV) or None
     return os.path.abspath(os.path.expanduser(folder)) if folder else None
+
+
+def _partial_prefix(key: str) -> str:
+    """The name a download into the cache starts with while in progress: whose it is (process and host)."""
+    return f"{key}.partial-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _remove_abandoned_partials(cache: str, print_fn) -> None:
+    """Remove the cache's unfinished downloads left by processes of this host that are gone (killed
+    mid-download: a preempted run may leave tens of GB). Those of other hosts sharing the folder,
+    and of live processes, are left alone."""
+    host = socket.gethostname()
+    for name in os.listdir(cache):
+        key, mark, rest = name.partition(".partial-")
+        owner = rest.rsplit("-", 1)[0]  # "<pid>@<host>", before mkdtemp's random suffix
+        pid, _, owner_host = owner.partition("@")
+        if not mark or not pid.isdigit() or owner_host != host or _alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+        print_fn(f"removed {os.path.join(cache, name)}, an unfinished download of a process that is gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _wanted(names: list[str]) -> list[str]:
@@ -92,7 +125,8 @@ def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print)
             print_fn(f"reading {url} from the download cache, {cached} (the same versions of its files)")
             return cached
         os.makedirs(cache, exist_ok=True)
-        local = tempfile.mkdtemp(prefix=f"{key}.partial-", dir=cache)
+        _remove_abandoned_partials(cache, print_fn)
+        local = tempfile.mkdtemp(prefix=_partial_prefix(key), dir=cache)
         print_fn(f"downloading {len(files)} files of {url} into the download cache, {cached}")
     else:
         local = tempfile.mkdtemp(prefix="jaxtrain-hf-")
