@@ -237,12 +237,16 @@ def test_lora_on_quantized_weights_loads_trains_resumes_and_merges(tmp_path, mon
     # and NF4 LoRA may start from that float checkpoint: each kernel read alone and quantized
     again = _quantized(dataclasses.replace(small, load_path=str(tmp_path / "follow" / "ckpt"), max_duration="1ba",
                                            save_folder=None, run_folder=str(tmp_path / "again")), "nf4")
-    quantized_as_read = []
-    original = quant.quantize_like
-    monkeypatch.setattr(quant, "quantize_like", lambda params, like, read_kernel=None: (
-        quantized_as_read.append(read_kernel is not None) or original(params, like, read_kernel=read_kernel)))
+    quantized_shapes = []
+    original = quant.quantize_array
+    monkeypatch.setattr(quant, "quantize_array", lambda value, kernel, scale: (
+        quantized_shapes.append(value.shape) or original(value, kernel, scale)))
     _, adapted, _, _ = fit(again)
-    assert quantized_as_read == [True]
+    # each stacked kernel read alone (into host memory) and quantized one layer at a time: the
+    # devices never hold more than one layer's float kernel
+    assert again.model.scan_layers
+    assert len(quantized_shapes) == 4 * again.model.n_layers  # Wqkv, out_proj, up_proj, down_proj
+    assert all(len(shape) == 2 for shape in quantized_shapes)
     float_weights = nnx.to_pure_dict(load_checkpoint(str(tmp_path / "follow" / "ckpt")).params)["blocks"]["ffn"]
     layer = nnx.to_pure_dict(adapted.state.params)["blocks"]["ffn"]["down_proj"]
     q, scale = quant.quantize(float_weights["down_proj"]["kernel"], "nf4")

@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -319,18 +320,26 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
             target = {item: lora.split_trainable(placed)[0]}
         elif averaged and lora.has_adapters(placed):  # the average is the adapters'; the frozen weights are read too
             target = {"params": placed, "ema": lora.split_trainable(placed)[0]}
-        read_kernel = None
+        quantize_kernel = None
         if quantize_into is not None and frozen_record is None:
-            # quantized as they are read: the others first, then each kernel alone (never the float model whole)
+            # quantized as they are read: the others first, then each kernel alone, read into host
+            # memory and quantized on the devices one layer at a time (never the float model whole)
             kernel_paths = {path + ("kernel",) for path in quant.quantized_layers(quantize_into)}
             weights = "params" if "params" in target else item  # where the frozen weights are read from
             flat = dict(nnx.to_flat_state(target[weights]))
             target[weights] = nnx.from_flat_state([(path, v) for path, v in flat.items() if path not in kernel_paths])
 
-            def read_kernel(path: tuple) -> jax.Array:
+            def quantize_kernel(path: tuple, kernel: Any, scale: Any) -> tuple[jax.Array, jax.Array]:
+                float_kernel = flat[path].get_value()
                 with contextlib.closing(read_only_manager(root)) as kernels:
-                    one = _restore_state(kernels, step, {weights: nnx.from_flat_state([(path, flat[path])])}, damaged)
-                return dict(nnx.to_flat_state(one[weights]))[path].get_value()
+                    one = _restore_state(kernels, step, {weights: nnx.from_flat_state([(path, flat[path])])}, damaged,
+                                         to_host=True)
+                host = dict(nnx.to_flat_state(one[weights]))[path].get_value()
+                if host.ndim == 3:  # stacked layers
+                    return quant.quantize_by_layer(lambda row: lambda index: host[row][index], float_kernel, kernel,
+                                                   scale)
+                value = jax.make_array_from_callback(host.shape, float_kernel.sharding, lambda index: host[index])
+                return quant.quantize_array(value, kernel, scale)
         # Only the parameters are read; the optimizer state stays on disk.
         restored = _restore_state(manager, step, target, damaged)
     finally:
@@ -343,7 +352,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     elif "params" in target and "ema" in target:
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
     if quantize_into is not None:
-        params = quant.quantize_like(params, quantize_into, read_kernel=read_kernel)
+        params = quant.quantize_like(params, quantize_into, quantize_kernel=quantize_kernel)
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,
@@ -355,8 +364,16 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     )
 
 
-def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, damaged: Callable) -> dict:
-    """The ``target`` parts of a step's state item (``damaged(what)``, a ``ConfigError``, if unreadable)."""
+def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, damaged: Callable, *,
+                   to_host: bool = False) -> dict:
+    """The ``target`` parts of a step's state item (``damaged(what)``, a ``ConfigError``, if
+    unreadable); ``to_host``: as NumPy arrays in host memory, whole in every process."""
+
+    def restore_args(x):
+        if to_host:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
+        return ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype)
+
     unreadable = None
     try:
         with held_back_stderr():
@@ -365,8 +382,7 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, dama
                 args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(
                         item=target,
-                        restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
-                                                  target),
+                        restore_args=jax.tree.map(restore_args, target),
                         partial_restore=True,
                     )
                 ),

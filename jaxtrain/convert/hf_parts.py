@@ -53,50 +53,19 @@ def read_hf_sharded(src: str, like: dict, *, scan_layers: bool = True,
     return model_cfg, params, dtypes
 
 
-def _layer_sharding(sharding: Any) -> Any:
-    """``sharding`` (of a stacked ``[layers, ...]`` array) for one layer of it."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    if not isinstance(sharding, NamedSharding):  # one device's: the same for any shape
-        return sharding
-    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
-
-
 def _read_quantized(tensors, entries: list, target: Any, kernel: Any, scale: Any, dtypes: set[str]):
     """(codes, scales) of one kernel (``entries`` as for ``_part_reader``; ``target`` its float
     ``ShapeDtypeStruct``, ``kernel`` and ``scale`` the quantized ones), a stacked kernel one layer
     at a time: each layer read in float32, quantized, and written into the stacked arrays."""
     import jax
-    import jax.numpy as jnp
 
     if entries[0][0] is None:  # one tensor
         value = jax.make_array_from_callback(target.shape, target.sharding,
                                              _part_reader(tensors, entries, np.float32, dtypes))
         return quant.quantize_array(value, kernel, scale)
-    stacks = [jax.jit(lambda like=like: jnp.zeros(like.shape, like.dtype), out_shardings=like.sharding)()
-              for like in (kernel, scale)]
-    layer_target = _layer_sharding(target.sharding)
-    layer_kernel, layer_scale = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_layer_sharding(x.sharding))
-                                 for x in (kernel, scale))
-    for row, entry in enumerate(sorted(entries, key=lambda e: e[0])):
-        value = jax.make_array_from_callback(target.shape[1:], layer_target,
-                                             _part_reader(tensors, [(None, *entry[1:])], np.float32, dtypes))
-        for i, part in enumerate(quant.quantize_array(value, layer_kernel, layer_scale)):
-            stacks[i] = _put_layer(stacks[i].sharding)(stacks[i], part, row)
-    return tuple(stacks)
-
-
-_PUT: dict = {}
-
-
-def _put_layer(sharding: Any):
-    """``put(stack, layer, row)``: ``stack`` with ``layer`` at ``row``, in place (``stack`` donated)."""
-    import jax
-
-    if sharding not in _PUT:
-        _PUT[sharding] = jax.jit(lambda stack, layer, row: jax.lax.dynamic_update_index_in_dim(stack, layer, row, 0),
-                                 donate_argnums=0, out_shardings=sharding)
-    return _PUT[sharding]
+    rows = sorted(entries, key=lambda e: e[0])
+    return quant.quantize_by_layer(lambda row: _part_reader(tensors, [(None, *rows[row][1:])], np.float32, dtypes),
+                                   target, kernel, scale)
 
 
 def _part_reader(tensors, entries: list[tuple[int | None, str, bool]], dtype: Any, dtypes: set[str]):

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 SCALE = "kernel_scale"  # the scale's name, beside its layer's ``kernel``
 _LEVELS = 127.0
@@ -137,11 +138,12 @@ def quantized_layers(params: Any) -> set[tuple]:
     return _scaled(nnx.to_flat_state(params))
 
 
-def quantize_like(params: Any, like: Any, *, read_kernel: Callable[[tuple], jax.Array] | None = None) -> Any:
+def quantize_like(params: Any, like: Any, *, quantize_kernel: Callable[[tuple, Any, Any], tuple] | None = None) -> Any:
     """Float parameters ``params`` quantized into the structure, dtypes and shardings of ``like``
     (a quantized state of arrays or ``ShapeDtypeStruct``s), one kernel at a time; the other
-    leaves cast to ``like``'s dtypes. With ``read_kernel(path)``, the float kernels are not in
-    ``params`` but read one at a time, each dropped once it is quantized."""
+    leaves cast to ``like``'s dtypes. With ``quantize_kernel(path, kernel, scale)`` (``like``'s
+    codes and scales at ``path``) -> (codes, scales), the float kernels are not in ``params``: it
+    reads and quantizes each."""
     source = dict(nnx.to_flat_state(params))
     flat = nnx.to_flat_state(like)
     scaled = _scaled(flat)
@@ -151,15 +153,15 @@ def quantize_like(params: Any, like: Any, *, read_kernel: Callable[[tuple], jax.
         if path[-1] == SCALE and path[:-1] in scaled:
             continue
         target = variable.get_value()
-        if path[:-1] in scaled and path[-1] == "kernel" and read_kernel is not None:
-            value = read_kernel(path)
-        else:
-            value = source[path].get_value()
         if path[:-1] in scaled and path[-1] == "kernel":
             scale_var = scales[path[:-1] + (SCALE,)]
-            q, scale = quantize_array(value, target, scale_var.get_value())
+            if quantize_kernel is not None:
+                q, scale = quantize_kernel(path, target, scale_var.get_value())
+            else:
+                q, scale = quantize_array(source[path].get_value(), target, scale_var.get_value())
             items += [(path, variable.replace(q)), (path[:-1] + (SCALE,), scale_var.replace(scale))]
         else:
+            value = source[path].get_value()
             items.append((path, variable.replace(value if value.dtype == target.dtype else value.astype(target.dtype))))
     return nnx.from_flat_state(items)
 
@@ -177,6 +179,43 @@ def quantize_array(value: jax.Array, kernel: Any, scale: Any) -> tuple[jax.Array
 
 
 _JITTED: dict = {}
+
+
+def quantize_by_layer(read_layer: Callable[[int], Callable], target: Any, kernel: Any,
+                      scale: Any) -> tuple[jax.Array, jax.Array]:
+    """(codes, scales) of a stacked float kernel ``[layers, in, out]`` (``target``: its
+    ``ShapeDtypeStruct`` with sharding; ``kernel`` and ``scale``: the quantized ones) quantized one
+    layer at a time: ``read_layer(row)`` is the ``jax.make_array_from_callback`` callback of layer
+    ``row`` in float32, and each layer's codes and scales are written into the stacked arrays in
+    place, so the devices never hold more than one layer's float kernel."""
+    stacks = [jax.jit(lambda like=like: jnp.zeros(like.shape, like.dtype), out_shardings=like.sharding)()
+              for like in (kernel, scale)]
+    layer_target = _layer_sharding(target.sharding)
+    layer_kernel, layer_scale = (jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=_layer_sharding(x.sharding))
+                                 for x in (kernel, scale))
+    for row in range(target.shape[0]):
+        value = jax.make_array_from_callback(target.shape[1:], layer_target, read_layer(row))
+        for i, part in enumerate(quantize_array(value, layer_kernel, layer_scale)):
+            stacks[i] = _put_layer(stacks[i].sharding)(stacks[i], part, row)
+    return stacks[0], stacks[1]
+
+
+def _layer_sharding(sharding: Any) -> Any:
+    """``sharding`` (of a stacked ``[layers, ...]`` array) for one layer of it."""
+    if not isinstance(sharding, NamedSharding):  # one device's: the same for any shape
+        return sharding
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+_PUT: dict = {}
+
+
+def _put_layer(sharding: Any):
+    """``put(stack, layer, row)``: ``stack`` with ``layer`` at ``row``, in place (``stack`` donated)."""
+    if sharding not in _PUT:
+        _PUT[sharding] = jax.jit(lambda stack, layer, row: jax.lax.dynamic_update_index_in_dim(stack, layer, row, 0),
+                                 donate_argnums=0, out_shardings=sharding)
+    return _PUT[sharding]
 
 
 def dequantized(params: Any, dtype: Any = None) -> Any:
