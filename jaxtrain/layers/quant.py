@@ -21,10 +21,11 @@ Each step reads a block's kernels back as float in the compute dtype, one layer 
 adapters train on that as on the float weights. Every linear layer of the blocks is quantized
 (whether it has an adapter or not); the embedding, the output head, the norms, the biases and the
 adapters stay as they were. Weights are quantized as they are loaded (``load_path``), each read
-in float32 and dropped once quantized: from a Hugging Face folder one layer at a time (the
-device holds one layer's float kernel at most), from a jaxtrain checkpoint one stacked kernel at
-a time (all layers of one kernel: shard it over devices for the largest models). A model whose
-frozen weights are loaded starts as placeholders (``linear.loaded_placeholders``), never drawn.
+in float32 and dropped once quantized, one layer at a time: the devices hold one layer's float
+kernel at most. From a Hugging Face folder each layer is read from the files as it is needed; from
+a jaxtrain checkpoint each stacked kernel is read whole into host memory (every process reads it
+all), then quantized layer by layer. A model whose frozen weights are loaded starts as
+placeholders (``linear.loaded_placeholders``), never drawn.
 """
 
 from __future__ import annotations
