@@ -370,3 +370,23 @@ def test_a_run_with_load_path_or_resuming_builds_placeholders_and_takes_every_we
     assert "resumed from" in out.getvalue() and trainer.step == 2
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  trainer.state.params, loaded.params)
+
+
+@pytest.mark.parametrize("error", [NameError, RuntimeError])
+def test_a_defect_in_reading_is_not_taken_for_a_damaged_checkpoint(trained_run, monkeypatch, error):
+    """An error only a defect in the code raises (a NameError, say) while a step is read comes out
+    as itself; any other is the step's "incomplete or damaged" line, which sends a resume on to
+    older steps."""
+    import orbax.checkpoint as ocp
+
+    from jaxtrain.config import ConfigError
+
+    def failing(**_):
+        raise error("while reading")
+
+    monkeypatch.setattr(ocp, "ArrayRestoreArgs", failing)
+    expected = NameError if error is NameError else ConfigError
+    with pytest.raises(expected) as raised:
+        load_checkpoint(str(trained_run / "checkpoints"))
+    if expected is ConfigError:
+        assert "checkpoint step 2 is incomplete or damaged (its state item cannot be read)" in str(raised.value)

@@ -88,6 +88,11 @@ class ParameterMismatch(ConfigError):
         return "its parameters differ from the model's: " + "; ".join(parts)
 
 
+# Errors that only a defect in the code raises, never an unreadable checkpoint: reading one does
+# not turn them into "damaged" (which would send a resume on to older steps)
+CODE_DEFECTS = (NameError, ImportError, SyntaxError)
+
+
 def few(items: list[str], limit: int = 3) -> str:
     """``a, b, c`` or ``a, b, c and 4 more``."""
     if len(items) <= limit:
@@ -285,6 +290,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
                 raise damaged(f"its {item} folder is missing")
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except CODE_DEFECTS:
+            raise
         except Exception as error:  # noqa: BLE001 - Orbax documents no error types for an unreadable item
             raise damaged("its meta item cannot be read") from error
         if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
@@ -387,8 +394,8 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, dama
                     )
                 ),
             )["state"]
-    except (jax.errors.JaxRuntimeError, MemoryError):
-        raise  # the device (e.g. out of memory), not the checkpoint
+    except (jax.errors.JaxRuntimeError, MemoryError, *CODE_DEFECTS):
+        raise  # the device (e.g. out of memory) or the code, not the checkpoint
     except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise bare Exception for unreadable arrays
         unreadable = error_line(error)
     # outside the except block: the error's traceback holds the abandoned reads

@@ -19,6 +19,7 @@ import jax
 
 from jaxtrain.algorithms.ema import init_ema
 from jaxtrain.checkpoint.load import (
+    CODE_DEFECTS,
     ParameterMismatch,
     discard_abandoned_reads,
     few,
@@ -144,6 +145,8 @@ class RecoveryMixin:
         failure = None
         try:
             meta = self.checkpointer.restore_meta(step)
+        except CODE_DEFECTS:
+            raise
         except Exception as err:  # noqa: BLE001 - a damaged meta item: Orbax names no error types
             failure = _reason(err)
         if failure is None:
@@ -151,7 +154,7 @@ class RecoveryMixin:
                 self._check_config(step, meta)
             try:
                 self._restore(step)
-            except ConfigError:
+            except (ConfigError, *CODE_DEFECTS):
                 raise
             except Exception as err:  # noqa: BLE001 - a truncated or corrupted state item
                 failure = _reason(err)
