@@ -203,6 +203,9 @@ def _train_state(cfg: Config, tx, mesh, rules):
 def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
     """Build mesh, loaders, model state and the compiled step from ``cfg``.
 
+    With ``load_path`` set, or a checkpoint in a local ``save_folder`` to resume from, the state's
+    weights are zeros until the ``Trainer`` reads them in (``maybe_resume``, which ``fit`` calls).
+
     ``data_prefetch`` (``jaxtrain.train.data_prefetch.DataPrefetch``): a child process filling the data
     cache, waited for before the data is read. A ``{run_name}`` left in the run or save folder (a
     config straight from ``load_config``) is filled in, with ``run_name`` or else "run"."""
