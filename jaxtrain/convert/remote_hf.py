@@ -60,7 +60,7 @@ def _remove_abandoned_partials(cache: str, print_fn) -> None:
     and of live processes, are left alone."""
     host = socket.gethostname()
     for name in os.listdir(cache):
-        key, mark, rest = name.partition(".partial-")
+        _, mark, rest = name.partition(".partial-")
         owner = rest.rsplit("-", 1)[0]  # "<pid>@<host>", before mkdtemp's random suffix
         pid, _, owner_host = owner.partition("@")
         if not mark or not pid.isdigit() or owner_host != host or _alive(int(pid)):
