@@ -124,15 +124,15 @@ def has_adapters(params: Any) -> bool:
 
 
 def without_adapters(model_cfg: Any) -> Any:
-    """``model_cfg`` with no ``peft_config`` (nor int8 frozen weights): the model that merged weights are for."""
+    """``model_cfg`` with no ``peft_config`` (nor quantized frozen weights): the model that merged weights are for."""
     return dataclasses.replace(model_cfg, peft_config=None, quantize_frozen=None)
 
 
 def merge_adapters(params: Any, model_cfg: Any) -> Any:
     """The parameters of ``without_adapters(model_cfg)``: each adapted kernel ``W + scaling·A·B``
     (with DoRA, each column of it times ``magnitude / its norm``; float32 products, stored in the
-    kernel's dtype), as PEFT's ``merge_and_unload`` computes it. Int8 kernels are read back in the
-    dtype of the other frozen weights first (``jaxtrain.layers.quant``)."""
+    kernel's dtype), as PEFT's ``merge_and_unload`` computes it. Quantized kernels (int8 or nf4) are
+    read back in the dtype of the other frozen weights first (``jaxtrain.layers.quant``)."""
     from jaxtrain.layers.quant import dequantized
 
     adapters, frozen = split_trainable(params)

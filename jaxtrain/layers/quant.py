@@ -249,9 +249,10 @@ def frozen_weight_bytes(model_cfg: Any) -> tuple[int, float]:
     from jaxtrain.config.peft import module_names
     from jaxtrain.layers.lora import layer_shapes
 
+    shapes = layer_shapes(model_cfg)
     count, size = 0, 0.0
     for name in module_names(model_cfg):
-        rows, cols = layer_shapes(model_cfg)[name]
+        rows, cols = shapes[name]
         count += rows * cols
         size += rows * cols / 2 + 4 * cols * rows // nf4_block(rows) if kind == "nf4" else rows * cols + 4 * cols
     return model_cfg.n_layers * count, model_cfg.n_layers * size
