@@ -36,12 +36,18 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-    """Runs launched by tests (subprocesses inherit the variable) share one XLA compilation cache:
-    most of them train the same tiny model, so each program is compiled once per session."""
+    """Runs launched by tests (subprocesses inherit the variable) and the test process itself share
+    one XLA compilation cache: most of them train the same tiny model, so each program is compiled
+    once per test process (a cached program is the same executable, so the numbers are the same)."""
     if "JAXTRAIN_COMPILATION_CACHE_DIR" in os.environ:
         yield
         return
-    os.environ["JAXTRAIN_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla-cache"))
+    folder = str(tmp_path_factory.mktemp("xla-cache"))
+    os.environ["JAXTRAIN_COMPILATION_CACHE_DIR"] = folder
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     yield
     os.environ.pop("JAXTRAIN_COMPILATION_CACHE_DIR", None)
 
