@@ -304,7 +304,7 @@ def test_a_lora_model_to_load_is_built_without_float_temporaries(quantize):
     """With load_path the frozen weights are replaced right after the state is built, so its
     linear layers start as zeros (quantized: the codes of zeros) instead of drawn: the program
     that builds the state holds no float copies of the stacked kernels (drawing and quantizing
-    them took 60 GiB of temporaries for MPT-7B in bf16 and 168 GiB in nf4)."""
+    them takes 25 GiB of temporaries for MPT-7B in bf16 and 6.8 GiB in nf4)."""
     import optax
 
     from jaxtrain.config.schema import ModelConfig
@@ -325,9 +325,10 @@ def test_a_lora_model_to_load_is_built_without_float_temporaries(quantize):
             ).memory_analysis().temp_size_in_bytes
         params[loaded] = jax.eval_shape(init, jax.random.key(0)).params
     kernels = 4 * (512 * 1536 + 512 * 512 + 2 * 512 * 2048) * 2  # the blocks' kernels in bf16
-    # drawn: several float copies of the kernels at once (here 5x and, quantized, 14x their bf16
-    # size); as placeholders, less than half of one (the embedding's draw, the adapters')
-    assert temps[True] < kernels / 2 and temps[False] > 4 * kernels
+    # drawn: more than the kernels' bf16 size (float32 draws, one layer at a time; quantized, the
+    # codes and scales made from them too); as placeholders, less than half of it (the embedding's
+    # draw, the adapters')
+    assert temps[True] < kernels / 2 < kernels < temps[False]
     # the same parameters, dtypes and shardings either way
     assert jax.tree.map(lambda x: (x.shape, x.dtype), params[True]) == jax.tree.map(lambda x: (x.shape, x.dtype),
                                                                                     params[False])

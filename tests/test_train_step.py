@@ -200,3 +200,21 @@ def test_cpu_eval_step_takes_the_loss_in_chunks_with_the_same_number(monkeypatch
     with compiling_for("gpu"):  # the model's default (fused_loss off): the whole batch's logits
         gpu_jaxpr = jax.make_jaxpr(make_eval_step(model_def, compute_dtype=compute_dtype))(state.params, batch)
     assert full_logits in str(gpu_jaxpr)
+
+
+def test_a_deeper_model_draws_its_weights_in_no_more_temporary_memory():
+    """The stacked blocks' weights are drawn one layer after another, so the program that builds the
+    state holds one layer's random draws at a time: its temporaries are the same for 2 layers as
+    for 8, and below the 8 layers' kernels (drawn all at once they were about twice the kernels).
+    Each layer's numbers are the ones it gets alone (test_mpt's scan-and-unrolled test)."""
+    from jaxtrain.train import state as train_state
+
+    mesh = build_mesh(ParallelismConfig())
+    temps = {}
+    for layers in (2, 8):
+        cfg = tiny_model(d_model=256, n_heads=4, n_layers=layers, scan_layers=True)
+        init, shardings, _ = train_state._state_plan(cfg, optax.adamw(1e-3), mesh, DEFAULT_RULES, 100)
+        temps[layers] = jax.jit(init, out_shardings=shardings).lower(jax.random.key(0)).compile(
+            ).memory_analysis().temp_size_in_bytes
+    kernels = 8 * 4 * 12 * 256 * 256  # the 8 layers' kernels in float32
+    assert temps[8] == temps[2] < kernels

@@ -96,8 +96,8 @@ def create_train_state(
     adapters keeps its frozen weights in ``frozen_dtype`` (the run's compute dtype: they are only
     ever read in it), its adapters in float32. ``weights_loaded``: the weights are loaded right
     after (``load_path``; a LoRA model's adapters may start fresh), so its linear layers and
-    embeddings start as zeros rather than drawn (drawing a 7B model's in one program holds tens of
-    GB of float temporaries, and takes most of the building's time on a CPU).
+    embeddings start as zeros rather than drawn (drawing a 7B model's holds about 4 GiB of float
+    temporaries, a layer's draws at a time, and takes most of the building's time on a CPU).
 
     Returns (state, model_def, state_shardings).
     """
