@@ -40,7 +40,7 @@ def leaves(params) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
-def test_checkpoints_hold_the_adapters_and_read_the_frozen_weights_back(tmp_path):
+def test_checkpoints_hold_the_adapters_and_read_the_frozen_weights_back(tmp_path, monkeypatch):
     """Two runs, adapters-only (the default) and save_frozen_weights: true, through a NaN rollback
     and a resume, train the same adapters; their checkpoints read back the same weights."""
     base = tmp_path / "base"
@@ -85,6 +85,28 @@ def test_checkpoints_hold_the_adapters_and_read_the_frozen_weights_back(tmp_path
     assert record["path"] == str(small_ckpt) and record["step"] == 6
     frozen = lora.split_trainable(follower.state.params)[1]
     for ours, theirs in zip(leaves(frozen), leaves(lora.split_trainable(trainer.state.params)[1])):
+        np.testing.assert_array_equal(ours, theirs)
+
+    # its resume follows the chain (its record names the first run's checkpoint, whose record names
+    # the base folder), reading every checkpoint on the way into the run's shardings, never whole
+    # onto one device, and ends where an uninterrupted run does
+    from jaxtrain.checkpoint import load as load_module
+
+    reads, read = [], load_module.load_checkpoint
+
+    def reading(folder, step=None, **kwargs):
+        reads.append((Path(folder).name, kwargs.get("like") is not None))
+        return read(folder, step, **kwargs)
+
+    _, straight, _, _ = fit(dataclasses.replace(chained, max_duration="2ba", save_interval="1ba",
+                                                save_folder=str(tmp_path / "straight" / "ckpt"),
+                                                run_folder=str(tmp_path / "straight" / "run")))
+    monkeypatch.setattr(load_module, "load_checkpoint", reading)
+    _, resumed, _, printed = fit(dataclasses.replace(chained, max_duration="2ba", save_interval="1ba",
+                                                     autoresume=True))
+    assert f"at step 1 (the frozen weights read back from {small_ckpt}, step 6)" in printed
+    assert ("checkpoints", True) in reads and all(like for _, like in reads)
+    for ours, theirs in zip(leaves(resumed.state.params), leaves(straight.state.params)):
         np.testing.assert_array_equal(ours, theirs)
 
 

@@ -253,6 +253,20 @@ def test_lora_on_quantized_weights_loads_trains_resumes_and_merges(tmp_path, mon
     np.testing.assert_array_equal(np.asarray(layer["kernel"]), np.asarray(q))
     np.testing.assert_array_equal(np.asarray(layer[quant.SCALE]), np.asarray(scale))
 
+    # an NF4 LoRA run may go on from the float LoRA run's checkpoint (adapters only): its adapters
+    # taken, its frozen weights read through its record and quantized as read, a layer at a time
+    onward = _quantized(dataclasses.replace(plain, load_path=str(tmp_path / "float" / "checkpoints"),
+                                            max_duration="1ba", save_folder=None,
+                                            run_folder=str(tmp_path / "onward")), "nf4")
+    quantized_shapes.clear()
+    _, onward_trainer, _, printed = fit(onward)
+    assert "with their LoRA adapters;" in printed
+    assert quantized_shapes and all(len(shape) == 2 for shape in quantized_shapes)
+    layer = nnx.to_pure_dict(onward_trainer.state.params)["blocks"]["ffn"]["up_proj"]
+    q, scale = quant.quantize(hf["blocks"]["ffn"]["up_proj"]["kernel"], "nf4")
+    np.testing.assert_array_equal(np.asarray(layer["kernel"]), np.asarray(q))
+    np.testing.assert_array_equal(np.asarray(layer[quant.SCALE]), np.asarray(scale))
+
 
 def test_quantize_frozen_needs_a_lora_run_and_a_known_format():
     model = dataclasses.asdict(read_hf(str(BASE))[0])

@@ -115,10 +115,7 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
     """The frozen weights ``record`` names, read into the shardings and dtypes of ``like`` (the
     frozen part of a LoRA model's parameters, ``lora.split_trainable(...)[1]``), after checking
     that they are the ones the checkpoint at ``where`` was trained on."""
-    import jax
-
-    from jaxtrain.checkpoint.load import ParameterMismatch, load_checkpoint, load_hf_weights
-    from jaxtrain.layers import lora, quant
+    from jaxtrain.checkpoint.load import load_checkpoint, load_hf_weights
 
     check_record(record, where)
     if record.get("step") is None:
@@ -128,10 +125,6 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
 
             folder = fetch_hf_folder(folder, print_fn=lambda line: None)
         return load_hf_weights(folder, like=like, scan_layers=scan_layers).params
-    try:
-        return load_checkpoint(record["path"], record["step"], like=like).params
-    except ParameterMismatch:  # a LoRA checkpoint: its adapters were trained on, its frozen weights are these
-        frozen = lora.split_trainable(load_checkpoint(record["path"], record["step"]).params)[1]
-        if quant.is_quantized(like) and not quant.is_quantized(frozen):
-            return quant.quantize_like(frozen, like)
-        return jax.tree.map(lambda x, l: jax.device_put(x.astype(l.dtype), l.sharding), frozen, like)
+    # a LoRA checkpoint's frozen weights are these (its adapters, read beside them, are dropped),
+    # read into like's shardings (a chain of LoRA runs is followed to the weights at its root)
+    return load_checkpoint(record["path"], record["step"], like=like, frozen_part=True).params

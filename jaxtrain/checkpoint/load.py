@@ -240,7 +240,7 @@ def read_only_manager(root: str) -> ocp.CheckpointManager:
 
 
 def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None,
-                    frozen_weights: bool = True) -> LoadedModel:
+                    frozen_weights: bool = True, frozen_part: bool = False) -> LoadedModel:
     """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default).
 
     A missing folder or step and an incomplete or damaged step raise ``ConfigError`` naming the
@@ -253,6 +253,10 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
 
     A LoRA checkpoint saved without its frozen weights (``jaxtrain.checkpoint.frozen``) reads them
     from where its run read them; with ``frozen_weights=False`` the parameters are its adapters alone.
+
+    ``frozen_part``: ``like`` is the frozen part of a LoRA model alone (another LoRA run's frozen
+    weights are this checkpoint's): a checkpoint with adapters has them read beside it, replicated
+    on ``like``'s devices, and the parameters returned are the frozen part alone.
     """
     from jaxtrain.train.state import abstract_model
 
@@ -305,6 +309,8 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         # as Composer's checkpoints hold it as the model's weights
         averaged = run_cfg.algorithms.ema is not None and not meta.get("weights_only")
         _, abstract_params = abstract_model(model_cfg)
+        if frozen_part and like is not None and lora.has_adapters(abstract_params):
+            like = lora.merge_trainable(_replicated_like(lora.split_trainable(abstract_params)[0], like), like)
         quantize_into = None
         if like is not None and quant.is_quantized(like) and not quant.is_quantized(abstract_params):
             quantize_into, like = like, quant.float_like(like)  # float weights for quantized frozen weights
@@ -353,13 +359,21 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         manager.close()
     params = restored[item]
     if frozen_record is not None and frozen_weights:
-        frozen = read_frozen(frozen_record, lora.split_trainable(placed)[1], scan_layers=model_cfg.scan_layers,
+        # read where its run read them, into the frozen part of the parameters wanted: quantized as
+        # they are read (one layer at a time) when those are quantized
+        into = placed if quantize_into is None else quantize_into
+        frozen = read_frozen(frozen_record, lora.split_trainable(into)[1], scan_layers=model_cfg.scan_layers,
                              where=step_folder)
+        if quantize_into is not None:
+            params = jax.tree.map(lambda x, l: x.astype(l.dtype), params, lora.split_trainable(quantize_into)[0])
+            quantize_into = None
         params = lora.merge_trainable(params, frozen)
     elif "params" in target and "ema" in target:
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
     if quantize_into is not None:
         params = quant.quantize_like(params, quantize_into, quantize_kernel=quantize_kernel)
+    if frozen_part:
+        params = lora.split_trainable(params)[1]
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,
@@ -369,6 +383,15 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         meta=dict(meta),
         averaged=averaged,
     )
+
+
+def _replicated_like(tree: Any, like: Any) -> Any:
+    """``tree``'s shapes and dtypes as ``ShapeDtypeStruct``s replicated on the devices of ``like``'s
+    first leaf (its mesh, or its one device)."""
+    sharding = jax.tree.leaves(like)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, damaged: Callable, *,
