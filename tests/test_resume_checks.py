@@ -390,3 +390,51 @@ def test_a_defect_in_reading_is_not_taken_for_a_damaged_checkpoint(trained_run, 
         load_checkpoint(str(trained_run / "checkpoints"))
     if expected is ConfigError:
         assert "checkpoint step 2 is incomplete or damaged (its state item cannot be read)" in str(raised.value)
+
+
+def test_a_run_resuming_from_a_bucket_builds_placeholders_and_never_trains_on_them(trained_run, tmp_path,
+                                                                                   s3_checkpoints):
+    """A run whose save folder in a bucket holds an uploaded step builds its weights as zeros too
+    (one listing before the build) and takes the checkpoint's; a run whose checkpoints are gone
+    between the build and the resume stops in one line instead of training on the zeros."""
+    import contextlib
+    import io
+
+    from flax import nnx
+
+    from jaxtrain.checkpoint.manager import holds_checkpoint
+    from jaxtrain.config import ConfigError, load_config
+    from jaxtrain.train.loop import Trainer
+    from jaxtrain.train.setup import build_run
+
+    _, bucket, url = s3_checkpoints
+    first = run(command(tmp_path / "first", f"save_folder={url}", "max_duration=2ba", "save_interval=1ba",
+                        "eval_interval=0"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert holds_checkpoint(url)
+    assert not holds_checkpoint(f"s3://{bucket}/elsewhere") and not holds_checkpoint("s3://no-such-bucket-here/run")
+
+    def build(save_folder, run_folder):
+        cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"), [
+            *TINY, "max_duration=3ba", "eval_interval=0", f"run_folder={run_folder}", "log_to_console=false",
+            f"save_folder={save_folder}"])
+        with contextlib.redirect_stdout(io.StringIO()):
+            parts = build_run(cfg)
+        parts.train_loader.close()
+        return parts, nnx.to_pure_dict(parts.state.params)
+
+    parts, built = build(url, tmp_path / "again")
+    assert parts.weights_placeholders and not np.asarray(built["wte"]["embedding"]).any()
+    with contextlib.redirect_stdout(out := io.StringIO()):
+        trainer = Trainer(parts)
+        trainer.maybe_resume()
+    assert "resumed from" in out.getvalue() and trainer.step == 2
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 trainer.state.params, load_checkpoint(url).params)
+
+    local = copy_of(trained_run, tmp_path / "local")
+    parts, built = build(local / "checkpoints", local / "run")
+    assert parts.weights_placeholders
+    shutil.rmtree(local / "checkpoints")
+    with pytest.raises(ConfigError, match="held a checkpoint when this run started but none now"):
+        Trainer(parts).maybe_resume()

@@ -55,10 +55,21 @@ def _as_path(folder: str) -> str:
     return folder if "://" in folder else os.path.abspath(folder)
 
 
-def holds_local_checkpoint(folder: str | None) -> bool:
-    """Whether ``folder`` is a local folder holding a finished checkpoint step (a listing, nothing
-    read; a folder in a bucket answers False)."""
-    if not folder or is_remote(folder) or not os.path.isdir(folder):
+def holds_checkpoint(folder: str | None) -> bool:
+    """Whether ``folder`` holds a finished checkpoint step, nothing read: a local folder, one
+    listing of it; a folder in a bucket, one listing for a step whose upload finished (a bucket
+    that cannot be listed now answers False: the resume that follows reports it)."""
+    if not folder:
+        return False
+    if is_remote(folder):
+        from jaxtrain.checkpoint.remote import complete_steps_in
+        from jaxtrain.data.remote import ObjectStore
+
+        try:
+            return bool(complete_steps_in(ObjectStore(folder)))
+        except Exception:  # noqa: BLE001 - any failure to list is reported by the resume itself
+            return False
+    if not os.path.isdir(folder):
         return False
     return ocp.path.step.any_checkpoint_step(folder) is not None
 

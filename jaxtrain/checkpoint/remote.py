@@ -167,6 +167,16 @@ def merge_parts(folder: str) -> None:
                 enable_validation=False))
 
 
+def complete_steps_in(store: ObjectStore) -> list[int]:
+    """The steps under ``store`` whose upload finished (their marker exists), oldest first."""
+    steps = set()
+    for name in store.list():
+        step, _, rest = name.partition("/")
+        if rest == UPLOADED_MARKER and step.isdigit():
+            steps.add(int(step))
+    return sorted(steps)
+
+
 class RemoteSteps:
     """The step folders under a remote ``url``, mirrored through a local staging folder.
 
@@ -232,12 +242,7 @@ class RemoteSteps:
 
     def complete_steps(self) -> list[int]:
         """Steps whose upload finished (their marker exists), oldest first."""
-        steps = set()
-        for name in self.store.list():
-            step, _, rest = name.partition("/")
-            if rest == UPLOADED_MARKER and step.isdigit():
-                steps.add(int(step))
-        return sorted(steps)
+        return complete_steps_in(self.store)
 
     def download(self, step: int, into: str | None = None) -> str:
         """Copy remote ``step`` into ``into`` (default the staging folder), every process's part, and

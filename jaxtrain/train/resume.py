@@ -187,6 +187,9 @@ class RecoveryMixin:
     def maybe_resume(self) -> None:
         latest = self.checkpointer.latest_step() if self.checkpointer is not None else None
         if latest is None:
+            if not self.cfg.load_path and self.parts.weights_placeholders:  # never train on the zeros
+                raise ConfigError(f"save_folder: {self.cfg.save_folder} held a checkpoint when this run started "
+                                  f"but none now (removed meanwhile?); run the command again")
             if self.cfg.load_path:
                 self.load_weights(self.cfg.load_path)
             elif self.cfg.model.peft_config is not None:

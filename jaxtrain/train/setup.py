@@ -62,6 +62,7 @@ class RunParts:
     device_train_microbatch: int = 0  # sequences per device per forward/backward pass
     remat: str = "none"  # the activation recompute the train step was built with (model.remat, settled if auto)
     train_step_memory: Any = None  # XLA's memory analysis of the compiled train step, where available
+    weights_placeholders: bool = False  # built as zeros: a checkpoint's or load_path's weights replace them
 
 
 def time_to_batches(cfg: Config, value: str, key: str, *, batches_per_epoch: int, total_batches: int | None) -> int:
@@ -183,19 +184,19 @@ def _loaded_data(cfg: Config, loaders: _InBackground):
 
 def _weights_loaded(cfg: Config) -> bool:
     """Whether every weight the run builds is replaced before its first step: by load_path's, or
-    by a checkpoint's when the run resumes from its (local) save folder; then the state is built
-    with zeros in their place rather than drawn weights (``create_train_state``). A resume that
-    finds no readable checkpoint there stops with an error rather than training on them."""
-    from jaxtrain.checkpoint.manager import holds_local_checkpoint
+    by a checkpoint's when the run resumes from its save folder (local or in a bucket); then the
+    state is built with zeros in their place rather than drawn weights (``create_train_state``).
+    A resume that finds no readable checkpoint there stops with an error rather than training on them."""
+    from jaxtrain.checkpoint.manager import holds_checkpoint
 
-    return bool(cfg.load_path) or (cfg.autoresume and holds_local_checkpoint(cfg.save_folder))
+    return bool(cfg.load_path) or (cfg.autoresume and holds_checkpoint(cfg.save_folder))
 
 
-def _train_state(cfg: Config, tx, mesh, rules):
+def _train_state(cfg: Config, tx, mesh, rules, weights_loaded: bool):
     try:
         return create_train_state(cfg.model, tx, seed=cfg.seed, mesh=mesh, rules=rules, spike_window=cfg.health.spike_window,
                                   ema=cfg.algorithms.ema is not None, frozen_dtype=COMPUTE_DTYPES[cfg.precision],
-                                  weights_loaded=_weights_loaded(cfg))
+                                  weights_loaded=weights_loaded)
     except MeshError as err:
         raise ConfigError(str(err)) from None
 
@@ -245,11 +246,12 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         planned = _plan_optimizer(cfg, batches_per_epoch=None)
     except ConfigError:  # an epoch-based duration (or a config error, reported after the data's own errors)
         planned = None
-    state_parts = _train_state(cfg, planned[2], mesh, rules) if planned is not None else None
+    weights_loaded = _weights_loaded(cfg)
+    state_parts = _train_state(cfg, planned[2], mesh, rules, weights_loaded) if planned is not None else None
     train_loader, eval_loader, tokenizer = _loaded_data(cfg, loaders)
     if planned is None:
         planned = _plan_optimizer(cfg, batches_per_epoch=train_loader.batches_per_epoch)
-        state_parts = _train_state(cfg, planned[2], mesh, rules)
+        state_parts = _train_state(cfg, planned[2], mesh, rules, weights_loaded)
     total_batches, schedule, tx = planned
     state, model_def, state_shardings = state_parts
     ema = None if cfg.algorithms.ema is None else ema_plan(
@@ -378,6 +380,7 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         device_train_microbatch=device_microbatch,
         remat=remat,
         train_step_memory=step_memory,
+        weights_placeholders=weights_loaded,
     )
 
 
