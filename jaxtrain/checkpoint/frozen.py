@@ -125,6 +125,9 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
 
             folder = fetch_hf_folder(folder, print_fn=lambda line: None)
         return load_hf_weights(folder, like=like, scan_layers=scan_layers).params
+    from jaxtrain.layers import lora
+
     # a LoRA checkpoint's frozen weights are these (its adapters, read beside them, are dropped),
     # read into like's shardings (a chain of LoRA runs is followed to the weights at its root)
-    return load_checkpoint(record["path"], record["step"], like=like, frozen_part=True).params
+    params = load_checkpoint(record["path"], record["step"], like=like, adapters_beside=True).params
+    return lora.split_trainable(params)[1] if lora.has_adapters(params) else params

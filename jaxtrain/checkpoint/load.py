@@ -240,7 +240,7 @@ def read_only_manager(root: str) -> ocp.CheckpointManager:
 
 
 def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None,
-                    frozen_weights: bool = True, frozen_part: bool = False) -> LoadedModel:
+                    frozen_weights: bool = True, adapters_beside: bool = False) -> LoadedModel:
     """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default).
 
     A missing folder or step and an incomplete or damaged step raise ``ConfigError`` naming the
@@ -254,9 +254,9 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     A LoRA checkpoint saved without its frozen weights (``jaxtrain.checkpoint.frozen``) reads them
     from where its run read them; with ``frozen_weights=False`` the parameters are its adapters alone.
 
-    ``frozen_part``: ``like`` is the frozen part of a LoRA model alone (another LoRA run's frozen
-    weights are this checkpoint's): a checkpoint with adapters has them read beside it, replicated
-    on ``like``'s devices, and the parameters returned are the frozen part alone.
+    ``adapters_beside``: ``like`` lacks the LoRA adapters the checkpoint may hold (it is the frozen
+    part of another LoRA model): they are read beside it, replicated on ``like``'s devices, so
+    that nothing is read whole onto one device; the parameters returned hold them.
     """
     from jaxtrain.train.state import abstract_model
 
@@ -309,7 +309,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         # as Composer's checkpoints hold it as the model's weights
         averaged = run_cfg.algorithms.ema is not None and not meta.get("weights_only")
         _, abstract_params = abstract_model(model_cfg)
-        if frozen_part and like is not None and lora.has_adapters(abstract_params):
+        if adapters_beside and like is not None and lora.has_adapters(abstract_params):
             like = lora.merge_trainable(_replicated_like(lora.split_trainable(abstract_params)[0], like), like)
         quantize_into = None
         if like is not None and quant.is_quantized(like) and not quant.is_quantized(abstract_params):
@@ -372,8 +372,6 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
     if quantize_into is not None:
         params = quant.quantize_like(params, quantize_into, quantize_kernel=quantize_kernel)
-    if frozen_part:
-        params = lora.split_trainable(params)[1]
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,
