@@ -116,6 +116,7 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
     frozen part of a LoRA model's parameters, ``lora.split_trainable(...)[1]``), after checking
     that they are the ones the checkpoint at ``where`` was trained on."""
     from jaxtrain.checkpoint.load import load_checkpoint, load_hf_weights
+    from jaxtrain.layers import lora
 
     check_record(record, where)
     if record.get("step") is None:
@@ -125,8 +126,6 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
 
             folder = fetch_hf_folder(folder, print_fn=lambda line: None)
         return load_hf_weights(folder, like=like, scan_layers=scan_layers).params
-    from jaxtrain.layers import lora
-
     # a LoRA checkpoint's frozen weights are these (its adapters, read beside them, are dropped),
     # read into like's shardings (a chain of LoRA runs is followed to the weights at its root)
     params = load_checkpoint(record["path"], record["step"], like=like, adapters_beside=True).params
