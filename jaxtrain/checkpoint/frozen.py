@@ -129,4 +129,4 @@ def read_frozen(record: dict[str, Any], like: Any, *, scan_layers: bool, where: 
     # a LoRA checkpoint's frozen weights are these (its adapters, read beside them, are dropped),
     # read into like's shardings (a chain of LoRA runs is followed to the weights at its root)
     params = load_checkpoint(record["path"], record["step"], like=like, adapters_beside=True).params
-    return lora.split_trainable(params)[1] if lora.has_adapters(params) else params
+    return lora.split_trainable(params)[1]

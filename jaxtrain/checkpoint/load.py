@@ -364,9 +364,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         into = placed if quantize_into is None else quantize_into
         frozen = read_frozen(frozen_record, lora.split_trainable(into)[1], scan_layers=model_cfg.scan_layers,
                              where=step_folder)
-        if quantize_into is not None:
-            params = jax.tree.map(lambda x, l: x.astype(l.dtype), params, lora.split_trainable(quantize_into)[0])
-            quantize_into = None
+        quantize_into = None  # the frozen weights came quantized; the adapters are as read
         params = lora.merge_trainable(params, frozen)
     elif "params" in target and "ema" in target:
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])

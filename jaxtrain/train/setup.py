@@ -204,8 +204,9 @@ def _train_state(cfg: Config, tx, mesh, rules, weights_loaded: bool):
 def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
     """Build mesh, loaders, model state and the compiled step from ``cfg``.
 
-    With ``load_path`` set, or a checkpoint in a local ``save_folder`` to resume from, the state's
-    weights are zeros until the ``Trainer`` reads them in (``maybe_resume``, which ``fit`` calls).
+    With ``load_path`` set, or a checkpoint in ``save_folder`` (local or in a bucket) to resume from,
+    the state's weights are zeros until the ``Trainer`` reads them in (``maybe_resume``, which
+    ``fit`` calls; ``RunParts.weights_placeholders`` says so).
 
     ``data_prefetch`` (``jaxtrain.train.data_prefetch.DataPrefetch``): a child process filling the data
     cache, waited for before the data is read. A ``{run_name}`` left in the run or save folder (a
