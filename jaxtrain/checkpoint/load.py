@@ -240,7 +240,8 @@ def read_only_manager(root: str) -> ocp.CheckpointManager:
 
 
 def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None,
-                    frozen_weights: bool = True, adapters_beside: bool = False) -> LoadedModel:
+                    frozen_weights: bool = True, adapters_beside: bool = False,
+                    merge_adapters: bool = False) -> LoadedModel:
     """Read the model config, parameters and tokenizer path of ``folder`` (newest step by default).
 
     A missing folder or step and an incomplete or damaged step raise ``ConfigError`` naming the
@@ -257,6 +258,14 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     ``adapters_beside``: ``like`` lacks the LoRA adapters the checkpoint may hold (it is the frozen
     part of another LoRA model): they are read beside it, replicated on ``like``'s devices, so
     that nothing is read whole onto one device; the parameters returned hold them.
+
+    ``merge_adapters``: ``like`` is a model without adapters (a full fine-tune going on from a LoRA
+    checkpoint). The checkpoint's parameters are read in their own dtypes (quantized kernels as
+    they are) onto ``like``'s devices, each sharded as ``like``'s parameter of the same name where
+    that fits its shape (replicated otherwise); the adapters are merged into the weights
+    (``lora.merge_adapters``) by one program that writes ``like``'s shardings and dtypes. The model
+    config returned is the one without adapters. A checkpoint whose merged model is not ``like``
+    raises ``ParameterMismatch`` naming the parameters.
     """
     from jaxtrain.train.state import abstract_model
 
@@ -309,6 +318,11 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         # as Composer's checkpoints hold it as the model's weights
         averaged = run_cfg.algorithms.ema is not None and not meta.get("weights_only")
         _, abstract_params = abstract_model(model_cfg)
+        merge_into = None
+        if merge_adapters and like is not None:
+            _, merged_params = abstract_model(lora.without_adapters(model_cfg))
+            _check_parameters(step_folder, model_cfg, merged_params, like, shapes=True)
+            merge_into, shardings, like = like, _fitted_shardings(abstract_params, like), None
         if adapters_beside and like is not None and lora.has_adapters(abstract_params):
             like = lora.merge_trainable(_replicated_like(lora.split_trainable(abstract_params)[0], like), like)
         quantize_into = None
@@ -370,6 +384,9 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         params = lora.merge_trainable(restored["ema"], lora.split_trainable(restored["params"])[1])
     if quantize_into is not None:
         params = quant.quantize_like(params, quantize_into, quantize_kernel=quantize_kernel)
+    if merge_into is not None:
+        params = _merge_into(params, model_cfg, merge_into)
+        model_cfg = lora.without_adapters(model_cfg)
     tokenizer_path = os.path.join(root, TOKENIZER_FILE)
     return LoadedModel(
         model_cfg=model_cfg,
@@ -381,12 +398,56 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     )
 
 
-def _replicated_like(tree: Any, like: Any) -> Any:
-    """``tree``'s shapes and dtypes as ``ShapeDtypeStruct``s replicated on the devices of ``like``'s
-    first leaf (its mesh, or its one device)."""
+def _fitted_shardings(tree: Any, like: Any) -> Any:
+    """A sharding for each leaf of ``tree`` (``ShapeDtypeStruct``s) on ``like``'s devices: that of
+    ``like``'s leaf of the same name and rank (a quantized kernel's scales: its kernel's), each mesh
+    axis kept where it divides the dimension (a quantized kernel's packed rows); replicated where
+    ``like`` has no such leaf."""
+    ours, replicated = param_names(like), _replicated_on(like)
+
+    def fitted(name: str, leaf: Any) -> Any:
+        if name.rsplit(".", 1)[-1] == quant.SCALE:
+            name = name[:-len(quant.SCALE)] + "kernel"
+        mine = ours.get(name)
+        if mine is None or len(mine.shape) != len(leaf.shape):
+            return replicated
+        if not isinstance(mine.sharding, jax.sharding.NamedSharding):
+            return mine.sharding
+        mesh, spec = mine.sharding.mesh, tuple(mine.sharding.spec)
+        kept = []
+        for size, axes in zip(leaf.shape, spec + (None,) * (len(leaf.shape) - len(spec))):
+            named = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            kept.append(axes if size % int(np.prod([mesh.shape[axis] for axis in named])) == 0 else None)
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*kept))
+
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [fitted(name, leaf) for name, leaf in zip(param_names(tree), leaves)])
+
+
+def _merge_into(params: Any, model_cfg: ModelConfig, like: Any) -> Any:
+    """``params`` (with adapters) merged (``lora.merge_adapters``) into ``like``'s shardings and
+    dtypes by one program, so that each device computes only its part of each merged kernel."""
+    shardings = jax.tree.map(lambda x: x.sharding, like)
+
+    def merge(params):
+        return jax.tree.map(lambda value, target: value.astype(target.dtype), lora.merge_adapters(params, model_cfg),
+                            like)
+
+    return jax.jit(merge, out_shardings=shardings)(params)
+
+
+def _replicated_on(like: Any) -> Any:
+    """The sharding that replicates an array on the devices of ``like``'s first leaf (its mesh, or
+    its one device)."""
     sharding = jax.tree.leaves(like)[0].sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
+
+
+def _replicated_like(tree: Any, like: Any) -> Any:
+    """``tree``'s shapes and dtypes as ``ShapeDtypeStruct``s replicated on ``like``'s devices."""
+    sharding = _replicated_on(like)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 

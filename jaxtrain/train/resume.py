@@ -11,7 +11,6 @@ when none can be restored, nothing is moved.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -56,14 +55,6 @@ def _only_adapters(names: list[str]) -> bool:
     the scales of their quantized frozen weights."""
     return (any(name.rsplit(".", 1)[-1] in lora.ADAPTER_NAMES for name in names)
             and all(name.rsplit(".", 1)[-1] in (*lora.ADAPTER_NAMES, quant.SCALE) for name in names))
-
-
-def _merged(loaded, ours):
-    """``loaded`` (a checkpoint with adapters) with its adapters merged into its weights, placed
-    as the parameters ``ours`` are."""
-    params = lora.merge_adapters(loaded.params, loaded.model_cfg)
-    params = jax.tree.map(lambda value, like: jax.device_put(value.astype(like.dtype), like.sharding), params, ours)
-    return dataclasses.replace(loaded, params=params)
 
 
 def _reason(err: BaseException) -> str:
@@ -256,7 +247,7 @@ class RecoveryMixin:
         frozen weights, its adapters starting fresh; a model without adapters takes a checkpoint's
         adapters merged into its weights."""
         ours = self.state.params
-        fresh_adapters = None
+        fresh_adapters, merged = None, False
         hf_folder = path if is_hf_folder(path) else None
         if "://" in path:  # in object storage: a Hugging Face folder is downloaded, a checkpoint staged
             files = remote_hf_files(path)
@@ -266,8 +257,8 @@ class RecoveryMixin:
                 return load_hf_weights(hf_folder, like=like if like is not None else abstract_like(ours),
                                        scan_layers=self.cfg.model.scan_layers)
         else:
-            def load(like=None):
-                return load_checkpoint(path, like=like)
+            def load(like=None, merge_adapters=False):
+                return load_checkpoint(path, like=like, merge_adapters=merge_adapters)
         try:
             try:
                 loaded = load(like=abstract_like(ours))
@@ -275,8 +266,10 @@ class RecoveryMixin:
                 if _only_adapters(err.missing) and not err.extra:  # a model to adapt (or, not fitting, said so)
                     fresh_adapters, frozen = lora.split_trainable(ours)
                     loaded = load(like=abstract_like(frozen))
-                elif _only_adapters(err.extra) and not err.missing and not err.shapes:  # adapters to merge in
-                    loaded = _merged(load_checkpoint(path), ours)
+                elif hf_folder is None and err.model_cfg.peft_config is not None and not lora.has_adapters(ours):
+                    # adapters to merge in, read and merged on our devices (the merged model not
+                    # fitting is said so)
+                    loaded, merged = load(like=abstract_like(ours), merge_adapters=True), True
                 else:
                     raise
         except ParameterMismatch as err:
@@ -304,7 +297,7 @@ class RecoveryMixin:
             adapters = "; they stay frozen and LoRA adapters train on them"
         elif loaded.model_cfg.peft_config is not None and lora.has_adapters(params):
             adapters = " with their LoRA adapters"
-        elif loaded.model_cfg.peft_config is not None:
+        elif merged:
             adapters = " with their LoRA adapters merged into them"
         kept = ("; checkpoints hold the adapters and read the frozen weights back from there (save_frozen_weights)"
                 if self.saves_adapters_only() else "")
