@@ -76,6 +76,11 @@ def test_nf4_codes_scales_and_values_are_bitsandbytes(tmp_path):
         normalized = w[rows] / np.where(np.abs(w[rows]).max(0) > 0, np.abs(w[rows]).max(0), 1)
         nearest = levels[np.abs(normalized[..., None] - levels).argmin(-1)]
         np.testing.assert_allclose(back[rows], nearest * np.abs(w[rows]).max(0), rtol=1e-6)
+    # quantizing takes a small fraction of the float kernel in temporaries (a layer of MPT-70B
+    # drawn and quantized on its device must not hold copies of it)
+    kernel = jax.ShapeDtypeStruct((1024, 512), jnp.float32)
+    memory = jax.jit(lambda w: quant.quantize(w, "nf4")).lower(kernel).compile().memory_analysis()
+    assert memory.temp_size_in_bytes < 1024 * 512 * 4 / 8
     if not shutil.which(REFERENCE_PYTHON) or subprocess.run(
             [REFERENCE_PYTHON, "-c", "import bitsandbytes"], capture_output=True).returncode:
         pytest.skip(f"bitsandbytes is not installed in {REFERENCE_PYTHON} (built by .ci/reference-env)")

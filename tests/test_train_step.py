@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxtrain.config.schema import AttnConfig, ModelConfig, ParallelismConfig
+from jaxtrain.config.schema import AttnConfig, ModelConfig, ParallelismConfig, PeftConfig
 from jaxtrain.parallel.logical import DEFAULT_RULES
 from jaxtrain.parallel.mesh import batch_sharding, build_mesh
 from jaxtrain.train.loss import IGNORE_INDEX, shift_labels
@@ -218,3 +220,38 @@ def test_a_deeper_model_draws_its_weights_in_no_more_temporary_memory():
             ).memory_analysis().temp_size_in_bytes
     kernels = 8 * 4 * 12 * 256 * 256  # the 8 layers' kernels in float32
     assert temps[8] == temps[2] < kernels
+
+
+def test_a_lora_model_drawn_casts_its_frozen_weights_a_layer_at_a_time():
+    """A LoRA model built without load_path draws its frozen kernels in float32 and keeps them in
+    the compute dtype: each is cast as it is drawn, inside the layer scan, so 8 layers take less
+    than one layer's kernels more temporary memory than 2 (cast after the scan, the 8 layers'
+    float32 kernels were temporaries) and the weights are those of the float model cast to bf16
+    (XLA fuses the draw with the cast, so an element a float32 rounding away from a bf16 midpoint
+    may round the other way: one in a few hundred thousand here)."""
+    from jaxtrain.layers import lora
+    from jaxtrain.train import state as train_state
+
+    mesh = build_mesh(ParallelismConfig())
+    peft = PeftConfig(r=2, target_modules=["Wqkv"])
+    temps, states = {}, {}
+    for layers in (2, 8):
+        cfg = tiny_model(d_model=256, n_heads=4, n_layers=layers, scan_layers=True, peft_config=peft)
+        init, shardings, _ = train_state._state_plan(cfg, optax.adamw(1e-3), mesh, DEFAULT_RULES, 100,
+                                                     frozen_dtype=jnp.bfloat16)
+        program = jax.jit(init, out_shardings=shardings).lower(jax.random.key(0)).compile()
+        temps[layers] = program.memory_analysis().temp_size_in_bytes
+        states[layers] = program, cfg
+    layer = 4 * 12 * 256 * 256  # one layer's kernels in float32
+    assert temps[8] - temps[2] < layer
+    program, cfg = states[2]
+    ours = program(jax.random.key(0)).params
+    init, _, _ = train_state._state_plan(dataclasses.replace(cfg, peft_config=None), optax.adamw(1e-3), mesh,
+                                         DEFAULT_RULES, 100)
+    plain = lora.cast_frozen(init(jax.random.key(0)).params, jnp.bfloat16)
+    frozen = lora.split_trainable(ours)[1]
+    assert {leaf.dtype for leaf in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(plain)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=2**-7, atol=0)  # at most one bf16 step apart
+        assert np.mean(a == b) > 0.9999

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.algorithms.ema import init_ema
 from jaxtrain.layers import lora
-from jaxtrain.layers.linear import loaded_placeholders
+from jaxtrain.layers.linear import frozen_kernels_in, loaded_placeholders
 from jaxtrain.models import build_model
 from jaxtrain.parallel.layout import check_param_shardings
 from jaxtrain.parallel.mesh import logical_shardings
@@ -138,7 +138,11 @@ def _state_plan(model_cfg, tx, mesh, rules, spike_window, ema=False, frozen_dtyp
     def init_state(key: jax.Array) -> TrainState:
         init_key, dropout_key = jax.random.split(key)
         adapted = getattr(model_cfg, "peft_config", None) is not None  # frozen weights in frozen_dtype
-        with loaded_placeholders(frozen_dtype if adapted else None) if weights_loaded else contextlib.nullcontext():
+        if weights_loaded:
+            building = loaded_placeholders(frozen_dtype if adapted else None)
+        else:
+            building = frozen_kernels_in(frozen_dtype) if adapted else contextlib.nullcontext()
+        with building:
             params = nnx.split(build_model(model_cfg, rngs=nnx.Rngs(params=init_key)), nnx.Param)[1]
         if lora.has_adapters(params):
             params = lora.cast_frozen(params, frozen_dtype)
