@@ -362,3 +362,22 @@ def test_a_lora_model_to_load_is_built_without_float_temporaries(quantize):
     read_back = quant.dequantized(frozen, jnp.float32) if quantize else frozen
     kernel = nnx.to_pure_dict(read_back)["blocks"]["ffn"]["up_proj"]["kernel"]
     assert not np.asarray(kernel, np.float32).any()  # zeros, read back as zeros
+
+
+def test_a_kernel_to_quantize_is_read_into_host_memory_as_it_was_saved(tmp_path):
+    """The whole stacked kernel a checkpoint's float weights are quantized from is read into host
+    memory in the dtype it was saved in (bf16: half the memory of its float32 values); each layer
+    is made float32 only as it is quantized."""
+    import orbax.checkpoint as ocp
+
+    from jaxtrain.checkpoint import load as load_module
+
+    kernel = jnp.arange(2 * 4 * 6, dtype=jnp.float32).reshape(2, 4, 6).astype(jnp.bfloat16) / 7
+    with ocp.CheckpointManager(str(tmp_path)) as manager:
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": {"kernel": kernel}})))
+        manager.wait_until_finished()
+    with contextlib.closing(load_module.read_only_manager(str(tmp_path))) as manager:
+        like = {"params": {"kernel": jax.ShapeDtypeStruct(kernel.shape, jnp.float32)}}
+        host = load_module._restore_state(manager, 1, like, ConfigError, to_host=True)["params"]["kernel"]
+    assert isinstance(host, np.ndarray) and host.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(host.astype(np.float32), np.asarray(kernel, np.float32))

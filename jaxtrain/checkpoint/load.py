@@ -361,11 +361,13 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
                 with contextlib.closing(read_only_manager(root)) as kernels:
                     one = _restore_state(kernels, step, {weights: nnx.from_flat_state([(path, flat[path])])}, damaged,
                                          to_host=True)
-                host = dict(nnx.to_flat_state(one[weights]))[path].get_value()
+                host = dict(nnx.to_flat_state(one[weights]))[path].get_value()  # as saved (bf16 or float32)
+                dtype = float_kernel.dtype
                 if host.ndim == 3:  # stacked layers
-                    return quant.quantize_by_layer(lambda row: lambda index: host[row][index], float_kernel, kernel,
-                                                   scale)
-                value = jax.make_array_from_callback(host.shape, float_kernel.sharding, lambda index: host[index])
+                    return quant.quantize_by_layer(lambda row: lambda index: host[row][index].astype(dtype),
+                                                   float_kernel, kernel, scale)
+                value = jax.make_array_from_callback(host.shape, float_kernel.sharding,
+                                                     lambda index: host[index].astype(dtype))
                 return quant.quantize_array(value, kernel, scale)
         # Only the parameters are read; the optimizer state stays on disk.
         restored = _restore_state(manager, step, target, damaged)
@@ -454,11 +456,12 @@ def _replicated_like(tree: Any, like: Any) -> Any:
 def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, damaged: Callable, *,
                    to_host: bool = False) -> dict:
     """The ``target`` parts of a step's state item (``damaged(what)``, a ``ConfigError``, if
-    unreadable); ``to_host``: as NumPy arrays in host memory, whole in every process."""
+    unreadable); ``to_host``: as NumPy arrays in host memory, whole in every process, in the
+    dtype they were saved in (a bf16 kernel takes half the host memory of its float32 values)."""
 
     def restore_args(x):
         if to_host:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype)
+            return ocp.RestoreArgs(restore_type=np.ndarray)
         return ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype)
 
     unreadable = None

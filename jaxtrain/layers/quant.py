@@ -23,8 +23,9 @@ adapters train on that as on the float weights. Every linear layer of the blocks
 adapters stay as they were. Weights are quantized as they are loaded (``load_path``), each read
 in float32 and dropped once quantized, one layer at a time: the devices hold one layer's float
 kernel at most. From a Hugging Face folder each layer is read from the files as it is needed; from
-a jaxtrain checkpoint each stacked kernel is read whole into host memory (every process reads it
-all), then quantized layer by layer. A model whose frozen weights are loaded starts as
+a jaxtrain checkpoint each stacked kernel is read whole into host memory in the dtype it was
+saved in (every process reads it all: Orbax stores it in chunks holding every layer), then
+quantized layer by layer. A model whose frozen weights are loaded starts as
 placeholders (``linear.loaded_placeholders``), never drawn.
 """
 
