@@ -34,7 +34,7 @@ def main() -> None:
     from jaxtrain.train.state import abstract_train_state
     from jaxtrain.train.step import COMPUTE_DTYPES, compile_train_step, make_train_step
 
-    cfg = load_config(args.config, [f"parallelism.data=-1", f"parallelism.fsdp={args.fsdp}",
+    cfg = load_config(args.config, ["parallelism.data=-1", f"parallelism.fsdp={args.fsdp}",
                                     f"parallelism.tensor={args.tensor}", *args.set])
     mesh = build_mesh(cfg.parallelism)
     rules = axis_rules(cfg.parallelism)

@@ -5,7 +5,6 @@ an uninterrupted run (CPU, float32, tiny model)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path

@@ -173,8 +173,8 @@ mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2), ("a", "b"))  #
 spec = lambda x: P(*[None] * (x.ndim - 2), "a", "b") if x.ndim >= 2 else P()
 _, abstract = abstract_model(load_config_dict({"model": model, "max_seq_len": 16}).model)
 like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))), abstract)
-reads, restore = [], load_module._restore_state
-load_module._restore_state = lambda manager, step, target, *a, **k: (
+reads, restore = [], load_module.restore_state
+load_module.restore_state = lambda manager, step, target, *a, **k: (
     reads.extend(param_names(target).items()) or restore(manager, step, target, *a, **k))
 loaded = load_checkpoint(folder, like=like, merge_adapters=True)
 assert loaded.model_cfg.peft_config is None and loaded.model_cfg.quantize_frozen is None

@@ -370,14 +370,14 @@ def test_a_kernel_to_quantize_is_read_into_host_memory_as_it_was_saved(tmp_path)
     is made float32 only as it is quantized."""
     import orbax.checkpoint as ocp
 
-    from jaxtrain.checkpoint import load as load_module
+    from jaxtrain.checkpoint import orbax_reads
 
     kernel = jnp.arange(2 * 4 * 6, dtype=jnp.float32).reshape(2, 4, 6).astype(jnp.bfloat16) / 7
     with ocp.CheckpointManager(str(tmp_path)) as manager:
         manager.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": {"kernel": kernel}})))
         manager.wait_until_finished()
-    with contextlib.closing(load_module.read_only_manager(str(tmp_path))) as manager:
+    with contextlib.closing(orbax_reads.read_only_manager(str(tmp_path))) as manager:
         like = {"params": {"kernel": jax.ShapeDtypeStruct(kernel.shape, jnp.float32)}}
-        host = load_module._restore_state(manager, 1, like, ConfigError, to_host=True)["params"]["kernel"]
+        host = orbax_reads.restore_state(manager, 1, like, ConfigError, to_host=True)["params"]["kernel"]
     assert isinstance(host, np.ndarray) and host.dtype == jnp.bfloat16
     np.testing.assert_array_equal(host.astype(np.float32), np.asarray(kernel, np.float32))

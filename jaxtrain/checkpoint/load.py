@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,9 +19,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxtrain.checkpoint.frozen import RECORD_KEY, read_frozen
+from jaxtrain.checkpoint.orbax_reads import CODE_DEFECTS, read_only_manager, restore_state
 from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
 from jaxtrain.config import ConfigError, load_config_dict
-from jaxtrain.config.schema import ModelConfig, error_line
+from jaxtrain.config.schema import ModelConfig
 from jaxtrain.data.tokenizer import TOKENIZER_FILE
 from jaxtrain.layers import lora, quant
 
@@ -88,11 +88,6 @@ class ParameterMismatch(ConfigError):
         return "its parameters differ from the model's: " + "; ".join(parts)
 
 
-# Errors that only a defect in the code raises, never an unreadable checkpoint: reading one does
-# not turn them into "damaged" (which would send a resume on to older steps)
-CODE_DEFECTS = (NameError, ImportError, SyntaxError)
-
-
 def few(items: list[str], limit: int = 3) -> str:
     """``a, b, c`` or ``a, b, c and 4 more``."""
     if len(items) <= limit:
@@ -132,85 +127,6 @@ def _check_parameters(where: str, model_cfg: ModelConfig, theirs: Any, ours: Any
         raise ParameterMismatch(where, model_cfg, missing, extra, different)
 
 
-@contextlib.contextmanager
-def quiet_orbax():
-    """Orbax's warnings (it logs through absl's ``absl`` logger) off inside the block; errors still show."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def discard_abandoned_reads(timeout: float = 30.0) -> None:
-    """Wait, hushed, until the reads Orbax abandoned when a restore failed are finished and collected.
-
-    Orbax runs a restore's array reads on an event loop of its own and closes that loop when one
-    read fails, leaving the others running in TensorStore. Each of them prints a traceback when it
-    finishes (its loop is closed) and again when it is collected, some at exit, burying the error
-    message. Here they finish while stderr, unraisable-exception reports and asyncio's log are
-    silenced (only on this error path, for at most ``timeout`` seconds), and the failures of those
-    that finished are marked as seen, so that collecting them later reports nothing.
-    """
-    import asyncio
-    import gc
-    import io
-    import sys
-    import time
-
-    def abandoned() -> int:
-        running = 0
-        for obj in gc.get_objects():
-            if isinstance(obj, asyncio.Future) and obj.get_loop().is_closed():
-                if not obj.done():
-                    running += 1
-                elif not obj.cancelled():
-                    obj.exception()  # retrieved: not reported when it is collected later, e.g. at exit
-        return running
-
-    stderr, unraisablehook = sys.stderr, sys.unraisablehook
-    asyncio_logger = logging.getLogger("asyncio")
-    disabled = asyncio_logger.disabled
-    sys.stderr, sys.unraisablehook, asyncio_logger.disabled = io.StringIO(), lambda _: None, True
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            gc.collect()
-            if not abandoned():
-                break
-            time.sleep(0.05)
-        gc.collect()
-    finally:
-        sys.stderr, sys.unraisablehook, asyncio_logger.disabled = stderr, unraisablehook, disabled
-
-
-@contextlib.contextmanager
-def held_back_stderr():
-    """What is written to ``sys.stderr`` and reported as unraisable inside the block is held back:
-    written out when the block ends normally, dropped when it raises.
-
-    Around a restore: when one of its reads fails, Orbax closes its event loop, and the reads
-    still running report the closed loop with tracebacks, some before the failure reaches the
-    caller; the caller reports the failure in one line (and then ``discard_abandoned_reads``)."""
-    import io
-    import sys
-
-    stderr, unraisablehook = sys.stderr, sys.unraisablehook
-    buffer, unraisable = io.StringIO(), []
-    sys.stderr, sys.unraisablehook = buffer, unraisable.append
-    try:
-        yield
-    except BaseException:
-        sys.stderr, sys.unraisablehook = stderr, unraisablehook
-        raise
-    sys.stderr, sys.unraisablehook = stderr, unraisablehook
-    stderr.write(buffer.getvalue())
-    for report in unraisable:
-        unraisablehook(report)
-
-
 def _steps_text(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
@@ -227,16 +143,6 @@ def _no_checkpoint_error(folder: str) -> ConfigError:
             return ConfigError(f"{folder}: a single checkpoint step folder; pass the checkpoint folder above it "
                                f"({parent}) and --step {os.path.basename(os.path.abspath(folder))}")
     return ConfigError(f"{folder}: no complete jaxtrain checkpoint found (expected numbered step folders)")
-
-
-def read_only_manager(root: str) -> ocp.CheckpointManager:
-    """An Orbax manager that lists and reads the steps of the checkpoint folder ``root`` (local or
-    staged), and writes nothing."""
-    with quiet_orbax():  # Orbax warns that a read-only manager is read-only, on every load
-        return ocp.CheckpointManager(
-            root, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-            item_names=("state", "meta"),
-        )
 
 
 def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = None, like: Any = None,
@@ -359,7 +265,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
             def quantize_kernel(path: tuple, kernel: Any, scale: Any) -> tuple[jax.Array, jax.Array]:
                 float_kernel = flat[path].get_value()
                 with contextlib.closing(read_only_manager(root)) as kernels:
-                    one = _restore_state(kernels, step, {weights: nnx.from_flat_state([(path, flat[path])])}, damaged,
+                    one = restore_state(kernels, step, {weights: nnx.from_flat_state([(path, flat[path])])}, damaged,
                                          to_host=True)
                 host = dict(nnx.to_flat_state(one[weights]))[path].get_value()  # as saved (bf16 or float32)
                 dtype = float_kernel.dtype
@@ -370,7 +276,7 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
                                                      lambda index: host[index].astype(dtype))
                 return quant.quantize_array(value, kernel, scale)
         # Only the parameters are read; the optimizer state stays on disk.
-        restored = _restore_state(manager, step, target, damaged)
+        restored = restore_state(manager, step, target, damaged)
     finally:
         manager.close()
     params = restored[item]
@@ -451,40 +357,6 @@ def _replicated_like(tree: Any, like: Any) -> Any:
     """``tree``'s shapes and dtypes as ``ShapeDtypeStruct``s replicated on ``like``'s devices."""
     sharding = _replicated_on(like)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def _restore_state(manager: ocp.CheckpointManager, step: int, target: dict, damaged: Callable, *,
-                   to_host: bool = False) -> dict:
-    """The ``target`` parts of a step's state item (``damaged(what)``, a ``ConfigError``, if
-    unreadable); ``to_host``: as NumPy arrays in host memory, whole in every process, in the
-    dtype they were saved in (a bf16 kernel takes half the host memory of its float32 values)."""
-
-    def restore_args(x):
-        if to_host:
-            return ocp.RestoreArgs(restore_type=np.ndarray)
-        return ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype)
-
-    unreadable = None
-    try:
-        with held_back_stderr():
-            return manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=target,
-                        restore_args=jax.tree.map(restore_args, target),
-                        partial_restore=True,
-                    )
-                ),
-            )["state"]
-    except (jax.errors.JaxRuntimeError, MemoryError, *CODE_DEFECTS):
-        raise  # the device (e.g. out of memory) or the code, not the checkpoint
-    except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise bare Exception for unreadable arrays
-        unreadable = error_line(error)
-    # outside the except block: the error's traceback holds the abandoned reads
-    logging.getLogger(__name__).debug("reading a checkpoint's state failed: %s", unreadable)
-    discard_abandoned_reads()
-    raise damaged("its state item cannot be read")
 
 
 def load_hf_weights(folder: str, *, like: Any, scan_layers: bool = True) -> LoadedModel:

@@ -330,7 +330,7 @@ class Trainer(EvaluationMixin, RecoveryMixin):
         return next(loader_iter)
 
     def _train_until_done(self, first_eval: float | None, start_wall: float) -> float | None:
-        cfg, parts = self.cfg, self.parts
+        parts = self.parts
         pending: tuple[int, Any, float | None, int, int] | None = None  # _on_step_done's arguments
         loader_iter = iter(parts.train_loader)
         control_sharding = parts.state_shardings.step

@@ -17,15 +17,8 @@ from typing import Any
 import jax
 
 from jaxtrain.algorithms.ema import init_ema
-from jaxtrain.checkpoint.load import (
-    CODE_DEFECTS,
-    ParameterMismatch,
-    discard_abandoned_reads,
-    few,
-    held_back_stderr,
-    load_checkpoint,
-    load_hf_weights,
-)
+from jaxtrain.checkpoint.load import ParameterMismatch, few, load_checkpoint, load_hf_weights
+from jaxtrain.checkpoint.orbax_reads import CODE_DEFECTS, discard_abandoned_reads, held_back_stderr
 from jaxtrain.checkpoint.frozen import RECORD_KEY, can_record, frozen_record, read_frozen
 from jaxtrain.checkpoint.manager import abstract_like
 from jaxtrain.config import ConfigError, config_to_dict

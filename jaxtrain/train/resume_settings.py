@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import jax
 
-from jaxtrain.checkpoint.load import discard_abandoned_reads, few, read_only_manager
+from jaxtrain.checkpoint.load import few
+from jaxtrain.checkpoint.orbax_reads import discard_abandoned_reads, read_only_manager
 from jaxtrain.config import ConfigError, config_to_dict, load_config_dict
 
 # What autoresume does with a setting whose value differs from the checkpoint's:
