@@ -19,7 +19,8 @@ import numpy as np
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from jaxtrain.data.loader import BatchLoader  # noqa: E402
-from jaxtrain.data.mds.reader import MDSDataset, TokenRows  # noqa: E402
+from jaxtrain.data.mds.reader import MDSDataset  # noqa: E402
+from jaxtrain.data.mds.rows import TokenRows  # noqa: E402
 from jaxtrain.data.mds.writer import MDSWriter  # noqa: E402
 from jaxtrain.data.order import SampleOrder  # noqa: E402
 

@@ -17,7 +17,8 @@ from jaxtrain.config.schema import Config, ConfigError, DatasetConfig, LoaderCon
 from jaxtrain.data import build as build_module
 from jaxtrain.data.build import build_loaders
 from jaxtrain.data.loader import BatchLoader
-from jaxtrain.data.mds.reader import MDSDataset, TokenRows, mds_datasets
+from jaxtrain.data.mds.reader import MDSDataset, mds_datasets
+from jaxtrain.data.mds.rows import TokenRows
 from jaxtrain.data.mds.writer import MDSWriter
 from jaxtrain.data.order import SampleOrder, StreamWeight, order_options, shard_choose, stream_choose
 from jaxtrain.data.shuffle import get_shuffle, interleave

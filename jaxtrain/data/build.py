@@ -9,7 +9,7 @@ import numpy as np
 from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.finetune import finetune_documents, finetune_rows
 from jaxtrain.data.loader import BatchLoader
-from jaxtrain.data.mds.reader import TokenRows
+from jaxtrain.data.mds.rows import TokenRows
 from jaxtrain.data.order import SampleOrder, order_options, stream_weights
 from jaxtrain.data.packing import load_or_pack
 from jaxtrain.data.remote import open_mds_datasets, token_rows

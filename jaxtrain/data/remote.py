@@ -37,7 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from jaxtrain.config.schema import ConfigError, error_line
-from jaxtrain.data.mds.reader import DEFAULT_BYTES_TOKEN_DTYPE, MDSDataset, ShardedRows, _token_view, mds_datasets
+from jaxtrain.data.mds.reader import MDSDataset, mds_datasets
+from jaxtrain.data.mds.rows import DEFAULT_BYTES_TOKEN_DTYPE, ShardedRows, token_view
 from jaxtrain.data.mds.writer import _SIZE_UNITS, INDEX_BASENAME, is_remote
 
 DEFAULT_DOWNLOAD_RETRY = 2
@@ -352,7 +353,7 @@ class StreamingTokenRows(ShardedRows):
 
     def _shard_view(self, shard: int) -> np.ndarray:
         dataset, number = self._shards[shard]
-        return _token_view(dataset.shard(number), self.column, self.seq_len, self.bytes_dtype, self.key)
+        return token_view(dataset.shard(number), self.column, self.seq_len, self.bytes_dtype, self.key)
 
     def prefetch(self, indices: np.ndarray) -> None:
         """Start downloading the shards holding rows ``indices`` (as far as the cache has room)."""
