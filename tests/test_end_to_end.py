@@ -173,6 +173,17 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     reference_final = json.loads((reference_dir / "run" / "summary.json").read_text())
     assert final["eval_loss"] == reference_final["eval_loss"]
 
+    # the same command once more: the run is complete (its last checkpoint holds the final
+    # evaluation), so nothing is trained, evaluated or logged again and its summary is kept
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text()
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the run is already complete: its checkpoint is at the last step (12)" in again.stdout
+    assert f"final train loss: {final['train_loss']:.4f}" in again.stdout
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == logged
+    assert (tmp_path / "run" / "summary.json").read_text() == summary
+
 
 @pytest.mark.parametrize(
     "overrides, message",

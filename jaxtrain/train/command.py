@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ from jaxtrain.config.interpolate import mask
 from jaxtrain.parallel.mesh import MeshError, build_mesh
 
 from jaxtrain.train.health import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
-from jaxtrain.train.summary import format_summary, write_summary
+from jaxtrain.train.summary import format_summary, read_summary, write_summary
 
 EXIT_USAGE = EXIT_CONFIG
 
@@ -116,8 +117,15 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
             for loader in (parts.train_loader, parts.eval_loader):
                 if loader is not None:
                     loader.close()
-    if jax.process_index() == 0:
-        write_summary(os.path.join(cfg.run_folder, "summary.json"), result)
+    summary_path = os.path.join(cfg.run_folder, "summary.json")
+    earlier = read_summary(summary_path) if result.already_complete else None
+    if result.already_complete:
+        print(f"the run is already complete: its checkpoint is at the last step ({result.step}); nothing was "
+              f"trained" + (f"; its summary ({summary_path}):" if earlier is not None else ""), flush=True)
+    if earlier is not None:
+        result = dataclasses.replace(earlier, already_complete=True)
+    elif jax.process_index() == 0:
+        write_summary(summary_path, result)
     print(format_summary(result, time.perf_counter() - started), flush=True)
     if result.stopped_unhealthy:
         return EXIT_UNHEALTHY

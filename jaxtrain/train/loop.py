@@ -246,6 +246,7 @@ class Trainer(EvaluationMixin, RecoveryMixin):
         cfg, parts = self.cfg, self.parts
         self.progress = None
         self.maybe_resume()
+        already_complete = self.step > 0 and self.step >= parts.total_batches
         # What an earlier process of this run logged past the step it starts from (a crash after the
         # last checkpoint, or before the first) is logged again from here; its restarts and hangs stay.
         if self.metrics_file is not None:
@@ -317,6 +318,7 @@ class Trainer(EvaluationMixin, RecoveryMixin):
             timed_steps=int(run_rates.get("steps", 0)),
             wall_seconds=time.perf_counter() - start_wall,
             seconds_to_first_step=self.seconds_to_first_step,
+            already_complete=already_complete,
         )
 
     def _next_batch(self, loader_iter) -> dict[str, Any]:
@@ -378,7 +380,9 @@ class Trainer(EvaluationMixin, RecoveryMixin):
                 first_eval = loss if first_eval is None else first_eval
                 self.meter.resume(time.perf_counter())  # the window goes on; the evaluation's time is left out
                 self._last_step_time = None
-            if self.save_every and self.step % self.save_every == 0:
+            # the last step is saved once the run has ended (its final evaluation in the checkpoint,
+            # so that the same command run again finds the run complete)
+            if self.save_every and self.step % self.save_every == 0 and self.step < parts.total_batches:
                 self.save()
             elif self.checkpointer is not None:
                 self.checkpointer.poll()  # a failed background write stops the run here, not later

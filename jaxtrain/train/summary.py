@@ -28,6 +28,8 @@ class FitResult:
     timed_steps: int = 0
     # tokens trained on through ``step``, padding left out, over the whole run (resumed parts included)
     tokens: int = 0
+    # resumed at its last step: nothing was trained (the command was run again after the run ended)
+    already_complete: bool = False
 
 
 # Incidents recorded in metrics.jsonl by processes whose state did not survive (no checkpoint holds them).
@@ -54,6 +56,17 @@ def out_of_lineage_incidents(metrics_path: str) -> list[str]:
             if isinstance(record, dict) and is_out_of_lineage(record):
                 kinds.append(record["incident"])
     return kinds
+
+
+def read_summary(path: str) -> FitResult | None:
+    """The ``FitResult`` a finished run wrote to ``path``; None if there is none or it cannot be read."""
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        names = {field.name for field in dataclasses.fields(FitResult)}
+        return FitResult(**{key: value for key, value in stored.items() if key in names})
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def write_summary(path: str, result: FitResult) -> None:
