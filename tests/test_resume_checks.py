@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxtrain.checkpoint.load import load_checkpoint
-from jaxtrain.config import Config, config_to_dict
+from jaxtrain.config import Config, ConfigError, config_to_dict
 from test_end_to_end import ROOT, TINY, command, run
 
 # The tiny model but 4 layers of width 256: big enough that a failed restore leaves reads behind.
@@ -75,6 +75,44 @@ def test_unreadable_newest_checkpoint_is_moved_aside_and_saved_again_quietly(tmp
     assert len(aside) == 1 and (checkpoints / aside[0] / "state").is_dir()  # kept, not deleted
     # Step 2 is saved again: it reads back, equal to the uninterrupted run's.
     assert load_checkpoint(str(checkpoints)).step == 2
+    for ours, reference in zip(params_of(checkpoints), trained):
+        np.testing.assert_array_equal(ours, reference)
+
+
+def change_one_number(step_folder: Path) -> str:
+    """Rewrite one element of a weight in a step's state, as a flipped bit on disk would leave it:
+    the files stay complete and decode. Returns the array's name."""
+    import tensorstore as ts
+
+    base = f"file://{step_folder / 'state'}/"
+    keys = [key.decode() for key in ts.KvStore.open({"driver": "ocdbt", "base": base}).result().list().result()]
+    name = next(key.split("/")[0] for key in keys if key.startswith("params.") and "Wqkv.kernel" in key)
+    array = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": f"{name}/"}}).result()
+    value = array[(0,) * array.rank].read().result()
+    array[(0,) * array.rank].write(value * 1.5 + 0.25).result()
+    return name.removesuffix(".value")
+
+
+def test_a_number_changed_on_disk_is_caught_and_the_step_passed_over(tmp_path):
+    """Every array's checksum is saved with the checkpoint: a step whose bytes changed but still
+    decode is refused by readers in one line naming the array, and autoresume goes on from the
+    step before it, then saves that step again equal to the uninterrupted run's."""
+    args = command(tmp_path, "max_duration=2ba", "save_interval=1ba", "eval_interval=0")
+    first = run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    trained = params_of(checkpoints)
+    name = change_one_number(checkpoints / "2")
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(str(checkpoints))
+    assert f"array {name} does not match the checksum saved with it" in str(err.value)
+    assert "\n" not in str(err.value) and "pass --step with another step: 1" in str(err.value)
+
+    again = run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not any(noise in again.stdout + again.stderr for noise in NOISE), again.stderr[-3000:]
+    assert f"checkpoint {checkpoints}/2 cannot be restored ({checkpoints}/2: array {name} does not match" in again.stdout
+    assert "at step 1" in again.stdout
     for ours, reference in zip(params_of(checkpoints), trained):
         np.testing.assert_array_equal(ours, reference)
 

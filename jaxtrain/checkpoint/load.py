@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxtrain.checkpoint import checksums
 from jaxtrain.checkpoint.frozen import RECORD_KEY, read_frozen
 from jaxtrain.checkpoint.orbax_reads import CODE_DEFECTS, read_only_manager, restore_state
 from jaxtrain.checkpoint.remote import fetch_checkpoint, is_remote
@@ -277,6 +278,10 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
                 return quant.quantize_array(value, kernel, scale)
         # Only the parameters are read; the optimizer state stays on disk.
         restored = restore_state(manager, step, target, damaged)
+        try:
+            checksums.verify(restored, meta.get(checksums.META_KEY), step_folder)
+        except checksums.ChecksumMismatch as err:
+            raise damaged(str(err).removeprefix(f"{step_folder}: ")) from None
     finally:
         manager.close()
     params = restored[item]

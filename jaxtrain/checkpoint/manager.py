@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import jaxtrain
+from jaxtrain.checkpoint import checksums
 from jaxtrain.checkpoint.faults import install_save_faults
 from jaxtrain.checkpoint.remote import RemoteSteps, RemoteUploadError, is_remote, process_group
 from jaxtrain.config.schema import ConfigError, error_line
@@ -272,6 +273,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
         """Start an asynchronous save; returns whether a save was started."""
         meta = dict(meta, format_version=FORMAT_VERSION, jaxtrain_version=jaxtrain.__version__, step=step)
+        meta[checksums.META_KEY] = checksums.checksums(state)  # checked when it is read back
         self._upload()
         try:
             started = self._manager.save(
@@ -286,13 +288,16 @@ class Checkpointer:
         return started
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``."""
+        """Restore ``step`` into the shapes, dtypes and shardings of ``abstract_state``; an array
+        that differs from the one saved raises ``checksums.ChecksumMismatch``."""
         self._materialize(step)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(state=self._restore_args(abstract_state), meta=ocp.args.JsonRestore()),
         )
-        return restored["state"], dict(restored["meta"])
+        meta = dict(restored["meta"])
+        checksums.verify(restored["state"], meta.get(checksums.META_KEY), f"{self.folder}/{step}")
+        return restored["state"], meta
 
     def _materialize(self, step: int) -> None:
         """Remote folders: a staged step may hold only this process's part, or none of it (an older
