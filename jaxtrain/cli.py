@@ -25,6 +25,18 @@ def _underscore_flag(arg: str) -> str:
 
 
 def run(argv: list[str] | None = None) -> None:
+    from jaxtrain.interrupt import EXIT_INTERRUPTED, was_interrupted
+
+    try:
+        _run(argv)
+    except BaseException as err:  # noqa: BLE001 - only an interrupt is turned into a line
+        if not was_interrupted(err):
+            raise
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _run(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

@@ -69,7 +69,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-    app.run(main, flags_parser=parse_flags)
+    from jaxtrain.interrupt import EXIT_INTERRUPTED, INTERRUPTED_AT_START, was_interrupted
+
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except BaseException as err:  # noqa: BLE001 - only an interrupt is turned into a line
+        if not was_interrupted(err):
+            raise
+        print(INTERRUPTED_AT_START, file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -265,3 +265,30 @@ def test_credentials_read_from_the_environment_are_never_printed(tmp_path, monke
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_TOKEN=secret))
     assert result.returncode == 2 and secret not in result.stdout + result.stderr, result.stderr
     assert "precision: unknown name '<hidden>'" in result.stderr, result.stderr
+    # and so are errors found once the config is read (a load_path that is not there)
+    config.write_text("variables:\n  token: ${oc.env:DB_PASSWORD}\nload_path: ${variables.token}\n")
+    result = subprocess.run([sys.executable, "-m", "jaxtrain.main", "--config", str(config), "--set",
+                             f"run_folder={tmp_path}/run"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, DB_PASSWORD=secret))
+    assert result.returncode == 2 and secret not in result.stdout + result.stderr, result.stderr
+    assert "load_path: <hidden>: no such folder" in result.stderr, result.stderr
+
+
+def test_training_without_a_config_or_out_of_memory_is_one_line(tmp_path):
+    """No --config is refused (the defaults alone are a 1.3B model); a device out of memory while
+    the run is built or trained is one line saying what to lower."""
+    result = subprocess.run([sys.executable, "-m", "jaxtrain.main"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: no config: pass --config PATH")
+    assert len(result.stderr.strip().splitlines()) == 1
+    # an embedding of 2**30 x 64 float32 (256 GiB) cannot be allocated
+    sets = ["variables.max_seq_len=64", "model.d_model=64", "model.n_layers=1", "model.vocab_size=1073741824",
+            "train_loader.dataset.max_files=20", "eval_loader.dataset.max_files=20", f"run_folder={tmp_path}/run",
+            "save_folder=null", "max_duration=1ba"]
+    result = subprocess.run([sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml",
+                             *[arg for item in sets for arg in ("--set", item)]], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the device ran out of memory"), result.stderr[-3000:]
+    assert "lower device_train_microbatch_size (now 16)" in lines[0]

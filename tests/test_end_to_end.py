@@ -144,6 +144,22 @@ def test_ctrl_c_saves_and_the_same_command_continues(tmp_path):
     assert step_losses(tmp_path / "run") == expected
 
 
+def test_ctrl_c_while_the_run_is_built_is_one_line(tmp_path):
+    """Ctrl-C before training starts (the run's own handlers not yet in place): one line and status
+    130, no traceback, and no "interrupted twice"."""
+    process = subprocess.Popen(command(tmp_path, "max_duration=4ba"), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # printed once the config is read, before JAX starts
+        if line.startswith("resolved config"):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-3000:]
+    assert err.strip() == "interrupted before training started: nothing was saved; earlier checkpoints are intact"
+    assert not (tmp_path / "checkpoints").exists() or not any(
+        name.isdigit() for name in os.listdir(tmp_path / "checkpoints"))
+
+
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     reference_dir = tmp_path / "reference"
     overrides = ("max_duration=12ba", "eval_interval=0", "save_interval=3ba")

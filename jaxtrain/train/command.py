@@ -10,6 +10,7 @@ from typing import Sequence
 
 from jaxtrain.config import ConfigError, dump_yaml, load_config
 from jaxtrain.config.interpolate import mask
+from jaxtrain.interrupt import INTERRUPTED_AT_START
 from jaxtrain.parallel.mesh import MeshError, build_mesh
 
 from jaxtrain.train.health import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
@@ -21,6 +22,14 @@ EXIT_USAGE = EXIT_CONFIG
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+def out_of_memory(err: BaseException, cfg) -> str:
+    """One line for the device running out of memory while the run was built or trained."""
+    detail = next((line.strip() for line in str(err).splitlines() if "Out of memory" in line), "out of memory")
+    return (f"the device ran out of memory ({detail[:160]}): lower device_train_microbatch_size (now "
+            f"{cfg.device_train_microbatch_size}), set model.remat: full, or use more devices or a smaller model; "
+            f"`jaxtrain plan --memory --config ...` estimates what a config needs")
 
 
 def _process_start() -> float:
@@ -53,6 +62,9 @@ def train_command(config_path: str | None, overrides: Sequence[str] = (), *, dat
 
 def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> int:
     started = _process_start()
+    if config_path is None:  # the defaults alone are a 1.3B model at 256 x 2048 tokens a step
+        return _error("no config: pass --config PATH (configs/quickstart.yaml trains a small model on this machine; "
+                      "configs/mpt/ holds the model presets)")
     notices: list[str] = []
     secrets: list[str] = []  # values of credential-named environment variables: never printed
     try:
@@ -64,7 +76,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
 
     from jaxtrain.config import validate_for_devices
     from jaxtrain.models import check_model_config
-    from jaxtrain.train.loop import Trainer
+    from jaxtrain.train.loop import StopNow, Trainer
     from jaxtrain.train.memory_report import start_report
     from jaxtrain.train.paths import expand_run_paths, resolve_run_name
     from jaxtrain.train.resume_settings import check_resume_before_build
@@ -78,7 +90,7 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
             raise ConfigError(f"load_path: {cfg.load_path}: no such folder; give a checkpoint folder (a run's "
                               f"save_folder, or one that jaxtrain convert wrote) or a Hugging Face MPT folder")
     except (ConfigError, MeshError) as err:
-        return _error(str(err))
+        return _error(mask(str(err), secrets))
 
     for notice in notices:
         print(f"notice: {mask(notice, secrets)}", flush=True)
@@ -108,10 +120,17 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
         print(start_report(parts), flush=True)
         result = Trainer(parts, callbacks=callbacks, started=started).fit()
     except ConfigError as err:
-        return _error(str(err))
-    except KeyboardInterrupt:
+        return _error(mask(str(err), secrets))
+    except StopNow:
         print("interrupted twice: stopped without a new checkpoint; earlier checkpoints are intact", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before the run's own handlers were in place: nothing was being saved
+        print(INTERRUPTED_AT_START, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return _error(out_of_memory(err, cfg))
     finally:
         if parts is not None:  # stop prefetch threads; drop a streamed dataset's cache unless kept
             for loader in (parts.train_loader, parts.eval_loader):

@@ -208,7 +208,7 @@ class Trainer(EvaluationMixin, RecoveryMixin):
 
     def _on_stop_signal(self, signum: int) -> None:
         if self._stop_signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            raise StopNow
         self._stop_signal = signum
 
     # ------------------------------------------------------------------ fit
@@ -394,6 +394,10 @@ class Trainer(EvaluationMixin, RecoveryMixin):
             if action != "ok":
                 self._handle_unhealthy([pending[0]], {pending[0]: action})
         return first_eval
+
+
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM while the run was stopping after its step: stop at once."""
 
 
 def _preemption_service_running() -> bool:
