@@ -336,3 +336,34 @@ def test_describe_lists_every_field_with_type_default_and_doc():
     assert "optimizer.lr: float = 0.0006  -- peak learning rate" in text
     assert "device_train_microbatch_size: int | str | None = None" in text
     assert "model.attn_config.kv_n_heads: int | None = None" in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=nan", "optimizer.lr: expected a finite number, got 'nan'"),
+    ("optimizer.lr=.inf", "optimizer.lr: expected a finite number, got inf"),
+    ("seed=99999999999999999999999", "seed: 99999999999999999999999 is out of range"),
+    ("seed=-5", "seed: -5 must be in [0, 2**32)"),
+    ("train_loader.dataset.shuffle_seed=4294967296", "train_loader.dataset.shuffle_seed: 4294967296 must be in"),
+])
+def test_numbers_no_setting_can_mean_are_one_line(override, message):
+    """Not-a-number and infinite values, integers past 64 bits and seeds outside Composer's range
+    are refused where they are set, naming the key the user wrote."""
+    text = error_of(load_config, None, [override])
+    assert message in text and "\n" not in text
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    path = write(tmp_path, "max_duration: 3ba\nmodel:\n  d_model: 64\n  n_layers: 2\n  d_model: 32\n")
+    assert error_of(load_config, path) == (f"{path}:5: malformed YAML (the key 'd_model' is given twice in one "
+                                           f"mapping (remove one)); fix the file at that line")
+    # a key brought in by a merge may be overridden
+    path = write(tmp_path, "variables:\n  base: &b {a: 1, b: 2}\n  other:\n    <<: *b\n    a: 3\n", "merge.yaml")
+    assert load_config(path).variables["other"] == {"a": 3, "b": 2}
+
+
+def test_a_run_longer_than_the_step_counter_is_refused():
+    from jaxtrain.train.setup import _plan_optimizer
+
+    cfg = load_config(None, ["max_duration=3000000000ba"])
+    text = error_of(_plan_optimizer, cfg, batches_per_epoch=10)
+    assert "max_duration: '3000000000ba' is 3000000000 batches; a run takes at most 2147483647 steps" in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -75,6 +76,25 @@ def load_config_dict(doc: dict, *, source: str = "checkpoint") -> Config:
     return cfg
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently; OmegaConf, and so LLM Foundry, refuses it). Keys brought in by a ``<<`` merge may be
+    overridden, as YAML allows."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        problem=f"the key {key_node.value!r} is given twice in one mapping (remove one)",
+                        problem_mark=key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read(path: str | None) -> dict:
     if path is None:
         return {}
@@ -87,7 +107,7 @@ def _read(path: str | None) -> dict:
         raise ConfigError(f"{path}: cannot read the config file ({e.__class__.__name__}: {e}); "
                           "pass a readable UTF-8 YAML file") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(malformed_yaml(path, e)) from None
     if doc is None:
@@ -221,15 +241,22 @@ def _convert(tp: Any, value: Any, key: str, where: _Origin) -> Any:
     if tp is bool and isinstance(value, bool):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**63:  # no count, size or seed is this large; JAX and NumPy take 64 bits at most
+            raise ConfigError(f"{where(key)}: {key}: {value} is out of range (at most {2**63 - 1})")
         return value
     if tp is float and not isinstance(value, bool):
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.replace("_", ""))  # YAML reads 1e-3 (no dot) as text
+                number = float(value.replace("_", ""))  # YAML reads 1e-3 (no dot) as text
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # .nan, .inf: no setting means them
+            raise ConfigError(f"{where(key)}: {key}: expected a finite number, got {value!r}")
+        if number is not None:
+            return number
     if tp is str:
         if isinstance(value, str):
             return value

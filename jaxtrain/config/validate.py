@@ -120,6 +120,9 @@ def validate(cfg: Config, where: Where) -> None:
         fail("model.logit_scale", f"expected a number or 'inv_sqrt_d_model', got {model.logit_scale!r}")
 
     positive("max_seq_len", cfg.max_seq_len)
+    for key, seed in (("seed", cfg.seed), ("train_loader.dataset.shuffle_seed", cfg.train_loader.dataset.shuffle_seed)):
+        if seed is not None and not 0 <= seed < 2**32:  # as Composer's and Streaming's seeds
+            fail(key, f"{seed} must be in [0, 2**32)")
     if cfg.max_seq_len > model.max_seq_len:
         fail("max_seq_len", f"{cfg.max_seq_len} is longer than model.max_seq_len {model.max_seq_len}; "
              "lower max_seq_len or raise model.max_seq_len")

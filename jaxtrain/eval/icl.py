@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import yaml
 
 from jaxtrain.config import ConfigError
-from jaxtrain.config.loader import malformed_yaml
+from jaxtrain.config.loader import UniqueKeyLoader, malformed_yaml
 from jaxtrain.eval import prompts
 from jaxtrain.eval.perplexity import SpanScorer, length_bucket, program_signature
 from jaxtrain.eval.prompts import fewshot_indices as fewshot_indices  # re-exported
@@ -51,7 +51,7 @@ _IGNORED_KEYS = {"metric_names", "pass_at_k", "generations_per_sample", "hf_load
 _TEXT_KEYS = ("prompt_string", "example_delimiter", "continuation_delimiter", "prelimiter", "cot_delimiter")
 
 
-class _LineLoader(yaml.SafeLoader):
+class _LineLoader(UniqueKeyLoader):
     """A safe YAML loader whose mappings remember the line they start on (``mapping.line``)."""
 
 

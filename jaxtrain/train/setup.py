@@ -131,6 +131,9 @@ def _plan_optimizer(cfg: Config, *, batches_per_epoch: int | None):
     )
     if total_batches <= 0:
         raise ConfigError(f"max_duration: {cfg.max_duration!r} is shorter than one batch; train for at least 1ba")
+    if total_batches >= 2**31:  # the step counter is a 32-bit integer on the devices
+        raise ConfigError(f"max_duration: {cfg.max_duration!r} is {total_batches} batches; a run takes at most "
+                          f"{2**31 - 1} steps")
 
     def to_batches_fn(value: str) -> int:
         return time_to_batches(cfg, value, "scheduler", batches_per_epoch=batches_per_epoch, total_batches=total_batches)
