@@ -13,6 +13,7 @@ import pytest
 import yaml
 from flax import nnx
 
+from jaxtrain.checkpoint.load import load_checkpoint
 from jaxtrain.convert import save_model
 from jaxtrain.convert.cli import main as convert_main
 from jaxtrain.eval import cli as eval_cli
@@ -83,7 +84,7 @@ def test_missing_step_lists_the_steps_there(ck, tasks, tmp_path, capsys):
 def test_step_missing_an_item_is_named_with_the_other_steps(ck, item, capsys):
     shutil.rmtree(ck / "5" / item)
     assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--max-new-tokens", "1"]) == 2
-    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", item, "--step with another step: 3")
+    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", item, "read another step instead: 3 (its folder, e.g.", "or --step 3)")
 
 
 def truncate_state(step_folder: Path, *, over: int = 10_000) -> None:
@@ -97,13 +98,13 @@ def truncate_state(step_folder: Path, *, over: int = 10_000) -> None:
 def test_truncated_state_is_named(ck, capsys):
     truncate_state(ck / "5")
     assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--max-new-tokens", "1"]) == 2
-    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", "--step with another step: 3")
+    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", "read another step instead: 3 (its folder, e.g.", "or --step 3)")
 
 
 def test_truncated_state_metadata_is_named(ck, capsys):
     truncate_state(ck / "5", over=1000)  # the JSON files of the state item too
     assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", "--max-new-tokens", "1", "--step", "5"]) == 2
-    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", "--step with another step: 3")
+    one_error(capsys, os.path.join(str(ck), "5"), "incomplete or damaged", "read another step instead: 3 (its folder, e.g.", "or --step 3)")
 
 
 def test_damaged_step_from_the_console_script_prints_one_line(ck):
@@ -116,9 +117,17 @@ def test_damaged_step_from_the_console_script_prints_one_line(ck):
     assert len(lines) == 1 and lines[0].startswith("error: ") and os.path.join(str(ck), "5") in lines[0], run.stderr
 
 
-def test_step_folder_instead_of_checkpoint_folder(ck, capsys):
-    assert generate_main(["--checkpoint", str(ck / "3"), "--prompt", "ab"]) == 2
-    one_error(capsys, ck / "3", "--step 3")
+def test_a_step_folder_reads_that_step_and_a_file_is_one_line(ck, capsys):
+    """A step's own folder (``<save_folder>/3``) reads that step, as ``--step 3`` does; a file is
+    not taken for a folder."""
+    assert generate_main(["--checkpoint", str(ck / "3"), "--prompt", "ab", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert generate_main(["--checkpoint", str(ck / "3"), "--prompt", "ab", "--step", "5"]) == 2
+    one_error(capsys, ck / "3", "the folder of step 3, but step 5 was asked for", str(ck))
+    assert load_checkpoint(str(ck / "3")).step == 3
+    (ck / "notes.txt").write_text("x")
+    assert generate_main(["--checkpoint", str(ck / "notes.txt"), "--prompt", "ab"]) == 2
+    one_error(capsys, ck / "notes.txt", "a file, not a checkpoint folder")
 
 
 def test_hugging_face_folder_says_to_convert_first(tmp_path, capsys):

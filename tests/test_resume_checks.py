@@ -106,7 +106,7 @@ def test_a_number_changed_on_disk_is_caught_and_the_step_passed_over(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_checkpoint(str(checkpoints))
     assert f"array {name} does not match the checksum saved with it" in str(err.value)
-    assert "\n" not in str(err.value) and "pass --step with another step: 1" in str(err.value)
+    assert "\n" not in str(err.value) and f"read another step instead: 1 (its folder, e.g. {checkpoints}/1, or --step 1)" in str(err.value)
 
     again = run(args)
     assert again.returncode == 0, again.stderr[-3000:]

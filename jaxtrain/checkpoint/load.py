@@ -128,6 +128,12 @@ def _check_parameters(where: str, model_cfg: ModelConfig, theirs: Any, ours: Any
         raise ParameterMismatch(where, model_cfg, missing, extra, different)
 
 
+def _is_step_folder(folder: str) -> bool:
+    """Whether ``folder`` is one step of a checkpoint (``<save_folder>/<step>`` with its items)."""
+    name = os.path.basename(os.path.abspath(folder))
+    return name.isdigit() and any(os.path.isdir(os.path.join(folder, item)) for item in ("state", "meta"))
+
+
 def _steps_text(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
@@ -139,10 +145,9 @@ def _no_checkpoint_error(folder: str) -> ConfigError:
         if "config.json" in names or any(name.endswith(".safetensors") for name in names):
             return ConfigError(f"{folder}: a Hugging Face model folder, not a jaxtrain checkpoint; convert it "
                                f"first: jaxtrain convert {folder} NEW_FOLDER, then pass NEW_FOLDER")
-        if {"state", "meta"} & names:
-            parent = os.path.dirname(os.path.abspath(folder))
-            return ConfigError(f"{folder}: a single checkpoint step folder; pass the checkpoint folder above it "
-                               f"({parent}) and --step {os.path.basename(os.path.abspath(folder))}")
+        if {"state", "meta"} & names:  # a step folder renamed (e.g. moved aside as unreadable)
+            return ConfigError(f"{folder}: one checkpoint step's folder, not named by its step number; pass the "
+                               f"checkpoint folder that holds it under its step number")
     return ConfigError(f"{folder}: no complete jaxtrain checkpoint found (expected numbered step folders)")
 
 
@@ -176,8 +181,17 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
     """
     from jaxtrain.train.state import abstract_model
 
+    if "://" not in folder and os.path.isfile(folder):
+        raise ConfigError(f"{folder}: a file, not a checkpoint folder; give the folder a run saved its checkpoints "
+                          f"in (its save_folder), or one of its step folders")
     if "://" not in folder and not os.path.isdir(folder):
         raise ConfigError(f"{folder}: checkpoint folder not found")
+    if "://" not in folder and _is_step_folder(folder):  # one step's folder: that step of the folder above
+        parent, number = os.path.split(os.path.abspath(folder))
+        if step is not None and step != int(number):
+            raise ConfigError(f"{folder}: the folder of step {number}, but step {step} was asked for; pass the "
+                              f"checkpoint folder above it ({parent}) to read another step")
+        folder, step = parent, int(number)
     if is_remote(folder):  # staged locally: Orbax reads the downloaded step
         root = fetch_checkpoint(folder, step)
     else:
@@ -197,9 +211,10 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
         def damaged(what: str) -> ConfigError:
             others = [s for s in steps if s != step]
             if is_remote(folder):
-                todo = "pass --step with another step saved there"
+                todo = "read another step saved there (--step, or its folder as the path)"
             elif others:
-                todo = f"pass --step with another step: {_steps_text(others)}"
+                todo = (f"read another step instead: {_steps_text(others)} (its folder, e.g. "
+                        f"{os.path.join(folder, str(others[-1]))}, or --step {others[-1]})")
             else:
                 todo = "it is the only step there: save or convert the checkpoint again"
             return ConfigError(f"{step_folder}: checkpoint step {step} is incomplete or damaged ({what}); {todo}")

@@ -86,6 +86,9 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
     try:
         validate_for_devices(cfg, build_mesh(cfg.parallelism).size)
         check_model_config(cfg.model)
+        if cfg.load_path and "://" not in cfg.load_path and os.path.isfile(cfg.load_path):
+            raise ConfigError(f"load_path: {cfg.load_path}: a file, not a folder; give a checkpoint folder (a run's "
+                              f"save_folder, or one of its step folders) or a Hugging Face MPT folder")
         if cfg.load_path and "://" not in cfg.load_path and not os.path.isdir(cfg.load_path):
             raise ConfigError(f"load_path: {cfg.load_path}: no such folder; give a checkpoint folder (a run's "
                               f"save_folder, or one that jaxtrain convert wrote) or a Hugging Face MPT folder")
