@@ -227,6 +227,95 @@ def test_other_model_family_is_refused(tmp_path):
         import_hf(str(folder), str(tmp_path / "out"))
 
 
+ALIBI = {"alibi": True, "attn_type": "multihead_attention"}
+BAD_CONFIG_VALUES = {  # config.json values of the wrong type or none at all -> the key they are under
+    "n_heads_text": ({"n_heads": "four"}, "n_heads"),
+    "d_model_null": ({"d_model": None}, "d_model"),
+    "vocab_size_quoted": ({"vocab_size": "512"}, "vocab_size"),
+    "n_layers_fraction": ({"n_layers": 1.5}, "n_layers"),
+    "n_heads_bool": ({"n_heads": True}, "n_heads"),
+    "max_seq_len_null": ({"max_seq_len": None}, "max_seq_len"),
+    "no_bias_null": ({"no_bias": None}, "no_bias"),
+    "norm_type_number": ({"norm_type": 5}, "norm_type"),
+    "epsilon_quoted": ({"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon"),
+    "tie_null": ({"tie_word_embeddings": None}, "tie_word_embeddings"),
+    "d_model_indivisible": ({"d_model": 30}, "d_model"),
+    "d_model_zero": ({"d_model": 0}, "d_model"),
+    "attn_config_text": ({"attn_config": "x"}, "attn_config"),
+    "attn_config_list": ({"attn_config": [1, 2]}, "attn_config"),
+    "ffn_config_text": ({"ffn_config": "x"}, "ffn_config"),
+    "init_config_text": ({"init_config": "x"}, "init_config"),
+    "alibi_bias_max_quoted": ({"attn_config": {**ALIBI, "alibi_bias_max": "8"}}, "attn_config.alibi_bias_max"),
+    "attn_pdrop_quoted": ({"attn_config": {**ALIBI, "attn_pdrop": "0.1"}}, "attn_config.attn_pdrop"),
+    "alibi_null": ({"attn_config": {**ALIBI, "alibi": None}}, "attn_config.alibi"),
+    "ffn_hidden_size_quoted": ({"ffn_config": {"ffn_hidden_size": "128"}}, "ffn_config.ffn_hidden_size"),
+    "ffn_act_fn_text": ({"ffn_config": {"ffn_act_fn": "silu"}}, "ffn_config.ffn_act_fn"),
+}
+
+
+def check_config_error(message, folder, key):
+    """One line naming the folder's config.json and the key first."""
+    assert "\n" not in message and "Traceback" not in message, message
+    head = f"{folder / 'config.json'}: {key}"
+    assert message.startswith(head) and message[len(head)] in " :", message
+
+
+@pytest.mark.parametrize("case", BAD_CONFIG_VALUES)
+def test_wrongly_typed_config_json_values_are_one_line_errors(case, tmp_path, capsys):
+    """convert, and a run's load_path, refuse a config.json value of the wrong type (or null where
+    a value is needed) in one line naming the file and the key, before any tensor is read."""
+    from jaxtrain.checkpoint.load import load_hf_weights
+
+    config, key = BAD_CONFIG_VALUES[case]
+    folder = write_folder(tmp_path, config=config)  # no weights: the config is refused first
+    with pytest.raises(ConfigError) as error:
+        import_hf(str(folder), str(tmp_path / "out"))
+    check_config_error(str(error.value), folder, key)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError) as error:
+        load_hf_weights(str(folder), like=None)  # a run with load_path=FOLDER
+    check_config_error(str(error.value), folder, key)
+    capsys.readouterr()
+    assert convert_main([str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    check_config_error(err[0].removeprefix("error: "), folder, key)
+
+
+def test_null_max_seq_len_is_refused_and_absent_means_the_default(tmp_path):
+    """A null max_seq_len is refused up front (it once made a checkpoint every reader called
+    damaged); a config.json without the key converts with MPT's default, 2048, and reads back."""
+    folder = write_folder(tmp_path, load_file(str(FIXTURES / "mha" / "model.safetensors")), {"max_seq_len": None})
+    with pytest.raises(ConfigError, match=r"config\.json: max_seq_len is null; remove the key to use the default "
+                                          r"\(2048\)$"):
+        import_hf(str(folder), str(tmp_path / "out"))
+    hf = json.loads((folder / "config.json").read_text())
+    del hf["max_seq_len"]
+    (folder / "config.json").write_text(json.dumps(hf))
+    assert convert(folder, tmp_path, "out").model_cfg.max_seq_len == 2048
+
+
+def test_config_json_error_through_the_jaxtrain_command(tmp_path):
+    """``jaxtrain convert`` prints the error on one line and exits 2, with no traceback."""
+    folder = write_folder(tmp_path, config={"n_heads": "four"})
+    run = subprocess.run([sys.executable, "-c", "from jaxtrain.cli import run; run()", "convert", str(folder),
+                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines == [f"error: {folder / 'config.json'}: n_heads: expected an integer, got 'four'; "
+                     "correct that key of config.json"], run.stderr
+
+
+def test_foundry_init_config_values_jaxtrain_does_not_take_fall_back_to_its_default(tmp_path):
+    """MosaicML's init_config may hold values jaxtrain's does not type (init_div_is_residual as a
+    number): initialisation does not matter for converted weights, so the default is recorded and
+    the checkpoint reads back."""
+    tensors = load_file(str(FIXTURES / "mha" / "model.safetensors"))
+    init = {"name": "kaiming_normal_", "init_div_is_residual": 2.0, "init_gain": 0.0, "emb_init_uniform_lim": None}
+    loaded = convert(write_folder(tmp_path, tensors, {"init_config": init}), tmp_path)
+    assert loaded.model_cfg.init_config.init_div_is_residual is True
+
+
 def test_shape_mismatch_names_tensor_and_shapes(tmp_path):
     tensors = load_file(str(FIXTURES / "mha" / "model.safetensors"))
     tensors["transformer.blocks.1.attn.Wqkv.weight"] = np.zeros((96, 31), np.float32)

@@ -25,136 +25,17 @@ from typing import Any, Iterator
 import numpy as np
 
 from jaxtrain.config import Config, ConfigError, config_to_dict
-from jaxtrain.config.schema import AttnConfig, FFNConfig, InitConfig, ModelConfig
+from jaxtrain.config.schema import ModelConfig
+from jaxtrain.convert.hf_config import (  # noqa: F401 - transformers_mpt_gaps: part of this module's interface
+    hf_config_from_model,
+    model_config_from_hf,
+    transformers_mpt_gaps,
+)
 from jaxtrain.convert.folders import CONFIG_FILE, check_new_folder, is_hf_folder, read_json_object
 from jaxtrain.convert.safetensors_io import SafetensorsWriter, open_safetensors_folder, parse_size
 from jaxtrain.data.tokenizer import TOKENIZER_FILE, TOKENIZER_FILES
 
 FOUNDRY_PREFIX = "model."
-_ATTN_KEYS = ("attn_type", "attn_pdrop", "clip_qkv", "qk_ln", "softmax_scale", "alibi", "alibi_bias_max",
-              "prefix_lm", "attn_uses_sequence_id", "sliding_window_size", "rope")
-_MODEL_KEYS = ("d_model", "n_heads", "n_layers", "expansion_ratio", "max_seq_len", "vocab_size", "no_bias",
-               "norm_type", "learned_pos_emb", "emb_pdrop", "resid_pdrop", "logit_scale")
-# Foundry options that change the math and have no jaxtrain equivalent: key -> value meaning "off".
-_UNSUPPORTED_OFF = {"block_overrides": (None, {}), "final_logit_softcapping": (None,)}
-_UNSUPPORTED_ATTN_OFF = {"qk_gn": (False,), "attn_logit_softcapping": (None,)}
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def model_config_from_hf(hf: dict, *, source: str, scan_layers: bool = True, validate: bool = True) -> ModelConfig:
-    """A ``ModelConfig`` from a MosaicML-format ``config.json`` (``source`` names the file in errors);
-    ``validate``: check it as the model would (imports JAX; a config being read leaves that to later)."""
-
-    model_type = hf.get("model_type")
-    if model_type != "mpt":
-        raise ConfigError(f"{source}: model_type is {model_type!r}, not 'mpt'; only MPT checkpoints convert")
-    for key in ("d_model", "n_heads", "n_layers", "vocab_size"):
-        if key not in hf:
-            raise ConfigError(f"{source}: missing key {key!r} (not a MosaicML MPT config)")
-    attn_hf = dict(hf.get("attn_config") or {})
-    ffn_hf = dict(hf.get("ffn_config") or {})
-    for key, off in _UNSUPPORTED_OFF.items():
-        if hf.get(key, off[0]) not in off:
-            raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported by jaxtrain")
-    for key, off in _UNSUPPORTED_ATTN_OFF.items():
-        if attn_hf.get(key, off[0]) not in off:
-            raise ConfigError(f"{source}: attn_config.{key}={attn_hf[key]!r} is not supported by jaxtrain")
-    if hf.get("quantization_config"):  # stored quantized (bitsandbytes, GPTQ, ...): not float weights
-        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) else "?"
-        raise ConfigError(f"{source}: quantization_config ({method}): its weights are stored quantized and jaxtrain "
-                          f"reads float ones; use the unquantized model, and model.quantize_frozen (int8 or nf4) "
-                          f"to keep a LoRA run's frozen weights quantized")
-    fc_type = hf.get("fc_type", "torch")
-    if (fc_type.get("name") if isinstance(fc_type, dict) else fc_type) != "torch":
-        raise ConfigError(f"{source}: fc_type={fc_type!r} is not supported; only torch Linear layers convert")
-
-    attn = AttnConfig(**{k: attn_hf[k] for k in _ATTN_KEYS if k in attn_hf})
-    if attn.attn_type == "grouped_query_attention":
-        attn.kv_n_heads = attn_hf.get("kv_n_heads")
-    model = {k: hf[k] for k in _MODEL_KEYS if k in hf}
-    eps = hf.get("norm_eps", hf.get("layer_norm_epsilon", 1e-5))
-    if "norm_eps" in hf and "layer_norm_epsilon" in hf and hf["norm_eps"] != hf["layer_norm_epsilon"]:
-        raise ConfigError(f"{source}: norm_eps={hf['norm_eps']} and layer_norm_epsilon={hf['layer_norm_epsilon']} "
-                          "disagree; keep the one the model was trained with")
-    if ffn_hf.get("ffn_hidden_size") is not None:
-        model["expansion_ratio"] = ffn_hf["ffn_hidden_size"] / hf["d_model"]
-    ffn = FFNConfig(ffn_type=ffn_hf.get("ffn_type", "mptmlp"), ffn_act_fn=ffn_hf.get("ffn_act_fn"))
-    init_hf = dict(hf.get("init_config") or {})
-    init = InitConfig(**{f: init_hf[f] for f in InitConfig.__dataclass_fields__ if f in init_hf})
-    if init.name not in ("kaiming_normal_", "normal_") or (init.name == "normal_" and init.init_std is None):
-        init = InitConfig()  # initialisation does not matter for converted weights
-    cfg = ModelConfig(
-        **model, norm_eps=float(eps), tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        attn_config=attn, ffn_config=ffn, init_config=init, scan_layers=scan_layers,
-    )  # fmt: skip
-    if float(cfg.expansion_ratio).is_integer():
-        cfg.expansion_ratio = int(cfg.expansion_ratio)
-    if not validate:
-        return cfg
-    from jaxtrain.models.mpt_config import validate_mpt_config
-
-    try:
-        validate_mpt_config(cfg)
-    except ValueError as error:
-        raise ConfigError(f"{source}: {error}") from None
-    return cfg
-
-
-def hf_config_from_model(cfg: ModelConfig, *, torch_dtype: str = "float32") -> dict:
-    """MosaicML's ``config.json`` for ``cfg`` (loadable by ``transformers`` within its MPT subset)."""
-    from jaxtrain.models.mpt_config import kv_heads
-
-    attn = cfg.attn_config
-    return {
-        "architectures": ["MptForCausalLM"],
-        "model_type": "mpt",
-        **{key: getattr(cfg, key) for key in _MODEL_KEYS},
-        "layer_norm_epsilon": cfg.norm_eps,
-        "norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attn_config": {
-            **{key: getattr(attn, key) for key in _ATTN_KEYS},
-            "attn_impl": "torch",
-            "kv_n_heads": kv_heads(cfg),
-        },
-        "ffn_config": {"ffn_type": cfg.ffn_config.ffn_type,
-                       **({"ffn_act_fn": cfg.ffn_config.ffn_act_fn} if cfg.ffn_config.ffn_act_fn else {})},
-        "init_config": dict(vars(cfg.init_config)),
-        "embedding_fraction": 1.0,
-        "init_device": "cpu",
-        "use_cache": False,
-        "torch_dtype": torch_dtype,
-    }
-
-
-def transformers_mpt_gaps(cfg: ModelConfig) -> list[str]:
-    """The options of ``cfg`` that transformers' built-in ``MptForCausalLM`` does not implement (it
-    hard-codes multi-head attention, no biases, a 4x GELU MLP, no logit scale and ALiBi with
-    bias max 8): it loads such a folder with a generic warning and computes other logits.
-    MosaicML's own MPT code (``trust_remote_code``, LLM Foundry) implements them all."""
-    attn, gaps = cfg.attn_config, []
-    if attn.attn_type != "multihead_attention":
-        gaps.append(f"attn_config.attn_type={attn.attn_type}")
-    if attn.qk_ln:
-        gaps.append("attn_config.qk_ln=true")
-    if not attn.alibi:
-        gaps.append("attn_config.alibi=false (learned positions)")
-    elif attn.alibi_bias_max != 8:
-        gaps.append(f"attn_config.alibi_bias_max={attn.alibi_bias_max}")
-    if not cfg.no_bias:
-        gaps.append("no_bias=false")
-    if cfg.expansion_ratio != 4:
-        gaps.append(f"expansion_ratio={cfg.expansion_ratio}")
-    act = dict(cfg.ffn_config.ffn_act_fn or {"name": "gelu"})
-    if cfg.ffn_config.ffn_type != "mptmlp" or act.get("name") != "gelu" or act.get("approximate", "none") != "none":
-        gaps.append(f"ffn_config={{ffn_type: {cfg.ffn_config.ffn_type}, ffn_act_fn: {act}}}")
-    if cfg.logit_scale is not None:
-        gaps.append(f"logit_scale={cfg.logit_scale}")
-    return gaps
-
-
 # ----------------------------------------------------------------------------- names
 
 
