@@ -436,6 +436,51 @@ def test_cli_end_to_end(tmp_path, successor_model, tokenizer, capsys):
     assert "gauntlet/average" in capsys.readouterr().out
 
 
+def test_cli_refuses_a_tokenizer_larger_than_the_models_vocabulary(tmp_path, successor_model, tokenizer, capsys):
+    from jaxtrain.convert import save_model
+
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    save_model(str(tmp_path / "ckpt"), model_cfg(tie_word_embeddings=False),
+               nnx.to_pure_dict(nnx.state(successor_model, nnx.Param)), tokenizer_path=str(tmp_path / "tokenizer.json"))
+    letters = "abcdefghijklmnopqrstuvwxyz \n"  # ids up to 28: beyond the model's 16
+    vocab = {ch: i for i, ch in enumerate(letters)} | {"<|endoftext|>": len(letters)}
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    backend.add_special_tokens(["<|endoftext|>"])
+    larger = tmp_path / "larger.json"
+    Tokenizer(backend).save(str(larger))
+    (tmp_path / "code.txt").write_text("xyz zyx wvu\n" * 4)
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "xy", "choices": ["z", "w"], "gold": 0}])
+    out = tmp_path / "results.json"
+    for data in (["--perplexity-data", str(tmp_path / "code.txt")],
+                 ["--task", str(tmp_path / "mc.jsonl"), "--type", "multiple_choice"]):
+        assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), *data, "--tokenizer", str(larger),
+                          "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+        assert captured.err.startswith(f"error: --tokenizer {larger}: token id 28 is outside the model's "
+                                       "vocabulary (0..15")
+        assert not out.exists()
+    (tmp_path / "text.txt").write_text(CHARS)  # each character predicts the next
+    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--perplexity-data", str(tmp_path / "text.txt"),
+                      "--out", str(out)]) == 0  # the checkpoint's own tokenizer fits
+    assert json.loads(out.read_text())["perplexity"]["perplexity"] < 2
+
+
+def test_results_json_is_strict_with_null_for_non_finite_numbers(tmp_path):
+    from jaxtrain.eval.cli import write_results
+
+    out = tmp_path / "results.json"
+    assert write_results({"perplexity": {"perplexity": float("nan"), "cross_entropy": float("inf"), "tokens": 3},
+                          "tasks": [{"accuracy": float("-inf")}, {"accuracy": 0.5}]}, str(out)) is None
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON")
+
+    results = json.loads(out.read_text(), parse_constant=refuse)
+    assert results == {"perplexity": {"perplexity": None, "cross_entropy": None, "tokens": 3},
+                       "tasks": [{"accuracy": None}, {"accuracy": 0.5}]}
+
+
 def test_a_malformed_tasks_file_is_one_line_naming_its_line(tmp_path):
     from jaxtrain.eval.icl import load_tasks
 

@@ -191,6 +191,10 @@ def test_fp8_bench_file_plans_against_the_fp8_peak(tmp_path, capsys):
         ["--budget-usd", "50000", "--budget-flops", "1e21"],
         ["--preset", "7b", "--tokens", "lots"],
         ["--budget-usd", "50000", "--unknown-flag"],
+        ["--config", str(PRESET_DIR / "7b.yaml"), "--preset", "1b", "--tokens", "1T"],
+        ["--preset", "7b", "--params", "6.7B", "--tokens", "1T"],
+        ["--config", str(PRESET_DIR / "7b.yaml"), "--params", "6.7B", "--tokens", "1T"],
+        ["--config", str(PRESET_DIR / "7b.yaml"), "--preset", "1b", "--memory"],
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
@@ -202,6 +206,33 @@ def test_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("jaxtrain plan: error:")
+
+
+def test_two_model_sources_are_refused_naming_both(capsys):
+    assert main(["--config", str(PRESET_DIR / "7b.yaml"), "--preset", "1b", "--tokens", "1T", "--no-plot"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("jaxtrain plan: error: --preset 1b and --config ")
+    assert "only one model source" in captured.err
+
+
+def test_a_plot_path_that_cannot_take_the_plot_is_one_line_before_the_work(tmp_path, capsys):
+    folder, existing = tmp_path / "folder", tmp_path / "plan.yaml"
+    folder.mkdir()
+    existing.write_text("kept\n")
+    cases = [(["--plot", str(folder)], f"--plot {folder}: is a folder"),
+             (["--out", str(existing)], f"--out {existing}: is a file"),
+             (["--plot", str(existing / "plan.png")], f"--plot {existing / 'plan.png'}: {existing} is a file"),
+             (["--out", str(existing / "plots")], f"--out {existing / 'plots'}: {existing} is a file")]
+    for argv, start in cases:
+        assert main(["--budget-usd", "50000", *argv]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert captured.err.startswith(f"jaxtrain plan: error: {start}"), captured.err
+        assert "Traceback" not in captured.err
+    assert existing.read_text() == "kept\n" and not any(folder.iterdir())
+    assert main(["--budget-usd", "50000", "--out", str(folder / "new")]) == 0
+    assert (folder / "new" / "plan.png").stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------- memory

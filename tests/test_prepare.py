@@ -141,6 +141,26 @@ def test_cli_writes_and_reports_errors_in_one_line(jsonl, tmp_path, capsys):
     assert "tfds:no_such_dataset_here" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_out_that_is_a_file_before_reading_the_inputs(jsonl, tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.write_text("kept\n")
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "train").write_text("kept\n")
+    corpus = open(jsonl).read()
+    cases = [(existing, f"--out {existing}: is a file; pass a folder"),
+             (existing / "sub", f"--out {existing / 'sub'}: {existing} is a file, not a folder"),
+             (tmp_path / "dataset", f"--out {tmp_path / 'dataset'}: {tmp_path / 'dataset' / 'train'} is a file")]
+    for out, start in cases:
+        assert main([jsonl, "--out", str(out), "--text-field", "body", "--vocab-size", str(VOCAB),
+                     "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert captured.err.startswith(f"error: {start}"), captured.err
+        assert "Traceback" not in captured.err
+    assert existing.read_text() == "kept\n" and (tmp_path / "dataset" / "train").read_text() == "kept\n"
+    assert open(jsonl).read() == corpus and not (tmp_path / "cache").exists()  # no tokenizer was trained
+
+
 def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path, run_streaming):
     out = tmp_path / "out"
     _prepare([jsonl], out, tmp_path, compression="zstd", hashes=["sha1"], size_limit=300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxtrain.config.schema import ConfigError
@@ -46,11 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out(out: str, split: str) -> None:
+    """Refuse an ``--out`` that cannot hold the dataset folder ``OUT/SPLIT`` (a file there, or a file in
+    its path) before the inputs are read or a tokenizer trained. Remote URLs are left to the writer."""
+    from jaxtrain.data.mds.writer import is_remote
+
+    if is_remote(out):
+        return
+    local = os.path.expanduser(out)
+    if os.path.exists(local) and not os.path.isdir(local):
+        raise ConfigError(f"--out {out}: is a file; pass a folder (the dataset is written to OUT/{split} "
+                          "and the tokenizer to OUT/tokenizer.json)")
+    target = os.path.join(local, split)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ConfigError(f"--out {out}: {target} is a file; pass another folder, or another --split")
+    above = os.path.dirname(os.path.abspath(target))
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if os.path.exists(above) and not os.path.isdir(above):
+        raise ConfigError(f"--out {out}: {above} is a file, not a folder; pass a folder path")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxtrain.data.prepare import prepare
 
     try:
+        check_out(args.out, args.split)
         result = prepare(
             args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eos_text=args.eos_text,
             concat_tokens=args.concat_tokens, tokenize=not args.no_tokenize, split=args.split,

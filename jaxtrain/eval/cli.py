@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 
@@ -109,13 +110,35 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--step {args.step}: must be >= 0")
 
 
+def check_vocabulary(tokenizer, vocab_size: int, what: str) -> None:
+    """Refuse a tokenizer with token ids the model has no embedding for (ids ``0..vocab_size-1``): its
+    scores would be NaN or meaningless rather than an error."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    largest = max(vocab.values(), default=-1)
+    if largest >= vocab_size:
+        raise ConfigError(f"{what}: token id {largest} is outside the model's vocabulary (0..{vocab_size - 1}; "
+                          f"the tokenizer has {len(vocab)} tokens); pass the tokenizer the model was trained with")
+
+
+def json_safe(value):
+    """``value`` with every non-finite float (NaN, inf) as ``None``, so that it is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_results(results: dict, path: str) -> str | None:
-    """Write ``results`` as JSON to ``path`` (whole, or not at all). If that fails, they go to a file in
-    the temporary folder instead, whose path is returned with the reason, so the evaluation is not lost."""
+    """Write ``results`` as strict JSON (a non-finite number as null) to ``path``, whole or not at all. If
+    that fails, they go to a file in the temporary folder instead, whose path is returned with the reason,
+    so the evaluation is not lost."""
     import tempfile
 
 
-    text = json.dumps(results, indent=2) + "\n"
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n"
     tmp = temp_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -158,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         if given_tokenizer is None and loaded.tokenizer_path is None:
             raise ConfigError(f"{args.checkpoint}: no tokenizer.json beside the checkpoint; pass --tokenizer PATH")
         tokenizer = given_tokenizer if given_tokenizer is not None else loaded.tokenizer()
+        check_vocabulary(tokenizer, loaded.model_cfg.vocab_size,
+                         f"--tokenizer {args.tokenizer}" if given_tokenizer is not None
+                         else f"{loaded.tokenizer_path} (the checkpoint's tokenizer)")
         model = loaded.merged().module()
         compute_dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
         results: dict = {"checkpoint": args.checkpoint, "step": loaded.step,

@@ -35,7 +35,7 @@ from jaxtrain.plan.ladder import (
     Preset, build_ladder, format_count, format_duration, format_ladder, format_usd, load_presets, nearest_preset,
     plot_ladder, preset_from_config, shape_lookup,
 )
-from jaxtrain.plan.inputs import BenchResult, PlanError, load_bench, parse_count
+from jaxtrain.plan.inputs import BenchResult, PlanError, load_bench, parse_count, parse_mesh, plot_path
 
 DEFAULT_MFU = 0.40
 DEFAULT_MFU_SOURCE = (
@@ -156,6 +156,17 @@ def _devices(args) -> int:
     return devices
 
 
+_MODEL_FLAGS = ("preset", "config", "params")
+
+
+def _check_model_source(args) -> None:
+    """A model is named one way: two of --preset, --config and --params would leave one of them unused."""
+    given = [f"--{name} {getattr(args, name)}" for name in _MODEL_FLAGS if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise PlanError(f"{' and '.join(given)}: give only one model source (--preset NAME, --config FILE "
+                        "or --params N)")
+
+
 def _model_preset(args, presets: list[Preset]) -> Preset | None:
     if args.config:
         path = pathlib.Path(args.config)
@@ -191,6 +202,7 @@ def _plan_budget(args, hardware, price_source, mfu, mfu_source, presets) -> str:
     chosen = [x for x in ("budget_usd", "budget_flops", "hours") if getattr(args, x) is not None]
     if len(chosen) != 1:
         raise PlanError("give exactly one budget: --budget-usd, --budget-flops, or --hours with --devices")
+    plot = None if args.no_plot else plot_path(args.plot, args.out)  # checked before any figures are worked out
     devices = _devices(args)
     seq_len = args.seq_len or 2048
     shape_for_params = shape_lookup(presets, seq_len)
@@ -247,10 +259,14 @@ def _plan_budget(args, hardware, price_source, mfu, mfu_source, presets) -> str:
                           seq_len=seq_len, precision=args.precision)
     lines.append(format_ladder(ladder))
     lines.append(PRICE_LINE)
-    if not args.no_plot:
-        path = pathlib.Path(args.plot) if args.plot else pathlib.Path(args.out or ".") / "plan.png"
+    if plot is not None:
+        path, flag = plot
         title = f"{budget_line} on {hardware.name}, MFU {mfu:.0%}"
-        lines.append(f"plot: {plot_ladder(ladder, path, title=title)}")
+        try:
+            lines.append(f"plot: {plot_ladder(ladder, path, title=title)}")
+        except OSError as err:
+            raise PlanError(f"{flag}: cannot write the plot {path} ({err.strerror or err}); "
+                            "pass a path in a writable folder, or --no-plot") from None
     return "\n".join(lines)
 
 
@@ -259,7 +275,7 @@ def _plan_run(args, hardware, price_source, mfu, mfu_source, presets) -> str:
     preset = _model_preset(args, presets)
     if args.params:
         params = parse_count(args.params, "--params")
-        near = preset or nearest_preset(params, presets)
+        near = nearest_preset(params, presets)
         shape, label = near.shape, f"{format_count(params)} parameters (shape of {near.name})"
     elif preset:
         params, shape, label = preset.params, preset.shape, f"{preset.name} ({format_count(preset.params)} parameters)"
@@ -288,16 +304,6 @@ def _plan_run(args, hardware, price_source, mfu, mfu_source, presets) -> str:
     ])
 
 
-def _parse_mesh(text: str) -> dict[str, int]:
-    mesh = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if not value.strip().isdigit() or int(value) < 1:
-            raise PlanError(f"--mesh {text!r}: expected data=D,fsdp=F,tensor=T with positive integers")
-        mesh[name.strip()] = int(value)
-    return mesh
-
-
 def _plan_memory(args, hardware, presets) -> str:
     from jaxtrain.config import load_config
     from jaxtrain.plan.memory import estimate_memory, format_memory
@@ -313,7 +319,7 @@ def _plan_memory(args, hardware, presets) -> str:
     cfg = load_config(path)
     devices = _devices(args)
     if args.mesh:
-        mesh = _parse_mesh(args.mesh)
+        mesh = parse_mesh(args.mesh)
     else:
         par = cfg.parallelism
         fixed = max(par.fsdp, 1) * max(par.tensor, 1) * (par.data if par.data > 0 else 1)
@@ -379,6 +385,7 @@ def main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_numbers(args)
+        _check_model_source(args)
         mfu, mfu_source, bench = _mfu(args)
         hardware, price_source = _hardware(args, bench)
         args.precision = _precision(args, bench, hardware)

@@ -18,10 +18,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import pathlib
 import re
 
 from jaxtrain.config.validate import PRECISIONS
 from jaxtrain.metrics.hardware import HARDWARE
+from jaxtrain.tempfiles import temp_path
 
 BENCH_KEYS = {"mfu": (int, float), "hardware": (str,), "tokens_per_second_per_device": (int, float)}
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
@@ -84,3 +87,47 @@ def load_bench(path: str) -> BenchResult:
         raise PlanError(f"--mfu from:{path}: unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return BenchResult(float(doc["mfu"]), doc["hardware"], float(doc["tokens_per_second_per_device"]), str(path),
                        precision)  # fmt: skip
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    mesh = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise PlanError(f"--mesh {text!r}: expected data=D,fsdp=F,tensor=T with positive integers")
+        mesh[name.strip()] = int(value)
+    return mesh
+
+
+def plot_path(plot: str | None, out: str | None) -> tuple[pathlib.Path, str]:
+    """Where the ladder plot goes, and the option that said so: ``--plot FILE``, else ``plan.png`` in
+    ``--out`` (or the working folder). A path that cannot take the file is a one-line error, before the work."""
+    if plot:
+        if os.path.isdir(plot):
+            raise PlanError(f"--plot {plot}: is a folder; pass a PNG file path such as "
+                            f"{os.path.join(plot, 'plan.png')}, or --no-plot")
+        path, flag = plot, f"--plot {plot}"
+    else:
+        if out and os.path.exists(out) and not os.path.isdir(out):
+            raise PlanError(f"--out {out}: is a file; --out takes a folder for the plot (plan.png is written "
+                            "there): pass a folder, or --plot FILE.png, or --no-plot")
+        path = os.path.join(out or ".", "plan.png")
+        flag = f"--out {out}" if out else "plan.png (the plot's default path)"
+        if os.path.isdir(path):
+            raise PlanError(f"{flag}: {path} is a folder; pass another --out folder, or --plot FILE.png, or --no-plot")
+    folder = os.path.dirname(os.path.abspath(path))
+    above = folder
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if os.path.exists(above) and not os.path.isdir(above):
+        raise PlanError(f"{flag}: {above} is a file, not a folder; pass a path in a folder, or --no-plot")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = temp_path(os.path.abspath(path))
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise PlanError(f"{flag}: cannot write the plot in {folder} ({err.strerror or err}); "
+                        "pass a path in a writable folder, or --no-plot") from None
+    return pathlib.Path(path), flag
