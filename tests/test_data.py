@@ -360,6 +360,23 @@ def test_a_token_id_outside_the_models_vocabulary_names_its_row():
         list(loader.batches(8))
 
 
+def test_a_token_id_outside_the_vocabulary_in_mds_shards_names_the_shard(tmp_path):
+    from jaxtrain.data.loader import BatchLoader
+    from jaxtrain.data.mds import MDSDataset, MDSWriter, TokenRows
+
+    with MDSWriter(str(tmp_path / "mds"), {"tokens": "ndarray:int32:4"}, size_limit=100) as writer:
+        for index in range(16):
+            writer.write({"tokens": np.arange(4, dtype=np.int32) + (1030 if index == 11 else index)})
+    rows = TokenRows([MDSDataset(str(tmp_path / "mds"))], seq_len=4)
+    assert rows.where(11).startswith(f"shard {tmp_path / 'mds'}/shard.")
+    loader = BatchLoader(rows, global_batch_size=16, shuffle=False)
+    loader.vocab_size = 1024
+    with pytest.raises(ConfigError) as err:
+        next(loader)
+    assert f"train_loader: row 11 ({rows.where(11)}) holds token id 1030" in str(err.value)
+    assert not rows.where(11).endswith("sample 11")  # the sample within its own shard
+
+
 def test_eval_loader_drop_last_leaves_out_the_incomplete_batch_in_training_runs(tmp_path):
     """eval_loader.drop_last: true evaluates the full batches only, as Composer's eval dataloader
     does with it; by default every held-out row is scored. A split too small for one full batch is

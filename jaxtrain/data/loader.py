@@ -262,7 +262,10 @@ class BatchLoader:
         if ids.min() >= 0 and ids.max() < self.vocab_size:
             return
         bad = np.argwhere((ids < 0) | (ids >= self.vocab_size))[0]
-        raise ConfigError(f"{self.name}: row {int(rows[bad[0]])} holds token id {int(ids[tuple(bad)])}, outside "
+        row = int(rows[bad[0]])
+        where = getattr(self.rows, "where", None)
+        at = f"row {row} ({where(row)})" if where is not None else f"row {row}"
+        raise ConfigError(f"{self.name}: {at} holds token id {int(ids[tuple(bad)])}, outside "
                           f"model.vocab_size {self.vocab_size}: the data was tokenized with another tokenizer; set "
                           f"tokenizer.name to the one it was made with and model.vocab_size to at least its size")
 

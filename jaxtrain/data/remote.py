@@ -355,6 +355,10 @@ class StreamingTokenRows(ShardedRows):
         dataset, number = self._shards[shard]
         return token_view(dataset.shard(number), self.column, self.seq_len, self.bytes_dtype, self.key)
 
+    def _shard_name(self, shard: int) -> str:
+        dataset, number = self._shards[shard]
+        return dataset.store.where(dataset.shards[number]["raw_data"]["basename"])
+
     def prefetch(self, indices: np.ndarray) -> None:
         """Start downloading the shards holding rows ``indices`` (as far as the cache has room)."""
         shards = np.unique(np.searchsorted(self._starts, np.asarray(indices, np.int64), side="right") - 1)

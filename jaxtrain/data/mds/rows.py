@@ -45,6 +45,14 @@ class ShardedRows:
             rows[mask] = self._shard_view(int(shard))[indices[mask] - self._starts[shard]]
         return rows
 
+    def where(self, row: int) -> str:
+        """Where row ``row`` is stored: ``shard <file>, sample <n>``."""
+        shard = int(np.searchsorted(self._starts, row, side="right") - 1)
+        return f"shard {self._shard_name(shard)}, sample {row - int(self._starts[shard])}"
+
+    def _shard_name(self, shard: int) -> str:
+        return f"#{shard}"
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         rows = self[:]
         return rows if dtype is None else rows.astype(dtype)
@@ -64,16 +72,22 @@ class TokenRows(ShardedRows):
                  bytes_dtype: str = DEFAULT_BYTES_TOKEN_DTYPE, key: str = "train_loader.dataset"):
         self.seq_len = seq_len
         self._views: list[np.ndarray] = []
+        self._paths: list[str] = []
         for dataset in datasets:
             for number in range(dataset.num_shards):
-                view = token_view(dataset.shard(number), column, seq_len, np.dtype(bytes_dtype), key)
+                shard = dataset.shard(number)
+                view = token_view(shard, column, seq_len, np.dtype(bytes_dtype), key)
                 if len(view):
                     self._views.append(view)
+                    self._paths.append(shard.path)
         self._starts = np.concatenate([[0], np.cumsum([len(view) for view in self._views])]).astype(np.int64)
         self.shape = (int(self._starts[-1]), seq_len)
 
     def _shard_view(self, shard: int) -> np.ndarray:
         return self._views[shard]
+
+    def _shard_name(self, shard: int) -> str:
+        return self._paths[shard]
 
 
 class _GatheredRows:
