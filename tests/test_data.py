@@ -174,6 +174,23 @@ def test_load_or_pack_caches_so_second_run_skips_tokenising(tmp_path, small_toke
     np.testing.assert_array_equal(first, second)
     load_or_pack(documents, small_tokenizer, cache_dir=str(tmp_path), max_seq_len=8, eos_token_id=0)
     assert len(calls) == 2
+    # a cache file damaged on disk (cut short) is packed again, to the same rows
+    expected = np.asarray(first).copy()
+    (path,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.startswith("unit-L16")]
+    with open(path, "r+b") as handle:
+        handle.truncate(200)
+    again = load_or_pack(documents, small_tokenizer, cache_dir=str(tmp_path), max_seq_len=16, eos_token_id=0)
+    assert len(calls) == 3
+    np.testing.assert_array_equal(again, expected)
+
+
+def test_a_damaged_cached_tokenizer_is_trained_again(tmp_path, small_corpus):
+    cfg = TokenizerConfig(name="bpe:default", kwargs={"vocab_size": SMALL_VOCAB})
+    first = load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=small_corpus.texts, train_fingerprint="a")
+    (cached,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    open(cached, "w").close()  # emptied
+    second = load_tokenizer(cfg, cache_dir=str(tmp_path), train_texts=small_corpus.texts, train_fingerprint="a")
+    assert second.encode_batch(SNIPPETS) == first.encode_batch(SNIPPETS) and os.path.getsize(cached) > 0
 
 
 # ----------------------------------------------------------------------------- loader

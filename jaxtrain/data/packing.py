@@ -9,6 +9,7 @@ the documents, the tokenizer, the EOS id and the row length, so a second run ski
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
@@ -64,13 +65,22 @@ def load_or_pack(documents: Documents, tokenizer: Tokenizer, *, cache_dir: str, 
                  eos_token_id: int) -> np.ndarray:
     """The packed rows of ``documents`` (int32[num_rows, max_seq_len]), from the cache when present.
 
-    The array is memory-mapped read-only from the cache file.
+    The array is memory-mapped read-only from the cache file. A cache file that cannot be read
+    back as such rows (damaged on disk) is packed again.
     """
     path = packed_cache_path(cache_dir, documents, tokenizer, max_seq_len=max_seq_len, eos_token_id=eos_token_id)
-    if not os.path.isfile(path):
-        rows = pack_documents(tokenizer, documents.texts(), max_seq_len=max_seq_len, eos_token_id=eos_token_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = temp_path(path, ".npy")
-        np.save(tmp, rows, allow_pickle=False)
-        os.replace(tmp, path)
+    if os.path.isfile(path):
+        try:
+            rows = np.load(path, mmap_mode="r", allow_pickle=False)
+            if rows.ndim == 2 and rows.shape[1] == max_seq_len and rows.dtype == np.int32:
+                return rows
+            problem = f"it holds {rows.dtype} rows of shape {rows.shape}"
+        except (OSError, ValueError, EOFError) as err:
+            problem = str(err)
+        logging.warning("the data cache file %s cannot be read (%s); packing the data again", path, problem)
+    rows = pack_documents(tokenizer, documents.texts(), max_seq_len=max_seq_len, eos_token_id=eos_token_id)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = temp_path(path, ".npy")
+    np.save(tmp, rows, allow_pickle=False)
+    os.replace(tmp, path)
     return np.load(path, mmap_mode="r", allow_pickle=False)

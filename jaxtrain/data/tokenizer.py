@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -323,7 +324,11 @@ def _trained_bpe(vocab_size: int, cache_dir: str, train_texts: Callable[[], Iter
     key = hashlib.sha1(f"bpe-bytelevel-v1\0{vocab_size}\0{train_fingerprint}".encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{key}", "tokenizer.json")
     if os.path.isfile(path):
-        return tokenizers.Tokenizer.from_file(path)
+        try:
+            return tokenizers.Tokenizer.from_file(path)
+        except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged file
+            logging.warning("the cached tokenizer %s cannot be read (%s); training it again", path,
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
     backend = _train_bpe(train_texts(), vocab_size)
     _atomic_write(path, backend.to_str())
     return backend
