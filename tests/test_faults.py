@@ -109,8 +109,8 @@ def test_disk_full_while_saving_fails_loudly_and_keeps_the_previous_checkpoint(r
     assert f"checkpoint {checkpoints}/4 could not be saved" in errors[0]
     assert "No space left on device" in errors[0] and "free space" in errors[0]
     assert "checkpoint of step 2 is intact" in errors[0] and "run the same command" in errors[0]
-    # Orbax logs the background failure first; the run's last word is the one-line error.
-    assert failed.stderr.strip().splitlines()[-1] == errors[0]
+    # the one-line error is all that is said about it (Orbax's own reports go to the debug log)
+    assert failed.stderr.strip().splitlines() == errors, failed.stderr[-3000:]
     assert committed(checkpoints) == [2]
     # The failure surfaces as soon as the background write fails, at the latest by the next save.
     assert max(step_losses(tmp_path / "run")) <= 6

@@ -82,6 +82,20 @@ class _NoPrimaryHostNotice(std_logging.Filter):
         return "disabled for `primary_host=None`" not in record.getMessage()
 
 
+class _SaveFailureReports(std_logging.Filter):
+    """Orbax logs a failed background save with its traceback, from the thread that wrote it and
+    again from the one that waited for it; the run reports every failed save itself, in one line
+    (``CheckpointSaveError``), so these reports go to the debug log instead."""
+
+    MARKS = ("in background save thread", "Save Finalize thread")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.ERROR and any(mark in record.getMessage() for mark in self.MARKS):
+            std_logging.getLogger(__name__).debug("%s", record.getMessage(), exc_info=record.exc_info)
+            return False
+        return True
+
+
 class _PartHandler(ocp.StandardCheckpointHandler):
     """The train state of a process that stages its own part of a multi-process checkpoint on local
     disk: the per-process OCDBT files are not merged when saving (the other parts are elsewhere);
@@ -164,6 +178,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
+        absl_logger = logging.get_absl_logger()
+        if not any(isinstance(f, _SaveFailureReports) for f in absl_logger.filters):
+            absl_logger.addFilter(_SaveFailureReports())
         local = self.remote.staging if self.remote is not None else self.folder
         if faults is not None:
             install_save_faults(local, faults)
