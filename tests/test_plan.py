@@ -195,6 +195,9 @@ def test_fp8_bench_file_plans_against_the_fp8_peak(tmp_path, capsys):
         ["--preset", "7b", "--params", "6.7B", "--tokens", "1T"],
         ["--config", str(PRESET_DIR / "7b.yaml"), "--params", "6.7B", "--tokens", "1T"],
         ["--config", str(PRESET_DIR / "7b.yaml"), "--preset", "1b", "--memory"],
+        ["--budget-usd", "50000", "--preset", "7b"],  # a budget picks the sizes itself
+        ["--budget-usd", "50000", "--preset", "7b", "--tokens", "1T"],  # two questions at once
+        ["--budget-usd", "50000", "--config", str(PRESET_DIR / "7b.yaml"), "--memory"],
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):

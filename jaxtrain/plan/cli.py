@@ -390,6 +390,16 @@ def main(argv: list[str]) -> int:
         hardware, price_source = _hardware(args, bench)
         args.precision = _precision(args, bench, hardware)
         presets = load_presets()
+        budgets = [f"--{name.replace('_', '-')}" for name in ("budget_usd", "budget_flops", "hours")
+                   if getattr(args, name) is not None]
+        models = [f"--{name}" for name in _MODEL_FLAGS if getattr(args, name) is not None]
+        if budgets and (args.tokens is not None or args.memory):  # one question at a time
+            other = "--tokens" if args.tokens is not None else "--memory"
+            raise PlanError(f"{budgets[0]} and {other}: ask one question: a budget (the ladder of models it "
+                            f"buys), or one model's run (--tokens) or memory (--memory)")
+        if budgets and models:
+            raise PlanError(f"{budgets[0]} and {models[0]}: a budget plans the ladder of model sizes it buys; to "
+                            f"cost one model, give its --tokens instead of a budget")
         if args.memory:
             text = _plan_memory(args, hardware, presets)
         elif args.tokens is not None:
