@@ -344,6 +344,7 @@ def test_describe_lists_every_field_with_type_default_and_doc():
     ("seed=99999999999999999999999", "seed: 99999999999999999999999 is out of range"),
     ("seed=-5", "seed: -5 must be in [0, 2**32)"),
     ("train_loader.dataset.shuffle_seed=4294967296", "train_loader.dataset.shuffle_seed: 4294967296 must be in"),
+    ("run_name=../../elsewhere", "run_name: '../../elsewhere' is not a name"),
 ])
 def test_numbers_no_setting_can_mean_are_one_line(override, message):
     """Not-a-number and infinite values, integers past 64 bits and seeds outside Composer's range

@@ -120,6 +120,10 @@ def validate(cfg: Config, where: Where) -> None:
         fail("model.logit_scale", f"expected a number or 'inv_sqrt_d_model', got {model.logit_scale!r}")
 
     positive("max_seq_len", cfg.max_seq_len)
+    if cfg.run_name is not None and (not cfg.run_name.strip() or "/" in cfg.run_name or "\\" in cfg.run_name
+                                     or cfg.run_name in (".", "..")):
+        fail("run_name", f"{cfg.run_name!r} is not a name (it is put into run_folder and save_folder as "
+                         f"{{run_name}}); give a name without slashes, or set run_folder to the folder wanted")
     for key, seed in (("seed", cfg.seed), ("train_loader.dataset.shuffle_seed", cfg.train_loader.dataset.shuffle_seed)):
         if seed is not None and not 0 <= seed < 2**32:  # as Composer's and Streaming's seeds
             fail(key, f"{seed} must be in [0, 2**32)")
