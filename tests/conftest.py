@@ -36,13 +36,19 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-    """Runs launched by tests (subprocesses inherit the variable) and the test process itself share
-    one XLA compilation cache: most of them train the same tiny model, so each program is compiled
-    once per test process (a cached program is the same executable, so the numbers are the same)."""
+    """Runs launched by tests (subprocesses inherit the variable), the test process itself and the
+    session's other test processes share one XLA compilation cache: most of them train the same
+    tiny model, so each program is compiled about once per session (a cached program is the same
+    executable, so the numbers are the same; an entry read while another process writes it is
+    compiled again, as JAX reads a damaged entry)."""
     if "JAXTRAIN_COMPILATION_CACHE_DIR" in os.environ:
         yield
         return
-    folder = str(tmp_path_factory.mktemp("xla-cache"))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the session's test processes
+    folder = str(root / "xla-cache")
+    os.makedirs(folder, exist_ok=True)
     os.environ["JAXTRAIN_COMPILATION_CACHE_DIR"] = folder
     import jax
 
