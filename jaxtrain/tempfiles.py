@@ -30,6 +30,16 @@ def temp_path(path: str, suffix: str = "") -> str:
     return f"{path}{temp_marker(os.getpid())}{time.monotonic_ns()}{suffix}"
 
 
+def probe_write(path: str) -> None:
+    """Create the folder of the file ``path`` and write (then remove) a temporary file beside it;
+    ``OSError`` when that cannot be done."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    probe = temp_path(os.path.abspath(path))
+    with open(probe, "w", encoding="utf-8"):
+        pass
+    os.remove(probe)
+
+
 def check_output_file(path: str, flag: str = "--out") -> None:
     """Create the folder of the output file ``path`` and check that a file can be written there,
     before a command does its work: a one-line ``ConfigError`` (naming ``flag``) when it cannot."""
@@ -39,11 +49,7 @@ def check_output_file(path: str, flag: str = "--out") -> None:
         raise ConfigError(f"{flag} {path}: is a folder; pass a file path such as {os.path.join(path, 'results.json')}")
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = temp_path(os.path.abspath(path))
-        with open(probe, "w", encoding="utf-8"):
-            pass
-        os.remove(probe)
+        probe_write(path)
     except OSError as error:
         raise ConfigError(f"{flag} {path}: cannot write a file in {folder} ({error.strerror or error}); "
                           "pass a path in a writable folder") from None

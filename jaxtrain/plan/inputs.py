@@ -24,7 +24,7 @@ import re
 
 from jaxtrain.config.validate import PRECISIONS
 from jaxtrain.metrics.hardware import HARDWARE
-from jaxtrain.tempfiles import temp_path
+from jaxtrain.tempfiles import probe_write
 
 BENCH_KEYS = {"mfu": (int, float), "hardware": (str,), "tokens_per_second_per_device": (int, float)}
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
@@ -122,11 +122,7 @@ def plot_path(plot: str | None, out: str | None) -> tuple[pathlib.Path, str]:
     if os.path.exists(above) and not os.path.isdir(above):
         raise PlanError(f"{flag}: {above} is a file, not a folder; pass a path in a folder, or --no-plot")
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = temp_path(os.path.abspath(path))
-        with open(probe, "w", encoding="utf-8"):
-            pass
-        os.remove(probe)
+        probe_write(path)
     except OSError as err:
         raise PlanError(f"{flag}: cannot write the plot in {folder} ({err.strerror or err}); "
                         "pass a path in a writable folder, or --no-plot") from None
