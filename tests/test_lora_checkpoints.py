@@ -168,25 +168,31 @@ from jaxtrain.config import load_config_dict
 from jaxtrain.train.state import abstract_model
 import json
 
-folder, model, reference = sys.argv[1], json.loads(sys.argv[2]), np.load(sys.argv[3])
+def check(folder, model, reference):
+    _, abstract = abstract_model(load_config_dict({"model": model, "max_seq_len": 16}).model)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))),
+                        abstract)
+    reads.clear()
+    loaded = load_checkpoint(folder, like=like, merge_adapters=True)
+    assert loaded.model_cfg.peft_config is None and loaded.model_cfg.quantize_frozen is None
+    got, wanted = param_names(loaded.params), param_names(like)
+    assert sorted(got) == sorted(wanted) == sorted(reference.files)
+    for name, value in got.items():
+        assert value.sharding == wanted[name].sharding and value.dtype == wanted[name].dtype, name
+        np.testing.assert_array_equal(np.asarray(value), reference[name], err_msg=name)
+    # every weight the checkpoint holds was read in parts on the mesh, never whole onto one device;
+    # only the small adapters are replicated
+    whole = [name for name, x in reads if x.ndim >= 2 and x.sharding.shard_shape(x.shape) == x.shape]
+    assert reads and all(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for name in whole), whole
+
+
 mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2), ("a", "b"))  # as jaxtrain builds meshes
 spec = lambda x: P(*[None] * (x.ndim - 2), "a", "b") if x.ndim >= 2 else P()
-_, abstract = abstract_model(load_config_dict({"model": model, "max_seq_len": 16}).model)
-like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))), abstract)
 reads, restore = [], load_module.restore_state
 load_module.restore_state = lambda manager, step, target, *a, **k: (
     reads.extend(param_names(target).items()) or restore(manager, step, target, *a, **k))
-loaded = load_checkpoint(folder, like=like, merge_adapters=True)
-assert loaded.model_cfg.peft_config is None and loaded.model_cfg.quantize_frozen is None
-got, wanted = param_names(loaded.params), param_names(like)
-assert sorted(got) == sorted(wanted) == sorted(reference.files)
-for name, value in got.items():
-    assert value.sharding == wanted[name].sharding and value.dtype == wanted[name].dtype, name
-    np.testing.assert_array_equal(np.asarray(value), reference[name], err_msg=name)
-# every weight the checkpoint holds was read in parts on the mesh, never whole onto one device;
-# only the small adapters are replicated
-whole = [name for name, x in reads if x.ndim >= 2 and x.sharding.shard_shape(x.shape) == x.shape]
-assert reads and all(name.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for name in whole), whole
+for folder, model, reference in json.loads(sys.argv[1]):
+    check(folder, model, np.load(reference))
 print(len(reads))
 """
 
@@ -211,18 +217,18 @@ def test_a_full_fine_tune_merges_a_lora_checkpoint_on_its_own_devices(tmp_path):
     float_run = run_config(tmp_path / "float", BASE, max_duration="2ba", save_interval="2ba")
     nf4_run = _quantized(run_config(tmp_path / "nf4", BASE, max_duration="2ba", save_interval="2ba",
                                     save_frozen_weights=True), "nf4")
+    cases = []
     for cfg in (float_run, nf4_run):
         fit(cfg)
-        folder = cfg.save_folder
-        saved = load_checkpoint(folder)
+        saved = load_checkpoint(cfg.save_folder)
         merged = lora.merge_adapters(saved.params, saved.model_cfg)
-        reference = {name: np.asarray(value.astype(np.float32)) for name, value in param_names(merged).items()}
-        np.savez(tmp_path / "reference.npz", **reference)
-        model = json.dumps(config_to_dict(lora.without_adapters(cfg.model)))
-        out = subprocess.run([sys.executable, "-c", MERGED_LOAD, folder, model, str(tmp_path / "reference.npz")],
-                             env=cpu_devices_env(4), capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert int(out.stdout.split()[-1]) > 0
+        reference = str(tmp_path / f"reference-{len(cases)}.npz")
+        np.savez(reference, **{name: np.asarray(value.astype(np.float32)) for name, value in param_names(merged).items()})
+        cases.append((cfg.save_folder, config_to_dict(lora.without_adapters(cfg.model)), reference))
+    out = subprocess.run([sys.executable, "-c", MERGED_LOAD, json.dumps(cases)], env=cpu_devices_env(4),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 0
     # a full fine-tune goes on from the NF4 checkpoint (its packed kernels read back and merged)
     follow = dataclasses.replace(nf4_run, model=lora.without_adapters(nf4_run.model), load_path=nf4_run.save_folder,
                                  save_folder=None, run_folder=str(tmp_path / "follow"), max_duration="1ba")
