@@ -147,10 +147,14 @@ def test_ctrl_c_saves_and_the_same_command_continues(tmp_path):
 def test_ctrl_c_while_the_run_is_built_is_one_line(tmp_path):
     """Ctrl-C before training starts (the run's own handlers not yet in place): one line and status
     130, no traceback, and no "interrupted twice"."""
-    # (as from a terminal: a test process may run with SIGINT ignored, which its children inherit)
-    process = subprocess.Popen(command(tmp_path, "max_duration=4ba"), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # as from a terminal: a test process may run with SIGINT ignored, which a child would inherit;
+    # with a handler here, the child starts with the default
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(command(tmp_path, "max_duration=4ba"), cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for line in process.stdout:  # printed once the config is read, before JAX starts
         if line.startswith("resolved config"):
             break
