@@ -98,20 +98,7 @@ def few(items: list[str], limit: int = 3) -> str:
 
 def param_names(tree: Any) -> dict[str, Any]:
     """{dotted parameter name (``blocks.attn.Wqkv.kernel``): leaf} of a parameter tree."""
-    names = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = []
-        for key in path:
-            name = getattr(key, "key", None)
-            if name is None:
-                name = getattr(key, "name", None)
-            if name is None:
-                name = getattr(key, "idx", key)
-            keys.append(str(name))
-        if len(keys) > 1 and keys[-1] == "value":  # nnx.State keeps each array in a variable's .value
-            keys.pop()
-        names[".".join(keys)] = leaf
-    return names
+    return dict(zip(checksums.leaf_names(tree), jax.tree.leaves(tree)))
 
 
 def _check_parameters(where: str, model_cfg: ModelConfig, theirs: Any, ours: Any, *, shapes: bool) -> None:
