@@ -96,6 +96,13 @@ class _SaveFailureReports(std_logging.Filter):
         return True
 
 
+def _filter_orbax_logs(kind: type) -> None:
+    """Add a filter of ``kind`` to absl's logger (which Orbax logs through), once per process."""
+    absl_logger = logging.get_absl_logger()
+    if not any(isinstance(f, kind) for f in absl_logger.filters):
+        absl_logger.addFilter(kind())
+
+
 class _PartHandler(ocp.StandardCheckpointHandler):
     """The train state of a process that stages its own part of a multi-process checkpoint on local
     disk: the per-process OCDBT files are not merged when saving (the other parts are elsewhere);
@@ -178,9 +185,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        absl_logger = logging.get_absl_logger()
-        if not any(isinstance(f, _SaveFailureReports) for f in absl_logger.filters):
-            absl_logger.addFilter(_SaveFailureReports())
+        _filter_orbax_logs(_SaveFailureReports)
         local = self.remote.staging if self.remote is not None else self.folder
         if faults is not None:
             install_save_faults(local, faults)
@@ -194,9 +199,7 @@ class Checkpointer:
             handlers = {"state": _PartHandler(multiprocessing_options=every),
                         "meta": ocp.JsonCheckpointHandler(multiprocessing_options=every)}
             self._save_args, self._restore_args = _PartSave, _PartRestore
-            absl_logger = logging.get_absl_logger()
-            if not any(isinstance(f, _NoPrimaryHostNotice) for f in absl_logger.filters):
-                absl_logger.addFilter(_NoPrimaryHostNotice())
+            _filter_orbax_logs(_NoPrimaryHostNotice)
         self._manager = ocp.CheckpointManager(local, options=options, item_names=("state", "meta"),
                                               item_handlers=handlers)
 
