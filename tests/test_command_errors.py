@@ -1,6 +1,7 @@
 """Bad input to ``jaxtrain generate``, ``eval`` and ``convert``: one ``error:`` line naming the file,
 step or flag and what to do, exit status 2, no traceback, and nothing existing harmed."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -192,6 +193,20 @@ def test_eval_numeric_flags(ck, tasks, flag, value, capsys):
 def test_generate_numeric_flags(ck, flag, value, capsys):
     assert generate_main(["--checkpoint", str(ck), "--prompt", "ab", flag, value]) == 2
     one_error(capsys, f"{flag} {value}", "must")
+
+
+def test_eval_and_generate_out_of_memory_is_one_line(ck, tasks, tmp_path, capsys):
+    """The device running out of memory while evaluating or generating is one line naming the
+    flags that size the work (here rows of 2**26 x 4096 and a KV cache for 2**29 new tokens)."""
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--batch-size", str(2**26),
+                      "--seq-len", "4096"]) == 2
+    one_error(capsys, "the device ran out of memory", "--batch-size (now 67108864)", "--seq-len (now 4096)")
+    cfg = dataclasses.replace(model_cfg(), max_seq_len=2**30, learned_pos_emb=False)  # ALiBi: no table of positions
+    params = nnx.to_pure_dict(nnx.state(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    save_model(str(tmp_path / "long"), cfg, params, tokenizer_path=str(ck / "tokenizer.json"), step=1)
+    assert generate_main(["--checkpoint", str(tmp_path / "long"), "--prompt", "ab", "--max-new-tokens",
+                          str(2**29)]) == 2
+    one_error(capsys, "the device ran out of memory", "--max-new-tokens (now 536870912)", "--precision bf16")
 
 
 # ----------------------------------------------------------------------------- convert

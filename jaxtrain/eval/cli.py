@@ -198,6 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        from jaxtrain.train.microbatch import is_out_of_memory, out_of_memory_line
+
+        if not is_out_of_memory(error):
+            raise
+        seq_len = "the model's max_seq_len" if args.seq_len is None else args.seq_len
+        print("error: " + out_of_memory_line(
+            error, f"lower --batch-size (now {args.batch_size}) or --seq-len (now {seq_len})"
+            + ("" if args.precision == "bf16" else ", or add --precision bf16")), file=sys.stderr)
+        return 2
     print(format_table(results))
     if args.out:
         failure = write_results(results, args.out)

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxtrain.checkpoint.load import load_checkpoint
     from jaxtrain.data.tokenizer import tokenizer_from_file
     from jaxtrain.inference.generate import generate
+    from jaxtrain.train.microbatch import is_out_of_memory, out_of_memory_line
 
     try:
         check_args(args)
@@ -99,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        print("error: " + out_of_memory_line(
+            error, f"lower --max-new-tokens (now {args.max_new_tokens}) or give fewer --prompt (now {len(args.prompt)})"
+            + ("" if args.precision == "bf16" else ", or add --precision bf16")), file=sys.stderr)
         return 2
     for text, new_tokens in zip(args.prompt, result.tokens):
         completion = tokenizer.decode(new_tokens, skip_special_tokens=True)

@@ -26,10 +26,11 @@ def _error(message: str) -> int:
 
 def out_of_memory(err: BaseException, cfg) -> str:
     """One line for the device running out of memory while the run was built or trained."""
-    detail = next((line.strip() for line in str(err).splitlines() if "Out of memory" in line), "out of memory")
-    return (f"the device ran out of memory ({detail[:160]}): lower device_train_microbatch_size (now "
-            f"{cfg.device_train_microbatch_size}), set model.remat: full, or use more devices or a smaller model; "
-            f"`jaxtrain plan --memory --config ...` estimates what a config needs")
+    from jaxtrain.train.microbatch import out_of_memory_line
+
+    return out_of_memory_line(err, f"lower device_train_microbatch_size (now {cfg.device_train_microbatch_size}), "
+                              "set model.remat: full, or use more devices or a smaller model; "
+                              "`jaxtrain plan --memory --config ...` estimates what a config needs")
 
 
 def _process_start() -> float:

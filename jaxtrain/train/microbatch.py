@@ -74,6 +74,13 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, runtime_errors) and any(marker in str(err) for marker in _OUT_OF_MEMORY_MARKERS)
 
 
+def out_of_memory_line(err: BaseException, advice: str) -> str:
+    """One line for the device running out of memory: XLA's own reason (what it tried to
+    allocate), then ``advice`` (what the user can lower)."""
+    detail = next((line.strip() for line in str(err).splitlines() if "Out of memory" in line), "out of memory")
+    return f"the device ran out of memory ({detail[:160]}): {advice}"
+
+
 def compiled_step_bytes(memory: Any) -> int | None:
     """Peak device bytes of a compiled step from ``compiled.memory_analysis()``: arguments,
     outputs not aliased to (donated) arguments, temporaries and code; None when unavailable."""
