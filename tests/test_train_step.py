@@ -88,7 +88,6 @@ def test_accumulation_equals_full_batch():
 
 def test_step_compiles_once_and_bf16_tracks_fp32():
     tx = optax.adam(1e-3)
-    batch = random_batch()
     state32, _, step32 = build(tiny_model(), tx, 1)
     state16, _, step16 = build(tiny_model(), tx, 1, compute_dtype=jnp.bfloat16)
     for index in range(3):

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxtrain.config.schema import ConfigError, EMAConfig
+
+if TYPE_CHECKING:
+    import jax
 from jaxtrain.config.timestr import Time, parse_time
 
 # jax is imported inside the traced functions: configs are checked before jax is imported
