@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrain.checkpoint.checksums import ChecksumMismatch, _checksum, checksums, verify
+from jaxtrain.checkpoint.checksums import ChecksumMismatch, _checksum, checksums, host_checksum, verify
 
 
 def reference(x: np.ndarray) -> int:
@@ -28,6 +28,10 @@ def test_checksums_follow_their_definition_for_every_dtype_and_layout():
         assert sums[name] == [str(x.dtype), reference(np.asarray(x))], name
         # arrays of 2**32 elements or more take the index from each axis: the same number
         assert int(_checksum(jnp.asarray(x), flat_below=0)) == reference(np.asarray(x)), name
+        # in host memory, a few elements at a time: the same number
+        assert host_checksum(np.asarray(x), chunk=4) == reference(np.asarray(x)), name
+    transposed = arrays["f32"].transpose(2, 0, 1)  # not contiguous: its elements in row-major order
+    assert host_checksum(transposed, chunk=8) == reference(np.ascontiguousarray(transposed))
     assert checksums({"key": jax.random.key(3)})["key"][1] == reference(np.asarray(jax.random.key_data(jax.random.key(3))))
 
 

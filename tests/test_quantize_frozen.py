@@ -381,3 +381,31 @@ def test_a_kernel_to_quantize_is_read_into_host_memory_as_it_was_saved(tmp_path)
         host = orbax_reads.restore_state(manager, 1, like, ConfigError, to_host=True)["params"]["kernel"]
     assert isinstance(host, np.ndarray) and host.dtype == jnp.bfloat16
     np.testing.assert_array_equal(host.astype(np.float32), np.asarray(kernel, np.float32))
+
+
+def test_a_kernel_quantized_as_it_is_read_is_checked_against_its_checksum(tmp_path):
+    """The float kernels a LoRA run quantizes are read into host memory one at a time, apart from
+    the other weights; their checksums are checked there too: a number changed on disk is one line
+    naming the array, not quantized weights that differ from what was trained."""
+    from jaxtrain.config.schema import ModelConfig
+    from jaxtrain.convert import save_model
+    from jaxtrain.models import build_model
+    from test_resume_checks import change_one_number
+
+    cfg = ModelConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64, max_seq_len=16)
+    save_model(str(tmp_path / "ck"), cfg, nnx.to_pure_dict(nnx.state(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param)),
+               step=1)
+    peft = load_config_dict({"model": {"peft_config": {"r": 4, "target_modules": "all-linear"}}}).model.peft_config
+    _, abstract = abstract_model(dataclasses.replace(cfg, peft_config=peft, quantize_frozen="nf4"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        lora.split_trainable(abstract)[1])  # the frozen weights, as a LoRA run reads them
+    assert quant.is_quantized(like)
+    intact = load_checkpoint(str(tmp_path / "ck"), like=like).params
+    name = change_one_number(tmp_path / "ck" / "1")
+    assert name.endswith("Wqkv.kernel")
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(str(tmp_path / "ck"), like=like)
+    assert f"array {name} does not match the checksum saved with it" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert param_names(intact)  # the intact checkpoint was read

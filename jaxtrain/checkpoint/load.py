@@ -271,6 +271,11 @@ def load_checkpoint(folder: str, step: int | None = None, *, shardings: Any = No
                     one = restore_state(kernels, step, {weights: nnx.from_flat_state([(path, flat[path])])}, damaged,
                                          to_host=True)
                 host = dict(nnx.to_flat_state(one[weights]))[path].get_value()  # as saved (bf16 or float32)
+                try:
+                    checksums.verify_host(checksums.leaf_names(one)[0], host, meta.get(checksums.META_KEY),
+                                          step_folder)
+                except checksums.ChecksumMismatch as err:
+                    raise damaged(str(err).removeprefix(f"{step_folder}: ")) from None
                 dtype = float_kernel.dtype
                 if host.ndim == 3:  # stacked layers
                     return quant.quantize_by_layer(lambda row: lambda index: host[row][index].astype(dtype),
