@@ -45,6 +45,11 @@ DEFAULT_DOWNLOAD_RETRY = 2
 DEFAULT_PREDOWNLOAD_ROWS = 256
 # First wait between download attempts; it doubles after each failure.
 RETRY_BASE_SECONDS = 0.5
+# An S3 endpoint that accepts a connection and never answers fails an attempt after this long
+# (botocore's own default, 60 s with three attempts inside each of ours, kept a run silent for
+# about ten minutes); a store that answers at all answers each read well within it.
+S3_CONNECT_SECONDS = 10.0
+S3_READ_SECONDS = 20.0
 
 
 class ObjectStore:
@@ -61,7 +66,11 @@ class ObjectStore:
                 raise ConfigError(f"reading {url} needs boto3: pip install boto3") from None
             self.bucket, _, self.prefix = rest.partition("/")
             endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL") or None
-            self._s3 = boto3.session.Session().client("s3", endpoint_url=endpoint)
+            from botocore.config import Config
+
+            self._s3 = boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(
+                connect_timeout=S3_CONNECT_SECONDS, read_timeout=S3_READ_SECONDS,
+                retries={"mode": "standard", "total_max_attempts": 1}))  # retried here, with a message at the end
         else:
             try:
                 import fsspec
