@@ -98,6 +98,83 @@ def test_unreachable_coordinator_is_one_line_naming_address_and_timeout(tmp_path
     assert lines[0].startswith("error: process 1 of 2 (env): the coordinator at 127.0.0.1:1 did not answer within 2s")
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"JAXTRAIN_PROCESS_ID": "1"}, "JAXTRAIN_PROCESS_ID (--process_id) is set but JAXTRAIN_COORDINATOR_ADDRESS and "
+                                   "JAXTRAIN_NUM_PROCESSES (--coordinator_address, --num_processes) are not"),
+    ({"JAXTRAIN_COORDINATOR_ADDRESS": "127.0.0.1:abc", "JAXTRAIN_NUM_PROCESSES": "2", "JAXTRAIN_PROCESS_ID": "0"},
+     "JAXTRAIN_COORDINATOR_ADDRESS: coordinator address '127.0.0.1:abc': expected host:port with a port from 1"),
+])
+def test_a_process_id_alone_or_a_port_that_is_not_a_number_is_refused_at_once(env, message):
+    with pytest.raises(DistributedError) as info:
+        detect_cluster(env)
+    assert message in str(info.value)
+
+
+def _check_in(port: int, processes: list[tuple[int, int]], timeout_s: float = 20) -> dict:
+    """Run the check-in of ``processes`` ((process id, process count) each; id 0 gathers) in threads;
+    returns {index: "ok" or the error} in the order given."""
+    import threading
+
+    from jaxtrain.parallel import rendezvous
+
+    results: dict = {}
+
+    def one(index: int, process_id: int, count: int) -> None:
+        try:
+            if process_id == 0 and index == 0:
+                rendezvous.gather(port, count, timeout_s)
+            else:
+                rendezvous.report("127.0.0.1", port, process_id, count, timeout_s)
+            results[index] = "ok"
+        except rendezvous.CheckInError as err:
+            results[index] = str(err)
+
+    threads = [threading.Thread(target=one, args=(i, *p)) for i, p in enumerate(processes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_processes_check_in_before_joining_and_every_one_reports_why_they_cannot_run_together():
+    """Before JAX's runtime (which aborts a process whose peers do not all register, and takes
+    processes started with other counts), each process checks in with process 0: all ok, or every
+    process gets the same one-line reason."""
+    assert _check_in(free_port(), [(0, 3), (2, 3), (1, 3)]) == {0: "ok", 1: "ok", 2: "ok"}
+    counts = _check_in(free_port(), [(0, 2), (1, 3)])
+    assert set(counts.values()) == {"process 1 was started with 3 processes and process 0 with 2; start every "
+                                    "process with the same count"}
+    twice = _check_in(free_port(), [(0, 3), (1, 3), (1, 3)])
+    assert len(twice) == 3 and set(twice.values()) == {
+        "two processes were started as process 1; give each process its own id from 0 to 2"}
+    started = time.monotonic()
+    alone = _check_in(free_port(), [(0, 3), (2, 3)], timeout_s=1.5)
+    assert time.monotonic() - started < 20
+    assert set(alone.values()) == {"only 2 of 3 processes started within 1.5s (missing: process 1); start the "
+                                   "command on every host, each with its own process id"}
+
+
+def test_process_0_alone_is_one_line_after_the_timeout(tmp_path):
+    env = dict(os.environ, JAXTRAIN_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAXTRAIN_NUM_PROCESSES="2",
+               JAXTRAIN_PROCESS_ID="0", JAXTRAIN_DISTRIBUTED_TIMEOUT="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: process 0 of 2 (env): only 1 of 2 processes started within 2s (missing: "
+                               "process 1)"), lines[0]
+
+
 # ----------------------------------------------------------------------------- two processes on this machine
 
 

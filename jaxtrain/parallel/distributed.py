@@ -23,9 +23,7 @@ import glob
 import importlib.util
 import os
 import re
-import socket
 import sys
-import time
 from typing import Mapping
 
 DEFAULT_PORT = 8476
@@ -81,6 +79,10 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> ClusterSpec | None:
         return ClusterSpec(source="tpu")
 
     explicit = [name for name in ("JAXTRAIN_COORDINATOR_ADDRESS", "JAXTRAIN_NUM_PROCESSES") if env.get(name)]
+    if env.get("JAXTRAIN_PROCESS_ID") and not explicit:  # a host that would train alone on a shared run's folders
+        raise DistributedError("JAXTRAIN_PROCESS_ID (--process_id) is set but JAXTRAIN_COORDINATOR_ADDRESS and "
+                               "JAXTRAIN_NUM_PROCESSES (--coordinator_address, --num_processes) are not; set all "
+                               "three, or none for a single process")
     if explicit:
         if len(explicit) == 1:
             missing = ({"JAXTRAIN_COORDINATOR_ADDRESS", "JAXTRAIN_NUM_PROCESSES"} - set(explicit)).pop()
@@ -88,6 +90,7 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> ClusterSpec | None:
         address = env["JAXTRAIN_COORDINATOR_ADDRESS"].strip()
         if ":" not in address:
             address = f"{address}:{DEFAULT_PORT}"
+        _check_address("JAXTRAIN_COORDINATOR_ADDRESS", address)
         num_processes = _int_env(env, "JAXTRAIN_NUM_PROCESSES")
         if env.get("JAXTRAIN_PROCESS_ID"):
             process_id, source = _int_env(env, "JAXTRAIN_PROCESS_ID"), "env"
@@ -114,6 +117,15 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> ClusterSpec | None:
     if _on_tpu_vm(env):
         return ClusterSpec(source="tpu")
     return None
+
+
+def _check_address(name: str, address: str) -> None:
+    from jaxtrain.parallel.rendezvous import CheckInError, split_address
+
+    try:
+        split_address(address)
+    except CheckInError as err:
+        raise DistributedError(f"{name}: {err}") from None
 
 
 def _checked(spec: ClusterSpec) -> ClusterSpec:
@@ -150,20 +162,28 @@ def initialize_from_env(env: Mapping[str, str] | None = None, *, timeout_s: int 
                 "every worker (--worker=all)"
             ) from None
         return spec
-    # The runtime aborts the process when the coordinator cannot be reached, so wait for it here,
-    # where an unreachable address can still be reported.
-    started = time.monotonic()
-    if spec.process_id != 0:
-        wait_for_coordinator(spec.coordinator_address, timeout_s, spec)
-    remaining = max(1, int(timeout_s - (time.monotonic() - started)))
-    print(f"process {spec.process_id}/{spec.num_processes} ({spec.source}): joining the coordinator at "
-          f"{spec.coordinator_address} (waiting up to {remaining}s for all processes)", file=sys.stderr, flush=True)
+    # The runtime aborts the process when the coordinator cannot be reached or not every process
+    # registers, and takes processes started with other counts: check in first, where each of
+    # those can still be reported (``jaxtrain.parallel.rendezvous``).
+    from jaxtrain.parallel import rendezvous
+
+    who = f"process {spec.process_id} of {spec.num_processes} ({spec.source})"
+    print(f"{who}: checking in with the coordinator at {spec.coordinator_address} (waiting up to {timeout_s}s "
+          f"for all processes)", flush=True)  # progress, on stdout: stderr holds errors alone
     try:
+        host, port = rendezvous.split_address(spec.coordinator_address)
+        if spec.process_id == 0:
+            rendezvous.gather(port, spec.num_processes, timeout_s)
+        else:
+            rendezvous.report(host, port, spec.process_id, spec.num_processes, timeout_s)
+    except rendezvous.CheckInError as err:
+        raise DistributedError(f"{who}: {err}") from None
+    try:  # every process has started: joining takes seconds
         jax.distributed.initialize(
             coordinator_address=spec.coordinator_address,
             num_processes=spec.num_processes,
             process_id=spec.process_id,
-            initialization_timeout=remaining,
+            initialization_timeout=timeout_s,
         )
     except Exception as err:  # noqa: BLE001 - the cause is named in the message
         raise DistributedError(
@@ -171,26 +191,6 @@ def initialize_from_env(env: Mapping[str, str] | None = None, *, timeout_s: int 
             f"{spec.coordinator_address} within {timeout_s}s ({spec.source}; {_first_line(err)})"
         ) from None
     return spec
-
-
-def wait_for_coordinator(address: str, timeout_s: float, spec: ClusterSpec | None = None) -> None:
-    """Return once ``host:port`` accepts a TCP connection; DistributedError after ``timeout_s``."""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout_s
-    last_error = "no answer"
-    while True:
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout_s)).close()
-            return
-        except (OSError, ValueError) as err:
-            last_error = str(err) or type(err).__name__
-        if time.monotonic() >= deadline:
-            who = f"process {spec.process_id} of {spec.num_processes} ({spec.source})" if spec else "this process"
-            raise DistributedError(
-                f"{who}: the coordinator at {address} did not answer within {timeout_s:g}s ({last_error}); check "
-                "that process 0 is running and that this host and port are reachable"
-            )
-        time.sleep(0.5)
 
 
 def _first_line(err: Exception) -> str:
