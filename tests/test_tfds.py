@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -171,8 +172,11 @@ def test_bad_names_splits_fields_and_formats_are_one_line_errors(data_dir, tmp_p
         assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match=r"has no feature 'body' \(it has id, text\): set k\.text_field"):
         _texts(tfds_documents(_dataset(data_dir, "tiny_plain", text_field="body"), key="k"))
-    with pytest.raises(ConfigError, match=r"feature 'id' holds .*not text"):
+    not_text = r"feature 'id' holds .*not text: set {} to a Text feature \(text\)"
+    with pytest.raises(ConfigError, match=not_text.format(r"k\.text_field")):
         _texts(tfds_documents(_dataset(data_dir, "tiny_plain", text_field="id"), key="k"))
+    with pytest.raises(ConfigError, match=not_text.format("--text-field")):
+        list(input_texts(["tfds:tiny_plain"], text_field="id", tfds_data_dir=data_dir)())
     copy = tmp_path / "copy"
     shutil.copytree(os.path.join(data_dir, "tiny_plain"), copy / "tiny_plain")
     info_path = copy / "tiny_plain" / "1.1.0" / "dataset_info.json"
@@ -226,3 +230,92 @@ def test_data_prepare_command_writes_a_tfds_split_as_mds(data_dir, tmp_path):
                              timeout=120)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("error: tfds:not_here: not_here is not prepared in ")
+
+
+def _copy(data_dir: str, tmp_path) -> str:
+    """A copy of ``tiny_plain`` (both versions) to damage."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(data_dir, "tiny_plain"), os.path.join(copy, "tiny_plain"))
+    return copy
+
+
+def _shard(root: str, split: str) -> str:
+    return os.path.join(root, "tiny_plain", "1.1.0", f"tiny_plain-{split}.array_record-00000-of-00001")
+
+
+def _truncate(path: str) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(3000)
+
+
+def _flip(path: str) -> None:
+    with open(path, "r+b") as handle:
+        data = bytearray(handle.read())
+        data[2000:] = bytes(byte ^ 0xFF for byte in data[2000:])
+        handle.seek(0)
+        handle.write(data)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip])
+def test_a_damaged_shard_is_one_line_naming_the_file(damage, data_dir, tmp_path, capsys):
+    copy = _copy(data_dir, tmp_path)
+    damage(_shard(copy, "test"))
+    rebuild = f"`tfds build tiny_plain:1.1.0 --file_format=array_record --overwrite --data_dir={copy}`"
+    with pytest.raises(ConfigError) as error:  # the train shard is read whole before the damaged test shard
+        _texts(tfds_documents(_dataset(copy, "tiny_plain", split="train+test"), key="train_loader.dataset"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"train_loader.dataset (tfds:tiny_plain): shard file {_shard(copy, 'test')} of "
+                              f"tiny_plain:1.1.0 split 'train+test' is damaged (")
+    assert message.endswith(f"): prepare the dataset again with {rebuild}")
+    assert _same(_texts(tfds_documents(_dataset(copy, "tiny_plain"), key="k")), TEXTS[("tiny_plain", None, "train")])
+    code = prepare_main(["tfds:tiny_plain:test", "--tfds-data-dir", copy, "--out", str(tmp_path / "out"),
+                         "--no-tokenize", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: tfds:tiny_plain:test: shard file {_shard(copy, 'test')} of tiny_plain:1.1.0 "
+                          f"split 'test' is damaged (") and rebuild in err
+
+
+SPLIT_MISTAKES = [
+    ("train[3:1]", r"runs backwards \(train\[3:1\]: FROM must come before TO\)"),
+    ("train[:0]", r"selects no example \(train\[:0\] of the 5 in 'train'\)"),
+    ("train[:2]+test[1:]", r"selects no example \(test\[1:\] of the 1 in 'test'\)"),
+    ("train[9:]", r"selects no example \(train\[9:\] starts past the 5 of 'train'\)"),
+    ("train[:200%]", r"has a percent bound outside -100%\.\.100%"),
+    ("train[abc]", r"is not a TFDS split expression"),
+    ("train[", r"is not a TFDS split expression"),
+]
+
+
+@pytest.mark.parametrize(("split", "reason"), SPLIT_MISTAKES, ids=[split for split, _ in SPLIT_MISTAKES])
+def test_a_split_that_selects_nothing_or_does_not_parse_names_its_key(split, reason, data_dir):
+    forms = r"as NAME or NAME\[FROM:TO\] .*train\[:1000\], train\[10%:\].*a slice must select at least one example$"
+    where = [
+        (lambda: tfds_documents(_dataset(data_dir, "tiny_plain", split=split), key="k"), r"k\.split"),
+        (lambda: tfds_documents(_dataset(data_dir, f"tiny_plain:{split}"), key="k"),
+         r"the split in k\.extra\.tfds_name"),
+        (lambda: input_texts([f"tfds:tiny_plain:{split}"], tfds_data_dir=data_dir),
+         rf"the split in tfds:tiny_plain:{re.escape(split)}"),
+        (lambda: input_texts(["tfds:tiny_plain"], input_split=split, tfds_data_dir=data_dir), r"--input-split"),
+    ]
+    for make, key in where:
+        with pytest.raises(ConfigError) as error:
+            make()  # refused when the dataset is named, before any reading
+        message = str(error.value)
+        assert "\n" not in message and "tfds build" not in message, message
+        assert re.search(rf"split {re.escape(repr(split))} of tiny_plain:1\.1\.0 {reason}: write {key} {forms}",
+                         message), message
+
+
+def test_streams_are_refused_with_tfds(data_dir, tmp_path):
+    from jaxtrain.config.schema import Config, LoaderConfig, TokenizerConfig
+    from jaxtrain.data.build import build_loaders
+
+    for streams in ({"a": {"local": data_dir}}, {"a": {"local": data_dir, "proportion": 1.0}}):
+        cfg = Config(max_seq_len=4, global_train_batch_size=2,
+                     tokenizer=TokenizerConfig(name="bpe:default", kwargs={"vocab_size": 300}),
+                     train_loader=LoaderConfig(dataset=_dataset(data_dir, "tiny_plain", streams=streams)))
+        with pytest.raises(ConfigError, match=r"^train_loader\.dataset\.streams is set, but streams are for MDS "
+                                              r"data \(source: mds\).*train_loader\.dataset\.extra\.tfds_name"):
+            build_loaders(cfg, cache_dir=str(tmp_path))
