@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 
@@ -54,9 +56,29 @@ def main(argv: list[str]) -> None:
     except DistributedError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    from jaxtrain.parallel import failures
     from jaxtrain.train.command import train_command
 
-    sys.exit(train_command(FLAGS.config, FLAGS.set, data_prefetch=data_prefetch))
+    if not failures.multi_process():
+        sys.exit(train_command(FLAGS.config, FLAGS.set, data_prefetch=data_prefetch))
+    # A multi-host run: a process that stops on an error tells the others and leaves at once (JAX's
+    # shutdown would wait for them); one that finds another stopped says which and why.
+    try:
+        code = train_command(FLAGS.config, FLAGS.set, data_prefetch=data_prefetch)
+    except Exception as err:  # noqa: BLE001 - reported below, then the process leaves
+        failure = failures.peer_failure()
+        if failure is None:
+            traceback.print_exc()
+            failures.note(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}")
+        else:
+            print(f"error: {failure}; this process stopped too", file=sys.stderr, flush=True)
+        code = 1 if failure is None else 2
+    if code in (0, 130, 143):  # finished, or stopped together at one step
+        sys.exit(code)
+    failures.announce(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

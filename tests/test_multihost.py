@@ -175,6 +175,44 @@ def test_process_0_alone_is_one_line_after_the_timeout(tmp_path):
                                "process 1)"), lines[0]
 
 
+STOPPING_PEER = """
+import os
+from jaxtrain.parallel.distributed import initialize_from_env
+initialize_from_env()
+import jax
+from jaxtrain.checkpoint.remote import DistributedProcesses, RemoteUploadError
+from jaxtrain.parallel import failures
+if jax.process_index() == 1:  # stops on an error before the checkpoint meeting
+    failures.note("cannot list s3://bucket/run (EndpointConnectionError); check the URL")
+    failures.announce(4)
+    os._exit(4)
+try:
+    DistributedProcesses().exchange("uploaded", "0")
+except RemoteUploadError as err:
+    print(f"caught: {err}", flush=True)
+os._exit(0)  # as the entry point leaves after an error: JAX's shutdown would wait for process 1
+"""
+
+
+def test_a_process_that_stops_on_an_error_is_named_where_the_others_wait():
+    """A process of a multi-host run that stops on an error writes it into the run's key-value
+    store and leaves; another waiting for it at a checkpoint meeting (30 minutes at most) stops
+    within seconds, naming the process and its error."""
+    port = free_port()
+    started = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", STOPPING_PEER], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu", JAXTRAIN_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                       JAXTRAIN_NUM_PROCESSES="2", JAXTRAIN_PROCESS_ID=str(index)))
+             for index in (0, 1)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert procs[1].returncode == 4, outputs[1][1][-2000:]
+    assert procs[0].returncode == 0, outputs[0][1][-2000:]
+    assert ("caught: process 1 stopped: cannot list s3://bucket/run (EndpointConnectionError); check the URL"
+            in outputs[0][0]), outputs[0]
+    assert time.monotonic() - started < 60
+
+
 # ----------------------------------------------------------------------------- two processes on this machine
 
 

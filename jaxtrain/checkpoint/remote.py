@@ -107,12 +107,26 @@ class DistributedProcesses:
         self.index, self.count = jax.process_index(), jax.process_count()
 
     def exchange(self, name: str, value: str) -> list[str]:
+        from jaxtrain.parallel.failures import peer_failure
+
         key = f"jaxtrain/checkpoint/{next(_MEETINGS)}-{name}"
-        timeout_ms = int(BARRIER_TIMEOUT_SECONDS * 1000)
+        deadline = time.monotonic() + BARRIER_TIMEOUT_SECONDS
+        values: list[str] = []
         try:
             self.client.key_value_set(f"{key}/{self.index}", value)
-            self.client.wait_at_barrier(key, timeout_ms)
-            return [self.client.blocking_key_value_get(f"{key}/{i}", timeout_ms) for i in range(self.count)]
+            while len(values) < self.count:  # each value in turn, a second at a time: a process that
+                try:  # stopped on an error says so meanwhile (``jaxtrain.parallel.failures``)
+                    values.append(self.client.blocking_key_value_get(f"{key}/{len(values)}", 1000))
+                    continue
+                except Exception as err:  # noqa: BLE001 - the runtime's own error type
+                    if "DEADLINE_EXCEEDED" not in str(err) or time.monotonic() > deadline:
+                        raise
+                failure = peer_failure()
+                if failure is not None:
+                    raise RemoteUploadError(None, message=failure)
+            return values
+        except RemoteUploadError:
+            raise
         except Exception as err:  # noqa: BLE001 - a process died or never came: the step cannot be marked
             detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise RemoteUploadError(None, message=f"process {self.index} waited in vain for the other processes "

@@ -23,7 +23,6 @@ import glob
 import importlib.util
 import os
 import re
-import sys
 from typing import Mapping
 
 DEFAULT_PORT = 8476

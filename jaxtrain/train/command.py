@@ -20,7 +20,10 @@ EXIT_USAGE = EXIT_CONFIG
 
 
 def _error(message: str) -> int:
+    from jaxtrain.parallel.failures import note
+
     print(f"error: {message}", file=sys.stderr, flush=True)
+    note(message)  # told to the other processes of a multi-host run
     return EXIT_USAGE
 
 
