@@ -137,6 +137,140 @@ def test_missing_remote_dataset_is_one_clear_line(s3, prepared, tmp_path):
     assert "\n" not in str(error.value)
 
 
+def _remote_dataset(**dataset) -> DatasetConfig:
+    return DatasetConfig(source="mds", **{"remote": f"s3://{BUCKET}/ds", "local": None, **dataset})
+
+
+@pytest.mark.parametrize("key", ["train_loader.dataset", "eval_loader.dataset"])
+@pytest.mark.parametrize("extra, message", [
+    ({"predownload": "abc"}, r"extra\.predownload='abc' is not a whole number"),
+    ({"predownload": 2.5}, r"extra\.predownload=2\.5 is not a whole number"),
+    ({"download_retry": "x"}, r"extra\.download_retry='x' is not a whole number"),
+    ({"download_retry": True}, r"extra\.download_retry=True is not a whole number"),
+    ({"download_retry": -1}, r"extra\.download_retry=-1 is negative"),
+    ({"cache_limit": "1.2.3mb"}, r"extra\.cache_limit='1\.2\.3mb' is not a size"),
+    ({"keep_local": "nope"}, r"extra\.keep_local='nope' is not a boolean: write true or false"),
+    ({"keep_local": 2}, r"extra\.keep_local=2 is not a boolean"),
+    ({"validate_hash": "maybe"}, r"extra\.validate_hash='maybe' is not a boolean"),
+])
+def test_extra_options_of_a_remote_dataset_that_are_not_values_are_one_line_naming_the_key(extra, message, key):
+    with pytest.raises(ConfigError, match=rf"^{key}\.{message}") as error:  # checked before anything is fetched
+        data_remote.open_mds_datasets(_remote_dataset(extra=extra), key=key)
+    assert "\n" not in str(error.value)
+
+
+def test_extra_booleans_read_the_strings_the_environment_gives(s3, prepared, tmp_path):
+    for value, expected in [(True, True), ("true", True), ("Yes", True), ("1", True), (1, True), (False, False),
+                            ("false", False), ("NO", False), (" 0 ", False), (0, False), (None, None), ("", None)]:
+        got = data_remote.bool_option({"keep_local": value}, "keep_local", "k", None)
+        assert got is expected, value
+    _upload(s3, prepared / "data" / "train", "ds/train")
+    for keep in ("false", "true"):  # as ${oc.env:KEEP} gives them
+        cache = tmp_path / f"cache-{keep}"
+        [dataset] = data_remote.open_mds_datasets(_remote_dataset(local=str(cache), extra={
+            "keep_local": keep, "validate_hash": "false", "download_retry": "1", "predownload": "0"}),
+            key="train_loader.dataset")
+        assert dataset.verify_hashes is False and dataset.retries == 1
+        assert len(dataset[0]["tokens"]) == SEQ_LEN
+        dataset.close()
+        assert bool(_shard_files(cache / "train")) is (keep == "true")
+    [local] = data_remote.open_mds_datasets(DatasetConfig(source="mds", local=str(prepared / "data"),
+                                                          extra={"validate_hash": "false"}), key="k")
+    assert local.verify_hashes is False
+
+
+def test_an_unknown_extra_key_is_one_warning_naming_the_nearest_known_one(prepared, monkeypatch, capsys):
+    monkeypatch.setattr(data_remote, "_warned", set())
+    dataset = DatasetConfig(source="mds", local=str(prepared / "data"), extra={
+        "cache_limt": "10mb", "shuffle_seed": 3, "download_timeout": 60, "keep_zip": False})
+    for _ in range(2):  # opened twice (documents, then rows): warned once
+        data_remote.open_mds_datasets(dataset, key="train_loader.dataset")
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [
+        "warning: unknown key 'train_loader.dataset.extra.cache_limt' (ignored); "
+        "did you mean 'train_loader.dataset.extra.cache_limit'?",
+        "warning: unknown key 'train_loader.dataset.extra.shuffle_seed' (ignored); "
+        "did you mean 'train_loader.dataset.shuffle_seed'?"]  # Streaming's own options pass quietly
+
+
+@pytest.mark.parametrize("url, message", [
+    ("hdfs://namenode/data", "hdfs:// is not supported; use s3://BUCKET/PATH, gs://BUCKET/PATH or a local copy of "
+                             "the dataset in train_loader.dataset.local"),
+    ("az://container/data", "az:// is not supported"),
+    ("s3://", "no bucket in the URL; write s3://BUCKET/PATH"),
+    ("s3:///data", "no bucket in the URL; write s3://BUCKET/PATH"),
+    ("gs://", "no bucket in the URL; write gs://BUCKET/PATH"),
+])
+def test_a_remote_url_without_a_bucket_or_of_another_scheme_is_refused_up_front(url, message, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("nothing is fetched")
+
+    monkeypatch.setattr(data_remote.ObjectStore, "get", never)
+    with pytest.raises(ConfigError) as error:
+        data_remote.open_mds_datasets(_remote_dataset(remote=url), key="train_loader.dataset")
+    assert str(error.value).startswith(f"train_loader.dataset.remote={url}: {message}")
+
+
+def _count_attempts(monkeypatch, fail=None) -> collections.Counter:
+    """Count ``ObjectStore.get`` calls by URL; ``fail(url)`` may return an error to raise instead."""
+    counts, original = collections.Counter(), data_remote.ObjectStore.get
+
+    def get(store, name, path):
+        counts[store.where(name)] += 1
+        error = fail(store.where(name)) if fail else None
+        if error is not None:
+            raise error
+        original(store, name, path)
+
+    monkeypatch.setattr(data_remote.ObjectStore, "get", get)
+    return counts
+
+
+def test_a_missing_bucket_or_index_is_named_at_once_without_retries(s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_remote, "RETRY_BASE_SECONDS", 30.0)  # a retry would time the test out
+    counts = _count_attempts(monkeypatch)
+    options = {"local": str(tmp_path / "c"), "extra": {"download_retry": 3}}
+    with pytest.raises(ConfigError) as error:
+        data_remote.open_mds_datasets(_remote_dataset(remote="s3://no-such-bucket-here/ds", **options), key="k")
+    assert str(error.value).startswith("k.remote=s3://no-such-bucket-here/ds: no such bucket 'no-such-bucket-here' at "
+                                       "http://127.0.0.1:")
+    for url in (f"s3://{BUCKET}/nothing", f"s3://{BUCKET}"):  # a prefix with nothing under it, an empty bucket
+        with pytest.raises(ConfigError) as error:
+            data_remote.open_mds_datasets(_remote_dataset(remote=url, **options), key="k")
+        assert str(error.value).startswith(f"k.remote={url}: no index.json at {url}/train/index.json or "
+                                           f"{url}/index.json; point remote at the folder holding index.json")
+        assert "\n" not in str(error.value)
+    assert set(counts.values()) == {1}  # each place asked once
+    assert not os.path.exists(tmp_path / "c" / "train" / "index.json")
+
+
+def test_access_denied_to_the_index_is_one_line_and_not_retried(s3, prepared, tmp_path, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    monkeypatch.setattr(data_remote, "RETRY_BASE_SECONDS", 30.0)
+    _upload(s3, prepared / "data" / "train", "ds/train")
+    counts = _count_attempts(monkeypatch, lambda url: ClientError(
+        {"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject"))
+    with pytest.raises(ConfigError) as error:
+        data_remote.open_mds_datasets(_remote_dataset(extra={"download_retry": 3}), key="k")
+    message = str(error.value)
+    assert message.startswith(f"k.remote=s3://{BUCKET}/ds: cannot read s3://{BUCKET}/ds/train/index.json or "
+                              f"s3://{BUCKET}/ds/index.json (ClientError: ")
+    assert "access denied" in message and "credentials" in message and "\n" not in message
+    assert set(counts.values()) == {1}
+
+
+def test_a_damaged_index_in_the_bucket_is_named_by_its_url(s3, tmp_path):
+    s3.put_object(Bucket=BUCKET, Key="ds/train/index.json", Body=b"{not json")
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError) as error:
+        data_remote.open_mds_datasets(_remote_dataset(local=str(cache)), key="train_loader.dataset")
+    assert str(error.value) == (
+        f"train_loader.dataset.remote: s3://{BUCKET}/ds/train/index.json is not an MDS index (JSON with a 'shards' "
+        f"list): upload it again, or write the dataset there again with jaxtrain data prepare --out s3://{BUCKET}/ds")
+    assert not os.path.exists(cache / "train" / "index.json")  # the damaged copy is not kept
+
+
 def _count_downloads(monkeypatch, corrupt_first: str | None = None) -> collections.Counter:
     """Count ``ObjectStore.get`` calls by object name; with ``corrupt_first``, damage that object's first local copy."""
     counts, original = collections.Counter(), data_remote.ObjectStore.get
@@ -221,7 +355,9 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_url_within_seconds(prepa
     monkeypatch.setattr(data_remote, "RETRY_BASE_SECONDS", 0.1)
     cfg = _config(prepared, remote=f"s3://{BUCKET}/ds", local=str(tmp_path / "c"), extra={"download_retry": 1})
     started = time.perf_counter()
-    with pytest.raises(ConfigError, match=rf"s3://{BUCKET}/ds/index\.json after 2 attempts") as error:
+    # the first place index.json may be (remote/split) is retried and named: an endpoint that does not
+    # answer is not a reason to look elsewhere
+    with pytest.raises(ConfigError, match=rf"s3://{BUCKET}/ds/train/index\.json after 2 attempts") as error:
         build_loaders(cfg, cache_dir=str(tmp_path / "b"))
     assert time.perf_counter() - started < 30
     assert "\n" not in str(error.value) and f"127.0.0.1:{port}" in str(error.value)
@@ -343,8 +479,12 @@ def test_storage_schemes_without_their_package_or_unknown_are_one_line():
     if importlib.util.find_spec("gcsfs") is None:
         with pytest.raises(ConfigError, match=r"gs://bucket/data needs a package that is not installed .*jaxtrain\[gcs\]"):
             data_remote.ObjectStore("gs://bucket/data")
-    with pytest.raises(ConfigError, match=r"foo://x/y: ValueError: Protocol not known: foo; use s3://, gs://"):
-        data_remote.ObjectStore("foo://x/y")
+    for url in ("foo://x/y", "hdfs://namenode/data"):  # refused before fsspec loads anything (hdfs: a JVM)
+        with pytest.raises(ConfigError, match=rf"{url}: \w+:// is not supported; use s3://BUCKET/PATH, gs://"):
+            data_remote.ObjectStore(url)
+    for url in ("s3://", "s3:///x", "gs://"):
+        with pytest.raises(ConfigError, match=r"no bucket in the URL; write (s3|gs)://BUCKET/PATH"):
+            data_remote.ObjectStore(url)
 
 
 def test_the_train_command_reports_a_bucket_it_cannot_reach_in_one_line(no_aws_credentials, tmp_path):
@@ -358,6 +498,25 @@ def test_the_train_command_reports_a_bucket_it_cannot_reach_in_one_line(no_aws_c
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "s3://nobody-bucket/run/ckpt" in errors[0] and "NoCredentialsError" in errors[0]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    # refused before fsspec loads pyarrow's HDFS client, which printed 150 lines looking for a JVM
+    (("train_loader.dataset.source=mds", "train_loader.dataset.remote=hdfs://namenode/data"),
+     "error: train_loader.dataset.remote=hdfs://namenode/data: hdfs:// is not supported; "),
+    # a folder in a bucket with no checkpoint as load_path: the advice is about load_path
+    ((f"load_path=s3://{BUCKET}/empty",),
+     f"error: load_path: s3://{BUCKET}/empty: no complete jaxtrain checkpoint found (expected numbered step "
+     f"folders with _JAXTRAIN_UPLOADED); set load_path to the save_folder of a run"),
+])
+def test_the_train_command_reports_remote_mistakes_in_one_line(s3, tmp_path, overrides, expected):
+    command = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]
+    for override in (*CLI_OVERRIDES, f"run_folder={tmp_path / 'run'}", "save_folder=null", *overrides):
+        command += ["--set", override]
+    done = subprocess.run(command, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.splitlines()[0].startswith(expected), done.stderr[-2000:]
+    assert len(done.stderr.splitlines()) == 1 and "save_folder" not in done.stderr.replace("the save_folder of", "")
 
 
 def test_pruning_old_remote_steps_that_fails_warns_and_keeps_training(s3, tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""MDS datasets streamed from object storage (``s3://``, ``gs://``, ...) through a bounded local cache.
+"""MDS datasets streamed from object storage (``s3://``, ``gs://``) through a bounded local cache.
 
 ``remote`` names the dataset's folder (``remote/split`` in LLM Foundry's layout, or ``remote``
 itself when it holds the ``index.json``). Its ``index.json`` is downloaded first; a shard is
@@ -7,7 +7,11 @@ batches need are predownloaded by a background thread. ``extra`` carries Streami
 ``download_retry`` (default 2, exponential backoff), ``cache_limit`` (e.g. ``"100mb"``: the least
 recently used shards are deleted to stay under it), ``keep_local`` (default false: the cache is
 deleted when the loader closes or the process exits; true keeps it for the next run),
-``predownload`` (rows of the upcoming batches whose shards are fetched ahead, default 256).
+``predownload`` (rows of the upcoming batches whose shards are fetched ahead, default 256; 0 for
+none). Booleans may be written as true/false, yes/no or 1/0 (strings too, as values read from the
+environment are); a value that is none of these, or a count that is not a whole number, is a
+one-line ``ConfigError`` naming ``extra.<key>``. A key that neither jaxtrain nor Streaming reads
+is a one-line warning naming the nearest known one.
 
 A downloaded shard that fails its checks (size, or the hashes ``index.json`` records unless
 ``validate_hash`` is false) is deleted and downloaded once more; failing again is a one-line
@@ -18,16 +22,21 @@ downloaded again later in the epoch; the limit bounds disk use, not traffic.
 
 ``s3://`` goes through boto3, whose credentials and endpoint come from the standard AWS
 environment and config files (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``; ``S3_ENDPOINT_URL`` is
-honoured too); other schemes go through fsspec.
+honoured too); ``gs://`` goes through fsspec (gcsfs). Other schemes are refused up front, as is a
+URL without a bucket. A missing bucket or object, or access denied, is reported at once; other
+download failures (network, throttling) are retried.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import difflib
 import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from jaxtrain.config.schema import ConfigError, error_line
+from jaxtrain.config.foundry_data import STREAMING_OPTIONS
+from jaxtrain.config.schema import ConfigError, DatasetConfig, error_line
 from jaxtrain.data.mds.reader import MDSDataset, mds_datasets
 from jaxtrain.data.mds.rows import DEFAULT_BYTES_TOKEN_DTYPE, ShardedRows, token_view
 from jaxtrain.data.mds.writer import _SIZE_UNITS, INDEX_BASENAME, is_remote
@@ -50,6 +60,22 @@ RETRY_BASE_SECONDS = 0.5
 # about ten minutes); a store that answers at all answers each read well within it.
 S3_CONNECT_SECONDS = 10.0
 S3_READ_SECONDS = 20.0
+# The schemes ObjectStore reads: s3:// through boto3, gs:// through gcsfs (memory:// is fsspec's
+# in-process store, for tests). Others are refused before any package is loaded: fsspec would try
+# them (hdfs:// loads a JVM), but nothing here is tested with them.
+STORE_SCHEMES = ("s3", "gs", "gcs", "memory")
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+def store_url_problem(url: str, local: str = "a local path") -> str | None:
+    """Why ``url`` cannot be an ``ObjectStore`` (an unsupported scheme, no bucket), or None;
+    ``local`` says where a local path would go instead."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in STORE_SCHEMES:
+        return f"{scheme}:// is not supported; use s3://BUCKET/PATH, gs://BUCKET/PATH or {local}"
+    if scheme in _BUCKET_SCHEMES and not rest.split("/", 1)[0]:
+        return f"no bucket in the URL; write {scheme}://BUCKET/PATH"
+    return None
 
 
 class ObjectStore:
@@ -59,6 +85,11 @@ class ObjectStore:
         self.url = url.rstrip("/")
         scheme, _, rest = self.url.partition("://")
         self.scheme = scheme
+        problem = store_url_problem(url)
+        if problem:
+            raise ConfigError(f"{url}: {problem}")
+        self.bucket = rest.partition("/")[0] if scheme in _BUCKET_SCHEMES else ""
+        self.endpoint = None
         if scheme == "s3":
             try:
                 import boto3
@@ -66,6 +97,7 @@ class ObjectStore:
                 raise ConfigError(f"reading {url} needs boto3: pip install boto3") from None
             self.bucket, _, self.prefix = rest.partition("/")
             endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL") or None
+            self.endpoint = endpoint
             from botocore.config import Config
 
             self._s3 = boto3.session.Session().client("s3", endpoint_url=endpoint, config=Config(
@@ -150,6 +182,21 @@ class ObjectStore:
                 described[name[strip:]] = f"{info.get('size')}:{version}"
         return described
 
+    def missing_bucket(self) -> str | None:
+        """``no such bucket 'NAME'`` (with the endpoint asked) when the store says the URL's bucket
+        does not exist; None when it exists, or when that cannot be told (no permission, no bucket)."""
+        if not self.bucket:
+            return None
+        try:
+            if self.scheme == "s3":
+                self._s3.head_bucket(Bucket=self.bucket)
+            else:
+                self._fs.info(self.bucket)  # not exists(), which says False for a bucket it may not read either
+        except Exception as error:  # noqa: BLE001 - each store its own error types
+            if failure_kind(error) == "missing":
+                return f"no such bucket {self.bucket!r}" + (f" at {self.endpoint}" if self.endpoint else "")
+        return None
+
     def delete(self, names: list[str]) -> None:
         if self.scheme == "s3":
             for start in range(0, len(names), 1000):
@@ -161,26 +208,86 @@ class ObjectStore:
 
 
 def describe_error(error: BaseException) -> str:
-    """``Type: first line`` of a storage error (these never carry the credentials themselves)."""
-    return f"{type(error).__name__}: {error_line(error, 200)}" if str(error).strip() else type(error).__name__
+    """``Type: first line`` of a storage error (these never carry the credentials themselves); a first
+    line that only announces the next (``Parameter validation failed:``) is quoted with it."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return f"{type(error).__name__}: {line[:200]}"
+
+
+# Error codes of S3 (and of stores speaking its protocol) for a missing object or bucket, and for
+# requests the credentials may not make. A HEAD request (boto3's download_file starts with one)
+# has no body, so its error code is the bare HTTP status.
+_MISSING_CODES = ("404", "NoSuchKey", "NoSuchBucket", "NotFound")
+_DENIED_CODES = ("403", "AccessDenied", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
+                 "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")
+
+
+def failure_kind(error: BaseException) -> str | None:
+    """``"missing"`` for an object or bucket that does not exist, ``"denied"`` for a request the
+    credentials may not make, None for anything else (network, throttling, a server error)."""
+    response = getattr(error, "response", None)
+    code = str(((response.get("Error") or {}) if isinstance(response, dict) else {}).get("Code", ""))
+    status = getattr(error, "code", None)  # gcsfs's HttpError
+    if isinstance(error, FileNotFoundError) or code in _MISSING_CODES or status == 404:
+        return "missing"
+    if isinstance(error, PermissionError) or code in _DENIED_CODES or status == 403:
+        return "denied"
+    return None
 
 
 def _not_transient(error: BaseException) -> bool:
     """Errors no retry can fix: no credentials, access denied, a missing bucket."""
     name = type(error).__name__
     return name in ("NoCredentialsError", "PartialCredentialsError", "PermissionError", "FileNotFoundError") or any(
-        code in str(error) for code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"))
+        code in str(error) for code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+    ) or failure_kind(error) == "denied"
 
 
-def download_with_retry(store: ObjectStore, name: str, path: str, *, retries: int, what: str) -> None:
-    """``store.get`` with up to ``retries`` further attempts after failures, waiting 0.5 s, 1 s, 2 s, ..."""
+class RemoteMissing(ConfigError):
+    """An object (or its bucket) that the store says does not exist; ``url`` names it, ``error``
+    describes the store's answer."""
+
+    def __init__(self, message: str, url: str, error: str):
+        super().__init__(message)
+        self.url, self.error = url, error
+
+
+class RemoteDenied(ConfigError):
+    """A download the credentials may not make (or no credentials at all)."""
+
+    def __init__(self, message: str, url: str, error: str):
+        super().__init__(message)
+        self.url, self.error = url, error
+
+
+def download_with_retry(store: ObjectStore, name: str, path: str, *, retries: int, what: str,
+                        retry_missing: bool = False) -> None:
+    """``store.get`` with up to ``retries`` further attempts after failures, waiting 0.5 s, 1 s, 2 s, ...
+
+    Failures no wait can mend are not retried: a missing object or bucket (``RemoteMissing``),
+    unless ``retry_missing`` (an object that should be there, which an upload may still be
+    writing), and access denied or no credentials (``RemoteDenied``)."""
+    url = store.where(name)
     for attempt in range(retries + 1):
         try:
             store.get(name, path)
             return
-        except Exception as error:  # network, throttling, a missing object: all worth another try
+        except Exception as error:  # noqa: BLE001 - network, throttling, a missing object: each store its own types
+            kind = failure_kind(error)
+            if kind == "missing":
+                if not retry_missing:
+                    raise RemoteMissing(f"{what}: {url} does not exist ({describe_error(error)}); check the URL",
+                                        url, describe_error(error)) from None
+            elif kind == "denied" or _not_transient(error):
+                raise RemoteDenied(f"{what}: cannot download {url} ({describe_error(error)}): access denied or no "
+                                   f"credentials; check the credentials, the endpoint and the bucket's permissions",
+                                   url, describe_error(error)) from None
             if attempt == retries:
-                raise ConfigError(f"{what}: could not download {store.where(name)} after {retries + 1} attempts "
+                raise ConfigError(f"{what}: could not download {url} after {retries + 1} attempts "
                                   f"({describe_error(error)}); check the URL, the endpoint and credentials, or raise "
                                   f"extra.download_retry") from None
             time.sleep(RETRY_BASE_SECONDS * 2 ** attempt)
@@ -193,23 +300,64 @@ class RemoteMDSDataset(MDSDataset):
                  retries: int = DEFAULT_DOWNLOAD_RETRY, cache_limit: int | None = None, keep_local: bool = False,
                  key: str = "train_loader.dataset"):
         self.remote_url, self.retries, self.cache_limit, self.key = remote.rstrip("/"), retries, cache_limit, key
+        problem = store_url_problem(self.remote_url, local=f"a local copy of the dataset in {key}.local")
+        if problem:
+            raise ConfigError(f"{key}.remote={remote}: {problem}")
         created = local is None
         local = tempfile.mkdtemp(prefix="jaxtrain-mds-") if created else os.path.expanduser(local)
-        self.store = ObjectStore(f"{self.remote_url}/{split}" if split else self.remote_url)
-        root = os.path.join(local, split) if split else local
         try:
-            download_with_retry(self.store, INDEX_BASENAME, os.path.join(root, INDEX_BASENAME), retries=0, what=key)
-        except ConfigError:
-            if not split:
-                raise
-            self.store, root = ObjectStore(self.remote_url), local  # the dataset sits at remote itself
-            download_with_retry(self.store, INDEX_BASENAME, os.path.join(root, INDEX_BASENAME), retries=retries, what=key)
-        super().__init__(root, None, verify_hashes=verify_hashes)
+            self.store, root = self._fetch_index(local, split)
+        except BaseException:
+            if created:
+                shutil.rmtree(local, ignore_errors=True)
+            raise
+        try:
+            super().__init__(root, None, verify_hashes=verify_hashes)
+        except ConfigError as error:  # a damaged index: named by its URL, not by the cache's copy
+            os.remove(os.path.join(root, INDEX_BASENAME))
+            if created:
+                shutil.rmtree(local, ignore_errors=True)
+            text = str(error).replace(os.path.join(root, INDEX_BASENAME), self.store.where(INDEX_BASENAME))
+            text = text.replace("re-write the dataset", f"upload it again, or write the dataset there again with "
+                                                        f"jaxtrain data prepare --out {self.remote_url}")
+            raise ConfigError(f"{key}.remote: {text}") from None
         self._lock = threading.Lock()
         self._shard_locks = collections.defaultdict(threading.Lock)
         self._cached: collections.OrderedDict[int, list[str]] = collections.OrderedDict()  # LRU: shard -> files
         self._downloading: dict[int, int] = {}  # shard -> bytes
         self._cleanup = None if keep_local else weakref.finalize(self, _remove_cache, root, local if created else None)
+
+    def _fetch_index(self, local: str, split: str | None) -> tuple[ObjectStore, str]:
+        """Download ``index.json`` from ``remote/split`` or else ``remote``; returns the store that
+        has it and the local folder it went to. Neither having it is one line naming both URLs (or
+        the missing bucket); other failures are retried, then reported, at the first URL."""
+        candidates = [(f"{self.remote_url}/{split}", os.path.join(local, split))] if split else []
+        candidates.append((self.remote_url, local))  # the dataset sits at remote itself
+        failed: list[RemoteMissing | RemoteDenied] = []
+        for url, root in candidates:
+            store = ObjectStore(url)
+            try:
+                download_with_retry(store, INDEX_BASENAME, os.path.join(root, INDEX_BASENAME), retries=self.retries,
+                                    what=f"{self.key}.remote")
+                return store, root
+            except (RemoteMissing, RemoteDenied) as error:
+                failed.append(error)
+        where = f"{self.key}.remote={self.remote_url}"
+        tried = " or ".join(error.url for error in failed)
+        denied = [error for error in failed if isinstance(error, RemoteDenied)]
+        if denied:
+            hint = (" (S3 answers 403 for a missing object too when the credentials may not list the bucket)"
+                    if any("(403)" in error.error for error in denied) else "")
+            raise ConfigError(f"{where}: cannot read {tried} ({denied[0].error}): access denied or no credentials"
+                              f"{hint}; check the credentials, the endpoint and the bucket's permissions, and "
+                              f"the URL") from None
+        bucket = store.missing_bucket()
+        if bucket:
+            raise ConfigError(f"{where}: {bucket}; check the bucket's name in the URL, and that the endpoint and "
+                              f"credentials are those of the account that has it") from None
+        folder = "the folder holding index.json" + (f" (or its {split} folder)" if split else "")
+        raise ConfigError(f"{where}: no index.json at {tried}; point remote at {folder}, or write the dataset "
+                          f"there with jaxtrain data prepare --out {self.remote_url}") from None
 
     @property
     def fingerprint(self) -> str:
@@ -246,7 +394,8 @@ class RemoteMDSDataset(MDSDataset):
                 self._downloading[number] = size  # counted against the limit while it downloads
             try:
                 download_with_retry(self.store, info["basename"], os.path.join(self.root, info["basename"]),
-                                    retries=self.retries, what=f"{self.key} shard {number}")
+                                    retries=self.retries, what=f"{self.key} shard {number}",
+                                    retry_missing=True)  # listed in the index: an upload may still be writing it
             finally:
                 with self._lock:
                     del self._downloading[number]
@@ -393,6 +542,11 @@ class StreamingTokenRows(ShardedRows):
 
 def open_mds_datasets(dataset, *, key: str) -> list[MDSDataset]:
     """The MDS datasets a ``DatasetConfig`` names: streamed from ``remote`` when it is set, else local."""
+    extra = dataset.extra or {}
+    warn_unknown_extra(extra, key)
+    if "validate_hash" in extra:  # read as a boolean here, so that "false" (from ${oc.env:...}) is false
+        extra = dict(extra, validate_hash=bool_option(extra, "validate_hash", key, True))
+        dataset = dataclasses.replace(dataset, extra=extra)
     if not dataset.remote:
         return mds_datasets(dataset, key=key)
     if dataset.streams:
@@ -401,28 +555,96 @@ def open_mds_datasets(dataset, *, key: str) -> list[MDSDataset]:
     if not is_remote(dataset.remote):
         raise ConfigError(f"{key}.remote={dataset.remote!r} is not a URL: give s3://bucket/path (or gs://...), or "
                           f"set local instead")
-    extra = dataset.extra or {}
-    try:
-        retries = int(extra.get("download_retry", DEFAULT_DOWNLOAD_RETRY))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}.extra.download_retry={extra.get('download_retry')!r} must be an integer") from None
+    problem = store_url_problem(dataset.remote, local=f"a local copy of the dataset in {key}.local")
+    if problem:
+        raise ConfigError(f"{key}.remote={dataset.remote}: {problem}")
+    retries = int_option(extra, "download_retry", key, DEFAULT_DOWNLOAD_RETRY)
+    cache_limit = parse_cache_limit(extra.get("cache_limit"), key)
+    keep_local = bool_option(extra, "keep_local", key, False)
+    int_option(extra, "predownload", key, DEFAULT_PREDOWNLOAD_ROWS)  # read by token_rows: checked before any download
     return [RemoteMDSDataset(dataset.remote, dataset.local, dataset.split,
-                             verify_hashes=bool(extra.get("validate_hash", True)), retries=max(retries, 0),
-                             cache_limit=parse_cache_limit(extra.get("cache_limit"), key),
-                             keep_local=bool(extra.get("keep_local", False)), key=key)]
+                             verify_hashes=bool_option(extra, "validate_hash", key, True), retries=retries,
+                             cache_limit=cache_limit, keep_local=keep_local, key=key)]
+
+
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def bool_option(extra: dict, name: str, key: str, default: bool) -> bool:
+    """``extra[name]`` as a boolean: true/false, or the strings true/false/yes/no/1/0 (any case), as a
+    value read from the environment arrives; unset or empty is ``default``."""
+    value = extra.get(name)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{key}.extra.{name}={value!r} is not a boolean: write true or false")
+
+
+def int_option(extra: dict, name: str, key: str, default: int) -> int:
+    """``extra[name]`` as a whole number >= 0 (an int, or a string of digits as the environment gives
+    it); unset or empty is ``default``."""
+    value = extra.get(name)
+    if value is None or value == "":
+        return default
+    number = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        number = int(value)
+    if number is None:
+        raise ConfigError(f"{key}.extra.{name}={value!r} is not a whole number: write e.g. "
+                          f"{name}: {_EXAMPLES.get(name, 2)}")
+    if number < 0:
+        raise ConfigError(f"{key}.extra.{name}={value!r} is negative: write 0 or more")
+    return number
+
+
+_EXAMPLES = {"download_retry": DEFAULT_DOWNLOAD_RETRY, "predownload": DEFAULT_PREDOWNLOAD_ROWS}
+# What jaxtrain reads from an MDS dataset's extra besides Streaming's own options (which it
+# accepts, reading those it has a use for).
+_JAXTRAIN_EXTRA = ("keep_local",)
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_unknown_extra(extra: dict, key: str) -> None:
+    """A one-line warning (once a process) for each ``extra`` key neither jaxtrain nor Streaming reads,
+    naming the nearest known key. Not an error: ``extra`` is where Streaming's options are passed
+    through, and a newer Streaming may have more of them."""
+    known = (*STREAMING_OPTIONS, *_JAXTRAIN_EXTRA)
+    fields = [field.name for field in dataclasses.fields(DatasetConfig)]
+    for name in extra:
+        name = str(name)
+        if name in known or (key, name) in _warned:
+            continue
+        _warned.add((key, name))
+        if name in fields:
+            hint = f"did you mean '{key}.{name}'?"
+        else:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"did you mean '{key}.extra.{close[0]}'?" if close else f"known here: {', '.join(known)}"
+        print(f"warning: unknown key '{key}.extra.{name}' (ignored); {hint}", file=sys.stderr, flush=True)
 
 
 def parse_cache_limit(limit, key: str) -> int | None:
     """Bytes in ``extra.cache_limit`` (an int, or e.g. ``"100mb"``, powers of 1024); None for no limit."""
-    if limit in (None, 0, ""):
+    if limit in (None, 0, ""):  # false too: no limit
         return None
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?b)?\s*", str(limit).lower())
-    if not match or float(match.group(1)) <= 0:
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]?b)?\s*", str(limit).lower())
+    if isinstance(limit, bool) or not match or float(match.group(1)) <= 0:
         raise ConfigError(f"{key}.extra.cache_limit={limit!r} is not a size: write bytes or e.g. 100mb, 2gb")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
 
 
 def token_rows(datasets: list[RemoteMDSDataset], dataset, *, seq_len: int, bytes_dtype: str,
                key: str) -> StreamingTokenRows:
-    predownload = int((dataset.extra or {}).get("predownload") or DEFAULT_PREDOWNLOAD_ROWS)
+    """Streamed token rows; ``extra.predownload`` rows ahead have their shards fetched (0: none)."""
+    predownload = int_option(dataset.extra or {}, "predownload", key, DEFAULT_PREDOWNLOAD_ROWS)
     return StreamingTokenRows(datasets, seq_len=seq_len, bytes_dtype=bytes_dtype, predownload=predownload, key=key)

@@ -43,6 +43,21 @@ def _is_incident(record: dict) -> bool:
     return "incident" in record
 
 
+# How fetch_checkpoint ends its error for a folder in a bucket without a complete step: advice for
+# the key a checkpoint folder usually comes from, which is not the one at fault here.
+_SAVE_FOLDER_ADVICE = "; check save_folder"
+
+
+def _advice_for_load_path(message: str) -> str:
+    """``message`` (an error reading load_path's checkpoint) with advice about load_path in place of
+    advice about save_folder."""
+    if message.endswith(_SAVE_FOLDER_ADVICE):
+        message = message[: -len(_SAVE_FOLDER_ADVICE)]
+        message += ("; set load_path to the save_folder of a run whose checkpoints were uploaded there, or to a "
+                    "Hugging Face MPT folder")
+    return message
+
+
 def _only_adapters(names: list[str]) -> bool:
     """Whether parameter ``names`` (``ParameterMismatch``'s) are all LoRA adapters' (and some), or
     the scales of their quantized frozen weights."""
@@ -243,8 +258,11 @@ class RecoveryMixin:
         fresh_adapters, merged = None, False
         hf_folder = path if is_hf_folder(path) else None
         if "://" in path:  # in object storage: a Hugging Face folder is downloaded, a checkpoint staged
-            files = remote_hf_files(path)
-            hf_folder = fetch_hf_folder(path, files, print_fn=self.print) if files is not None else None
+            try:
+                files = remote_hf_files(path)
+                hf_folder = fetch_hf_folder(path, files, print_fn=self.print) if files is not None else None
+            except ConfigError as err:  # an unsupported URL, a bucket it cannot list, ...
+                raise ConfigError(f"load_path: {err}") from None
         if hf_folder is not None:  # a Hugging Face MPT folder, read as it is
             def load(like=None):
                 return load_hf_weights(hf_folder, like=like if like is not None else abstract_like(ours),
@@ -275,7 +293,7 @@ class RecoveryMixin:
             raise ConfigError(f"load_path: {path}: {err.detail()}{differ}; make the model section match the "
                               f"checkpoint's") from None
         except ConfigError as err:
-            raise ConfigError(f"load_path: {err}") from None
+            raise ConfigError(f"load_path: {_advice_for_load_path(str(err))}") from None
         params = loaded.params if fresh_adapters is None else lora.merge_trainable(fresh_adapters, loaded.params)
         if fresh_adapters is not None and self.cfg.model.peft_config.use_dora:  # DoRA starts from these weights' norms
             params = lora.start_magnitudes(params, self.cfg.model)
