@@ -490,3 +490,29 @@ def test_a_malformed_tasks_file_is_one_line_naming_its_line(tmp_path):
         load_tasks(str(path))
     assert "\n" not in str(error.value)
     assert str(error.value).startswith(f"{path}:3: malformed YAML (") and "at line 2" in str(error.value)
+
+
+def test_icl_tasks_run_at_each_evaluation_of_a_run_without_held_out_data(tmp_path):
+    """A training config with ``icl_tasks`` and no ``eval_loader`` (as Foundry fine-tuning configs
+    often are) scores the tasks every ``eval_interval`` and at the end, once a step."""
+    import contextlib
+    import io
+
+    from jaxtrain.train.command import _callbacks
+    from jaxtrain.train.loop import Trainer
+    from jaxtrain.train.setup import build_run
+    from test_token_accounting import finetune_config
+
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "ab", "choices": ["c", "d"], "gold": 0}])
+    (tmp_path / "tasks.yaml").write_text("icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n"
+                                         "  icl_task_type: multiple_choice\n  num_fewshot: [0]\n")
+    cfg = finetune_config(tmp_path, eval_interval="2ba", icl_tasks=str(tmp_path / "tasks.yaml"))
+    assert cfg.eval_loader is None
+    with contextlib.redirect_stdout(io.StringIO()):
+        parts = build_run(cfg)
+        try:
+            Trainer(parts, callbacks=_callbacks(cfg)).fit()
+        finally:
+            parts.train_loader.close()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "icl/mc/0-shot" in record] == [2, 4]
