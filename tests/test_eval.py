@@ -393,6 +393,28 @@ def test_gauntlet_arithmetic(tmp_path):
             {"name": "c", "num_fewshot": 5, "random_baseline": 0}]}]}, results)
 
 
+def test_results_that_would_be_meaningless_are_refused(tmp_path):
+    """A gauntlet category without benchmarks (its score NaN) or named twice, a generation answer
+    that is empty (it matches every generation), and two tasks of one label (one metric name)."""
+    results = [TaskResult("a", "multiple_choice", 0, 0.5, 10)]
+    one = {"name": "a", "num_fewshot": 0, "random_baseline": 0.25}
+    with pytest.raises(ConfigError, match=r"gauntlet category 'reasoning' has no benchmarks \(its score would be NaN\)"):
+        gauntlet_scores({"categories": [{"name": "x", "benchmarks": [one]}, {"name": "reasoning", "benchmarks": []}]},
+                        results)
+    with pytest.raises(ConfigError, match=r"gauntlet category 'x' is named twice"):
+        gauntlet_scores({"categories": [{"name": "x", "benchmarks": [one]}, {"name": "x", "benchmarks": [one]}]},
+                        results)
+    rows = [{"context": "Q: a", "answer": "b"}, {"context": "Q: x", "answer": "c", "aliases": [" "]}]
+    with pytest.raises(ConfigError, match=r"gen\.jsonl:2: an empty answer \(in 'answer' or 'aliases'\) would count"):
+        read_examples(write_jsonl(tmp_path / "gen.jsonl", rows), "generation_task_with_answers")
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "a", "choices": ["b"], "gold": 0}])
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: multiple_choice\n"
+                     "- label: mc\n  dataset_uri: mc.jsonl\n  icl_task_type: schema\n")
+    with pytest.raises(ConfigError, match=r"tasks\.yaml: two tasks are labelled 'mc'; give each task its own label"):
+        load_tasks(str(tasks))
+
+
 def test_missing_fields_name_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "mc.jsonl", [{"query": "a", "choices": ["b"], "gold": 0}, {"query": "a"}])
     with pytest.raises(ConfigError, match=r"mc\.jsonl:2 has no field 'choices'"):

@@ -94,9 +94,17 @@ def gauntlet_scores(spec, results: list[TaskResult], *, source: str | None = Non
         by_key.setdefault((result.label, result.num_fewshot), []).append(result)
     benchmarks: dict[str, float] = {}
     categories: dict[str, float] = {}
+    named: set = set()
     for category in spec["categories"]:
         if not isinstance(category, dict) or "name" not in category or "benchmarks" not in category:
             raise ConfigError(f"{where(source, category)}: a gauntlet category needs 'name' and 'benchmarks'")
+        if not isinstance(category["benchmarks"], list) or not category["benchmarks"]:
+            raise ConfigError(f"{where(source, category)}: gauntlet category {category['name']!r} has no benchmarks "
+                              f"(its score would be NaN); list its benchmarks or remove it")
+        if category["name"] in named:
+            raise ConfigError(f"{where(source, category)}: gauntlet category {category['name']!r} is named twice; "
+                              f"give each category its own name")
+        named.add(category["name"])
         scores, weights = [], []
         for benchmark in category["benchmarks"]:
             for field in ("name", "num_fewshot", "random_baseline"):
@@ -180,7 +188,8 @@ class ICLEvalCallback(Callback):
 
     def __init__(self, tasks, *, gauntlet=None, batch_size: int = 8, max_len: int | None = None,
                  subset_num_batches: int | None = None):
-        from jaxtrain.eval.icl import ICLTask, load_tasks, read_examples, stopping_pattern, task_from_dict
+        from jaxtrain.eval.icl import (ICLTask, check_labels, load_tasks, read_examples, stopping_pattern,
+                                       task_from_dict)
 
         self.gauntlet_source = gauntlet if isinstance(gauntlet, str) else None
         if isinstance(tasks, str):
@@ -192,6 +201,7 @@ class ICLEvalCallback(Callback):
         elif not isinstance(tasks, (list, tuple)) or not tasks:
             raise ConfigError("icl_tasks: give a tasks YAML path or a non-empty list of task mappings")
         self.tasks = [task if isinstance(task, ICLTask) else task_from_dict(task, source="icl_tasks") for task in tasks]
+        check_labels(self.tasks, "icl_tasks")
         self.gauntlet = gauntlet
         # Every task file is read now, and the gauntlet checked against the tasks, so that a missing
         # file, a bad example or a benchmark no task evaluates stops the run before it trains.

@@ -172,7 +172,18 @@ def load_tasks(path: str) -> tuple[list[ICLTask], dict | None]:
     base_dir = os.path.dirname(os.path.abspath(path))
     if isinstance(gauntlet, str):
         gauntlet = _beside(gauntlet, path)
-    return [task_from_dict(entry, source=path, base_dir=base_dir) for entry in document], gauntlet
+    tasks = [task_from_dict(entry, source=path, base_dir=base_dir) for entry in document]
+    check_labels(tasks, path)
+    return tasks, gauntlet
+
+
+def check_labels(tasks: Sequence[ICLTask], source: str) -> None:
+    """Refuse two tasks of one label: their scores would be logged under one name."""
+    seen: set[str] = set()
+    for task in tasks:
+        if task.label in seen:
+            raise ConfigError(f"{source}: two tasks are labelled {task.label!r}; give each task its own label")
+        seen.add(task.label)
 
 
 def _beside(name: str, source: str) -> str:
@@ -203,6 +214,12 @@ def _check_example(example, path: str, line: int, task_type: str, *, require_cat
     for field in texts:
         if not isinstance(example[field], str):
             raise ConfigError(f"{at}: field {field!r} must be a string, got {json.dumps(example[field])[:60]}")
+    if task_type == "generation_task_with_answers":
+        empty = [answer for answer in [example["answer"], *(example.get("aliases") or [])]
+                 if isinstance(answer, str) and not answer.strip()]
+        if empty:
+            raise ConfigError(f"{at}: an empty answer (in 'answer' or 'aliases') would count every generation as "
+                              f"correct; give the answer's text or drop the line")
     lists = {"multiple_choice": "choices", "schema": "context_options"}.get(task_type)
     if task_type == "generation_task_with_answers" and "aliases" in example:
         lists = "aliases"
