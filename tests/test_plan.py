@@ -372,3 +372,11 @@ def test_gpu_memory_counts_the_alibi_bias_only_while_it_is_a_tensor():
 
     assert extra(2048) == 16 * 2048 * 2048 * 2  # 128 MiB
     assert extra(32768) == 0.0  # would be 32 GiB
+
+
+def test_a_dollar_budget_at_a_price_of_zero_says_what_plans_owned_hardware(capsys):
+    """A price of 0 (owned hardware) is a price the user gave: the error says a dollar budget needs
+    a price above 0 and which budgets plan owned hardware, not that no price was given."""
+    assert main(["--budget-usd", "100", "--price-per-hour", "0", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no price per hour above 0" in err and "--hours or --budget-flops" in err

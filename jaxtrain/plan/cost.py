@@ -104,7 +104,9 @@ def check_mfu(mfu: float) -> float:
 def device_hours_for_budget(budget_usd: float, hardware: Hardware) -> float:
     """Device-hours that ``budget_usd`` buys at the hardware's hourly price."""
     if hardware.price_per_hour_usd <= 0:
-        raise ValueError(f"hardware {hardware.name!r} has no price per hour; pass --price-per-hour")
+        raise ValueError(f"hardware {hardware.name!r} has no price per hour above 0, so a dollar budget buys no "
+                         f"definite time: pass --price-per-hour (above 0), or plan owned hardware by --hours or "
+                         f"--budget-flops")
     return budget_usd / hardware.price_per_hour_usd
 
 
