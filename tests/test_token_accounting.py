@@ -152,3 +152,21 @@ def test_durations_in_tokens_are_refused_on_finetuning_data(tmp_path, key, value
     with pytest.raises(ConfigError, match=rf": {key}: '{value}' counts tokens, .* give it in ba or ep$"):
         finetune_config(tmp_path, **setting)  # when the config is read
     load_config_dict(setting)  # packed text: a fixed number of tokens per batch
+
+
+def test_rows_an_epoch_leaves_out_are_noticed(tmp_path):
+    """The last incomplete batch of each epoch is dropped; when that is a noticeable part of the
+    data (here 2 of 8 rows), the run says so at start."""
+    cfg = finetune_config(tmp_path, global_train_batch_size=3, device_train_microbatch_size=3, max_duration="1ep")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        parts = build_run(cfg)
+    parts.train_loader.close()
+    assert parts.total_batches == 2
+    assert ("notice: an epoch of the training data is 2 batches of 3 rows: the other 2 of its 8 rows are left out "
+            "of each epoch") in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        parts = build_run(finetune_config(tmp_path / "even"))  # 8 rows in batches of 2: nothing left out
+    parts.train_loader.close()
+    assert "left out of each epoch" not in out.getvalue()

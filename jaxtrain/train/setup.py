@@ -124,6 +124,17 @@ class _InBackground:
         return self._value
 
 
+def _note_rows_left_out(cfg: Config, train_loader) -> None:
+    """Say so when each epoch leaves out a noticeable part of the training rows: the last
+    incomplete batch of an epoch is dropped (batches have a fixed shape), as Composer drops it."""
+    rows, batch = train_loader.epoch_size, cfg.global_train_batch_size
+    left = rows % batch
+    if left and (left * 20 >= rows or "ep" in str(cfg.max_duration)):
+        print(f"notice: an epoch of the training data is {rows // batch} batch{'es' if rows // batch != 1 else ''} of "
+              f"{batch} rows: the other {left} of its {rows} rows are left out of each epoch (shuffle: true draws "
+              f"them anew each epoch); a global_train_batch_size that divides {rows} trains on all of them", flush=True)
+
+
 def _plan_optimizer(cfg: Config, *, batches_per_epoch: int | None):
     """(total batches, schedule, optimizer); ``batches_per_epoch`` None raises for epoch-based times."""
     total_batches = time_to_batches(
@@ -256,6 +267,7 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
         planned = _plan_optimizer(cfg, batches_per_epoch=train_loader.batches_per_epoch)
         state_parts = _train_state(cfg, planned[2], mesh, rules, weights_loaded)
     total_batches, schedule, tx = planned
+    _note_rows_left_out(cfg, train_loader)
     state, model_def, state_shardings = state_parts
     ema = None if cfg.algorithms.ema is None else ema_plan(
         cfg.algorithms.ema, batches_per_epoch=train_loader.batches_per_epoch, total_batches=total_batches)
