@@ -538,3 +538,12 @@ def test_icl_tasks_run_at_each_evaluation_of_a_run_without_held_out_data(tmp_pat
             parts.train_loader.close()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records if "icl/mc/0-shot" in record] == [2, 4]
+
+
+def test_task_files_with_a_byte_order_mark_read_and_bad_lines_name_their_column(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"query": "a", "choices": ["b"], "gold": 0}).encode() + b"\n")
+    assert read_examples(str(path), "multiple_choice") == [{"query": "a", "choices": ["b"], "gold": 0}]
+    path.write_text('{"query": "x", \n')
+    with pytest.raises(ConfigError, match=r"mc\.jsonl:1 is not valid JSON \(.* at column 16\)"):
+        read_examples(str(path), "multiple_choice")

@@ -336,3 +336,13 @@ def test_prompt_response_pairs_train_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = step_losses(tmp_path / "run")
     assert len(losses) == 30 and sum(list(losses.values())[-5:]) / 5 < losses[1] - 2.0
+
+
+def test_a_file_with_a_byte_order_mark_reads_as_without_one(tmp_path):
+    from jaxtrain.data.finetune import read_examples
+
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    plain.write_text(json.dumps({"prompt": "ab", "response": "cd"}) + "\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert [(e.prompt, e.response) for e in read_examples([str(marked)])] == [
+        (e.prompt, e.response) for e in read_examples([str(plain)])]

@@ -93,6 +93,7 @@ def read_examples(paths: list[str]) -> list[Example]:
     for path in paths:
         with open(path, "rb") as handle:
             data = handle.read()
+        data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (some editors write one) is not text
         if not data.strip():
             empty.append(path)
             continue

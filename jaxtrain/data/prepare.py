@@ -100,7 +100,7 @@ def _input_files(spec: str) -> list[str]:
 def _file_texts(files: list[str], text_field: str) -> Iterator[str]:
     for path in files:
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 if not path.endswith(JSONL_SUFFIXES):
                     yield handle.read()
                     continue

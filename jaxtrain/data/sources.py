@@ -101,7 +101,7 @@ def text_documents(local: str | None, split: str, *, max_files: int | None = Non
     def texts() -> Iterator[str]:
         for path in paths:
             try:
-                with open(path, encoding="utf-8") as handle:
+                with open(path, encoding="utf-8-sig") as handle:
                     yield handle.read()
             except UnicodeDecodeError as error:
                 raise ConfigError(f"{path} is not UTF-8 text ({error.reason}): convert it or remove it from {key}.local") from None
@@ -116,7 +116,7 @@ def jsonl_documents(local: str | None, split: str, *, text_field: str = "text", 
 
     def texts() -> Iterator[str]:
         for path in paths:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 for line_number, line in enumerate(handle, start=1):
                     if not line.strip():
                         continue

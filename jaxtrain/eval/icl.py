@@ -242,7 +242,7 @@ def read_examples(path: str, task_type: str, *, require_category: bool = False) 
     """The examples of a JSONL task file; a bad line or a missing field names ``path:line``."""
     examples = []
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, encoding="utf-8-sig")  # a byte-order mark (some editors write one) is not text
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the task file ({error.strerror})") from None
     with handle:
@@ -251,7 +251,7 @@ def read_examples(path: str, task_type: str, *, require_category: bool = False) 
                 if not line.strip():
                     continue
                 try:
-                    example = json.loads(line)
+                    example = json.loads(line.rstrip("\r\n"))  # columns counted on the line itself
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{path}:{line_number} is not valid JSON ({error.msg} at column {error.colno}); "
                                       f"each line must be one JSON object") from None
