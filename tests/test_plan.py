@@ -380,3 +380,12 @@ def test_a_dollar_budget_at_a_price_of_zero_says_what_plans_owned_hardware(capsy
     assert main(["--budget-usd", "100", "--price-per-hour", "0", "--no-plot"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no price per hour above 0" in err and "--hours or --budget-flops" in err
+
+
+def test_a_budget_far_below_the_fitted_sizes_says_its_figures_are_extrapolations(capsys):
+    assert main(["--budget-flops", "1e10", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters is far below the 44M to 16B the scaling laws were fitted on" in out
+    assert "the smallest preset (125m) takes 1.8e+18 scaling-law FLOPs compute-optimally" in out
+    assert main(["--budget-usd", "50000", "--no-plot"]) == 0
+    assert "far below" not in capsys.readouterr().out

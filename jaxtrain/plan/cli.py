@@ -181,6 +181,22 @@ def _model_preset(args, presets: list[Preset]) -> Preset | None:
     return None
 
 
+# The smallest models the Chinchilla fits were made on (Hoffmann et al. 2022: 44M to 16B parameters).
+SMALLEST_FITTED_PARAMS = 44e6
+
+
+def _below_the_fits(params: float, smallest, allocation: str) -> list[str]:
+    """A note when the budget's model is far below the sizes the scaling laws were fitted on: its
+    allocation, loss and shape are then extrapolations (a loss above a uniform guess, a 125m shape
+    for thousands of parameters)."""
+    if params >= SMALLEST_FITTED_PARAMS / 4:
+        return []
+    optimal = chinchilla.compute_optimal_for_params(smallest.params, allocation)
+    return [f"  note          {format_count(params)} parameters is far below the 44M to 16B the scaling laws were "
+            f"fitted on: the allocation, loss and shape above are extrapolations; the smallest preset "
+            f"({smallest.name}) takes {6 * optimal.params * optimal.tokens:.2g} scaling-law FLOPs compute-optimally"]
+
+
 def _header(
     hardware: Hardware, price_source: str, devices: int, mfu: float, mfu_source: str, precision: str
 ) -> list[str]:
@@ -251,6 +267,7 @@ def _plan_budget(args, hardware, price_source, mfu, mfu_source, presets) -> str:
         f"  nearest preset  {preset.name} ({format_count(preset.params)} params, {preset.path.name}): "
         f"the budget trains it on {format_count(preset_tokens)} tokens "
         f"(compute-optimal for its size: {format_count(preset_optimal)})",
+        *_below_the_fits(top.params, min(presets, key=lambda p: p.params), args.allocation),
         "",
         f"ladder (up to {args.rungs} rungs, ~4x compute each: 2x params, 2x tokens; "
         f"{devices} x {hardware.name}, MFU {mfu:.0%})",
