@@ -195,6 +195,13 @@ def test_generate_numeric_flags(ck, flag, value, capsys):
     one_error(capsys, f"{flag} {value}", "must")
 
 
+def test_eval_perplexity_data_without_the_text_field_names_the_flag(ck, tmp_path, capsys):
+    data = tmp_path / "texts.jsonl"
+    data.write_text(json.dumps({"text": "abc"}) + "\n")
+    assert eval_main(["--checkpoint", str(ck), "--perplexity-data", str(data), "--text-field", "body"]) == 2
+    one_error(capsys, f"{data}:1 has no field 'body': set --text-field to the field holding the text")
+
+
 def test_eval_and_generate_out_of_memory_is_one_line(ck, tasks, tmp_path, capsys):
     """The device running out of memory while evaluating or generating is one line naming the
     flags that size the work (here rows of 2**26 x 4096 and a KV cache for 2**29 new tokens)."""

@@ -110,8 +110,9 @@ def text_documents(local: str | None, split: str, *, max_files: int | None = Non
 
 
 def jsonl_documents(local: str | None, split: str, *, text_field: str = "text", max_files: int | None = None,
-                    key: str = "train_loader.dataset") -> Documents:
-    """Each line of each JSONL file is one JSON object; its ``text_field`` is one document."""
+                    key: str = "train_loader.dataset", field_key: str | None = None) -> Documents:
+    """Each line of each JSONL file is one JSON object; its ``text_field`` is one document.
+    ``field_key`` names the setting of ``text_field`` in errors (default ``{key}.text_field``)."""
     paths = resolve_files(local, split, JSONL_SUFFIXES, key)[:max_files]
 
     def texts() -> Iterator[str]:
@@ -120,7 +121,7 @@ def jsonl_documents(local: str | None, split: str, *, text_field: str = "text", 
                 for line_number, line in enumerate(handle, start=1):
                     if not line.strip():
                         continue
-                    yield _jsonl_text(path, line_number, line, text_field, key)
+                    yield _jsonl_text(path, line_number, line, text_field, field_key or f"{key}.text_field")
 
     return Documents(f"jsonl:{local}", fingerprint_files(paths, "jsonl", text_field), texts, len(paths))
 
@@ -139,14 +140,14 @@ def mds_documents(datasets, *, text_field: str = "text", key: str = "train_loade
     return Documents(f"mds:{roots}", digest.hexdigest(), texts, sum(dataset.num_shards for dataset in datasets))
 
 
-def _jsonl_text(path: str, line_number: int, line: str, text_field: str, key: str) -> str:
+def _jsonl_text(path: str, line_number: int, line: str, text_field: str, field_key: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}:{line_number} is not valid JSON ({error.msg}): fix or remove that line") from None
     if not isinstance(record, dict) or text_field not in record:
         raise ConfigError(
-            f"{path}:{line_number} has no field {text_field!r}: set {key}.text_field to the field holding the text"
+            f"{path}:{line_number} has no field {text_field!r}: set {field_key} to the field holding the text"
         )
     text = record[text_field]
     if not isinstance(text, str):

@@ -68,7 +68,8 @@ def _perplexity(args, model, tokenizer, compute_dtype) -> dict:
     def texts():
         for local in args.perplexity_data:
             is_jsonl = local.endswith(JSONL_SUFFIXES)
-            documents = (jsonl_documents(local, "eval", text_field=args.text_field, key="--perplexity-data")
+            documents = (jsonl_documents(local, "eval", text_field=args.text_field, key="--perplexity-data",
+                                         field_key="--text-field")
                          if is_jsonl else text_documents(local, "eval", key="--perplexity-data"))
             yield from documents.texts()
 
