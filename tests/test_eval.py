@@ -547,3 +547,11 @@ def test_task_files_with_a_byte_order_mark_read_and_bad_lines_name_their_column(
     path.write_text('{"query": "x", \n')
     with pytest.raises(ConfigError, match=r"mc\.jsonl:1 is not valid JSON \(.* at column 16\)"):
         read_examples(str(path), "multiple_choice")
+
+
+def test_foundry_s_old_name_of_the_generation_task_type_points_to_the_new_one(tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"context": "Q: a", "answer": "b"}])
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("icl_tasks:\n- label: qa\n  dataset_uri: qa.jsonl\n  icl_task_type: question_answering\n")
+    with pytest.raises(ConfigError, match=r"LLM Foundry renamed it generation_task_with_answers: use that"):
+        load_tasks(str(tasks))

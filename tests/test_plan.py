@@ -389,3 +389,8 @@ def test_a_budget_far_below_the_fitted_sizes_says_its_figures_are_extrapolations
     assert "the smallest preset (125m) takes 1.8e+18 scaling-law FLOPs compute-optimally" in out
     assert main(["--budget-usd", "50000", "--no-plot"]) == 0
     assert "far below" not in capsys.readouterr().out
+
+
+def test_hardware_names_are_read_in_any_case(capsys):
+    assert main(["--budget-usd", "50000", "--hardware", "H100", "--no-plot"]) == 0
+    assert "on h100" in capsys.readouterr().out.splitlines()[0]

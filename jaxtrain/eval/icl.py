@@ -128,7 +128,9 @@ def task_from_dict(entry, *, source: str | None = None, base_dir: str = ".") -> 
         if key not in entry:
             raise ConfigError(f"{at}: icl_tasks entry is missing the field {key!r}")
     if entry["icl_task_type"] not in TASK_FIELDS:
-        raise ConfigError(f"{at}: icl_task_type={entry['icl_task_type']!r} is not one of {', '.join(TASK_FIELDS)}")
+        renamed = {"question_answering": "generation_task_with_answers"}.get(entry["icl_task_type"])
+        raise ConfigError(f"{at}: icl_task_type={entry['icl_task_type']!r} is not one of {', '.join(TASK_FIELDS)}"
+                          + (f" (LLM Foundry renamed it {renamed}: use that)" if renamed else ""))
     values = {key: value for key, value in entry.items() if key in _TASK_KEYS}
     shots = values.get("num_fewshot", [0])
     shots = shots if isinstance(shots, list) else [shots]

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hardware(args, bench: BenchResult | None) -> tuple[Hardware, str]:
-    name = args.hardware or (bench.hardware if bench else "h100")
+    name = args.hardware.strip().lower() if args.hardware else (bench.hardware if bench else "h100")  # H100 = h100
     if bench and bench.hardware != name:
         raise PlanError(f"--mfu from:{bench.path} was measured on {bench.hardware}, not {name}; "
                         f"pass --hardware {bench.hardware} or a bench file from {name}")
