@@ -173,7 +173,7 @@ def test_numeric_packing_ratio_averages_that_many_examples_per_row():
     assert len(build_rows(examples, max_seq_len=16, pad_token_id=PAD, pack=True).input_ids) == 1  # auto
 
 
-def test_build_loaders_packs_only_with_packing_ratio(tmp_path):
+def test_build_loaders_packs_only_with_packing_ratio(tmp_path, capsys):
     data = [{"prompt": "ab", "response": "cd"}, {"prompt": "efg", "response": "h"},
             {"prompt": "k", "response": "lm"}, {"prompt": "ij", "response": "k"}]
     unpacked, _, _ = build_loaders(loader_config(tmp_path, data), cache_dir=str(tmp_path / "cache"))
@@ -188,6 +188,7 @@ def test_build_loaders_packs_only_with_packing_ratio(tmp_path):
     np.testing.assert_array_equal(train.rows[2], [10, 11, 12, EOS, 8, 9, 10, EOS])
     np.testing.assert_array_equal(train.labels[2], [X, 11, 12, EOS, X, X, 10, EOS])
     np.testing.assert_array_equal(train.sequence_id[2], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert "packing_ratio=auto: 4 examples packed into 3 rows (1.33 per row)" in capsys.readouterr().err
 
 
 def test_sequence_id_keeps_packed_examples_apart():

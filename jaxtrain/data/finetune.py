@@ -341,4 +341,7 @@ def finetune_rows(cfg, dataset, tokenizer, *, key: str) -> FinetuneRows:
     notes += [f"{rows.num_truncated} cut to max_seq_len={max_seq_len}"] if rows.num_truncated else []
     if notes:
         print(f"{key}: of {len(examples)} fine-tuning examples, {' and '.join(notes)}", file=sys.stderr, flush=True)
+    if pack and options.packing_ratio == math.inf and len(rows.input_ids):  # auto: say what it came to
+        print(f"{key}.packing_ratio=auto: {rows.num_examples} examples packed into {len(rows.input_ids)} rows "
+              f"({rows.num_examples / len(rows.input_ids):.2f} per row)", file=sys.stderr, flush=True)
     return rows
