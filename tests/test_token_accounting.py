@@ -170,3 +170,10 @@ def test_rows_an_epoch_leaves_out_are_noticed(tmp_path):
         parts = build_run(finetune_config(tmp_path / "even"))  # 8 rows in batches of 2: nothing left out
     parts.train_loader.close()
     assert "left out of each epoch" not in out.getvalue()
+
+
+def test_too_few_fine_tuning_rows_for_a_batch_suggest_only_what_helps(tmp_path):
+    """Fine-tuning rows hold one example each: a shorter max_seq_len would make no more of them."""
+    with pytest.raises(ConfigError) as error:
+        build_run(finetune_config(tmp_path, global_train_batch_size=16, device_train_microbatch_size=16))
+    assert "fewer than one global batch of 16: lower global_train_batch_size, or add data" in str(error.value)

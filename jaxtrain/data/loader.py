@@ -125,9 +125,11 @@ class BatchLoader:
             self._check_batch_size(global_batch_size, "global_train_batch_size")
             if global_batch_size > self.epoch_size:
                 what = "the dataset has" if self.epoch_size == self.num_sequences else "an epoch of the stream mix has"
+                # fine-tuning rows hold one example each (or a packed few): a shorter max_seq_len makes no more
+                shorter = "" if labels is not None else " or max_seq_len"
                 raise ConfigError(
                     f"{name}: {what} {self.epoch_size} sequences of {self.max_seq_len} tokens, fewer than "
-                    f"one global batch of {global_batch_size}: lower global_train_batch_size or max_seq_len, or add data"
+                    f"one global batch of {global_batch_size}: lower global_train_batch_size{shorter}, or add data"
                 )
         self._epoch = 0
         self._sample_in_epoch = 0
