@@ -509,7 +509,7 @@ def test_the_train_command_reports_a_bucket_it_cannot_reach_in_one_line(no_aws_c
     # a folder in a bucket with no checkpoint as load_path: the advice is about load_path
     ((f"load_path=s3://{BUCKET}/empty",),
      f"error: load_path: s3://{BUCKET}/empty: no complete jaxtrain checkpoint found (expected numbered step "
-     f"folders with _JAXTRAIN_UPLOADED); set load_path to the save_folder of a run"),
+     f"folders with _JAXTRAIN_UPLOADED); give the save_folder of a run whose checkpoints were uploaded there"),
 ])
 def test_the_train_command_reports_remote_mistakes_in_one_line(s3, tmp_path, overrides, expected):
     command = [sys.executable, "-m", "jaxtrain.main", "--config", "configs/quickstart.yaml"]

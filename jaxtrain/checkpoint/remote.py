@@ -408,7 +408,7 @@ def fetch_checkpoint(url: str, step: int | None) -> str:
     complete = steps.complete_steps()
     if not complete:
         raise ConfigError(f"{url}: no complete jaxtrain checkpoint found (expected numbered step folders with "
-                          f"{UPLOADED_MARKER}); check save_folder")
+                          f"{UPLOADED_MARKER}); give the save_folder of a run whose checkpoints were uploaded there")
     step = complete[-1] if step is None else step
     if step not in complete:
         raise ConfigError(f"{url}: step {step} is not a complete checkpoint there; complete steps: "

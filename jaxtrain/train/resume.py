@@ -43,21 +43,6 @@ def _is_incident(record: dict) -> bool:
     return "incident" in record
 
 
-# How fetch_checkpoint ends its error for a folder in a bucket without a complete step: advice for
-# the key a checkpoint folder usually comes from, which is not the one at fault here.
-_SAVE_FOLDER_ADVICE = "; check save_folder"
-
-
-def _advice_for_load_path(message: str) -> str:
-    """``message`` (an error reading load_path's checkpoint) with advice about load_path in place of
-    advice about save_folder."""
-    if message.endswith(_SAVE_FOLDER_ADVICE):
-        message = message[: -len(_SAVE_FOLDER_ADVICE)]
-        message += ("; set load_path to the save_folder of a run whose checkpoints were uploaded there, or to a "
-                    "Hugging Face MPT folder")
-    return message
-
-
 def _only_adapters(names: list[str]) -> bool:
     """Whether parameter ``names`` (``ParameterMismatch``'s) are all LoRA adapters' (and some), or
     the scales of their quantized frozen weights."""
@@ -293,7 +278,7 @@ class RecoveryMixin:
             raise ConfigError(f"load_path: {path}: {err.detail()}{differ}; make the model section match the "
                               f"checkpoint's") from None
         except ConfigError as err:
-            raise ConfigError(f"load_path: {_advice_for_load_path(str(err))}") from None
+            raise ConfigError(f"load_path: {err}") from None
         params = loaded.params if fresh_adapters is None else lora.merge_trainable(fresh_adapters, loaded.params)
         if fresh_adapters is not None and self.cfg.model.peft_config.use_dora:  # DoRA starts from these weights' norms
             params = lora.start_magnitudes(params, self.cfg.model)
