@@ -22,8 +22,9 @@ downloaded again later in the epoch; the limit bounds disk use, not traffic.
 
 ``s3://`` goes through boto3, whose credentials and endpoint come from the standard AWS
 environment and config files (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``; ``S3_ENDPOINT_URL`` is
-honoured too); ``gs://`` goes through fsspec (gcsfs). Other schemes are refused up front, as is a
-URL without a bucket. A missing bucket or object, or access denied, is reported at once; other
+honoured too); ``gs://`` goes through fsspec (gcsfs), as does any other scheme fsspec knows
+(``jaxtrain.data.object_store``); a scheme it does not know is refused up front, as is a URL
+without a bucket. A missing bucket or object, or access denied, is reported at once; other
 download failures (network, throttling) are retried.
 """
 
