@@ -204,10 +204,10 @@ def test_eval_perplexity_data_without_the_text_field_names_the_flag(ck, tmp_path
 
 def test_eval_and_generate_out_of_memory_is_one_line(ck, tasks, tmp_path, capsys):
     """The device running out of memory while evaluating or generating is one line naming the
-    flags that size the work (here rows of 2**26 x 4096 and a KV cache for 2**29 new tokens)."""
-    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--batch-size", str(2**26),
+    flags that size the work (here rows of 2**22 x 4096 and a KV cache for 2**29 new tokens)."""
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--batch-size", str(2**22),
                       "--seq-len", "4096"]) == 2
-    one_error(capsys, "the device ran out of memory", "--batch-size (now 67108864)", "--seq-len (now 4096)")
+    one_error(capsys, "the device ran out of memory", "--batch-size (now 4194304)", "--seq-len (now 4096)")
     cfg = dataclasses.replace(model_cfg(), max_seq_len=2**30, learned_pos_emb=False)  # ALiBi: no table of positions
     params = nnx.to_pure_dict(nnx.state(build_model(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     save_model(str(tmp_path / "long"), cfg, params, tokenizer_path=str(ck / "tokenizer.json"), step=1)
