@@ -345,10 +345,13 @@ def test_describe_lists_every_field_with_type_default_and_doc():
     ("seed=-5", "seed: -5 must be in [0, 2**32)"),
     ("train_loader.dataset.shuffle_seed=4294967296", "train_loader.dataset.shuffle_seed: 4294967296 must be in"),
     ("run_name=../../elsewhere", "run_name: '../../elsewhere' is not a name"),
+    ("save_folder=foo://bucket/ckpt", "save_folder: foo://bucket/ckpt: foo:// is not a storage scheme jaxtrain can "
+                                      "read; use s3://BUCKET/PATH, gs://BUCKET/PATH or a local path"),
+    ("load_path=s3:///ckpt", "load_path: s3:///ckpt: no bucket in the URL; write s3://BUCKET/PATH"),
 ])
 def test_numbers_no_setting_can_mean_are_one_line(override, message):
-    """Not-a-number and infinite values, integers past 64 bits and seeds outside Composer's range
-    are refused where they are set, naming the key the user wrote."""
+    """Not-a-number and infinite values, integers past 64 bits, seeds outside Composer's range and
+    URLs no store reads are refused where they are set, naming the key the user wrote."""
     text = error_of(load_config, None, [override])
     assert message in text and "\n" not in text
 

@@ -124,6 +124,13 @@ def validate(cfg: Config, where: Where) -> None:
                                      or cfg.run_name in (".", "..")):
         fail("run_name", f"{cfg.run_name!r} is not a name (it is put into run_folder and save_folder as "
                          f"{{run_name}}); give a name without slashes, or set run_folder to the folder wanted")
+    for key, url in (("save_folder", cfg.save_folder), ("load_path", cfg.load_path)):
+        if url and "://" in url:  # found before any compile, with the key to change
+            from jaxtrain.data.object_store import store_url_problem  # jaxtrain.data imports this module
+
+            problem = store_url_problem(url)
+            if problem:
+                fail(key, f"{url}: {problem}")
     for key, seed in (("seed", cfg.seed), ("train_loader.dataset.shuffle_seed", cfg.train_loader.dataset.shuffle_seed)):
         if seed is not None and not 0 <= seed < 2**32:  # as Composer's and Streaming's seeds
             fail(key, f"{seed} must be in [0, 2**32)")

@@ -31,6 +31,7 @@ from jax.experimental.multihost_utils import reached_preemption_sync_point
 
 from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
 from jaxtrain.checkpoint.remote import RemoteUploadError
+from jaxtrain.config.schema import ConfigError
 from jaxtrain.data.tokenizer import TOKENIZER_FILE
 from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, tensorboard_log_dir
@@ -96,11 +97,14 @@ class Trainer(EvaluationMixin, RecoveryMixin):
         self.meter = ThroughputMeter(window_size=window, num_devices=jax.device_count(),
                                      peak_flops_per_device=parts.peak_flops_per_device)
         self._window_steps = 0  # the steps the last logged rates cover
-        self.checkpointer = (
-            Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep, faults=self.faults,
-                         staging=os.path.join(cfg.run_folder, "checkpoint-staging"))
-            if cfg.save_folder else None
-        )
+        self.checkpointer = None
+        if cfg.save_folder:
+            try:
+                self.checkpointer = Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep,
+                                                 faults=self.faults,
+                                                 staging=os.path.join(cfg.run_folder, "checkpoint-staging"))
+            except ConfigError as err:  # a store that cannot be opened: say which key names it
+                raise ConfigError(str(err) if str(err).startswith("save_folder") else f"save_folder: {err}") from None
         self.preemption_sync = _preemption_service_running()
         self._eval_compiled = False  # whether this process has compiled the eval step yet
         self.reached = ReachedStep.from_env()  # tells a supervisor the step the run is at
