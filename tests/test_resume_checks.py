@@ -119,7 +119,9 @@ def test_a_number_changed_on_disk_is_caught_and_the_step_passed_over(tmp_path):
 
 def test_unreadable_remote_step_falls_back_to_an_older_remote_one_and_is_uploaded_again(tmp_path, s3_checkpoints):
     client, bucket, url = s3_checkpoints
-    args = command(tmp_path, f"save_folder={url}", "max_duration=6ba", "save_interval=3ba", "eval_interval=0")
+    # every checkpoint kept (the default): no pruning deletes the unreadable copy before it is saved again
+    args = command(tmp_path, f"save_folder={url}", "max_duration=6ba", "save_interval=3ba", "eval_interval=0",
+                   "save_num_checkpoints_to_keep=-1")
     first = run(args)
     assert first.returncode == 0, first.stderr[-3000:]
     trained = params_of(url)  # step 6
@@ -128,6 +130,8 @@ def test_unreadable_remote_step_falls_back_to_an_older_remote_one_and_is_uploade
     largest = max(arrays, key=lambda key: client.head_object(Bucket=bucket, Key=key)["ContentLength"])
     body = client.get_object(Bucket=bucket, Key=largest)["Body"].read()
     client.put_object(Bucket=bucket, Key=largest, Body=body[:1000])  # damaged in the bucket
+    stale = "run/checkpoints/6/state/d/left-by-an-earlier-save"
+    client.put_object(Bucket=bucket, Key=stale, Body=b"not part of the step saved again")
 
     again = run(args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -140,6 +144,11 @@ def test_unreadable_remote_step_falls_back_to_an_older_remote_one_and_is_uploade
     assert RemoteSteps(url).complete_steps() == [3, 6]  # step 3 was not pruned on the way
     for ours, reference in zip(params_of(url), trained):  # step 6, uploaded again
         np.testing.assert_array_equal(ours, reference)
+    # the step saved again is what the bucket holds under it: Orbax names data files at random, and
+    # the earlier copy's (and the stray one) are gone, so a download fetches one copy, not two
+    listed = {item["Key"] for item in client.list_objects_v2(Bucket=bucket, Prefix="run/checkpoints/6/")["Contents"]}
+    assert stale not in listed and "run/checkpoints/6/_JAXTRAIN_UPLOADED" in listed
+    assert not listed & set(arrays)
 
 
 # ----------------------------------------------------------------------------- the config on resume

@@ -268,9 +268,10 @@ class Checkpointer:
         so that it is no longer a step here and the run saves that step again; nothing is deleted.
 
         Returns the folder's new path (None when there was no folder to move). For a remote folder
-        the staged copy goes to ``<staging>.unreadable/`` and the step counts as not uploaded: its
-        next save is uploaded over the remote copy, which until then stays (with
-        ``save_num_checkpoints_to_keep`` >= 0, the next save prunes it like any step not kept).
+        the staged copy goes to ``<staging>.unreadable/`` and the step counts as not uploaded: the
+        remote copy stays until the step is saved again, which replaces it (its marker deleted
+        first, its files the new save does not write again deleted after); with
+        ``save_num_checkpoints_to_keep`` >= 0, a save before that prunes it like any step not kept.
         With several processes sharing a local folder, process 0 renames it (the others return
         None) and they meet after. The caller has waited for any save in flight (``wait``)."""
         if self.remote is not None:

@@ -299,28 +299,56 @@ class RemoteSteps:
                     raise RemoteUploadError(step, self.store.where(name), attempt + 1, error) from error
                 time.sleep(UPLOAD_RETRY_BASE_SECONDS * 2 ** attempt)
 
+    def _owns(self, name: str) -> bool:
+        """Whether this process uploads ``name`` (relative to the staging folder, or the store's
+        prefix): its own part, plus the metadata and markers on process 0 (everything, alone)."""
+        owner = _part_owner(name)
+        return self.group.count == 1 or owner == self.group.index or (owner is None and self.group.index == 0)
+
     def _own_files(self, step: int) -> list[tuple[str, str]]:
-        """(local path, remote name) of the files of ``step`` that this process uploads: its own
-        part, plus the metadata on process 0 (or everything, alone)."""
+        """(local path, remote name) of the files of ``step`` that this process uploads."""
         folder = os.path.join(self.staging, str(step))
         files = []
         for parent, _, names in sorted(os.walk(folder)):
             for name in sorted(names):
                 path = os.path.join(parent, name)
                 relative = os.path.relpath(path, self.staging).replace(os.sep, "/")
-                owner = _part_owner(relative)
-                if self.group.count == 1 or owner == self.group.index or (owner is None and self.group.index == 0):
+                if self._owns(relative):
                     files.append((path, relative))
         return files
 
+    def _earlier_copy(self, step: int) -> list[str]:
+        """This process's files of ``step`` already in the store: a step saved again after its copy
+        there could not be read back, or an upload a crash cut short. Its marker, if any, is
+        deleted now, so that no reader trusts the step while it is replaced."""
+        try:
+            earlier = [name for name in self.store.list(str(step)) if self._owns(name)]
+            marker = f"{step}/{UPLOADED_MARKER}"
+            if marker in earlier:
+                self.store.delete([marker])
+                earlier.remove(marker)
+        except Exception as error:  # noqa: BLE001 - the store cannot be listed or written: the upload fails
+            raise RemoteUploadError(step, self.store.where(str(step)), 1, error) from error
+        return earlier
+
     def upload_part(self, step: int) -> None:
-        """Upload this process's files of the local ``step`` folder (no marker)."""
+        """Upload this process's files of the local ``step`` folder (no marker), then delete the
+        files of an earlier copy of the step that this save did not write again, so that the store
+        holds this save alone under the step (and a later download fetches nothing else)."""
+        earlier = self._earlier_copy(step)
         files = self._own_files(step)
         for index, (path, name) in enumerate(files):
             if index == len(files) // 2 and self.faults is not None:
                 if self.faults.cfg.kill_during_upload_step == step and self.faults.once("kill-upload", step):
                     self.faults.kill(f"killed midway through uploading checkpoint step {step}")
             self._put(path, name, step)
+        stale = sorted(set(earlier) - {name for _, name in files})
+        if stale:
+            try:
+                self.store.delete(stale)
+            except Exception as error:  # noqa: BLE001 - the step is whole; leftovers cost only storage
+                print(f"warning: could not delete {len(stale)} files an earlier copy of checkpoint step {step} left "
+                      f"in {self.url} ({describe_error(error)}); they stay there", file=sys.stderr, flush=True)
 
     def _write_marker(self, step: int) -> None:
         marker = os.path.join(self.staging, f".{step}{UPLOADED_MARKER}")
