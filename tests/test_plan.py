@@ -208,14 +208,14 @@ def test_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
     assert main(argv + ["--no-plot"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("jaxtrain plan: error:")
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error:")
 
 
 def test_two_model_sources_are_refused_naming_both(capsys):
     assert main(["--config", str(PRESET_DIR / "7b.yaml"), "--preset", "1b", "--tokens", "1T", "--no-plot"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
-    assert captured.err.startswith("jaxtrain plan: error: --preset 1b and --config ")
+    assert captured.err.startswith("error: --preset 1b and --config ")
     assert "only one model source" in captured.err
 
 
@@ -231,7 +231,7 @@ def test_a_plot_path_that_cannot_take_the_plot_is_one_line_before_the_work(tmp_p
         assert main(["--budget-usd", "50000", *argv]) == 2, argv
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1, captured.err
-        assert captured.err.startswith(f"jaxtrain plan: error: {start}"), captured.err
+        assert captured.err.startswith(f"error: {start}"), captured.err
         assert "Traceback" not in captured.err
     assert existing.read_text() == "kept\n" and not any(folder.iterdir())
     assert main(["--budget-usd", "50000", "--out", str(folder / "new")]) == 0
@@ -394,3 +394,19 @@ def test_a_budget_far_below_the_fitted_sizes_says_its_figures_are_extrapolations
 def test_hardware_names_are_read_in_any_case(capsys):
     assert main(["--budget-usd", "50000", "--hardware", "H100", "--no-plot"]) == 0
     assert "on h100" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_a_budget_in_dollars_is_read_as_people_write_it(capsys):
+    """50k, $50,000 and 5e4 are the budget 50000 is; 1.5M is 1,500,000; words are one line."""
+    assert main(["--budget-usd", "50000", "--no-plot"]) == 0
+    expected = capsys.readouterr().out
+    assert "$50,000" in expected
+    for written in ("50k", "$50,000", "5e4", "50_000", "$50K"):
+        assert main(["--budget-usd", written, "--no-plot"]) == 0, written
+        assert capsys.readouterr().out == expected, written
+    assert main(["--budget-usd", "1.5M", "--no-plot"]) == 0
+    assert "$1,500,000" in capsys.readouterr().out
+    for wrong in ("fifty", "50x", "inf", "0"):
+        assert main(["--budget-usd", wrong, "--no-plot"]) == 2, wrong
+        err = capsys.readouterr().err
+        assert err.startswith("error: --budget-usd ") and err.count("\n") == 1, err

@@ -35,7 +35,9 @@ from jaxtrain.plan.ladder import (
     Preset, build_ladder, format_count, format_duration, format_ladder, format_usd, load_presets, nearest_preset,
     plot_ladder, preset_from_config, shape_lookup,
 )
-from jaxtrain.plan.inputs import BenchResult, PlanError, load_bench, parse_count, parse_mesh, plot_path
+from jaxtrain.plan.inputs import (
+    BenchResult, PlanError, load_bench, parse_count, parse_mesh, parse_usd, plot_path,
+)
 
 DEFAULT_MFU = 0.40
 DEFAULT_MFU_SOURCE = (
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxtrain plan", description=__doc__.split("\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     budget = p.add_argument_group("budget (choose one)")
-    budget.add_argument("--budget-usd", type=float, help="dollars to spend")
+    budget.add_argument("--budget-usd", help="dollars to spend, e.g. 50000, 50k or 1.5M")
     budget.add_argument("--budget-flops", help="scaling-law FLOPs 6*N*D, e.g. 1e21")
     budget.add_argument("--hours", type=float, help="wall-clock deadline in hours (with --devices)")
     run = p.add_argument_group("a given run (reverse question)")
@@ -401,6 +403,8 @@ def main(argv: list[str]) -> int:
     """Run ``jaxtrain plan``; prints the answer and returns 0, or one error line and returns 2."""
     try:
         args = build_parser().parse_args(argv)
+        if args.budget_usd is not None:
+            args.budget_usd = parse_usd(args.budget_usd)
         _check_numbers(args)
         _check_model_source(args)
         mfu, mfu_source, bench = _mfu(args)
@@ -424,7 +428,7 @@ def main(argv: list[str]) -> int:
         else:
             text = _plan_budget(args, hardware, price_source, mfu, mfu_source, presets)
     except (PlanError, ValueError) as err:
-        print(f"jaxtrain plan: error: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(text)
     return 0

@@ -58,6 +58,18 @@ def parse_count(text: str, what: str = "count") -> float:
     return value
 
 
+def parse_usd(text: str, what: str = "--budget-usd") -> float:
+    """Dollars as people write them: '50000', '50,000', '$50k', '1.5M', '2e6'; positive only."""
+    cleaned = str(text).strip().removeprefix("$").replace(",", "").replace("_", "")
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbB]?)", cleaned)
+    if not match:
+        raise PlanError(f"{what} {text!r} is not an amount of dollars; use e.g. 50000, 50k or 1.5M")
+    value = float(match.group(1)) * _SUFFIXES.get(match.group(2).lower(), 1.0)
+    if not value > 0:
+        raise PlanError(f"{what} must be positive, got {text!r}")
+    return value
+
+
 def load_bench(path: str) -> BenchResult:
     """Read a ``jaxtrain bench`` result (schema in the module docstring); one-line errors."""
     try:
