@@ -247,7 +247,8 @@ def test_tokenizers_own_chat_template_and_config_template(tmp_path):
     beside = chat_template(TokenizerConfig(name=str(tmp_path / "tokenizer.json")))
     messages = (("user", "hi"), ("assistant", "ok"))
     assert chat_turns(messages, beside, "w") == [("u hi\na ", "ok\n")]
-    by_kwarg = chat_template(TokenizerConfig(name="bpe:default", kwargs={"chat_template": "{{ messages[0]['content'] }}"}))
+    by_kwarg = chat_template(TokenizerConfig(name="bpe:default", kwargs={
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
     assert by_kwarg.origin == "tokenizer.kwargs.chat_template"
     assert chat_template(TokenizerConfig(name="bpe:default")).origin == "the default ChatML template"
     path = write_lines(tmp_path / "c.jsonl", [{"messages": [dict(role=r, content=c) for r, c in messages]}])
@@ -257,6 +258,26 @@ def test_tokenizers_own_chat_template_and_config_template(tmp_path):
                                      "{% if not add_generation_prompt %}x{% endif %}", "tokenizer.kwargs.chat_template")
     with pytest.raises(ConfigError, match=r"^f:3: tokenizer.kwargs.chat_template does not render this conversation turn"):
         chat_turns(tuple((m["role"], m["content"]) for m in CONVERSATION["messages"]), broken, "f:3")
+
+
+@pytest.mark.parametrize("source, missing", [
+    ("{% for m in messages %}<{{ m['role'] }}>\n{% endfor %}", "user and assistant"),  # markup alone
+    ("{{ messages[0]['content'] }}", "assistant"),
+    ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}", "user"),
+])
+def test_a_template_that_leaves_out_what_messages_say_is_refused_when_read(source, missing, tmp_path):
+    """Such a template would train the model on role names and markup: refused as it is read,
+    naming where it came from. One that trims the text (as Llama 3's does) renders it still."""
+    pytest.importorskip("jinja2")
+    with pytest.raises(ConfigError, match=rf"^tokenizer.kwargs.chat_template renders a conversation without its "
+                                          rf"{missing} messages' text .*use a template that writes each message's"):
+        chat_template(TokenizerConfig(name="bpe:default", kwargs={"chat_template": source}))
+    alphabet_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": source}))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'tokenizer_config.json'} chat_template renders"):
+        chat_template(TokenizerConfig(name=str(tmp_path / "tokenizer.json")))
+    trimmed = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }}\n{% endfor %}"
+    assert chat_template(TokenizerConfig(name="bpe:default", kwargs={"chat_template": trimmed})).origin
 
 
 def test_chat_rows_through_build_loaders(tmp_path):

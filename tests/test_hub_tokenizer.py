@@ -28,6 +28,9 @@ from jaxtrain.data.tokenizer import load_tokenizer
 FIXTURES = Path(__file__).parent / "fixtures" / "hub_tokenizer"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
 MESSAGES = tuple((message["role"], message["content"]) for message in EXPECTED["messages"])
+# The special tokens a template sees, then the text of the messages (a template must write it)
+SPECIAL_TOKENS_TEMPLATE = "{{ bos_token }}{{ eos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+CONTENTS = "".join(content for _, content in MESSAGES[:2])
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 X = -100  # ignored label
 
@@ -173,8 +176,8 @@ def test_a_local_folder_reads_the_same_files(tmp_path):
     rendered = chat_template(cfg, tokenizer).render(MESSAGES, add_generation_prompt=False)
     assert rendered == EXPECTED["renders"]["org/config-template"][-2][2]
     # a template given as tokenizer.kwargs.chat_template sees the same special tokens
-    given = TokenizerConfig(name=str(folder), kwargs={"chat_template": "{{ bos_token }}{{ eos_token }}"})
-    assert chat_template(given, tokenizer).render(MESSAGES[:2]) == "<s></s>"
+    given = TokenizerConfig(name=str(folder), kwargs={"chat_template": SPECIAL_TOKENS_TEMPLATE})
+    assert chat_template(given, tokenizer).render(MESSAGES[:2]) == "<s></s>" + CONTENTS
 
 
 def test_special_tokens_of_tokenizer_config_json_that_are_wrong_are_one_line(tmp_path):
@@ -213,8 +216,8 @@ def test_special_tokens_map_json_overrides_the_config_as_transformers_reads_it(t
     ours = {"eos": tokenizer.backend.id_to_token(tokenizer.eos_token_id),
             "pad": tokenizer.backend.id_to_token(tokenizer.pad_token_id)}
     assert ours == {"eos": "<|end|>", "pad": "<|tool|>"}
-    assert chat_template(TokenizerConfig(name=str(folder), kwargs={"chat_template": "{{ bos_token }}{{ eos_token }}"}),
-                         tokenizer).render(MESSAGES[:2]) == "<s><|end|>"
+    assert chat_template(TokenizerConfig(name=str(folder), kwargs={"chat_template": SPECIAL_TOKENS_TEMPLATE}),
+                         tokenizer).render(MESSAGES[:2]) == "<s><|end|>" + CONTENTS
     if Path(REFERENCE_PYTHON).exists():
         script = ("import json, sys; from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[1]); "
                   "print(json.dumps({'eos': t.eos_token, 'pad': t.pad_token}))")

@@ -129,6 +129,7 @@ class ChatTemplate:
             return template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **extra)
 
+        _check_renders_content(render, origin)
         return cls(render, origin)
 
     def render(self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = False,
@@ -138,6 +139,26 @@ class ChatTemplate:
         except Exception as error:  # noqa: BLE001 - a template may raise anything; name the line and the template
             raise ConfigError(f"{where}: {self.origin} failed on this conversation "
                               f"({type(error).__name__}: {error}): fix the line or the template") from None
+
+
+# A conversation each template renders once when it is read: a template whose text leaves out what
+# the messages say would train the model on role names and markup alone.
+_PROBE = ({"role": "user", "content": "jaxtrain-probe question 7351"},
+          {"role": "assistant", "content": "jaxtrain-probe answer 2946"})
+
+
+def _check_renders_content(render: Callable[[list[dict], bool], str], origin: str) -> None:
+    """Refuse a template that renders the probe conversation without its messages' text. One that
+    fails on it (a template that demands, say, a system message first) is left to the data."""
+    try:
+        text = render([dict(message) for message in _PROBE], False)
+    except Exception:  # noqa: BLE001 - the conversations of the dataset decide
+        return
+    missing = [message["role"] for message in _PROBE if message["content"] not in str(text)]
+    if missing:
+        raise ConfigError(f"{origin} renders a conversation without its {' and '.join(missing)} messages' text "
+                          f"(no message['content'] in its output); the model would learn the markup alone: use a "
+                          f"template that writes each message's content")
 
 
 @functools.cache
