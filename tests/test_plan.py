@@ -265,6 +265,26 @@ def test_memory_cli(capsys):
     assert "remat=auto -> full," in capsys.readouterr().out.splitlines()[0]
 
 
+def test_memory_that_does_not_fit_names_the_devices_that_would_hold_it(capsys):
+    """70B on 8 H100s does not fit even fully sharded; the plan names the fewest devices (doubling)
+    over which it does, and that count's own plan agrees. A global batch too small to spread over
+    more devices is said to be the limit."""
+    preset = ["--preset", "70b", "--hardware", "h100", "--memory", "--no-plot"]
+    assert main([*preset, "--devices", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "with the state fully sharded" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("fits on 32 x h100: mesh {'data': 1, 'fsdp': 32, 'tensor': 1}, microbatch 1, remat=full")
+    assert main([*preset, "--devices", "16", "--mesh", "fsdp=16", "--microbatch", "1"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main([*preset, "--devices", "32", "--mesh", "fsdp=32", "--microbatch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" not in out and "fits on" not in out
+    assert main([*preset, "--devices", "8", "--global-batch", "8"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "does not fit on up to 8 x h100 at global batch 8 (each device needs at least one sequence)")
+
+
 def test_memory_counts_the_moving_average_of_the_weights(tmp_path, capsys):
     cfg = ModelConfig(d_model=1024, n_heads=8, n_layers=4, vocab_size=50432)
     plain, averaged = (estimate_memory(cfg, global_batch=8, microbatch=2, seq_len=512, mesh_shape={"fsdp": 4},

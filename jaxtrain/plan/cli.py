@@ -36,7 +36,7 @@ from jaxtrain.plan.ladder import (
     plot_ladder, preset_from_config, shape_lookup,
 )
 from jaxtrain.plan.inputs import (
-    BenchResult, PlanError, load_bench, parse_count, parse_mesh, parse_usd, plot_path,
+    BenchResult, PlanError, load_bench, parse_count, parse_usd, plot_path,
 )
 
 DEFAULT_MFU = 0.40
@@ -324,8 +324,7 @@ def _plan_run(args, hardware, price_source, mfu, mfu_source, presets) -> str:
 
 
 def _plan_memory(args, hardware, presets) -> str:
-    from jaxtrain.config import load_config
-    from jaxtrain.plan.memory import estimate_memory, format_memory
+    from jaxtrain.plan.memory_plan import plan_memory
 
     if args.config:
         if not pathlib.Path(args.config).exists():
@@ -335,46 +334,7 @@ def _plan_memory(args, hardware, presets) -> str:
         path = str(_model_preset(args, presets).path)
     else:
         raise PlanError("--memory needs a model: --config FILE or --preset NAME")
-    cfg = load_config(path)
-    devices = _devices(args)
-    if args.mesh:
-        mesh = parse_mesh(args.mesh)
-    else:
-        par = cfg.parallelism
-        fixed = max(par.fsdp, 1) * max(par.tensor, 1) * (par.data if par.data > 0 else 1)
-        mesh = {"data": par.data if par.data > 0 else max(devices // fixed, 1),
-                "fsdp": par.fsdp if par.fsdp > 0 else devices, "tensor": par.tensor}
-    if math.prod(mesh.values()) != devices:
-        raise PlanError(f"mesh {mesh} has {math.prod(mesh.values())} devices, not --devices {devices}")
-    global_batch = args.global_batch or cfg.global_train_batch_size
-    per_device = global_batch // max(mesh.get("data", 1) * mesh.get("fsdp", 1), 1)
-    microbatch = args.microbatch or (cfg.device_train_microbatch_size
-                                     if isinstance(cfg.device_train_microbatch_size, int) else per_device)
-    optimizer = args.optimizer or ("lion" if "lion" in cfg.optimizer.name else "adam")
-    remat = args.remat or cfg.model.remat
-    common = dict(global_batch=global_batch, seq_len=args.seq_len or cfg.max_seq_len, precision=cfg.precision,
-                  optimizer=optimizer, hardware=hardware, ema=cfg.algorithms.ema is not None)
-
-    def estimate_for(mesh_shape: dict, micro: int):
-        # remat auto: the least recompute that fits, as the trainer settles it (there by XLA's figures)
-        for policy in ("none", "dots_saveable", "full") if remat == "auto" else (remat,):
-            estimate = estimate_memory(cfg.model, microbatch=micro, mesh_shape=mesh_shape, remat=policy, **common)
-            if estimate.fits:
-                break
-        return estimate
-
-    estimate = estimate_for(mesh, min(microbatch, per_device))
-    shown = f"auto -> {estimate.remat}" if remat == "auto" else remat
-    lines = [
-        f"jaxtrain plan --memory: {path} on {devices} x {hardware.name}, mesh {mesh}, global batch {global_batch}, "
-        f"seq {common['seq_len']}, {common['precision']}, remat={shown}, {optimizer}",
-        format_memory(estimate),
-    ]
-    if not estimate.fits and mesh.get("fsdp", 1) < devices:
-        sharded = {"data": 1, "fsdp": devices // mesh.get("tensor", 1), "tensor": mesh.get("tensor", 1)}
-        alt = estimate_for(sharded, min(microbatch, global_batch // sharded["fsdp"]))
-        lines += [f"with the state fully sharded (mesh {sharded}):", format_memory(alt)]
-    return "\n".join(lines)
+    return plan_memory(path, args, hardware, _devices(args))
 
 
 _FLOAT_FLAGS = ("budget_usd", "hours", "price_per_hour")
