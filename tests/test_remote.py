@@ -673,9 +673,25 @@ def test_the_download_cache_keeps_a_bucket_folder_for_later_runs_and_resumes(s3,
     _, _, _, printed = fit(run_config(tmp_path / "two", BASE, load_path=url, download_cache=str(cache),
                                       max_duration="1ba", save_folder=None))
     assert "into the download cache" in printed and counts["model.safetensors"] == 2
-    assert len([name for name in os.listdir(cache) if ".partial-" not in name]) == 2
+    # the older version was read a moment ago (a run that started earlier may still be opening it): kept
+    versions = [name for name in os.listdir(cache) if ".partial-" not in name]
+    assert len(versions) == 2 and kept in versions and "older version" not in printed
+    # retrained again once that copy has been idle for longer than STALE_SECONDS: the idle copy goes
+    from jaxtrain.convert.remote_hf import STALE_SECONDS
+
+    [retrained] = [name for name in versions if name != kept]
+    idle = time.time() - STALE_SECONDS - 60
+    os.utime(cache / kept / ".complete", (idle, idle))
+    save_file({name: value * 1.02 for name, value in load_file(str(BASE / "model.safetensors")).items()},
+              str(tmp_path / "retrained.safetensors"))
+    s3.upload_file(str(tmp_path / "retrained.safetensors"), BUCKET, "models/cached/model.safetensors")
+    _, _, _, printed = fit(run_config(tmp_path / "two", BASE, load_path=url, download_cache=str(cache),
+                                      max_duration="1ba", save_folder=None))
+    assert counts["model.safetensors"] == 3
+    assert f"removed {cache / kept}, the download cache's copy of an older version of {url}" in printed
+    assert not (cache / kept).exists() and (cache / retrained / ".complete").is_file()
 
     # without the setting nothing is kept (the run resets what an earlier run of the process set)
     _, _, _, printed = fit(run_config(tmp_path / "three", BASE, load_path=url, max_duration="1ba", save_folder=None))
-    assert "(removed when the run ends)" in printed and counts["model.safetensors"] == 3
+    assert "(removed when the run ends)" in printed and counts["model.safetensors"] == 4
     set_download_cache(None)

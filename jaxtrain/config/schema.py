@@ -338,7 +338,8 @@ class Config:
     download_cache: str | None = field(
         None, "local folder keeping Hugging Face weights downloaded from a bucket (load_path, and a LoRA run's "
               "frozen weights read back on resume) under the versions of their files, for later runs and "
-              "restarts; default none: each download is removed when the run ends")
+              "restarts (a newer version's download removes older ones idle for an hour); default none: each "
+              "download is removed when the run ends")
     run_folder: str = field("runs/{run_name}", "folder for logs, the resolved config and the data cache")
     console_log_interval: str = field("1ba", "console/metrics logging period")
     progress_bar: bool = field(True, "live progress bar on the console")

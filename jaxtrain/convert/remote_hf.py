@@ -11,7 +11,9 @@ URL and the versions (size and ETag) of the folder's files: a later run, a resta
 that reads a LoRA run's frozen weights back reads it from disk, and a file uploaded again since
 is a new version, downloaded anew. A download in progress is written to a ``<key>.partial-<pid>@<host>-*``
 folder and renamed into place once whole; a download cut off by a killed process is removed by the
-next download into the cache on that host. Nothing else is ever removed from the cache.
+next download into the cache on that host. A download of a new version of a folder removes the
+cache's copies of its older versions not read for ``STALE_SECONDS`` (one being read by a run that
+started earlier is kept: that run may still be opening its files); nothing else is ever removed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _FETCHED = (CONFIG_FILE, INDEX_FILE, *TOKENIZER_FILES, SPECIAL_TOKENS_MAP_FILE)
 _DOWNLOAD_RETRIES = 3
 CACHE_ENV = "JAXTRAIN_DOWNLOAD_CACHE"
 _COMPLETE = ".complete"  # written last into a cached folder: what lacks it is not used
+STALE_SECONDS = 3600.0  # an older version's copy not read for this long is removed by a newer download
 _cache_folder: str | None = None
 
 
@@ -67,6 +70,27 @@ def _remove_abandoned_partials(cache: str, print_fn) -> None:
             continue
         shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
         print_fn(f"removed {os.path.join(cache, name)}, an unfinished download of a process that is gone")
+
+
+def _remove_older_versions(cache: str, url: str, newest: str, print_fn) -> None:
+    """Remove the cache's complete copies of ``url`` other than ``newest`` (their ``.complete``
+    names the URL) that no run has read for ``STALE_SECONDS``: a folder uploaded again since is
+    never read from them again (a LoRA run's checkpoint refuses frozen weights of another version)."""
+    import time
+
+    for name in os.listdir(cache):
+        marker = os.path.join(cache, name, _COMPLETE)
+        if name == newest or ".partial-" in name or not os.path.isfile(marker):
+            continue
+        try:
+            with open(marker, encoding="utf-8") as handle:
+                same_url = handle.read().strip().rstrip("/") == url.rstrip("/")
+            idle = time.time() - os.stat(marker).st_mtime
+        except (OSError, UnicodeDecodeError):
+            continue
+        if same_url and idle > STALE_SECONDS:
+            shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+            print_fn(f"removed {os.path.join(cache, name)}, the download cache's copy of an older version of {url}")
 
 
 def _alive(pid: int) -> bool:
@@ -123,6 +147,10 @@ def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print)
         cached = os.path.join(cache, key)
         if os.path.isfile(os.path.join(cached, _COMPLETE)):
             print_fn(f"reading {url} from the download cache, {cached} (the same versions of its files)")
+            try:
+                os.utime(os.path.join(cached, _COMPLETE))  # read now: not an older version's idle copy
+            except OSError:  # a cache this process may read but not write
+                pass
             return cached
         os.makedirs(cache, exist_ok=True)
         _remove_abandoned_partials(cache, print_fn)
@@ -156,4 +184,5 @@ def fetch_hf_folder(url: str, files: list[str] | None = None, *, print_fn=print)
         shutil.rmtree(local, ignore_errors=True)
         if not os.path.isfile(os.path.join(cached, _COMPLETE)):
             raise
+    _remove_older_versions(cache, url, key, print_fn)
     return cached
