@@ -97,14 +97,12 @@ class Trainer(EvaluationMixin, RecoveryMixin):
         self.meter = ThroughputMeter(window_size=window, num_devices=jax.device_count(),
                                      peak_flops_per_device=parts.peak_flops_per_device)
         self._window_steps = 0  # the steps the last logged rates cover
-        self.checkpointer = None
-        if cfg.save_folder:
-            try:
-                self.checkpointer = Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep,
-                                                 faults=self.faults,
-                                                 staging=os.path.join(cfg.run_folder, "checkpoint-staging"))
-            except ConfigError as err:  # a store that cannot be opened: say which key names it
-                raise ConfigError(str(err) if str(err).startswith("save_folder") else f"save_folder: {err}") from None
+        try:
+            self.checkpointer = Checkpointer(cfg.save_folder, keep=cfg.save_num_checkpoints_to_keep, faults=self.faults,
+                                             staging=os.path.join(cfg.run_folder, "checkpoint-staging")
+                                             ) if cfg.save_folder else None
+        except ConfigError as err:  # a store that cannot be opened: say which key names it
+            raise ConfigError(str(err) if str(err).startswith("save_folder") else f"save_folder: {err}") from None
         self.preemption_sync = _preemption_service_running()
         self._eval_compiled = False  # whether this process has compiled the eval step yet
         self.reached = ReachedStep.from_env()  # tells a supervisor the step the run is at

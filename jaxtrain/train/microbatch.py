@@ -224,6 +224,38 @@ def settle_step(
     )
 
 
+def auto_step(
+    build_step: Callable[[int, str | None], Any],
+    example_args: tuple,
+    *,
+    per_device_batch: int,
+    microbatch: int | str | None,
+    remat: str,
+    seq_len: int,
+    auto: tuple[str, ...],
+    estimate: Callable[[int, str | None], float | None] | None = None,
+) -> tuple[AutoMicrobatchStep, SettledStep]:
+    """Settle the ``auto`` settings ("microbatch", "remat") on the first of ``step_candidates``
+    whose compiled step fits this device's capacity (the smallest of every process's), and print
+    what was chosen. The step returned moves on to the next candidates should its first execution
+    still run out of memory; the settled candidate comes with it."""
+    capacity = agreed_capacity(device_capacity()[0])
+    candidates = step_candidates(per_device_batch, microbatch=microbatch, remat=remat, seq_len=seq_len)
+
+    def settle(after: SettledStep | None = None) -> SettledStep | None:
+        remaining = candidates
+        if after is not None:
+            remaining = candidates[candidates.index((after.microbatch, after.remat)) + 1:]
+            if not remaining:
+                return None
+        return settle_step(build_step, example_args, remaining, per_device_batch=per_device_batch,
+                           capacity=capacity, auto=auto, estimate=estimate)
+
+    settled = settle()
+    print(settled.describe(), flush=True)
+    return AutoMicrobatchStep(settled, settle), settled
+
+
 def _halvings(start: int, per_device_batch: int) -> list[int]:
     sizes = [start]
     while (smaller := smaller_microbatch(sizes[-1], per_device_batch)) is not None:

@@ -29,9 +29,7 @@ from jaxtrain.train.paths import data_cache_dir, expand_run_paths, resolve_run_n
 from jaxtrain.train.schedules import build_schedule
 from jaxtrain.train.state import abstract_model, create_train_state
 from jaxtrain.train.health import FaultInjector
-from jaxtrain.train.microbatch import (
-    AutoMicrobatchStep, SettledStep, agreed_capacity, device_capacity, memory_analysis, settle_step,
-    step_candidates)
+from jaxtrain.train.microbatch import auto_step, memory_analysis
 from jaxtrain.train.step import (
     COMPUTE_DTYPES, FP8_PRECISIONS, HealthRules, compile_train_step, compiler_options, make_eval_step, make_train_step)
 
@@ -325,13 +323,6 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
     auto = tuple(name for name, setting in (("microbatch", cfg.device_train_microbatch_size), ("remat", model.remat))
                  if setting == "auto")  # fmt: skip
     if auto:
-        capacity = agreed_capacity(device_capacity()[0])
-        candidates = step_candidates(
-            per_device_batch,
-            microbatch="auto" if "microbatch" in auto else per_device_batch // microbatch_count(cfg, data_parallel_size(mesh)),
-            remat=model.remat, seq_len=cfg.max_seq_len,
-        )  # fmt: skip
-
         def estimate(microbatch: int, remat: str) -> float | None:
             try:
                 return estimate_memory(
@@ -343,18 +334,10 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
             except ValueError:  # a setting the planner does not model
                 return None
 
-        def settle(after: SettledStep | None = None) -> SettledStep | None:
-            remaining = candidates
-            if after is not None:
-                remaining = candidates[candidates.index((after.microbatch, after.remat)) + 1:]
-                if not remaining:
-                    return None
-            return settle_step(build_step, example_args, remaining, per_device_batch=per_device_batch,
-                               capacity=capacity, auto=auto, estimate=estimate)  # fmt: skip
-
-        settled = settle()
-        print(settled.describe(), flush=True)
-        compiled = AutoMicrobatchStep(settled, settle)
+        fixed = per_device_batch // microbatch_count(cfg, data_parallel_size(mesh))
+        compiled, settled = auto_step(build_step, example_args, per_device_batch=per_device_batch, auto=auto,
+                                      microbatch="auto" if "microbatch" in auto else fixed, remat=model.remat,
+                                      seq_len=cfg.max_seq_len, estimate=estimate)
         device_microbatch, step_memory, remat = settled.microbatch, settled.memory, settled.remat
         executable = settled.executable
     else:
