@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxtrain.checkpoint.load import load_checkpoint
 from jaxtrain.convert import import_hf, save_model
-from jaxtrain.inference import Sampling, generate, pad_prompts, sample_logits, warp_logits
+from jaxtrain.inference import Sampling, generate, pad_prompts, penalize_repeats, sample_logits, warp_logits
 from jaxtrain.inference.cli import build_parser, sampling_from_args, token_texts
 from jaxtrain.inference.cli import main as generate_main
 from test_mpt import REFERENCE_CASES, VOCAB, build, numpy_params, ref_forward
@@ -227,6 +227,35 @@ def test_top_k_top_p_keep_what_transformers_keeps():
     assert tiny.tolist() == [1] * 8
 
 
+def test_repetition_penalty_matches_transformers(hf_mha):
+    """Greedy decoding with a repetition penalty above and below 1 continues each prompt as
+    transformers' ``repetition_penalty`` does (the prompts batched here, left-padded: the padding
+    is not text and is not penalised), and the penalty then the warpers give transformers' scores."""
+    ref = HF_REFERENCE["repetition_penalty"]
+    plain = HF_REFERENCE["stop_strings"]["greedy"]
+    for penalty, expected in ref["greedy"].items():
+        result = generate(hf_mha, HF_REFERENCE["prompts"], max_new_tokens=HF_REFERENCE["max_new_tokens"],
+                          sampling=Sampling(repetition_penalty=float(penalty)))
+        assert result.tokens == expected, penalty
+        assert expected != plain  # the penalty changed what greedy decoding writes
+
+    def scores(case):
+        seen = jnp.zeros((1, len(case["logits"])), bool).at[0, jnp.asarray(case["text"])].set(True)
+        sampling = Sampling(case["temperature"], case["top_k"], case["top_p"], case["penalty"])
+        return warp_logits(penalize_repeats(jnp.asarray([case["logits"]]), seen, case["penalty"]), sampling)[0]
+
+    for case in ref["processors"]:
+        ours = np.asarray(scores(case))
+        theirs = np.asarray([-np.inf if x is None else x for x in case["scores"]], np.float32)
+        assert np.isfinite(ours).tolist() == np.isfinite(theirs).tolist(), case
+        # transformers warps without subtracting the row's maximum first: equal up to a constant
+        kept = np.isfinite(theirs)
+        np.testing.assert_allclose(ours[kept] - ours[kept].max(), theirs[kept] - theirs[kept].max(), rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="repetition_penalty=0.0 must be a finite number > 0"):
+        Sampling(repetition_penalty=0.0)
+
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -276,7 +305,8 @@ def test_generate_command_refuses_mistakes(capsys):
     """One line and status 2; top-k or top-p without a temperature sample at temperature 1."""
     mistakes = [(["--stop", ""], "--stop"), (["--seed", str(2**70)], "--seed"), (["--seed", "-1"], "--seed"),
                 (["--temperature", "inf"], "--temperature"), (["--temperature", "0", "--top-k", "5"], "--top-k"),
-                (["--temperature", "0", "--top-p", "0.5"], "--top-p")]
+                (["--temperature", "0", "--top-p", "0.5"], "--top-p"), (["--repetition-penalty", "0"], "--repetition-penalty"),
+                (["--repetition-penalty", "nan"], "--repetition-penalty")]
     for extra, flag in mistakes:  # refused before the checkpoint is read
         code = generate_main(["--checkpoint", "no-such-folder", "--prompt", "x", *extra])
         err = capsys.readouterr().err.strip().splitlines()
@@ -284,3 +314,5 @@ def test_generate_command_refuses_mistakes(capsys):
     parse = build_parser().parse_args
     assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p", "--top-k", "5"])) == Sampling(1.0, 5, 1.0)
     assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p"])) == Sampling(0.0, 0, 1.0)
+    assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p", "--repetition-penalty", "1.2"])) == Sampling(
+        0.0, 0, 1.0, 1.2)

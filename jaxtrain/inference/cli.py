@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="0 is greedy; default 0, or 1 when --top-k or --top-p is given")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="above 1 discourages tokens already in the text, as transformers' option (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2**32-1")
     parser.add_argument("--stop", action="append", default=[],
                         help="stop a prompt's generation once its text contains this string; repeatable")
@@ -41,6 +43,9 @@ def check_args(args: argparse.Namespace) -> None:
         if value != off and args.temperature == 0:
             raise ConfigError(f"{flag} {value}: applies to sampling, and --temperature 0 is greedy; "
                               "give a temperature > 0 (1 samples the model's own distribution)")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty}: must be a finite number > 0 (1 turns it "
+                          f"off; 1.1 to 1.3 discourages repeats)")
     if not 0 <= args.seed < 2**32:
         raise ConfigError(f"--seed {args.seed}: must be in [0, 2**32)")
     if any(not stop for stop in args.stop):
@@ -57,7 +62,7 @@ def sampling_from_args(args: argparse.Namespace):
     temperature = args.temperature
     if temperature is None:
         temperature = 1.0 if args.top_k or args.top_p < 1.0 else 0.0
-    return Sampling(temperature, args.top_k, args.top_p)
+    return Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty)
 
 
 def token_texts(backend) -> list[str]:

@@ -26,13 +26,20 @@ PADDING_SIDES = ("left", "right")
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off."""
+    """How the next token is chosen: ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are
+    off. ``repetition_penalty`` (1 is off; CTRL's, as transformers' ``repetition_penalty``): the
+    logit of every token already in the prompt or the text generated so far is divided by it where
+    positive and multiplied by it where negative, before the temperature, greedy decoding included."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be a finite number > 0 (1 turns "
+                             f"it off; above 1 discourages repeats)")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
         if self.top_k < 0:
@@ -49,7 +56,7 @@ class Generation:
 
     tokens: list[list[int]]
     stopped: list[bool]
-    logits: np.ndarray | None  # float32 [batch, max_new_tokens, vocab] when asked for
+    logits: np.ndarray | None  # the model's float32 [batch, max_new_tokens, vocab] (no penalty), when asked for
     compile_seconds: float
     seconds: float  # the compiled program's run time, prefill included
 
@@ -100,6 +107,16 @@ def warp_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
         remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)  # back to id order
         logits = jnp.where(remove, -jnp.inf, logits)
     return logits
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """``logits [batch, vocab]`` with ``Sampling.repetition_penalty`` applied to the ids ``seen``
+    (bool ``[batch, vocab]``), as transformers' ``RepetitionPenaltyLogitsProcessor`` applies it."""
+    logits = logits.astype(jnp.float32)
+    if penalty == 1.0:
+        return logits
+    penalized = jnp.where(logits < 0, logits * np.float32(penalty), logits / np.float32(penalty))
+    return jnp.where(seen, penalized, logits)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -173,16 +190,25 @@ def _decode_program(graphdef, params, input_ids, positions, stops, stop_strings,
     all_logits = jnp.zeros((batch, max_new_tokens if return_logits else 0, logits.shape[-1]), jnp.float32)
     text_state = jnp.zeros((batch, stop_strings.shape[0]), jnp.int32)
     ended = jnp.full((batch,), -1, jnp.int32)  # the step whose token ended each row
+    penalty = sampling.repetition_penalty
+    vocab = logits.shape[-1]
+    # the ids each row's text holds so far (its prompt, padding left out), for the repetition penalty
+    seen = jnp.zeros((batch, vocab if penalty != 1.0 else 0), jnp.bool_)
+    if penalty != 1.0:
+        seen = seen.at[jnp.arange(batch)[:, None], jnp.where(positions >= 0, input_ids, vocab)].set(True, mode="drop")
 
     def cond(carry):
         step, ended = carry[0], carry[5]
         return (step < max_new_tokens) & ~jnp.all(ended >= 0)
 
     def body(carry):
-        step, cache, next_logits, next_position, history, ended, text_state, all_logits, rng = carry
+        step, cache, next_logits, next_position, history, ended, text_state, all_logits, rng, seen = carry
         done = ended >= 0
         rng, key = jax.random.split(rng)
-        token = jnp.where(done, pad_token_id, sample_logits(next_logits, key, sampling))
+        scores = penalize_repeats(next_logits, seen, penalty) if penalty != 1.0 else next_logits
+        token = jnp.where(done, pad_token_id, sample_logits(scores, key, sampling))
+        if penalty != 1.0:
+            seen = seen.at[jnp.arange(batch), token].set(True)
         history = jax.lax.dynamic_update_slice(history, token[:, None], (0, width - 1 + step))
         if return_logits:
             all_logits = jax.lax.dynamic_update_slice(all_logits, next_logits[:, None], (0, step, 0))
@@ -200,10 +226,10 @@ def _decode_program(graphdef, params, input_ids, positions, stops, stop_strings,
         # finished rows write a masked slot, so they never disturb the others
         position = jnp.where(ended >= 0, -1, next_position)
         logits, cache = model.decode(token[:, None], position[:, None], cache, compute_dtype=compute_dtype)
-        return step + 1, cache, logits[:, 0], next_position + 1, history, ended, text_state, all_logits, rng
+        return step + 1, cache, logits[:, 0], next_position + 1, history, ended, text_state, all_logits, rng, seen
 
-    carry = (jnp.int32(0), cache, next_logits, next_position, history, ended, text_state, all_logits, rng)
-    step, _, _, _, history, ended, _, all_logits, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), cache, next_logits, next_position, history, ended, text_state, all_logits, rng, seen)
+    step, _, _, _, history, ended, _, all_logits, _, _ = jax.lax.while_loop(cond, body, carry)
     return history[:, width - 1 :], step, ended, all_logits
 
 
