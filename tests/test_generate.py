@@ -202,9 +202,10 @@ def test_stop_strings_match_transformers(hf_mha):
     assert result.tokens == ref["tokens"] and result.stopped == [True, True, True]
 
 
-def test_top_k_top_p_keep_what_transformers_keeps():
+def test_top_k_top_p_min_p_keep_what_transformers_keeps():
     """Temperature, then top-k (ties at the k-th value kept), then top-p: the smallest set of most
-    likely tokens whose mass reaches p, ties broken as transformers' stable sort breaks them."""
+    likely tokens whose mass reaches p, ties broken as transformers' stable sort breaks them; then
+    min-p: the tokens at least min_p times as likely as the most likely one."""
     cases = HF_REFERENCE["warpers"]
     quarter = np.log([[0.5, 0.25, 0.125, 0.125]])
     by_hand = [(quarter, Sampling(1.0, top_p=0.8), 3),  # 0.875 >= 0.8
@@ -215,8 +216,8 @@ def test_top_k_top_p_keep_what_transformers_keeps():
     rows = np.tile([[1.0, 3.0, 2.0, 2.5]], (8, 1))
 
     def everything():  # one compiled program for all cases
-        hf = [warp_logits(jnp.asarray([c["logits"]], jnp.float32), Sampling(c["temperature"], c["top_k"], c["top_p"]))
-              for c in cases]
+        hf = [warp_logits(jnp.asarray([c["logits"]], jnp.float32),
+                          Sampling(c["temperature"], c["top_k"], c["top_p"], min_p=c["min_p"])) for c in cases]
         hand = [warp_logits(jnp.asarray(logits, jnp.float32), sampling) for logits, sampling, _ in by_hand]
         return hf, hand, sample_logits(jnp.asarray(rows, jnp.float32), jax.random.key(0), Sampling(1e-40))
 
@@ -305,7 +306,8 @@ def test_generate_command_refuses_mistakes(capsys):
     """One line and status 2; top-k or top-p without a temperature sample at temperature 1."""
     mistakes = [(["--stop", ""], "--stop"), (["--seed", str(2**70)], "--seed"), (["--seed", "-1"], "--seed"),
                 (["--temperature", "inf"], "--temperature"), (["--temperature", "0", "--top-k", "5"], "--top-k"),
-                (["--temperature", "0", "--top-p", "0.5"], "--top-p"), (["--repetition-penalty", "0"], "--repetition-penalty"),
+                (["--temperature", "0", "--top-p", "0.5"], "--top-p"), (["--temperature", "0", "--min-p", "0.1"], "--min-p"),
+                (["--min-p", "1.5"], "--min-p"), (["--repetition-penalty", "0"], "--repetition-penalty"),
                 (["--repetition-penalty", "nan"], "--repetition-penalty")]
     for extra, flag in mistakes:  # refused before the checkpoint is read
         code = generate_main(["--checkpoint", "no-such-folder", "--prompt", "x", *extra])
@@ -316,3 +318,5 @@ def test_generate_command_refuses_mistakes(capsys):
     assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p"])) == Sampling(0.0, 0, 1.0)
     assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p", "--repetition-penalty", "1.2"])) == Sampling(
         0.0, 0, 1.0, 1.2)
+    assert sampling_from_args(parse(["--checkpoint", "c", "--prompt", "p", "--min-p", "0.1"])) == Sampling(
+        1.0, min_p=0.1)

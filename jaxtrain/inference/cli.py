@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="0 is greedy; default 0, or 1 when --top-k or --top-p is given")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0,
+                        help="drop tokens less likely than this fraction of the most likely one (0: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="above 1 discourages tokens already in the text, as transformers' option (1: off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2**32-1")
@@ -39,7 +41,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 0 (0 turns it off)")
     if not 0.0 < args.top_p <= 1.0:
         raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1] (1 turns it off)")
-    for flag, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0)):
+    if not 0.0 <= args.min_p <= 1.0:
+        raise ConfigError(f"--min-p {args.min_p}: must be in [0, 1] (0 turns it off)")
+    for flag, value, off in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0), ("--min-p", args.min_p, 0.0)):
         if value != off and args.temperature == 0:
             raise ConfigError(f"{flag} {value}: applies to sampling, and --temperature 0 is greedy; "
                               "give a temperature > 0 (1 samples the model's own distribution)")
@@ -55,14 +59,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace):
-    """``Sampling`` from the options: without ``--temperature``, greedy unless top-k or top-p is set
+    """``Sampling`` from the options: without ``--temperature``, greedy unless top-k, top-p or min-p is set
     (then temperature 1, as transformers samples by default)."""
     from jaxtrain.inference.generate import Sampling
 
     temperature = args.temperature
     if temperature is None:
-        temperature = 1.0 if args.top_k or args.top_p < 1.0 else 0.0
-    return Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty)
+        temperature = 1.0 if args.top_k or args.top_p < 1.0 or args.min_p > 0.0 else 0.0
+    return Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty, args.min_p)
 
 
 def token_texts(backend) -> list[str]:

@@ -26,8 +26,8 @@ PADDING_SIDES = ("left", "right")
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are
-    off. ``repetition_penalty`` (1 is off; CTRL's, as transformers' ``repetition_penalty``): the
+    """How the next token is chosen: ``temperature`` 0 is greedy; ``top_k`` 0, ``top_p`` 1 and
+    ``min_p`` 0 are off. ``repetition_penalty`` (1 is off; CTRL's, as transformers' ``repetition_penalty``): the
     logit of every token already in the prompt or the text generated so far is divided by it where
     positive and multiplied by it where negative, before the temperature, greedy decoding included."""
 
@@ -35,8 +35,11 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1] (0 turns it off)")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be a finite number > 0 (1 turns "
                              f"it off; above 1 discourages repeats)")
@@ -88,8 +91,10 @@ def warp_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     divided by the temperature, then top-k (tokens below the k-th largest value removed, ties
     kept), then top-p (tokens removed, least likely first, while the removed mass stays <= 1 - p:
     what is left is the smallest set of most likely tokens whose mass reaches p, never empty; of
-    equal logits the lower id is removed first). Removed tokens are -inf. These are transformers' ``TemperatureLogitsWarper``,
-    ``TopKLogitsWarper`` and ``TopPLogitsWarper``, in the order ``generate`` applies them.
+    equal logits the lower id is removed first), then min-p (tokens less likely than ``min_p``
+    times the most likely one removed). Removed tokens are -inf. These are transformers'
+    ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper`` and ``MinPLogitsWarper``,
+    in the order ``generate`` applies them.
     Temperature 0 (greedy) returns the logits unchanged."""
     logits = logits.astype(jnp.float32)
     if sampling.temperature == 0.0:
@@ -106,6 +111,10 @@ def warp_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
         remove = (mass <= jnp.float32(1.0 - sampling.top_p)).at[:, -1].set(False)
         remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), axis=-1)  # back to id order
         logits = jnp.where(remove, -jnp.inf, logits)
+    if sampling.min_p > 0.0:  # p < min_p * p_max, compared as probabilities, as transformers compares them
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < np.float32(sampling.min_p) * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf,
+                           logits)
     return logits
 
 
