@@ -165,6 +165,44 @@ def test_generate_command(tmp_path, capsys, caplog):
     assert code == 2 and len(err) == 1 and "is outside the model's vocabulary (0..63)" in err[0], err
 
 
+def test_generate_command_chats_with_the_template_the_model_was_tuned_with(tmp_path, capsys):
+    """--chat renders each prompt as a user's message (after --system's) with the chat template
+    saved beside the checkpoint's tokenizer, adds the generation prompt, and prints the reply
+    alone; the run's tokenizer.kwargs.chat_template, when it set one, comes first."""
+    from types import SimpleNamespace
+
+    from jaxtrain.data.tokenizer import _train_bpe, tokenizer_from_file
+
+    pytest.importorskip("jinja2")
+    tokenizer = _train_bpe(["[user] hello there\n[assistant] hi, how are you\n" * 20], 300)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    source = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}[assistant] {% endif %}")
+    (tmp_path / "chat_template.jinja").write_text(source)
+    cfg = dataclasses.replace(CASES["mha"], vocab_size=320, max_seq_len=48)
+    model = build(cfg)
+    save_model(str(tmp_path / "ckpt"), cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+               tokenizer_path=str(tmp_path / "tokenizer.json"))
+    code = generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--chat", "--system", "be brief", "--prompt", "hello",
+                          "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert code == 0
+    saved = tokenizer_from_file(str(tmp_path / "ckpt" / "tokenizer.json"), what="the checkpoint's tokenizer")
+    rendered = "[system] be brief\n[user] hello\n[assistant] "
+    reply = generate(load_checkpoint(str(tmp_path / "ckpt")).module(), [saved.encode(rendered)], max_new_tokens=6,
+                     eos_token_id=saved.eos_token_id, pad_token_id=None).tokens[0]
+    assert out == saved.decode(reply, skip_special_tokens=True) + "\n"
+    # the run's own template (tokenizer.kwargs.chat_template) wins over the saved one
+    loaded = SimpleNamespace(tokenizer_path=str(tmp_path / "ckpt" / "tokenizer.json"), meta={"config": {
+        "tokenizer": {"kwargs": {"chat_template": "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"}}}})
+    args = build_parser().parse_args(["--checkpoint", "c", "--prompt", "hi", "--prompt", "yo", "--chat"])
+    from jaxtrain.inference.cli import chat_texts
+
+    assert chat_texts(args, loaded, saved) == ["<hi>", "<yo>"]
+    assert chat_texts(args, SimpleNamespace(tokenizer_path=loaded.tokenizer_path, meta={}), saved) == [
+        "[user] hi\n[assistant] ", "[user] yo\n[assistant] "]
+
+
 # ----------------------------------------------------------------------------- against transformers
 
 
@@ -308,7 +346,7 @@ def test_generate_command_refuses_mistakes(capsys):
                 (["--temperature", "inf"], "--temperature"), (["--temperature", "0", "--top-k", "5"], "--top-k"),
                 (["--temperature", "0", "--top-p", "0.5"], "--top-p"), (["--temperature", "0", "--min-p", "0.1"], "--min-p"),
                 (["--min-p", "1.5"], "--min-p"), (["--repetition-penalty", "0"], "--repetition-penalty"),
-                (["--repetition-penalty", "nan"], "--repetition-penalty")]
+                (["--repetition-penalty", "nan"], "--repetition-penalty"), (["--system", "be brief"], "--system")]
     for extra, flag in mistakes:  # refused before the checkpoint is read
         code = generate_main(["--checkpoint", "no-such-folder", "--prompt", "x", *extra])
         err = capsys.readouterr().err.strip().splitlines()

@@ -13,9 +13,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtrain generate", description="Generate text with KV-cache decoding.")
     parser.add_argument("--checkpoint", required=True, help="jaxtrain checkpoint folder (tokenizer.json beside it)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    parser.add_argument("--chat", action="store_true",
+                        help="each prompt is a user's message, rendered with the chat template the model was "
+                             "fine-tuned with; prints the reply")
+    parser.add_argument("--system", default=None, help="with --chat: a system message before each user message")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=None,
-                        help="0 is greedy; default 0, or 1 when --top-k or --top-p is given")
+                        help="0 is greedy; default 0, or 1 when --top-k, --top-p or --min-p is given")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     parser.add_argument("--min-p", type=float, default=0.0,
@@ -54,6 +58,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seed {args.seed}: must be in [0, 2**32)")
     if any(not stop for stop in args.stop):
         raise ConfigError("--stop '': an empty stop string would end the generation before it starts")
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system: a system message is part of a chat; add --chat")
     if args.step is not None and args.step < 0:
         raise ConfigError(f"--step {args.step}: must be >= 0")
 
@@ -81,6 +87,24 @@ def token_texts(backend) -> list[str]:
             for token, text in enumerate(texts)]
 
 
+def chat_texts(args: argparse.Namespace, loaded, tokenizer) -> list[str]:
+    """Each ``--prompt`` as a user's message (after ``--system``'s), rendered with the generation
+    prompt by the chat template fine-tuning used: the run's ``tokenizer.kwargs.chat_template``, else
+    the one saved beside the checkpoint's tokenizer, else ChatML (``--tokenizer``: that one's)."""
+    from jaxtrain.config.schema import TokenizerConfig
+    from jaxtrain.data.chat import chat_template
+
+    if args.tokenizer:
+        cfg = TokenizerConfig(name=args.tokenizer)
+    else:
+        run_tokenizer = (loaded.meta.get("config") or {}).get("tokenizer") or {}
+        cfg = TokenizerConfig(name=loaded.tokenizer_path, kwargs=dict(run_tokenizer.get("kwargs") or {}))
+    template = chat_template(cfg, tokenizer)
+    system = [("system", args.system)] if args.system else []
+    return [template.render([*system, ("user", text)], add_generation_prompt=True, where=f"--prompt {text!r}")
+            for text in args.prompt]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import jax.numpy as jnp
@@ -98,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         if given_tokenizer is None and loaded.tokenizer_path is None:
             raise ConfigError(f"{args.checkpoint}: no tokenizer.json beside the checkpoint; pass --tokenizer PATH")
         tokenizer = given_tokenizer if given_tokenizer is not None else loaded.tokenizer()
-        prompts = [tokenizer.encode(text) for text in args.prompt]
+        texts = chat_texts(args, loaded, tokenizer) if args.chat else args.prompt
+        prompts = [tokenizer.encode(text) for text in texts]
         if any(not p for p in prompts):
             raise ConfigError("--prompt: every prompt must encode to at least one token")
         result = generate(
@@ -120,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for text, new_tokens in zip(args.prompt, result.tokens):
         completion = tokenizer.decode(new_tokens, skip_special_tokens=True)
         ends = [completion.index(stop) + len(stop) for stop in args.stop if stop in completion]
-        print(text + completion[: min(ends, default=len(completion))])
+        print(("" if args.chat else text) + completion[: min(ends, default=len(completion))])
     total = sum(len(t) for t in result.tokens)
     print(f"{total} token{'s' if total != 1 else ''} in {result.seconds:.3f} s "
           f"({result.tokens_per_second:.1f} tokens/s; compiled in {result.compile_seconds:.1f} s)", file=sys.stderr)
