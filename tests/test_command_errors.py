@@ -202,6 +202,18 @@ def test_eval_perplexity_data_without_the_text_field_names_the_flag(ck, tmp_path
     one_error(capsys, f"{data}:1 has no field 'body': set --text-field to the field holding the text")
 
 
+def test_eval_refuses_a_gauntlet_it_cannot_score_before_evaluating(ck, tasks, tmp_path, capsys, monkeypatch):
+    """A benchmark field of the wrong type, or one no task evaluates, is one line naming the
+    gauntlet file and line, before the checkpoint is read or any task scored."""
+    gauntlet = tmp_path / "gauntlet.yaml"
+    monkeypatch.setattr("jaxtrain.checkpoint.load.load_checkpoint", lambda *a, **k: pytest.fail("read the checkpoint"))
+    for benchmark, needle in (("{name: mc, num_fewshot: 0, random_baseline: [1]}", "random_baseline=[1] must be"),
+                              ("{name: mc, num_fewshot: 5, random_baseline: 0.25}", "mc (5-shot) was not evaluated")):
+        gauntlet.write_text(f"eval_gauntlet:\n  categories:\n  - name: c\n    benchmarks:\n    - {benchmark}\n")
+        assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--gauntlet", str(gauntlet)]) == 2
+        one_error(capsys, f"{gauntlet}:5", needle)
+
+
 def test_eval_and_generate_out_of_memory_is_one_line(ck, tasks, tmp_path, capsys):
     """The device running out of memory while evaluating or generating is one line naming the
     flags that size the work (here rows of 2**22 x 4096 and a KV cache for 2**29 new tokens)."""

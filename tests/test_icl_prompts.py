@@ -152,6 +152,38 @@ def test_gauntlet_weightings_averages_and_baselines():
             gauntlet_scores(dict(spec, **bad), results)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("random_baseline", [1], r"benchmark a: random_baseline=\[1\] must be a number in \[0, 1\)"),
+    ("random_baseline", None, r"benchmark a: random_baseline=None must be a number in \[0, 1\)"),
+    ("random_baseline", "abc", r"benchmark a: random_baseline='abc' must be a number"),
+    ("random_baseline", 1.0, r"benchmark a: random_baseline=1.0 must be a number in \[0, 1\)"),
+    ("num_fewshot", [0], r"benchmark a: num_fewshot=\[0\] must be one whole number >= 0"),
+    ("num_fewshot", 0.7, r"benchmark a: num_fewshot=0.7 must be one whole number"),
+    ("num_fewshot", "abc", r"benchmark a: num_fewshot='abc' must be one whole number"),
+    ("name", 5, r"gauntlet benchmark name=5: give the label of an ICL task"),
+])
+def test_a_gauntlet_benchmark_field_of_the_wrong_type_is_one_line_naming_file_and_line(tmp_path, field, value,
+                                                                                        message):
+    import yaml
+
+    benchmark = {"name": "a", "num_fewshot": 0, "random_baseline": 0.25, field: value}
+    path = tmp_path / "gauntlet.yaml"
+    path.write_text(yaml.safe_dump({"eval_gauntlet": {"categories": [{"name": "one", "benchmarks": [benchmark]}]}}))
+    with pytest.raises(ConfigError) as error:
+        gauntlet_scores(str(path), [TaskResult("a", "multiple_choice", 0, 0.5, 10)])
+    assert str(error.value).startswith(f"{path}:") and "\n" not in str(error.value)
+    assert re.search(message, str(error.value)), str(error.value)
+
+
+def test_a_tasks_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    from jaxtrain.eval.icl import load_tasks
+
+    path = tmp_path / "tasks.yaml"
+    path.write_bytes(b"\xff\xfe icl")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: not UTF-8 text \(byte 0\): save it as UTF-8"):
+        load_tasks(str(path))
+
+
 @pytest.mark.parametrize("kind, lines, message", [
     ("multiple_choice", ['{"query": "a", "choices": ["b"], "gold": 0}', '{"query": "a", '],
      r":2 is not valid JSON \(.*\); each line must be one JSON object"),

@@ -58,6 +58,12 @@ def _tasks(args) -> tuple[list[ICLTask], object, str | None]:
                              continuation_delimiter=args.continuation_delimiter))
     if args.gauntlet:
         gauntlet, gauntlet_source = args.gauntlet, args.gauntlet
+    if gauntlet is not None:  # checked against the tasks as if each had run, before any does
+        from jaxtrain.eval.gauntlet import gauntlet_scores
+        from jaxtrain.eval.icl import TaskResult
+
+        planned = [TaskResult(task.label, task.icl_task_type, shots, 0.0, 1) for task in tasks for shots in task.num_fewshot]
+        gauntlet_scores(gauntlet, planned, source=gauntlet_source)
     return tasks, gauntlet, gauntlet_source
 
 

@@ -45,6 +45,24 @@ def load_gauntlet(spec, *, source: str | None = None) -> tuple[dict, str | None]
     return spec, source
 
 
+def _benchmark(benchmark, category: str, source: str | None) -> tuple[str, int, float]:
+    """(name, num_fewshot, random_baseline) of a gauntlet benchmark entry, each of its type."""
+    for field in ("name", "num_fewshot", "random_baseline"):
+        if not isinstance(benchmark, dict) or field not in benchmark:
+            raise ConfigError(f"{where(source, benchmark)}: gauntlet benchmark in category {category!r} is missing "
+                              f"the field {field!r}")
+    name, shots, baseline = benchmark["name"], benchmark["num_fewshot"], benchmark["random_baseline"]
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where(source, benchmark)}: gauntlet benchmark name={name!r}: give the label of an ICL task")
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ConfigError(f"{where(source, benchmark)}: benchmark {name}: num_fewshot={shots!r} must be one whole "
+                          f"number >= 0 (one entry per shot count)")
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not 0.0 <= baseline < 1.0:
+        raise ConfigError(f"{where(source, benchmark)}: benchmark {name}: random_baseline={baseline!r} must be a "
+                          f"number in [0, 1) (the accuracy of guessing)")
+    return name, shots, float(baseline)
+
+
 def _weight(weighting: str, size: int) -> float:
     size = max(size, 1)
     if weighting == "SAMPLE_SZ":
@@ -107,17 +125,11 @@ def gauntlet_scores(spec, results: list[TaskResult], *, source: str | None = Non
         named.add(category["name"])
         scores, weights = [], []
         for benchmark in category["benchmarks"]:
-            for field in ("name", "num_fewshot", "random_baseline"):
-                if not isinstance(benchmark, dict) or field not in benchmark:
-                    raise ConfigError(f"{where(source, benchmark)}: gauntlet benchmark in category "
-                                      f"{category['name']!r} is missing the field {field!r}")
-            name, shots, baseline = benchmark["name"], int(benchmark["num_fewshot"]), float(benchmark["random_baseline"])
+            name, shots, baseline = _benchmark(benchmark, category["name"], source)
             group = by_key.get((name, shots))
             if not group:
                 raise ConfigError(f"{where(source, benchmark)}: gauntlet benchmark {name} ({shots}-shot) was not "
                                   f"evaluated: add it to icl_tasks with that num_fewshot")
-            if not 0.0 <= baseline < 1.0:
-                raise ConfigError(f"{where(source, benchmark)}: random_baseline={baseline} must be in [0, 1)")
             score = sum(result.accuracy for result in group) / len(group)  # a has_categories task: their mean
             if subtract:
                 score -= baseline

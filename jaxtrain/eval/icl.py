@@ -75,6 +75,8 @@ def read_yaml(path: str):
             return yaml.load(handle, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except OSError as error:
         raise ConfigError(f"{path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}): save it as UTF-8 YAML") from None
     except yaml.YAMLError as error:
         raise ConfigError(malformed_yaml(path, error)) from None
 
