@@ -161,6 +161,24 @@ def test_cli_refuses_an_out_that_is_a_file_before_reading_the_inputs(jsonl, tmp_
     assert open(jsonl).read() == corpus and not (tmp_path / "cache").exists()  # no tokenizer was trained
 
 
+def test_cli_refuses_a_split_a_cache_or_an_mds_input_that_cannot_be_one_line(jsonl, tmp_path, capsys):
+    """A --split that is not a plain name (it would write outside --out), a --cache-dir that is a
+    file, and an mds: input that is a file are each one line, and nothing is written."""
+    cases = [(["--split", "../../escaped"], "--split '../../escaped': give a plain folder name"),
+             (["--split", ""], "--split '': give a plain folder name"),
+             (["--split", "/tmp/elsewhere"], "--split '/tmp/elsewhere': give a plain folder name"),
+             (["--cache-dir", jsonl], f"--cache-dir {jsonl}: is a file; pass a folder")]
+    for extra, start in cases:
+        assert main([jsonl, "--out", str(tmp_path / "out"), "--text-field", "body", "--no-progress", *extra]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: {start}") and captured.err.count("\n") == 1, captured.err
+    assert main([f"mds:{jsonl}", "--out", str(tmp_path / "out"), "--no-tokenize", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no MDS dataset at {jsonl} (split 'train'): {jsonl} is a file, not a dataset "
+                          f"folder") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escaped").exists()
+
+
 def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path, run_streaming):
     out = tmp_path / "out"
     _prepare([jsonl], out, tmp_path, compression="zstd", hashes=["sha1"], size_limit=300)

@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     from jaxtrain.data.prepare import prepare
 
     try:
+        if not args.split.strip() or args.split in (".", "..") or "/" in args.split or "\\" in args.split:
+            raise ConfigError(f"--split {args.split!r}: give a plain folder name such as train or val (the dataset "
+                              f"is written to OUT/SPLIT)")
+        if args.cache_dir and os.path.exists(os.path.expanduser(args.cache_dir)) and not os.path.isdir(
+                os.path.expanduser(args.cache_dir)):
+            raise ConfigError(f"--cache-dir {args.cache_dir}: is a file; pass a folder (or leave it out)")
         check_out(args.out, args.split)
         result = prepare(
             args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eos_text=args.eos_text,

@@ -49,6 +49,7 @@ PRICE_LINE = (
     + " Override with --price-per-hour USD or --prices FILE (YAML {hardware_name: usd_per_hour})."
 )
 DEFAULT_DEVICES = 8
+MAX_RUNGS = 40
 
 
 def _precision(args, bench: BenchResult | None, hardware: Hardware) -> str:
@@ -351,6 +352,8 @@ def _check_numbers(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.rungs > MAX_RUNGS:  # each rung ~4x the compute of the last: 4**40 spans any budget
+        raise PlanError(f"--rungs {args.rungs}: at most {MAX_RUNGS} (each rung has about 4x the compute of the last)")
 
 
 def _check_finite(what: str, *values: float) -> None:

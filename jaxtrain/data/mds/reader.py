@@ -90,10 +90,14 @@ class MDSDataset:
         try:
             with open(index_path, "rb") as handle:
                 self.index_bytes = handle.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             where = f"{local} (split {split!r})" if split else local
-            raise ConfigError(f"no MDS dataset at {where}: {index_path} does not exist; write one with "
-                              f"`jaxtrain data prepare` or point local/split at a folder with an index.json") from None
+            problem = (f"{local} is a file, not a dataset folder" if os.path.isfile(os.path.expanduser(local))
+                       else f"{index_path} does not exist")
+            raise ConfigError(f"no MDS dataset at {where}: {problem}; write one with `jaxtrain data prepare` or "
+                              f"point local/split at a folder with an index.json") from None
+        except OSError as error:
+            raise ConfigError(f"{index_path}: cannot read it ({error.strerror or error})") from None
         try:
             index = json.loads(self.index_bytes)
             self.shards: list[dict[str, Any]] = index["shards"]
