@@ -317,6 +317,23 @@ def test_credentials_read_from_the_environment_are_never_printed(tmp_path, monke
     assert "load_path: <hidden>: no such folder" in result.stderr, result.stderr
 
 
+def test_a_run_or_save_folder_that_is_a_file_is_one_line_before_anything_is_built(tmp_path, capsys):
+    from jaxtrain.train.command import train_command
+
+    existing = tmp_path / "notes.txt"
+    existing.write_text("kept\n")
+    cases = [(f"run_folder={existing}", f"run_folder: {existing}: a file, not a folder"),
+             (f"save_folder={existing}", f"save_folder: {existing}: a file, not a folder"),
+             (f"save_folder={existing}/checkpoints", f"save_folder: {existing}/checkpoints: {existing} is a file, not a "
+                                                    "folder")]
+    for override, start in cases:
+        run_folder = [] if override.startswith("run_folder") else [f"run_folder={tmp_path}/run"]
+        assert train_command(str(ROOT / "configs" / "quickstart.yaml"), [override, *run_folder]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {start}; give a folder path") and err.count("\n") == 1, err
+    assert existing.read_text() == "kept\n" and not (tmp_path / "run").exists()
+
+
 def test_training_without_a_config_or_out_of_memory_is_one_line(tmp_path):
     """No --config is refused (the defaults alone are a 1.3B model); a device out of memory while
     the run is built or trained is one line saying what to lower."""

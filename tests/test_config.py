@@ -46,8 +46,13 @@ def test_no_file_gives_defaults():
     assert load_config(None) == Config()
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+def test_an_empty_file_is_refused_not_read_as_the_defaults(tmp_path):
+    """The defaults alone are a 1.3B model at batch 256: a config file that sets nothing (an empty
+    or truncated file, the wrong one) is a mistake, as no --config is."""
+    for text in ("", "# only a comment\n\n"):
+        path = write(tmp_path, text)
+        message = error_of(load_config, path)
+        assert message.startswith(f"{path}: the config file is empty;") and "configs/quickstart.yaml" in message
 
 
 def test_missing_file_names_the_path(tmp_path):

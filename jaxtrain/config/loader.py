@@ -110,8 +110,9 @@ def _read(path: str | None) -> dict:
         doc = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(malformed_yaml(path, e)) from None
-    if doc is None:
-        return {}
+    if doc is None:  # nothing but comments or blanks: the defaults alone would train a 1.3B model
+        raise ConfigError(f"{path}: the config file is empty; write the run's settings into it (configs/ has "
+                          f"examples, configs/quickstart.yaml trains a small model on this machine)")
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values, "
                           f"got a {type(doc).__name__}; start the file with 'key: value' lines")
