@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = """usage: jaxtrain <command> [options]
@@ -41,6 +42,13 @@ def _run(argv: list[str] | None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    for arg in argv:  # the OS hands undecodable bytes over as lone surrogates, which no text step can take
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"error: the argument {os.fsencode(arg)!r} is not valid UTF-8 text; pass it in UTF-8",
+                  file=sys.stderr)
+            sys.exit(2)
     command, rest = argv[0], argv[1:]
     if command != "train":  # training sets it up itself, after starting its data on a process of its own
         from jaxtrain.train.host_allocator import retain_freed_memory

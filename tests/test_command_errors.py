@@ -118,6 +118,22 @@ def test_damaged_step_from_the_console_script_prints_one_line(ck):
     assert len(lines) == 1 and lines[0].startswith("error: ") and os.path.join(str(ck), "5") in lines[0], run.stderr
 
 
+def test_an_argument_that_is_not_utf8_is_one_line_from_the_console_script(capsys):
+    """Bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer, YAML and the
+    file system would each fail on with a traceback: every command refuses them first."""
+    from jaxtrain.cli import run
+
+    undecodable = os.fsdecode(b"ab\xffcd")
+    for argv in (["generate", "--checkpoint", "c", "--prompt", undecodable], ["eval", "--checkpoint", "c",
+                 "--continuation-delimiter", undecodable], ["data", "prepare", "x.txt", "--out", "o", "--eos-text",
+                 undecodable]):
+        with pytest.raises(SystemExit) as exit_:
+            run(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err == "error: the argument b'ab\\xffcd' is not valid UTF-8 text; pass it " \
+                                                "in UTF-8\n", err
+
+
 def test_a_step_folder_reads_that_step_and_a_file_is_one_line(ck, capsys):
     """A step's own folder (``<save_folder>/3``) reads that step, as ``--step 3`` does; a file is
     not taken for a folder."""
