@@ -276,6 +276,15 @@ def test_convert_damaged_index(hf, tmp_path, capsys):
     one_error(capsys, hf / "model.safetensors.index.json", "not valid JSON")
 
 
+def test_convert_of_a_jaxtrain_checkpoint_without_to_hf_says_so(ck, tmp_path, capsys):
+    assert convert_main([str(ck), str(tmp_path / "out")]) == 2
+    one_error(capsys, f"{ck}: no config.json; expected a Hugging Face MPT folder; it holds a jaxtrain checkpoint: "
+                      f"add --to hf to export it")
+    assert convert_main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    one_error(capsys, f"{tmp_path / 'missing'}: no such folder")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_to_an_existing_file_leaves_it_alone(hf, ck, tmp_path, capsys):
     existing = tmp_path / "existing.yaml"
     existing.write_text("model: {}\n")

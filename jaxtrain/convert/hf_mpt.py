@@ -156,7 +156,11 @@ def import_hf(src: str, dst: str, *, scan_layers: bool = True, adapter: str | No
     """Convert the Hugging Face MPT folder ``src`` into a jaxtrain checkpoint folder ``dst`` (step 0),
     with the PEFT LoRA adapter in folder ``adapter`` when given (``jaxtrain.convert.peft_lora``)."""
     if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
-        raise ConfigError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MPT folder")
+        if not os.path.exists(src):
+            raise ConfigError(f"{src}: no such folder; give a Hugging Face MPT folder (config.json and safetensors)")
+        checkpoint = os.path.isdir(src) and any(name.isdigit() or name in ("state", "meta") for name in os.listdir(src))
+        hint = "; it holds a jaxtrain checkpoint: add --to hf to export it" if checkpoint else ""
+        raise ConfigError(f"{src}: no {CONFIG_FILE}; expected a Hugging Face MPT folder{hint}")
     check_new_folder(dst)  # before the tensors are read
     model_cfg, buffers, dtypes = read_hf(src, scan_layers=scan_layers)
     tokenizer = os.path.join(src, TOKENIZER_FILE)
