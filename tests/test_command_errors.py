@@ -282,6 +282,9 @@ def test_convert_of_a_jaxtrain_checkpoint_without_to_hf_says_so(ck, tmp_path, ca
                       f"add --to hf to export it")
     assert convert_main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     one_error(capsys, f"{tmp_path / 'missing'}: no such folder")
+    for size, problem in (("abc", "use a number of bytes or e.g. 5GB"), ("0", "must be at least one byte")):
+        assert convert_main([str(ck), str(tmp_path / "out"), "--to", "hf", "--max-shard-size", size]) == 2
+        one_error(capsys, f"--max-shard-size '{size}': {problem}")
     assert not (tmp_path / "out").exists()
 
 

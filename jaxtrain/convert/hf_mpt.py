@@ -224,6 +224,7 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
 
     from jaxtrain.checkpoint.load import load_checkpoint
 
+    shard_bytes = parse_size(max_shard_size)  # a bad size is refused before anything is written
     check_new_folder(dst)  # before the checkpoint is read
     loaded = load_checkpoint(src, step, frozen_weights=not adapter_only)  # adapters: not the weights they adapt
     model_cfg = loaded.model_cfg
@@ -276,7 +277,7 @@ def export_hf(src: str, dst: str, *, step: int | None = None, dtype: str | None 
             return np.ascontiguousarray((value.T if transpose else value).astype(np_dtype))
 
         entries.append((name, hf_shape, tensor))
-    SafetensorsWriter(dst, np.dtype(np_dtype), parse_size(max_shard_size)).write(entries)
+    SafetensorsWriter(dst, np.dtype(np_dtype), shard_bytes).write(entries)
     with open(os.path.join(dst, CONFIG_FILE), "w", encoding="utf-8") as handle:
         json.dump(hf_config_from_model(model_cfg, torch_dtype=dtype), handle, indent=2)
     if loaded.tokenizer_path:

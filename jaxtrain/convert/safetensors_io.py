@@ -131,12 +131,15 @@ def open_safetensors_folder(folder: str) -> Iterator[SafetensorsFolder]:
 
 def parse_size(size: str | int) -> int:
     """Bytes in ``"5GB"``, ``"500MiB"`` or an integer."""
-    if isinstance(size, int):
+    if isinstance(size, int) and size > 0:
         return size
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", size)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
     if not match or match.group(2).upper() not in _SIZE_UNITS:
-        raise ConfigError(f"shard size {size!r}: use a number of bytes or e.g. 5GB, 500MB, 2GiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+        raise ConfigError(f"--max-shard-size {size!r}: use a number of bytes or e.g. 5GB, 500MB, 2GiB")
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if value < 1:
+        raise ConfigError(f"--max-shard-size {size!r}: must be at least one byte (e.g. 5GB)")
+    return value
 
 
 class SafetensorsWriter:
