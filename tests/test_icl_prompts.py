@@ -198,6 +198,10 @@ def test_a_tasks_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
     ("generation_task_with_answers", ['{"context": "a", "answer": "b", "aliases": "c"}'],
      r":1: field 'aliases' must be a list of strings"),
     ("schema", ["", "  "], r": the task file has no examples; write one JSON object per line with context_options"),
+    ("multiple_choice", ['{"query": "a", "choices": ["b", ""], "gold": 0}'],
+     r":1: an empty text in field 'choices' is scored as nothing"),
+    ("language_modeling", ['{"context": "a", "continuation": " "}'],
+     r":1: an empty text in field 'continuation' is scored as nothing"),
 ])
 def test_a_bad_task_file_is_one_line_naming_file_line_and_field(tmp_path, kind, lines, message):
     path = tmp_path / "task.jsonl"

@@ -233,6 +233,11 @@ def _check_example(example, path: str, line: int, task_type: str, *, require_cat
                 or (not options and lists != "aliases")):
             raise ConfigError(f"{at}: field {lists!r} must be a{' non-empty' if lists != 'aliases' else ''} list of "
                               f"strings, got {json.dumps(options)[:60]}")
+    scored = {"multiple_choice": "choices", "schema": "continuation", "language_modeling": "continuation"}.get(task_type)
+    values = example.get(scored) if scored else None
+    if any(not text.strip() for text in ([values] if isinstance(values, str) else values or [])):
+        raise ConfigError(f"{at}: an empty text in field {scored!r} is scored as nothing (choices that tie, or a "
+                          f"continuation with no tokens); give its text or drop the line")
     if "gold" in required:
         gold, options = example["gold"], example[lists]
         if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
