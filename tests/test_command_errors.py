@@ -218,6 +218,15 @@ def test_eval_perplexity_data_without_the_text_field_names_the_flag(ck, tmp_path
     one_error(capsys, f"{data}:1 has no field 'body': set --text-field to the field holding the text")
 
 
+def test_eval_type_is_the_kind_of_task_files_and_their_errors_name_it(ck, tasks, tmp_path, capsys):
+    assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--type", "schema"]) == 2
+    one_error(capsys, "--type schema: it is the kind of --task files")
+    lm = tmp_path / "lm.jsonl"
+    write_jsonl(lm, [{"context": "a", "continuation": "b"}])
+    assert eval_main(["--checkpoint", str(ck), "--task", str(lm)]) == 2
+    one_error(capsys, f"{lm}:1 has no field 'query'", "or pass --type (now multiple_choice)")
+
+
 def test_eval_refuses_a_gauntlet_it_cannot_score_before_evaluating(ck, tasks, tmp_path, capsys, monkeypatch):
     """A benchmark field of the wrong type, or one no task evaluates, is one line naming the
     gauntlet file and line, before the checkpoint is read or any task scored."""
@@ -285,6 +294,16 @@ def test_convert_of_a_jaxtrain_checkpoint_without_to_hf_says_so(ck, tmp_path, ca
     for size, problem in (("abc", "use a number of bytes or e.g. 5GB"), ("0", "must be at least one byte")):
         assert convert_main([str(ck), str(tmp_path / "out"), "--to", "hf", "--max-shard-size", size]) == 2
         one_error(capsys, f"--max-shard-size '{size}': {problem}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_options_of_the_other_direction_are_refused_not_ignored(hf, ck, tmp_path, capsys):
+    for source, argv, flag in ((hf, ["--dtype", "bfloat16"], "--dtype"), (hf, ["--step", "3"], "--step"),
+                               (hf, ["--max-shard-size", "1GB"], "--max-shard-size"),
+                               (ck, ["--to", "hf", "--no-scan-layers"], "--no-scan-layers"),
+                               (ck, ["--to", "peft", "--max-shard-size", "1GB"], "--max-shard-size")):
+        assert convert_main([str(source), str(tmp_path / "out"), *argv]) == 2
+        one_error(capsys, f"{flag}: it has no effect with --to {argv[1] if argv[0] == '--to' else 'jaxtrain'}")
     assert not (tmp_path / "out").exists()
 
 

@@ -432,8 +432,12 @@ def test_missing_fields_name_file_and_line(tmp_path):
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path, capsys):
-    assert eval_main(["--checkpoint", str(tmp_path / "nope"), "--task", "x.jsonl"]) == 2
+    write_jsonl(tmp_path / "mc.jsonl", [{"query": "ab", "choices": ["c", "d"], "gold": 0}])
+    assert eval_main(["--checkpoint", str(tmp_path / "nope"), "--task", str(tmp_path / "mc.jsonl")]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
+    # a task file that is missing is found first, before the slow read of a checkpoint
+    assert eval_main(["--checkpoint", str(tmp_path / "nope"), "--task", str(tmp_path / "x.jsonl")]) == 2
+    assert str(tmp_path / "x.jsonl") in capsys.readouterr().err
 
 
 def test_cli_end_to_end(tmp_path, successor_model, tokenizer, capsys):

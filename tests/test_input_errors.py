@@ -150,6 +150,7 @@ def test_plan_prices_file_with_a_non_finite_price(text, problem, tmp_path, capsy
     (["--budget-usd", "1e400"], "--budget-usd must be a finite number, got inf"),
     (["--hours", "inf"], "--hours must be a finite number, got inf"),
     (["--budget-usd", "5k", "--rungs", "10000"], "--rungs 10000: at most 40"),
+    (["--budget-usd", "5k", "--plot", "p.png"], "--plot and --no-plot: one asks for the plot"),
     (["--budget-usd", "100", "--price-per-hour", "inf"], "--price-per-hour must be a finite number, got inf"),
     (["--budget-usd", "100", "--price-per-hour", "nan"], "--price-per-hour must be a finite number, got nan"),
     (["--budget-flops", "1e400"], "--budget-flops '1e400' is too large"),

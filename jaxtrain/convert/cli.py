@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", type=int, default=None, help="--to hf/peft: checkpoint step (default the newest)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="--to hf/peft: tensor dtype (default the dtype the weights were imported in, else float32)")
-    parser.add_argument("--max-shard-size", default="5GB", help="--to hf: largest safetensors file (default 5GB)")
+    parser.add_argument("--max-shard-size", default=None, help="--to hf: largest safetensors file (default 5GB)")
     parser.add_argument("--no-scan-layers", dest="scan_layers", action="store_false",
                         help="--to jaxtrain: store blocks unrolled (blocks/0..n-1) instead of stacked")
     return parser
@@ -38,6 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.adapter is not None and args.to != "jaxtrain":
             raise ConfigError(f"--adapter {args.adapter}: it is read with --to jaxtrain (the base model in SRC)")
+        # options of the other direction would be silently ignored: say so instead
+        unused = {"jaxtrain": [("--step", args.step), ("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)],
+                  "hf": [("--no-scan-layers", None if args.scan_layers else True)],
+                  "peft": [("--no-scan-layers", None if args.scan_layers else True),
+                           ("--max-shard-size", args.max_shard_size)]}[args.to]
+        for flag, value in unused:
+            if value is not None:
+                raise ConfigError(f"{flag}: it has no effect with --to {args.to}; remove it (see --help for the "
+                                  f"options of each direction)")
         if args.to == "jaxtrain":
             cfg = import_hf(args.src, args.dst, scan_layers=args.scan_layers, adapter=args.adapter)
             adapters = ""
@@ -52,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             export_hf(args.src, args.dst, step=args.step, dtype=args.dtype, adapter_only=True)
             print(f"wrote PEFT adapter folder {args.dst} (for the Hugging Face MPT model the adapters were trained on)")
         else:
-            cfg = export_hf(args.src, args.dst, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            cfg = export_hf(args.src, args.dst, step=args.step, dtype=args.dtype,
+                            max_shard_size=args.max_shard_size or "5GB")
             print(f"wrote Hugging Face MPT folder {args.dst}")
             gaps = transformers_mpt_gaps(cfg)
             if gaps:

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default the one beside the checkpoint)")
     parser.add_argument("--tasks", default=None, help="YAML with Foundry's icl_tasks (and optionally eval_gauntlet)")
     parser.add_argument("--task", action="append", default=[], help="one JSONL task file (repeatable)")
-    parser.add_argument("--type", default="multiple_choice", choices=sorted(TASK_FIELDS), help="type of --task files")
+    parser.add_argument("--type", default=None, choices=sorted(TASK_FIELDS),
+                        help="type of --task files (default multiple_choice)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="demonstrations per example for --task "
                         "(and overriding --tasks; default 0)")
     parser.add_argument("--example-delimiter", default="\n", help="between demonstrations (--task)")
@@ -42,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tasks(args) -> tuple[list[ICLTask], object, str | None]:
-    from jaxtrain.eval.icl import load_tasks
+    from jaxtrain.eval.icl import load_tasks, read_examples
 
     tasks, gauntlet, gauntlet_source = [], None, None
     if args.tasks:
@@ -51,9 +52,14 @@ def _tasks(args) -> tuple[list[ICLTask], object, str | None]:
         if args.num_fewshot is not None:
             for task in tasks:
                 task.num_fewshot = [args.num_fewshot]
+    kind = args.type or "multiple_choice"
     for path in args.task:
         label = os.path.splitext(os.path.basename(path))[0]
-        tasks.append(ICLTask(label=label, dataset_uri=path, icl_task_type=args.type,
+        try:  # read now, so that a file of another kind says which flag names the kind
+            read_examples(path, kind)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("or check icl_task_type", f"or pass --type (now {kind})")) from None
+        tasks.append(ICLTask(label=label, dataset_uri=path, icl_task_type=kind,
                              num_fewshot=[args.num_fewshot or 0], example_delimiter=args.example_delimiter,
                              continuation_delimiter=args.continuation_delimiter))
     if args.gauntlet:
@@ -115,6 +121,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-fewshot {args.num_fewshot}: must be >= 0")
     if args.step is not None and args.step < 0:
         raise ConfigError(f"--step {args.step}: must be >= 0")
+    if args.type is not None and not args.task:
+        raise ConfigError(f"--type {args.type}: it is the kind of --task files; the tasks of --tasks name their own "
+                          f"icl_task_type")
 
 
 def check_vocabulary(tokenizer, vocab_size: int, what: str) -> None:

@@ -366,6 +366,9 @@ def main(argv: list[str]) -> int:
     """Run ``jaxtrain plan``; prints the answer and returns 0, or one error line and returns 2."""
     try:
         args = build_parser().parse_args(argv)
+        if args.no_plot and (args.plot or args.out):
+            raise PlanError(f"{'--plot' if args.plot else '--out'} and --no-plot: one asks for the plot, the other "
+                            f"not; keep one")
         if args.budget_usd is not None:
             args.budget_usd = parse_usd(args.budget_usd)
         _check_numbers(args)
