@@ -48,6 +48,11 @@ def check_output_file(path: str, flag: str = "--out") -> None:
     if os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: is a folder; pass a file path such as {os.path.join(path, 'results.json')}")
     folder = os.path.dirname(os.path.abspath(path))
+    above = folder
+    while not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ConfigError(f"{flag} {path}: {above} is a file, not a folder; pass a path in a folder")
     try:
         probe_write(path)
     except OSError as error:

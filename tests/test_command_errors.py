@@ -167,7 +167,7 @@ def test_eval_refuses_an_unwritable_out_before_evaluating(ck, tasks, tmp_path, c
     (tmp_path / "file").write_text("kept")
     out = tmp_path / "file" / "results.json"
     assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--out", str(out)]) == 2
-    assert one_error(capsys, "--out", out) == ""  # nothing was evaluated
+    assert one_error(capsys, "--out", out, f"{tmp_path / 'file'} is a file, not a folder") == ""  # nothing evaluated
     assert (tmp_path / "file").read_text() == "kept"
     assert eval_main(["--checkpoint", str(ck), "--tasks", str(tasks), "--out", str(tmp_path)]) == 2
     one_error(capsys, "--out", "is a folder")

@@ -219,6 +219,7 @@ def test_a_bad_task_entry_is_one_line(tmp_path):
     for change, message in (({"icl_task_type": "code_evaluation"}, "icl_task_type='code_evaluation' is not one of"),
                             ({"num_fewshot": "five"}, "num_fewshot='five' must be a whole number >= 0"),
                             ({"num_fewshot": [0, -1]}, r"num_fewshot=\[0, -1\] must be"),
+                            ({"batch_size": 0}, r"batch_size=0 must be a whole number >= 1"),
                             ({"continuation_delimiter": 5}, "continuation_delimiter=5 must be a string"),
                             ({"prelimiter": "Q: ", "question_prelimiter": "Q: "}, "give prelimiter or question_"),
                             ({"early_stopping_criteria": "\n"}, "early_stopping_criteria=.* must be a list of")):

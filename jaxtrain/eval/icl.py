@@ -140,6 +140,9 @@ def task_from_dict(entry, *, source: str | None = None, base_dir: str = ".") -> 
         raise ConfigError(f"{at}: num_fewshot={values.get('num_fewshot')!r} must be a whole number >= 0 or a "
                           f"non-empty list of them, e.g. [0, 5]")
     values["num_fewshot"] = shots
+    rows = values.get("batch_size")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ConfigError(f"{at}: batch_size={rows!r} must be a whole number >= 1 (rows per forward), or left out")
     for key in _TEXT_KEYS:
         if key in values and not isinstance(values[key], str):
             raise ConfigError(f"{at}: {key}={values[key]!r} must be a string (quote it in the YAML)")
