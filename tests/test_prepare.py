@@ -179,6 +179,13 @@ def test_cli_refuses_a_split_a_cache_or_an_mds_input_that_cannot_be_one_line(jso
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escaped").exists()
 
 
+def test_cli_tokenizer_errors_name_the_flags(jsonl, tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    assert main([jsonl, "--out", str(tmp_path / "o"), "--tokenizer", str(missing), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --tokenizer '{missing}': no tokenizer file at {missing}") and "tokenizer.name" not in err
+
+
 def test_streaming_reads_a_prepared_dataset(jsonl, tmp_path, run_streaming):
     out = tmp_path / "out"
     _prepare([jsonl], out, tmp_path, compression="zstd", hashes=["sha1"], size_limit=300)

@@ -237,8 +237,16 @@ def _load_tokenizer(name: str, vocab_size: int | None, eos_text: str | None, tex
     if name == "bpe:default" and eos_text:
         raise ConfigError("--eos-text applies to a tokenizer.json; bpe:default always uses <|endoftext|>")
 
-    return load_tokenizer(TokenizerConfig(name=name, kwargs=kwargs), cache_dir=cache_dir,
-                          train_texts=capped_texts(texts, bpe_train_max_chars(kwargs)) if name == "bpe:default" else None)
+    try:
+        return load_tokenizer(TokenizerConfig(name=name, kwargs=kwargs), cache_dir=cache_dir,
+                              train_texts=capped_texts(texts, bpe_train_max_chars(kwargs)) if name == "bpe:default"
+                              else None)
+    except ConfigError as err:  # the loader names the config keys; this command's user wrote flags
+        message = str(err)
+        for key, flag in (("tokenizer.name=", "--tokenizer "), ("tokenizer.kwargs.eos_token=", "--eos-text "),
+                          ("tokenizer.kwargs.vocab_size=", "--vocab-size ")):
+            message = message.replace(key, flag)
+        raise ConfigError(message) from None
 
 
 def _save_tokenizer(tokenizer: Tokenizer, out: str) -> str:
