@@ -30,6 +30,15 @@ def temp_path(path: str, suffix: str = "") -> str:
     return f"{path}{temp_marker(os.getpid())}{time.monotonic_ns()}{suffix}"
 
 
+def file_in_the_way(folder: str) -> str | None:
+    """The existing file that keeps ``folder`` from being (or being made) a folder: ``folder``
+    itself, or the nearest of the folders above it that exists; None when there is none."""
+    path = os.path.abspath(os.path.expanduser(folder))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.exists(path) and not os.path.isdir(path) else None
+
+
 def probe_write(path: str) -> None:
     """Create the folder of the file ``path`` and write (then remove) a temporary file beside it;
     ``OSError`` when that cannot be done."""
@@ -48,11 +57,9 @@ def check_output_file(path: str, flag: str = "--out") -> None:
     if os.path.isdir(path):
         raise ConfigError(f"{flag} {path}: is a folder; pass a file path such as {os.path.join(path, 'results.json')}")
     folder = os.path.dirname(os.path.abspath(path))
-    above = folder
-    while not os.path.exists(above) and os.path.dirname(above) != above:
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise ConfigError(f"{flag} {path}: {above} is a file, not a folder; pass a path in a folder")
+    blocking = file_in_the_way(folder)
+    if blocking:
+        raise ConfigError(f"{flag} {path}: {blocking} is a file, not a folder; pass a path in a folder")
     try:
         probe_write(path)
     except OSError as error:

@@ -51,6 +51,7 @@ def check_out(out: str, split: str) -> None:
     """Refuse an ``--out`` that cannot hold the dataset folder ``OUT/SPLIT`` (a file there, or a file in
     its path) before the inputs are read or a tokenizer trained. Remote URLs are left to the writer."""
     from jaxtrain.data.mds.writer import is_remote
+    from jaxtrain.tempfiles import file_in_the_way
 
     if is_remote(out):
         return
@@ -61,11 +62,9 @@ def check_out(out: str, split: str) -> None:
     target = os.path.join(local, split)
     if os.path.exists(target) and not os.path.isdir(target):
         raise ConfigError(f"--out {out}: {target} is a file; pass another folder, or another --split")
-    above = os.path.dirname(os.path.abspath(target))
-    while not os.path.exists(above) and os.path.dirname(above) != above:
-        above = os.path.dirname(above)
-    if os.path.exists(above) and not os.path.isdir(above):
-        raise ConfigError(f"--out {out}: {above} is a file, not a folder; pass a folder path")
+    blocking = file_in_the_way(os.path.dirname(os.path.abspath(target)))
+    if blocking:
+        raise ConfigError(f"--out {out}: {blocking} is a file, not a folder; pass a folder path")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,22 +12,12 @@ from jaxtrain.config import ConfigError, dump_yaml, load_config
 from jaxtrain.config.interpolate import mask
 from jaxtrain.interrupt import INTERRUPTED_AT_START
 from jaxtrain.parallel.mesh import MeshError, build_mesh
+from jaxtrain.tempfiles import file_in_the_way
 
 from jaxtrain.train.health import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
 from jaxtrain.train.summary import format_summary, read_summary, write_summary
 
 EXIT_USAGE = EXIT_CONFIG
-
-
-def _not_a_folder(path: str) -> str | None:
-    """Why ``path`` cannot be (or become) a folder: it is a file, or a file is in its way; else None."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        return "a file, not a folder"
-    above = os.path.dirname(path)
-    while not os.path.exists(above) and os.path.dirname(above) != above:
-        above = os.path.dirname(above)
-    return f"{above} is a file, not a folder" if not os.path.isdir(above) else None
 
 
 def _error(message: str) -> int:
@@ -105,8 +95,10 @@ def _train(config_path: str | None, overrides: Sequence[str], data_prefetch) -> 
             raise ConfigError(f"load_path: {cfg.load_path}: a file, not a folder; give a checkpoint folder (a run's "
                               f"save_folder, or one of its step folders) or a Hugging Face MPT folder")
         for key, folder in (("run_folder", cfg.run_folder), ("save_folder", cfg.save_folder)):
-            if folder and "://" not in folder and (problem := _not_a_folder(folder)):
-                raise ConfigError(f"{key}: {folder}: {problem}; give a folder path")
+            if folder and "://" not in folder and (blocking := file_in_the_way(folder)):
+                itself = blocking == os.path.abspath(os.path.expanduser(folder))
+                raise ConfigError(f"{key}: {folder}: {'a file' if itself else f'{blocking} is a file'}, not a folder; "
+                                  f"give a folder path")
         if cfg.load_path and "://" not in cfg.load_path and not os.path.isdir(cfg.load_path):
             raise ConfigError(f"load_path: {cfg.load_path}: no such folder; give a checkpoint folder (a run's "
                               f"save_folder, or one that jaxtrain convert wrote) or a Hugging Face MPT folder")
