@@ -263,6 +263,19 @@ class Checkpointer:
         complete remote steps kept (``restore`` downloads one that is not staged)."""
         return sorted(self._kept())
 
+    def save_tokenizer(self, tokenizer: Any) -> None:
+        """Write ``tokenizer``'s files beside the checkpoints (uploaded, for a folder in a bucket),
+        so that generation and export need nothing else; one process calls it."""
+        folder = self.remote.staging if self.remote is not None else self.folder
+        os.makedirs(folder, exist_ok=True)
+        for path in tokenizer.save(os.path.join(folder, "tokenizer.json")):
+            if self.remote is not None:
+                try:
+                    self.remote.upload_file(path, os.path.basename(path))
+                except RemoteUploadError as err:
+                    raise CheckpointSaveError(f"{self.folder}/{os.path.basename(path)} could not be saved ({err}); "
+                                              "check the storage endpoint, credentials and network") from err
+
     def move_aside(self, step: int) -> str | None:
         """Rename the folder of ``step`` (which cannot be read back) to ``<step>.unreadable-<time>``,
         so that it is no longer a step here and the run saves that step again; nothing is deleted.

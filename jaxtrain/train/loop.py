@@ -30,9 +30,7 @@ import jax
 from jax.experimental.multihost_utils import reached_preemption_sync_point
 
 from jaxtrain.checkpoint.manager import Checkpointer, CheckpointSaveError
-from jaxtrain.checkpoint.remote import RemoteUploadError
 from jaxtrain.config.schema import ConfigError
-from jaxtrain.data.tokenizer import TOKENIZER_FILE
 from jaxtrain.metrics.flops import ThroughputMeter
 from jaxtrain.metrics.loggers import ConsoleProgress, JSONLLogger, TensorBoardLogger, tensorboard_log_dir
 from jaxtrain.metrics.tokens import TrainTokens, data_position
@@ -114,20 +112,8 @@ class Trainer(EvaluationMixin, RecoveryMixin):
     # ------------------------------------------------------------------ checkpoints
 
     def _save_tokenizer(self) -> None:
-        """Keep the tokenizer beside the checkpoints, so generation and export need nothing else."""
-        if self.checkpointer is None or jax.process_index() != 0:
-            return
-        if self.checkpointer.remote is not None:  # written into the staging folder, then uploaded
-            for path in self.parts.tokenizer.save(os.path.join(self.checkpointer.remote.staging, TOKENIZER_FILE)):
-                name = os.path.basename(path)
-                try:
-                    self.checkpointer.remote.upload_file(path, name)
-                except RemoteUploadError as err:
-                    raise CheckpointSaveError(f"{self.checkpointer.folder}/{name} could not be saved ({err}); "
-                                              "check the storage endpoint, credentials and network") from err
-            return
-        os.makedirs(self.checkpointer.folder, exist_ok=True)
-        self.parts.tokenizer.save(os.path.join(self.checkpointer.folder, TOKENIZER_FILE))
+        if self.checkpointer is not None and jax.process_index() == 0:
+            self.checkpointer.save_tokenizer(self.parts.tokenizer)
 
     def _meta(self) -> dict[str, Any]:
         return {**super()._meta(), "tokens": self.tokens, "tokenizer": tokenizer_record(self.parts.tokenizer)}
