@@ -167,7 +167,7 @@ def test_cli_refuses_a_split_a_cache_or_an_mds_input_that_cannot_be_one_line(jso
     cases = [(["--split", "../../escaped"], "--split '../../escaped': give a plain folder name"),
              (["--split", ""], "--split '': give a plain folder name"),
              (["--split", "/tmp/elsewhere"], "--split '/tmp/elsewhere': give a plain folder name"),
-             (["--cache-dir", jsonl], f"--cache-dir {jsonl}: is a file; pass a folder")]
+             (["--cache-dir", jsonl], f"--cache-dir {jsonl}: {os.path.abspath(jsonl)} is a file; pass a folder")]
     for extra, start in cases:
         assert main([jsonl, "--out", str(tmp_path / "out"), "--text-field", "body", "--no-progress", *extra]) == 2
         captured = capsys.readouterr()

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 
 from jaxtrain.config import ConfigError
 from jaxtrain.convert.folders import CONFIG_FILE, read_json_object
@@ -76,8 +77,6 @@ def _remove_older_versions(cache: str, url: str, newest: str, print_fn) -> None:
     """Remove the cache's complete copies of ``url`` other than ``newest`` (their ``.complete``
     names the URL) that no run has read for ``STALE_SECONDS``: a folder uploaded again since is
     never read from them again (a LoRA run's checkpoint refuses frozen weights of another version)."""
-    import time
-
     for name in os.listdir(cache):
         marker = os.path.join(cache, name, _COMPLETE)
         if name == newest or ".partial-" in name or not os.path.isfile(marker):

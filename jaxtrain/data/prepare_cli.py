@@ -7,6 +7,7 @@ import os
 import sys
 
 from jaxtrain.config.schema import ConfigError
+from jaxtrain.tempfiles import file_in_the_way
 
 EXAMPLES = """examples:
   jaxtrain data prepare 'docs/**/*.txt' --out data/mds --tokenizer bpe:default --concat-tokens 2048
@@ -51,7 +52,6 @@ def check_out(out: str, split: str) -> None:
     """Refuse an ``--out`` that cannot hold the dataset folder ``OUT/SPLIT`` (a file there, or a file in
     its path) before the inputs are read or a tokenizer trained. Remote URLs are left to the writer."""
     from jaxtrain.data.mds.writer import is_remote
-    from jaxtrain.tempfiles import file_in_the_way
 
     if is_remote(out):
         return
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.split.strip() or args.split in (".", "..") or "/" in args.split or "\\" in args.split:
             raise ConfigError(f"--split {args.split!r}: give a plain folder name such as train or val (the dataset "
                               f"is written to OUT/SPLIT)")
-        if args.cache_dir and os.path.exists(os.path.expanduser(args.cache_dir)) and not os.path.isdir(
-                os.path.expanduser(args.cache_dir)):
-            raise ConfigError(f"--cache-dir {args.cache_dir}: is a file; pass a folder (or leave it out)")
+        blocking = file_in_the_way(args.cache_dir) if args.cache_dir else None
+        if blocking:
+            raise ConfigError(f"--cache-dir {args.cache_dir}: {blocking} is a file; pass a folder (or leave it out)")
         check_out(args.out, args.split)
         result = prepare(
             args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, eos_text=args.eos_text,

@@ -55,10 +55,7 @@ def _tasks(args) -> tuple[list[ICLTask], object, str | None]:
     kind = args.type or "multiple_choice"
     for path in args.task:
         label = os.path.splitext(os.path.basename(path))[0]
-        try:  # read now, so that a file of another kind says which flag names the kind
-            read_examples(path, kind)
-        except ConfigError as err:
-            raise ConfigError(str(err).replace("or check icl_task_type", f"or pass --type (now {kind})")) from None
+        read_examples(path, kind, kind_fix=f"pass --type (now {kind})")  # read now: its mistakes name the flag
         tasks.append(ICLTask(label=label, dataset_uri=path, icl_task_type=kind,
                              num_fewshot=[args.num_fewshot or 0], example_delimiter=args.example_delimiter,
                              continuation_delimiter=args.continuation_delimiter))

@@ -201,7 +201,8 @@ def _beside(name: str, source: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(source)), name)
 
 
-def _check_example(example, path: str, line: int, task_type: str, *, require_category: bool) -> None:
+def _check_example(example, path: str, line: int, task_type: str, *, require_category: bool,
+                   kind_fix: str = "check icl_task_type") -> None:
     """Refuse an example the task cannot score: a missing field, a field of the wrong kind, a bad ``gold``."""
     at = f"{path}:{line}"
     required = TASK_FIELDS[task_type]
@@ -211,7 +212,7 @@ def _check_example(example, path: str, line: int, task_type: str, *, require_cat
     for field in required:
         if field not in example:
             raise ConfigError(f"{at} has no field {field!r} ({task_type} needs {', '.join(required)}); add it, "
-                              f"or check icl_task_type")
+                              f"or {kind_fix}")
     if require_category and "category" not in example:
         raise ConfigError(f"{at} has no field 'category' (has_categories is set); add it to every line, "
                           f"or drop has_categories")
@@ -250,7 +251,8 @@ def _check_example(example, path: str, line: int, task_type: str, *, require_cat
         raise ConfigError(f"{at}: field 'category' must be a string, got {json.dumps(example['category'])[:60]}")
 
 
-def read_examples(path: str, task_type: str, *, require_category: bool = False) -> list[dict]:
+def read_examples(path: str, task_type: str, *, require_category: bool = False,
+                  kind_fix: str = "check icl_task_type") -> list[dict]:
     """The examples of a JSONL task file; a bad line or a missing field names ``path:line``."""
     examples = []
     try:
@@ -267,7 +269,8 @@ def read_examples(path: str, task_type: str, *, require_category: bool = False) 
                 except json.JSONDecodeError as error:
                     raise ConfigError(f"{path}:{line_number} is not valid JSON ({error.msg} at column {error.colno}); "
                                       f"each line must be one JSON object") from None
-                _check_example(example, path, line_number, task_type, require_category=require_category)
+                _check_example(example, path, line_number, task_type, require_category=require_category,
+                               kind_fix=kind_fix)
                 examples.append(example)
         except UnicodeDecodeError as error:
             raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); "

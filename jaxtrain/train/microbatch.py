@@ -234,11 +234,11 @@ def auto_step(
     seq_len: int,
     auto: tuple[str, ...],
     estimate: Callable[[int, str | None], float | None] | None = None,
-) -> tuple[AutoMicrobatchStep, SettledStep]:
+) -> AutoMicrobatchStep:
     """Settle the ``auto`` settings ("microbatch", "remat") on the first of ``step_candidates``
     whose compiled step fits this device's capacity (the smallest of every process's), and print
-    what was chosen. The step returned moves on to the next candidates should its first execution
-    still run out of memory; the settled candidate comes with it."""
+    what was chosen. The step returned (its ``settled`` the candidate chosen) moves on to the next
+    candidates should its first execution still run out of memory."""
     capacity = agreed_capacity(device_capacity()[0])
     candidates = step_candidates(per_device_batch, microbatch=microbatch, remat=remat, seq_len=seq_len)
 
@@ -253,7 +253,7 @@ def auto_step(
 
     settled = settle()
     print(settled.describe(), flush=True)
-    return AutoMicrobatchStep(settled, settle), settled
+    return AutoMicrobatchStep(settled, settle)
 
 
 def _halvings(start: int, per_device_batch: int) -> list[int]:

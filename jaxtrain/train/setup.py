@@ -335,9 +335,10 @@ def build_run(cfg: Config, *, data_prefetch=None) -> RunParts:
                 return None
 
         fixed = per_device_batch // microbatch_count(cfg, data_parallel_size(mesh))
-        compiled, settled = auto_step(build_step, example_args, per_device_batch=per_device_batch, auto=auto,
-                                      microbatch="auto" if "microbatch" in auto else fixed, remat=model.remat,
-                                      seq_len=cfg.max_seq_len, estimate=estimate)
+        compiled = auto_step(build_step, example_args, per_device_batch=per_device_batch, auto=auto,
+                             microbatch="auto" if "microbatch" in auto else fixed, remat=model.remat,
+                             seq_len=cfg.max_seq_len, estimate=estimate)
+        settled = compiled.settled
         device_microbatch, step_memory, remat = settled.microbatch, settled.memory, settled.remat
         executable = settled.executable
     else:
